@@ -1,0 +1,78 @@
+//! The command line: the clap definition of every subcommand, and dispatch to the module that owns it.
+//!
+//! Each subcommand's work lives with the concept it belongs to (`daemon` for `serve`, `policy` for bundles
+//! and decisions); this module only parses arguments and maps outcomes to exit codes.
+
+mod bundle;
+mod explain;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for a configuration error, so systemd's `RestartPreventExitStatus=` can stop a restart loop.
+pub const EXIT_CONFIG: u8 = 78;
+/// Exit status for any other failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// pullgate: a CRI proxy that lets a node run only approved, digest-pinned images.
+#[derive(Debug, Parser)]
+#[command(name = "pullgate", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the CRI proxy daemon between kubelet and containerd.
+    Serve(ServeArgs),
+    /// Validate a configuration file and exit non-zero (78) if it is invalid.
+    CheckConfig(ConfigArg),
+    /// Generate an ed25519 key pair for signing bundles (PREFIX.key mode 0600, PREFIX.pub).
+    Keygen(KeygenArgs),
+    /// Sign, verify, inspect and compare allowlist bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCommand),
+    /// Show the decision pullgate would make for an image, and why.
+    Explain(explain::ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// Path of the TOML configuration file.
+    #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/pullgate/config.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Unix socket to listen on for kubelet (overrides `server.listen`).
+    #[arg(long, value_name = "SOCKET")]
+    pub listen: Option<PathBuf>,
+    /// containerd's CRI socket to forward to (overrides `server.upstream`).
+    #[arg(long, value_name = "SOCKET")]
+    pub upstream: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Path prefix: writes PREFIX.key (private, mode 0600) and PREFIX.pub (public).
+    #[arg(long, value_name = "PREFIX")]
+    pub out: PathBuf,
+}
+
+/// Parses the process arguments, runs the subcommand and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => crate::daemon::serve_command(args),
+        Command::CheckConfig(args) => crate::daemon::check_config_command(&args.config),
+        Command::Keygen(args) => bundle::keygen(&args),
+        Command::Bundle(cmd) => bundle::run(cmd),
+        Command::Explain(args) => explain::run(&args),
+    }
+}

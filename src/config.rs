@@ -1,0 +1,424 @@
+//! The configuration file: a strict TOML schema (`deny_unknown_fields`) parsed in two stages.
+//!
+//! Stage one ([`RawConfig`]) is what serde reads from the file, with every field optional. Stage two
+//! ([`Config::from_raw`]) validates it into typed values and fills in defaults. Every error names the
+//! file, the key, what was found and what is expected, so `pullgate check-config` can be used as a
+//! pre-start gate (`ExecStartPre=`) and its message read straight from the journal.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the daemon listens when neither the file nor `--listen` says otherwise.
+pub const DEFAULT_LISTEN: &str = "/run/pullgate/pullgate.sock";
+/// containerd's CRI socket, the default upstream.
+pub const DEFAULT_UPSTREAM: &str = "/run/containerd/containerd.sock";
+/// How long in-flight calls may run after SIGTERM before the daemon closes them.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
+/// Socket permissions: owner and group may connect, nobody else.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+/// A configuration error: which file, which key, and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration file {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error(
+        "invalid configuration file {}: key `{key}` is {found:?}, expected {expected}",
+        path.display()
+    )]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        found: String,
+        expected: &'static str,
+    },
+}
+
+/// Stage one: the file as written. Unknown keys are rejected by serde.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<PathBuf>,
+    pub upstream: Option<PathBuf>,
+    pub socket_mode: Option<String>,
+    pub socket_group: Option<String>,
+    pub drain_grace: Option<String>,
+    pub worker_threads: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+/// Stage two: validated, typed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Unix socket kubelet connects to.
+    pub listen: PathBuf,
+    /// containerd's CRI socket.
+    pub upstream: PathBuf,
+    /// Permission bits applied to the listening socket.
+    pub socket_mode: u32,
+    /// Group that owns the listening socket (name as configured, resolved to a gid at start).
+    pub socket_group: Option<SocketGroup>,
+    /// How long in-flight calls may finish after a stop signal.
+    pub drain_grace: Duration,
+    /// Runtime worker threads; 1 runs the proxy on a single-threaded runtime.
+    pub worker_threads: usize,
+}
+
+/// The group of the listening socket: a name to look up, or a numeric gid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketGroup {
+    Name(String),
+    Gid(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive such as `info` or `pullgate=debug,info`.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig {
+                listen: PathBuf::from(DEFAULT_LISTEN),
+                upstream: PathBuf::from(DEFAULT_UPSTREAM),
+                socket_mode: DEFAULT_SOCKET_MODE,
+                socket_group: None,
+                drain_grace: DEFAULT_DRAIN_GRACE,
+                worker_threads: 2,
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                level: "info".to_string(),
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: describe_toml_error(&e, text),
+        })?;
+        Config::from_raw(path, raw)
+    }
+
+    /// Validates stage-one values into a [`Config`].
+    pub fn from_raw(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+        let invalid = |key: &'static str, found: &dyn fmt::Display, expected: &'static str| {
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                found: found.to_string(),
+                expected,
+            }
+        };
+        let defaults = Config::default();
+        let server = raw.server;
+
+        let socket_path = |key: &'static str, value: Option<PathBuf>, default: PathBuf| match value {
+            None => Ok(default),
+            Some(p) if p.is_absolute() && p.file_name().is_some() => Ok(p),
+            Some(p) => Err(invalid(
+                key,
+                &p.display(),
+                "an absolute path to a unix socket, such as /run/pullgate/pullgate.sock",
+            )),
+        };
+        let listen = socket_path("server.listen", server.listen, defaults.server.listen)?;
+        let upstream = socket_path("server.upstream", server.upstream, defaults.server.upstream)?;
+
+        let socket_mode = match server.socket_mode {
+            None => DEFAULT_SOCKET_MODE,
+            Some(s) => parse_mode(&s).ok_or_else(|| {
+                invalid(
+                    "server.socket_mode",
+                    &s,
+                    "an octal permission string between \"0600\" and \"0777\", such as \"0660\"",
+                )
+            })?,
+        };
+
+        let socket_group = match server.socket_group {
+            None => None,
+            Some(g) if g.is_empty() => {
+                return Err(invalid(
+                    "server.socket_group",
+                    &g,
+                    "a group name or numeric gid",
+                ));
+            }
+            Some(g) => Some(match g.parse::<u32>() {
+                Ok(gid) => SocketGroup::Gid(gid),
+                Err(_) if valid_group_name(&g) => SocketGroup::Name(g),
+                Err(_) => {
+                    return Err(invalid(
+                        "server.socket_group",
+                        &g,
+                        "a group name (letters, digits, '_', '-', '.') or numeric gid",
+                    ));
+                }
+            }),
+        };
+
+        let drain_grace = match server.drain_grace {
+            None => DEFAULT_DRAIN_GRACE,
+            Some(s) => humantime::parse_duration(&s)
+                .ok()
+                .filter(|d| *d <= Duration::from_secs(3600))
+                .ok_or_else(|| {
+                    invalid(
+                        "server.drain_grace",
+                        &s,
+                        "a duration of at most 1h, such as \"10s\" or \"1m 30s\"",
+                    )
+                })?,
+        };
+
+        let worker_threads = match server.worker_threads {
+            None => defaults.server.worker_threads,
+            Some(n @ 1..=64) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "server.worker_threads",
+                    &n,
+                    "a whole number from 1 to 64",
+                ));
+            }
+        };
+
+        let format = match raw.log.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => return Err(invalid("log.format", &other, "\"text\" or \"json\"")),
+        };
+        let level = match raw.log.level {
+            None => defaults.log.level,
+            Some(l) => {
+                if tracing_subscriber::EnvFilter::try_new(&l).is_err() || l.trim().is_empty() {
+                    return Err(invalid(
+                        "log.level",
+                        &l,
+                        "a level (error, warn, info, debug, trace) or a filter such as \"pullgate=debug,info\"",
+                    ));
+                }
+                l
+            }
+        };
+
+        Ok(Config {
+            server: ServerConfig {
+                listen,
+                upstream,
+                socket_mode,
+                socket_group,
+                drain_grace,
+                worker_threads,
+            },
+            log: LogConfig { format, level },
+        })
+    }
+}
+
+fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    let mode = u32::from_str_radix(digits, 8).ok()?;
+    // The owner must be able to use its own socket; nothing beyond plain permission bits.
+    (mode & 0o600 == 0o600 && mode <= 0o777).then_some(mode)
+}
+
+fn valid_group_name(g: &str) -> bool {
+    g.len() <= 32
+        && g.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+/// Turns a TOML error into one line that names the key (`table.key`, worked out from the text when
+/// the message itself does not say), the line and column, and what was expected.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        return msg;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    match (table, key) {
+        (Some(t), Some(k)) => format!("line {line_no}, column {col}, key `{t}.{k}`: {msg}"),
+        (None, Some(k)) => format!("line {line_no}, column {col}, key `{k}`: {msg}"),
+        _ => format!("line {line_no}, column {col}: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/pullgate/config.toml"), text)
+    }
+
+    fn err(text: &str) -> String {
+        parse(text).expect_err("config must be rejected").to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let c = Config::default();
+        assert_eq!(c.server.listen, Path::new(DEFAULT_LISTEN));
+        assert_eq!(c.server.upstream, Path::new(DEFAULT_UPSTREAM));
+        assert_eq!(c.server.socket_mode, 0o660);
+    }
+
+    #[test]
+    fn full_file_is_typed() {
+        let c = parse(
+            r#"
+            [server]
+            listen = "/tmp/x/pg.sock"
+            upstream = "/tmp/x/ctr.sock"
+            socket_mode = "0600"
+            socket_group = "kube"
+            drain_grace = "1m 5s"
+            worker_threads = 1
+            [log]
+            format = "json"
+            level = "pullgate=debug,info"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, Path::new("/tmp/x/pg.sock"));
+        assert_eq!(c.server.upstream, Path::new("/tmp/x/ctr.sock"));
+        assert_eq!(c.server.socket_mode, 0o600);
+        assert_eq!(c.server.socket_group, Some(SocketGroup::Name("kube".into())));
+        assert_eq!(c.server.drain_grace, Duration::from_secs(65));
+        assert_eq!(c.server.worker_threads, 1);
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "pullgate=debug,info");
+        let c = parse("[server]\nsocket_group = \"998\"").unwrap();
+        assert_eq!(c.server.socket_group, Some(SocketGroup::Gid(998)));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_file_and_key() {
+        let e = err("[server]\nlisten = \"/a/b.sock\"\nlisten_addr = 3\n");
+        assert!(e.contains("/etc/pullgate/config.toml"), "{e}");
+        assert!(e.contains("listen_addr"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        let e = err("[serve]\n");
+        assert!(e.contains("serve"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_expectation() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[server]\nlisten = \"relative.sock\"", "server.listen", "absolute path"),
+            ("[server]\nupstream = \"/\"", "server.upstream", "absolute path"),
+            ("[server]\nsocket_mode = \"0669\"", "server.socket_mode", "octal"),
+            ("[server]\nsocket_mode = \"0066\"", "server.socket_mode", "octal"),
+            ("[server]\nsocket_mode = \"rw\"", "server.socket_mode", "octal"),
+            ("[server]\nsocket_group = \"\"", "server.socket_group", "group name"),
+            ("[server]\nsocket_group = \"a b\"", "server.socket_group", "group name"),
+            ("[server]\ndrain_grace = \"soon\"", "server.drain_grace", "duration"),
+            ("[server]\ndrain_grace = \"2h\"", "server.drain_grace", "at most 1h"),
+            ("[server]\nworker_threads = 0", "server.worker_threads", "1 to 64"),
+            ("[log]\nformat = \"yaml\"", "log.format", "\"json\""),
+            ("[log]\nlevel = \"pullgate=loudest\"", "log.level", "filter"),
+        ];
+        for (text, key, expected) in cases {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
+            assert!(e.contains(expected), "{text}: {e}");
+            assert!(e.contains("/etc/pullgate/config.toml"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_are_parse_errors() {
+        let e = err("[server]\nworker_threads = \"two\"");
+        assert!(e.contains("key `server.worker_threads`"), "{e}");
+        assert!(e.contains("expected i64"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = Config::load(Path::new("/nonexistent/pullgate.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/pullgate.toml"));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
+        let c = Config::load(&path).expect("config.example.toml must parse");
+        assert_eq!(c.server.listen, Path::new(DEFAULT_LISTEN));
+        assert_eq!(c.server.upstream, Path::new(DEFAULT_UPSTREAM));
+    }
+}

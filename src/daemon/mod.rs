@@ -1,0 +1,247 @@
+//! The daemon's lifecycle: configuration, logging, the runtime, the listening socket, signals,
+//! readiness notification, and the graceful drain on stop.
+//!
+//! [`Server::bind`] + [`Server::run`] are the seam tests use: they bind a real socket in a temp dir
+//! and drive the server with [`Control`] messages instead of signals. [`serve_command`] wires the same
+//! server to the real signals and systemd.
+//!
+//! - [`listener`]: the unix socket (stale-socket handling, mode, group, removal on exit).
+//! - [`notify`]: `READY=1` / `STOPPING=1` to systemd.
+
+pub mod listener;
+pub mod notify;
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, ServeArgs};
+use crate::config::{Config, LogFormat, ServerConfig};
+use crate::proxy::{InterceptTable, Proxy, Upstream, conn};
+use listener::{ListenError, SocketGuard};
+
+/// What the server is told to do while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop accepting, drain in-flight calls within the grace period, return.
+    Shutdown,
+    /// Close every connection now (a second stop signal during the drain).
+    Terminate,
+    /// Reload what can be reloaded (nothing yet beyond logging that it happened).
+    Reload,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Connections still open when the grace period ran out (closed forcibly).
+    pub aborted_connections: usize,
+}
+
+/// A bound, not yet running, proxy server.
+pub struct Server {
+    proxy: Arc<Proxy>,
+    socket: SocketGuard,
+    drain_grace: Duration,
+}
+
+impl Server {
+    /// Binds the listening socket and prepares the proxy; containerd is not contacted yet.
+    pub fn bind(cfg: &ServerConfig, intercepts: InterceptTable) -> Result<Server, ListenError> {
+        let socket = listener::bind(&cfg.listen, cfg.socket_mode, cfg.socket_group.as_ref())?;
+        let proxy = Proxy::new(Upstream::new(&cfg.upstream), intercepts);
+        Ok(Server {
+            proxy,
+            socket,
+            drain_grace: cfg.drain_grace,
+        })
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        self.socket.path()
+    }
+
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Serves until told to shut down (or the control channel closes), then drains.
+    pub async fn run(self, mut control: mpsc::Receiver<Control>) -> RunSummary {
+        let Server {
+            proxy,
+            socket,
+            drain_grace,
+        } = self;
+        let builder = Arc::new(conn::server_builder());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut conns = JoinSet::new();
+        tracing::info!(listen = %socket.path().display(), upstream = %proxy.upstream().path().display(), "serving");
+        loop {
+            tokio::select! {
+                accepted = socket.listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        conns.spawn(conn::serve(proxy.clone(), builder.clone(), stream, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                msg = control.recv() => match msg {
+                    Some(Control::Reload) => tracing::info!("reload requested; nothing to reload yet"),
+                    Some(Control::Shutdown) | Some(Control::Terminate) | None => break,
+                },
+            }
+        }
+        // Stop accepting: new clients get "connection refused" from now on.
+        drop(socket);
+        let _ = stop_tx.send(true);
+        tracing::info!(connections = conns.len(), grace = ?drain_grace, "draining");
+        let drained = async {
+            while conns.join_next().await.is_some() {}
+        };
+        let terminated = async {
+            loop {
+                match control.recv().await {
+                    Some(Control::Terminate) => return,
+                    Some(_) => continue,
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        let aborted_connections = tokio::select! {
+            _ = tokio::time::timeout(drain_grace, drained) => conns.len(),
+            _ = terminated => conns.len(),
+        };
+        if aborted_connections > 0 {
+            tracing::warn!(aborted_connections, "closing connections still busy after the drain");
+        }
+        conns.shutdown().await;
+        tracing::info!("stopped");
+        RunSummary {
+            aborted_connections,
+        }
+    }
+}
+
+/// `pullgate check-config`: validate and report.
+pub fn check_config_command(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(_) => {
+            println!("{}: configuration is valid", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `pullgate serve`: load the configuration, apply flag overrides, run until a stop signal.
+pub fn serve_command(args: ServeArgs) -> ExitCode {
+    let mut config = match Config::load(&args.config.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(upstream) = args.upstream {
+        config.server.upstream = upstream;
+    }
+    init_logging(&config);
+    let runtime = if config.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.server.worker_threads)
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullgate: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::bind(&config.server, InterceptTable::logging()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen");
+                eprintln!("pullgate: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        if let Err(e) = spawn_signal_handler(tx) {
+            eprintln!("pullgate: cannot install signal handlers: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+        notify::notify("READY=1");
+        server.run(rx).await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Turns SIGTERM/SIGINT (stop; a second one terminates the drain) and SIGHUP (reload) into
+/// [`Control`] messages.
+fn spawn_signal_handler(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        let mut stopping = false;
+        loop {
+            let msg = tokio::select! {
+                _ = term.recv() => if stopping { Control::Terminate } else { Control::Shutdown },
+                _ = int.recv() => if stopping { Control::Terminate } else { Control::Shutdown },
+                _ = hup.recv() => Control::Reload,
+            };
+            match msg {
+                Control::Shutdown => {
+                    stopping = true;
+                    tracing::info!("stop signal received");
+                    notify::notify("STOPPING=1");
+                }
+                Control::Terminate => tracing::warn!("second stop signal: closing all connections now"),
+                Control::Reload => {
+                    notify::notify("RELOADING=1");
+                    tracing::info!("SIGHUP received");
+                    notify::notify("READY=1");
+                }
+            }
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Installs the global `tracing` subscriber. `PULLGATE_LOG` overrides the configured filter.
+pub fn init_logging(config: &Config) {
+    let filter = std::env::var("PULLGATE_LOG")
+        .ok()
+        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

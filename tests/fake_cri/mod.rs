@@ -1,0 +1,478 @@
+//! Fake CRI upstreams for in-process tests and benchmarks.
+//!
+//! - [`FakeCri`]: a real tonic server of `k8s-cri`'s `RuntimeService` and `ImageService` on a unix
+//!   socket, with scripted behaviour: recorded pulls, a controllable event stream, slow calls, errors
+//!   with metadata.
+//! - [`RawUpstream`]: a bare HTTP/2 server that records every request exactly (path, headers, body
+//!   bytes, trailers) and answers with scripted raw bytes, for byte-for-byte checks that typed
+//!   bindings cannot make (they drop unknown fields).
+//! - [`raw_call`] and [`cri_channel`]: clients over a unix socket.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use k8s_cri::v1::runtime_service_server::{RuntimeService, RuntimeServiceServer};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request as TReq, Response as TResp, Status};
+
+/// What the fake CRI server observed.
+#[derive(Default)]
+pub struct Observed {
+    pub pulls: Mutex<Vec<cri::PullImageRequest>>,
+    pub calls: AtomicUsize,
+    /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
+    pub cancelled: AtomicBool,
+    /// Set when a slow call ran to completion.
+    pub completed: AtomicBool,
+}
+
+/// Scripted CRI runtime + image service.
+#[derive(Clone)]
+pub struct FakeCri {
+    pub observed: Arc<Observed>,
+    /// Event source for GetContainerEvents: each subscriber gets a fresh receiver.
+    events: Arc<Mutex<Option<mpsc::Receiver<cri::ContainerEventResponse>>>>,
+}
+
+/// A running fake server; dropping it does not stop it, [`FakeServer::stop`] does.
+pub struct FakeServer {
+    pub path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeServer {
+    /// Stops accepting and closes every connection.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl FakeCri {
+    pub fn new() -> (Self, mpsc::Sender<cri::ContainerEventResponse>) {
+        let (tx, rx) = mpsc::channel(64);
+        (
+            FakeCri {
+                observed: Arc::default(),
+                events: Arc::new(Mutex::new(Some(rx))),
+            },
+            tx,
+        )
+    }
+
+    /// Serves on a unix socket at `path` until stopped.
+    pub fn serve(&self, path: &Path) -> FakeServer {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).expect("bind fake CRI socket");
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let svc = self.clone();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(
+                    RuntimeServiceServer::new(svc.clone())
+                        .max_decoding_message_size(16 << 20)
+                        .max_encoding_message_size(16 << 20),
+                )
+                .add_service(
+                    ImageServiceServer::new(svc)
+                        .max_decoding_message_size(16 << 20)
+                        .max_encoding_message_size(16 << 20),
+                )
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+        });
+        FakeServer {
+            path: path.to_path_buf(),
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+}
+
+/// Canned image the fake knows, so ImageStatus/ListImages have content.
+pub fn fake_image(name: &str) -> cri::Image {
+    cri::Image {
+        id: format!("sha256:{}", "ab".repeat(32)),
+        repo_tags: vec![name.to_string()],
+        repo_digests: vec![format!("{name}@sha256:{}", "cd".repeat(32))],
+        size: 4242,
+        ..Default::default()
+    }
+}
+
+type Res<T> = Result<TResp<T>, Status>;
+
+fn unimplemented(method: &str) -> Status {
+    Status::unimplemented(format!("fake: {method}"))
+}
+
+/// Sets `flag` when dropped unless disarmed: detects a handler future dropped mid-call.
+struct DropFlag(Arc<Observed>, bool);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.cancelled.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RuntimeService for FakeCri {
+    async fn version(&self, r: TReq<cri::VersionRequest>) -> Res<cri::VersionResponse> {
+        self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(TResp::new(cri::VersionResponse {
+            version: r.into_inner().version,
+            runtime_name: "fake-cri".into(),
+            runtime_version: "1.0.0".into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+
+    async fn list_containers(&self, _r: TReq<cri::ListContainersRequest>) -> Res<cri::ListContainersResponse> {
+        Ok(TResp::new(cri::ListContainersResponse {
+            containers: (0..3)
+                .map(|i| cri::Container {
+                    id: format!("c{i}"),
+                    image_ref: format!("sha256:{i}"),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+    }
+
+    async fn status(&self, _r: TReq<cri::StatusRequest>) -> Res<cri::StatusResponse> {
+        Ok(TResp::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![cri::RuntimeCondition {
+                    r#type: "RuntimeReady".into(),
+                    status: true,
+                    ..Default::default()
+                }],
+            }),
+            info: [("config".to_string(), "{}".to_string())].into(),
+            ..Default::default()
+        }))
+    }
+
+    async fn remove_container(&self, r: TReq<cri::RemoveContainerRequest>) -> Res<cri::RemoveContainerResponse> {
+        let id = r.into_inner().container_id;
+        let mut s = Status::not_found(format!("container \"{id}\" not found: ünïcode & 100%"));
+        s.metadata_mut().insert("x-fake-detail", "removed-elsewhere".parse().unwrap());
+        Err(s)
+    }
+
+    /// Sleeps `timeout` seconds (the request field), then answers; records cancellation.
+    async fn exec_sync(&self, r: TReq<cri::ExecSyncRequest>) -> Res<cri::ExecSyncResponse> {
+        let r = r.into_inner();
+        let mut flag = DropFlag(self.observed.clone(), true);
+        tokio::time::sleep(Duration::from_millis(r.timeout as u64)).await;
+        flag.1 = false;
+        self.observed.completed.store(true, Ordering::SeqCst);
+        Ok(TResp::new(cri::ExecSyncResponse {
+            stdout: r.cmd.join(" ").into_bytes(),
+            stderr: vec![],
+            exit_code: 0,
+        }))
+    }
+
+    type GetContainerEventsStream =
+        Pin<Box<dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
+    async fn get_container_events(&self, _r: TReq<cri::GetEventsRequest>) -> Res<Self::GetContainerEventsStream> {
+        let rx = self
+            .events
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| Status::resource_exhausted("fake: one event subscriber only"))?;
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(TResp::new(Box::pin(tokio_stream::StreamExt::map(s, Ok))))
+    }
+
+    async fn run_pod_sandbox(&self, _r: TReq<cri::RunPodSandboxRequest>) -> Res<cri::RunPodSandboxResponse> {
+        Err(unimplemented("run_pod_sandbox"))
+    }
+    async fn stop_pod_sandbox(&self, _r: TReq<cri::StopPodSandboxRequest>) -> Res<cri::StopPodSandboxResponse> {
+        Err(unimplemented("stop_pod_sandbox"))
+    }
+    async fn remove_pod_sandbox(&self, _r: TReq<cri::RemovePodSandboxRequest>) -> Res<cri::RemovePodSandboxResponse> {
+        Err(unimplemented("remove_pod_sandbox"))
+    }
+    async fn pod_sandbox_status(&self, _r: TReq<cri::PodSandboxStatusRequest>) -> Res<cri::PodSandboxStatusResponse> {
+        Err(unimplemented("pod_sandbox_status"))
+    }
+    async fn list_pod_sandbox(&self, _r: TReq<cri::ListPodSandboxRequest>) -> Res<cri::ListPodSandboxResponse> {
+        Err(unimplemented("list_pod_sandbox"))
+    }
+    async fn create_container(&self, _r: TReq<cri::CreateContainerRequest>) -> Res<cri::CreateContainerResponse> {
+        Err(unimplemented("create_container"))
+    }
+    async fn start_container(&self, _r: TReq<cri::StartContainerRequest>) -> Res<cri::StartContainerResponse> {
+        Err(unimplemented("start_container"))
+    }
+    async fn stop_container(&self, _r: TReq<cri::StopContainerRequest>) -> Res<cri::StopContainerResponse> {
+        Err(unimplemented("stop_container"))
+    }
+    async fn container_status(&self, _r: TReq<cri::ContainerStatusRequest>) -> Res<cri::ContainerStatusResponse> {
+        Err(unimplemented("container_status"))
+    }
+    async fn update_container_resources(&self, _r: TReq<cri::UpdateContainerResourcesRequest>) -> Res<cri::UpdateContainerResourcesResponse> {
+        Err(unimplemented("update_container_resources"))
+    }
+    async fn reopen_container_log(&self, _r: TReq<cri::ReopenContainerLogRequest>) -> Res<cri::ReopenContainerLogResponse> {
+        Err(unimplemented("reopen_container_log"))
+    }
+    async fn exec(&self, _r: TReq<cri::ExecRequest>) -> Res<cri::ExecResponse> {
+        Err(unimplemented("exec"))
+    }
+    async fn attach(&self, _r: TReq<cri::AttachRequest>) -> Res<cri::AttachResponse> {
+        Err(unimplemented("attach"))
+    }
+    async fn port_forward(&self, _r: TReq<cri::PortForwardRequest>) -> Res<cri::PortForwardResponse> {
+        Err(unimplemented("port_forward"))
+    }
+    async fn container_stats(&self, _r: TReq<cri::ContainerStatsRequest>) -> Res<cri::ContainerStatsResponse> {
+        Err(unimplemented("container_stats"))
+    }
+    async fn list_container_stats(&self, _r: TReq<cri::ListContainerStatsRequest>) -> Res<cri::ListContainerStatsResponse> {
+        Err(unimplemented("list_container_stats"))
+    }
+    async fn pod_sandbox_stats(&self, _r: TReq<cri::PodSandboxStatsRequest>) -> Res<cri::PodSandboxStatsResponse> {
+        Err(unimplemented("pod_sandbox_stats"))
+    }
+    async fn list_pod_sandbox_stats(&self, _r: TReq<cri::ListPodSandboxStatsRequest>) -> Res<cri::ListPodSandboxStatsResponse> {
+        Err(unimplemented("list_pod_sandbox_stats"))
+    }
+    async fn update_runtime_config(&self, _r: TReq<cri::UpdateRuntimeConfigRequest>) -> Res<cri::UpdateRuntimeConfigResponse> {
+        Err(unimplemented("update_runtime_config"))
+    }
+    async fn checkpoint_container(&self, _r: TReq<cri::CheckpointContainerRequest>) -> Res<cri::CheckpointContainerResponse> {
+        Err(unimplemented("checkpoint_container"))
+    }
+    async fn list_metric_descriptors(&self, _r: TReq<cri::ListMetricDescriptorsRequest>) -> Res<cri::ListMetricDescriptorsResponse> {
+        Err(unimplemented("list_metric_descriptors"))
+    }
+    async fn list_pod_sandbox_metrics(&self, _r: TReq<cri::ListPodSandboxMetricsRequest>) -> Res<cri::ListPodSandboxMetricsResponse> {
+        Err(unimplemented("list_pod_sandbox_metrics"))
+    }
+    async fn runtime_config(&self, _r: TReq<cri::RuntimeConfigRequest>) -> Res<cri::RuntimeConfigResponse> {
+        Err(unimplemented("runtime_config"))
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for FakeCri {
+    async fn list_images(&self, _r: TReq<cri::ListImagesRequest>) -> Res<cri::ListImagesResponse> {
+        Ok(TResp::new(cri::ListImagesResponse {
+            images: vec![fake_image("docker.io/library/busybox:1.36"), fake_image("docker.io/library/nginx:1.25")],
+        }))
+    }
+
+    async fn image_status(&self, r: TReq<cri::ImageStatusRequest>) -> Res<cri::ImageStatusResponse> {
+        let name = r.into_inner().image.map(|i| i.image).unwrap_or_default();
+        self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(TResp::new(cri::ImageStatusResponse {
+            image: (name != "missing:latest").then(|| fake_image(&name)),
+            info: Default::default(),
+        }))
+    }
+
+    async fn pull_image(&self, r: TReq<cri::PullImageRequest>) -> Res<cri::PullImageResponse> {
+        let r = r.into_inner();
+        let image = r.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        self.observed.pulls.lock().unwrap().push(r);
+        Ok(TResp::new(cri::PullImageResponse {
+            image_ref: format!("sha256:pulled-{image}"),
+        }))
+    }
+
+    async fn remove_image(&self, _r: TReq<cri::RemoveImageRequest>) -> Res<cri::RemoveImageResponse> {
+        Ok(TResp::new(cri::RemoveImageResponse {}))
+    }
+
+    async fn image_fs_info(&self, _r: TReq<cri::ImageFsInfoRequest>) -> Res<cri::ImageFsInfoResponse> {
+        Ok(TResp::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![cri::FilesystemUsage {
+                timestamp: 7,
+                fs_id: Some(cri::FilesystemIdentifier { mountpoint: "/var/lib/fake".into() }),
+                used_bytes: Some(cri::UInt64Value { value: 1 << 30 }),
+                inodes_used: Some(cri::UInt64Value { value: 99 }),
+            }],
+            container_filesystems: vec![],
+        }))
+    }
+}
+
+/// A tonic channel over a unix socket (the way kubelet and crictl connect).
+pub async fn cri_channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .expect("connect over unix socket")
+}
+
+pub fn runtime_client(ch: Channel) -> cri::runtime_service_client::RuntimeServiceClient<Channel> {
+    cri::runtime_service_client::RuntimeServiceClient::new(ch)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+pub fn image_client(ch: Channel) -> cri::image_service_client::ImageServiceClient<Channel> {
+    cri::image_service_client::ImageServiceClient::new(ch)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+}
+
+/// One request exactly as the raw upstream received it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+/// The scripted answer of the raw upstream.
+#[derive(Clone)]
+pub struct Script {
+    pub headers: HeaderMap,
+    /// Body chunks, each sent as its own DATA frame.
+    pub chunks: Vec<Bytes>,
+    /// Trailers; `None` with empty `chunks` gives a trailers-only answer carried in `headers`.
+    pub trailers: Option<HeaderMap>,
+    /// When set, echo the request body back instead of `chunks`.
+    pub echo: bool,
+}
+
+/// A bare HTTP/2 upstream that records requests byte for byte.
+pub struct RawUpstream {
+    pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawUpstream {
+    pub fn serve(path: &Path, script: Script) -> RawUpstream {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).unwrap();
+        let recorded: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let rec = recorded.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let rec = rec.clone();
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let rec = rec.clone();
+                        let script = script.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let collected = body.collect().await.expect("collect request");
+                            let trailers = collected.trailers().cloned();
+                            let body = collected.to_bytes();
+                            rec.lock().unwrap().push(Recorded {
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body: body.clone(),
+                                trailers,
+                            });
+                            let chunks = if script.echo { vec![body] } else { script.chunks.clone() };
+                            let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+                                chunks.into_iter().map(|c| Ok(Frame::data(c))).collect();
+                            if let Some(t) = script.trailers.clone() {
+                                frames.push(Ok(Frame::trailers(t)));
+                            }
+                            let mut resp = Response::new(StreamBody::new(tokio_stream::iter(frames)));
+                            *resp.headers_mut() = script.headers.clone();
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    b.auto_date_header(false).max_header_list_size(1 << 20);
+                    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        RawUpstream { recorded, task }
+    }
+}
+
+/// What a raw client received.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: http::StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+/// Sends one HTTP/2 request with exactly these headers and body over a unix socket.
+pub async fn raw_call(path: &Path, uri: &str, headers: HeaderMap, body: Bytes) -> RawResponse {
+    let stream = UnixStream::connect(path).await.expect("connect");
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut req = Request::post(uri).body(Full::new(body)).unwrap();
+    *req.headers_mut() = headers;
+    let resp = send.send_request(req).await.expect("send");
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.expect("collect response");
+    RawResponse {
+        status: parts.status,
+        headers: parts.headers,
+        trailers: collected.trailers().cloned(),
+        body: collected.to_bytes(),
+    }
+}
+
+/// Standard gRPC request headers as grpc-go sends them.
+pub fn grpc_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("content-type", "application/grpc".parse().unwrap());
+    h.insert("te", "trailers".parse().unwrap());
+    h.insert("user-agent", "grpc-go/1.60.0".parse().unwrap());
+    h
+}
+
+/// Frames one message with the 5-byte gRPC prefix.
+pub fn frame(msg: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(msg.len() + 5);
+    v.push(0);
+    v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    v.extend_from_slice(msg);
+    v.into()
+}
