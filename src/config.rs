@@ -51,6 +51,39 @@ pub struct RawConfig {
     pub server: RawServer,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub mode: Option<String>,
+    pub trust: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub drop_dir: Option<PathBuf>,
+    pub drop_poll: Option<String>,
+    pub expiry_grace: Option<String>,
+    pub sandbox_image: Option<String>,
+    pub private_registry_auth: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    pub path: Option<PathBuf>,
+    pub max_size: Option<String>,
+    pub keep: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,7 +109,63 @@ pub struct RawLog {
 pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub policy: PolicyConfig,
+    pub audit: AuditConfig,
+    pub metrics: MetricsConfig,
 }
+
+/// How the node enforces decisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeMode {
+    /// Denials are enforced (scopes the bundle puts in `warn` mode still only warn).
+    Enforce,
+    /// Every denial is only reported; nothing is blocked, not even without a bundle. For rollout.
+    Warn,
+}
+
+/// What to do when containerd's sandbox (pause) image is not an approved private-registry image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxImageCheck {
+    /// Log and export it as a metric.
+    Warn,
+    /// Refuse to start (exit with a configuration error).
+    Refuse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub mode: NodeMode,
+    /// Trust file: public keys and the signature threshold.
+    pub trust: PathBuf,
+    /// Where installed bundles (and the last-known-good one) live.
+    pub state_dir: PathBuf,
+    /// Directory fleet tooling drops new bundles into, if any.
+    pub drop_dir: Option<PathBuf>,
+    pub drop_poll: Duration,
+    /// How long an expired bundle keeps being enforced before pulls fail closed.
+    pub expiry_grace: Duration,
+    pub sandbox_image: SandboxImageCheck,
+    /// Root-only TOML file with credentials for the private registry (`username`/`password` or
+    /// `identity_token`), sent instead of the client's when a pull is redirected there.
+    pub private_registry_auth: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address for `/metrics`, `/healthz`, `/readyz`, `/status`; `None` turns the endpoint off.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+pub const DEFAULT_TRUST: &str = "/etc/pullgate/trust/trust.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pullgate";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -90,7 +179,8 @@ pub struct ServerConfig {
     pub socket_group: Option<SocketGroup>,
     /// How long in-flight calls may finish after a stop signal.
     pub drain_grace: Duration,
-    /// Runtime worker threads; 1 runs the proxy on a single-threaded runtime.
+    /// Runtime worker threads; 1 (the default) runs the proxy on a single-threaded runtime, which
+    /// avoids cross-thread wake-ups: ~30 µs added per call instead of ~120 µs with 2 workers.
     pub worker_threads: usize,
 }
 
@@ -125,11 +215,29 @@ impl Default for Config {
                 socket_mode: DEFAULT_SOCKET_MODE,
                 socket_group: None,
                 drain_grace: DEFAULT_DRAIN_GRACE,
-                worker_threads: 2,
+                worker_threads: 1,
             },
             log: LogConfig {
                 format: LogFormat::Text,
                 level: "info".to_string(),
+            },
+            policy: PolicyConfig {
+                mode: NodeMode::Enforce,
+                trust: PathBuf::from(DEFAULT_TRUST),
+                state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+                drop_dir: None,
+                drop_poll: Duration::from_secs(5),
+                expiry_grace: Duration::from_secs(72 * 3600),
+                sandbox_image: SandboxImageCheck::Warn,
+                private_registry_auth: None,
+            },
+            audit: AuditConfig {
+                path: PathBuf::from(DEFAULT_STATE_DIR).join("audit.log"),
+                max_bytes: 64 * 1024 * 1024,
+                keep: 5,
+            },
+            metrics: MetricsConfig {
+                listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default address")),
             },
         }
     }
@@ -257,7 +365,88 @@ impl Config {
             }
         };
 
+        let p = raw.policy;
+        let abs_path = |key: &'static str, v: Option<PathBuf>, default: PathBuf| match v {
+            None => Ok(default),
+            Some(v) if v.is_absolute() => Ok(v),
+            Some(v) => Err(invalid(key, &v.display(), "an absolute path")),
+        };
+        let duration = |key: &'static str, v: Option<String>, default: Duration, expected: &'static str| match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(&s)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| invalid(key, &s, expected)),
+        };
+        let policy = PolicyConfig {
+            mode: match p.mode.as_deref() {
+                None | Some("enforce") => NodeMode::Enforce,
+                Some("warn") => NodeMode::Warn,
+                Some(other) => return Err(invalid("policy.mode", &other, "\"enforce\" or \"warn\"")),
+            },
+            trust: abs_path("policy.trust", p.trust, defaults.policy.trust)?,
+            state_dir: abs_path("policy.state_dir", p.state_dir, defaults.policy.state_dir)?,
+            drop_dir: match p.drop_dir {
+                None => None,
+                Some(d) => Some(abs_path("policy.drop_dir", Some(d), PathBuf::new())?),
+            },
+            drop_poll: duration(
+                "policy.drop_poll",
+                p.drop_poll,
+                defaults.policy.drop_poll,
+                "a non-zero duration such as \"5s\"",
+            )?,
+            expiry_grace: duration(
+                "policy.expiry_grace",
+                p.expiry_grace,
+                defaults.policy.expiry_grace,
+                "a non-zero duration such as \"72h\"",
+            )?,
+            sandbox_image: match p.sandbox_image.as_deref() {
+                None | Some("warn") => SandboxImageCheck::Warn,
+                Some("refuse") => SandboxImageCheck::Refuse,
+                Some(other) => {
+                    return Err(invalid("policy.sandbox_image", &other, "\"warn\" or \"refuse\""));
+                }
+            },
+            private_registry_auth: match p.private_registry_auth {
+                None => None,
+                Some(a) => Some(abs_path("policy.private_registry_auth", Some(a), PathBuf::new())?),
+            },
+        };
+        let a = raw.audit;
+        let audit = AuditConfig {
+            path: abs_path("audit.path", a.path, policy.state_dir.join("audit.log"))?,
+            max_bytes: match a.max_size {
+                None => defaults.audit.max_bytes,
+                Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
+                    invalid("audit.max_size", &s, "a size of at least 4KiB such as \"64MiB\" or \"500KiB\"")
+                })?,
+            },
+            keep: match a.keep {
+                None => defaults.audit.keep,
+                Some(n @ 1..=100) => n as u32,
+                Some(n) => return Err(invalid("audit.keep", &n, "a whole number from 1 to 100")),
+            },
+        };
+        let metrics = MetricsConfig {
+            listen: match raw.metrics.listen.as_deref() {
+                None => defaults.metrics.listen,
+                Some("" | "off") => None,
+                Some(s) => Some(s.parse().map_err(|_| {
+                    invalid(
+                        "metrics.listen",
+                        &s,
+                        "an IP address and port such as \"127.0.0.1:9477\", or \"off\"",
+                    )
+                })?),
+            },
+        };
+
         Ok(Config {
+            policy,
+            audit,
+            metrics,
             server: ServerConfig {
                 listen,
                 upstream,
@@ -269,6 +458,22 @@ impl Config {
             log: LogConfig { format, level },
         })
     }
+}
+
+/// Parses a byte size: a whole number with an optional unit (B, KiB, MiB, GiB; KB/MB/GB too).
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        "g" | "gb" | "gib" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 fn parse_mode(s: &str) -> Option<u32> {
@@ -397,6 +602,52 @@ mod tests {
             assert!(e.contains(key), "{text}: {e}");
             assert!(e.contains(expected), "{text}: {e}");
             assert!(e.contains("/etc/pullgate/config.toml"), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn policy_audit_and_metrics_sections() {
+        let c = parse(
+            r#"
+            [policy]
+            mode = "warn"
+            trust = "/etc/pg/trust.toml"
+            state_dir = "/var/lib/pg"
+            drop_dir = "/var/lib/pg/incoming"
+            drop_poll = "2s"
+            expiry_grace = "1h"
+            sandbox_image = "refuse"
+            private_registry_auth = "/etc/pg/auth.toml"
+            [audit]
+            max_size = "1MiB"
+            keep = 3
+            [metrics]
+            listen = "127.0.0.1:9999"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.policy.mode, NodeMode::Warn);
+        assert_eq!(c.policy.state_dir, Path::new("/var/lib/pg"));
+        assert_eq!(c.policy.drop_dir.as_deref(), Some(Path::new("/var/lib/pg/incoming")));
+        assert_eq!(c.policy.drop_poll, Duration::from_secs(2));
+        assert_eq!(c.policy.sandbox_image, SandboxImageCheck::Refuse);
+        assert_eq!(c.audit.path, Path::new("/var/lib/pg/audit.log"), "audit log follows state_dir");
+        assert_eq!(c.audit.max_bytes, 1 << 20);
+        assert_eq!(c.audit.keep, 3);
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9999".parse().unwrap()));
+        assert_eq!(parse("[metrics]\nlisten = \"off\"").unwrap().metrics.listen, None);
+        assert_eq!(Config::default().policy.mode, NodeMode::Enforce, "fail closed by default");
+        for (text, key) in [
+            ("[policy]\nmode = \"audit\"", "policy.mode"),
+            ("[policy]\ntrust = \"trust.toml\"", "policy.trust"),
+            ("[policy]\ndrop_poll = \"0s\"", "policy.drop_poll"),
+            ("[policy]\nsandbox_image = \"ignore\"", "policy.sandbox_image"),
+            ("[audit]\nmax_size = \"12 parsecs\"", "audit.max_size"),
+            ("[audit]\nkeep = 0", "audit.keep"),
+            ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
         }
     }
 

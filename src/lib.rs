@@ -14,9 +14,12 @@
 //! - [`daemon`]: lifecycle — socket set-up, signals, readiness notification, graceful drain, logging.
 //! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod enforce;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod wire;

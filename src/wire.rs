@@ -255,6 +255,94 @@ fn append_path(out: &mut Vec<u8>, path: &[u32], value: &[u8]) {
     out.extend_from_slice(&payload);
 }
 
+/// Removes every occurrence of the field at `path` (the last number is the field to drop; the ones
+/// before it are enclosing messages, whose lengths are rewritten). Everything else is kept as is.
+pub fn remove_field(msg: &[u8], path: &[u32]) -> Result<Vec<u8>, WireError> {
+    assert!(!path.is_empty(), "remove_field needs a non-empty field path");
+    let mut out = Vec::with_capacity(msg.len());
+    remove_into(msg, path, &mut out)?;
+    Ok(out)
+}
+
+fn remove_into(msg: &[u8], path: &[u32], out: &mut Vec<u8>) -> Result<(), WireError> {
+    let (target, rest) = (path[0], &path[1..]);
+    let mut copied_to = 0;
+    for field in fields(msg) {
+        let field = field?;
+        if field.number != target {
+            continue;
+        }
+        out.extend_from_slice(&msg[copied_to..field.start]);
+        copied_to = field.end;
+        if rest.is_empty() {
+            continue; // dropped
+        }
+        if field.wire_type != WT_LEN {
+            return Err(WireError::NotLengthDelimited {
+                field: target,
+                wire_type: field.wire_type,
+            });
+        }
+        let mut inner = Vec::with_capacity(field.end - field.payload);
+        remove_into(&msg[field.payload..field.end], rest, &mut inner)?;
+        let tag_end = tag_len(&msg[field.start..]) + field.start;
+        out.extend_from_slice(&msg[field.start..tag_end]);
+        put_varint(out, inner.len() as u64);
+        out.extend_from_slice(&inner);
+    }
+    out.extend_from_slice(&msg[copied_to..]);
+    Ok(())
+}
+
+/// Appends one more occurrence of length-delimited field `number` (a repeated string, or a message)
+/// holding `value` at the end of `msg`.
+pub fn append_bytes(msg: &mut Vec<u8>, number: u32, value: &[u8]) {
+    append_path(msg, &[number], value);
+}
+
+/// Rewrites each occurrence of the length-delimited field `number` (typically the elements of a
+/// repeated message field) with `edit`, which returns `Some(new bytes)` to replace an element or
+/// `None` to keep it byte for byte. Other fields are copied untouched.
+pub fn map_repeated(
+    msg: &[u8],
+    number: u32,
+    mut edit: impl FnMut(&[u8]) -> Result<Option<Vec<u8>>, WireError>,
+) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(msg.len() + 64);
+    let mut copied_to = 0;
+    for field in fields(msg) {
+        let field = field?;
+        if field.number != number {
+            continue;
+        }
+        if field.wire_type != WT_LEN {
+            return Err(WireError::NotLengthDelimited {
+                field: number,
+                wire_type: field.wire_type,
+            });
+        }
+        if let Some(new) = edit(&msg[field.payload..field.end])? {
+            out.extend_from_slice(&msg[copied_to..field.start]);
+            append_path(&mut out, &[number], &new);
+            copied_to = field.end;
+        }
+    }
+    out.extend_from_slice(&msg[copied_to..]);
+    Ok(out)
+}
+
+/// All values of a repeated string (or bytes) field `number` at the top level of `msg`, in order.
+pub fn repeated_strings(msg: &[u8], number: u32) -> Result<Vec<&[u8]>, WireError> {
+    let mut out = Vec::new();
+    for field in fields(msg) {
+        let field = field?;
+        if field.number == number && field.wire_type == WT_LEN {
+            out.push(&msg[field.payload..field.end]);
+        }
+    }
+    Ok(out)
+}
+
 /// Reads the string field at `path` with protobuf's merge semantics (the last occurrence wins,
 /// across all occurrences of the enclosing messages). `None` if it does not occur.
 pub fn get_string<'a>(msg: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, WireError> {
@@ -449,6 +537,50 @@ mod tests {
         // A nested message that is not well-formed is an error too.
         let e = set_string(&len_field(1, &[0x0a, 0x09]), IMAGE_IMAGE, b"x").unwrap_err();
         assert!(matches!(e, WireError::Truncated { .. }), "{e}");
+    }
+
+    #[test]
+    fn remove_field_drops_credentials_and_keeps_the_rest() {
+        let mut req = pull_request().encode_to_vec();
+        req.extend(len_field(77, b"future"));
+        let out = remove_field(&req, &[2]).unwrap();
+        let decoded = PullImageRequest::decode(out.as_slice()).unwrap();
+        let mut want = pull_request();
+        want.auth = None;
+        assert_eq!(decoded, want);
+        assert!(out.ends_with(&len_field(77, b"future")));
+        assert!(!contains(&out, b"p\x12"), "password bytes gone");
+        // Removing inside a nested message rewrites the enclosing length only.
+        let out = remove_field(&req, &[1, 2]).unwrap();
+        let decoded = PullImageRequest::decode(out.as_slice()).unwrap();
+        assert!(decoded.image.as_ref().unwrap().annotations.is_empty());
+        assert_eq!(decoded.image.unwrap().image, "nginx:1.25");
+        assert_eq!(remove_field(&req, &[99]).unwrap(), req, "absent field: unchanged");
+    }
+
+    #[test]
+    fn map_repeated_edits_only_chosen_elements() {
+        let mut msg = len_field(1, &len_field(2, b"a:1"));
+        msg.extend(key(5, WT_VARINT));
+        msg.push(3);
+        msg.extend(len_field(1, &len_field(2, b"b:1")));
+        let out = map_repeated(&msg, 1, |elem| {
+            let tags = repeated_strings(elem, 2)?;
+            Ok((tags == [b"b:1"]).then(|| {
+                let mut e = elem.to_vec();
+                append_bytes(&mut e, 2, b"docker.io/library/b:1");
+                e
+            }))
+        })
+        .unwrap();
+        let mut want = len_field(1, &len_field(2, b"a:1"));
+        want.extend(key(5, WT_VARINT));
+        want.push(3);
+        let mut second = len_field(2, b"b:1");
+        second.extend(len_field(2, b"docker.io/library/b:1"));
+        want.extend(len_field(1, &second));
+        assert_eq!(out, want);
+        assert_eq!(map_repeated(&msg, 1, |_| Ok(None)).unwrap(), msg);
     }
 
     proptest! {

@@ -1,13 +1,113 @@
-//! `pullgate explain` (placeholder until the policy core lands).
+//! `pullgate explain IMAGE`: the decision pullgate would make for an image and a pod, and why.
+//!
+//! Argument parsing and output only; the decision is [`crate::policy::decide`]. Exit status: 0 when the
+//! image may run (allow or warn), 1 when it is denied (including when the bundle is not valid).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::policy::{self, ImageRequest, PodContext, load};
+
+/// Arguments of `pullgate explain`.
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
     /// Image reference to explain.
     pub image: String,
+    /// The bundle file.
+    #[arg(long, value_name = "BUNDLE")]
+    pub bundle: PathBuf,
+    /// Signature file (default: BUNDLE.sig).
+    #[arg(long, value_name = "PATH")]
+    pub signatures: Option<PathBuf>,
+    /// Trust file.
+    #[arg(long, value_name = "TRUST")]
+    pub trust: PathBuf,
+    /// The pod's namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// The pod's name.
+    #[arg(long, value_name = "NAME")]
+    pub pod: Option<String>,
+    /// A pod label (repeatable).
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(_args: &ExplainArgs) -> ExitCode {
-    eprintln!("pullgate explain: not built yet");
-    ExitCode::from(super::EXIT_FAILURE)
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label \"{s}\" must be written KEY=VALUE")),
+    }
+}
+
+/// Runs `pullgate explain`.
+pub fn run(args: &ExplainArgs) -> ExitCode {
+    let pod = PodContext {
+        namespace: args.namespace.clone(),
+        name: args.pod.clone(),
+        uid: None,
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+    };
+    let request = ImageRequest::Reference(&args.image);
+    let loaded = load::read_trust(&args.trust).and_then(|trust| {
+        load::load_bundle(
+            &args.bundle,
+            args.signatures.as_deref(),
+            &trust,
+            None,
+            time::OffsetDateTime::now_utc(),
+        )
+    });
+    let decision = match &loaded {
+        Ok(b) => policy::decide(&request, b, &pod),
+        Err(e) => policy::decide_without_bundle(&request, Some(&e.to_string())),
+    };
+    if args.json {
+        println!("{}", decision.to_json());
+    } else {
+        let none = || "-".to_owned();
+        println!("image:       {}", decision.image);
+        println!(
+            "normalized:  {}",
+            decision.normalized.clone().unwrap_or_else(none)
+        );
+        println!("decision:    {}", decision.verdict);
+        println!("reason:      {}", decision.reason);
+        println!(
+            "pull ref:    {}",
+            decision.pull_ref.clone().unwrap_or_else(none)
+        );
+        println!(
+            "digest:      {}",
+            decision
+                .digest
+                .as_ref()
+                .map(|d| d.to_string())
+                .unwrap_or_else(none)
+        );
+        println!(
+            "pod scope:   {}",
+            decision.pod_scope.as_deref().unwrap_or("-")
+        );
+        if let Some(m) = &decision.matched {
+            println!("matched:     {} for {}", m.source, m.scope);
+        }
+        println!(
+            "bundle:      {}",
+            decision
+                .bundle_version
+                .map(|v| format!("version {v}"))
+                .unwrap_or_else(none)
+        );
+        println!("message:     {}", decision.message);
+    }
+    if decision.is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    }
 }

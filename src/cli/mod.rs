@@ -37,6 +37,17 @@ pub enum Command {
     Bundle(bundle::BundleCommand),
     /// Show the decision pullgate would make for an image, and why.
     Explain(explain::ExplainArgs),
+    /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print the daemon's status object as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -74,5 +85,6 @@ pub fn main() -> ExitCode {
         Command::Keygen(args) => bundle::keygen(&args),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Explain(args) => explain::run(&args),
+        Command::Status(args) => crate::daemon::admin::status_command(&args.config.config, args.json),
     }
 }

@@ -116,6 +116,9 @@ pub fn bind(path: &Path, mode: u32, group: Option<&SocketGroup>) -> Result<Socke
             gid,
             source,
         })?;
+        if let Some(dir) = path.parent() {
+            open_dir_to_group(dir, gid)?;
+        }
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
         ListenError::Chmod {
@@ -125,6 +128,33 @@ pub fn bind(path: &Path, mode: u32, group: Option<&SocketGroup>) -> Result<Socke
         }
     })?;
     Ok(guard)
+}
+
+/// A socket group is useless if its members cannot traverse the socket's directory (systemd creates
+/// `/run/pullgate` as 0750 root:root). When the directory is closed to others, hand it to the socket
+/// group with traversal (`g+x`); a directory open to everyone (such as `/run`) is left alone.
+fn open_dir_to_group(dir: &Path, gid: u32) -> Result<(), ListenError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(());
+    };
+    if meta.mode() & 0o001 != 0 || meta.uid() != unsafe { libc::geteuid() } {
+        return Ok(());
+    }
+    let chown_err = |source| ListenError::Chown {
+        path: dir.to_path_buf(),
+        gid,
+        source,
+    };
+    std::os::unix::fs::chown(dir, None, Some(gid)).map_err(chown_err)?;
+    let mode = (meta.mode() & 0o7777) | 0o010;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        ListenError::Chmod {
+            path: dir.to_path_buf(),
+            mode,
+            source,
+        }
+    })
 }
 
 /// Looks a group name up in the host's group database (NSS), or takes a numeric gid as is.
@@ -167,6 +197,24 @@ mod tests {
         assert_eq!(meta.gid(), 0);
         drop(guard);
         assert!(!path.exists());
+    }
+
+    #[tokio::test]
+    async fn socket_group_can_traverse_a_closed_runtime_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run-pullgate");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let _g = bind(&run.join("pg.sock"), 0o660, Some(&SocketGroup::Gid(4242))).unwrap();
+        let meta = std::fs::metadata(&run).unwrap();
+        assert_eq!(meta.gid(), 4242);
+        assert_eq!(meta.mode() & 0o777, 0o750);
+        // Without a socket group the directory is not touched.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let _g = bind(&other.join("pg.sock"), 0o660, None).unwrap();
+        assert_eq!(std::fs::metadata(&other).unwrap().mode() & 0o777, 0o700);
     }
 
     #[tokio::test]

@@ -7,8 +7,14 @@
 //!
 //! - [`listener`]: the unix socket (stale-socket handling, mode, group, removal on exit).
 //! - [`notify`]: `READY=1` / `STOPPING=1` to systemd.
+//! - [`node`]: the policy side at run time (bundle lifecycle, drop directory, status).
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status` on loopback.
+//! - [`admin`]: `pullgate status` and `pullgate bundle install` against a running node.
 
+pub mod admin;
+pub mod http;
 pub mod listener;
+pub mod node;
 pub mod notify;
 
 use std::path::Path;
@@ -20,7 +26,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, ServeArgs};
-use crate::config::{Config, LogFormat, ServerConfig};
+use crate::config::{Config, LogFormat, SandboxImageCheck, ServerConfig};
+use crate::metrics::Metrics;
 use crate::proxy::{InterceptTable, Proxy, Upstream, conn};
 use listener::{ListenError, SocketGuard};
 
@@ -42,23 +49,44 @@ pub struct RunSummary {
     pub aborted_connections: usize,
 }
 
+/// Called on SIGHUP.
+pub type ReloadHook = Arc<dyn Fn() + Send + Sync>;
+
 /// A bound, not yet running, proxy server.
 pub struct Server {
     proxy: Arc<Proxy>,
     socket: SocketGuard,
     drain_grace: Duration,
+    reload: Option<ReloadHook>,
 }
 
 impl Server {
-    /// Binds the listening socket and prepares the proxy; containerd is not contacted yet.
+    /// Binds the listening socket with a proxy of its own (no shared state); containerd is not
+    /// contacted yet.
     pub fn bind(cfg: &ServerConfig, intercepts: InterceptTable) -> Result<Server, ListenError> {
+        let proxy = Proxy::new(
+            Arc::new(Upstream::new(&cfg.upstream)),
+            intercepts,
+            Arc::new(Metrics::default()),
+        );
+        Server::bind_with(cfg, proxy)
+    }
+
+    /// Binds the listening socket for an existing proxy.
+    pub fn bind_with(cfg: &ServerConfig, proxy: Arc<Proxy>) -> Result<Server, ListenError> {
         let socket = listener::bind(&cfg.listen, cfg.socket_mode, cfg.socket_group.as_ref())?;
-        let proxy = Proxy::new(Upstream::new(&cfg.upstream), intercepts);
         Ok(Server {
             proxy,
             socket,
             drain_grace: cfg.drain_grace,
+            reload: None,
         })
+    }
+
+    /// Runs `hook` on every [`Control::Reload`].
+    pub fn on_reload(mut self, hook: ReloadHook) -> Self {
+        self.reload = Some(hook);
+        self
     }
 
     pub fn socket_path(&self) -> &Path {
@@ -75,6 +103,7 @@ impl Server {
             proxy,
             socket,
             drain_grace,
+            reload,
         } = self;
         let builder = Arc::new(conn::server_builder());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -94,7 +123,13 @@ impl Server {
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 msg = control.recv() => match msg {
-                    Some(Control::Reload) => tracing::info!("reload requested; nothing to reload yet"),
+                    Some(Control::Reload) => match &reload {
+                        Some(hook) => {
+                            let hook = hook.clone();
+                            let _ = tokio::task::spawn_blocking(move || hook()).await;
+                        }
+                        None => tracing::info!("reload requested; nothing to reload"),
+                    },
                     Some(Control::Shutdown) | Some(Control::Terminate) | None => break,
                 },
             }
@@ -175,24 +210,59 @@ pub fn serve_command(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(async move {
-        let server = match Server::bind(&config.server, InterceptTable::logging()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen");
-                eprintln!("pullgate: {e}");
-                return ExitCode::from(EXIT_FAILURE);
+    runtime.block_on(run_node(config))
+}
+
+/// Starts the node and serves until a stop signal: the body of `pullgate serve`.
+async fn run_node(config: Config) -> ExitCode {
+    let fail = |code: u8, e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "cannot start");
+        eprintln!("pullgate: {e}");
+        ExitCode::from(code)
+    };
+    let node = match node::Node::start(config.clone()) {
+        Ok(n) => n,
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    // containerd pulls the sandbox image itself: check it now if containerd answers.
+    if node::upstream_within(&node.upstream, Duration::from_secs(2)).await {
+        if let Err(p) = node.check_sandbox_image().await {
+            if config.policy.sandbox_image == SandboxImageCheck::Refuse {
+                return fail(EXIT_CONFIG, &format!("{p} (policy.sandbox_image = \"refuse\")"));
             }
-        };
-        let (tx, rx) = mpsc::channel(4);
-        if let Err(e) = spawn_signal_handler(tx) {
-            eprintln!("pullgate: cannot install signal handlers: {e}");
-            return ExitCode::from(EXIT_FAILURE);
         }
-        notify::notify("READY=1");
-        server.run(rx).await;
-        ExitCode::SUCCESS
-    })
+    }
+    let proxy = Proxy::new(
+        node.upstream.clone(),
+        node.enforcer.intercept_table(),
+        node.metrics.clone(),
+    );
+    let reload_node = node.clone();
+    let server = match Server::bind_with(&config.server, proxy) {
+        Ok(s) => s.on_reload(Arc::new(move || reload_node.reload())),
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    if let Some(addr) = config.metrics.listen {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                let addr = l.local_addr().unwrap_or(addr);
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
+                tokio::spawn(http::serve(l, node.clone()));
+            }
+            Err(e) => return fail(EXIT_FAILURE, &format!("cannot listen on {addr} (metrics.listen): {e}")),
+        }
+    }
+    node.spawn_background();
+    let pid_path = admin::pid_file(&config);
+    let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
+    let (tx, rx) = mpsc::channel(4);
+    if let Err(e) = spawn_signal_handler(tx) {
+        return fail(EXIT_FAILURE, &format!("cannot install signal handlers: {e}"));
+    }
+    notify::notify("READY=1");
+    server.run(rx).await;
+    let _ = std::fs::remove_file(&pid_path);
+    ExitCode::SUCCESS
 }
 
 /// Turns SIGTERM/SIGINT (stop; a second one terminates the drain) and SIGHUP (reload) into

@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::grpc::{Code, Status};
+use crate::metrics::Metrics;
 
 /// A request body on its way to containerd.
 pub enum RequestBody {
@@ -59,6 +60,50 @@ impl Body for RequestBody {
     }
 }
 
+/// Counts a call once, with the gRPC status it ended with, when that status passes by (or with no
+/// status if the body is dropped first, e.g. the client went away).
+pub struct CallRecord {
+    metrics: Arc<Metrics>,
+    method: usize,
+    done: bool,
+}
+
+impl CallRecord {
+    pub fn new(metrics: Arc<Metrics>, method: usize) -> Self {
+        CallRecord {
+            metrics,
+            method,
+            done: false,
+        }
+    }
+
+    pub fn method(&self) -> usize {
+        self.method
+    }
+
+    /// Records the status found in `headers` (response headers of a trailers-only answer, or
+    /// trailers); returns whether one was there.
+    pub fn finish_from(&mut self, headers: &HeaderMap) -> bool {
+        match headers.get("grpc-status") {
+            Some(v) if !self.done => {
+                self.done = true;
+                let code = v.to_str().ok().and_then(|s| s.parse().ok());
+                self.metrics.call(self.method, code.or(Some(2)));
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics.call(self.method, None);
+        }
+    }
+}
+
 /// A response body on its way back to the client.
 #[derive(Default)]
 pub enum ResponseBody {
@@ -67,6 +112,12 @@ pub enum ResponseBody {
         body: Incoming,
         upstream: Arc<str>,
         done: bool,
+        record: Option<CallRecord>,
+    },
+    /// A response pullgate holds whole (an edited unary response): data, then trailers.
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
     },
     /// No body: the status travels in the response headers (trailers-only).
     #[default]
@@ -74,11 +125,12 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, upstream: Arc<str>) -> Self {
+    pub fn upstream(body: Incoming, upstream: Arc<str>, record: Option<CallRecord>) -> Self {
         ResponseBody::Upstream {
             body,
             upstream,
             done: false,
+            record,
         }
     }
 }
@@ -94,10 +146,15 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
+            ResponseBody::Buffered { data, trailers } => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
             ResponseBody::Upstream {
                 body,
                 upstream,
                 done,
+                record,
             } => {
                 if *done {
                     return Poll::Ready(None);
@@ -116,7 +173,16 @@ impl Body for ResponseBody {
                             ),
                         )
                         .insert_into(&mut trailers);
+                        if let Some(r) = record.as_mut() {
+                            r.finish_from(&trailers);
+                        }
                         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(r), Some(t)) = (record.as_mut(), frame.trailers_ref()) {
+                            r.finish_from(t);
+                        }
+                        Poll::Ready(Some(Ok(frame)))
                     }
                     other => other,
                 }
@@ -128,6 +194,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Empty => true,
+            ResponseBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
             ResponseBody::Upstream { body, done, .. } => *done || body.is_end_stream(),
         }
     }
@@ -136,7 +203,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             // Inexact for the same reason: no content-length on trailers-only answers.
-            ResponseBody::Empty => SizeHint::default(),
+            ResponseBody::Empty | ResponseBody::Buffered { .. } => SizeHint::default(),
             ResponseBody::Upstream { body, .. } => body.size_hint(),
         }
     }

@@ -41,15 +41,39 @@ pub struct Call<'a> {
     pub message: &'a Bytes,
 }
 
+/// Edits the single response message of a forwarded unary call (unframed protobuf bytes in;
+/// `Some(new bytes)` to replace it, `None` to keep it byte for byte).
+pub type ResponseEdit = Box<dyn FnOnce(&[u8]) -> Option<Vec<u8>> + Send>;
+
 /// What to do with an intercepted call.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Forward the original request bytes unchanged.
     Forward,
     /// Forward this message instead (unframed protobuf bytes).
     Replace(Bytes),
+    /// Forward (the original request, or this replacement) and edit the response message on its way
+    /// back. Only for unary methods: the response is read whole.
+    Rewrite {
+        request: Option<Bytes>,
+        response: ResponseEdit,
+    },
     /// Do not ask containerd; answer the client with this status.
     Respond(Status),
+}
+
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::Forward => f.write_str("Forward"),
+            Verdict::Replace(b) => write!(f, "Replace({} bytes)", b.len()),
+            Verdict::Rewrite { request, .. } => write!(
+                f,
+                "Rewrite {{ request: {:?} bytes, response: <edit> }}",
+                request.as_ref().map(Bytes::len)
+            ),
+            Verdict::Respond(s) => write!(f, "Respond({s:?})"),
+        }
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -277,10 +301,10 @@ mod tests {
             }),
             verbose: false,
         };
-        assert_eq!(
+        assert!(matches!(
             call_with(methods::IMAGE_STATUS, ok.encode_to_vec().into()),
             Verdict::Forward
-        );
+        ));
         match call_with(methods::PULL_IMAGE, Bytes::from_static(b"\x0a\x05ab")) {
             Verdict::Respond(s) => {
                 assert_eq!(s.code, Code::InvalidArgument);

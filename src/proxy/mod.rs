@@ -19,68 +19,102 @@ pub mod upstream;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-pub use body::{RequestBody, ResponseBody};
+use crate::metrics::{self, Metrics};
+
+pub use body::{CallRecord, RequestBody, ResponseBody};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
-pub use intercept::{Call, Handler, InterceptTable, Verdict};
+pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
 pub use upstream::{Upstream, UpstreamError};
 
 /// The proxy: one per daemon, shared by every connection.
 pub struct Proxy {
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     intercepts: InterceptTable,
+    metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    pub fn new(upstream: Upstream, intercepts: InterceptTable) -> Arc<Self> {
+    pub fn new(upstream: Arc<Upstream>, intercepts: InterceptTable, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Proxy {
             upstream,
             intercepts,
+            metrics,
         })
     }
 
-    pub fn upstream(&self) -> &Upstream {
+    pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
     pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+        let method = metrics::method_index(req.uri().path());
+        let record = CallRecord::new(self.metrics.clone(), method);
         if let Some(handler) = self.intercepts.get(req.uri().path()) {
-            return Ok(self.intercepted(handler.as_ref(), req).await);
+            return Ok(self.intercepted(handler.as_ref(), req, record).await);
         }
         let (parts, body) = req.into_parts();
         Ok(self
-            .forward(Request::from_parts(parts, RequestBody::Stream(body)))
+            .forward(Request::from_parts(parts, RequestBody::Stream(body)), record)
             .await)
     }
 
-    async fn forward(&self, req: Request<RequestBody>) -> Response<ResponseBody> {
+    /// Sends a request to containerd, timing it; the response streams back with `record` attached.
+    async fn forward(&self, req: Request<RequestBody>, mut record: CallRecord) -> Response<ResponseBody> {
+        match self.send_timed(req, record.method()).await {
+            Ok(resp) => {
+                if record.finish_from(resp.headers()) {
+                    // Trailers-only: the status is already counted.
+                    return resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
+                }
+                resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), Some(record)))
+            }
+            Err(e) => answer(e, &mut record),
+        }
+    }
+
+    async fn send_timed(&self, req: Request<RequestBody>, method: usize) -> Result<Response<Incoming>, Status> {
+        let started = Instant::now();
         match self.upstream.send(req).await {
-            Ok(resp) => resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone())),
+            Ok(resp) => {
+                self.metrics.upstream_latency(method, started.elapsed());
+                Ok(resp)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot forward call");
-                e.status().to_response()
+                Err(e.status())
             }
         }
     }
 
-    async fn intercepted(&self, handler: &dyn Handler, req: Request<Incoming>) -> Response<ResponseBody> {
+    async fn intercepted(
+        &self,
+        handler: &dyn Handler,
+        req: Request<Incoming>,
+        mut record: CallRecord,
+    ) -> Response<ResponseBody> {
         let (parts, body) = req.into_parts();
         let method = parts.uri.path();
         let raw = match read_body(body, method).await {
             Ok(b) => b,
-            Err(status) => return status.to_response(),
+            Err(status) => return answer(status, &mut record),
         };
         let message = match grpc::single_message(&raw) {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(method, error = %e, "rejected malformed request");
-                let mut resp: Response<ResponseBody> = e.status(method).to_response();
+                let mut resp = answer(e.status(method), &mut record);
                 if e == grpc::FrameError::Compressed {
                     resp.headers_mut().insert(
                         "grpc-accept-encoding",
@@ -97,14 +131,81 @@ impl Proxy {
                 message: &message,
             })
             .await;
-        let body = match verdict {
-            Verdict::Forward => raw,
-            Verdict::Replace(new) => grpc::frame(&new),
-            Verdict::Respond(status) => return status.to_response(),
+        let (body, edit) = match verdict {
+            Verdict::Forward => (raw, None),
+            Verdict::Replace(new) => (grpc::frame(&new), None),
+            Verdict::Rewrite { request, response } => {
+                (request.map_or(raw, |r| grpc::frame(&r)), Some(response))
+            }
+            Verdict::Respond(status) => return answer(status, &mut record),
         };
-        self.forward(Request::from_parts(parts, RequestBody::Full(Some(body))))
-            .await
+        let req = Request::from_parts(parts, RequestBody::Full(Some(body)));
+        match edit {
+            None => self.forward(req, record).await,
+            Some(edit) => self.forward_edited(req, edit, record).await,
+        }
     }
+
+    /// Forwards a unary call and edits its one response message; anything that is not a plain
+    /// successful unary response passes through unedited.
+    async fn forward_edited(
+        &self,
+        req: Request<RequestBody>,
+        edit: ResponseEdit,
+        mut record: CallRecord,
+    ) -> Response<ResponseBody> {
+        let resp = match self.send_timed(req, record.method()).await {
+            Ok(r) => r,
+            Err(e) => return answer(e, &mut record),
+        };
+        if resp.status() != http::StatusCode::OK || record.finish_from(resp.headers()) {
+            return resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
+        }
+        let (parts, body) = resp.into_parts();
+        let collected = match http_body_util::Limited::new(body, MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
+            .collect()
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let status = Status::new(
+                    Code::Unavailable,
+                    format!("pullgate: reading the response from the upstream runtime at {} failed: {e}", self.upstream.name()),
+                );
+                return answer(status, &mut record);
+            }
+        };
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        if let Some(t) = &trailers {
+            record.finish_from(t);
+        }
+        let ok = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-status"))
+            .is_some_and(|v| v == "0");
+        let data = match grpc::single_message(&data) {
+            Ok(msg) if ok => match edit(&msg) {
+                Some(new) => grpc::frame(&new),
+                None => data,
+            },
+            _ => data,
+        };
+        Response::from_parts(
+            parts,
+            ResponseBody::Buffered {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        )
+    }
+}
+
+/// A trailers-only answer from pullgate itself, counted with its status.
+fn answer(status: Status, record: &mut CallRecord) -> Response<ResponseBody> {
+    let resp: Response<ResponseBody> = status.to_response();
+    record.finish_from(resp.headers());
+    resp
 }
 
 /// Reads a whole request body of at most one maximal gRPC message.

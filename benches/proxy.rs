@@ -1,0 +1,202 @@
+//! Proxy overhead benchmark: unary CRI calls made directly to a fake CRI upstream and through a real
+//! `pullgate serve` process in front of the same upstream, in one run.
+//!
+//! Prints sequential latency (median, p99) and throughput with 16 concurrent callers for both paths,
+//! and the ratios. Direct and proxied rounds alternate so that machine noise hits both alike.
+//!
+//! Run: `cargo bench --bench proxy` (env: `BENCH_CALLS` per round, default 2000; `BENCH_ROUNDS`,
+//! default 5; `BENCH_SECS` per throughput round, default 2).
+
+#[path = "../tests/fake_cri/mod.rs"]
+mod fake_cri;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fake_cri::*;
+use k8s_cri::v1 as cri;
+use tonic::transport::Channel;
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+struct Proc(Child);
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+impl Drop for Proc {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn start_pullgate(dir: &Path, upstream: &Path, workers: u32) -> (Proc, PathBuf) {
+    let listen = dir.join(format!("pullgate-{workers}.sock"));
+    let config = dir.join(format!("config-{workers}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nworker_threads = {workers}\n[log]\nlevel = \"warn\"\n[policy]\nstate_dir = \"{}\"\ntrust = \"{}\"\n[metrics]\nlisten = \"off\"\n",
+            dir.join(format!("state-{workers}")).display(),
+            dir.join("trust.toml").display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_pullgate"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(&listen)
+        .arg("--upstream")
+        .arg(upstream)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn pullgate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listen.exists() {
+        assert!(Instant::now() < deadline, "pullgate did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (Proc(child), listen)
+}
+
+#[derive(Clone, Copy)]
+enum Method {
+    Version,
+    ImageStatus,
+}
+
+async fn one_call(ch: &Channel, m: Method) {
+    match m {
+        Method::Version => {
+            runtime_client(ch.clone())
+                .version(cri::VersionRequest { version: "v1".into() })
+                .await
+                .expect("Version");
+        }
+        Method::ImageStatus => {
+            image_client(ch.clone())
+                .image_status(cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: "docker.io/library/busybox:1.36".into(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                })
+                .await
+                .expect("ImageStatus");
+        }
+    }
+}
+
+async fn latencies(ch: &Channel, m: Method, n: u64, out: &mut Vec<Duration>) {
+    for _ in 0..n {
+        let t = Instant::now();
+        one_call(ch, m).await;
+        out.push(t.elapsed());
+    }
+}
+
+async fn throughput(ch: &Channel, m: Method, callers: usize, secs: u64) -> (f64, u64) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..callers {
+        let ch = ch.clone();
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                one_call(&ch, m).await;
+                n += 1;
+            }
+            n
+        });
+    }
+    let start = Instant::now();
+    let mut total = 0;
+    while let Some(n) = tasks.join_next().await {
+        total += n.unwrap();
+    }
+    (total as f64 / start.elapsed().as_secs_f64(), total)
+}
+
+fn pct(v: &mut [Duration], p: f64) -> f64 {
+    v.sort();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i].as_secs_f64() * 1e6
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special: run briefly then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let calls = if quick { 200 } else { env_num("BENCH_CALLS", 2000) };
+    let rounds = if quick { 1 } else { env_num("BENCH_ROUNDS", 5) };
+    let secs = if quick { 1 } else { env_num("BENCH_SECS", 2) };
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_path = dir.path().join("fake-cri.sock");
+    // The fake upstream runs on its own runtime thread, as containerd would in its own process.
+    let up_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (fake, _events) = FakeCri::new();
+    let _server = up_rt.block_on(async { fake.serve(&upstream_path) });
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let workers = env_num("BENCH_PULLGATE_WORKERS", 1) as u32;
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers);
+    let pg_pid = pg.0.id();
+    println!("proxy benchmark: fake CRI upstream in-process, pullgate as a separate process (worker_threads = {workers})");
+    println!("rounds = {rounds}, calls per round = {calls}, throughput rounds = {secs}s with 16 callers\n");
+
+    rt.block_on(async {
+        let direct = cri_channel(&upstream_path).await;
+        let via = cri_channel(&listen).await;
+        for (label, m) in [("Version (forwarded)", Method::Version), ("ImageStatus (intercepted)", Method::ImageStatus)] {
+            // Warm up both paths.
+            let mut sink = Vec::new();
+            latencies(&direct, m, calls / 4, &mut sink).await;
+            latencies(&via, m, calls / 4, &mut sink).await;
+            let (mut d, mut v) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                latencies(&direct, m, calls, &mut d).await;
+                latencies(&via, m, calls, &mut v).await;
+            }
+            let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
+            let (d99, v99) = (pct(&mut d, 0.99), pct(&mut v, 0.99));
+            let (mut dt, mut vt) = (0.0, 0.0);
+            let (mut via_calls, mut via_cpu) = (0u64, Duration::ZERO);
+            for _ in 0..rounds.min(3) {
+                dt += throughput(&direct, m, 16, secs).await.0;
+                let cpu0 = cpu_time(pg_pid);
+                let (rate, n) = throughput(&via, m, 16, secs).await;
+                via_cpu += cpu_time(pg_pid) - cpu0;
+                via_calls += n;
+                vt += rate;
+            }
+            println!("{label}");
+            println!("  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs  ratio {:.2}", v50 - d50, v50 / d50);
+            println!("  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs", v99 - d99);
+            println!("  throughput x16: direct {dt:8.0} /s  via pullgate {vt:8.0} /s  ratio {:.2}", vt / dt);
+            println!("  pullgate CPU per call under load: {:.1} µs", via_cpu.as_secs_f64() * 1e6 / via_calls.max(1) as f64);
+            println!();
+        }
+    });
+    println!("targets: added median <= 50 µs (ratio <= 1.25), added p99 <= 150 µs, throughput ratio >= 0.8");
+}

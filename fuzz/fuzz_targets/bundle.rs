@@ -1,0 +1,17 @@
+//! Fuzz target: the bundle parser (format, validation, index) never panics on any bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use pullgate::policy::{ImageRequest, PodContext, parse_bundle};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(bundle) = parse_bundle(data) {
+        // Exercise the index of whatever parsed.
+        for e in bundle.images() {
+            let _ = bundle.entries(e.source());
+        }
+        let _ = pullgate::policy::diff::diff(&bundle, &bundle);
+    }
+    let _ = ImageRequest::Reference("x");
+    let _ = PodContext::default();
+});

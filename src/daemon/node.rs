@@ -1,0 +1,321 @@
+//! The daemon's policy side: everything enforcement needs at run time, and its lifecycle — the first
+//! load of the installed bundle, reloads (SIGHUP, `pullgate bundle install`), the drop directory that
+//! fleet tooling fills, the sandbox-image check, and the status report.
+//!
+//! A bundle is swapped in with one atomic pointer store ([`PolicyState::set`]); a rejected one
+//! changes nothing and is logged, counted and (from the drop directory) set aside with its reason.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::audit::AuditLog;
+use crate::config::{Config, NodeMode, SandboxImageCheck};
+use crate::enforce::store::{BundleStore, StoreError};
+use crate::enforce::{Enforcer, PolicyState, RegistryAuth};
+use crate::metrics::Metrics;
+use crate::policy::{Trust, VerifiedBundle, load};
+use crate::proxy::Upstream;
+
+/// Why the daemon cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create state directory {}: {source}", path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditOpenError),
+    #[error(transparent)]
+    Auth(#[from] crate::enforce::AuthFileError),
+}
+
+/// The policy side of a running daemon.
+pub struct Node {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub upstream: Arc<Upstream>,
+    pub state: Arc<PolicyState>,
+    pub enforcer: Arc<Enforcer>,
+    pub store: BundleStore,
+    trust: Mutex<Option<Arc<Trust>>>,
+    sandbox_problem: Mutex<Option<String>>,
+}
+
+impl Node {
+    /// Builds the node: state directory, audit log, trust, credentials, and the installed bundle
+    /// (last-known-good). A missing or bad bundle or trust file is not fatal: pulls fail closed.
+    pub fn start(config: Config) -> Result<Arc<Node>, StartError> {
+        let state_dir = &config.policy.state_dir;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(|source| StartError::StateDir {
+                    path: state_dir.clone(),
+                    source,
+                })?;
+        }
+        let metrics = Arc::new(Metrics::default());
+        let upstream = Arc::new(Upstream::new(&config.server.upstream));
+        let state = Arc::new(PolicyState::new(config.policy.mode, config.policy.expiry_grace));
+        let audit = Arc::new(AuditLog::open(
+            &config.audit.path,
+            config.audit.max_bytes,
+            config.audit.keep,
+        )?);
+        let enforcer = Enforcer::new(state.clone(), upstream.clone(), metrics.clone(), Some(audit));
+        if let Some(p) = &config.policy.private_registry_auth {
+            enforcer.set_registry_auth(Some(RegistryAuth::load(p)?));
+        }
+        let node = Arc::new(Node {
+            store: BundleStore::new(state_dir),
+            config,
+            metrics,
+            upstream,
+            state,
+            enforcer,
+            trust: Mutex::new(None),
+            sandbox_problem: Mutex::new(None),
+        });
+        node.reload();
+        Ok(node)
+    }
+
+    fn trust(&self) -> Option<Arc<Trust>> {
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Re-reads the trust file, the private registry credentials and the installed bundle, and
+    /// swaps in the bundle if it is a newer valid one. Problems are logged and leave what is in force.
+    pub fn reload(&self) {
+        match load::read_trust(&self.config.policy.trust) {
+            Ok(t) => *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(t)),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the trust file; keeping the trust already loaded, if any");
+                if self.state.current().is_none() {
+                    self.state.set_problem(format!("the trust file is unusable: {e}"));
+                }
+            }
+        }
+        if let Some(p) = &self.config.policy.private_registry_auth {
+            match RegistryAuth::load(p) {
+                Ok(a) => self.enforcer.set_registry_auth(Some(a)),
+                Err(e) => tracing::error!(error = %e, "cannot reload private registry credentials; keeping the old ones"),
+            }
+        }
+        let Some(trust) = self.trust() else { return };
+        match self.store.load_current(&trust, OffsetDateTime::now_utc()) {
+            Ok(Some(b)) => self.offer(b, "state directory"),
+            Ok(None) => {
+                if self.state.current().is_none() {
+                    self.state.set_problem(format!(
+                        "no bundle is installed in {}",
+                        self.store.dir().display()
+                    ));
+                    tracing::warn!(state_dir = %self.store.dir().display(), "no bundle installed: pulls and container starts are refused until one is");
+                }
+            }
+            Err(e) => self.rejected(&e, "state directory"),
+        }
+    }
+
+    /// Swaps in `b` unless it is older than the bundle in force (rollback).
+    fn offer(&self, b: VerifiedBundle, source: &str) {
+        let current = self.state.current().map(|c| c.version);
+        if current == Some(b.version) {
+            return;
+        }
+        if current.is_some_and(|c| b.version < c) {
+            self.metrics.bundle_install("rejected", "rollback");
+            tracing::error!(
+                offered = b.version,
+                in_force = current,
+                source,
+                "rejected bundle: older than the one in force (rollback)"
+            );
+            return;
+        }
+        tracing::info!(
+            version = b.version,
+            issuer = %b.issuer,
+            images = b.images().len(),
+            expires = %b.expires_at_string(),
+            source,
+            "bundle in force"
+        );
+        self.state.set(Arc::new(b));
+        self.metrics.bundle_install("installed", "ok");
+        self.metrics.set_bundle(self.state.gauge());
+    }
+
+    fn rejected(&self, e: &StoreError, source: &str) {
+        self.metrics.bundle_install("rejected", e.reason());
+        tracing::error!(error = %e, source, "rejected bundle; the bundle in force is unchanged");
+        if self.state.current().is_none() {
+            self.state.set_problem(format!("the installed bundle was rejected: {e}"));
+        }
+    }
+
+    /// Installs every complete bundle in the drop directory (see docs/operations.md for the
+    /// protocol), oldest name first. Returns how many were installed.
+    pub fn poll_drop_dir(&self) -> usize {
+        let Some(dir) = &self.config.policy.drop_dir else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut bundles: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.') && name.ends_with(".json") && p.is_file()
+            })
+            .collect();
+        bundles.sort();
+        let mut installed = 0;
+        for path in bundles {
+            let sig = load::signature_path(&path);
+            if !sig.is_file() {
+                continue; // signatures arrive first; wait for them
+            }
+            let result = match (std::fs::read(&path), std::fs::read(&sig)) {
+                (Ok(b), Ok(s)) => match self.trust() {
+                    Some(t) => self.store.install(&b, &s, &t, OffsetDateTime::now_utc(), &path),
+                    None => Err(StoreError::Io {
+                        what: "no usable trust file to verify",
+                        path: self.config.policy.trust.clone(),
+                        source: std::io::Error::other("trust file missing or invalid"),
+                    }),
+                },
+                (Err(source), _) | (_, Err(source)) => Err(StoreError::Io {
+                    what: "cannot read dropped bundle",
+                    path: path.clone(),
+                    source,
+                }),
+            };
+            match result {
+                Ok(b) => {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(&sig);
+                    self.offer(b, "drop directory");
+                    installed += 1;
+                }
+                Err(e) => {
+                    self.rejected(&e, "drop directory");
+                    set_aside(&path, &sig, &e.to_string());
+                }
+            }
+        }
+        installed
+    }
+
+    /// Checks containerd's sandbox image; remembers and exports the result.
+    pub async fn check_sandbox_image(&self) -> Result<(), String> {
+        let r = self.enforcer.check_sandbox_image().await;
+        *self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()) = r.clone().err();
+        match &r {
+            Ok(()) => tracing::info!("containerd's sandbox image is an approved private-registry image"),
+            Err(p) if self.config.policy.sandbox_image == SandboxImageCheck::Refuse => {
+                tracing::error!(problem = %p, "sandbox image check failed")
+            }
+            Err(p) => tracing::warn!(problem = %p, "sandbox image check failed"),
+        }
+        r
+    }
+
+    /// Ready: containerd answers and a valid bundle is in force.
+    pub async fn ready(&self) -> Result<(), String> {
+        self.upstream.connect().await.map_err(|e| e.to_string())?;
+        self.metrics.set_upstream_up(true);
+        match self.state.current() {
+            None => Err(self
+                .state
+                .problem()
+                .unwrap_or_else(|| "no valid bundle".into())),
+            Some(b) if OffsetDateTime::now_utc() > b.expires_at + time::Duration::try_from(self.config.policy.expiry_grace).unwrap_or(time::Duration::MAX) => {
+                Err(format!("bundle v{} expired and its grace period has passed", b.version))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// What `pullgate status` shows, as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        let now = OffsetDateTime::now_utc();
+        self.metrics.set_upstream_up(self.upstream.is_connected());
+        let bundle = self.state.current().map(|b| {
+            serde_json::json!({
+                "version": b.version,
+                "issuer": b.issuer,
+                "issued_at": b.issued_at_string(),
+                "expires_at": b.expires_at_string(),
+                "expired": now > b.expires_at,
+                "images": b.images().len(),
+                "repositories": b.repository_count(),
+                "private_registry": b.private_registry,
+                "signers": b.signers(),
+            })
+        });
+        serde_json::json!({
+            "mode": match self.state.mode() { NodeMode::Enforce => "enforce", NodeMode::Warn => "warn" },
+            "bundle": bundle,
+            "bundle_problem": if bundle.is_none() { self.state.problem() } else { None },
+            "upstream": {
+                "socket": self.upstream.path().display().to_string(),
+                "connected": self.upstream.is_connected(),
+            },
+            "decisions": self.metrics.decision_totals(),
+            "sandbox_image_problem": self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "audit_log": self.config.audit.path.display().to_string(),
+        })
+    }
+
+    /// Background work: the drop-directory poll and, until it has run once, the sandbox-image check.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut checked = false;
+            let mut tick = tokio::time::interval(node.config.policy.drop_poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let dropped = {
+                    let node = node.clone();
+                    tokio::task::spawn_blocking(move || node.poll_drop_dir()).await.unwrap_or(0)
+                };
+                node.metrics.set_bundle(node.state.gauge());
+                if (!checked || dropped > 0) && node.upstream.connect().await.is_ok() {
+                    checked = true;
+                    let _ = node.check_sandbox_image().await;
+                }
+            }
+        });
+    }
+}
+
+/// Moves a rejected dropped bundle aside as `NAME.rejected` (+ `.sig`) and writes `NAME.rejected.reason`.
+fn set_aside(path: &Path, sig: &Path, reason: &str) {
+    let mut rejected = path.as_os_str().to_owned();
+    rejected.push(".rejected");
+    let rejected = PathBuf::from(rejected);
+    let _ = std::fs::rename(path, &rejected);
+    let _ = std::fs::rename(sig, load::signature_path(&rejected));
+    let mut why = rejected.clone().into_os_string();
+    why.push(".reason");
+    let _ = std::fs::write(PathBuf::from(why), format!("{reason}\n"));
+}
+
+/// Waits up to `limit` for the upstream to answer, for the start-up sandbox check.
+pub async fn upstream_within(upstream: &Upstream, limit: Duration) -> bool {
+    tokio::time::timeout(limit, upstream.connect())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}

@@ -1,0 +1,625 @@
+//! Enforcement in the CRI path: the intercept handler that applies the policy core to pulls, image
+//! lookups and container starts, and the daemon-side state it needs.
+//!
+//! - `PullImage`: decided with the pod from `sandbox_config`; allowed pulls are rewritten (wire-level,
+//!   every other field kept) to the pinned mirror reference; denied pulls are answered
+//!   `PERMISSION_DENIED` (`FAILED_PRECONDITION` without a valid bundle) and never reach containerd.
+//!   Credentials meant for the registry the user named never go to another registry.
+//! - `ImageStatus` / `RemoveImage`: a user reference is resolved to the pinned mirror reference, so
+//!   kubelet's presence check finds what pullgate pulled and misses it once the bundle moves the tag;
+//!   `ImageStatus` and `ListImages` responses gain the source tags (`docker.io/library/busybox:1.36`)
+//!   as `repo_tags`, so people see the names they use.
+//! - `CreateContainer`: the image the container would run is looked up in containerd and allowed only
+//!   if one of its repo digests is approved for the pod's scope, however the image got there.
+//!
+//! Every decision is counted, logged, and written to the audit log before the call is answered.
+//!
+//! - [`store`]: the installed bundle on disk (atomic installs, last-known-good).
+//! - [`names`]: user references ↔ pinned mirror references.
+//! - [`lookup`]: CRI calls pullgate makes to containerd itself.
+
+pub mod lookup;
+pub mod names;
+pub mod store;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use k8s_cri::v1 as cri;
+use prost::Message;
+use time::OffsetDateTime;
+
+use crate::audit::{AuditLog, AuditRecord};
+use crate::config::NodeMode;
+use crate::metrics::{BundleGauge, Metrics};
+use crate::policy::{
+    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, VerifiedBundle, Verdict as PolicyVerdict,
+};
+use crate::proxy::grpc::{Code, Status};
+use crate::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
+use crate::proxy::Upstream;
+use crate::wire;
+
+/// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
+pub struct PolicyState {
+    bundle: ArcSwapOption<VerifiedBundle>,
+    /// Why there is no bundle (shown in denials and `pullgate status`).
+    problem: Mutex<Option<String>>,
+    mode: NodeMode,
+    expiry_grace: Duration,
+    /// Unix time of the last "bundle expired" warning, to keep the log readable.
+    last_expiry_warning: AtomicI64,
+}
+
+impl PolicyState {
+    pub fn new(mode: NodeMode, expiry_grace: Duration) -> Self {
+        PolicyState {
+            bundle: ArcSwapOption::empty(),
+            problem: Mutex::new(Some("no bundle has been installed".into())),
+            mode,
+            expiry_grace,
+            last_expiry_warning: AtomicI64::new(0),
+        }
+    }
+
+    pub fn mode(&self) -> NodeMode {
+        self.mode
+    }
+
+    /// The bundle in force, if any. In-flight calls keep the `Arc` they took.
+    pub fn current(&self) -> Option<Arc<VerifiedBundle>> {
+        self.bundle.load_full()
+    }
+
+    /// Makes `bundle` the one in force, for every call that starts from now on.
+    pub fn set(&self, bundle: Arc<VerifiedBundle>) {
+        self.bundle.store(Some(bundle));
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Records why no bundle is in force (only used while there is none).
+    pub fn set_problem(&self, why: String) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Decides `req` for `pod` now: with the bundle in force (an expired one until its grace runs
+    /// out), or the fail-closed `no_valid_bundle` denial; then applies the node's mode.
+    pub fn decide(&self, req: &ImageRequest<'_>, pod: &PodContext, now: OffsetDateTime) -> Decision {
+        let d = match self.current() {
+            None => policy::decide_without_bundle(req, self.problem().as_deref()),
+            Some(b) if now > b.expires_at => {
+                let over = now - b.expires_at;
+                let grace = time::Duration::try_from(self.expiry_grace).unwrap_or(time::Duration::MAX);
+                if over > grace {
+                    let why = format!(
+                        "the installed bundle v{} expired at {} and the {} grace period has passed",
+                        b.version,
+                        b.expires_at_string(),
+                        humantime::format_duration(self.expiry_grace)
+                    );
+                    policy::decide_without_bundle(req, Some(&why))
+                } else {
+                    self.warn_expired(&b, now);
+                    policy::decide(req, &b, pod)
+                }
+            }
+            Some(b) => policy::decide(req, &b, pod),
+        };
+        self.apply_mode(d)
+    }
+
+    fn apply_mode(&self, mut d: Decision) -> Decision {
+        if self.mode == NodeMode::Warn && d.verdict == PolicyVerdict::Deny {
+            d.verdict = PolicyVerdict::Warn;
+            d.pull_ref = Some(d.image.clone());
+        }
+        d
+    }
+
+    fn warn_expired(&self, b: &VerifiedBundle, now: OffsetDateTime) {
+        let t = now.unix_timestamp();
+        let last = self.last_expiry_warning.load(Ordering::Relaxed);
+        if t - last >= 60
+            && self
+                .last_expiry_warning
+                .compare_exchange(last, t, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                bundle_version = b.version,
+                expired_at = %b.expires_at_string(),
+                grace = %humantime::format_duration(self.expiry_grace),
+                "THE INSTALLED BUNDLE HAS EXPIRED: still enforcing it during the grace period; install a new bundle"
+            );
+        }
+    }
+
+    /// The bundle gauge for metrics.
+    pub fn gauge(&self) -> Option<BundleGauge> {
+        self.current().map(|b| BundleGauge {
+            version: b.version,
+            issued_unix: b.issued_at.unix_timestamp(),
+            expires_unix: b.expires_at.unix_timestamp(),
+        })
+    }
+}
+
+/// Credentials for the private registry, as an encoded CRI `AuthConfig`. Never printed.
+pub struct RegistryAuth {
+    encoded: Vec<u8>,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RegistryAuth(<redacted>)")
+    }
+}
+
+/// Why the private registry credentials file is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("cannot read private registry credentials {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("private registry credentials {} are readable by group or others (mode {mode:04o}); run chmod 600 on it", path.display())]
+    Permissions { path: std::path::PathBuf, mode: u32 },
+    #[error("private registry credentials {}: {message}", path.display())]
+    Invalid { path: std::path::PathBuf, message: String },
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    username: Option<String>,
+    password: Option<String>,
+    auth: Option<String>,
+    identity_token: Option<String>,
+    registry_token: Option<String>,
+}
+
+impl RegistryAuth {
+    /// Reads a root-only TOML file with `username`/`password`, `auth`, `identity_token` or
+    /// `registry_token`. Error messages never include the values.
+    pub fn load(path: &Path) -> Result<RegistryAuth, AuthFileError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(|source| AuthFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(AuthFileError::Permissions {
+                path: path.to_path_buf(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| AuthFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let invalid = |message: String| AuthFileError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let f: AuthFile = toml::from_str(&text).map_err(|e| invalid(e.message().to_string()))?;
+        let has_basic = f.username.is_some() || f.password.is_some();
+        if has_basic && (f.username.is_none() || f.password.is_none()) {
+            return Err(invalid("set both `username` and `password`".into()));
+        }
+        if !has_basic && f.auth.is_none() && f.identity_token.is_none() && f.registry_token.is_none() {
+            return Err(invalid(
+                "expected `username` + `password`, `auth`, `identity_token` or `registry_token`".into(),
+            ));
+        }
+        let cfg = cri::AuthConfig {
+            username: f.username.unwrap_or_default(),
+            password: f.password.unwrap_or_default(),
+            auth: f.auth.unwrap_or_default(),
+            server_address: String::new(),
+            identity_token: f.identity_token.unwrap_or_default(),
+            registry_token: f.registry_token.unwrap_or_default(),
+        };
+        Ok(RegistryAuth {
+            encoded: cfg.encode_to_vec(),
+        })
+    }
+}
+
+/// Field numbers used for wire-level edits.
+mod field {
+    /// `PullImageRequest.image.image`, `ImageStatusRequest.image.image`, `RemoveImageRequest.image.image`.
+    pub const IMAGE_IMAGE: &[u32] = &[1, 1];
+    /// `PullImageRequest.auth`.
+    pub const AUTH: u32 = 2;
+    /// `ImageStatusResponse.image`, `ListImagesResponse.images`.
+    pub const IMAGES: u32 = 1;
+    /// `Image.repo_tags`, `Image.repo_digests`.
+    pub const REPO_TAGS: u32 = 2;
+    pub const REPO_DIGESTS: u32 = 3;
+}
+
+/// The enforcement handler for the image- and container-carrying CRI methods.
+pub struct Enforcer {
+    state: Arc<PolicyState>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    audit: Option<Arc<AuditLog>>,
+    auth: ArcSwapOption<RegistryAuth>,
+    /// Container starts already allowed: (image, bundle version, pod identity). Only allows are
+    /// cached; a denial is always decided afresh, so an image pulled meanwhile under an approved
+    /// name is not held back.
+    allowed_starts: Mutex<HashSet<String>>,
+}
+
+const START_CACHE_MAX: usize = 4096;
+
+impl Enforcer {
+    pub fn new(
+        state: Arc<PolicyState>,
+        upstream: Arc<Upstream>,
+        metrics: Arc<Metrics>,
+        audit: Option<Arc<AuditLog>>,
+    ) -> Arc<Self> {
+        Arc::new(Enforcer {
+            state,
+            upstream,
+            metrics,
+            audit,
+            auth: ArcSwapOption::empty(),
+            allowed_starts: Mutex::default(),
+        })
+    }
+
+    /// Sets (or clears) the credentials sent to the private registry on redirected pulls.
+    pub fn set_registry_auth(&self, auth: Option<RegistryAuth>) {
+        self.auth.store(auth.map(Arc::new));
+    }
+
+    /// The intercept table that routes the enforced methods here.
+    pub fn intercept_table(self: &Arc<Self>) -> InterceptTable {
+        let mut t = InterceptTable::empty();
+        let h: Arc<dyn Handler> = self.clone();
+        for m in [
+            methods::PULL_IMAGE,
+            methods::IMAGE_STATUS,
+            methods::REMOVE_IMAGE,
+            methods::LIST_IMAGES,
+            methods::CREATE_CONTAINER,
+        ] {
+            t.insert(m, h.clone());
+        }
+        t
+    }
+
+    fn record(&self, method: &str, d: &Decision, pod: &PodContext, pulled: Option<&str>, started: Instant) {
+        self.metrics.decision(d.verdict.as_str(), d.reason.as_str());
+        let latency_us = started.elapsed().as_micros() as u64;
+        match d.verdict {
+            PolicyVerdict::Allow => tracing::debug!(method, image = %d.image, pulled, reason = %d.reason, "allowed"),
+            PolicyVerdict::Warn => tracing::warn!(method, image = %d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)"),
+            PolicyVerdict::Deny => tracing::info!(method, image = %d.image, reason = %d.reason, message = %d.message, "denied"),
+        }
+        let Some(audit) = &self.audit else { return };
+        let rec = AuditRecord {
+            time: OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+            method: method.to_string(),
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            pod_uid: pod.uid.clone(),
+            image: d.image.clone(),
+            normalized: d.normalized.clone(),
+            pulled: pulled.map(str::to_string),
+            digest: d.digest.as_ref().map(|x| x.to_string()),
+            decision: d.verdict.as_str().to_string(),
+            reason: d.reason.as_str().to_string(),
+            message: d.message.clone(),
+            scope: d
+                .matched
+                .as_ref()
+                .map(|m| m.scope.to_string())
+                .or_else(|| d.pod_scope.as_deref().map(str::to_string)),
+            bundle_version: d.bundle_version,
+            latency_us,
+        };
+        if let Err(e) = audit.record(&rec) {
+            self.metrics.audit_error();
+            tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
+        }
+    }
+
+    fn pull(&self, msg: &Bytes) -> Verdict {
+        let started = Instant::now();
+        let req = match cri::PullImageRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return undecodable(methods::PULL_IMAGE, e),
+        };
+        let image = req.image.as_ref().map_or("", |i| i.image.as_str());
+        let pod = pod_context(req.sandbox_config.as_ref());
+        let d = self.state.decide(&ImageRequest::Reference(image), &pod, OffsetDateTime::now_utc());
+        let (verdict, pulled) = match d.verdict {
+            PolicyVerdict::Deny => (Verdict::Respond(denial(&d)), None),
+            PolicyVerdict::Warn => (Verdict::Forward, Some(image)),
+            PolicyVerdict::Allow => {
+                let target = d.pull_ref.as_deref().unwrap_or(image);
+                match self.rewrite_pull(msg, image, target, req.auth.is_some()) {
+                    Ok(v) => (v, Some(target)),
+                    Err(e) => (
+                        Verdict::Respond(Status::new(
+                            Code::InvalidArgument,
+                            format!("pullgate: PullImage: the request message is malformed: {e}"),
+                        )),
+                        None,
+                    ),
+                }
+            }
+        };
+        self.record("PullImage", &d, &pod, pulled, started);
+        verdict
+    }
+
+    /// Points the pull at `target`, and keeps credentials with the registry they were meant for.
+    fn rewrite_pull(&self, msg: &Bytes, image: &str, target: &str, has_auth: bool) -> Result<Verdict, wire::WireError> {
+        if target == image {
+            return Ok(Verdict::Forward);
+        }
+        let mut out = wire::set_string(msg, field::IMAGE_IMAGE, target.as_bytes())?;
+        let registry = |r: &str| Reference::parse(r).ok().map(|r| r.domain().to_string());
+        if registry(image) != registry(target) {
+            if has_auth {
+                out = wire::remove_field(&out, &[field::AUTH])?;
+            }
+            if let Some(auth) = self.auth.load().as_ref() {
+                out = wire::set_string(&out, &[field::AUTH], &auth.encoded)?;
+            }
+        }
+        Ok(Verdict::Replace(out.into()))
+    }
+
+    fn image_status(&self, msg: &Bytes) -> Verdict {
+        let req = match cri::ImageStatusRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return undecodable(methods::IMAGE_STATUS, e),
+        };
+        let image = req.image.as_ref().map_or("", |i| i.image.as_str());
+        let Some(resolved) = self.resolve(image) else {
+            return Verdict::Forward;
+        };
+        match wire::set_string(msg, field::IMAGE_IMAGE, resolved.pull_ref.as_bytes()) {
+            Ok(new) => Verdict::Rewrite {
+                request: Some(new.into()),
+                response: Box::new(move |resp| add_repo_tags(resp, |_| vec![resolved.normalized.clone()])),
+            },
+            Err(_) => Verdict::Forward,
+        }
+    }
+
+    fn remove_image(&self, msg: &Bytes) -> Verdict {
+        let req = match cri::RemoveImageRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return undecodable(methods::REMOVE_IMAGE, e),
+        };
+        let image = req.image.as_ref().map_or("", |i| i.image.as_str());
+        match self.resolve(image) {
+            Some(r) => wire::set_string(msg, field::IMAGE_IMAGE, r.pull_ref.as_bytes())
+                .map_or(Verdict::Forward, |new| Verdict::Replace(new.into())),
+            None => Verdict::Forward,
+        }
+    }
+
+    fn list_images(&self) -> Verdict {
+        let Some(bundle) = self.state.current() else {
+            return Verdict::Forward;
+        };
+        Verdict::Rewrite {
+            request: None,
+            response: Box::new(move |resp| {
+                add_repo_tags(resp, |image| {
+                    wire::repeated_strings(image, field::REPO_DIGESTS)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|d| std::str::from_utf8(d).ok())
+                        .flat_map(|d| names::source_tags(d, &bundle))
+                        .collect()
+                })
+            }),
+        }
+    }
+
+    fn resolve(&self, image: &str) -> Option<names::Resolved> {
+        if image.is_empty() || names::is_image_id(image) {
+            return None;
+        }
+        let bundle = self.state.current()?;
+        names::resolve(image, &bundle)
+    }
+
+    async fn create_container(&self, msg: &Bytes) -> Verdict {
+        let started = Instant::now();
+        let req = match cri::CreateContainerRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return undecodable(methods::CREATE_CONTAINER, e),
+        };
+        let spec = req.config.as_ref().and_then(|c| c.image.as_ref());
+        let image = spec.map_or("", |s| s.image.as_str());
+        let shown = spec
+            .map(|s| s.user_specified_image.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(image);
+        let pod = pod_context(req.sandbox_config.as_ref());
+        let version = self.state.current().map(|b| b.version);
+        let key = version.map(|v| start_key(image, v, &pod));
+        if let Some(k) = &key {
+            if self.allowed_starts.lock().unwrap_or_else(|e| e.into_inner()).contains(k) {
+                let d = self.state.decide(&ImageRequest::Reference(image), &pod, OffsetDateTime::now_utc());
+                if d.verdict != PolicyVerdict::Deny || d.reason != ReasonCode::NoValidBundle {
+                    self.metrics.decision("allow", "approved_cached");
+                    return Verdict::Forward;
+                }
+            }
+        }
+        let repo_digests = match lookup::image_status(&self.upstream, image).await {
+            Ok(Some(img)) => img.repo_digests,
+            Ok(None) => Vec::new(),
+            Err(status) => {
+                tracing::warn!(image, error = %status.message, "cannot look the container's image up");
+                return Verdict::Respond(Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "pullgate: cannot check image {shown} before starting the container: {}",
+                        status.message
+                    ),
+                ));
+            }
+        };
+        let d = self.state.decide(
+            &ImageRequest::RepoDigests {
+                image: shown,
+                repo_digests: &repo_digests,
+            },
+            &pod,
+            OffsetDateTime::now_utc(),
+        );
+        self.record("CreateContainer", &d, &pod, None, started);
+        match d.verdict {
+            PolicyVerdict::Deny => Verdict::Respond(denial(&d)),
+            PolicyVerdict::Warn => Verdict::Forward,
+            PolicyVerdict::Allow => {
+                if let Some(k) = key {
+                    let mut cache = self.allowed_starts.lock().unwrap_or_else(|e| e.into_inner());
+                    if cache.len() >= START_CACHE_MAX {
+                        cache.clear();
+                    }
+                    cache.insert(k);
+                }
+                Verdict::Forward
+            }
+        }
+    }
+
+    /// Checks containerd's sandbox (pause) image: it must be an approved image in the private
+    /// registry, because containerd pulls it itself, past pullgate. Returns a problem description.
+    pub async fn check_sandbox_image(&self) -> Result<(), String> {
+        let image = match lookup::sandbox_image(&self.upstream).await {
+            Ok(Some(i)) => i,
+            Ok(None) => return Err("containerd did not report its sandbox image (Status.info[\"config\"].sandboxImage)".into()),
+            Err(s) => return Err(format!("cannot read containerd's CRI configuration: {}", s.message)),
+        };
+        let Some(bundle) = self.state.current() else {
+            return Err(format!("sandbox image {image} cannot be checked: no valid bundle is installed"));
+        };
+        let d = policy::decide(&ImageRequest::Reference(&image), &bundle, &PodContext::default());
+        let private = Reference::parse(&image).is_ok_and(|r| r.domain() == bundle.private_registry);
+        let ok = private && d.verdict == PolicyVerdict::Allow;
+        self.metrics.set_sandbox_image_approved(ok);
+        if ok {
+            Ok(())
+        } else if !private {
+            Err(format!(
+                "containerd's sandbox image {image} is not in the private registry {}: containerd pulls it itself, past pullgate; set sandbox_image to its approved mirror location pinned by digest",
+                bundle.private_registry
+            ))
+        } else {
+            Err(format!("containerd's sandbox image {image} is not approved: {}", d.message))
+        }
+    }
+}
+
+impl Handler for Enforcer {
+    fn handle<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            match call.method {
+                methods::PULL_IMAGE => self.pull(call.message),
+                methods::IMAGE_STATUS => self.image_status(call.message),
+                methods::REMOVE_IMAGE => self.remove_image(call.message),
+                methods::LIST_IMAGES => self.list_images(),
+                methods::CREATE_CONTAINER => self.create_container(call.message).await,
+                _ => Verdict::Forward,
+            }
+        })
+    }
+}
+
+fn start_key(image: &str, version: u64, pod: &PodContext) -> String {
+    let mut k = format!(
+        "{image}\0{version}\0{}\0",
+        pod.namespace.as_deref().unwrap_or("")
+    );
+    for (key, value) in &pod.labels {
+        k.push_str(key);
+        k.push('=');
+        k.push_str(value);
+        k.push('\0');
+    }
+    k
+}
+
+/// The status a denial is answered with: `FAILED_PRECONDITION` when no valid bundle is installed,
+/// `PERMISSION_DENIED` otherwise; the message is the decision's own.
+pub fn denial(d: &Decision) -> Status {
+    let code = if d.reason == ReasonCode::NoValidBundle {
+        Code::FailedPrecondition
+    } else {
+        Code::PermissionDenied
+    };
+    Status::new(code, d.message.clone())
+}
+
+fn undecodable(method: &str, e: prost::DecodeError) -> Verdict {
+    Verdict::Respond(Status::new(
+        Code::InvalidArgument,
+        format!("pullgate: {method}: the request message is not valid protobuf: {e}"),
+    ))
+}
+
+/// The pod context of a CRI `PodSandboxConfig` (all parts optional).
+pub fn pod_context(cfg: Option<&cri::PodSandboxConfig>) -> PodContext {
+    let Some(cfg) = cfg else {
+        return PodContext::default();
+    };
+    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let meta = cfg.metadata.as_ref();
+    PodContext {
+        namespace: meta.and_then(|m| nonempty(&m.namespace)),
+        name: meta.and_then(|m| nonempty(&m.name)),
+        uid: meta.and_then(|m| nonempty(&m.uid)),
+        labels: cfg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    }
+}
+
+/// Appends names to the `repo_tags` of each `Image` in a response (field 1 of both
+/// `ImageStatusResponse` and `ListImagesResponse`), skipping names already there. Wire-level: every
+/// other byte of the response is kept.
+fn add_repo_tags(resp: &[u8], names_for: impl Fn(&[u8]) -> Vec<String>) -> Option<Vec<u8>> {
+    let mut changed = false;
+    let out = wire::map_repeated(resp, field::IMAGES, |image| {
+        let existing = wire::repeated_strings(image, field::REPO_TAGS)?;
+        let missing: Vec<String> = names_for(image)
+            .into_iter()
+            .filter(|n| !existing.contains(&n.as_bytes()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(None);
+        }
+        let mut e = image.to_vec();
+        for n in &missing {
+            wire::append_bytes(&mut e, field::REPO_TAGS, n.as_bytes());
+        }
+        changed = true;
+        Ok(Some(e))
+    })
+    .ok()?;
+    changed.then_some(out)
+}

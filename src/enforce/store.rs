@@ -1,0 +1,226 @@
+//! The installed bundle on disk: verified installs written atomically into the state directory, and
+//! the last-known-good bundle read back at start.
+//!
+//! Layout of `state_dir`:
+//!
+//! ```text
+//! bundles/<version>/bundle.json        the exact signed bytes
+//! bundles/<version>/bundle.json.sig    the detached signatures
+//! current -> bundles/<version>         symlink, replaced by rename(2): the commit point of an install
+//! ```
+//!
+//! An install verifies signatures, times and that the version is greater than the installed one
+//! *before* anything is written; a half-written install is never `current`. The three most recent
+//! versions are kept so an operator can see what was in force before.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use time::OffsetDateTime;
+
+use crate::policy::{BundleError, SignatureFile, Trust, TrustError, VerifiedBundle, parse_bundle, verify_bundle};
+
+const KEEP_VERSIONS: usize = 3;
+
+/// Why a bundle could not be installed or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("signature file {}: {source}", path.display())]
+    Signatures {
+        path: PathBuf,
+        #[source]
+        source: TrustError,
+    },
+    #[error("bundle {}: {source}", path.display())]
+    Rejected {
+        path: PathBuf,
+        #[source]
+        source: BundleError,
+    },
+}
+
+impl StoreError {
+    /// A short stable reason for metrics (`bad_signature`, `rollback`, `expired`, `io`, …).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreError::Io { .. } => "io",
+            StoreError::Signatures { .. } => "malformed_signatures",
+            StoreError::Rejected { source, .. } => source.code(),
+        }
+    }
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The bundle store in a state directory.
+#[derive(Debug, Clone)]
+pub struct BundleStore {
+    dir: PathBuf,
+}
+
+impl BundleStore {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        BundleStore {
+            dir: state_dir.into(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn current_link(&self) -> PathBuf {
+        self.dir.join("current")
+    }
+
+    /// Path of the installed bundle file, if one is installed.
+    pub fn current_bundle_path(&self) -> Option<PathBuf> {
+        let p = self.current_link().join("bundle.json");
+        p.exists().then_some(p)
+    }
+
+    fn read_current(&self) -> Result<Option<(Vec<u8>, Vec<u8>, PathBuf)>, StoreError> {
+        let Some(path) = self.current_bundle_path() else {
+            return Ok(None);
+        };
+        let bytes = std::fs::read(&path).map_err(io("cannot read installed bundle", &path))?;
+        let sig_path = crate::policy::load::signature_path(&path);
+        let sigs = std::fs::read(&sig_path).map_err(io("cannot read installed signatures", &sig_path))?;
+        Ok(Some((bytes, sigs, path)))
+    }
+
+    /// Version of the installed bundle (read without verifying), for rollback checks.
+    pub fn installed_version(&self) -> Result<Option<u64>, StoreError> {
+        match self.read_current()? {
+            None => Ok(None),
+            Some((bytes, _, path)) => parse_bundle(&bytes)
+                .map(|b| Some(b.version))
+                .map_err(|source| StoreError::Rejected { path, source }),
+        }
+    }
+
+    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`.
+    ///
+    /// It was fresh when installed; an expired one is still returned (the caller decides how long to
+    /// keep enforcing with it), so expiry is not checked here.
+    pub fn load_current(&self, trust: &Trust, now: OffsetDateTime) -> Result<Option<VerifiedBundle>, StoreError> {
+        let Some((bytes, sigs, path)) = self.read_current()? else {
+            return Ok(None);
+        };
+        let sig_path = crate::policy::load::signature_path(&path);
+        let sigs = SignatureFile::parse(&sigs).map_err(|source| StoreError::Signatures {
+            path: sig_path,
+            source,
+        })?;
+        let rejected = |source| StoreError::Rejected {
+            path: path.clone(),
+            source,
+        };
+        let parsed = parse_bundle(&bytes).map_err(rejected)?;
+        // Verify as of a moment inside its validity window when it has expired since.
+        let at = if now >= parsed.expires_at {
+            parsed.expires_at - time::Duration::seconds(1)
+        } else {
+            now
+        };
+        verify_bundle(&bytes, &sigs, trust, None, at)
+            .map(Some)
+            .map_err(rejected)
+    }
+
+    /// Verifies `bundle` + `signatures` (newer than the installed one, fresh, k-of-n signed) and
+    /// makes it the installed bundle atomically. Nothing on disk changes if it is rejected.
+    pub fn install(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        trust: &Trust,
+        now: OffsetDateTime,
+        origin: &Path,
+    ) -> Result<VerifiedBundle, StoreError> {
+        let sigs = SignatureFile::parse(signatures).map_err(|source| StoreError::Signatures {
+            path: crate::policy::load::signature_path(origin),
+            source,
+        })?;
+        let installed = self.installed_version()?;
+        let verified = verify_bundle(bundle, &sigs, trust, installed, now).map_err(|source| {
+            StoreError::Rejected {
+                path: origin.to_path_buf(),
+                source,
+            }
+        })?;
+        let bundles = self.dir.join("bundles");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&bundles)
+            .map_err(io("cannot create", &bundles))?;
+        let version = verified.version;
+        let tmp = bundles.join(format!(".{version}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(io("cannot create", &tmp))?;
+        write_synced(&tmp.join("bundle.json"), bundle)?;
+        write_synced(&tmp.join("bundle.json.sig"), signatures)?;
+        let final_dir = bundles.join(version.to_string());
+        let _ = std::fs::remove_dir_all(&final_dir);
+        std::fs::rename(&tmp, &final_dir).map_err(io("cannot move into place", &final_dir))?;
+        // Commit: point `current` at the new version with one rename.
+        let link_tmp = self.dir.join(format!(".current.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&link_tmp);
+        std::os::unix::fs::symlink(Path::new("bundles").join(version.to_string()), &link_tmp)
+            .map_err(io("cannot create symlink", &link_tmp))?;
+        std::fs::rename(&link_tmp, self.current_link()).map_err(io("cannot replace", &self.current_link()))?;
+        sync_dir(&self.dir);
+        self.prune(version);
+        Ok(verified)
+    }
+
+    /// Removes all but the newest few installed versions.
+    fn prune(&self, current: u64) {
+        let Ok(entries) = std::fs::read_dir(self.dir.join("bundles")) else {
+            return;
+        };
+        let mut versions: Vec<u64> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|v| *v != current)
+            .collect();
+        versions.sort_unstable_by(|a, b| b.cmp(a));
+        for v in versions.into_iter().skip(KEEP_VERSIONS - 1) {
+            let _ = std::fs::remove_dir_all(self.dir.join("bundles").join(v.to_string()));
+        }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("cannot create", path))?;
+    f.write_all(bytes).map_err(io("cannot write", path))?;
+    f.sync_all().map_err(io("cannot sync", path))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

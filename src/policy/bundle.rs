@@ -1,0 +1,1297 @@
+//! The allowlist bundle: on-disk format (JSON, format 1), validation, the lookup index, and
+//! [`verify_bundle`], the pure function that turns bundle and signature bytes into a [`VerifiedBundle`].
+//!
+//! The format is documented in `docs/bundle.md`. In short: a JSON object with `format` (1), `version`
+//! (strictly increasing), `issued_at`/`expires_at` (RFC 3339), `issuer`, `private_registry`, `mirrors`
+//! (public source → path in the private registry), `governance` (see [`super::scope`]), `first_party`
+//! prefixes and `images` (source repository, tags bound to digests, bare digests, scope, provenance).
+//!
+//! JSON was chosen because serde_json parses it in one fast pass and it diffs well in review. Unknown
+//! fields are rejected (`deny_unknown_fields`) so a typo cannot silently drop a restriction; the format
+//! number is bumped for any change older readers must not misread. Images are converted to compact
+//! entries while the array is being parsed (repeated strings such as licences, scanners and approvers are
+//! interned, digests are stored as bytes), so a 100,000-image bundle costs a few tens of MiB.
+//!
+//! [`VerifiedBundle`] is immutable, `Send + Sync`, and indexed: repository → entries is a hash lookup,
+//! tags and digests inside an entry are binary searches, so a decision does not slow down as the bundle
+//! grows. The daemon keeps it in an `Arc` and swaps it atomically on reload.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use time::OffsetDateTime;
+
+use super::reference::{
+    self, DEFAULT_DOMAIN, Digest, LEGACY_DEFAULT_DOMAIN, Reference, path_has_prefix,
+};
+use super::scope::{RawGovernance, ScopeId, Scopes};
+use super::trust::{SignatureError, SignatureFile, Trust, verify_signatures};
+
+/// The bundle format this version reads.
+pub const BUNDLE_FORMAT: u32 = 1;
+/// How far in the future `issued_at` may be before the bundle is rejected (clock skew between the
+/// signing workstation and the node).
+pub const MAX_CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
+
+/// Why a bundle was rejected. Every variant names the problem and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    /// The signatures are missing, bad, from unknown keys or fewer than the threshold.
+    #[error("bundle signatures rejected: {0}")]
+    Signature(#[from] SignatureError),
+    /// Not JSON, wrong types, unknown or missing fields.
+    #[error("bundle is malformed: {0}; see docs/bundle.md for the format")]
+    Malformed(String),
+    /// A `format` this version does not understand.
+    #[error(
+        "bundle format {0} is not supported by this pullgate (it reads format {BUNDLE_FORMAT}); upgrade pullgate or publish a format {BUNDLE_FORMAT} bundle"
+    )]
+    UnsupportedFormat(u64),
+    /// A field has an invalid value.
+    #[error("bundle is invalid: {0}")]
+    Invalid(String),
+    /// A digest is malformed.
+    #[error("bundle has an invalid digest: {0}")]
+    InvalidDigest(String),
+    /// The same thing is listed twice.
+    #[error("bundle has a duplicate entry: {0}; merge the entries")]
+    Duplicate(String),
+    /// Two entries contradict each other.
+    #[error("bundle has conflicting entries: {0}")]
+    Conflict(String),
+    /// `expires_at` has passed.
+    #[error(
+        "bundle version {version} expired at {expires_at} (now {now}); publish a new signed bundle"
+    )]
+    Expired {
+        version: u64,
+        expires_at: String,
+        now: String,
+    },
+    /// `issued_at` is further in the future than the allowed clock skew.
+    #[error(
+        "bundle version {version} is issued at {issued_at}, in the future (now {now}, allowed skew 5 minutes); check the clocks of the node and of the signer"
+    )]
+    IssuedInFuture {
+        version: u64,
+        issued_at: String,
+        now: String,
+    },
+    /// The version is not greater than the installed one.
+    #[error(
+        "bundle version {version} is not newer than the installed version {installed} (rollback refused); publish a bundle with a higher version"
+    )]
+    Rollback { version: u64, installed: u64 },
+}
+
+impl BundleError {
+    /// A stable snake_case code for logs and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BundleError::Signature(SignatureError::Missing { .. }) => "missing_signature",
+            BundleError::Signature(
+                SignatureError::Bad { .. } | SignatureError::Undecodable { .. },
+            ) => "bad_signature",
+            BundleError::Signature(SignatureError::NotEnough { .. }) => "not_enough_signatures",
+            BundleError::Malformed(_) => "malformed",
+            BundleError::UnsupportedFormat(_) => "unsupported_format",
+            BundleError::Invalid(_) => "invalid",
+            BundleError::InvalidDigest(_) => "invalid_digest",
+            BundleError::Duplicate(_) => "duplicate",
+            BundleError::Conflict(_) => "conflict",
+            BundleError::Expired { .. } => "expired",
+            BundleError::IssuedInFuture { .. } => "issued_in_future",
+            BundleError::Rollback { .. } => "rollback",
+        }
+    }
+}
+
+/// Worst vulnerability severity a scanner found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Nothing found.
+    None,
+    /// Findings of unknown severity.
+    Unknown,
+    /// Low.
+    Low,
+    /// Medium.
+    Medium,
+    /// High.
+    High,
+    /// Critical.
+    Critical,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::None => "none",
+            Severity::Unknown => "unknown",
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        })
+    }
+}
+
+/// A vulnerability scan that passed an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// Scanner name, e.g. `trivy`.
+    pub scanner: Arc<str>,
+    /// Scanner version.
+    pub version: Arc<str>,
+    /// Digest of the scan report.
+    pub report: Digest,
+    /// Worst severity found.
+    pub worst_severity: Severity,
+}
+
+/// Why an image was approved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    /// SPDX licence expression.
+    pub license: Arc<str>,
+    /// Scans that passed it (at least one).
+    pub scans: Box<[Scan]>,
+    /// Who approved it.
+    pub approved_by: Arc<str>,
+    /// When (Unix seconds).
+    pub approved_at: i64,
+}
+
+/// One approved image: a source repository approved for one scope.
+#[derive(Debug, Clone)]
+pub struct ImageEntry {
+    source: Arc<str>,
+    scope_path: Arc<str>,
+    scope: ScopeId,
+    tags: Box<[(Box<str>, Digest)]>,
+    digests: Box<[Digest]>,
+    provenance: Provenance,
+}
+
+impl ImageEntry {
+    /// The canonical source repository, e.g. `docker.io/library/nginx`.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+    pub(crate) fn source_arc(&self) -> Arc<str> {
+        self.source.clone()
+    }
+    /// The scope path this entry is approved for.
+    pub fn scope_path(&self) -> &Arc<str> {
+        &self.scope_path
+    }
+    /// The scope id this entry is approved for.
+    pub fn scope(&self) -> ScopeId {
+        self.scope
+    }
+    /// Approved tags and their digests, sorted by tag.
+    pub fn tags(&self) -> &[(Box<str>, Digest)] {
+        &self.tags
+    }
+    /// Approved bare digests, sorted.
+    pub fn digests(&self) -> &[Digest] {
+        &self.digests
+    }
+    /// Provenance of the approval.
+    pub fn provenance(&self) -> &Provenance {
+        &self.provenance
+    }
+    /// The digest an approved tag is bound to.
+    pub fn tag(&self, tag: &str) -> Option<&Digest> {
+        self.tags
+            .binary_search_by(|(t, _)| (**t).cmp(tag))
+            .ok()
+            .map(|i| &self.tags[i].1)
+    }
+    /// True when `digest` is approved by this entry (as a bare digest or through a tag).
+    pub fn has_digest(&self, digest: &Digest) -> bool {
+        self.digests.binary_search(digest).is_ok() || self.tags.iter().any(|(_, d)| d == digest)
+    }
+}
+
+/// A mirror mapping: images from `source` live under `target` in the private registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// Public registry host (and port), e.g. `docker.io`.
+    pub source_domain: String,
+    /// Optional path prefix inside the source registry (`""` for the whole registry).
+    pub source_path: String,
+    /// Path prefix in the private registry, e.g. `approved`.
+    pub target_path: String,
+}
+
+impl Mirror {
+    /// `source_domain[/source_path]`.
+    pub fn source(&self) -> String {
+        if self.source_path.is_empty() {
+            self.source_domain.clone()
+        } else {
+            format!("{}/{}", self.source_domain, self.source_path)
+        }
+    }
+}
+
+/// A first-party prefix in the private registry that a scope may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstParty {
+    /// Path prefix in the private registry (whole components), e.g. `apps/payments`.
+    pub path: String,
+    /// Scope path allowed to run it.
+    pub scope_path: Arc<str>,
+    /// Scope id.
+    pub scope: ScopeId,
+    /// Whether references must be digest-pinned.
+    pub require_digest: bool,
+}
+
+/// A parsed, validated and indexed bundle (signatures not necessarily checked; see [`VerifiedBundle`]).
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// Bundle version (strictly increasing).
+    pub version: u64,
+    /// Issue time.
+    pub issued_at: OffsetDateTime,
+    /// Expiry time.
+    pub expires_at: OffsetDateTime,
+    /// Who issued it.
+    pub issuer: String,
+    /// The private registry host (and port).
+    pub private_registry: String,
+    mirrors: Vec<Mirror>,
+    scopes: Scopes,
+    first_party: Vec<FirstParty>,
+    images: Vec<ImageEntry>,
+    repos: HashMap<Arc<str>, (u32, u32)>,
+}
+
+/// A bundle whose signatures, times and version were checked by [`verify_bundle`]. Only this type can be
+/// given to [`super::decide`].
+#[derive(Debug, Clone)]
+pub struct VerifiedBundle {
+    bundle: Bundle,
+    signers: Vec<String>,
+}
+
+impl VerifiedBundle {
+    /// Names of the trusted administrators whose signatures verified.
+    pub fn signers(&self) -> &[String] {
+        &self.signers
+    }
+}
+
+impl Deref for VerifiedBundle {
+    type Target = Bundle;
+    fn deref(&self) -> &Bundle {
+        &self.bundle
+    }
+}
+
+/// Verifies and loads a bundle. Pure: no file I/O, the caller supplies the bytes and the clock.
+///
+/// Order: signatures (k-of-n over the exact bytes, before any parsing of the content), then parsing and
+/// validation, then expiry, issue time (with [`MAX_CLOCK_SKEW`]) and rollback against
+/// `installed_version`.
+pub fn verify_bundle(
+    bundle_bytes: &[u8],
+    signatures: &SignatureFile,
+    trust: &Trust,
+    installed_version: Option<u64>,
+    now: OffsetDateTime,
+) -> Result<VerifiedBundle, BundleError> {
+    let signers = verify_signatures(bundle_bytes, signatures, trust)?;
+    let bundle = parse_bundle(bundle_bytes)?;
+    let fmt_time = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    if now >= bundle.expires_at {
+        return Err(BundleError::Expired {
+            version: bundle.version,
+            expires_at: fmt_time(bundle.expires_at),
+            now: fmt_time(now),
+        });
+    }
+    if bundle.issued_at > now + MAX_CLOCK_SKEW {
+        return Err(BundleError::IssuedInFuture {
+            version: bundle.version,
+            issued_at: fmt_time(bundle.issued_at),
+            now: fmt_time(now),
+        });
+    }
+    if let Some(installed) = installed_version.filter(|&v| bundle.version <= v) {
+        return Err(BundleError::Rollback {
+            version: bundle.version,
+            installed,
+        });
+    }
+    Ok(VerifiedBundle { bundle, signers })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Raw (on-disk) types.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBundle {
+    format: u64,
+    version: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    issued_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    expires_at: OffsetDateTime,
+    issuer: String,
+    private_registry: String,
+    mirrors: Vec<RawMirror>,
+    governance: RawGovernance,
+    #[serde(default)]
+    first_party: Vec<RawFirstParty>,
+    images: ImageList,
+}
+
+#[derive(Deserialize)]
+struct FormatProbe {
+    format: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    source: String,
+    target: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFirstParty {
+    prefix: String,
+    scope: String,
+    #[serde(default)]
+    require_digest: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage<'a> {
+    #[serde(borrow)]
+    source: Str<'a>,
+    #[serde(default, borrow)]
+    tags: Pairs<'a>,
+    #[serde(default, borrow)]
+    digests: Vec<Str<'a>>,
+    #[serde(borrow)]
+    scope: Str<'a>,
+    #[serde(borrow)]
+    provenance: RawProvenance<'a>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvenance<'a> {
+    #[serde(borrow)]
+    license: Str<'a>,
+    #[serde(borrow)]
+    scans: Vec<RawScan<'a>>,
+    #[serde(borrow)]
+    approved_by: Str<'a>,
+    #[serde(with = "time::serde::rfc3339")]
+    approved_at: OffsetDateTime,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScan<'a> {
+    #[serde(borrow)]
+    scanner: Str<'a>,
+    #[serde(borrow)]
+    version: Str<'a>,
+    #[serde(borrow)]
+    report: Str<'a>,
+    worst_severity: Severity,
+}
+
+/// A string borrowed from the bundle bytes when it has no escapes (no allocation while parsing).
+struct Str<'a>(std::borrow::Cow<'a, str>);
+
+impl Deref for Str<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Str<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
+                Ok(Str(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON object kept as ordered pairs, so duplicate keys can be reported instead of silently merged.
+#[derive(Default)]
+struct Pairs<'a>(Vec<(Str<'a>, Str<'a>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Pairs<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object mapping tags to digests")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pairs<'de>, A::Error> {
+                let mut v = Vec::new();
+                while let Some(pair) = map.next_entry::<Str<'de>, Str<'de>>()? {
+                    v.push(pair);
+                }
+                Ok(Pairs(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The `images` array, converted entry by entry while it is parsed.
+#[derive(Default)]
+struct ImageList {
+    entries: Vec<ImageEntry>,
+    error: Option<BundleError>,
+}
+
+#[derive(Default)]
+struct Interner(HashSet<Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = s.into();
+        self.0.insert(a.clone());
+        a
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageList {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ImageList;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an array of images")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ImageList, A::Error> {
+                let mut list = ImageList::default();
+                if let Some(n) = seq.size_hint() {
+                    list.entries.reserve(n);
+                }
+                let mut strings = Interner::default();
+                let mut index = 0usize;
+                while let Some(raw) = seq.next_element::<RawImage<'de>>()? {
+                    if list.error.is_none() {
+                        match convert_image(raw, index, &mut strings) {
+                            Ok(e) => list.entries.push(e),
+                            Err(e) => list.error = Some(e),
+                        }
+                    }
+                    index += 1;
+                }
+                Ok(list)
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+fn parse_digest(s: &str, what: impl FnOnce() -> String) -> Result<Digest, BundleError> {
+    Digest::parse(s)
+        .map_err(|e| BundleError::InvalidDigest(format!("{}: \"{}\": {e}", what(), clip(s))))
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(140).collect()
+}
+
+fn valid_spdx(s: &str) -> bool {
+    !s.trim().is_empty()
+        && s.len() <= 256
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b" .-+:()".contains(&b))
+}
+
+/// Validates a repository name written without tag or digest and returns its canonical form.
+fn canonical_repository(s: &str, what: impl Fn() -> String) -> Result<String, BundleError> {
+    let has_suffix = s.contains('@') || s.rsplit('/').next().is_some_and(|last| last.contains(':'));
+    if has_suffix {
+        return Err(BundleError::Invalid(format!(
+            "{} \"{}\" must be a repository without tag or digest (put tags in \"tags\" and digests in \"digests\")",
+            what(),
+            clip(s)
+        )));
+    }
+    let r = Reference::parse(s).map_err(|e| BundleError::Invalid(format!("{}: {e}", what())))?;
+    Ok(r.name().to_owned())
+}
+
+fn convert_image(
+    raw: RawImage<'_>,
+    index: usize,
+    strings: &mut Interner,
+) -> Result<ImageEntry, BundleError> {
+    let source = canonical_repository(&raw.source, || format!("images[{index}].source"))?;
+    let at = || format!("images[{index}] ({source})");
+    let mut tags = Vec::with_capacity(raw.tags.0.len());
+    for (tag, digest) in raw.tags.0 {
+        if !reference::is_valid_tag(&tag) {
+            return Err(BundleError::Invalid(format!(
+                "{}: tag \"{}\" is not a valid tag",
+                at(),
+                clip(&tag)
+            )));
+        }
+        let d = parse_digest(&digest, || format!("{} tag {tag}", at()))?;
+        tags.push((Box::<str>::from(&*tag), d));
+    }
+    tags.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(BundleError::Duplicate(format!(
+            "{}: tag {} is listed twice",
+            at(),
+            w[0].0
+        )));
+    }
+    let mut digests = Vec::with_capacity(raw.digests.len());
+    for d in &raw.digests {
+        let d = parse_digest(d, || format!("{} digests", at()))?;
+        if let Some((t, _)) = tags.iter().find(|(_, td)| *td == d) {
+            return Err(BundleError::Duplicate(format!(
+                "{}: digest {d} is listed in \"digests\" and already approved through tag {t}",
+                at()
+            )));
+        }
+        digests.push(d);
+    }
+    digests.sort();
+    if let Some(w) = digests.windows(2).find(|w| w[0] == w[1]) {
+        return Err(BundleError::Duplicate(format!(
+            "{}: digest {} is listed twice",
+            at(),
+            w[0]
+        )));
+    }
+    if tags.is_empty() && digests.is_empty() {
+        return Err(BundleError::Invalid(format!(
+            "{}: approves no tag and no digest; add \"tags\" or \"digests\"",
+            at()
+        )));
+    }
+    let p = raw.provenance;
+    if !valid_spdx(&p.license) {
+        return Err(BundleError::Invalid(format!(
+            "{}: provenance.license \"{}\" is not an SPDX licence expression",
+            at(),
+            clip(&p.license)
+        )));
+    }
+    if p.approved_by.trim().is_empty() {
+        return Err(BundleError::Invalid(format!(
+            "{}: provenance.approved_by is empty",
+            at()
+        )));
+    }
+    if p.scans.is_empty() {
+        return Err(BundleError::Invalid(format!(
+            "{}: provenance.scans is empty; record at least one vulnerability scan that passed the image",
+            at()
+        )));
+    }
+    let mut scans = Vec::with_capacity(p.scans.len());
+    for s in p.scans {
+        if s.scanner.trim().is_empty() || s.version.trim().is_empty() {
+            return Err(BundleError::Invalid(format!(
+                "{}: a scan has an empty scanner name or version",
+                at()
+            )));
+        }
+        let report = parse_digest(&s.report, || {
+            format!("{} scan report of {}", at(), s.scanner)
+        })?;
+        scans.push(Scan {
+            scanner: strings.get(&s.scanner),
+            version: strings.get(&s.version),
+            report,
+            worst_severity: s.worst_severity,
+        });
+    }
+    Ok(ImageEntry {
+        source: source.into(),
+        scope_path: strings.get(&raw.scope),
+        scope: 0,
+        tags: tags.into_boxed_slice(),
+        digests: digests.into_boxed_slice(),
+        provenance: Provenance {
+            license: strings.get(&p.license),
+            scans: scans.into_boxed_slice(),
+            approved_by: strings.get(&p.approved_by),
+            approved_at: p.approved_at.unix_timestamp(),
+        },
+    })
+}
+
+fn validate_domain(domain: &str, what: &str) -> Result<(), BundleError> {
+    Reference::parse(&format!("{domain}/x"))
+        .ok()
+        .filter(|r| r.domain() == domain)
+        .map(|_| ())
+        .ok_or_else(|| {
+            BundleError::Invalid(format!(
+                "{what} \"{}\" is not a registry host name (with optional :port)",
+                clip(domain)
+            ))
+        })
+}
+
+fn validate_repo_path(path: &str, what: &str) -> Result<(), BundleError> {
+    let ok = !path.is_empty()
+        && Reference::parse(&format!("registry.invalid/{path}")).is_ok_and(|r| r.path() == path);
+    if ok {
+        Ok(())
+    } else {
+        Err(BundleError::Invalid(format!(
+            "{what} \"{}\" is not a repository path (lowercase components separated by '/')",
+            clip(path)
+        )))
+    }
+}
+
+/// Parses, validates and indexes a bundle without checking signatures, times or version (for `inspect`,
+/// `diff` and `sign`; the daemon uses [`verify_bundle`]).
+pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
+    let raw: RawBundle = match serde_json::from_slice(bytes) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // Give a clear answer for bundles of another format rather than a field error.
+            let probe = serde_json::from_slice::<FormatProbe>(bytes)
+                .ok()
+                .and_then(|p| p.format);
+            if let Some(f) = probe.filter(|&f| f != u64::from(BUNDLE_FORMAT)) {
+                return Err(BundleError::UnsupportedFormat(f));
+            }
+            return Err(BundleError::Malformed(e.to_string()));
+        }
+    };
+    if raw.format != u64::from(BUNDLE_FORMAT) {
+        return Err(BundleError::UnsupportedFormat(raw.format));
+    }
+    if let Some(e) = raw.images.error {
+        return Err(e);
+    }
+    build(raw)
+}
+
+fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
+    if raw.version == 0 {
+        return Err(BundleError::Invalid(
+            "version is 0; versions start at 1 and must increase with every bundle".into(),
+        ));
+    }
+    if raw.expires_at <= raw.issued_at {
+        return Err(BundleError::Invalid(
+            "expires_at is not after issued_at".into(),
+        ));
+    }
+    if raw.issuer.trim().is_empty() {
+        return Err(BundleError::Invalid(
+            "issuer is empty; name the team or person issuing the bundle".into(),
+        ));
+    }
+    let private = raw.private_registry;
+    validate_domain(&private, "private_registry")?;
+    let scopes = Scopes::build(raw.governance).map_err(|(kind, msg)| match kind {
+        "duplicate" => BundleError::Duplicate(msg),
+        "conflict" => BundleError::Conflict(msg),
+        _ => BundleError::Invalid(msg),
+    })?;
+
+    let mut mirrors: Vec<Mirror> = Vec::with_capacity(raw.mirrors.len());
+    for (i, m) in raw.mirrors.into_iter().enumerate() {
+        let what = format!("mirrors[{i}]");
+        let (domain, path) = m.source.split_once('/').unwrap_or((&m.source, ""));
+        let domain = if domain == LEGACY_DEFAULT_DOMAIN {
+            DEFAULT_DOMAIN
+        } else {
+            domain
+        };
+        validate_domain(domain, &format!("{what}.source registry"))?;
+        if !path.is_empty() {
+            validate_repo_path(path, &format!("{what}.source path"))?;
+        }
+        if domain == private {
+            return Err(BundleError::Invalid(format!(
+                "{what}.source is the private registry {private}; mirrors map public registries into it"
+            )));
+        }
+        let target = m.target.trim_end_matches('/');
+        validate_repo_path(target, &format!("{what}.target"))?;
+        let mirror = Mirror {
+            source_domain: domain.to_owned(),
+            source_path: path.to_owned(),
+            target_path: target.to_owned(),
+        };
+        for other in &mirrors {
+            if other.source_domain == mirror.source_domain
+                && other.source_path == mirror.source_path
+            {
+                return Err(BundleError::Duplicate(format!(
+                    "mirror source {} is listed twice",
+                    mirror.source()
+                )));
+            }
+            if path_has_prefix(&other.target_path, &mirror.target_path)
+                || path_has_prefix(&mirror.target_path, &other.target_path)
+            {
+                return Err(BundleError::Conflict(format!(
+                    "mirror targets {private}/{} (for {}) and {private}/{} (for {}) overlap, so a mirror reference could belong to either source; give each source its own target path",
+                    other.target_path,
+                    other.source(),
+                    mirror.target_path,
+                    mirror.source()
+                )));
+            }
+        }
+        mirrors.push(mirror);
+    }
+
+    let mut first_party: Vec<FirstParty> = Vec::with_capacity(raw.first_party.len());
+    for (i, fp) in raw.first_party.into_iter().enumerate() {
+        let what = format!("first_party[{i}]");
+        let prefix = fp.prefix.trim_end_matches('/');
+        let Some((domain, path)) = prefix.split_once('/').filter(|(d, _)| *d == private) else {
+            return Err(BundleError::Invalid(format!(
+                "{what}.prefix \"{}\" must be a path in the private registry, e.g. {private}/apps/team/",
+                clip(&fp.prefix)
+            )));
+        };
+        debug_assert_eq!(domain, private);
+        validate_repo_path(path, &format!("{what}.prefix"))?;
+        let scope = scopes
+            .lookup(&fp.scope)
+            .ok_or_else(|| unknown_scope(&what, &fp.scope))?;
+        if let Some(m) = mirrors.iter().find(|m| {
+            path_has_prefix(path, &m.target_path) || path_has_prefix(&m.target_path, path)
+        }) {
+            return Err(BundleError::Conflict(format!(
+                "{what}.prefix {prefix} overlaps the mirror location {private}/{} of {}; first-party images must live outside mirror paths",
+                m.target_path,
+                m.source()
+            )));
+        }
+        if let Some(other) = first_party
+            .iter()
+            .find(|o| o.path == path && o.scope == scope)
+        {
+            return Err(BundleError::Duplicate(format!(
+                "first-party prefix {private}/{} for scope {} is listed twice",
+                other.path, fp.scope
+            )));
+        }
+        first_party.push(FirstParty {
+            path: path.to_owned(),
+            scope_path: scopes.path(scope).clone(),
+            scope,
+            require_digest: fp.require_digest,
+        });
+    }
+
+    let mut images = raw.images.entries;
+    for (i, e) in images.iter_mut().enumerate() {
+        e.scope = scopes
+            .lookup(&e.scope_path)
+            .ok_or_else(|| unknown_scope(&format!("images[{i}] ({})", e.source), &e.scope_path))?;
+        let (domain, path) = e.source.split_once('/').unwrap_or((&e.source, ""));
+        if domain == private {
+            return Err(BundleError::Invalid(format!(
+                "images[{i}].source {} is in the private registry; list private images under \"first_party\"",
+                e.source
+            )));
+        }
+        if find_mirror(&mirrors, domain, path).is_none() {
+            return Err(BundleError::Invalid(format!(
+                "images[{i}].source {} has no mirror: add a \"mirrors\" entry for {domain} saying where approved copies live in {private}",
+                e.source
+            )));
+        }
+    }
+    images.sort_unstable_by(|a, b| {
+        a.source
+            .cmp(&b.source)
+            .then_with(|| a.scope_path.cmp(&b.scope_path))
+    });
+    let mut repos: HashMap<Arc<str>, (u32, u32)> = HashMap::with_capacity(images.len());
+    let mut start = 0usize;
+    while start < images.len() {
+        let mut end = start + 1;
+        while end < images.len() && images[end].source == images[start].source {
+            end += 1;
+        }
+        check_repository(&images[start..end])?;
+        repos.insert(images[start].source.clone(), (start as u32, end as u32));
+        start = end;
+    }
+    Ok(Bundle {
+        version: raw.version,
+        issued_at: raw.issued_at,
+        expires_at: raw.expires_at,
+        issuer: raw.issuer,
+        private_registry: private,
+        mirrors,
+        scopes,
+        first_party,
+        images,
+        repos,
+    })
+}
+
+fn unknown_scope(what: &str, scope: &str) -> BundleError {
+    BundleError::Invalid(format!(
+        "{what}: scope \"{}\" is not declared in governance (write organisation[/program[/project[/application]]])",
+        clip(scope)
+    ))
+}
+
+/// Checks the entries of one repository: one entry per scope, and each tag bound to a single digest.
+fn check_repository(entries: &[ImageEntry]) -> Result<(), BundleError> {
+    for w in entries.windows(2) {
+        if w[0].scope_path == w[1].scope_path {
+            return Err(BundleError::Duplicate(format!(
+                "image {} is listed twice for scope {}",
+                w[0].source, w[0].scope_path
+            )));
+        }
+    }
+    if entries.len() > 1 {
+        let mut tags: Vec<(&str, &Digest, &str)> = entries
+            .iter()
+            .flat_map(|e| e.tags.iter().map(move |(t, d)| (&**t, d, &*e.scope_path)))
+            .collect();
+        tags.sort_by(|a, b| a.0.cmp(b.0));
+        for w in tags.windows(2) {
+            if w[0].0 == w[1].0 && w[0].1 != w[1].1 {
+                return Err(BundleError::Conflict(format!(
+                    "tag {}:{} is bound to {} for scope {} but to {} for scope {}; a tag must mean one digest",
+                    entries[0].source, w[0].0, w[0].1, w[0].2, w[1].1, w[1].2
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn find_mirror<'m>(mirrors: &'m [Mirror], domain: &str, path: &str) -> Option<&'m Mirror> {
+    mirrors
+        .iter()
+        .filter(|m| {
+            m.source_domain == domain
+                && path_has_prefix(path, &m.source_path)
+                && path.len() > m.source_path.len()
+        })
+        .max_by_key(|m| m.source_path.len())
+}
+
+impl Bundle {
+    /// Entries approving `repository` (canonical `domain/path`), sorted by scope path.
+    pub fn entries(&self, repository: &str) -> &[ImageEntry] {
+        match self.repos.get(repository) {
+            Some(&(s, e)) => &self.images[s as usize..e as usize],
+            None => &[],
+        }
+    }
+
+    /// All entries, sorted by source then scope.
+    pub fn images(&self) -> &[ImageEntry] {
+        &self.images
+    }
+
+    /// Number of distinct approved repositories.
+    pub fn repository_count(&self) -> usize {
+        self.repos.len()
+    }
+
+    /// The mirror mappings.
+    pub fn mirrors(&self) -> &[Mirror] {
+        &self.mirrors
+    }
+
+    /// The governance scope tree.
+    pub fn scopes(&self) -> &Scopes {
+        &self.scopes
+    }
+
+    /// The first-party prefixes.
+    pub fn first_party(&self) -> &[FirstParty] {
+        &self.first_party
+    }
+
+    /// The mirror that holds copies of `domain/path` (longest source prefix), if any.
+    pub fn mirror_for(&self, domain: &str, path: &str) -> Option<&Mirror> {
+        find_mirror(&self.mirrors, domain, path)
+    }
+
+    /// Where the approved copy of a source repository lives: `(private registry, path)`.
+    pub fn mirror_path(&self, mirror: &Mirror, source_path: &str) -> String {
+        let rest = source_path[mirror.source_path.len()..].trim_start_matches('/');
+        format!("{}/{}", mirror.target_path, rest)
+    }
+
+    /// For a path in the private registry under a mirror target: the mirror and the canonical source
+    /// repository (e.g. `approved/library/nginx` → `docker.io/library/nginx`).
+    pub fn source_of_mirror_path(&self, path: &str) -> Option<(&Mirror, String)> {
+        let m = self
+            .mirrors
+            .iter()
+            .find(|m| path_has_prefix(path, &m.target_path) && path.len() > m.target_path.len())?;
+        let rest = &path[m.target_path.len() + 1..];
+        let source = if m.source_path.is_empty() {
+            format!("{}/{rest}", m.source_domain)
+        } else {
+            format!("{}/{}/{rest}", m.source_domain, m.source_path)
+        };
+        Some((m, source))
+    }
+
+    /// Issue time as RFC 3339.
+    pub fn issued_at_string(&self) -> String {
+        self.issued_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+
+    /// Expiry time as RFC 3339.
+    pub fn expires_at_string(&self) -> String {
+        self.expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+}
+
+/// Formats Unix seconds as RFC 3339 (for provenance times).
+pub fn format_unix(t: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<VerifiedBundle>();
+    check::<Bundle>();
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::policy::testutil::*;
+
+    #[test]
+    fn example_bundle_parses_and_indexes() {
+        let b = parse_bundle(example_json().as_bytes()).unwrap();
+        assert_eq!(b.version, 42);
+        assert_eq!(b.entries("docker.io/library/nginx").len(), 2);
+        assert_eq!(
+            b.entries("docker.io/library/nginx")[0].tag("1.25"),
+            Some(&digest(1))
+        );
+        assert!(b.entries("docker.io/library/nginx-evil").is_empty());
+        let (m, src) = b.source_of_mirror_path("approved/library/nginx").unwrap();
+        assert_eq!(
+            (m.source_domain.as_str(), src.as_str()),
+            ("docker.io", "docker.io/library/nginx")
+        );
+        assert!(b.source_of_mirror_path("approvedx/library/nginx").is_none());
+        assert!(b.source_of_mirror_path("approved").is_none());
+        let m = b.mirror_for("ghcr.io", "acme/tool").unwrap();
+        assert_eq!(b.mirror_path(m, "acme/tool"), "approved-ghcr/tool");
+        assert!(b.mirror_for("ghcr.io", "other/tool").is_none());
+        assert!(b.mirror_for("registry.k8s.io.evil", "pause").is_none());
+        let p = b.entries("registry.k8s.io/pause")[0].provenance();
+        assert_eq!(&*p.license, "Apache-2.0");
+        assert_eq!(p.scans[0].worst_severity, Severity::Low);
+    }
+
+    fn rejected(edit: impl FnOnce(&mut serde_json::Value)) -> BundleError {
+        let mut v: serde_json::Value = serde_json::from_str(&example_json()).unwrap();
+        edit(&mut v);
+        match parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()) {
+            Ok(_) => panic!("bundle should be rejected"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn invalid_bundles_are_rejected_with_reasons() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let cases: Vec<(&str, &str, Edit)> = vec![
+            (
+                "unsupported_format",
+                "format 2",
+                Box::new(|v| v["format"] = json!(2)),
+            ),
+            (
+                "malformed",
+                "unknown field",
+                Box::new(|v| v["extra"] = json!(1)),
+            ),
+            (
+                "malformed",
+                "missing field `issuer`",
+                Box::new(|v| {
+                    v.as_object_mut()
+                        .unwrap()
+                        .remove("issuer")
+                        .map(|_| ())
+                        .unwrap()
+                }),
+            ),
+            (
+                "invalid",
+                "version is 0",
+                Box::new(|v| v["version"] = json!(0)),
+            ),
+            (
+                "invalid",
+                "expires_at",
+                Box::new(|v| v["expires_at"] = v["issued_at"].clone()),
+            ),
+            (
+                "invalid_digest",
+                "exactly 64",
+                Box::new(|v| v["images"][0]["tags"]["1.25"] = json!("sha256:abcd")),
+            ),
+            (
+                "invalid_digest",
+                "not supported",
+                Box::new(|v| v["images"][0]["digests"] = json!(["md5:00"])),
+            ),
+            (
+                "invalid_digest",
+                "scan report",
+                Box::new(|v| {
+                    v["images"][0]["provenance"]["scans"][0]["report"] = json!("sha256:XYZ")
+                }),
+            ),
+            (
+                "duplicate",
+                "listed twice for scope",
+                Box::new(|v| {
+                    let first = v["images"][0].clone();
+                    v["images"].as_array_mut().unwrap().push(first);
+                }),
+            ),
+            (
+                "conflict",
+                "a tag must mean one digest",
+                Box::new(|v| v["images"][1]["tags"]["1.25"] = json!(digest(9).to_string())),
+            ),
+            (
+                "duplicate",
+                "already approved through tag",
+                Box::new(|v| v["images"][0]["digests"] = json!([digest(1).to_string()])),
+            ),
+            (
+                "duplicate",
+                "digest",
+                Box::new(|v| {
+                    v["images"][0]["digests"] =
+                        json!([digest(7).to_string(), digest(7).to_string()])
+                }),
+            ),
+            (
+                "invalid",
+                "not declared in governance",
+                Box::new(|v| v["images"][0]["scope"] = json!("corp/nope")),
+            ),
+            (
+                "invalid",
+                "has no mirror",
+                Box::new(|v| v["images"][0]["source"] = json!("quay.io/x/y")),
+            ),
+            (
+                "invalid",
+                "without tag or digest",
+                Box::new(|v| v["images"][0]["source"] = json!("nginx:1.25")),
+            ),
+            (
+                "invalid",
+                "no tag and no digest",
+                Box::new(|v| {
+                    v["images"][0]["tags"] = json!({});
+                    v["images"][0]["digests"] = json!([]);
+                }),
+            ),
+            (
+                "invalid",
+                "SPDX",
+                Box::new(|v| v["images"][0]["provenance"]["license"] = json!("<script>")),
+            ),
+            (
+                "invalid",
+                "scans is empty",
+                Box::new(|v| v["images"][0]["provenance"]["scans"] = json!([])),
+            ),
+            (
+                "invalid",
+                "not a valid tag",
+                Box::new(|v| v["images"][0]["tags"] = json!({"-x": digest(1).to_string()})),
+            ),
+            (
+                "conflict",
+                "overlap",
+                Box::new(|v| v["mirrors"][1]["target"] = json!("approved/k8s")),
+            ),
+            (
+                "duplicate",
+                "listed twice",
+                Box::new(|v| {
+                    let m = v["mirrors"][0].clone();
+                    v["mirrors"].as_array_mut().unwrap().push(m);
+                }),
+            ),
+            (
+                "invalid",
+                "private registry",
+                Box::new(|v| v["mirrors"][0]["source"] = json!("registry.corp")),
+            ),
+            (
+                "conflict",
+                "overlaps the mirror location",
+                Box::new(|v| v["first_party"][0]["prefix"] = json!("registry.corp/approved/apps")),
+            ),
+            (
+                "invalid",
+                "must be a path in the private registry",
+                Box::new(|v| v["first_party"][0]["prefix"] = json!("ghcr.io/apps")),
+            ),
+            (
+                "conflict",
+                "namespace \"checkout\"",
+                Box::new(|v| {
+                    v["governance"]["programs"][1]["projects"][0]["namespaces"] =
+                        json!(["checkout"])
+                }),
+            ),
+            (
+                "invalid",
+                "private_registry",
+                Box::new(|v| v["private_registry"] = json!("bad host!")),
+            ),
+            (
+                "malformed",
+                "unknown variant",
+                Box::new(|v| {
+                    v["images"][0]["provenance"]["scans"][0]["worst_severity"] = json!("meh")
+                }),
+            ),
+        ];
+        for (code, text, edit) in cases {
+            let e = rejected(edit);
+            assert_eq!(e.code(), code, "{e}");
+            assert!(
+                e.to_string().contains(text),
+                "error should mention {text:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_tag_keys_are_rejected() {
+        let json = example_json().replacen(
+            "\"1.25\": ",
+            &format!("\"1.25\": \"{}\", \"1.25\": ", digest(1)),
+            1,
+        );
+        let e = parse_bundle(json.as_bytes()).unwrap_err();
+        assert_eq!(e.code(), "duplicate", "{e}");
+    }
+
+    #[test]
+    fn verification_checks_signatures_time_and_version() {
+        let bytes = example_json().into_bytes();
+        let trust = trust_2_of_3();
+        let sigs = sign(&bytes, &[1, 2]);
+        let now = example_now();
+        let b = verify_bundle(&bytes, &sigs, &trust, Some(41), now).unwrap();
+        assert_eq!(b.signers(), ["admin1", "admin2"]);
+        let e = verify_bundle(&bytes, &sigs, &trust, Some(42), now).unwrap_err();
+        assert_eq!(e.code(), "rollback", "{e}");
+        let e = verify_bundle(&bytes, &sigs, &trust, None, now + time::Duration::days(365))
+            .unwrap_err();
+        assert_eq!(e.code(), "expired", "{e}");
+        let e = verify_bundle(
+            &bytes,
+            &sigs,
+            &trust,
+            None,
+            b.issued_at - time::Duration::minutes(6),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "issued_in_future", "{e}");
+        assert!(
+            verify_bundle(
+                &bytes,
+                &sigs,
+                &trust,
+                None,
+                b.issued_at - time::Duration::minutes(4)
+            )
+            .is_ok()
+        );
+        let e = verify_bundle(&bytes, &sign(&bytes, &[1]), &trust, None, now).unwrap_err();
+        assert_eq!(e.code(), "not_enough_signatures", "{e}");
+        let e = verify_bundle(&bytes, &sign(&bytes, &[1, 7]), &trust, None, now).unwrap_err();
+        assert_eq!(e.code(), "not_enough_signatures", "{e}");
+        let mut tampered = bytes.clone();
+        let pos = tampered.iter().position(|&c| c == b'4').unwrap();
+        tampered[pos] = b'5';
+        let e = verify_bundle(&tampered, &sigs, &trust, None, now).unwrap_err();
+        assert_eq!(e.code(), "bad_signature", "{e}");
+        let e = verify_bundle(&bytes, &SignatureFile::new(), &trust, None, now).unwrap_err();
+        assert_eq!(e.code(), "missing_signature", "{e}");
+        // Signed garbage is still rejected as malformed, after the signature check.
+        let junk = b"{not json";
+        let e = verify_bundle(junk, &sign(junk, &[1, 2]), &trust, None, now).unwrap_err();
+        assert_eq!(e.code(), "malformed", "{e}");
+    }
+}

@@ -1,0 +1,1101 @@
+//! Decisions: may this pod run this image, and from where?
+//!
+//! This module owns [`decide`] and its inputs and outputs ([`ImageRequest`], [`PodContext`],
+//! [`Decision`], [`Verdict`], [`ReasonCode`]). A decision is a value, never an error; it is computed from
+//! the request, an in-memory [`VerifiedBundle`] and the pod's context only (no I/O, no clock, no network:
+//! a tag is resolved from the bundle alone).
+//!
+//! Rules, in order:
+//! 1. An unparsable reference is denied (`invalid_reference`).
+//! 2. A reference to the private registry under a mirror target (e.g. `registry.corp/approved/library/
+//!    nginx:1.25`) is mapped back to its public source and checked exactly like it.
+//! 3. Another reference to the private registry must fall under a first-party prefix available to the
+//!    pod's scope (`not_in_bundle` / `out_of_scope`; `tag_not_approved` if the prefix requires a digest).
+//! 4. A public reference must come from a mirrored source (`public_registry_blocked`), name an approved
+//!    repository (`not_in_bundle`), and name an approved tag (`tag_not_approved`) or digest
+//!    (`digest_not_approved`) of an entry whose scope contains the pod's scope (`out_of_scope`). With both
+//!    tag and digest, the digest decides, and an approved tag must not be bound to a different digest.
+//! 5. An allowed public image is pulled from its mirror location, pinned by digest:
+//!    `registry.corp/approved/library/nginx@sha256:…`.
+//!
+//! When the pod's scope is in `warn` mode a denial becomes [`Verdict::Warn`]: the same reason and message,
+//! but the image is allowed as requested.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+
+use super::bundle::{Bundle, ImageEntry, Mirror, VerifiedBundle};
+use super::reference::{Digest, Reference, path_has_prefix};
+use super::scope::{Mode, ScopeId};
+
+/// What is being asked about.
+#[derive(Debug, Clone, Copy)]
+pub enum ImageRequest<'a> {
+    /// An image reference to pull or run (`nginx:1.25`, `registry.corp/approved/…@sha256:…`).
+    Reference(&'a str),
+    /// An image already in the node's store (container start): its name or id as the pod spec or CRI gave
+    /// it, and its repo digests (`registry.corp/approved/library/busybox@sha256:…`). Allowed when one
+    /// of the repo digests is approved for the pod's scope.
+    RepoDigests {
+        /// The image as named in the request (for messages).
+        image: &'a str,
+        /// The image's repo digests.
+        repo_digests: &'a [String],
+    },
+}
+
+impl ImageRequest<'_> {
+    fn image(&self) -> &str {
+        match self {
+            ImageRequest::Reference(s) => s,
+            ImageRequest::RepoDigests { image, .. } => image,
+        }
+    }
+}
+
+/// The pod asking, from the CRI `PodSandboxConfig` metadata (every part may be absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodContext {
+    /// Namespace.
+    pub namespace: Option<String>,
+    /// Pod name.
+    pub name: Option<String>,
+    /// Pod UID.
+    pub uid: Option<String>,
+    /// Pod labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// May run.
+    Allow,
+    /// May not run.
+    Deny,
+    /// Would be denied, but the scope is in warn mode: allowed and reported.
+    Warn,
+}
+
+impl Verdict {
+    /// `allow`, `deny` or `warn`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Warn => "warn",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why. The strings returned by [`ReasonCode::as_str`] are stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReasonCode {
+    /// Allowed: an approved image from the bundle.
+    Approved,
+    /// Allowed: under a first-party prefix.
+    FirstParty,
+    /// The reference does not parse.
+    InvalidReference,
+    /// The repository (or private-registry path) is not in the bundle.
+    NotInBundle,
+    /// The tag is not approved (or a digest is required).
+    TagNotApproved,
+    /// The digest is not approved.
+    DigestNotApproved,
+    /// Approved, but not for this pod's scope.
+    OutOfScope,
+    /// The registry is neither the private registry nor a mirrored source.
+    PublicRegistryBlocked,
+    /// No valid bundle is installed.
+    NoValidBundle,
+}
+
+impl ReasonCode {
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReasonCode::Approved => "approved",
+            ReasonCode::FirstParty => "first_party",
+            ReasonCode::InvalidReference => "invalid_reference",
+            ReasonCode::NotInBundle => "not_in_bundle",
+            ReasonCode::TagNotApproved => "tag_not_approved",
+            ReasonCode::DigestNotApproved => "digest_not_approved",
+            ReasonCode::OutOfScope => "out_of_scope",
+            ReasonCode::PublicRegistryBlocked => "public_registry_blocked",
+            ReasonCode::NoValidBundle => "no_valid_bundle",
+        }
+    }
+
+    /// True for the codes that deny.
+    pub fn is_denial(self) -> bool {
+        !matches!(self, ReasonCode::Approved | ReasonCode::FirstParty)
+    }
+}
+
+impl fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The bundle entry an allowed image matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched {
+    /// Source repository (or first-party prefix, `registry.corp/apps/payments`).
+    pub source: Arc<str>,
+    /// Scope the entry is approved for.
+    pub scope: Arc<str>,
+    /// Whether this is a first-party prefix rather than an image entry.
+    pub first_party: bool,
+}
+
+/// A decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow, deny or warn.
+    pub verdict: Verdict,
+    /// Why (for `warn`, the reason the image would have been denied).
+    pub reason: ReasonCode,
+    /// A sentence for a person reading a kubelet event: which image, why, bundle version, what to do.
+    pub message: String,
+    /// The image as requested.
+    pub image: String,
+    /// The normalised reference, if it parsed.
+    pub normalized: Option<String>,
+    /// What to pull: the mirror location pinned by digest for approved public images; the reference as
+    /// requested for warnings and for first-party images allowed by tag; none for denials.
+    pub pull_ref: Option<String>,
+    /// The digest that was approved (or requested, for warnings).
+    pub digest: Option<Digest>,
+    /// Version of the bundle the decision was made with.
+    pub bundle_version: Option<u64>,
+    /// The entry that allowed it.
+    pub matched: Option<Matched>,
+    /// The pod's scope.
+    pub pod_scope: Option<Arc<str>>,
+}
+
+impl Decision {
+    /// True for allow and warn (the image may run).
+    pub fn is_allowed(&self) -> bool {
+        self.verdict != Verdict::Deny
+    }
+
+    /// The decision as one JSON object (keys `decision`, `reason`, `message`, `image`, `normalized`,
+    /// `pull_ref`, `digest`, `bundle_version`, `matched`, `pod_scope`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "decision": self.verdict.as_str(),
+            "reason": self.reason.as_str(),
+            "message": self.message,
+            "image": self.image,
+            "normalized": self.normalized,
+            "pull_ref": self.pull_ref,
+            "digest": self.digest.as_ref().map(Digest::to_string),
+            "bundle_version": self.bundle_version,
+            "matched": self.matched.as_ref().map(|m| serde_json::json!({
+                "source": &*m.source, "scope": &*m.scope, "first_party": m.first_party,
+            })),
+            "pod_scope": self.pod_scope.as_deref(),
+        })
+    }
+}
+
+/// Decides `request` for `pod` against `bundle`.
+pub fn decide(request: &ImageRequest<'_>, bundle: &VerifiedBundle, pod: &PodContext) -> Decision {
+    let b: &Bundle = bundle;
+    let scopes = b.scopes();
+    let pod_scope = scopes.pod_scope(pod.namespace.as_deref(), |k| {
+        pod.labels.get(k).map(String::as_str)
+    });
+    let ctx = Ctx {
+        b,
+        pod_scope,
+        mode: scopes.node(pod_scope).mode,
+    };
+    match request {
+        ImageRequest::Reference(image) => match Reference::parse(image) {
+            Ok(r) => {
+                let o = ctx.evaluate(&r);
+                ctx.finish(image, Some(&r), o)
+            }
+            Err(e) => ctx.finish(image, None, invalid(image, &e.kind.to_string(), b.version)),
+        },
+        ImageRequest::RepoDigests {
+            image,
+            repo_digests,
+        } => ctx.decide_present(image, repo_digests),
+    }
+}
+
+/// The decision when no valid bundle is installed: always `no_valid_bundle` (deny). `why` is the loader's
+/// error, shown to the reader.
+pub fn decide_without_bundle(request: &ImageRequest<'_>, why: Option<&str>) -> Decision {
+    let image = request.image();
+    let normalized = Reference::parse(image).ok().map(|r| r.to_string());
+    let mut message = format!(
+        "image {image} denied: no valid allowlist bundle is installed on this node, so no image may run"
+    );
+    if let Some(why) = why {
+        let _ = write!(message, " ({why})");
+    }
+    message.push_str("; install a signed, unexpired bundle and check pullgate's log on the node");
+    Decision {
+        verdict: Verdict::Deny,
+        reason: ReasonCode::NoValidBundle,
+        message,
+        image: image.to_owned(),
+        normalized,
+        pull_ref: None,
+        digest: None,
+        bundle_version: None,
+        matched: None,
+        pod_scope: None,
+    }
+}
+
+/// [`decide`] with an optional bundle; `None` gives the `no_valid_bundle` denial.
+pub fn decide_opt(
+    request: &ImageRequest<'_>,
+    bundle: Option<&VerifiedBundle>,
+    pod: &PodContext,
+) -> Decision {
+    match bundle {
+        Some(b) => decide(request, b, pod),
+        None => decide_without_bundle(request, None),
+    }
+}
+
+enum Outcome {
+    Allow {
+        reason: ReasonCode,
+        pull_ref: String,
+        digest: Option<Digest>,
+        matched: Matched,
+    },
+    Deny {
+        reason: ReasonCode,
+        message: String,
+    },
+}
+
+fn invalid(image: &str, why: &str, version: u64) -> Outcome {
+    Outcome::Deny {
+        reason: ReasonCode::InvalidReference,
+        message: format!(
+            "image \"{image}\" denied: it is not a valid image reference ({why}); fix the image in the pod spec (bundle v{version})"
+        ),
+    }
+}
+
+struct Ctx<'b> {
+    b: &'b Bundle,
+    pod_scope: ScopeId,
+    mode: Mode,
+}
+
+impl Ctx<'_> {
+    fn scope_name(&self) -> &str {
+        self.b.scopes().path(self.pod_scope)
+    }
+
+    fn evaluate(&self, r: &Reference) -> Outcome {
+        let b = self.b;
+        let (domain, path) = (r.domain(), r.path());
+        if domain == b.private_registry {
+            if let Some((mirror, source)) = b.source_of_mirror_path(path) {
+                return self.evaluate_source(r, &source, mirror);
+            }
+            return self.evaluate_first_party(r);
+        }
+        match b.mirror_for(domain, path) {
+            Some(mirror) => self.evaluate_source(r, r.name(), mirror),
+            None => {
+                let sources: Vec<String> = b.mirrors().iter().map(Mirror::source).collect();
+                Outcome::Deny {
+                    reason: ReasonCode::PublicRegistryBlocked,
+                    message: format!(
+                        "image {r} denied: {domain}/{path} is not from an approved source; this node pulls only from {} (mirrors of {}) and first-party prefixes (bundle v{}); ask the platform team to mirror and approve the image",
+                        b.private_registry,
+                        sources.join(", "),
+                        b.version
+                    ),
+                }
+            }
+        }
+    }
+
+    fn evaluate_source(&self, r: &Reference, source: &str, mirror: &Mirror) -> Outcome {
+        let b = self.b;
+        let entries = b.entries(source);
+        let version = b.version;
+        if entries.is_empty() {
+            return Outcome::Deny {
+                reason: ReasonCode::NotInBundle,
+                message: format!(
+                    "image {r} denied: repository {source} is not approved in allowlist bundle v{version}; use an approved image or ask the platform team to approve it"
+                ),
+            };
+        }
+        let scopes = b.scopes();
+        let in_scope = |e: &&ImageEntry| scopes.contains(e.scope(), self.pod_scope);
+        let allow = |e: &ImageEntry, digest: &Digest| {
+            let source_path = &source[mirror.source_domain.len() + 1..];
+            let mut pull_ref = String::with_capacity(b.private_registry.len() + source.len() + 90);
+            let _ = write!(
+                pull_ref,
+                "{}/{}@{digest}",
+                b.private_registry,
+                b.mirror_path(mirror, source_path)
+            );
+            Outcome::Allow {
+                reason: ReasonCode::Approved,
+                pull_ref,
+                digest: Some(digest.clone()),
+                matched: Matched {
+                    source: e.source_arc(),
+                    scope: e.scope_path().clone(),
+                    first_party: false,
+                },
+            }
+        };
+        if let Some(digest) = r.digest() {
+            if let Some(e) = entries
+                .iter()
+                .filter(in_scope)
+                .find(|e| e.has_digest(digest))
+            {
+                let bound = r.tag().and_then(|tag| {
+                    entries
+                        .iter()
+                        .filter(in_scope)
+                        .find_map(|e| e.tag(tag))
+                        .map(|d| (tag, d))
+                });
+                if let Some((tag, bound)) = bound.filter(|(_, d)| *d != digest) {
+                    return Outcome::Deny {
+                        reason: ReasonCode::DigestNotApproved,
+                        message: format!(
+                            "image {r} denied: tag {tag} of {source} is approved as {bound} in bundle v{version}, but the reference pins {digest}; use {source}:{tag} or {source}@{bound}"
+                        ),
+                    };
+                }
+                return allow(e, digest);
+            }
+            if let Some(e) = entries.iter().find(|e| e.has_digest(digest)) {
+                return self.out_of_scope(r, source, e, entries);
+            }
+            return Outcome::Deny {
+                reason: ReasonCode::DigestNotApproved,
+                message: format!(
+                    "image {r} denied: digest {digest} of {source} is not approved in bundle v{version}; {}",
+                    self.approved_tags_hint(source, entries)
+                ),
+            };
+        }
+        let tag = r.tag().unwrap_or("latest");
+        if let Some((e, d)) = entries
+            .iter()
+            .filter(in_scope)
+            .find_map(|e| e.tag(tag).map(|d| (e, d)))
+        {
+            return allow(e, d);
+        }
+        if let Some(e) = entries.iter().find(|e| e.tag(tag).is_some()) {
+            return self.out_of_scope(r, source, e, entries);
+        }
+        Outcome::Deny {
+            reason: ReasonCode::TagNotApproved,
+            message: format!(
+                "image {r} denied: tag {tag} of {source} is not approved in bundle v{version}; {}",
+                self.approved_tags_hint(source, entries)
+            ),
+        }
+    }
+
+    fn approved_tags_hint(&self, source: &str, entries: &[ImageEntry]) -> String {
+        let scopes = self.b.scopes();
+        let mut tags: Vec<&str> = entries
+            .iter()
+            .filter(|e| scopes.contains(e.scope(), self.pod_scope))
+            .flat_map(|e| e.tags().iter().map(|(t, _)| &**t))
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let digests = entries
+            .iter()
+            .filter(|e| scopes.contains(e.scope(), self.pod_scope))
+            .map(|e| e.digests().len())
+            .sum::<usize>();
+        if tags.is_empty() && digests == 0 {
+            return format!(
+                "no tag of {source} is approved for scope {}; ask the platform team for an approval for your scope",
+                self.scope_name()
+            );
+        }
+        let mut s = String::from("approved for scope ");
+        s.push_str(self.scope_name());
+        if !tags.is_empty() {
+            s.push_str(": tags ");
+            let shown = tags.len().min(10);
+            s.push_str(&tags[..shown].join(", "));
+            if tags.len() > shown {
+                let _ = write!(s, " and {} more", tags.len() - shown);
+            }
+        }
+        if digests > 0 {
+            let _ = write!(
+                s,
+                "{}{digests} pinned digest(s)",
+                if tags.is_empty() { ": " } else { "; " }
+            );
+        }
+        s.push_str("; use one of these or ask the platform team to approve this one");
+        s
+    }
+
+    fn out_of_scope(
+        &self,
+        r: &Reference,
+        source: &str,
+        e: &ImageEntry,
+        entries: &[ImageEntry],
+    ) -> Outcome {
+        let mut scopes: Vec<&str> = vec![&**e.scope_path()];
+        scopes.extend(
+            entries
+                .iter()
+                .map(|x| &**x.scope_path())
+                .filter(|s| *s != &**e.scope_path()),
+        );
+        Outcome::Deny {
+            reason: ReasonCode::OutOfScope,
+            message: format!(
+                "image {r} denied: {source} is approved in bundle v{} only for scope {}, and this pod is in scope {}; {}",
+                self.b.version,
+                scopes.join(", "),
+                self.scope_name(),
+                self.approved_tags_hint(source, entries)
+            ),
+        }
+    }
+
+    fn evaluate_first_party(&self, r: &Reference) -> Outcome {
+        let b = self.b;
+        let path = r.path();
+        let matching: Vec<_> = b
+            .first_party()
+            .iter()
+            .filter(|fp| path_has_prefix(path, &fp.path))
+            .collect();
+        let version = b.version;
+        if matching.is_empty() {
+            let targets: Vec<String> = b
+                .mirrors()
+                .iter()
+                .map(|m| format!("{}/{}/", b.private_registry, m.target_path))
+                .collect();
+            return Outcome::Deny {
+                reason: ReasonCode::NotInBundle,
+                message: format!(
+                    "image {r} denied: {} is neither under a mirror location ({}) nor under a first-party prefix in bundle v{version}; push it under your team's first-party prefix or ask the platform team to add one",
+                    r.name(),
+                    targets.join(", ")
+                ),
+            };
+        }
+        let scopes = b.scopes();
+        let in_scope: Vec<_> = matching
+            .iter()
+            .filter(|fp| scopes.contains(fp.scope, self.pod_scope))
+            .collect();
+        if in_scope.is_empty() {
+            let names: Vec<&str> = matching.iter().map(|fp| &*fp.scope_path).collect();
+            return Outcome::Deny {
+                reason: ReasonCode::OutOfScope,
+                message: format!(
+                    "image {r} denied: first-party prefix {}/{} may be used only by scope {} (bundle v{version}), and this pod is in scope {}; use your own team's prefix",
+                    b.private_registry,
+                    matching[0].path,
+                    names.join(", "),
+                    self.scope_name()
+                ),
+            };
+        }
+        let fp = in_scope
+            .iter()
+            .find(|fp| !fp.require_digest)
+            .unwrap_or(&in_scope[0]);
+        let matched = Matched {
+            source: format!("{}/{}", b.private_registry, fp.path).into(),
+            scope: fp.scope_path.clone(),
+            first_party: true,
+        };
+        match r.digest() {
+            Some(d) => Outcome::Allow {
+                reason: ReasonCode::FirstParty,
+                pull_ref: r.with_digest_only(d.clone()).to_string(),
+                digest: Some(d.clone()),
+                matched,
+            },
+            None if !fp.require_digest => Outcome::Allow {
+                reason: ReasonCode::FirstParty,
+                pull_ref: r.to_string(),
+                digest: None,
+                matched,
+            },
+            None => Outcome::Deny {
+                reason: ReasonCode::TagNotApproved,
+                message: format!(
+                    "image {r} denied: first-party prefix {}/{} requires a digest-pinned reference (bundle v{version}); use {}@sha256:<digest>",
+                    b.private_registry,
+                    fp.path,
+                    r.name()
+                ),
+            },
+        }
+    }
+
+    fn finish(&self, image: &str, r: Option<&Reference>, outcome: Outcome) -> Decision {
+        let b = self.b;
+        let pod_scope = Some(b.scopes().path(self.pod_scope).clone());
+        let normalized = r.map(Reference::to_string);
+        match outcome {
+            Outcome::Allow {
+                reason,
+                pull_ref,
+                digest,
+                matched,
+            } => {
+                let message = format!(
+                    "image {} allowed: approved for scope {} (matched {} in bundle v{}); pulling {pull_ref}",
+                    normalized.as_deref().unwrap_or(image),
+                    matched.scope,
+                    matched.source,
+                    b.version
+                );
+                Decision {
+                    verdict: Verdict::Allow,
+                    reason,
+                    message,
+                    image: image.to_owned(),
+                    normalized,
+                    pull_ref: Some(pull_ref),
+                    digest,
+                    bundle_version: Some(b.version),
+                    matched: Some(matched),
+                    pod_scope,
+                }
+            }
+            Outcome::Deny { reason, message } => {
+                let warn = self.mode == Mode::Warn;
+                let message = if warn {
+                    format!(
+                        "WARNING, allowed because scope {} is in warn mode: {message}",
+                        self.scope_name()
+                    )
+                } else {
+                    message
+                };
+                Decision {
+                    verdict: if warn { Verdict::Warn } else { Verdict::Deny },
+                    reason,
+                    message,
+                    image: image.to_owned(),
+                    pull_ref: if warn { normalized.clone() } else { None },
+                    digest: if warn {
+                        r.and_then(|r| r.digest().cloned())
+                    } else {
+                        None
+                    },
+                    normalized,
+                    bundle_version: Some(b.version),
+                    matched: None,
+                    pod_scope,
+                }
+            }
+        }
+    }
+
+    fn decide_present(&self, image: &str, repo_digests: &[String]) -> Decision {
+        let mut first: Option<(Reference, Outcome)> = None;
+        for rd in repo_digests {
+            let Ok(r) = Reference::parse(rd) else {
+                continue;
+            };
+            if r.digest().is_none() {
+                continue;
+            }
+            let o = self.evaluate(&r);
+            if matches!(o, Outcome::Allow { .. }) {
+                return self.finish(image, Some(&r), o);
+            }
+            if first.is_none() {
+                first = Some((r, o));
+            }
+        }
+        if let Some((r, o)) = first {
+            return self.finish(image, Some(&r), o);
+        }
+        // No usable repo digest: judge the image name itself if it is digest-pinned.
+        match Reference::parse(image) {
+            Ok(r) if r.digest().is_some() => {
+                let o = self.evaluate(&r);
+                self.finish(image, Some(&r), o)
+            }
+            _ => self.finish(
+                image,
+                None,
+                Outcome::Deny {
+                    reason: ReasonCode::DigestNotApproved,
+                    message: format!(
+                        "image {image} denied: the node's image store records no repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
+                        self.b.version
+                    ),
+                },
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testutil::*;
+
+    fn pod(ns: Option<&str>, app: Option<&str>) -> PodContext {
+        let mut labels = BTreeMap::new();
+        if let Some(a) = app {
+            labels.insert("corp.example/application".to_owned(), a.to_owned());
+        }
+        PodContext {
+            namespace: ns.map(str::to_owned),
+            name: Some("p".into()),
+            uid: None,
+            labels,
+        }
+    }
+
+    fn d(n: u8) -> String {
+        digest(n).to_string()
+    }
+
+    #[test]
+    fn decision_table() {
+        let b = example_bundle();
+        let mirror = |path: &str, n: u8| format!("registry.corp/{path}@{}", d(n));
+        let checkout = pod(Some("checkout"), None);
+        let web = pod(Some("checkout"), Some("web"));
+        let worker = pod(Some("checkout"), Some("worker"));
+        let search = pod(Some("search-index"), None);
+        let search_web = pod(Some("search-index"), Some("web"));
+        let ledger = pod(Some("ledger"), None);
+        let nobody = PodContext::default();
+        use ReasonCode::*;
+        use Verdict::*;
+        let cases: Vec<(String, &PodContext, Verdict, ReasonCode, Option<String>)> = vec![
+            (
+                "nginx:1.25".into(),
+                &checkout,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+            (
+                "nginx:1.25".into(),
+                &search,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+            (
+                "docker.io/library/nginx:1.26".into(),
+                &checkout,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 2)),
+            ),
+            (
+                "index.docker.io/nginx:1.26".into(),
+                &search,
+                Deny,
+                OutOfScope,
+                None,
+            ),
+            ("nginx:1.27".into(), &checkout, Deny, TagNotApproved, None),
+            ("nginx".into(), &checkout, Deny, TagNotApproved, None),
+            (
+                format!("nginx@{}", d(1)),
+                &nobody,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+            (format!("nginx@{}", d(2)), &nobody, Deny, OutOfScope, None),
+            (
+                format!("nginx@{}", d(9)),
+                &checkout,
+                Deny,
+                DigestNotApproved,
+                None,
+            ),
+            (
+                format!("nginx:1.25@{}", d(2)),
+                &checkout,
+                Deny,
+                DigestNotApproved,
+                None,
+            ),
+            (
+                format!("nginx:unknown@{}", d(1)),
+                &checkout,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+            (
+                "registry.corp/approved/library/nginx:1.25".into(),
+                &checkout,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+            (
+                format!("registry.corp/approved/library/nginx@{}", d(2)),
+                &checkout,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 2)),
+            ),
+            (
+                format!("registry.corp/approved/library/nginx@{}", d(2)),
+                &search,
+                Deny,
+                OutOfScope,
+                None,
+            ),
+            (
+                "registry.corp/approvedx/library/nginx:1.25".into(),
+                &checkout,
+                Deny,
+                NotInBundle,
+                None,
+            ),
+            (
+                "registry.corp/approved/library/nginx-evil:1.25".into(),
+                &checkout,
+                Deny,
+                NotInBundle,
+                None,
+            ),
+            ("nginx-evil:1.25".into(), &checkout, Deny, NotInBundle, None),
+            (
+                "library/nginx/evil:1.25".into(),
+                &checkout,
+                Deny,
+                NotInBundle,
+                None,
+            ),
+            (
+                "quay.io/nginx/nginx:1.25".into(),
+                &checkout,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "registry.k8s.io.evil.com/pause:3.9".into(),
+                &nobody,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "registry.corp.evil.com/approved/library/nginx:1.25".into(),
+                &checkout,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "registry.corpx/approved/library/nginx:1.25".into(),
+                &checkout,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "registry.corp:5000/approved/library/nginx:1.25".into(),
+                &checkout,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "registry.k8s.io/pause:3.9".into(),
+                &nobody,
+                Allow,
+                Approved,
+                Some(mirror("approved-k8s/pause", 3)),
+            ),
+            (
+                "ghcr.io/acme/tool:v1".into(),
+                &search,
+                Allow,
+                Approved,
+                Some(mirror("approved-ghcr/tool", 6)),
+            ),
+            (
+                "registry.corp/approved-ghcr/tool:v1".into(),
+                &search,
+                Allow,
+                Approved,
+                Some(mirror("approved-ghcr/tool", 6)),
+            ),
+            (
+                "ghcr.io/acme/tool:v1".into(),
+                &checkout,
+                Deny,
+                OutOfScope,
+                None,
+            ),
+            (
+                "ghcr.io/acmex/tool:v1".into(),
+                &search,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            (
+                "ghcr.io/other/tool:v1".into(),
+                &search,
+                Deny,
+                PublicRegistryBlocked,
+                None,
+            ),
+            ("redis:7.2".into(), &checkout, Deny, OutOfScope, None),
+            (
+                "redis:7.2".into(),
+                &web,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/redis", 4)),
+            ),
+            (
+                format!("redis@{}", d(5)),
+                &web,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/redis", 5)),
+            ),
+            ("redis:7.2".into(), &worker, Deny, OutOfScope, None),
+            ("redis:7.2".into(), &search_web, Deny, OutOfScope, None),
+            (
+                format!("busybox@{}", d(8)),
+                &nobody,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/busybox", 8)),
+            ),
+            ("busybox".into(), &nobody, Deny, TagNotApproved, None),
+            (
+                format!("registry.corp/apps/payments/api@{}", d(10)),
+                &checkout,
+                Allow,
+                FirstParty,
+                Some(format!("registry.corp/apps/payments/api@{}", d(10))),
+            ),
+            (
+                "registry.corp/apps/payments/api:1.0".into(),
+                &checkout,
+                Deny,
+                TagNotApproved,
+                None,
+            ),
+            (
+                format!("registry.corp/apps/payments/api@{}", d(10)),
+                &search,
+                Deny,
+                OutOfScope,
+                None,
+            ),
+            (
+                "registry.corp/apps/shared/tool:2".into(),
+                &search,
+                Allow,
+                FirstParty,
+                Some("registry.corp/apps/shared/tool:2".into()),
+            ),
+            (
+                format!("registry.corp/apps/payments-evil/api@{}", d(10)),
+                &checkout,
+                Deny,
+                NotInBundle,
+                None,
+            ),
+            (
+                "registry.corp/apps/other:1".into(),
+                &checkout,
+                Deny,
+                NotInBundle,
+                None,
+            ),
+            ("NGINX:1.25".into(), &checkout, Deny, InvalidReference, None),
+            (
+                "nginx:1.27".into(),
+                &ledger,
+                Warn,
+                TagNotApproved,
+                Some("docker.io/library/nginx:1.27".into()),
+            ),
+            (
+                "nginx:1.25".into(),
+                &ledger,
+                Allow,
+                Approved,
+                Some(mirror("approved/library/nginx", 1)),
+            ),
+        ];
+        for (image, pod, verdict, reason, pull) in cases {
+            let got = decide(&ImageRequest::Reference(&image), &b, pod);
+            assert_eq!(
+                (got.verdict, got.reason),
+                (verdict, reason),
+                "{image} for {:?}: {}",
+                pod.namespace,
+                got.message
+            );
+            assert_eq!(got.pull_ref, pull, "{image}: {}", got.message);
+            assert_eq!(got.bundle_version, Some(42));
+            assert!(got.message.contains("v42"), "{}", got.message);
+            assert_eq!(got.is_allowed(), verdict != Deny);
+            if verdict == Allow {
+                assert!(got.matched.is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn messages_explain_what_to_do() {
+        let b = example_bundle();
+        let checkout = pod(Some("checkout"), None);
+        let m = decide(&ImageRequest::Reference("nginx:1.27"), &b, &checkout);
+        assert!(
+            m.message.contains("docker.io/library/nginx:1.27"),
+            "{}",
+            m.message
+        );
+        assert!(m.message.contains("tags 1.25, 1.26"), "{}", m.message);
+        let m = decide(&ImageRequest::Reference("busybox"), &b, &checkout);
+        assert!(m.message.contains("1 pinned digest"), "{}", m.message);
+        let m = decide(&ImageRequest::Reference("redis:7.2"), &b, &checkout);
+        assert!(
+            m.message.contains("corp/payments/checkout/web"),
+            "{}",
+            m.message
+        );
+        assert!(
+            m.message.contains("scope corp/payments/checkout"),
+            "{}",
+            m.message
+        );
+        let m = decide(&ImageRequest::Reference("quay.io/x/y:1"), &b, &checkout);
+        assert!(
+            m.message.contains("registry.corp") && m.message.contains("docker.io"),
+            "{}",
+            m.message
+        );
+        let m = decide(
+            &ImageRequest::Reference("nginx:1.27"),
+            &b,
+            &pod(Some("ledger"), None),
+        );
+        assert!(m.message.starts_with("WARNING"), "{}", m.message);
+        let j = m.to_json();
+        assert_eq!(j["decision"], "warn");
+        assert_eq!(j["reason"], "tag_not_approved");
+        assert_eq!(j["bundle_version"], 42);
+        assert_eq!(j["normalized"], "docker.io/library/nginx:1.27");
+    }
+
+    #[test]
+    fn repo_digests_of_present_images() {
+        let b = example_bundle();
+        let checkout = pod(Some("checkout"), None);
+        let decide_rd = |rds: &[String]| {
+            decide(
+                &ImageRequest::RepoDigests {
+                    image: "sha256:feed",
+                    repo_digests: rds,
+                },
+                &b,
+                &checkout,
+            )
+        };
+        let ok = decide_rd(&[format!("registry.corp/approved/library/busybox@{}", d(8))]);
+        assert_eq!(
+            (ok.verdict, ok.digest.clone()),
+            (Verdict::Allow, Some(digest(8))),
+            "{}",
+            ok.message
+        );
+        assert_eq!(ok.image, "sha256:feed");
+        let second = decide_rd(&[
+            format!("docker.io/library/nginx@{}", d(9)),
+            format!("registry.corp/approved/library/nginx@{}", d(2)),
+        ]);
+        assert_eq!(second.verdict, Verdict::Allow, "{}", second.message);
+        let bad = decide_rd(&[format!("docker.io/library/nginx@{}", d(9))]);
+        assert_eq!(bad.reason, ReasonCode::DigestNotApproved);
+        let none = decide_rd(&[]);
+        assert_eq!(
+            (none.verdict, none.reason),
+            (Verdict::Deny, ReasonCode::DigestNotApproved)
+        );
+        let blocked = decide_rd(&[format!("quay.io/x/y@{}", d(1))]);
+        assert_eq!(blocked.reason, ReasonCode::PublicRegistryBlocked);
+    }
+
+    #[test]
+    fn no_bundle_denies_everything() {
+        let d = decide_opt(
+            &ImageRequest::Reference("nginx:1.25"),
+            None,
+            &PodContext::default(),
+        );
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::Deny, ReasonCode::NoValidBundle)
+        );
+        assert!(d.message.contains("nginx:1.25"));
+        let d = decide_without_bundle(&ImageRequest::Reference("x"), Some("bundle expired"));
+        assert!(d.message.contains("bundle expired"));
+        assert_eq!(d.to_json()["reason"], "no_valid_bundle");
+    }
+
+    #[test]
+    fn reason_codes_are_stable() {
+        let all = [
+            (ReasonCode::InvalidReference, "invalid_reference"),
+            (ReasonCode::NotInBundle, "not_in_bundle"),
+            (ReasonCode::TagNotApproved, "tag_not_approved"),
+            (ReasonCode::DigestNotApproved, "digest_not_approved"),
+            (ReasonCode::OutOfScope, "out_of_scope"),
+            (ReasonCode::PublicRegistryBlocked, "public_registry_blocked"),
+            (ReasonCode::NoValidBundle, "no_valid_bundle"),
+        ];
+        for (code, s) in all {
+            assert_eq!(code.as_str(), s);
+            assert!(code.is_denial());
+        }
+        assert!(!ReasonCode::Approved.is_denial());
+    }
+}

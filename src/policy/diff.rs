@@ -1,0 +1,237 @@
+//! Comparing two bundles for review (`pullgate bundle diff OLD NEW`).
+//!
+//! This module owns [`diff`], which lists what changed between two parsed bundles: metadata, mirrors,
+//! first-party prefixes, governance (scopes, namespace bindings, modes) and images — added, removed and
+//! changed entries, tags, digests, scopes and provenance. Lines start with `+` (added), `-` (removed) or
+//! `~` (changed), so a reviewer can read the policy change without reading JSON.
+
+use std::collections::BTreeMap;
+
+use super::bundle::{Bundle, ImageEntry, Provenance, format_unix};
+
+fn provenance_summary(p: &Provenance) -> String {
+    let scans: Vec<String> = p
+        .scans
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {} (worst {}, report {})",
+                s.scanner, s.version, s.worst_severity, s.report
+            )
+        })
+        .collect();
+    format!(
+        "licence {}, scans [{}], approved by {} at {}",
+        p.license,
+        scans.join("; "),
+        p.approved_by,
+        format_unix(p.approved_at)
+    )
+}
+
+fn tag_map(e: &ImageEntry) -> BTreeMap<&str, String> {
+    e.tags()
+        .iter()
+        .map(|(t, d)| (&**t, d.to_string()))
+        .collect()
+}
+
+/// The changes from `old` to `new`, one line each; empty when the policies are identical.
+pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.version != new.version {
+        out.push(format!("~ version {} -> {}", old.version, new.version));
+    }
+    for (what, a, b) in [
+        ("issuer", old.issuer.clone(), new.issuer.clone()),
+        ("issued_at", old.issued_at_string(), new.issued_at_string()),
+        (
+            "expires_at",
+            old.expires_at_string(),
+            new.expires_at_string(),
+        ),
+        (
+            "private_registry",
+            old.private_registry.clone(),
+            new.private_registry.clone(),
+        ),
+    ] {
+        if a != b {
+            out.push(format!("~ {what} {a} -> {b}"));
+        }
+    }
+    let mirrors = |b: &Bundle| -> BTreeMap<String, String> {
+        b.mirrors()
+            .iter()
+            .map(|m| (m.source(), m.target_path.clone()))
+            .collect()
+    };
+    diff_maps(&mut out, "mirror", &mirrors(old), &mirrors(new));
+    let fps = |b: &Bundle| -> BTreeMap<String, String> {
+        b.first_party()
+            .iter()
+            .map(|f| {
+                (
+                    format!("{}/{} for {}", b.private_registry, f.path, f.scope_path),
+                    if f.require_digest {
+                        "digest required".to_owned()
+                    } else {
+                        "tags allowed".to_owned()
+                    },
+                )
+            })
+            .collect()
+    };
+    diff_maps(&mut out, "first-party", &fps(old), &fps(new));
+    let scopes = |b: &Bundle| -> BTreeMap<String, String> {
+        b.scopes()
+            .nodes()
+            .iter()
+            .map(|n| (n.path.to_string(), format!("mode {}", n.mode)))
+            .collect()
+    };
+    diff_maps(&mut out, "scope", &scopes(old), &scopes(new));
+    let ns = |b: &Bundle| -> BTreeMap<String, String> {
+        b.scopes()
+            .namespace_bindings()
+            .into_iter()
+            .map(|(n, s)| (n.to_owned(), s.to_owned()))
+            .collect()
+    };
+    diff_maps(&mut out, "namespace", &ns(old), &ns(new));
+    if old.scopes().application_label() != new.scopes().application_label() {
+        out.push(format!(
+            "~ application label {} -> {}",
+            old.scopes().application_label(),
+            new.scopes().application_label()
+        ));
+    }
+
+    let images = |b: &Bundle| -> BTreeMap<(String, String), ImageEntry> {
+        b.images()
+            .iter()
+            .map(|e| {
+                (
+                    (e.source().to_owned(), e.scope_path().to_string()),
+                    e.clone(),
+                )
+            })
+            .collect()
+    };
+    let (oi, ni) = (images(old), images(new));
+    for (key, e) in &oi {
+        if !ni.contains_key(key) {
+            out.push(format!(
+                "- image {} for {} (tags: {})",
+                key.0,
+                key.1,
+                tag_list(e)
+            ));
+        }
+    }
+    for (key, e) in &ni {
+        let Some(o) = oi.get(key) else {
+            out.push(format!(
+                "+ image {} for {} (tags: {}; {})",
+                key.0,
+                key.1,
+                tag_list(e),
+                provenance_summary(e.provenance())
+            ));
+            continue;
+        };
+        let at = format!("{} for {}", key.0, key.1);
+        let mut tags = BTreeMap::new();
+        for (k, v) in tag_map(o) {
+            tags.insert(k.to_owned(), (Some(v), None));
+        }
+        for (k, v) in tag_map(e) {
+            tags.entry(k.to_owned()).or_insert((None, None)).1 = Some(v);
+        }
+        for (tag, (a, b)) in tags {
+            match (a, b) {
+                (Some(a), None) => out.push(format!("- tag {at}: {tag} ({a})")),
+                (None, Some(b)) => out.push(format!("+ tag {at}: {tag} ({b})")),
+                (Some(a), Some(b)) if a != b => out.push(format!("~ tag {at}: {tag} {a} -> {b}")),
+                _ => {}
+            }
+        }
+        for d in o.digests().iter().filter(|d| !e.digests().contains(d)) {
+            out.push(format!("- digest {at}: {d}"));
+        }
+        for d in e.digests().iter().filter(|d| !o.digests().contains(d)) {
+            out.push(format!("+ digest {at}: {d}"));
+        }
+        if o.provenance() != e.provenance() {
+            out.push(format!(
+                "~ provenance {at}: {} -> {}",
+                provenance_summary(o.provenance()),
+                provenance_summary(e.provenance())
+            ));
+        }
+    }
+    out
+}
+
+fn tag_list(e: &ImageEntry) -> String {
+    let mut parts: Vec<String> = e.tags().iter().map(|(t, _)| t.to_string()).collect();
+    if !e.digests().is_empty() {
+        parts.push(format!("{} pinned digest(s)", e.digests().len()));
+    }
+    parts.join(", ")
+}
+
+fn diff_maps(
+    out: &mut Vec<String>,
+    what: &str,
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+) {
+    for (k, v) in old {
+        match new.get(k) {
+            None => out.push(format!("- {what} {k} ({v})")),
+            Some(n) if n != v => out.push(format!("~ {what} {k}: {v} -> {n}")),
+            _ => {}
+        }
+    }
+    for (k, v) in new {
+        if !old.contains_key(k) {
+            out.push(format!("+ {what} {k} ({v})"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::parse_bundle;
+    use crate::policy::testutil::*;
+
+    #[test]
+    fn reports_added_removed_and_changed() {
+        let old = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        assert!(diff(&old, &old).is_empty());
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v["version"] = 43.into();
+        v["images"][0]["tags"]["1.27"] = digest(30).to_string().into();
+        v["images"][0]["tags"]
+            .as_object_mut()
+            .unwrap()
+            .remove("1.26");
+        v["images"][2]["provenance"]["license"] = "MIT".into();
+        v["images"].as_array_mut().unwrap().remove(5);
+        v["governance"]["programs"][1]["projects"][0]["mode"] = "warn".into();
+        let new = parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        let d = diff(&old, &new).join("\n");
+        for want in [
+            "~ version 42 -> 43",
+            "+ tag docker.io/library/nginx for corp/payments: 1.27",
+            "- tag docker.io/library/nginx for corp/payments: 1.26",
+            "~ provenance registry.k8s.io/pause for corp: licence Apache-2.0",
+            "- image docker.io/library/busybox for corp",
+            "~ scope corp/search/index: mode enforce -> mode warn",
+        ] {
+            assert!(d.contains(want), "diff should contain {want:?}:\n{d}");
+        }
+    }
+}

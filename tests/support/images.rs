@@ -1,0 +1,229 @@
+//! Offline image fixtures: a busybox-static rootfs packed with umoci into an OCI layout, pushed to a
+//! loopback registry with skopeo. Every build writes a distinct marker file, so every image (and every
+//! rebuild) has its own digest: digests are always read back, never hard-coded.
+
+use std::cell::Cell;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use super::process::run;
+use super::stack::Registry;
+use super::which;
+
+/// Applets linked into every fixture's /bin (busybox itself is the only real file).
+pub const APPLETS: &[&str] = &[
+    "sh", "true", "false", "sleep", "cat", "echo", "ls", "env", "id", "hostname", "printf", "test",
+    "wc", "grep",
+];
+
+/// Builds images into one OCI layout under `<tmp>/images` and pushes them.
+pub struct ImageFactory {
+    pub dir: PathBuf,
+    pub layout: PathBuf,
+    counter: Cell<usize>,
+}
+
+/// What goes into one fixture image.
+#[derive(Clone, Debug, Default)]
+pub struct Fixture {
+    /// Written to /etc/pullgate-fixture; makes the image content (and digest) unique.
+    pub marker: String,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+impl ImageFactory {
+    pub fn new(tmp: &Path) -> ImageFactory {
+        let dir = tmp.join("images");
+        std::fs::create_dir_all(&dir).expect("create images dir");
+        let layout = dir.join("oci");
+        run(Command::new("umoci")
+            .arg("init")
+            .arg("--layout")
+            .arg(&layout));
+        ImageFactory {
+            dir,
+            layout,
+            counter: Cell::new(0),
+        }
+    }
+
+    /// Builds `fixture` into the layout and returns the layout tag it was stored under.
+    pub fn build(&self, fixture: &Fixture) -> String {
+        let n = self.counter.get();
+        self.counter.set(n + 1);
+        let tag = format!("img{n}");
+        let rootfs = self.dir.join(format!("rootfs{n}"));
+        make_rootfs(
+            &rootfs,
+            &format!("{}\nbuild {n} of {}\n", fixture.marker, self.dir.display()),
+        );
+        let image = format!("{}:{tag}", self.layout.display());
+        run(Command::new("umoci").args(["new", "--image", &image]));
+        run(Command::new("umoci")
+            .args(["insert", "--image", &image])
+            .arg(&rootfs)
+            .arg("/"));
+        let mut config = Command::new("umoci");
+        config.args([
+            "config",
+            "--image",
+            &image,
+            "--config.env",
+            "PATH=/bin",
+            "--config.workingdir",
+            "/",
+        ]);
+        config.args([
+            "--config.label",
+            &format!("pullgate.fixture={}", fixture.marker),
+        ]);
+        for e in &fixture.entrypoint {
+            config.args(["--config.entrypoint", e]);
+        }
+        for c in &fixture.cmd {
+            config.args(["--config.cmd", c]);
+        }
+        run(&mut config);
+        let _ = std::fs::remove_dir_all(&rootfs);
+        tag
+    }
+
+    /// The manifest digest of a layout tag, read from the layout's index.json.
+    pub fn layout_digest(&self, tag: &str) -> String {
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(self.layout.join("index.json")).expect("read index.json"),
+        )
+        .expect("parse index.json");
+        index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .and_then(|m| m["digest"].as_str())
+            .unwrap_or_else(|| panic!("tag {tag} not in the OCI layout"))
+            .to_string()
+    }
+
+    /// Pushes a layout tag to `registry` as `repo_tag` (`library/busybox:1`); returns the manifest
+    /// digest, checked against what the registry now serves.
+    pub fn push_tag(&self, tag: &str, registry: &Registry, repo_tag: &str) -> String {
+        let dest = format!("docker://{}/{repo_tag}", registry.host());
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", self.layout.display()))
+            .arg(&dest));
+        let digest = self.layout_digest(tag);
+        let served = manifest_digest(&registry.host(), repo_tag);
+        assert_eq!(
+            served, digest,
+            "{dest} serves a different manifest than the one pushed"
+        );
+        digest
+    }
+
+    /// Builds a fixture image (default command `/bin/sh`) with `marker` and pushes it; returns its digest.
+    pub fn push_image(&self, registry: &Registry, repo_tag: &str, marker: &str) -> String {
+        let tag = self.build(&Fixture {
+            marker: format!("{marker} {repo_tag}"),
+            entrypoint: vec![],
+            cmd: vec!["/bin/sh".into()],
+        });
+        self.push_tag(&tag, registry, repo_tag)
+    }
+
+    /// Builds and pushes a pause image (busybox `sleep infinity`; fine as the sandbox of host-network
+    /// pods); returns its digest.
+    pub fn push_pause(&self, registry: &Registry, repo_tag: &str) -> String {
+        let tag = self.build(&Fixture {
+            marker: format!("pause {repo_tag}"),
+            entrypoint: vec!["/bin/sleep".into(), "infinity".into()],
+            cmd: vec![],
+        });
+        self.push_tag(&tag, registry, repo_tag)
+    }
+}
+
+fn make_rootfs(rootfs: &Path, marker: &str) {
+    let _ = std::fs::remove_dir_all(rootfs);
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(rootfs.join(d)).expect("create rootfs dirs");
+    }
+    let busybox =
+        which("busybox").expect("busybox (Debian package busybox-static) is not installed");
+    assert!(
+        is_static_elf(&busybox),
+        "{} is not statically linked: install busybox-static",
+        busybox.display()
+    );
+    std::fs::copy(&busybox, rootfs.join("bin/busybox")).expect("copy busybox");
+    for applet in APPLETS {
+        symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink applet");
+    }
+    std::fs::write(rootfs.join("etc/pullgate-fixture"), marker).expect("write marker");
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("write passwd");
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").expect("write group");
+}
+
+/// The sha256 digest of the manifest `host/repo_ref` serves (`repo:tag` or `repo@sha256:…`),
+/// computed over the raw manifest bytes.
+pub fn manifest_digest(host: &str, repo_ref: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{host}/{repo_ref}"))
+        .output()
+        .expect("run skopeo inspect");
+    assert!(
+        out.status.success(),
+        "skopeo inspect {host}/{repo_ref} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("sha256:{}", hex::encode(Sha256::digest(&out.stdout)))
+}
+
+/// Copies `src_host/src_repo@digest` to `dst_host/dst_repo@digest`, keeping the digest (the manifest
+/// bytes are copied unchanged), and verifies the destination serves that exact digest.
+pub fn copy_by_digest(
+    src_host: &str,
+    src_repo: &str,
+    digest: &str,
+    dst_host: &str,
+    dst_repo: &str,
+) {
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{src_host}/{src_repo}@{digest}"))
+        .arg(format!("docker://{dst_host}/{dst_repo}@{digest}")));
+    let served = manifest_digest(dst_host, &format!("{dst_repo}@{digest}"));
+    assert_eq!(
+        served, digest,
+        "copy of {src_repo}@{digest} to {dst_host}/{dst_repo} changed the digest"
+    );
+}
+
+/// Whether `path` is an ELF executable without a program interpreter (i.e. statically linked).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false; // not ELF64
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        // PT_INTERP = 3: a dynamic executable names its loader.
+        o + 4 <= b.len() && u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) != 3
+    })
+}

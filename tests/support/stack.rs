@@ -1,0 +1,538 @@
+//! The loopback registry, the private containerd, and `Stack`, which wires them together.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::images::ImageFactory;
+use super::process::{self, Proc};
+use super::pullgate::Pullgate;
+use super::{TestDir, loud, tail};
+
+/// Registry names the tests treat as "public": containerd resolves every one of them to the loopback
+/// public registry, so no pull can ever reach the internet.
+pub const PUBLIC_REGISTRY_NAMES: &[&str] = &[
+    "docker.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "quay.io",
+    "ghcr.io",
+];
+
+/// A Distribution (docker-registry) v2 registry on 127.0.0.1:<free port>, plain http, storage and logs
+/// in its own dir. Its access log (one combined-log-format line per request) is kept in `access_log`.
+pub struct Registry {
+    proc: Proc,
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// Combined-log-format lines, one per HTTP request the registry served.
+    pub access_log: PathBuf,
+    /// The registry's own (logrus) log.
+    pub log: PathBuf,
+}
+
+impl Registry {
+    /// Starts a registry in `<tmp>/<name>` and waits until `GET /v2/` answers 200.
+    pub fn start(tmp: &Path, name: &str) -> Registry {
+        let dir = tmp.join(name);
+        std::fs::create_dir_all(dir.join("storage")).expect("create registry dir");
+        let mut last_err = String::new();
+        // A port picked by binding :0 can be taken by someone else before the registry binds it; retry.
+        for _attempt in 0..5 {
+            let port = free_port();
+            let config = dir.join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\n\
+                     log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
+                     storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
+                     http:\n  addr: 127.0.0.1:{port}\n  headers:\n    X-Content-Type-Options: [nosniff]\n",
+                    storage = dir.join("storage").display()
+                ),
+            )
+            .expect("write registry config");
+            let access_log = dir.join("access.log");
+            let log = dir.join("registry.log");
+            let mut cmd = Command::new("docker-registry");
+            cmd.arg("serve").arg(&config);
+            // Distribution writes its access log to stdout and its own log to stderr.
+            let mut proc = Proc::spawn(&format!("registry {name}"), cmd, &access_log, &log);
+            let ok = poll(Duration::from_secs(15), || {
+                if proc.exited().is_some() {
+                    return Some(false);
+                }
+                http_get_status(port, "/v2/")
+                    .filter(|&s| s == 200)
+                    .map(|_| true)
+            });
+            if ok == Some(true) {
+                return Registry {
+                    proc,
+                    name: name.to_string(),
+                    port,
+                    dir,
+                    config,
+                    access_log,
+                    log,
+                };
+            }
+            proc.stop();
+            last_err = tail(&log, 20);
+        }
+        panic!("registry {name} did not start; its log:\n{last_err}");
+    }
+
+    /// `127.0.0.1:PORT`, the registry's host as used in image references.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The whole access log so far.
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(&self.access_log).unwrap_or_default()
+    }
+
+    /// The request lines the registry received so far, method and path with query, e.g.
+    /// `HEAD /v2/library/busybox/manifests/1?ns=docker.io` (containerd adds `ns=` with the registry
+    /// name the image reference used when it goes through a hosts.toml mirror).
+    pub fn requests(&self) -> Vec<String> {
+        self.access_log()
+            .lines()
+            .filter_map(|l| {
+                let start = l.find('"')? + 1;
+                let end = start + l[start..].find('"')?;
+                let req = &l[start..end];
+                Some(
+                    req.trim_end_matches(" HTTP/1.1")
+                        .trim_end_matches(" HTTP/1.0")
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// A mark to pass to [`Registry::requests_since`].
+    pub fn mark(&self) -> usize {
+        self.requests().len()
+    }
+
+    /// The requests received after `mark` was taken.
+    pub fn requests_since(&self, mark: usize) -> Vec<String> {
+        self.requests().into_iter().skip(mark).collect()
+    }
+
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
+/// How to configure a [`Containerd`].
+#[derive(Clone, Debug)]
+pub struct ContainerdOpts {
+    /// `127.0.0.1:PORT` of the registry that every [`PUBLIC_REGISTRY_NAMES`] entry resolves to.
+    pub public_registry: String,
+    /// Further `127.0.0.1:PORT` registries reachable under their own name over plain http.
+    pub private_registries: Vec<String>,
+    /// The CRI `sandbox_image` (the pause image), e.g. `127.0.0.1:PORT/pause:1`.
+    pub sandbox_image: String,
+    /// `overlayfs` or `native`; `None` probes whether overlayfs works in the temp dir.
+    pub snapshotter: Option<String>,
+    /// containerd's log level.
+    pub log_level: String,
+}
+
+impl ContainerdOpts {
+    pub fn new(public_registry: &str, sandbox_image: &str) -> ContainerdOpts {
+        ContainerdOpts {
+            public_registry: public_registry.to_string(),
+            private_registries: Vec::new(),
+            sandbox_image: sandbox_image.to_string(),
+            snapshotter: None,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// containerd 1.6 with its own config, root, state, sockets and `opt` dir under `<tmp>/containerd`.
+///
+/// Dropping it kills the shims it started (found by their `-address`) and their containers, stops
+/// containerd, and lazily unmounts whatever is left mounted below its dir.
+pub struct Containerd {
+    proc: Proc,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// The grpc (CRI) socket.
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub snapshotter: String,
+}
+
+impl Containerd {
+    /// Writes the config (and the hosts.toml tree) and starts containerd; waits until it has booted
+    /// and its socket accepts connections.
+    pub fn start(tmp: &Path, opts: &ContainerdOpts) -> Containerd {
+        let dir = tmp.join("containerd");
+        for sub in [
+            "root",
+            "state",
+            "tmp",
+            "opt",
+            "runc",
+            "runc-v1",
+            "certs.d",
+            "cni/bin",
+            "cni/net.d",
+        ] {
+            std::fs::create_dir_all(dir.join(sub)).expect("create containerd dirs");
+        }
+        let certs = dir.join("certs.d");
+        for name in PUBLIC_REGISTRY_NAMES
+            .iter()
+            .copied()
+            .chain([opts.public_registry.as_str()])
+        {
+            write_hosts_toml(&certs, name, &opts.public_registry);
+        }
+        for host in &opts.private_registries {
+            write_hosts_toml(&certs, host, host);
+        }
+        let snapshotter = opts.snapshotter.clone().unwrap_or_else(|| {
+            if overlay_works(tmp) {
+                "overlayfs".to_string()
+            } else {
+                "native".to_string()
+            }
+        });
+        let socket = dir.join("containerd.sock");
+        let config = dir.join("config.toml");
+        std::fs::write(&config, config_toml(&dir, &socket, &snapshotter, opts))
+            .expect("write config");
+        let log = dir.join("containerd.log");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config).env("PATH", sbin_path());
+        let mut proc = Proc::spawn("containerd", cmd, &log, &log);
+        proc.grace = Duration::from_secs(10);
+        let booted = poll(Duration::from_secs(30), || {
+            if proc.exited().is_some() {
+                return Some(false);
+            }
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            (text.contains("containerd successfully booted")
+                && UnixStream::connect(&socket).is_ok())
+            .then_some(true)
+        });
+        if booted != Some(true) {
+            proc.stop();
+            panic!("containerd did not start; its log:\n{}", tail(&log, 40));
+        }
+        Containerd {
+            proc,
+            dir,
+            config,
+            socket,
+            log,
+            snapshotter,
+        }
+    }
+
+    /// containerd's log so far.
+    pub fn log_contents(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops everything this containerd started, then containerd itself, and unmounts below its dir.
+    pub fn stop(&mut self) {
+        process::kill_shims(&self.socket);
+        self.proc.stop();
+        // A shim may have been mid-start while containerd went down.
+        process::kill_shims(&self.socket);
+        process::unmount_below(&self.dir);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_hosts_toml(certs: &Path, name: &str, target: &str) {
+    let dir = certs.join(name);
+    std::fs::create_dir_all(&dir).expect("create hosts dir");
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "# {name} -> loopback registry {target} (tests must never reach the internet)\n\
+             server = \"http://{target}\"\n\n\
+             [host.\"http://{target}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ),
+    )
+    .expect("write hosts.toml");
+}
+
+fn config_toml(dir: &Path, socket: &Path, snapshotter: &str, opts: &ContainerdOpts) -> String {
+    let d = dir.display();
+    format!(
+        r#"# containerd 1.6 config written by pullgate's test harness: every path lives under {d}.
+version = 2
+root = "{d}/root"
+state = "{d}/state"
+temp = "{d}/tmp"
+oom_score = 0
+disabled_plugins = [
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = ""
+  level = "{level}"
+
+[metrics]
+  address = ""
+
+[plugins]
+  [plugins."io.containerd.internal.v1.opt"]
+    path = "{d}/opt"
+
+  [plugins."io.containerd.runtime.v1.linux"]
+    runtime_root = "{d}/runc-v1"
+
+  [plugins."io.containerd.grpc.v1.cri"]
+    # The VM lacks CAP_SYS_RESOURCE: never try to lower a container's oom_score_adj below ours.
+    restrict_oom_score_adj = true
+    sandbox_image = "{sandbox}"
+    disable_tcp_service = true
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+    enable_selinux = false
+    # Pods run with host networking only; CNI stays unconfigured (NetworkReady=false is expected).
+    [plugins."io.containerd.grpc.v1.cri".cni]
+      bin_dir = "{d}/cni/bin"
+      conf_dir = "{d}/cni/net.d"
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      snapshotter = "{snapshotter}"
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+          Root = "{d}/runc"
+          SystemdCgroup = false
+    [plugins."io.containerd.grpc.v1.cri".registry]
+      # hosts.toml per registry name: every public name points at a loopback registry.
+      config_path = "{d}/certs.d"
+"#,
+        socket = socket.display(),
+        level = opts.log_level,
+        sandbox = opts.sandbox_image,
+    )
+}
+
+/// Whether an overlay mount works in `tmp` (it does not on every filesystem, e.g. overlay-on-overlay).
+pub fn overlay_works(tmp: &Path) -> bool {
+    let probe = tmp.join(".overlay-probe");
+    for sub in ["lower", "upper", "work", "merged"] {
+        if std::fs::create_dir_all(probe.join(sub)).is_err() {
+            return false;
+        }
+    }
+    let target = CString::new(probe.join("merged").as_os_str().as_encoded_bytes()).unwrap();
+    let data = CString::new(format!(
+        "lowerdir={},upperdir={},workdir={}",
+        probe.join("lower").display(),
+        probe.join("upper").display(),
+        probe.join("work").display()
+    ))
+    .unwrap();
+    let fstype = CString::new("overlay").unwrap();
+    // SAFETY: valid NUL-terminated strings; the mount is removed right below.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    let ok = rc == 0;
+    if ok {
+        // SAFETY: as above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+    let _ = std::fs::remove_dir_all(&probe);
+    ok
+}
+
+/// PATH plus the sbin dirs: containerd looks runc (Debian: /usr/sbin/runc) up on its PATH.
+pub fn sbin_path() -> String {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut parts: Vec<&str> = path.split(':').filter(|p| !p.is_empty()).collect();
+    for extra in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        if !parts.contains(&extra) {
+            parts.push(extra);
+        }
+    }
+    parts.join(":")
+}
+
+/// A 127.0.0.1 port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// The HTTP status of `GET path` on 127.0.0.1:port, or `None` if nothing answers.
+pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The whole real stack of one test: a "public" registry (what docker.io, registry.k8s.io, gcr.io,
+/// quay.io and ghcr.io resolve to), a "private" registry (the approved mirror; also serves the pause
+/// image), containerd configured for both, an image factory, and optionally pullgate in front.
+///
+/// Fields drop in declaration order: pullgate, containerd, registries, then the temp dir.
+pub struct Stack {
+    pub pullgate: Option<Pullgate>,
+    pub containerd: Containerd,
+    pub private: Registry,
+    pub public: Registry,
+    pub images: ImageFactory,
+    /// The sandbox (pause) image containerd uses: `127.0.0.1:PRIVATE/pause:1`.
+    pub pause_image: String,
+    pub dir: TestDir,
+}
+
+impl Stack {
+    /// Starts both registries, pushes the pause image to the private one, and starts containerd.
+    pub fn start(name: &str) -> Stack {
+        let started = std::time::Instant::now();
+        let dir = TestDir::new(name);
+        let public = Registry::start(dir.path(), "public");
+        let private = Registry::start(dir.path(), "private");
+        let images = ImageFactory::new(dir.path());
+        let pause_image = format!("{}/pause:1", private.host());
+        images.push_pause(&private, "pause:1");
+        let mut opts = ContainerdOpts::new(&public.host(), &pause_image);
+        opts.private_registries.push(private.host());
+        let containerd = Containerd::start(dir.path(), &opts);
+        loud(&format!(
+            "[{name}] stack up in {:?}: public {} private {} containerd {} ({})",
+            started.elapsed(),
+            public.host(),
+            private.host(),
+            containerd.socket.display(),
+            containerd.snapshotter
+        ));
+        Stack {
+            pullgate: None,
+            containerd,
+            private,
+            public,
+            images,
+            pause_image,
+            dir,
+        }
+    }
+
+    /// Starts pullgate in front of this stack's containerd; `extra_config` is appended to the
+    /// minimal config ([`super::pullgate::BASE_CONFIG`]: a `[log]` section at pullgate=debug).
+    pub fn start_pullgate(&mut self, extra_config: &str) -> &Pullgate {
+        let pg = Pullgate::start(self.dir.path(), &self.containerd.socket, extra_config);
+        self.pullgate.insert(pg)
+    }
+
+    /// pullgate's listen socket (panics if pullgate was not started).
+    pub fn pullgate_socket(&self) -> PathBuf {
+        self.pullgate
+            .as_ref()
+            .expect("pullgate not started")
+            .socket
+            .clone()
+    }
+
+    /// The tails of every log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Some(pg) = &self.pullgate {
+            s += &format!(
+                "----- pullgate log ({}) -----\n{}\n",
+                pg.log.display(),
+                tail(&pg.log, 60)
+            );
+        }
+        let ctd = std::fs::read_to_string(&self.containerd.log).unwrap_or_default();
+        let ctd: Vec<&str> = ctd
+            .lines()
+            .filter(|l| !l.contains("loading plugin"))
+            .collect();
+        s += &format!(
+            "----- containerd log ({}) -----\n{}\n",
+            self.containerd.log.display(),
+            ctd[ctd.len().saturating_sub(60)..].join("\n")
+        );
+        for r in [&self.public, &self.private] {
+            s += &format!(
+                "----- registry {} access log -----\n{}\n",
+                r.name,
+                tail(&r.access_log, 20)
+            );
+            s += &format!(
+                "----- registry {} log -----\n{}\n",
+                r.name,
+                tail(&r.log, 10)
+            );
+        }
+        s
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            loud(&format!(
+                "\n===== real-stack logs of the failed test ({}) =====\n{}",
+                self.dir.path().display(),
+                self.logs()
+            ));
+        }
+    }
+}
