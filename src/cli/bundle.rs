@@ -42,6 +42,18 @@ pub enum BundleCommand {
         /// The bundle file.
         bundle: PathBuf,
     },
+    /// Verify a bundle against this node's trust file and install it as the node's bundle (atomically,
+    /// only if newer), then tell the running daemon to enforce it.
+    Install {
+        /// pullgate's configuration file (for the trust file and the state directory).
+        #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/pullgate/config.toml")]
+        config: PathBuf,
+        /// Signature file (default: BUNDLE.sig).
+        #[arg(long, value_name = "PATH")]
+        signatures: Option<PathBuf>,
+        /// The bundle file.
+        bundle: PathBuf,
+    },
     /// Show what changed between two bundles: images, tags, digests, scopes, provenance.
     Diff {
         /// The older bundle.
@@ -127,6 +139,11 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
             installed_version,
             bundle,
         } => verify(&trust, signatures.as_deref(), installed_version, &bundle),
+        BundleCommand::Install {
+            config,
+            signatures,
+            bundle,
+        } => crate::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
     }

@@ -494,7 +494,13 @@ impl Enforcer {
         );
         self.record("CreateContainer", &d, &pod, None, started);
         match d.verdict {
-            PolicyVerdict::Deny => Verdict::Respond(denial(&d)),
+            PolicyVerdict::Deny => {
+                let mut status = denial(&d);
+                if !status.message.contains(shown) {
+                    status.message = format!("container image {shown}: {}", status.message);
+                }
+                Verdict::Respond(status)
+            }
             PolicyVerdict::Warn => Verdict::Forward,
             PolicyVerdict::Allow => {
                 if let Some(k) = key {

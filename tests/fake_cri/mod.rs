@@ -33,6 +33,14 @@ use tonic::{Request as TReq, Response as TResp, Status};
 #[derive(Default)]
 pub struct Observed {
     pub pulls: Mutex<Vec<cri::PullImageRequest>>,
+    /// Image references asked for by ImageStatus, RemoveImage, CreateContainer, in order.
+    pub image_statuses: Mutex<Vec<String>>,
+    pub removals: Mutex<Vec<String>>,
+    pub creates: Mutex<Vec<cri::CreateContainerRequest>>,
+    /// Images the fake knows, by every name or ID they are asked for with.
+    pub images: Mutex<std::collections::HashMap<String, cri::Image>>,
+    /// The sandbox image `Status(verbose)` reports.
+    pub sandbox_image: Mutex<String>,
     pub calls: AtomicUsize,
     /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
     pub cancelled: AtomicBool,
@@ -162,6 +170,8 @@ impl RuntimeService for FakeCri {
     }
 
     async fn status(&self, _r: TReq<cri::StatusRequest>) -> Res<cri::StatusResponse> {
+        let sandbox = self.observed.sandbox_image.lock().unwrap().clone();
+        let config = serde_json::json!({ "sandboxImage": sandbox }).to_string();
         Ok(TResp::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus {
                 conditions: vec![cri::RuntimeCondition {
@@ -170,7 +180,7 @@ impl RuntimeService for FakeCri {
                     ..Default::default()
                 }],
             }),
-            info: [("config".to_string(), "{}".to_string())].into(),
+            info: [("config".to_string(), config)].into(),
             ..Default::default()
         }))
     }
@@ -225,8 +235,9 @@ impl RuntimeService for FakeCri {
     async fn list_pod_sandbox(&self, _r: TReq<cri::ListPodSandboxRequest>) -> Res<cri::ListPodSandboxResponse> {
         Err(unimplemented("list_pod_sandbox"))
     }
-    async fn create_container(&self, _r: TReq<cri::CreateContainerRequest>) -> Res<cri::CreateContainerResponse> {
-        Err(unimplemented("create_container"))
+    async fn create_container(&self, r: TReq<cri::CreateContainerRequest>) -> Res<cri::CreateContainerResponse> {
+        self.observed.creates.lock().unwrap().push(r.into_inner());
+        Ok(TResp::new(cri::CreateContainerResponse { container_id: "created-1".into() }))
     }
     async fn start_container(&self, _r: TReq<cri::StartContainerRequest>) -> Res<cri::StartContainerResponse> {
         Err(unimplemented("start_container"))
@@ -284,16 +295,30 @@ impl RuntimeService for FakeCri {
 #[tonic::async_trait]
 impl ImageService for FakeCri {
     async fn list_images(&self, _r: TReq<cri::ListImagesRequest>) -> Res<cri::ListImagesResponse> {
-        Ok(TResp::new(cri::ListImagesResponse {
-            images: vec![fake_image("docker.io/library/busybox:1.36"), fake_image("docker.io/library/nginx:1.25")],
-        }))
+        let known: Vec<cri::Image> = {
+            let mut v: Vec<cri::Image> = self.observed.images.lock().unwrap().values().cloned().collect();
+            v.sort_by(|a, b| a.id.cmp(&b.id));
+            v.dedup_by(|a, b| a.id == b.id);
+            v
+        };
+        let images = if known.is_empty() {
+            vec![fake_image("docker.io/library/busybox:1.36"), fake_image("docker.io/library/nginx:1.25")]
+        } else {
+            known
+        };
+        Ok(TResp::new(cri::ListImagesResponse { images }))
     }
 
     async fn image_status(&self, r: TReq<cri::ImageStatusRequest>) -> Res<cri::ImageStatusResponse> {
         let name = r.into_inner().image.map(|i| i.image).unwrap_or_default();
         self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        self.observed.image_statuses.lock().unwrap().push(name.clone());
+        if let Some(img) = self.observed.images.lock().unwrap().get(&name).cloned() {
+            return Ok(TResp::new(cri::ImageStatusResponse { image: Some(img), info: Default::default() }));
+        }
+        let known = !name.starts_with("missing") && !name.contains("@sha256:") && !name.starts_with("registry.corp");
         Ok(TResp::new(cri::ImageStatusResponse {
-            image: (name != "missing:latest").then(|| fake_image(&name)),
+            image: known.then(|| fake_image(&name)),
             info: Default::default(),
         }))
     }
@@ -307,7 +332,9 @@ impl ImageService for FakeCri {
         }))
     }
 
-    async fn remove_image(&self, _r: TReq<cri::RemoveImageRequest>) -> Res<cri::RemoveImageResponse> {
+    async fn remove_image(&self, r: TReq<cri::RemoveImageRequest>) -> Res<cri::RemoveImageResponse> {
+        let name = r.into_inner().image.map(|i| i.image).unwrap_or_default();
+        self.observed.removals.lock().unwrap().push(name);
         Ok(TResp::new(cri::RemoveImageResponse {}))
     }
 
