@@ -57,7 +57,10 @@ fn write_man_pages(cmd: &clap::Command, dir: &Path, pages: &mut usize) -> io::Re
     fs::write(&path, buf)?;
     *pages += 1;
 
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let full = format!("{name}-{}", sub.get_name());
         // `cmd.build()` already gave every subcommand its full bin name ("pullgate bundle sign"),
         // which the SYNOPSIS uses; only the page name changes.

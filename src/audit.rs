@@ -157,9 +157,13 @@ mod tests {
         let current = std::fs::read_to_string(&path).unwrap();
         let first = std::fs::read_to_string(path.with_extension("log.1")).unwrap();
         assert!(path.with_extension("log.2").exists());
-        assert!(!path.with_extension("log.3").exists(), "keeps only 2 rotated files");
+        assert!(
+            !path.with_extension("log.3").exists(),
+            "keeps only 2 rotated files"
+        );
         assert!(current.len() <= 2048 && first.len() <= 2048);
-        let last: serde_json::Value = serde_json::from_str(current.lines().last().unwrap()).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(current.lines().last().unwrap()).unwrap();
         assert_eq!(last["image"], "busybox:39");
         assert_eq!(last["decision"], "deny");
         for line in first.lines().chain(current.lines()) {

@@ -116,11 +116,12 @@ pub struct Config {
 
 /// How the node enforces decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum NodeMode {
     /// Denials are enforced (scopes the bundle puts in `warn` mode still only warn).
-    Enforce,
+    Enforce = 0,
     /// Every denial is only reported; nothing is blocked, not even without a bundle. For rollout.
-    Warn,
+    Warn = 1,
 }
 
 /// What to do when containerd's sandbox (pause) image is not an approved private-registry image.
@@ -237,7 +238,11 @@ impl Default for Config {
                 keep: 5,
             },
             metrics: MetricsConfig {
-                listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default address")),
+                listen: Some(
+                    DEFAULT_METRICS_LISTEN
+                        .parse()
+                        .expect("valid default address"),
+                ),
             },
         }
     }
@@ -275,7 +280,8 @@ impl Config {
         let defaults = Config::default();
         let server = raw.server;
 
-        let socket_path = |key: &'static str, value: Option<PathBuf>, default: PathBuf| match value {
+        let socket_path = |key: &'static str, value: Option<PathBuf>, default: PathBuf| match value
+        {
             None => Ok(default),
             Some(p) if p.is_absolute() && p.file_name().is_some() => Ok(p),
             Some(p) => Err(invalid(
@@ -371,7 +377,10 @@ impl Config {
             Some(v) if v.is_absolute() => Ok(v),
             Some(v) => Err(invalid(key, &v.display(), "an absolute path")),
         };
-        let duration = |key: &'static str, v: Option<String>, default: Duration, expected: &'static str| match v {
+        let duration = |key: &'static str,
+                        v: Option<String>,
+                        default: Duration,
+                        expected: &'static str| match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(&s)
                 .ok()
@@ -382,7 +391,9 @@ impl Config {
             mode: match p.mode.as_deref() {
                 None | Some("enforce") => NodeMode::Enforce,
                 Some("warn") => NodeMode::Warn,
-                Some(other) => return Err(invalid("policy.mode", &other, "\"enforce\" or \"warn\"")),
+                Some(other) => {
+                    return Err(invalid("policy.mode", &other, "\"enforce\" or \"warn\""));
+                }
             },
             trust: abs_path("policy.trust", p.trust, defaults.policy.trust)?,
             state_dir: abs_path("policy.state_dir", p.state_dir, defaults.policy.state_dir)?,
@@ -406,12 +417,20 @@ impl Config {
                 None | Some("warn") => SandboxImageCheck::Warn,
                 Some("refuse") => SandboxImageCheck::Refuse,
                 Some(other) => {
-                    return Err(invalid("policy.sandbox_image", &other, "\"warn\" or \"refuse\""));
+                    return Err(invalid(
+                        "policy.sandbox_image",
+                        &other,
+                        "\"warn\" or \"refuse\"",
+                    ));
                 }
             },
             private_registry_auth: match p.private_registry_auth {
                 None => None,
-                Some(a) => Some(abs_path("policy.private_registry_auth", Some(a), PathBuf::new())?),
+                Some(a) => Some(abs_path(
+                    "policy.private_registry_auth",
+                    Some(a),
+                    PathBuf::new(),
+                )?),
             },
         };
         let a = raw.audit;
@@ -420,7 +439,11 @@ impl Config {
             max_bytes: match a.max_size {
                 None => defaults.audit.max_bytes,
                 Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
-                    invalid("audit.max_size", &s, "a size of at least 4KiB such as \"64MiB\" or \"500KiB\"")
+                    invalid(
+                        "audit.max_size",
+                        &s,
+                        "a size of at least 4KiB such as \"64MiB\" or \"500KiB\"",
+                    )
                 })?,
             },
             keep: match a.keep {
@@ -478,7 +501,8 @@ fn parse_size(s: &str) -> Option<u64> {
 
 fn parse_mode(s: &str) -> Option<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+    if digits.is_empty() || digits.len() > 4 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
         return None;
     }
     let mode = u32::from_str_radix(digits, 8).ok()?;
@@ -530,7 +554,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text).expect_err("config must be rejected").to_string()
+        parse(text)
+            .expect_err("config must be rejected")
+            .to_string()
     }
 
     #[test]
@@ -562,7 +588,10 @@ mod tests {
         assert_eq!(c.server.listen, Path::new("/tmp/x/pg.sock"));
         assert_eq!(c.server.upstream, Path::new("/tmp/x/ctr.sock"));
         assert_eq!(c.server.socket_mode, 0o600);
-        assert_eq!(c.server.socket_group, Some(SocketGroup::Name("kube".into())));
+        assert_eq!(
+            c.server.socket_group,
+            Some(SocketGroup::Name("kube".into()))
+        );
         assert_eq!(c.server.drain_grace, Duration::from_secs(65));
         assert_eq!(c.server.worker_threads, 1);
         assert_eq!(c.log.format, LogFormat::Json);
@@ -584,16 +613,56 @@ mod tests {
     #[test]
     fn bad_values_name_the_key_and_expectation() {
         let cases: &[(&str, &str, &str)] = &[
-            ("[server]\nlisten = \"relative.sock\"", "server.listen", "absolute path"),
-            ("[server]\nupstream = \"/\"", "server.upstream", "absolute path"),
-            ("[server]\nsocket_mode = \"0669\"", "server.socket_mode", "octal"),
-            ("[server]\nsocket_mode = \"0066\"", "server.socket_mode", "octal"),
-            ("[server]\nsocket_mode = \"rw\"", "server.socket_mode", "octal"),
-            ("[server]\nsocket_group = \"\"", "server.socket_group", "group name"),
-            ("[server]\nsocket_group = \"a b\"", "server.socket_group", "group name"),
-            ("[server]\ndrain_grace = \"soon\"", "server.drain_grace", "duration"),
-            ("[server]\ndrain_grace = \"2h\"", "server.drain_grace", "at most 1h"),
-            ("[server]\nworker_threads = 0", "server.worker_threads", "1 to 64"),
+            (
+                "[server]\nlisten = \"relative.sock\"",
+                "server.listen",
+                "absolute path",
+            ),
+            (
+                "[server]\nupstream = \"/\"",
+                "server.upstream",
+                "absolute path",
+            ),
+            (
+                "[server]\nsocket_mode = \"0669\"",
+                "server.socket_mode",
+                "octal",
+            ),
+            (
+                "[server]\nsocket_mode = \"0066\"",
+                "server.socket_mode",
+                "octal",
+            ),
+            (
+                "[server]\nsocket_mode = \"rw\"",
+                "server.socket_mode",
+                "octal",
+            ),
+            (
+                "[server]\nsocket_group = \"\"",
+                "server.socket_group",
+                "group name",
+            ),
+            (
+                "[server]\nsocket_group = \"a b\"",
+                "server.socket_group",
+                "group name",
+            ),
+            (
+                "[server]\ndrain_grace = \"soon\"",
+                "server.drain_grace",
+                "duration",
+            ),
+            (
+                "[server]\ndrain_grace = \"2h\"",
+                "server.drain_grace",
+                "at most 1h",
+            ),
+            (
+                "[server]\nworker_threads = 0",
+                "server.worker_threads",
+                "1 to 64",
+            ),
             ("[log]\nformat = \"yaml\"", "log.format", "\"json\""),
             ("[log]\nlevel = \"pullgate=loudest\"", "log.level", "filter"),
         ];
@@ -628,20 +697,37 @@ mod tests {
         .unwrap();
         assert_eq!(c.policy.mode, NodeMode::Warn);
         assert_eq!(c.policy.state_dir, Path::new("/var/lib/pg"));
-        assert_eq!(c.policy.drop_dir.as_deref(), Some(Path::new("/var/lib/pg/incoming")));
+        assert_eq!(
+            c.policy.drop_dir.as_deref(),
+            Some(Path::new("/var/lib/pg/incoming"))
+        );
         assert_eq!(c.policy.drop_poll, Duration::from_secs(2));
         assert_eq!(c.policy.sandbox_image, SandboxImageCheck::Refuse);
-        assert_eq!(c.audit.path, Path::new("/var/lib/pg/audit.log"), "audit log follows state_dir");
+        assert_eq!(
+            c.audit.path,
+            Path::new("/var/lib/pg/audit.log"),
+            "audit log follows state_dir"
+        );
         assert_eq!(c.audit.max_bytes, 1 << 20);
         assert_eq!(c.audit.keep, 3);
         assert_eq!(c.metrics.listen, Some("127.0.0.1:9999".parse().unwrap()));
-        assert_eq!(parse("[metrics]\nlisten = \"off\"").unwrap().metrics.listen, None);
-        assert_eq!(Config::default().policy.mode, NodeMode::Enforce, "fail closed by default");
+        assert_eq!(
+            parse("[metrics]\nlisten = \"off\"").unwrap().metrics.listen,
+            None
+        );
+        assert_eq!(
+            Config::default().policy.mode,
+            NodeMode::Enforce,
+            "fail closed by default"
+        );
         for (text, key) in [
             ("[policy]\nmode = \"audit\"", "policy.mode"),
             ("[policy]\ntrust = \"trust.toml\"", "policy.trust"),
             ("[policy]\ndrop_poll = \"0s\"", "policy.drop_poll"),
-            ("[policy]\nsandbox_image = \"ignore\"", "policy.sandbox_image"),
+            (
+                "[policy]\nsandbox_image = \"ignore\"",
+                "policy.sandbox_image",
+            ),
             ("[audit]\nmax_size = \"12 parsecs\"", "audit.max_size"),
             ("[audit]\nkeep = 0", "audit.keep"),
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),

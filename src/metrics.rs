@@ -240,7 +240,9 @@ impl Metrics {
                 "pullgate_upstream_latency_seconds_count{{method=\"{label}\"}} {count}"
             );
         }
-        o.push_str("# HELP pullgate_decisions_total Policy decisions, by result and reason code.\n");
+        o.push_str(
+            "# HELP pullgate_decisions_total Policy decisions, by result and reason code.\n",
+        );
         o.push_str("# TYPE pullgate_decisions_total counter\n");
         for ((result, reason), n) in lock(&self.decisions).iter() {
             let _ = writeln!(
@@ -260,18 +262,34 @@ impl Metrics {
         let bundle = *lock(&self.bundle);
         o.push_str("# HELP pullgate_bundle_version Version of the bundle in force (0: none).\n");
         o.push_str("# TYPE pullgate_bundle_version gauge\n");
-        let _ = writeln!(o, "pullgate_bundle_version {}", bundle.map_or(0, |b| b.version));
+        let _ = writeln!(
+            o,
+            "pullgate_bundle_version {}",
+            bundle.map_or(0, |b| b.version)
+        );
         if let Some(b) = bundle {
             o.push_str("# HELP pullgate_bundle_age_seconds Seconds since the bundle in force was issued.\n");
             o.push_str("# TYPE pullgate_bundle_age_seconds gauge\n");
-            let _ = writeln!(o, "pullgate_bundle_age_seconds {}", now_unix - b.issued_unix);
+            let _ = writeln!(
+                o,
+                "pullgate_bundle_age_seconds {}",
+                now_unix - b.issued_unix
+            );
             o.push_str("# HELP pullgate_bundle_expiry_seconds Seconds until the bundle in force expires (negative: expired).\n");
             o.push_str("# TYPE pullgate_bundle_expiry_seconds gauge\n");
-            let _ = writeln!(o, "pullgate_bundle_expiry_seconds {}", b.expires_unix - now_unix);
+            let _ = writeln!(
+                o,
+                "pullgate_bundle_expiry_seconds {}",
+                b.expires_unix - now_unix
+            );
         }
         o.push_str("# HELP pullgate_audit_errors_total Audit records that could not be written.\n");
         o.push_str("# TYPE pullgate_audit_errors_total counter\n");
-        let _ = writeln!(o, "pullgate_audit_errors_total {}", self.audit_errors.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "pullgate_audit_errors_total {}",
+            self.audit_errors.load(Ordering::Relaxed)
+        );
         o.push_str("# HELP pullgate_sandbox_image_approved Whether containerd's sandbox (pause) image is approved (-1: not checked yet).\n");
         o.push_str("# TYPE pullgate_sandbox_image_approved gauge\n");
         let _ = writeln!(
@@ -281,13 +299,19 @@ impl Metrics {
         );
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
-        let _ = writeln!(o, "pullgate_upstream_up {}", self.upstream_up.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "pullgate_upstream_up {}",
+            self.upstream_up.load(Ordering::Relaxed)
+        );
         o
     }
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -296,9 +320,18 @@ mod tests {
 
     #[test]
     fn method_labels_are_bounded() {
-        assert_eq!(method_label(method_index("/runtime.v1.ImageService/PullImage")), "PullImage");
-        assert_eq!(method_label(method_index("/runtime.v1.RuntimeService/Version")), "Version");
-        assert_eq!(method_label(method_index("/runtime.v1.RuntimeService/NoSuch")), "other");
+        assert_eq!(
+            method_label(method_index("/runtime.v1.ImageService/PullImage")),
+            "PullImage"
+        );
+        assert_eq!(
+            method_label(method_index("/runtime.v1.RuntimeService/Version")),
+            "Version"
+        );
+        assert_eq!(
+            method_label(method_index("/runtime.v1.RuntimeService/NoSuch")),
+            "other"
+        );
         assert_eq!(method_label(method_index("/x.Y/PullImage")), "other");
     }
 
@@ -311,7 +344,11 @@ mod tests {
         m.upstream_latency(0, Duration::from_micros(300));
         m.decision("deny", "not_in_bundle");
         m.bundle_install("rejected", "rollback");
-        m.set_bundle(Some(BundleGauge { version: 7, issued_unix: 1000, expires_unix: 5000 }));
+        m.set_bundle(Some(BundleGauge {
+            version: 7,
+            issued_unix: 1000,
+            expires_unix: 5000,
+        }));
         let text = m.render(2000);
         for want in [
             "pullgate_calls_total{method=\"PullImage\",code=\"7\"} 2",

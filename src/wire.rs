@@ -30,7 +30,9 @@ pub enum WireError {
     },
     #[error("unbalanced group at byte {0}")]
     BadGroup(usize),
-    #[error("field {field} on the path has wire type {wire_type}, not a length-delimited message or string")]
+    #[error(
+        "field {field} on the path has wire type {wire_type}, not a length-delimited message or string"
+    )]
     NotLengthDelimited { field: u32, wire_type: u8 },
 }
 
@@ -239,7 +241,9 @@ fn set_into(msg: &[u8], path: &[u32], value: &[u8], out: &mut Vec<u8>) -> Result
 
 /// Length of the tag varint at the start of `buf` (already validated by the field walk).
 fn tag_len(buf: &[u8]) -> usize {
-    buf.iter().position(|b| b & 0x80 == 0).map_or(buf.len(), |i| i + 1)
+    buf.iter()
+        .position(|b| b & 0x80 == 0)
+        .map_or(buf.len(), |i| i + 1)
 }
 
 /// Appends `path` as freshly encoded nested messages holding `value`.
@@ -258,7 +262,10 @@ fn append_path(out: &mut Vec<u8>, path: &[u32], value: &[u8]) {
 /// Removes every occurrence of the field at `path` (the last number is the field to drop; the ones
 /// before it are enclosing messages, whose lengths are rewritten). Everything else is kept as is.
 pub fn remove_field(msg: &[u8], path: &[u32]) -> Result<Vec<u8>, WireError> {
-    assert!(!path.is_empty(), "remove_field needs a non-empty field path");
+    assert!(
+        !path.is_empty(),
+        "remove_field needs a non-empty field path"
+    );
     let mut out = Vec::with_capacity(msg.len());
     remove_into(msg, path, &mut out)?;
     Ok(out)
@@ -372,9 +379,11 @@ pub fn get_string<'a>(msg: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, W
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_cri::v1::{AuthConfig, ImageSpec, PodSandboxConfig, PodSandboxMetadata, PullImageRequest};
-    use prost::Message;
+    use k8s_cri::v1::{
+        AuthConfig, ImageSpec, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
+    };
     use proptest::prelude::*;
+    use prost::Message;
 
     /// Field path of `PullImageRequest.image.image`.
     const IMAGE_IMAGE: &[u32] = &[1, 1];
@@ -429,7 +438,10 @@ mod tests {
         assert_eq!(decoded, expected);
         // Only the ImageSpec changed: auth and sandbox_config bytes are identical slices.
         assert!(contains(&out, &req.auth.as_ref().unwrap().encode_to_vec()));
-        assert!(contains(&out, &req.sandbox_config.as_ref().unwrap().encode_to_vec()));
+        assert!(contains(
+            &out,
+            &req.sandbox_config.as_ref().unwrap().encode_to_vec()
+        ));
         assert_eq!(get_string(&out, IMAGE_IMAGE).unwrap(), Some(new.as_bytes()));
     }
 
@@ -451,7 +463,8 @@ mod tests {
         suffix.extend(key(1, WT_VARINT));
         suffix.push(5);
         suffix.extend(key(44, WT_EGROUP));
-        let spec_with = |image: &[u8]| [prefix.clone(), len_field(1, image), suffix.clone()].concat();
+        let spec_with =
+            |image: &[u8]| [prefix.clone(), len_field(1, image), suffix.clone()].concat();
         let msg_with = |image: &[u8]| {
             let mut msg = len_field(100, b"unknown top-level before");
             msg.extend(len_field(1, &spec_with(image)));
@@ -527,11 +540,18 @@ mod tests {
             (vec![0x0f], "wire type 7"),
             (vec![0x0c], "group"),
             (vec![0x0b, 0x08, 0x01], "group"),
-            (vec![0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01], "10 bytes"),
+            (
+                vec![
+                    0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+                ],
+                "10 bytes",
+            ),
             (vec![0x08, 0x01], "wire type 0"),
         ];
         for (bytes, want) in cases {
-            let e = set_string(&bytes, IMAGE_IMAGE, b"x").unwrap_err().to_string();
+            let e = set_string(&bytes, IMAGE_IMAGE, b"x")
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{bytes:?}: {e}");
         }
         // A nested message that is not well-formed is an error too.
@@ -555,7 +575,11 @@ mod tests {
         let decoded = PullImageRequest::decode(out.as_slice()).unwrap();
         assert!(decoded.image.as_ref().unwrap().annotations.is_empty());
         assert_eq!(decoded.image.unwrap().image, "nginx:1.25");
-        assert_eq!(remove_field(&req, &[99]).unwrap(), req, "absent field: unchanged");
+        assert_eq!(
+            remove_field(&req, &[99]).unwrap(),
+            req,
+            "absent field: unchanged"
+        );
     }
 
     #[test]

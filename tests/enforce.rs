@@ -28,7 +28,10 @@ fn digest(n: u8) -> String {
 /// payments program only, a warn-mode project, and a first-party prefix.
 fn bundle_json(version: u64, busybox_136: &str, expires_in: time::Duration) -> String {
     let now = OffsetDateTime::now_utc();
-    let fmt = |t: OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let fmt = |t: OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
     let prov = r#"{"license":"GPL-2.0-only","scans":[{"scanner":"trivy","version":"0.58.1","report":"sha256:6565656565656565656565656565656565656565656565656565656565656565","worst_severity":"low"}],"approved_by":"alice@corp.example","approved_at":"2026-01-01T00:00:00Z"}"#;
     format!(
         r#"{{
@@ -129,7 +132,11 @@ impl Env {
         }
         let node = Node::start(config.clone()).expect("node starts");
         node.poll_drop_dir();
-        let proxy = Proxy::new(node.upstream.clone(), node.enforcer.intercept_table(), node.metrics.clone());
+        let proxy = Proxy::new(
+            node.upstream.clone(),
+            node.enforcer.intercept_table(),
+            node.metrics.clone(),
+        );
         let reload_node = node.clone();
         let server = Server::bind_with(&config.server, proxy)
             .unwrap()
@@ -149,11 +156,15 @@ impl Env {
         }
     }
 
-    async fn images(&self) -> cri::image_service_client::ImageServiceClient<tonic::transport::Channel> {
+    async fn images(
+        &self,
+    ) -> cri::image_service_client::ImageServiceClient<tonic::transport::Channel> {
         image_client(cri_channel(&self.listen).await)
     }
 
-    async fn runtime(&self) -> cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel> {
+    async fn runtime(
+        &self,
+    ) -> cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel> {
         runtime_client(cri_channel(&self.listen).await)
     }
 
@@ -189,16 +200,28 @@ impl Env {
 fn drop_bundle(dir: &Path, name: &str, bundle: &str, sigs: &str) {
     let inc = dir.join("incoming");
     std::fs::write(inc.join(format!(".{name}.json.sig.tmp")), sigs).unwrap();
-    std::fs::rename(inc.join(format!(".{name}.json.sig.tmp")), inc.join(format!("{name}.json.sig"))).unwrap();
+    std::fs::rename(
+        inc.join(format!(".{name}.json.sig.tmp")),
+        inc.join(format!("{name}.json.sig")),
+    )
+    .unwrap();
     std::fs::write(inc.join(format!(".{name}.json.tmp")), bundle).unwrap();
-    std::fs::rename(inc.join(format!(".{name}.json.tmp")), inc.join(format!("{name}.json"))).unwrap();
+    std::fs::rename(
+        inc.join(format!(".{name}.json.tmp")),
+        inc.join(format!("{name}.json")),
+    )
+    .unwrap();
 }
 
 fn pull_request(image: &str, namespace: &str) -> cri::PullImageRequest {
     cri::PullImageRequest {
         image: Some(cri::ImageSpec {
             image: image.into(),
-            annotations: [("kubernetes.io/runtimehandler".to_string(), "runc".to_string())].into(),
+            annotations: [(
+                "kubernetes.io/runtimehandler".to_string(),
+                "runc".to_string(),
+            )]
+            .into(),
             user_specified_image: image.into(),
             runtime_handler: String::new(),
         }),
@@ -228,7 +251,10 @@ async fn pulls_are_pinned_rewritten_or_denied() {
     // Approved tag, by short name: rewritten to the mirror, pinned; every other field unchanged.
     let req = pull_request("busybox:1.36", "checkout");
     let resp = images.pull_image(req.clone()).await.unwrap().into_inner();
-    assert_eq!(resp.image_ref, format!("sha256:pulled-{}", pinned("busybox", &digest(1))));
+    assert_eq!(
+        resp.image_ref,
+        format!("sha256:pulled-{}", pinned("busybox", &digest(1)))
+    );
     let got = env.fake.observed.pulls.lock().unwrap()[0].clone();
     let mut want = req.clone();
     want.image.as_mut().unwrap().image = pinned("busybox", &digest(1));
@@ -236,12 +262,24 @@ async fn pulls_are_pinned_rewritten_or_denied() {
 
     // Approved bare digest; the private registry's own mirror reference; a first-party image.
     for (image, expected) in [
-        (format!("docker.io/library/busybox@{}", digest(2)), pinned("busybox", &digest(2))),
-        (format!("{PRIVATE}/approved/library/busybox:1.36"), pinned("busybox", &digest(1))),
-        (format!("{PRIVATE}/apps/shared/tool:2"), format!("{PRIVATE}/apps/shared/tool:2")),
+        (
+            format!("docker.io/library/busybox@{}", digest(2)),
+            pinned("busybox", &digest(2)),
+        ),
+        (
+            format!("{PRIVATE}/approved/library/busybox:1.36"),
+            pinned("busybox", &digest(1)),
+        ),
+        (
+            format!("{PRIVATE}/apps/shared/tool:2"),
+            format!("{PRIVATE}/apps/shared/tool:2"),
+        ),
         ("nginx:1.25".to_string(), pinned("nginx", &digest(3))),
     ] {
-        images.pull_image(pull_request(&image, "checkout")).await.unwrap();
+        images
+            .pull_image(pull_request(&image, "checkout"))
+            .await
+            .unwrap();
         assert_eq!(env.pulled().last().unwrap(), &expected, "{image}");
     }
     let before = env.pulled().len();
@@ -249,27 +287,61 @@ async fn pulls_are_pinned_rewritten_or_denied() {
     // Denials: nothing reaches containerd, and the message tells a person what to do.
     let cases = [
         ("busybox:1.37", "checkout", "tag_not_approved", "1.36"),
-        (&*format!("busybox@{}", digest(7)), "checkout", "digest_not_approved", "busybox"),
+        (
+            &*format!("busybox@{}", digest(7)),
+            "checkout",
+            "digest_not_approved",
+            "busybox",
+        ),
         ("alpine:3.19", "checkout", "not_in_bundle", "alpine"),
-        ("quay.io/evil/miner:latest", "checkout", "public_registry_blocked", "quay.io"),
+        (
+            "quay.io/evil/miner:latest",
+            "checkout",
+            "public_registry_blocked",
+            "quay.io",
+        ),
         ("nginx:1.25", "search", "out_of_scope", "nginx"),
-        ("UPPER/case:1", "checkout", "public_registry_blocked", "UPPER"),
+        (
+            "UPPER/case:1",
+            "checkout",
+            "public_registry_blocked",
+            "UPPER",
+        ),
         ("Busybox:1.36", "checkout", "invalid_reference", "Busybox"),
-        (&*format!("{PRIVATE}/apps/other/x:1"), "checkout", "not_in_bundle", "apps/other"),
+        (
+            &*format!("{PRIVATE}/apps/other/x:1"),
+            "checkout",
+            "not_in_bundle",
+            "apps/other",
+        ),
     ];
     for (image, ns, reason, words) in cases {
-        let e = images.pull_image(pull_request(image, ns)).await.unwrap_err();
+        let e = images
+            .pull_image(pull_request(image, ns))
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{image}: {e:?}");
         assert!(e.message().contains(words), "{image}: {}", e.message());
-        assert!(e.message().contains("v1"), "message names the bundle version: {}", e.message());
+        assert!(
+            e.message().contains("v1"),
+            "message names the bundle version: {}",
+            e.message()
+        );
         let last = env.audit_lines().pop().unwrap();
         assert_eq!(last["reason"], reason, "{image}");
         assert_eq!(last["decision"], "deny");
     }
-    assert_eq!(env.pulled().len(), before, "no denied pull reached containerd");
+    assert_eq!(
+        env.pulled().len(),
+        before,
+        "no denied pull reached containerd"
+    );
 
     // Warn-mode scope: forwarded as asked, recorded as a would-be denial.
-    images.pull_image(pull_request("alpine:3.19", "ledger")).await.unwrap();
+    images
+        .pull_image(pull_request("alpine:3.19", "ledger"))
+        .await
+        .unwrap();
     assert_eq!(env.pulled().last().unwrap(), "alpine:3.19");
     let last = env.audit_lines().pop().unwrap();
     assert_eq!(last["decision"], "warn");
@@ -304,14 +376,36 @@ async fn credentials_never_follow_a_redirect() {
     };
     // Redirected from docker.io to the private registry: the docker.io credentials are dropped.
     images.pull_image(with_auth("busybox:1.36")).await.unwrap();
-    let got = env.fake.observed.pulls.lock().unwrap().last().cloned().unwrap();
+    let got = env
+        .fake
+        .observed
+        .pulls
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
     assert_eq!(got.auth, None);
     // Same registry (first-party): the client's own credentials stay.
-    images.pull_image(with_auth(&format!("{PRIVATE}/apps/shared/tool:1"))).await.unwrap();
-    let got = env.fake.observed.pulls.lock().unwrap().last().cloned().unwrap();
+    images
+        .pull_image(with_auth(&format!("{PRIVATE}/apps/shared/tool:1")))
+        .await
+        .unwrap();
+    let got = env
+        .fake
+        .observed
+        .pulls
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
     assert_eq!(got.auth.unwrap().password, "hub-secret");
     let audit = std::fs::read_to_string(env.dir.join("state/audit.log")).unwrap();
-    assert!(!audit.contains("hub-secret") && !audit.contains("hub-user"), "no credentials in the audit log");
+    assert!(
+        !audit.contains("hub-secret") && !audit.contains("hub-user"),
+        "no credentials in the audit log"
+    );
     env.stop().await;
 
     // With private registry credentials configured, those are sent instead.
@@ -325,16 +419,29 @@ async fn credentials_never_follow_a_redirect() {
     .await;
     let mut images = env.images().await;
     images.pull_image(with_auth("busybox:1.36")).await.unwrap();
-    let got = env.fake.observed.pulls.lock().unwrap().last().cloned().unwrap();
+    let got = env
+        .fake
+        .observed
+        .pulls
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
     let auth = got.auth.expect("private credentials sent");
-    assert_eq!((auth.username.as_str(), auth.password.as_str()), ("pullgate", "corp-secret"));
+    assert_eq!(
+        (auth.username.as_str(), auth.password.as_str()),
+        ("pullgate", "corp-secret")
+    );
     env.stop().await;
 
     // A credentials file readable by others is refused at start, without printing its content.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("auth.toml");
     std::fs::write(&p, "username = \"u\"\npassword = \"leaky\"\n").unwrap();
-    let e = pullgate::enforce::RegistryAuth::load(&p).unwrap_err().to_string();
+    let e = pullgate::enforce::RegistryAuth::load(&p)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("chmod 600") && !e.contains("leaky"), "{e}");
 }
 
@@ -349,45 +456,120 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
         size: 1,
         ..Default::default()
     };
-    env.fake.observed.images.lock().unwrap().insert(pinned("busybox", &digest(1)), stored.clone());
+    env.fake
+        .observed
+        .images
+        .lock()
+        .unwrap()
+        .insert(pinned("busybox", &digest(1)), stored.clone());
     let status = |image: &str| cri::ImageStatusRequest {
-        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
         verbose: false,
     };
 
     // kubelet's presence check by the name in the pod spec finds the pinned image, named as users expect.
-    let got = images.image_status(status("busybox:1.36")).await.unwrap().into_inner().image.unwrap();
-    assert_eq!(env.fake.observed.image_statuses.lock().unwrap().last().unwrap(), &pinned("busybox", &digest(1)));
+    let got = images
+        .image_status(status("busybox:1.36"))
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .unwrap();
+    assert_eq!(
+        env.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap(),
+        &pinned("busybox", &digest(1))
+    );
     assert_eq!(got.id, stored.id);
-    assert_eq!(got.repo_tags, vec!["docker.io/library/busybox:1.36".to_string()]);
+    assert_eq!(
+        got.repo_tags,
+        vec!["docker.io/library/busybox:1.36".to_string()]
+    );
     assert_eq!(got.repo_digests, stored.repo_digests);
     // IDs and unapproved names pass through untouched.
     images.image_status(status(&digest(0xaa))).await.unwrap();
-    assert_eq!(env.fake.observed.image_statuses.lock().unwrap().last().unwrap(), &digest(0xaa));
+    assert_eq!(
+        env.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap(),
+        &digest(0xaa)
+    );
     images.image_status(status("alpine:3.19")).await.unwrap();
-    assert_eq!(env.fake.observed.image_statuses.lock().unwrap().last().unwrap(), "alpine:3.19");
+    assert_eq!(
+        env.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap(),
+        "alpine:3.19"
+    );
 
     // ListImages shows the source tags bound to each pinned image.
-    let listed = images.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner();
+    let listed = images
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(listed.images.len(), 1);
-    assert_eq!(listed.images[0].repo_tags, vec!["docker.io/library/busybox:1.36".to_string()]);
+    assert_eq!(
+        listed.images[0].repo_tags,
+        vec!["docker.io/library/busybox:1.36".to_string()]
+    );
 
     // RemoveImage by the user's name removes the pinned image.
     images
-        .remove_image(cri::RemoveImageRequest { image: status("busybox:1.36").image })
+        .remove_image(cri::RemoveImageRequest {
+            image: status("busybox:1.36").image,
+        })
         .await
         .unwrap();
-    assert_eq!(env.fake.observed.removals.lock().unwrap().last().unwrap(), &pinned("busybox", &digest(1)));
+    assert_eq!(
+        env.fake.observed.removals.lock().unwrap().last().unwrap(),
+        &pinned("busybox", &digest(1))
+    );
 
     // v2 moves busybox:1.36 to D4: the next status check misses (kubelet pulls), the pull gets D4.
     let b = bundle_json(2, &digest(4), time::Duration::days(30));
     let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
     drop_bundle(&env.dir, "v2", &b, &s);
     assert_eq!(env.node.poll_drop_dir(), 1);
-    let missing = images.image_status(status("busybox:1.36")).await.unwrap().into_inner();
-    assert!(missing.image.is_none(), "the old digest must not satisfy the moved tag");
-    assert_eq!(env.fake.observed.image_statuses.lock().unwrap().last().unwrap(), &pinned("busybox", &digest(4)));
-    images.pull_image(pull_request("busybox:1.36", "checkout")).await.unwrap();
+    let missing = images
+        .image_status(status("busybox:1.36"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        missing.image.is_none(),
+        "the old digest must not satisfy the moved tag"
+    );
+    assert_eq!(
+        env.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .unwrap(),
+        &pinned("busybox", &digest(4))
+    );
+    images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
     assert_eq!(env.pulled().last().unwrap(), &pinned("busybox", &digest(4)));
     env.stop().await;
 }
@@ -397,15 +579,27 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     let mut rt = env.runtime().await;
     let known = |id: u8, repo_digests: Vec<String>| {
-        let img = cri::Image { id: digest(id), repo_digests, ..Default::default() };
-        env.fake.observed.images.lock().unwrap().insert(digest(id), img);
+        let img = cri::Image {
+            id: digest(id),
+            repo_digests,
+            ..Default::default()
+        };
+        env.fake
+            .observed
+            .images
+            .lock()
+            .unwrap()
+            .insert(digest(id), img);
         digest(id)
     };
     let approved = known(0xa1, vec![pinned("busybox", &digest(1))]);
     let imported = known(0xa2, vec![format!("docker.io/library/miner@{}", digest(8))]);
     let payments_only = known(0xa3, vec![pinned("nginx", &digest(3))]);
     // Imported out of band under an approved name, but with other content: still denied.
-    let spoofed = known(0xa4, vec![format!("docker.io/library/busybox@{}", digest(9))]);
+    let spoofed = known(
+        0xa4,
+        vec![format!("docker.io/library/busybox@{}", digest(9))],
+    );
 
     let create = |image: &str, ns: &str| cri::CreateContainerRequest {
         pod_sandbox_id: "sb".into(),
@@ -419,22 +613,40 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         }),
         sandbox_config: Some(pull_request("x", ns).sandbox_config.unwrap()),
     };
-    rt.create_container(create(&approved, "checkout")).await.unwrap();
-    rt.create_container(create(&payments_only, "checkout")).await.unwrap();
+    rt.create_container(create(&approved, "checkout"))
+        .await
+        .unwrap();
+    rt.create_container(create(&payments_only, "checkout"))
+        .await
+        .unwrap();
     assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 2);
-    for (image, ns) in [(&imported, "checkout"), (&payments_only, "search"), (&spoofed, "checkout"), (&digest(0xee), "checkout")] {
+    for (image, ns) in [
+        (&imported, "checkout"),
+        (&payments_only, "search"),
+        (&spoofed, "checkout"),
+        (&digest(0xee), "checkout"),
+    ] {
         let e = rt.create_container(create(image, ns)).await.unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied, "{image} in {ns}: {e:?}");
         assert!(e.message().contains("as-in-pod-spec:1"), "{}", e.message());
     }
-    assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 2, "denied starts never reach containerd");
+    assert_eq!(
+        env.fake.observed.creates.lock().unwrap().len(),
+        2,
+        "denied starts never reach containerd"
+    );
     let last = env.audit_lines().pop().unwrap();
     assert_eq!(last["method"], "CreateContainer");
     assert_eq!(last["decision"], "deny");
     // A second start of an allowed image is served from the cache (no new lookup).
     let lookups = env.fake.observed.image_statuses.lock().unwrap().len();
-    rt.create_container(create(&approved, "checkout")).await.unwrap();
-    assert_eq!(env.fake.observed.image_statuses.lock().unwrap().len(), lookups);
+    rt.create_container(create(&approved, "checkout"))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake.observed.image_statuses.lock().unwrap().len(),
+        lookups
+    );
     env.stop().await;
 }
 
@@ -443,13 +655,23 @@ async fn without_a_bundle_pulls_and_starts_fail_closed_and_the_rest_works() {
     let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
     let mut images = env.images().await;
     let mut rt = env.runtime().await;
-    let e = images.pull_image(pull_request("busybox:1.36", "checkout")).await.unwrap_err();
+    let e = images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("no valid allowlist bundle"), "{}", e.message());
+    assert!(
+        e.message().contains("no valid allowlist bundle"),
+        "{}",
+        e.message()
+    );
     let e = rt
         .create_container(cri::CreateContainerRequest {
             config: Some(cri::ContainerConfig {
-                image: Some(cri::ImageSpec { image: digest(1), ..Default::default() }),
+                image: Some(cri::ImageSpec {
+                    image: digest(1),
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -459,19 +681,37 @@ async fn without_a_bundle_pulls_and_starts_fail_closed_and_the_rest_works() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(env.pulled().is_empty() && env.fake.observed.creates.lock().unwrap().is_empty());
     // kubelet can still see and stop things.
-    assert_eq!(rt.version(cri::VersionRequest::default()).await.unwrap().into_inner().runtime_name, "fake-cri");
-    rt.list_containers(cri::ListContainersRequest::default()).await.unwrap();
-    images.list_images(cri::ListImagesRequest::default()).await.unwrap();
+    assert_eq!(
+        rt.version(cri::VersionRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .runtime_name,
+        "fake-cri"
+    );
+    rt.list_containers(cri::ListContainersRequest::default())
+        .await
+        .unwrap();
+    images
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap();
     assert!(env.node.ready().await.is_err());
     env.stop().await;
 
     // Node-level warn mode (the packaged default for rollout): nothing is blocked, all is recorded.
     let env = Env::start(false, NodeMode::Warn, |_, _| {}).await;
     let mut images = env.images().await;
-    images.pull_image(pull_request("busybox:1.36", "checkout")).await.unwrap();
+    images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
     assert_eq!(env.pulled(), vec!["busybox:1.36".to_string()]);
     let last = env.audit_lines().pop().unwrap();
-    assert_eq!((last["decision"].as_str(), last["reason"].as_str()), (Some("warn"), Some("no_valid_bundle")));
+    assert_eq!(
+        (last["decision"].as_str(), last["reason"].as_str()),
+        (Some("warn"), Some("no_valid_bundle"))
+    );
     env.stop().await;
 }
 
@@ -481,26 +721,64 @@ async fn rejected_bundles_change_nothing() {
     let k = &env.keys;
     let good_v3 = bundle_json(3, &digest(5), time::Duration::days(30));
     let cases = [
-        ("badsig", good_v3.clone(), k.sign(&good_v3.replace("tests@", "evil@"), &[&k.alice, &k.bob])),
-        ("unknown", good_v3.clone(), k.sign(&good_v3, &[&k.alice, &k.mallory])),
+        (
+            "badsig",
+            good_v3.clone(),
+            k.sign(&good_v3.replace("tests@", "evil@"), &[&k.alice, &k.bob]),
+        ),
+        (
+            "unknown",
+            good_v3.clone(),
+            k.sign(&good_v3, &[&k.alice, &k.mallory]),
+        ),
         ("one", good_v3.clone(), k.sign(&good_v3, &[&k.alice])),
-        ("expired", bundle_json(4, &digest(5), time::Duration::minutes(-5)), String::new()),
-        ("rollback", bundle_json(1, &digest(5), time::Duration::days(30)), String::new()),
+        (
+            "expired",
+            bundle_json(4, &digest(5), time::Duration::minutes(-5)),
+            String::new(),
+        ),
+        (
+            "rollback",
+            bundle_json(1, &digest(5), time::Duration::days(30)),
+            String::new(),
+        ),
     ];
     for (name, bundle, sigs) in cases {
-        let sigs = if sigs.is_empty() { k.sign(&bundle, &[&k.alice, &k.bob]) } else { sigs };
+        let sigs = if sigs.is_empty() {
+            k.sign(&bundle, &[&k.alice, &k.bob])
+        } else {
+            sigs
+        };
         drop_bundle(&env.dir, name, &bundle, &sigs);
         assert_eq!(env.node.poll_drop_dir(), 0, "{name} must be rejected");
-        let reason = std::fs::read_to_string(env.dir.join(format!("incoming/{name}.json.rejected.reason"))).unwrap();
+        let reason = std::fs::read_to_string(
+            env.dir
+                .join(format!("incoming/{name}.json.rejected.reason")),
+        )
+        .unwrap();
         assert!(!reason.trim().is_empty(), "{name}: a reason is written");
-        assert_eq!(env.node.state.current().unwrap().version, 1, "{name}: v1 stays in force");
+        assert_eq!(
+            env.node.state.current().unwrap().version,
+            1,
+            "{name}: v1 stays in force"
+        );
     }
     let metrics = env.node.metrics.render(0);
-    assert!(metrics.contains("pullgate_bundle_installs_total{result=\"rejected\",reason=\"rollback\"} 1"), "{metrics}");
-    assert!(metrics.contains("reason=\"expired\"") && metrics.contains("pullgate_bundle_version 1"), "{metrics}");
+    assert!(
+        metrics
+            .contains("pullgate_bundle_installs_total{result=\"rejected\",reason=\"rollback\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("reason=\"expired\"") && metrics.contains("pullgate_bundle_version 1"),
+        "{metrics}"
+    );
     // And v1 still enforces.
     let mut images = env.images().await;
-    images.pull_image(pull_request("busybox:1.36", "checkout")).await.unwrap();
+    images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
     assert_eq!(env.pulled().last().unwrap(), &pinned("busybox", &digest(1)));
     env.stop().await;
 }
@@ -514,7 +792,10 @@ async fn bundle_swap_under_200_concurrent_calls_fails_none() {
         let ch = ch.clone();
         tasks.spawn(async move {
             let ns = if i % 2 == 0 { "checkout" } else { "search" };
-            image_client(ch).pull_image(pull_request("busybox:1.36", ns)).await.map(|_| ())
+            image_client(ch)
+                .pull_image(pull_request("busybox:1.36", ns))
+                .await
+                .map(|_| ())
         });
         if i == 100 {
             let b = bundle_json(2, &digest(4), time::Duration::days(30));
@@ -522,7 +803,9 @@ async fn bundle_swap_under_200_concurrent_calls_fails_none() {
             drop_bundle(&env.dir, "v2", &b, &s);
             let node = env.node.clone();
             tasks.spawn(async move {
-                tokio::task::spawn_blocking(move || assert_eq!(node.poll_drop_dir(), 1)).await.unwrap();
+                tokio::task::spawn_blocking(move || assert_eq!(node.poll_drop_dir(), 1))
+                    .await
+                    .unwrap();
                 Ok(())
             });
         }
@@ -533,10 +816,17 @@ async fn bundle_swap_under_200_concurrent_calls_fails_none() {
     assert_eq!(env.node.state.current().unwrap().version, 2);
     let pulled = env.pulled();
     assert_eq!(pulled.len(), 200);
-    assert!(pulled.iter().all(|p| *p == pinned("busybox", &digest(1)) || *p == pinned("busybox", &digest(4))));
+    assert!(
+        pulled
+            .iter()
+            .all(|p| *p == pinned("busybox", &digest(1)) || *p == pinned("busybox", &digest(4)))
+    );
     // After the swap, every new call uses v2.
     let mut images = env.images().await;
-    images.pull_image(pull_request("busybox:1.36", "checkout")).await.unwrap();
+    images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
     assert_eq!(env.pulled().last().unwrap(), &pinned("busybox", &digest(4)));
     env.stop().await;
 }
@@ -550,12 +840,21 @@ async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     let trust = pullgate::policy::Trust::from_toml(&env.keys.trust_toml()).unwrap();
     env.node
         .store
-        .install(b.as_bytes(), s.as_bytes(), &trust, OffsetDateTime::now_utc(), Path::new("v5.json"))
+        .install(
+            b.as_bytes(),
+            s.as_bytes(),
+            &trust,
+            OffsetDateTime::now_utc(),
+            Path::new("v5.json"),
+        )
         .unwrap();
     env.control.send(Control::Reload).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while env.node.state.current().unwrap().version != 5 {
-        assert!(std::time::Instant::now() < deadline, "reload did not swap in v5");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload did not swap in v5"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A restarted node loads the same last-known-good bundle.
@@ -568,7 +867,12 @@ async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     assert!(p.contains("not in the private registry"), "{p}");
     *env.fake.observed.sandbox_image.lock().unwrap() = pinned("busybox", &digest(2));
     env.node.check_sandbox_image().await.unwrap();
-    assert!(env.node.metrics.render(0).contains("pullgate_sandbox_image_approved 1"));
+    assert!(
+        env.node
+            .metrics
+            .render(0)
+            .contains("pullgate_sandbox_image_approved 1")
+    );
     let status = env.node.status_json();
     assert_eq!(status["bundle"]["version"], 5);
     assert_eq!(status["mode"], "enforce");

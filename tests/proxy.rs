@@ -66,57 +66,120 @@ async fn unary_runtime_and_image_calls_equal_direct() {
     let (mut rd, mut rv) = (runtime_client(direct.clone()), runtime_client(via.clone()));
     let (mut id, mut iv) = (image_client(direct), image_client(via));
 
-    let v = cri::VersionRequest { version: "v1".into() };
+    let v = cri::VersionRequest {
+        version: "v1".into(),
+    };
     assert_eq!(
         rd.version(v.clone()).await.unwrap().into_inner(),
         rv.version(v).await.unwrap().into_inner()
     );
     assert_eq!(
-        rd.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner(),
-        rv.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner()
+        rd.status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner(),
+        rv.status(cri::StatusRequest { verbose: true })
+            .await
+            .unwrap()
+            .into_inner()
     );
     let lc = cri::ListContainersRequest::default();
     let got = rv.list_containers(lc.clone()).await.unwrap().into_inner();
     assert_eq!(got.containers.len(), 3);
     assert_eq!(rd.list_containers(lc).await.unwrap().into_inner(), got);
 
-    let li = id.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner();
+    let li = id
+        .list_images(cri::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(li.images.len(), 2);
-    assert_eq!(iv.list_images(cri::ListImagesRequest::default()).await.unwrap().into_inner(), li);
+    assert_eq!(
+        iv.list_images(cri::ListImagesRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+        li
+    );
     for name in ["docker.io/library/busybox:1.36", "missing:latest"] {
-        let req = cri::ImageStatusRequest { image: image_spec(name), verbose: false };
+        let req = cri::ImageStatusRequest {
+            image: image_spec(name),
+            verbose: false,
+        };
         let d = id.image_status(req.clone()).await.unwrap().into_inner();
-        assert_eq!(iv.image_status(req).await.unwrap().into_inner(), d, "{name}");
+        assert_eq!(
+            iv.image_status(req).await.unwrap().into_inner(),
+            d,
+            "{name}"
+        );
     }
     assert_eq!(
-        iv.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner(),
-        id.image_fs_info(cri::ImageFsInfoRequest {}).await.unwrap().into_inner()
+        iv.image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+        id.image_fs_info(cri::ImageFsInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     );
     // PullImage is intercepted (decoded, logged) and forwarded with every field intact.
     let pull = cri::PullImageRequest {
         image: image_spec("nginx:1.25"),
-        auth: Some(cri::AuthConfig { username: "u".into(), password: "secret".into(), ..Default::default() }),
+        auth: Some(cri::AuthConfig {
+            username: "u".into(),
+            password: "secret".into(),
+            ..Default::default()
+        }),
         sandbox_config: Some(cri::PodSandboxConfig {
-            metadata: Some(cri::PodSandboxMetadata { name: "web".into(), namespace: "shop".into(), ..Default::default() }),
+            metadata: Some(cri::PodSandboxMetadata {
+                name: "web".into(),
+                namespace: "shop".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
     };
     let resp = iv.pull_image(pull.clone()).await.unwrap().into_inner();
     assert_eq!(resp.image_ref, "sha256:pulled-nginx:1.25");
     assert_eq!(fake.observed.pulls.lock().unwrap().as_slice(), &[pull]);
-    iv.remove_image(cri::RemoveImageRequest { image: image_spec("nginx:1.25") }).await.unwrap();
+    iv.remove_image(cri::RemoveImageRequest {
+        image: image_spec("nginx:1.25"),
+    })
+    .await
+    .unwrap();
 
     // Errors keep code, message (with non-ASCII and %), and metadata.
-    let e = rv.remove_container(cri::RemoveContainerRequest { container_id: "c9".into() }).await.unwrap_err();
-    let d = rd.remove_container(cri::RemoveContainerRequest { container_id: "c9".into() }).await.unwrap_err();
+    let e = rv
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: "c9".into(),
+        })
+        .await
+        .unwrap_err();
+    let d = rd
+        .remove_container(cri::RemoveContainerRequest {
+            container_id: "c9".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
     assert_eq!(e.message(), "container \"c9\" not found: ünïcode & 100%");
     assert_eq!(e.message(), d.message());
-    assert_eq!(e.metadata().get("x-fake-detail").unwrap(), "removed-elsewhere");
+    assert_eq!(
+        e.metadata().get("x-fake-detail").unwrap(),
+        "removed-elsewhere"
+    );
     // A method the fake does not implement: the upstream's own UNIMPLEMENTED comes through.
-    let e = rv.run_pod_sandbox(cri::RunPodSandboxRequest::default()).await.unwrap_err();
+    let e = rv
+        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
-    assert!(e.message().contains("fake: run_pod_sandbox"), "{}", e.message());
+    assert!(
+        e.message().contains("fake: run_pod_sandbox"),
+        "{}",
+        e.message()
+    );
 
     pg.stop().await;
     upstream.stop().await;
@@ -130,10 +193,18 @@ async fn server_stream_is_relayed_message_by_message() {
     let pg = Pullgate::start(dir.path(), &upstream.path, Duration::from_secs(1));
     let mut rv = runtime_client(cri_channel(&pg.listen).await);
 
-    let mut stream = rv.get_container_events(cri::GetEventsRequest {}).await.unwrap().into_inner();
+    let mut stream = rv
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     // Each event arrives before the next one is even produced: nothing is buffered on the way.
     for i in 0..20 {
-        let ev = cri::ContainerEventResponse { container_id: format!("c{i}"), created_at: i, ..Default::default() };
+        let ev = cri::ContainerEventResponse {
+            container_id: format!("c{i}"),
+            created_at: i,
+            ..Default::default()
+        };
         events.send(ev.clone()).await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), stream.message())
             .await
@@ -157,7 +228,11 @@ async fn server_stream_is_relayed_message_by_message() {
 async fn raw_bytes_headers_and_trailers_survive_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     // A response message with fields no binding knows (field 15 and 99), custom headers, trailers.
-    let mut response_msg = cri::VersionResponse { version: "0.1".into(), ..Default::default() }.encode_to_vec();
+    let mut response_msg = cri::VersionResponse {
+        version: "0.1".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
     response_msg.extend_from_slice(&[0x7a, 0x03, b'n', b'e', b'w', 0x98, 0x06, 0x2a]);
     let mut headers = HeaderMap::new();
     headers.insert("content-type", "application/grpc+proto".parse().unwrap());
@@ -180,7 +255,11 @@ async fn raw_bytes_headers_and_trailers_survive_both_ways() {
     let pg = Pullgate::start(dir.path(), &upstream_path, Duration::from_secs(1));
 
     // Request with unknown fields, on a forwarded method, an intercepted method, and unknown paths.
-    let mut req_msg = cri::PullImageRequest { image: image_spec("busybox"), ..Default::default() }.encode_to_vec();
+    let mut req_msg = cri::PullImageRequest {
+        image: image_spec("busybox"),
+        ..Default::default()
+    }
+    .encode_to_vec();
     req_msg.extend_from_slice(&[0xfa, 0x3e, 0x02, 0xde, 0xad, 0xc0, 0x3e, 0x01]); // fields 1007 (bytes), 1000 (varint)
     for path in [
         "/runtime.v1.RuntimeService/Version",
@@ -195,9 +274,18 @@ async fn raw_bytes_headers_and_trailers_survive_both_ways() {
         let uri = format!("http://localhost{path}");
         let resp = raw_call(&pg.listen, &uri, h.clone(), frame(&req_msg)).await;
 
-        let got = raw.recorded.lock().unwrap().pop().expect("upstream saw the call");
+        let got = raw
+            .recorded
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("upstream saw the call");
         assert_eq!(got.uri.path(), path);
-        assert_eq!(got.uri.authority().map(|a| a.as_str()), Some("localhost"), "{path}");
+        assert_eq!(
+            got.uri.authority().map(|a| a.as_str()),
+            Some("localhost"),
+            "{path}"
+        );
         assert_eq!(got.body, frame(&req_msg), "{path}: request bytes changed");
         // The test client itself sends content-length (its body has a known size); it is kept too.
         let mut sent = h.clone();
@@ -207,7 +295,10 @@ async fn raw_bytes_headers_and_trailers_survive_both_ways() {
         assert_eq!(resp.status, 200);
         assert_eq!(resp.headers["x-upstream-header"], "kept");
         assert_eq!(resp.headers["content-type"], "application/grpc+proto");
-        assert!(resp.headers.get("date").is_none(), "pullgate must not add headers");
+        assert!(
+            resp.headers.get("date").is_none(),
+            "pullgate must not add headers"
+        );
         assert_eq!(resp.body, framed, "{path}: response bytes changed");
         let t = resp.trailers.expect("trailers");
         assert_eq!(t["grpc-status"], "0");
@@ -224,13 +315,30 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     headers.insert("grpc-status", "5".parse().unwrap());
     headers.insert("grpc-message", "no%20such%20thing".parse().unwrap());
     let p = dir.path().join("raw.sock");
-    let _raw = RawUpstream::serve(&p, Script { headers, chunks: vec![], trailers: None, echo: false });
+    let _raw = RawUpstream::serve(
+        &p,
+        Script {
+            headers,
+            chunks: vec![],
+            trailers: None,
+            echo: false,
+        },
+    );
     let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
-    let resp = raw_call(&pg.listen, "http://localhost/runtime.v1.RuntimeService/Version", grpc_headers(), frame(b"")).await;
+    let resp = raw_call(
+        &pg.listen,
+        "http://localhost/runtime.v1.RuntimeService/Version",
+        grpc_headers(),
+        frame(b""),
+    )
+    .await;
     assert_eq!(resp.headers["grpc-status"], "5");
     assert_eq!(resp.headers["grpc-message"], "no%20such%20thing");
     assert!(resp.body.is_empty());
-    assert!(resp.trailers.is_none(), "a trailers-only answer must stay trailers-only");
+    assert!(
+        resp.trailers.is_none(),
+        "a trailers-only answer must stay trailers-only"
+    );
     pg.stop().await;
 
     // Echo server: a 16 MiB message through a forwarded method and back.
@@ -240,16 +348,42 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     trailers.insert("grpc-status", "0".parse().unwrap());
     let mut h = HeaderMap::new();
     h.insert("content-type", "application/grpc".parse().unwrap());
-    let _raw = RawUpstream::serve(&p, Script { headers: h, chunks: vec![], trailers: Some(trailers), echo: true });
+    let _raw = RawUpstream::serve(
+        &p,
+        Script {
+            headers: h,
+            chunks: vec![],
+            trailers: Some(trailers),
+            echo: true,
+        },
+    );
     let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
-    let big: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-    let resp = raw_call(&pg.listen, "http://localhost/runtime.v1.RuntimeService/ListContainers", grpc_headers(), frame(&big)).await;
+    let big: Vec<u8> = (0..16 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let resp = raw_call(
+        &pg.listen,
+        "http://localhost/runtime.v1.RuntimeService/ListContainers",
+        grpc_headers(),
+        frame(&big),
+    )
+    .await;
     assert_eq!(resp.body.len(), big.len() + 5);
     assert!(resp.body[5..] == big[..], "16 MiB body corrupted");
     // The same size on an intercepted method is read whole and forwarded.
-    let msg = cri::ImageStatusRequest { image: image_spec(&"x".repeat(16 * 1024 * 1024 - 16)), verbose: false }.encode_to_vec();
+    let msg = cri::ImageStatusRequest {
+        image: image_spec(&"x".repeat(16 * 1024 * 1024 - 16)),
+        verbose: false,
+    }
+    .encode_to_vec();
     assert!(msg.len() <= 16 * 1024 * 1024);
-    let resp = raw_call(&pg.listen, "http://localhost/runtime.v1.ImageService/ImageStatus", grpc_headers(), frame(&msg)).await;
+    let resp = raw_call(
+        &pg.listen,
+        "http://localhost/runtime.v1.ImageService/ImageStatus",
+        grpc_headers(),
+        frame(&msg),
+    )
+    .await;
     assert_eq!(resp.trailers.unwrap()["grpc-status"], "0");
     assert_eq!(resp.body, frame(&msg));
     pg.stop().await;
@@ -267,12 +401,19 @@ async fn two_hundred_concurrent_calls() {
         let ch = ch.clone();
         tasks.spawn(async move {
             if i % 2 == 0 {
-                let v = runtime_client(ch).version(cri::VersionRequest { version: format!("v{i}") }).await?;
+                let v = runtime_client(ch)
+                    .version(cri::VersionRequest {
+                        version: format!("v{i}"),
+                    })
+                    .await?;
                 assert_eq!(v.into_inner().version, format!("v{i}"));
             } else {
                 let name = format!("docker.io/library/app{i}:1");
                 let s = image_client(ch)
-                    .image_status(cri::ImageStatusRequest { image: image_spec(&name), verbose: false })
+                    .image_status(cri::ImageStatusRequest {
+                        image: image_spec(&name),
+                        verbose: false,
+                    })
                     .await?;
                 assert_eq!(s.into_inner().image.unwrap().repo_tags, vec![name]);
             }
@@ -297,9 +438,16 @@ async fn upstream_down_gives_unavailable_then_recovers() {
     // Nothing listens yet: pullgate starts anyway and answers UNAVAILABLE naming the socket.
     let pg = Pullgate::start(dir.path(), &cri_path, Duration::from_secs(5));
     let mut rv = runtime_client(cri_channel(&pg.listen).await);
-    let e = rv.version(cri::VersionRequest::default()).await.unwrap_err();
+    let e = rv
+        .version(cri::VersionRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable);
-    assert!(e.message().contains(cri_path.to_str().unwrap()), "{}", e.message());
+    assert!(
+        e.message().contains(cri_path.to_str().unwrap()),
+        "{}",
+        e.message()
+    );
 
     let (fake, _ev) = FakeCri::new();
     let up = fake.serve(&cri_path);
@@ -307,13 +455,21 @@ async fn upstream_down_gives_unavailable_then_recovers() {
     // Kill the upstream: calls fail with UNAVAILABLE, pullgate stays up.
     up.stop().await;
     for _ in 0..3 {
-        let e = rv.version(cri::VersionRequest::default()).await.unwrap_err();
+        let e = rv
+            .version(cri::VersionRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     }
     // Restart it: the same client connection to pullgate works again, no pullgate restart.
     let (fake2, _ev2) = FakeCri::new();
     let up2 = fake2.serve(&cri_path);
-    let v = rv.version(cri::VersionRequest { version: "again".into() }).await.unwrap();
+    let v = rv
+        .version(cri::VersionRequest {
+            version: "again".into(),
+        })
+        .await
+        .unwrap();
     assert_eq!(v.into_inner().version, "again");
     assert_eq!(fake2.observed.calls.load(Ordering::Relaxed), 1);
     pg.stop().await;
@@ -329,12 +485,20 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     let listen = pg.listen.clone();
     let mut rv = runtime_client(cri_channel(&listen).await);
     let slow = tokio::spawn(async move {
-        rv.exec_sync(cri::ExecSyncRequest { container_id: "c".into(), cmd: vec!["done".into()], timeout: 800 }).await
+        rv.exec_sync(cri::ExecSyncRequest {
+            container_id: "c".into(),
+            cmd: vec!["done".into()],
+            timeout: 800,
+        })
+        .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = std::time::Instant::now();
     let summary = pg.stop().await;
-    let resp = slow.await.unwrap().expect("in-flight call completes during the drain");
+    let resp = slow
+        .await
+        .unwrap()
+        .expect("in-flight call completes during the drain");
     assert_eq!(resp.into_inner().stdout, b"done");
     assert_eq!(summary.aborted_connections, 0);
     assert!(started.elapsed() < Duration::from_secs(3));
@@ -347,10 +511,17 @@ async fn graceful_shutdown_drains_in_flight_calls() {
     let upstream2 = fake.serve(&dir.path().join("cri2.sock"));
     let pg = Pullgate::start(dir.path(), &upstream2.path, Duration::from_millis(300));
     let mut rv = runtime_client(cri_channel(&pg.listen).await);
-    let mut stream = rv.get_container_events(cri::GetEventsRequest {}).await.unwrap().into_inner();
+    let mut stream = rv
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let summary = pg.stop().await;
     assert_eq!(summary.aborted_connections, 1);
-    assert!(stream.message().await.is_err(), "stream must end with an error after the grace");
+    assert!(
+        stream.message().await.is_err(),
+        "stream must end with an error after the grace"
+    );
     upstream.stop().await;
     upstream2.stop().await;
 }
@@ -362,16 +533,26 @@ async fn deadlines_and_cancellation_propagate() {
     let upstream = fake.serve(&dir.path().join("cri.sock"));
     let pg = Pullgate::start(dir.path(), &upstream.path, Duration::from_secs(1));
     // grpc-timeout travels to the upstream, which enforces it: same status as a direct call.
-    let exec = cri::ExecSyncRequest { timeout: 3000, ..Default::default() }.encode_to_vec();
+    let exec = cri::ExecSyncRequest {
+        timeout: 3000,
+        ..Default::default()
+    }
+    .encode_to_vec();
     let uri = "http://localhost/runtime.v1.RuntimeService/ExecSync";
     let mut h = grpc_headers();
     h.insert("grpc-timeout", "200m".parse().unwrap());
     let started = std::time::Instant::now();
     let via = raw_call(&pg.listen, uri, h.clone(), frame(&exec)).await;
-    assert!(started.elapsed() < Duration::from_secs(2), "deadline not enforced");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "deadline not enforced"
+    );
     let direct = raw_call(&upstream.path, uri, h, frame(&exec)).await;
     let status = |r: &RawResponse| {
-        r.headers.get("grpc-status").or(r.trailers.as_ref().and_then(|t| t.get("grpc-status"))).cloned()
+        r.headers
+            .get("grpc-status")
+            .or(r.trailers.as_ref().and_then(|t| t.get("grpc-status")))
+            .cloned()
     };
     assert_ne!(status(&via).unwrap(), "0");
     assert_eq!(status(&via), status(&direct));
@@ -381,8 +562,15 @@ async fn deadlines_and_cancellation_propagate() {
     // A client that gives up (drops the call) cancels the upstream call too.
     fake.observed.cancelled.store(false, Ordering::SeqCst);
     let mut rv = runtime_client(cri_channel(&pg.listen).await);
-    let call = rv.exec_sync(cri::ExecSyncRequest { timeout: 3000, ..Default::default() });
-    assert!(tokio::time::timeout(Duration::from_millis(200), call).await.is_err());
+    let call = rv.exec_sync(cri::ExecSyncRequest {
+        timeout: 3000,
+        ..Default::default()
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), call)
+            .await
+            .is_err()
+    );
     wait_for(|| fake.observed.cancelled.load(Ordering::SeqCst)).await;
     assert!(!fake.observed.completed.load(Ordering::SeqCst));
     pg.stop().await;
@@ -398,7 +586,9 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
 
     // HTTP/1 request: a plain-text 505 that says what the socket speaks.
     let mut s = UnixStream::connect(&pg.listen).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 505"), "{out}");
@@ -406,7 +596,9 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
 
     // Random bytes: an HTTP/2 GOAWAY with PROTOCOL_ERROR and a reason.
     let mut s = UnixStream::connect(&pg.listen).await.unwrap();
-    s.write_all(b"\x16\x03\x01\x00\xa5random bytes that are not http2 at all").await.unwrap();
+    s.write_all(b"\x16\x03\x01\x00\xa5random bytes that are not http2 at all")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.unwrap();
     assert_eq!(out[3], 7, "GOAWAY frame type");
@@ -428,7 +620,13 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
         assert!(msg.contains("PullImage"), "{msg}");
     };
     // Malformed gRPC frame: announced length does not match.
-    let r = raw_call(&pg.listen, pull, grpc_headers(), Bytes::from_static(b"\0\0\0\0\x09abc")).await;
+    let r = raw_call(
+        &pg.listen,
+        pull,
+        grpc_headers(),
+        Bytes::from_static(b"\0\0\0\0\x09abc"),
+    )
+    .await;
     expect(&r, "3", "announces 9 bytes");
     // Valid frame, but not a protobuf PullImageRequest.
     let r = raw_call(&pg.listen, pull, grpc_headers(), frame(b"\x0a\x05ab")).await;
@@ -443,11 +641,23 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
     let r = raw_call(&pg.listen, pull, h, Bytes::from_static(b"\x01\0\0\0\x02ab")).await;
     expect(&r, "12", "compressed");
     assert_eq!(r.headers["grpc-accept-encoding"], "identity");
-    assert!(fake.observed.pulls.lock().unwrap().is_empty(), "no bad request reached containerd");
+    assert!(
+        fake.observed.pulls.lock().unwrap().is_empty(),
+        "no bad request reached containerd"
+    );
 
     // After all that, the daemon still serves.
     let mut rv = runtime_client(cri_channel(&pg.listen).await);
-    assert_eq!(rv.version(cri::VersionRequest { version: "ok".into() }).await.unwrap().into_inner().version, "ok");
+    assert_eq!(
+        rv.version(cri::VersionRequest {
+            version: "ok".into()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version,
+        "ok"
+    );
     pg.stop().await;
     upstream.stop().await;
 }
@@ -455,7 +665,10 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
 async fn wait_for(cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     while !cond() {
-        assert!(std::time::Instant::now() < deadline, "condition not reached within 3s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached within 3s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -465,7 +678,7 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() + 1 && i + 2 <= b.len() - 1 {
+        if b[i] == b'%' && i + 2 < b.len() {
             out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
             i += 3;
         } else {

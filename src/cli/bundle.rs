@@ -46,7 +46,12 @@ pub enum BundleCommand {
     /// only if newer), then tell the running daemon to enforce it.
     Install {
         /// pullgate's configuration file (for the trust file and the state directory).
-        #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/pullgate/config.toml")]
+        #[arg(
+            long,
+            short = 'c',
+            value_name = "PATH",
+            default_value = "/etc/pullgate/config.toml"
+        )]
         config: PathBuf,
         /// Signature file (default: BUNDLE.sig).
         #[arg(long, value_name = "PATH")]

@@ -53,7 +53,12 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ConfigArg {
     /// Path of the TOML configuration file.
-    #[arg(long, short = 'c', value_name = "PATH", default_value = "/etc/pullgate/config.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "PATH",
+        default_value = "/etc/pullgate/config.toml"
+    )]
     pub config: PathBuf,
 }
 
@@ -85,6 +90,8 @@ pub fn main() -> ExitCode {
         Command::Keygen(args) => bundle::keygen(&args),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Explain(args) => explain::run(&args),
-        Command::Status(args) => crate::daemon::admin::status_command(&args.config.config, args.json),
+        Command::Status(args) => {
+            crate::daemon::admin::status_command(&args.config.config, args.json)
+        }
     }
 }

@@ -77,14 +77,23 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
         Some(b) => {
             println!(
                 "bundle:    v{} issued by {} at {}",
-                b["version"], b["issuer"].as_str().unwrap_or("?"), b["issued_at"].as_str().unwrap_or("?")
+                b["version"],
+                b["issuer"].as_str().unwrap_or("?"),
+                b["issued_at"].as_str().unwrap_or("?")
             );
             println!(
                 "expires:   {}{}",
                 b["expires_at"].as_str().unwrap_or("?"),
-                if b["expired"].as_bool() == Some(true) { "  (EXPIRED)" } else { "" }
+                if b["expired"].as_bool() == Some(true) {
+                    "  (EXPIRED)"
+                } else {
+                    ""
+                }
             );
-            println!("images:    {} entries, {} repositories", b["images"], b["repositories"]);
+            println!(
+                "images:    {} entries, {} repositories",
+                b["images"], b["repositories"]
+            );
             println!("signed by: {}", b["signers"]);
         }
         None => println!(
@@ -95,7 +104,11 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
     println!(
         "upstream:  {} ({})",
         s["upstream"]["socket"].as_str().unwrap_or("?"),
-        if s["upstream"]["connected"].as_bool() == Some(true) { "connected" } else { "not connected" }
+        if s["upstream"]["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "not connected"
+        }
     );
     let d = &s["decisions"];
     println!(
@@ -132,13 +145,21 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         Ok(b) => b,
         Err(e) => return fail(e.to_string()),
     };
-    let sig_path = signatures.map(Path::to_path_buf).unwrap_or_else(|| load::signature_path(bundle));
+    let sig_path = signatures
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| load::signature_path(bundle));
     let sigs = match load::read("signature file", &sig_path) {
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
     let store = BundleStore::new(&config.policy.state_dir);
-    let installed = match store.install(&bytes, &sigs, &trust, time::OffsetDateTime::now_utc(), bundle) {
+    let installed = match store.install(
+        &bytes,
+        &sigs,
+        &trust,
+        time::OffsetDateTime::now_utc(),
+        bundle,
+    ) {
         Ok(b) => b,
         Err(e) => return fail(format!("rejected, nothing changed: {e}")),
     };
@@ -154,7 +175,10 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok());
     let Some(pid) = pid.filter(|p| unsafe { libc::kill(*p, 0) } == 0) else {
-        println!("no running daemon found; it will enforce v{} when it starts", installed.version);
+        println!(
+            "no running daemon found; it will enforce v{} when it starts",
+            installed.version
+        );
         return ExitCode::SUCCESS;
     };
     unsafe { libc::kill(pid, libc::SIGHUP) };

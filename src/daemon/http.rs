@@ -16,32 +16,57 @@ use tokio::net::TcpListener;
 
 use super::node::Node;
 
-fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn reply(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
-async fn route(node: Arc<Node>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
     if req.method() != Method::GET {
-        return Ok(reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET is served here\n"));
+        return Ok(reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "only GET is served here\n",
+        ));
     }
     Ok(match req.uri().path() {
         "/metrics" => {
             node.metrics.set_bundle(node.state.gauge());
             node.metrics.set_upstream_up(node.upstream.is_connected());
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            reply(StatusCode::OK, "text/plain; version=0.0.4", node.metrics.render(now))
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                node.metrics.render(now),
+            )
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),
         "/readyz" => match node.ready().await {
             Ok(()) => reply(StatusCode::OK, TEXT, "ready\n"),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, format!("not ready: {why}\n")),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                format!("not ready: {why}\n"),
+            ),
         },
-        "/status" => reply(StatusCode::OK, "application/json", node.status_json().to_string()),
+        "/status" => reply(
+            StatusCode::OK,
+            "application/json",
+            node.status_json().to_string(),
+        ),
         _ => reply(
             StatusCode::NOT_FOUND,
             TEXT,

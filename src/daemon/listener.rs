@@ -74,7 +74,11 @@ impl Drop for SocketGuard {
 }
 
 /// Binds the listening socket at `path` with the given mode and group.
-pub fn bind(path: &Path, mode: u32, group: Option<&SocketGroup>) -> Result<SocketGuard, ListenError> {
+pub fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&SocketGroup>,
+) -> Result<SocketGuard, ListenError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ListenError::CreateDir {
             path: dir.to_path_buf(),
@@ -171,7 +175,13 @@ pub fn resolve_group(group: &SocketGroup) -> Result<u32, ListenError> {
             let mut buf = vec![0 as libc::c_char; 16 * 1024];
             // SAFETY: getgrnam_r writes into grp/buf, which outlive the call; result is checked.
             let rc = unsafe {
-                libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result)
+                libc::getgrnam_r(
+                    cname.as_ptr(),
+                    &mut grp,
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    &mut result,
+                )
             };
             if rc != 0 || result.is_null() {
                 return Err(unknown());
@@ -226,13 +236,17 @@ mod tests {
         assert!(path.exists());
         let g = bind(&path, 0o600, None).unwrap();
         // While it is live, a second bind refuses.
-        let e = bind(&path, 0o600, None).err().expect("must refuse a live socket");
+        let e = bind(&path, 0o600, None)
+            .err()
+            .expect("must refuse a live socket");
         assert!(matches!(e, ListenError::InUse { .. }), "{e}");
         drop(g);
         // A regular file is never removed.
         let file = dir.path().join("file.sock");
         std::fs::write(&file, b"precious").unwrap();
-        let e = bind(&file, 0o600, None).err().expect("must refuse a regular file");
+        let e = bind(&file, 0o600, None)
+            .err()
+            .expect("must refuse a regular file");
         assert!(e.to_string().contains("not a socket"), "{e}");
         assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     }

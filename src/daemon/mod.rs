@@ -138,9 +138,7 @@ impl Server {
         drop(socket);
         let _ = stop_tx.send(true);
         tracing::info!(connections = conns.len(), grace = ?drain_grace, "draining");
-        let drained = async {
-            while conns.join_next().await.is_some() {}
-        };
+        let drained = async { while conns.join_next().await.is_some() {} };
         let terminated = async {
             loop {
                 match control.recv().await {
@@ -155,7 +153,10 @@ impl Server {
             _ = terminated => conns.len(),
         };
         if aborted_connections > 0 {
-            tracing::warn!(aborted_connections, "closing connections still busy after the drain");
+            tracing::warn!(
+                aborted_connections,
+                "closing connections still busy after the drain"
+            );
         }
         conns.shutdown().await;
         tracing::info!("stopped");
@@ -196,7 +197,9 @@ pub fn serve_command(args: ServeArgs) -> ExitCode {
     }
     init_logging(&config);
     let runtime = if config.server.worker_threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.server.worker_threads)
@@ -210,11 +213,11 @@ pub fn serve_command(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(run_node(config))
+    runtime.block_on(run_node(config, args.config.config))
 }
 
 /// Starts the node and serves until a stop signal: the body of `pullgate serve`.
-async fn run_node(config: Config) -> ExitCode {
+async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
     let fail = |code: u8, e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "cannot start");
         eprintln!("pullgate: {e}");
@@ -224,11 +227,15 @@ async fn run_node(config: Config) -> ExitCode {
         Ok(n) => n,
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
+    node.set_config_path(config_path);
     // containerd pulls the sandbox image itself: check it now if containerd answers.
     if node::upstream_within(&node.upstream, Duration::from_secs(2)).await {
         if let Err(p) = node.check_sandbox_image().await {
             if config.policy.sandbox_image == SandboxImageCheck::Refuse {
-                return fail(EXIT_CONFIG, &format!("{p} (policy.sandbox_image = \"refuse\")"));
+                return fail(
+                    EXIT_CONFIG,
+                    &format!("{p} (policy.sandbox_image = \"refuse\")"),
+                );
             }
         }
     }
@@ -249,7 +256,12 @@ async fn run_node(config: Config) -> ExitCode {
                 tracing::info!(%addr, "serving /metrics, /healthz, /readyz, /status");
                 tokio::spawn(http::serve(l, node.clone()));
             }
-            Err(e) => return fail(EXIT_FAILURE, &format!("cannot listen on {addr} (metrics.listen): {e}")),
+            Err(e) => {
+                return fail(
+                    EXIT_FAILURE,
+                    &format!("cannot listen on {addr} (metrics.listen): {e}"),
+                );
+            }
         }
     }
     node.spawn_background();
@@ -257,7 +269,10 @@ async fn run_node(config: Config) -> ExitCode {
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     let (tx, rx) = mpsc::channel(4);
     if let Err(e) = spawn_signal_handler(tx) {
-        return fail(EXIT_FAILURE, &format!("cannot install signal handlers: {e}"));
+        return fail(
+            EXIT_FAILURE,
+            &format!("cannot install signal handlers: {e}"),
+        );
     }
     notify::notify("READY=1");
     server.run(rx).await;
@@ -286,7 +301,9 @@ fn spawn_signal_handler(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
                     tracing::info!("stop signal received");
                     notify::notify("STOPPING=1");
                 }
-                Control::Terminate => tracing::warn!("second stop signal: closing all connections now"),
+                Control::Terminate => {
+                    tracing::warn!("second stop signal: closing all connections now")
+                }
                 Control::Reload => {
                     notify::notify("RELOADING=1");
                     tracing::info!("SIGHUP received");

@@ -37,6 +37,9 @@ pub enum StartError {
 /// The policy side of a running daemon.
 pub struct Node {
     pub config: Config,
+    /// The file the configuration came from, re-read on reload for the settings that can change
+    /// at run time (`policy.mode`).
+    config_path: Mutex<Option<PathBuf>>,
     pub metrics: Arc<Metrics>,
     pub upstream: Arc<Upstream>,
     pub state: Arc<PolicyState>,
@@ -64,13 +67,21 @@ impl Node {
         }
         let metrics = Arc::new(Metrics::default());
         let upstream = Arc::new(Upstream::new(&config.server.upstream));
-        let state = Arc::new(PolicyState::new(config.policy.mode, config.policy.expiry_grace));
+        let state = Arc::new(PolicyState::new(
+            config.policy.mode,
+            config.policy.expiry_grace,
+        ));
         let audit = Arc::new(AuditLog::open(
             &config.audit.path,
             config.audit.max_bytes,
             config.audit.keep,
         )?);
-        let enforcer = Enforcer::new(state.clone(), upstream.clone(), metrics.clone(), Some(audit));
+        let enforcer = Enforcer::new(
+            state.clone(),
+            upstream.clone(),
+            metrics.clone(),
+            Some(audit),
+        );
         if let Some(p) = &config.policy.private_registry_auth {
             enforcer.set_registry_auth(Some(RegistryAuth::load(p)?));
         }
@@ -83,9 +94,15 @@ impl Node {
             enforcer,
             trust: Mutex::new(None),
             sandbox_problem: Mutex::new(None),
+            config_path: Mutex::new(None),
         });
         node.reload();
         Ok(node)
+    }
+
+    /// Remembers the configuration file so a reload can apply a changed `policy.mode`.
+    pub fn set_config_path(&self, path: PathBuf) {
+        *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
     }
 
     fn trust(&self) -> Option<Arc<Trust>> {
@@ -95,19 +112,39 @@ impl Node {
     /// Re-reads the trust file, the private registry credentials and the installed bundle, and
     /// swaps in the bundle if it is a newer valid one. Problems are logged and leave what is in force.
     pub fn reload(&self) {
+        let path = self
+            .config_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(path) = path {
+            match Config::load(&path) {
+                Ok(c) if c.policy.mode != self.state.mode() => {
+                    tracing::warn!(mode = ?c.policy.mode, "policy mode changed by reload");
+                    self.state.set_mode(c.policy.mode);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot re-read the configuration; keeping the running settings")
+                }
+            }
+        }
         match load::read_trust(&self.config.policy.trust) {
             Ok(t) => *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(t)),
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the trust file; keeping the trust already loaded, if any");
                 if self.state.current().is_none() {
-                    self.state.set_problem(format!("the trust file is unusable: {e}"));
+                    self.state
+                        .set_problem(format!("the trust file is unusable: {e}"));
                 }
             }
         }
         if let Some(p) = &self.config.policy.private_registry_auth {
             match RegistryAuth::load(p) {
                 Ok(a) => self.enforcer.set_registry_auth(Some(a)),
-                Err(e) => tracing::error!(error = %e, "cannot reload private registry credentials; keeping the old ones"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload private registry credentials; keeping the old ones")
+                }
             }
         }
         let Some(trust) = self.trust() else { return };
@@ -159,7 +196,8 @@ impl Node {
         self.metrics.bundle_install("rejected", e.reason());
         tracing::error!(error = %e, source, "rejected bundle; the bundle in force is unchanged");
         if self.state.current().is_none() {
-            self.state.set_problem(format!("the installed bundle was rejected: {e}"));
+            self.state
+                .set_problem(format!("the installed bundle was rejected: {e}"));
         }
     }
 
@@ -188,7 +226,9 @@ impl Node {
             }
             let result = match (std::fs::read(&path), std::fs::read(&sig)) {
                 (Ok(b), Ok(s)) => match self.trust() {
-                    Some(t) => self.store.install(&b, &s, &t, OffsetDateTime::now_utc(), &path),
+                    Some(t) => self
+                        .store
+                        .install(&b, &s, &t, OffsetDateTime::now_utc(), &path),
                     None => Err(StoreError::Io {
                         what: "no usable trust file to verify",
                         path: self.config.policy.trust.clone(),
@@ -220,9 +260,14 @@ impl Node {
     /// Checks containerd's sandbox image; remembers and exports the result.
     pub async fn check_sandbox_image(&self) -> Result<(), String> {
         let r = self.enforcer.check_sandbox_image().await;
-        *self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()) = r.clone().err();
+        *self
+            .sandbox_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = r.clone().err();
         match &r {
-            Ok(()) => tracing::info!("containerd's sandbox image is an approved private-registry image"),
+            Ok(()) => {
+                tracing::info!("containerd's sandbox image is an approved private-registry image")
+            }
             Err(p) if self.config.policy.sandbox_image == SandboxImageCheck::Refuse => {
                 tracing::error!(problem = %p, "sandbox image check failed")
             }
@@ -240,8 +285,16 @@ impl Node {
                 .state
                 .problem()
                 .unwrap_or_else(|| "no valid bundle".into())),
-            Some(b) if OffsetDateTime::now_utc() > b.expires_at + time::Duration::try_from(self.config.policy.expiry_grace).unwrap_or(time::Duration::MAX) => {
-                Err(format!("bundle v{} expired and its grace period has passed", b.version))
+            Some(b)
+                if OffsetDateTime::now_utc()
+                    > b.expires_at
+                        + time::Duration::try_from(self.config.policy.expiry_grace)
+                            .unwrap_or(time::Duration::MAX) =>
+            {
+                Err(format!(
+                    "bundle v{} expired and its grace period has passed",
+                    b.version
+                ))
             }
             Some(_) => Ok(()),
         }
@@ -289,7 +342,9 @@ impl Node {
                 tick.tick().await;
                 let dropped = {
                     let node = node.clone();
-                    tokio::task::spawn_blocking(move || node.poll_drop_dir()).await.unwrap_or(0)
+                    tokio::task::spawn_blocking(move || node.poll_drop_dir())
+                        .await
+                        .unwrap_or(0)
                 };
                 node.metrics.set_bundle(node.state.gauge());
                 if (!checked || dropped > 0) && node.upstream.connect().await.is_ok() {

@@ -21,7 +21,10 @@ pub async fn unary<Resp: Message + Default>(
         .body(RequestBody::Full(Some(grpc::frame(&req.encode_to_vec()))))
         .expect("static request parts are valid");
     let h = request.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
     h.insert(header::TE, HeaderValue::from_static("trailers"));
     h.insert(header::USER_AGENT, HeaderValue::from_static("pullgate"));
     let resp = upstream.send(request).await.map_err(|e| e.status())?;
@@ -33,28 +36,36 @@ pub async fn unary<Resp: Message + Default>(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            Status::new(Code::Internal, format!("{path} failed upstream (code {code}): {msg}"))
+            Status::new(
+                Code::Internal,
+                format!("{path} failed upstream (code {code}): {msg}"),
+            )
         })
     };
     if let Some(s) = status_in(resp.headers()) {
         return Err(s);
     }
-    let collected = http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
-        .collect()
-        .await
-        .map_err(|e| {
-            Status::new(
-                Code::Unavailable,
-                format!("pullgate: reading {path} from {} failed: {e}", upstream.name()),
-            )
-        })?;
+    let collected =
+        http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
+            .collect()
+            .await
+            .map_err(|e| {
+                Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "pullgate: reading {path} from {} failed: {e}",
+                        upstream.name()
+                    ),
+                )
+            })?;
     if let Some(s) = collected.trailers().and_then(status_in) {
         return Err(s);
     }
     let body: Bytes = collected.to_bytes();
     let msg = grpc::single_message(&body)
         .map_err(|e| Status::new(Code::Internal, format!("pullgate: {path} response: {e}")))?;
-    Resp::decode(msg).map_err(|e| Status::new(Code::Internal, format!("pullgate: {path} response: {e}")))
+    Resp::decode(msg)
+        .map_err(|e| Status::new(Code::Internal, format!("pullgate: {path} response: {e}")))
 }
 
 /// The image a reference or ID names in containerd: `None` if it is not there.
@@ -83,5 +94,9 @@ pub async fn sandbox_image(upstream: &Upstream) -> Result<Option<String>, Status
         .info
         .get("config")
         .and_then(|c| serde_json::from_str::<serde_json::Value>(c).ok())
-        .and_then(|v| v.get("sandboxImage").and_then(|s| s.as_str()).map(str::to_string)))
+        .and_then(|v| {
+            v.get("sandboxImage")
+                .and_then(|s| s.as_str())
+                .map(str::to_string)
+        }))
 }

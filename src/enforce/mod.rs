@@ -38,11 +38,12 @@ use crate::audit::{AuditLog, AuditRecord};
 use crate::config::NodeMode;
 use crate::metrics::{BundleGauge, Metrics};
 use crate::policy::{
-    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, VerifiedBundle, Verdict as PolicyVerdict,
+    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
+    VerifiedBundle,
 };
+use crate::proxy::Upstream;
 use crate::proxy::grpc::{Code, Status};
 use crate::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
-use crate::proxy::Upstream;
 use crate::wire;
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
@@ -50,7 +51,8 @@ pub struct PolicyState {
     bundle: ArcSwapOption<VerifiedBundle>,
     /// Why there is no bundle (shown in denials and `pullgate status`).
     problem: Mutex<Option<String>>,
-    mode: NodeMode,
+    /// 0 enforce, 1 warn; switched by a reload.
+    mode: std::sync::atomic::AtomicU8,
     expiry_grace: Duration,
     /// Unix time of the last "bundle expired" warning, to keep the log readable.
     last_expiry_warning: AtomicI64,
@@ -61,14 +63,22 @@ impl PolicyState {
         PolicyState {
             bundle: ArcSwapOption::empty(),
             problem: Mutex::new(Some("no bundle has been installed".into())),
-            mode,
+            mode: std::sync::atomic::AtomicU8::new(mode as u8),
             expiry_grace,
             last_expiry_warning: AtomicI64::new(0),
         }
     }
 
     pub fn mode(&self) -> NodeMode {
-        self.mode
+        match self.mode.load(Ordering::Relaxed) {
+            0 => NodeMode::Enforce,
+            _ => NodeMode::Warn,
+        }
+    }
+
+    /// Switches between enforce and warn for every call that starts from now on.
+    pub fn set_mode(&self, mode: NodeMode) {
+        self.mode.store(mode as u8, Ordering::Relaxed);
     }
 
     /// The bundle in force, if any. In-flight calls keep the `Arc` they took.
@@ -88,17 +98,26 @@ impl PolicyState {
     }
 
     pub fn problem(&self) -> Option<String> {
-        self.problem.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Decides `req` for `pod` now: with the bundle in force (an expired one until its grace runs
     /// out), or the fail-closed `no_valid_bundle` denial; then applies the node's mode.
-    pub fn decide(&self, req: &ImageRequest<'_>, pod: &PodContext, now: OffsetDateTime) -> Decision {
+    pub fn decide(
+        &self,
+        req: &ImageRequest<'_>,
+        pod: &PodContext,
+        now: OffsetDateTime,
+    ) -> Decision {
         let d = match self.current() {
             None => policy::decide_without_bundle(req, self.problem().as_deref()),
             Some(b) if now > b.expires_at => {
                 let over = now - b.expires_at;
-                let grace = time::Duration::try_from(self.expiry_grace).unwrap_or(time::Duration::MAX);
+                let grace =
+                    time::Duration::try_from(self.expiry_grace).unwrap_or(time::Duration::MAX);
                 if over > grace {
                     let why = format!(
                         "the installed bundle v{} expired at {} and the {} grace period has passed",
@@ -118,7 +137,7 @@ impl PolicyState {
     }
 
     fn apply_mode(&self, mut d: Decision) -> Decision {
-        if self.mode == NodeMode::Warn && d.verdict == PolicyVerdict::Deny {
+        if self.mode() == NodeMode::Warn && d.verdict == PolicyVerdict::Deny {
             d.verdict = PolicyVerdict::Warn;
             d.pull_ref = Some(d.image.clone());
         }
@@ -176,7 +195,10 @@ pub enum AuthFileError {
     #[error("private registry credentials {} are readable by group or others (mode {mode:04o}); run chmod 600 on it", path.display())]
     Permissions { path: std::path::PathBuf, mode: u32 },
     #[error("private registry credentials {}: {message}", path.display())]
-    Invalid { path: std::path::PathBuf, message: String },
+    Invalid {
+        path: std::path::PathBuf,
+        message: String,
+    },
 }
 
 #[derive(serde::Deserialize)]
@@ -217,9 +239,14 @@ impl RegistryAuth {
         if has_basic && (f.username.is_none() || f.password.is_none()) {
             return Err(invalid("set both `username` and `password`".into()));
         }
-        if !has_basic && f.auth.is_none() && f.identity_token.is_none() && f.registry_token.is_none() {
+        if !has_basic
+            && f.auth.is_none()
+            && f.identity_token.is_none()
+            && f.registry_token.is_none()
+        {
             return Err(invalid(
-                "expected `username` + `password`, `auth`, `identity_token` or `registry_token`".into(),
+                "expected `username` + `password`, `auth`, `identity_token` or `registry_token`"
+                    .into(),
             ));
         }
         let cfg = cri::AuthConfig {
@@ -302,13 +329,26 @@ impl Enforcer {
         t
     }
 
-    fn record(&self, method: &str, d: &Decision, pod: &PodContext, pulled: Option<&str>, started: Instant) {
+    fn record(
+        &self,
+        method: &str,
+        d: &Decision,
+        pod: &PodContext,
+        pulled: Option<&str>,
+        started: Instant,
+    ) {
         self.metrics.decision(d.verdict.as_str(), d.reason.as_str());
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
-            PolicyVerdict::Allow => tracing::debug!(method, image = %d.image, pulled, reason = %d.reason, "allowed"),
-            PolicyVerdict::Warn => tracing::warn!(method, image = %d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)"),
-            PolicyVerdict::Deny => tracing::info!(method, image = %d.image, reason = %d.reason, message = %d.message, "denied"),
+            PolicyVerdict::Allow => {
+                tracing::debug!(method, image = %d.image, pulled, reason = %d.reason, "allowed")
+            }
+            PolicyVerdict::Warn => {
+                tracing::warn!(method, image = %d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)")
+            }
+            PolicyVerdict::Deny => {
+                tracing::info!(method, image = %d.image, reason = %d.reason, message = %d.message, "denied")
+            }
         }
         let Some(audit) = &self.audit else { return };
         let rec = AuditRecord {
@@ -348,7 +388,11 @@ impl Enforcer {
         };
         let image = req.image.as_ref().map_or("", |i| i.image.as_str());
         let pod = pod_context(req.sandbox_config.as_ref());
-        let d = self.state.decide(&ImageRequest::Reference(image), &pod, OffsetDateTime::now_utc());
+        let d = self.state.decide(
+            &ImageRequest::Reference(image),
+            &pod,
+            OffsetDateTime::now_utc(),
+        );
         let (verdict, pulled) = match d.verdict {
             PolicyVerdict::Deny => (Verdict::Respond(denial(&d)), None),
             PolicyVerdict::Warn => (Verdict::Forward, Some(image)),
@@ -371,7 +415,13 @@ impl Enforcer {
     }
 
     /// Points the pull at `target`, and keeps credentials with the registry they were meant for.
-    fn rewrite_pull(&self, msg: &Bytes, image: &str, target: &str, has_auth: bool) -> Result<Verdict, wire::WireError> {
+    fn rewrite_pull(
+        &self,
+        msg: &Bytes,
+        image: &str,
+        target: &str,
+        has_auth: bool,
+    ) -> Result<Verdict, wire::WireError> {
         if target == image {
             return Ok(Verdict::Forward);
         }
@@ -400,7 +450,9 @@ impl Enforcer {
         match wire::set_string(msg, field::IMAGE_IMAGE, resolved.pull_ref.as_bytes()) {
             Ok(new) => Verdict::Rewrite {
                 request: Some(new.into()),
-                response: Box::new(move |resp| add_repo_tags(resp, |_| vec![resolved.normalized.clone()])),
+                response: Box::new(move |resp| {
+                    add_repo_tags(resp, |_| vec![resolved.normalized.clone()])
+                }),
             },
             Err(_) => Verdict::Forward,
         }
@@ -462,8 +514,17 @@ impl Enforcer {
         let version = self.state.current().map(|b| b.version);
         let key = version.map(|v| start_key(image, v, &pod));
         if let Some(k) = &key {
-            if self.allowed_starts.lock().unwrap_or_else(|e| e.into_inner()).contains(k) {
-                let d = self.state.decide(&ImageRequest::Reference(image), &pod, OffsetDateTime::now_utc());
+            if self
+                .allowed_starts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(k)
+            {
+                let d = self.state.decide(
+                    &ImageRequest::Reference(image),
+                    &pod,
+                    OffsetDateTime::now_utc(),
+                );
                 if d.verdict != PolicyVerdict::Deny || d.reason != ReasonCode::NoValidBundle {
                     self.metrics.decision("allow", "approved_cached");
                     return Verdict::Forward;
@@ -504,7 +565,10 @@ impl Enforcer {
             PolicyVerdict::Warn => Verdict::Forward,
             PolicyVerdict::Allow => {
                 if let Some(k) = key {
-                    let mut cache = self.allowed_starts.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut cache = self
+                        .allowed_starts
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     if cache.len() >= START_CACHE_MAX {
                         cache.clear();
                     }
@@ -524,9 +588,15 @@ impl Enforcer {
             Err(s) => return Err(format!("cannot read containerd's CRI configuration: {}", s.message)),
         };
         let Some(bundle) = self.state.current() else {
-            return Err(format!("sandbox image {image} cannot be checked: no valid bundle is installed"));
+            return Err(format!(
+                "sandbox image {image} cannot be checked: no valid bundle is installed"
+            ));
         };
-        let d = policy::decide(&ImageRequest::Reference(&image), &bundle, &PodContext::default());
+        let d = policy::decide(
+            &ImageRequest::Reference(&image),
+            &bundle,
+            &PodContext::default(),
+        );
         let private = Reference::parse(&image).is_ok_and(|r| r.domain() == bundle.private_registry);
         let ok = private && d.verdict == PolicyVerdict::Allow;
         self.metrics.set_sandbox_image_approved(ok);
@@ -538,7 +608,10 @@ impl Enforcer {
                 bundle.private_registry
             ))
         } else {
-            Err(format!("containerd's sandbox image {image} is not approved: {}", d.message))
+            Err(format!(
+                "containerd's sandbox image {image} is not approved: {}",
+                d.message
+            ))
         }
     }
 }
@@ -601,7 +674,11 @@ pub fn pod_context(cfg: Option<&cri::PodSandboxConfig>) -> PodContext {
         namespace: meta.and_then(|m| nonempty(&m.namespace)),
         name: meta.and_then(|m| nonempty(&m.name)),
         uid: meta.and_then(|m| nonempty(&m.uid)),
-        labels: cfg.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        labels: cfg
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 

@@ -14,7 +14,10 @@ use crate::policy::{Bundle, Digest, Reference};
 /// Whether `image` is an image ID (`sha256:<64 hex>` or bare 64 hex) rather than a reference.
 pub fn is_image_id(image: &str) -> bool {
     let hex = image.strip_prefix("sha256:").unwrap_or(image);
-    hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A user reference resolved through the bundle.
@@ -36,7 +39,10 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
         (source, r.path().to_string())
     } else {
         let m = bundle.mirror_for(r.domain(), r.path())?;
-        (format!("{}/{}", r.domain(), r.path()), bundle.mirror_path(m, r.path()))
+        (
+            format!("{}/{}", r.domain(), r.path()),
+            bundle.mirror_path(m, r.path()),
+        )
     };
     let entries = bundle.entries(&source);
     let digest: Digest = match (r.digest(), r.tag()) {

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use crate::policy::{BundleError, SignatureFile, Trust, TrustError, VerifiedBundle, parse_bundle, verify_bundle};
+use crate::policy::{
+    BundleError, SignatureFile, Trust, TrustError, VerifiedBundle, parse_bundle, verify_bundle,
+};
 
 const KEEP_VERSIONS: usize = 3;
 
@@ -66,6 +68,13 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// The installed bundle's files, read back.
+struct Installed {
+    bytes: Vec<u8>,
+    sigs: Vec<u8>,
+    path: PathBuf,
+}
+
 /// The bundle store in a state directory.
 #[derive(Debug, Clone)]
 pub struct BundleStore {
@@ -93,21 +102,22 @@ impl BundleStore {
         p.exists().then_some(p)
     }
 
-    fn read_current(&self) -> Result<Option<(Vec<u8>, Vec<u8>, PathBuf)>, StoreError> {
+    fn read_current(&self) -> Result<Option<Installed>, StoreError> {
         let Some(path) = self.current_bundle_path() else {
             return Ok(None);
         };
         let bytes = std::fs::read(&path).map_err(io("cannot read installed bundle", &path))?;
         let sig_path = crate::policy::load::signature_path(&path);
-        let sigs = std::fs::read(&sig_path).map_err(io("cannot read installed signatures", &sig_path))?;
-        Ok(Some((bytes, sigs, path)))
+        let sigs =
+            std::fs::read(&sig_path).map_err(io("cannot read installed signatures", &sig_path))?;
+        Ok(Some(Installed { bytes, sigs, path }))
     }
 
     /// Version of the installed bundle (read without verifying), for rollback checks.
     pub fn installed_version(&self) -> Result<Option<u64>, StoreError> {
         match self.read_current()? {
             None => Ok(None),
-            Some((bytes, _, path)) => parse_bundle(&bytes)
+            Some(Installed { bytes, path, .. }) => parse_bundle(&bytes)
                 .map(|b| Some(b.version))
                 .map_err(|source| StoreError::Rejected { path, source }),
         }
@@ -117,8 +127,12 @@ impl BundleStore {
     ///
     /// It was fresh when installed; an expired one is still returned (the caller decides how long to
     /// keep enforcing with it), so expiry is not checked here.
-    pub fn load_current(&self, trust: &Trust, now: OffsetDateTime) -> Result<Option<VerifiedBundle>, StoreError> {
-        let Some((bytes, sigs, path)) = self.read_current()? else {
+    pub fn load_current(
+        &self,
+        trust: &Trust,
+        now: OffsetDateTime,
+    ) -> Result<Option<VerifiedBundle>, StoreError> {
+        let Some(Installed { bytes, sigs, path }) = self.read_current()? else {
             return Ok(None);
         };
         let sig_path = crate::policy::load::signature_path(&path);
@@ -182,11 +196,14 @@ impl BundleStore {
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(io("cannot move into place", &final_dir))?;
         // Commit: point `current` at the new version with one rename.
-        let link_tmp = self.dir.join(format!(".current.tmp-{}", std::process::id()));
+        let link_tmp = self
+            .dir
+            .join(format!(".current.tmp-{}", std::process::id()));
         let _ = std::fs::remove_file(&link_tmp);
         std::os::unix::fs::symlink(Path::new("bundles").join(version.to_string()), &link_tmp)
             .map_err(io("cannot create symlink", &link_tmp))?;
-        std::fs::rename(&link_tmp, self.current_link()).map_err(io("cannot replace", &self.current_link()))?;
+        std::fs::rename(&link_tmp, self.current_link())
+            .map_err(io("cannot replace", &self.current_link()))?;
         sync_dir(&self.dir);
         self.prune(version);
         Ok(verified)

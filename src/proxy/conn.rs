@@ -41,7 +41,14 @@ pub fn classify(seen: &[u8]) -> Option<Preface> {
         return (n == PREFACE.len()).then_some(Preface::Http2);
     }
     const METHODS: [&[u8]; 9] = [
-        b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"HEAD ",
+        b"DELETE ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
         b"TRACE ",
     ];
     let http1 = METHODS.iter().any(|m| {
@@ -66,9 +73,8 @@ async fn peek_preface(stream: &UnixStream) -> Preface {
             }
             let n = stream.try_io(Interest::READABLE, || {
                 // SAFETY: recv with MSG_PEEK into a stack buffer of the given length on a valid fd.
-                let r = unsafe {
-                    libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK)
-                };
+                let r =
+                    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK) };
                 if r < 0 {
                     Err(std::io::Error::last_os_error())
                 } else {
@@ -210,7 +216,10 @@ mod tests {
         assert_eq!(classify(b"PO"), None);
         assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Preface::Garbage));
         assert_eq!(classify(b"PRI * HTTP/1.1"), Some(Preface::Garbage));
-        assert_eq!(classify(b"hello world, this is long"), Some(Preface::Garbage));
+        assert_eq!(
+            classify(b"hello world, this is long"),
+            Some(Preface::Garbage)
+        );
     }
 
     #[test]

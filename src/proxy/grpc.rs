@@ -95,8 +95,16 @@ pub fn percent_encode(msg: &str) -> String {
             out.push(b as char);
         } else {
             out.push('%');
-            out.push(char::from_digit((b >> 4) as u32, 16).unwrap().to_ascii_uppercase());
-            out.push(char::from_digit((b & 0xf) as u32, 16).unwrap().to_ascii_uppercase());
+            out.push(
+                char::from_digit((b >> 4) as u32, 16)
+                    .unwrap()
+                    .to_ascii_uppercase(),
+            );
+            out.push(
+                char::from_digit((b & 0xf) as u32, 16)
+                    .unwrap()
+                    .to_ascii_uppercase(),
+            );
         }
     }
     out
@@ -111,7 +119,9 @@ pub enum FrameError {
     LengthMismatch { announced: usize, actual: usize },
     #[error("the message is {0} bytes, over the {MAX_MESSAGE_SIZE}-byte limit")]
     TooLarge(usize),
-    #[error("the message is compressed; pullgate reads this method's requests and needs them uncompressed")]
+    #[error(
+        "the message is compressed; pullgate reads this method's requests and needs them uncompressed"
+    )]
     Compressed,
     #[error("the compressed-flag byte is {0}, which is neither 0 nor 1")]
     BadFlag(u8),

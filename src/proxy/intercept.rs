@@ -211,7 +211,9 @@ mod tests {
 
     fn call_with(method: &'static str, message: Bytes) -> Verdict {
         let headers = HeaderMap::new();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(ImageLogger.handle(Call {
             method,
             headers: &headers,

@@ -41,7 +41,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(upstream: Arc<Upstream>, intercepts: InterceptTable, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        intercepts: InterceptTable,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             upstream,
             intercepts,
@@ -58,7 +62,10 @@ impl Proxy {
     }
 
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
-    pub async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
         let method = metrics::method_index(req.uri().path());
         let record = CallRecord::new(self.metrics.clone(), method);
         if let Some(handler) = self.intercepts.get(req.uri().path()) {
@@ -66,17 +73,25 @@ impl Proxy {
         }
         let (parts, body) = req.into_parts();
         Ok(self
-            .forward(Request::from_parts(parts, RequestBody::Stream(body)), record)
+            .forward(
+                Request::from_parts(parts, RequestBody::Stream(body)),
+                record,
+            )
             .await)
     }
 
     /// Sends a request to containerd, timing it; the response streams back with `record` attached.
-    async fn forward(&self, req: Request<RequestBody>, mut record: CallRecord) -> Response<ResponseBody> {
+    async fn forward(
+        &self,
+        req: Request<RequestBody>,
+        mut record: CallRecord,
+    ) -> Response<ResponseBody> {
         match self.send_timed(req, record.method()).await {
             Ok(resp) => {
                 if record.finish_from(resp.headers()) {
                     // Trailers-only: the status is already counted.
-                    return resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
+                    return resp
+                        .map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
                 }
                 resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), Some(record)))
             }
@@ -84,7 +99,11 @@ impl Proxy {
         }
     }
 
-    async fn send_timed(&self, req: Request<RequestBody>, method: usize) -> Result<Response<Incoming>, Status> {
+    async fn send_timed(
+        &self,
+        req: Request<RequestBody>,
+        method: usize,
+    ) -> Result<Response<Incoming>, Status> {
         let started = Instant::now();
         match self.upstream.send(req).await {
             Ok(resp) => {
@@ -162,15 +181,21 @@ impl Proxy {
             return resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
         }
         let (parts, body) = resp.into_parts();
-        let collected = match http_body_util::Limited::new(body, MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
-            .collect()
-            .await
+        let collected = match http_body_util::Limited::new(
+            body,
+            MAX_MESSAGE_SIZE + FRAME_HEADER_LEN,
+        )
+        .collect()
+        .await
         {
             Ok(c) => c,
             Err(e) => {
                 let status = Status::new(
                     Code::Unavailable,
-                    format!("pullgate: reading the response from the upstream runtime at {} failed: {e}", self.upstream.name()),
+                    format!(
+                        "pullgate: reading the response from the upstream runtime at {} failed: {e}",
+                        self.upstream.name()
+                    ),
                 );
                 return answer(status, &mut record);
             }

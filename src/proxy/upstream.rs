@@ -111,10 +111,13 @@ impl Upstream {
                 if let Some(req) = e.take_message() {
                     self.invalidate(&sender);
                     let mut sender = self.sender().await?;
-                    return sender.send_request(req).await.map_err(|source| UpstreamError::Call {
-                        path: self.path.clone(),
-                        source,
-                    });
+                    return sender
+                        .send_request(req)
+                        .await
+                        .map_err(|source| UpstreamError::Call {
+                            path: self.path.clone(),
+                            source,
+                        });
                 }
                 Err(UpstreamError::Call {
                     path: self.path.clone(),
@@ -150,18 +153,22 @@ impl Upstream {
 
     fn invalidate(&self, dead: &SendRequest<RequestBody>) {
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.as_ref().is_some_and(|s| s.is_closed() || dead.is_closed()) {
+        if cached
+            .as_ref()
+            .is_some_and(|s| s.is_closed() || dead.is_closed())
+        {
             *cached = None;
         }
     }
 
     async fn handshake(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| UpstreamError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| UpstreamError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let handshake = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -157,7 +157,10 @@ impl RuntimeService for FakeCri {
         }))
     }
 
-    async fn list_containers(&self, _r: TReq<cri::ListContainersRequest>) -> Res<cri::ListContainersResponse> {
+    async fn list_containers(
+        &self,
+        _r: TReq<cri::ListContainersRequest>,
+    ) -> Res<cri::ListContainersResponse> {
         Ok(TResp::new(cri::ListContainersResponse {
             containers: (0..3)
                 .map(|i| cri::Container {
@@ -185,10 +188,14 @@ impl RuntimeService for FakeCri {
         }))
     }
 
-    async fn remove_container(&self, r: TReq<cri::RemoveContainerRequest>) -> Res<cri::RemoveContainerResponse> {
+    async fn remove_container(
+        &self,
+        r: TReq<cri::RemoveContainerRequest>,
+    ) -> Res<cri::RemoveContainerResponse> {
         let id = r.into_inner().container_id;
         let mut s = Status::not_found(format!("container \"{id}\" not found: ünïcode & 100%"));
-        s.metadata_mut().insert("x-fake-detail", "removed-elsewhere".parse().unwrap());
+        s.metadata_mut()
+            .insert("x-fake-detail", "removed-elsewhere".parse().unwrap());
         Err(s)
     }
 
@@ -206,10 +213,14 @@ impl RuntimeService for FakeCri {
         }))
     }
 
-    type GetContainerEventsStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+    type GetContainerEventsStream = Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>,
+    >;
 
-    async fn get_container_events(&self, _r: TReq<cri::GetEventsRequest>) -> Res<Self::GetContainerEventsStream> {
+    async fn get_container_events(
+        &self,
+        _r: TReq<cri::GetEventsRequest>,
+    ) -> Res<Self::GetContainerEventsStream> {
         let rx = self
             .events
             .lock()
@@ -220,38 +231,73 @@ impl RuntimeService for FakeCri {
         Ok(TResp::new(Box::pin(tokio_stream::StreamExt::map(s, Ok))))
     }
 
-    async fn run_pod_sandbox(&self, _r: TReq<cri::RunPodSandboxRequest>) -> Res<cri::RunPodSandboxResponse> {
+    async fn run_pod_sandbox(
+        &self,
+        _r: TReq<cri::RunPodSandboxRequest>,
+    ) -> Res<cri::RunPodSandboxResponse> {
         Err(unimplemented("run_pod_sandbox"))
     }
-    async fn stop_pod_sandbox(&self, _r: TReq<cri::StopPodSandboxRequest>) -> Res<cri::StopPodSandboxResponse> {
+    async fn stop_pod_sandbox(
+        &self,
+        _r: TReq<cri::StopPodSandboxRequest>,
+    ) -> Res<cri::StopPodSandboxResponse> {
         Err(unimplemented("stop_pod_sandbox"))
     }
-    async fn remove_pod_sandbox(&self, _r: TReq<cri::RemovePodSandboxRequest>) -> Res<cri::RemovePodSandboxResponse> {
+    async fn remove_pod_sandbox(
+        &self,
+        _r: TReq<cri::RemovePodSandboxRequest>,
+    ) -> Res<cri::RemovePodSandboxResponse> {
         Err(unimplemented("remove_pod_sandbox"))
     }
-    async fn pod_sandbox_status(&self, _r: TReq<cri::PodSandboxStatusRequest>) -> Res<cri::PodSandboxStatusResponse> {
+    async fn pod_sandbox_status(
+        &self,
+        _r: TReq<cri::PodSandboxStatusRequest>,
+    ) -> Res<cri::PodSandboxStatusResponse> {
         Err(unimplemented("pod_sandbox_status"))
     }
-    async fn list_pod_sandbox(&self, _r: TReq<cri::ListPodSandboxRequest>) -> Res<cri::ListPodSandboxResponse> {
+    async fn list_pod_sandbox(
+        &self,
+        _r: TReq<cri::ListPodSandboxRequest>,
+    ) -> Res<cri::ListPodSandboxResponse> {
         Err(unimplemented("list_pod_sandbox"))
     }
-    async fn create_container(&self, r: TReq<cri::CreateContainerRequest>) -> Res<cri::CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        r: TReq<cri::CreateContainerRequest>,
+    ) -> Res<cri::CreateContainerResponse> {
         self.observed.creates.lock().unwrap().push(r.into_inner());
-        Ok(TResp::new(cri::CreateContainerResponse { container_id: "created-1".into() }))
+        Ok(TResp::new(cri::CreateContainerResponse {
+            container_id: "created-1".into(),
+        }))
     }
-    async fn start_container(&self, _r: TReq<cri::StartContainerRequest>) -> Res<cri::StartContainerResponse> {
+    async fn start_container(
+        &self,
+        _r: TReq<cri::StartContainerRequest>,
+    ) -> Res<cri::StartContainerResponse> {
         Err(unimplemented("start_container"))
     }
-    async fn stop_container(&self, _r: TReq<cri::StopContainerRequest>) -> Res<cri::StopContainerResponse> {
+    async fn stop_container(
+        &self,
+        _r: TReq<cri::StopContainerRequest>,
+    ) -> Res<cri::StopContainerResponse> {
         Err(unimplemented("stop_container"))
     }
-    async fn container_status(&self, _r: TReq<cri::ContainerStatusRequest>) -> Res<cri::ContainerStatusResponse> {
+    async fn container_status(
+        &self,
+        _r: TReq<cri::ContainerStatusRequest>,
+    ) -> Res<cri::ContainerStatusResponse> {
         Err(unimplemented("container_status"))
     }
-    async fn update_container_resources(&self, _r: TReq<cri::UpdateContainerResourcesRequest>) -> Res<cri::UpdateContainerResourcesResponse> {
+    async fn update_container_resources(
+        &self,
+        _r: TReq<cri::UpdateContainerResourcesRequest>,
+    ) -> Res<cri::UpdateContainerResourcesResponse> {
         Err(unimplemented("update_container_resources"))
     }
-    async fn reopen_container_log(&self, _r: TReq<cri::ReopenContainerLogRequest>) -> Res<cri::ReopenContainerLogResponse> {
+    async fn reopen_container_log(
+        &self,
+        _r: TReq<cri::ReopenContainerLogRequest>,
+    ) -> Res<cri::ReopenContainerLogResponse> {
         Err(unimplemented("reopen_container_log"))
     }
     async fn exec(&self, _r: TReq<cri::ExecRequest>) -> Res<cri::ExecResponse> {
@@ -260,34 +306,64 @@ impl RuntimeService for FakeCri {
     async fn attach(&self, _r: TReq<cri::AttachRequest>) -> Res<cri::AttachResponse> {
         Err(unimplemented("attach"))
     }
-    async fn port_forward(&self, _r: TReq<cri::PortForwardRequest>) -> Res<cri::PortForwardResponse> {
+    async fn port_forward(
+        &self,
+        _r: TReq<cri::PortForwardRequest>,
+    ) -> Res<cri::PortForwardResponse> {
         Err(unimplemented("port_forward"))
     }
-    async fn container_stats(&self, _r: TReq<cri::ContainerStatsRequest>) -> Res<cri::ContainerStatsResponse> {
+    async fn container_stats(
+        &self,
+        _r: TReq<cri::ContainerStatsRequest>,
+    ) -> Res<cri::ContainerStatsResponse> {
         Err(unimplemented("container_stats"))
     }
-    async fn list_container_stats(&self, _r: TReq<cri::ListContainerStatsRequest>) -> Res<cri::ListContainerStatsResponse> {
+    async fn list_container_stats(
+        &self,
+        _r: TReq<cri::ListContainerStatsRequest>,
+    ) -> Res<cri::ListContainerStatsResponse> {
         Err(unimplemented("list_container_stats"))
     }
-    async fn pod_sandbox_stats(&self, _r: TReq<cri::PodSandboxStatsRequest>) -> Res<cri::PodSandboxStatsResponse> {
+    async fn pod_sandbox_stats(
+        &self,
+        _r: TReq<cri::PodSandboxStatsRequest>,
+    ) -> Res<cri::PodSandboxStatsResponse> {
         Err(unimplemented("pod_sandbox_stats"))
     }
-    async fn list_pod_sandbox_stats(&self, _r: TReq<cri::ListPodSandboxStatsRequest>) -> Res<cri::ListPodSandboxStatsResponse> {
+    async fn list_pod_sandbox_stats(
+        &self,
+        _r: TReq<cri::ListPodSandboxStatsRequest>,
+    ) -> Res<cri::ListPodSandboxStatsResponse> {
         Err(unimplemented("list_pod_sandbox_stats"))
     }
-    async fn update_runtime_config(&self, _r: TReq<cri::UpdateRuntimeConfigRequest>) -> Res<cri::UpdateRuntimeConfigResponse> {
+    async fn update_runtime_config(
+        &self,
+        _r: TReq<cri::UpdateRuntimeConfigRequest>,
+    ) -> Res<cri::UpdateRuntimeConfigResponse> {
         Err(unimplemented("update_runtime_config"))
     }
-    async fn checkpoint_container(&self, _r: TReq<cri::CheckpointContainerRequest>) -> Res<cri::CheckpointContainerResponse> {
+    async fn checkpoint_container(
+        &self,
+        _r: TReq<cri::CheckpointContainerRequest>,
+    ) -> Res<cri::CheckpointContainerResponse> {
         Err(unimplemented("checkpoint_container"))
     }
-    async fn list_metric_descriptors(&self, _r: TReq<cri::ListMetricDescriptorsRequest>) -> Res<cri::ListMetricDescriptorsResponse> {
+    async fn list_metric_descriptors(
+        &self,
+        _r: TReq<cri::ListMetricDescriptorsRequest>,
+    ) -> Res<cri::ListMetricDescriptorsResponse> {
         Err(unimplemented("list_metric_descriptors"))
     }
-    async fn list_pod_sandbox_metrics(&self, _r: TReq<cri::ListPodSandboxMetricsRequest>) -> Res<cri::ListPodSandboxMetricsResponse> {
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _r: TReq<cri::ListPodSandboxMetricsRequest>,
+    ) -> Res<cri::ListPodSandboxMetricsResponse> {
         Err(unimplemented("list_pod_sandbox_metrics"))
     }
-    async fn runtime_config(&self, _r: TReq<cri::RuntimeConfigRequest>) -> Res<cri::RuntimeConfigResponse> {
+    async fn runtime_config(
+        &self,
+        _r: TReq<cri::RuntimeConfigRequest>,
+    ) -> Res<cri::RuntimeConfigResponse> {
         Err(unimplemented("runtime_config"))
     }
 }
@@ -296,27 +372,49 @@ impl RuntimeService for FakeCri {
 impl ImageService for FakeCri {
     async fn list_images(&self, _r: TReq<cri::ListImagesRequest>) -> Res<cri::ListImagesResponse> {
         let known: Vec<cri::Image> = {
-            let mut v: Vec<cri::Image> = self.observed.images.lock().unwrap().values().cloned().collect();
+            let mut v: Vec<cri::Image> = self
+                .observed
+                .images
+                .lock()
+                .unwrap()
+                .values()
+                .cloned()
+                .collect();
             v.sort_by(|a, b| a.id.cmp(&b.id));
             v.dedup_by(|a, b| a.id == b.id);
             v
         };
         let images = if known.is_empty() {
-            vec![fake_image("docker.io/library/busybox:1.36"), fake_image("docker.io/library/nginx:1.25")]
+            vec![
+                fake_image("docker.io/library/busybox:1.36"),
+                fake_image("docker.io/library/nginx:1.25"),
+            ]
         } else {
             known
         };
         Ok(TResp::new(cri::ListImagesResponse { images }))
     }
 
-    async fn image_status(&self, r: TReq<cri::ImageStatusRequest>) -> Res<cri::ImageStatusResponse> {
+    async fn image_status(
+        &self,
+        r: TReq<cri::ImageStatusRequest>,
+    ) -> Res<cri::ImageStatusResponse> {
         let name = r.into_inner().image.map(|i| i.image).unwrap_or_default();
         self.observed.calls.fetch_add(1, Ordering::Relaxed);
-        self.observed.image_statuses.lock().unwrap().push(name.clone());
+        self.observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .push(name.clone());
         if let Some(img) = self.observed.images.lock().unwrap().get(&name).cloned() {
-            return Ok(TResp::new(cri::ImageStatusResponse { image: Some(img), info: Default::default() }));
+            return Ok(TResp::new(cri::ImageStatusResponse {
+                image: Some(img),
+                info: Default::default(),
+            }));
         }
-        let known = !name.starts_with("missing") && !name.contains("@sha256:") && !name.starts_with("registry.corp");
+        let known = !name.starts_with("missing")
+            && !name.contains("@sha256:")
+            && !name.starts_with("registry.corp");
         Ok(TResp::new(cri::ImageStatusResponse {
             image: known.then(|| fake_image(&name)),
             info: Default::default(),
@@ -325,24 +423,36 @@ impl ImageService for FakeCri {
 
     async fn pull_image(&self, r: TReq<cri::PullImageRequest>) -> Res<cri::PullImageResponse> {
         let r = r.into_inner();
-        let image = r.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+        let image = r
+            .image
+            .as_ref()
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
         self.observed.pulls.lock().unwrap().push(r);
         Ok(TResp::new(cri::PullImageResponse {
             image_ref: format!("sha256:pulled-{image}"),
         }))
     }
 
-    async fn remove_image(&self, r: TReq<cri::RemoveImageRequest>) -> Res<cri::RemoveImageResponse> {
+    async fn remove_image(
+        &self,
+        r: TReq<cri::RemoveImageRequest>,
+    ) -> Res<cri::RemoveImageResponse> {
         let name = r.into_inner().image.map(|i| i.image).unwrap_or_default();
         self.observed.removals.lock().unwrap().push(name);
         Ok(TResp::new(cri::RemoveImageResponse {}))
     }
 
-    async fn image_fs_info(&self, _r: TReq<cri::ImageFsInfoRequest>) -> Res<cri::ImageFsInfoResponse> {
+    async fn image_fs_info(
+        &self,
+        _r: TReq<cri::ImageFsInfoRequest>,
+    ) -> Res<cri::ImageFsInfoResponse> {
         Ok(TResp::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![cri::FilesystemUsage {
                 timestamp: 7,
-                fs_id: Some(cri::FilesystemIdentifier { mountpoint: "/var/lib/fake".into() }),
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: "/var/lib/fake".into(),
+                }),
                 used_bytes: Some(cri::UInt64Value { value: 1 << 30 }),
                 inodes_used: Some(cri::UInt64Value { value: 99 }),
             }],
@@ -417,7 +527,9 @@ impl RawUpstream {
         let rec = recorded.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let rec = rec.clone();
                 let script = script.clone();
                 tokio::spawn(async move {
@@ -435,13 +547,18 @@ impl RawUpstream {
                                 body: body.clone(),
                                 trailers,
                             });
-                            let chunks = if script.echo { vec![body] } else { script.chunks.clone() };
+                            let chunks = if script.echo {
+                                vec![body]
+                            } else {
+                                script.chunks.clone()
+                            };
                             let mut frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
                                 chunks.into_iter().map(|c| Ok(Frame::data(c))).collect();
                             if let Some(t) = script.trailers.clone() {
                                 frames.push(Ok(Frame::trailers(t)));
                             }
-                            let mut resp = Response::new(StreamBody::new(tokio_stream::iter(frames)));
+                            let mut resp =
+                                Response::new(StreamBody::new(tokio_stream::iter(frames)));
                             *resp.headers_mut() = script.headers.clone();
                             Ok::<_, std::convert::Infallible>(resp)
                         }

@@ -9,13 +9,15 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, Image, ImageSpec, ImageStatusRequest, ImageStatusResponse,
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListImagesRequest, ListPodSandboxRequest,
-    NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StatusRequest, StatusResponse, StopPodSandboxRequest, VersionRequest,
-    VersionResponse,
+    ContainerConfig, ContainerEventResponse, ContainerMetadata, ContainerState,
+    ContainerStatusRequest, ContainerStatusResponse, CreateContainerRequest, ExecSyncRequest,
+    ExecSyncResponse, GetEventsRequest, Image, ImageFsInfoRequest, ImageFsInfoResponse, ImageSpec,
+    ImageStatusRequest, ImageStatusResponse, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListContainersRequest, ListContainersResponse, ListImagesRequest, ListPodSandboxRequest,
+    ListPodSandboxResponse, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata,
+    PullImageRequest, RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StatusRequest, StatusResponse,
+    StopPodSandboxRequest, VersionRequest, VersionResponse,
 };
 use tokio::net::UnixStream;
 use tonic::Status;
@@ -165,6 +167,118 @@ impl Cri {
             .await?
             .into_inner()
             .container_id)
+    }
+
+    /// CreateContainer as kubelet does it: `image` is the image ID (or reference) kubelet resolved
+    /// with ImageStatus, `user_image` the name in the pod spec (`ImageSpec.user_specified_image`).
+    pub async fn create_container_as_kubelet(
+        &mut self,
+        pod: &str,
+        pod_config: &PodSandboxConfig,
+        name: &str,
+        image: &str,
+        user_image: &str,
+        command: &[&str],
+    ) -> Result<String, Status> {
+        Ok(self
+            .rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.to_string(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.to_string(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: image.to_string(),
+                        user_specified_image: user_image.to_string(),
+                        ..Default::default()
+                    }),
+                    command: command.iter().map(|s| s.to_string()).collect(),
+                    labels: HashMap::new(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await?
+            .into_inner()
+            .container_id)
+    }
+
+    /// StartContainer.
+    pub async fn start_container(&mut self, container: &str) -> Result<(), Status> {
+        self.rt
+            .start_container(StartContainerRequest {
+                container_id: container.to_string(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// ExecSync `cmd` in a running container.
+    pub async fn exec_sync(
+        &mut self,
+        container: &str,
+        cmd: &[&str],
+    ) -> Result<ExecSyncResponse, Status> {
+        Ok(self
+            .rt
+            .exec_sync(ExecSyncRequest {
+                container_id: container.to_string(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: 30,
+            })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_pod_sandbox(&mut self) -> Result<ListPodSandboxResponse, Status> {
+        Ok(self
+            .rt
+            .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn list_containers(&mut self) -> Result<ListContainersResponse, Status> {
+        Ok(self
+            .rt
+            .list_containers(ListContainersRequest { filter: None })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn image_fs_info(&mut self) -> Result<ImageFsInfoResponse, Status> {
+        Ok(self
+            .img
+            .image_fs_info(ImageFsInfoRequest {})
+            .await?
+            .into_inner())
+    }
+
+    pub async fn container_status(
+        &mut self,
+        container: &str,
+    ) -> Result<ContainerStatusResponse, Status> {
+        Ok(self
+            .rt
+            .container_status(ContainerStatusRequest {
+                container_id: container.to_string(),
+                verbose: false,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Opens `GetContainerEvents`; the stream (or the status the call was refused with).
+    pub async fn container_events(
+        &mut self,
+    ) -> Result<tonic::Streaming<ContainerEventResponse>, Status> {
+        Ok(self
+            .rt
+            .get_container_events(GetEventsRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Starts a created container and waits (up to `timeout`) for it to exit; returns its exit code.

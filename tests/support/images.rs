@@ -135,6 +135,26 @@ impl ImageFactory {
         self.push_tag(&tag, registry, repo_tag)
     }
 
+    /// Builds a fixture image (default command `/bin/sh`) into the layout only (nothing pushed);
+    /// returns the layout tag.
+    pub fn build_image(&self, marker: &str) -> String {
+        self.build(&Fixture {
+            marker: marker.to_string(),
+            entrypoint: vec![],
+            cmd: vec!["/bin/sh".into()],
+        })
+    }
+
+    /// Writes layout tag `tag` as a docker-archive tarball at `tar` whose image is named `name`
+    /// (`quay.io/evil/miner:1`), the format `ctr images import` reads with its name intact.
+    pub fn export_docker_archive(&self, tag: &str, tar: &Path, name: &str) {
+        let _ = std::fs::remove_file(tar);
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet"])
+            .arg(format!("oci:{}:{tag}", self.layout.display()))
+            .arg(format!("docker-archive:{}:{name}", tar.display())));
+    }
+
     /// Builds and pushes a pause image (busybox `sleep infinity`; fine as the sandbox of host-network
     /// pods); returns its digest.
     pub fn push_pause(&self, registry: &Registry, repo_tag: &str) -> String {

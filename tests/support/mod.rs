@@ -19,6 +19,7 @@
 
 pub mod cri;
 pub mod images;
+pub mod node;
 pub mod process;
 pub mod pullgate;
 pub mod stack;

@@ -30,12 +30,14 @@ impl Pullgate {
     /// Writes `BASE_CONFIG + extra_config` to `<tmp>/pullgate/config.toml`, starts pullgate and waits
     /// until its socket accepts connections (panics with its log if it exits or times out).
     pub fn start(tmp: &Path, upstream: &Path, extra_config: &str) -> Pullgate {
-        let bin = Self::binary();
-        assert!(
-            bin.exists(),
-            "pullgate binary {} is missing (cargo should have built it)",
-            bin.display()
-        );
+        let config = Self::configure(tmp, extra_config);
+        Self::start_configured(tmp, &config, upstream)
+    }
+
+    /// Writes `<tmp>/pullgate/config.toml` (`BASE_CONFIG + extra_config`, plus a `[policy]` and a
+    /// `[metrics]` section under the temp dir unless `extra_config` has its own) without starting
+    /// anything, so a test can run `pullgate bundle install --config` first. Returns its path.
+    pub fn configure(tmp: &Path, extra_config: &str) -> PathBuf {
         let dir = tmp.join("pullgate");
         std::fs::create_dir_all(&dir).expect("create pullgate dir");
         let config = dir.join("config.toml");
@@ -52,6 +54,21 @@ impl Pullgate {
             text.push_str("[metrics]\nlisten = \"127.0.0.1:0\"\n");
         }
         std::fs::write(&config, text).expect("write pullgate config");
+        config
+    }
+
+    /// Starts pullgate with an existing config file (see [`Pullgate::configure`]), listening on
+    /// `<tmp>/pullgate/pullgate.sock` in front of `upstream`.
+    pub fn start_configured(tmp: &Path, config: &Path, upstream: &Path) -> Pullgate {
+        let bin = Self::binary();
+        assert!(
+            bin.exists(),
+            "pullgate binary {} is missing (cargo should have built it)",
+            bin.display()
+        );
+        let dir = tmp.join("pullgate");
+        std::fs::create_dir_all(&dir).expect("create pullgate dir");
+        let config = config.to_path_buf();
         let socket = dir.join("pullgate.sock");
         let log = dir.join("pullgate.log");
         let mut cmd = Command::new(&bin);
@@ -113,4 +130,78 @@ impl Pullgate {
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         self.proc.stop()
     }
+
+    /// `Some(status)` if pullgate has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.proc.exited()
+    }
+}
+
+/// What a `pullgate` command printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct CliOutput {
+    pub args: Vec<String>,
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// stdout and stderr together, for assertions on messages.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for CliOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pullgate {} -> exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+            self.args.join(" "),
+            self.code,
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Runs the pullgate binary under test with `args` (a one-shot command such as `keygen`, `bundle
+/// sign` or `status`) and captures its output; never panics on a non-zero exit.
+pub fn cli<I, S>(args: I) -> CliOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let out = Command::new(Pullgate::binary())
+        .args(&args)
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run pullgate {args:?}: {e}"));
+    CliOutput {
+        args: args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Like [`cli`], but panics with the whole output unless the command exits 0.
+pub fn cli_ok<I, S>(args: I) -> CliOutput
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = cli(args);
+    assert!(out.success(), "command failed: {out}");
+    out
 }

@@ -128,6 +128,44 @@ impl Registry {
         self.requests().into_iter().skip(mark).collect()
     }
 
+    /// The requests received after `mark` whose path (query stripped) starts with `prefix`, e.g.
+    /// `/v2/library/busybox/`.
+    pub fn requests_under(&self, mark: usize, prefix: &str) -> Vec<String> {
+        self.requests_since(mark)
+            .into_iter()
+            .filter(|r| {
+                r.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|p| p.starts_with(prefix))
+            })
+            .collect()
+    }
+
+    /// The request lines (method and path, query stripped) after `mark` that fetched or probed a
+    /// manifest or blob, i.e. everything but the `/v2/` ping.
+    pub fn content_requests_since(&self, mark: usize) -> Vec<String> {
+        self.requests_since(mark)
+            .into_iter()
+            .filter_map(|r| {
+                let mut it = r.split_whitespace();
+                let (method, path) = (it.next()?, it.next()?);
+                let path = path.split('?').next().unwrap_or(path);
+                (path.contains("/manifests/") || path.contains("/blobs/"))
+                    .then(|| format!("{method} {path}"))
+            })
+            .collect()
+    }
+
+    /// Whole access-log lines after `mark` (for failure messages: they carry the user agent).
+    pub fn log_lines_since(&self, mark: usize) -> Vec<String> {
+        self.access_log()
+            .lines()
+            .filter(|l| l.contains('"'))
+            .skip(mark)
+            .map(str::to_string)
+            .collect()
+    }
+
     pub fn stop(&mut self) {
         self.proc.stop();
     }
@@ -166,6 +204,7 @@ impl ContainerdOpts {
 /// containerd, and lazily unmounts whatever is left mounted below its dir.
 pub struct Containerd {
     proc: Proc,
+    opts: ContainerdOpts,
     pub dir: PathBuf,
     pub config: PathBuf,
     /// The grpc (CRI) socket.
@@ -215,31 +254,58 @@ impl Containerd {
         std::fs::write(&config, config_toml(&dir, &socket, &snapshotter, opts))
             .expect("write config");
         let log = dir.join("containerd.log");
-        let mut cmd = Command::new("containerd");
-        cmd.arg("--config").arg(&config).env("PATH", sbin_path());
-        let mut proc = Proc::spawn("containerd", cmd, &log, &log);
-        proc.grace = Duration::from_secs(10);
-        let booted = poll(Duration::from_secs(30), || {
-            if proc.exited().is_some() {
-                return Some(false);
-            }
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            (text.contains("containerd successfully booted")
-                && UnixStream::connect(&socket).is_ok())
-            .then_some(true)
-        });
-        if booted != Some(true) {
-            proc.stop();
-            panic!("containerd did not start; its log:\n{}", tail(&log, 40));
-        }
+        let proc = spawn_containerd(&config, &socket, &log);
         Containerd {
             proc,
+            opts: opts.clone(),
             dir,
             config,
             socket,
             log,
             snapshotter,
         }
+    }
+
+    /// Stops only the containerd process (SIGTERM, as an init system would), leaving its shims and
+    /// containers running, like a real containerd restart or crash does. [`Containerd::start_again`]
+    /// brings it back; `Drop` still cleans everything up.
+    pub fn stop_daemon(&mut self) {
+        self.proc.stop();
+    }
+
+    /// Starts containerd again with the same config, root, state and socket (after
+    /// [`Containerd::stop_daemon`]); waits until the new process has booted.
+    pub fn start_again(&mut self) {
+        assert!(
+            self.proc.exited().is_some() || !process::pid_alive(self.proc.pid),
+            "containerd {} is still running; stop it first",
+            self.proc.pid
+        );
+        self.proc = spawn_containerd(&self.config, &self.socket, &self.log);
+    }
+
+    /// The options containerd was configured with.
+    pub fn opts(&self) -> &ContainerdOpts {
+        &self.opts
+    }
+
+    /// The PID of the running containerd.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// `ctr --address SOCK -n k8s.io images import --snapshotter S TAR`: imports an image archive
+    /// straight into containerd's CRI namespace, past any CRI proxy. Returns ctr's output.
+    pub fn ctr_import(&self, tar: &Path) -> String {
+        process::run(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.socket)
+                .args(["-n", "k8s.io", "images", "import", "--snapshotter"])
+                .arg(&self.snapshotter)
+                .arg(tar)
+                .env("PATH", sbin_path()),
+        )
     }
 
     /// containerd's log so far.
@@ -261,6 +327,32 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Spawns containerd with `config` and waits until it logs a *new* "successfully booted" line (the
+/// log is appended to across restarts) and its socket accepts connections.
+fn spawn_containerd(config: &Path, socket: &Path, log: &Path) -> Proc {
+    let offset = std::fs::metadata(log)
+        .map(|m| m.len() as usize)
+        .unwrap_or(0);
+    let mut cmd = Command::new("containerd");
+    cmd.arg("--config").arg(config).env("PATH", sbin_path());
+    let mut proc = Proc::spawn("containerd", cmd, log, log);
+    proc.grace = Duration::from_secs(10);
+    let booted = poll(Duration::from_secs(30), || {
+        if proc.exited().is_some() {
+            return Some(false);
+        }
+        let text = std::fs::read(log).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(offset..).unwrap_or_default());
+        (new.contains("containerd successfully booted") && UnixStream::connect(socket).is_ok())
+            .then_some(true)
+    });
+    if booted != Some(true) {
+        proc.stop();
+        panic!("containerd did not start; its log:\n{}", tail(log, 40));
+    }
+    proc
 }
 
 fn write_hosts_toml(certs: &Path, name: &str, target: &str) {
@@ -425,6 +517,13 @@ fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// Where [`Stack`] puts the pause image.
+#[derive(Clone, Copy, Debug)]
+enum PauseImage {
+    PrivateTag,
+    PinnedMirror,
+}
+
 /// The whole real stack of one test: a "public" registry (what docker.io, registry.k8s.io, gcr.io,
 /// quay.io and ghcr.io resolve to), a "private" registry (the approved mirror; also serves the pause
 /// image), containerd configured for both, an image factory, and optionally pullgate in front.
@@ -436,21 +535,54 @@ pub struct Stack {
     pub private: Registry,
     pub public: Registry,
     pub images: ImageFactory,
-    /// The sandbox (pause) image containerd uses: `127.0.0.1:PRIVATE/pause:1`.
+    /// The sandbox (pause) image containerd uses: `127.0.0.1:PRIVATE/pause:1`, or with
+    /// [`Stack::start_node`] `127.0.0.1:PRIVATE/approved-k8s/pause@sha256:…`.
     pub pause_image: String,
+    /// The pause image's manifest digest.
+    pub pause_digest: String,
     pub dir: TestDir,
 }
 
 impl Stack {
     /// Starts both registries, pushes the pause image to the private one, and starts containerd.
     pub fn start(name: &str) -> Stack {
+        Stack::start_with(name, PauseImage::PrivateTag)
+    }
+
+    /// Like [`Stack::start`], but the pause image is what a node under pullgate has: published in the
+    /// "public" registry as `registry.k8s.io/pause:3.9`, copied by digest to the private registry's
+    /// mirror path `approved-k8s/pause`, and containerd's `sandbox_image` is that copy pinned by digest
+    /// (`127.0.0.1:PRIVATE/approved-k8s/pause@sha256:…`, see [`Stack::pause_digest`]).
+    pub fn start_node(name: &str) -> Stack {
+        Stack::start_with(name, PauseImage::PinnedMirror)
+    }
+
+    fn start_with(name: &str, pause: PauseImage) -> Stack {
         let started = std::time::Instant::now();
         let dir = TestDir::new(name);
         let public = Registry::start(dir.path(), "public");
         let private = Registry::start(dir.path(), "private");
         let images = ImageFactory::new(dir.path());
-        let pause_image = format!("{}/pause:1", private.host());
-        images.push_pause(&private, "pause:1");
+        let (pause_image, pause_digest) = match pause {
+            PauseImage::PrivateTag => {
+                let digest = images.push_pause(&private, "pause:1");
+                (format!("{}/pause:1", private.host()), digest)
+            }
+            PauseImage::PinnedMirror => {
+                let digest = images.push_pause(&public, "pause:3.9");
+                super::images::copy_by_digest(
+                    &public.host(),
+                    "pause",
+                    &digest,
+                    &private.host(),
+                    "approved-k8s/pause",
+                );
+                (
+                    format!("{}/approved-k8s/pause@{digest}", private.host()),
+                    digest,
+                )
+            }
+        };
         let mut opts = ContainerdOpts::new(&public.host(), &pause_image);
         opts.private_registries.push(private.host());
         let containerd = Containerd::start(dir.path(), &opts);
@@ -469,6 +601,7 @@ impl Stack {
             public,
             images,
             pause_image,
+            pause_digest,
             dir,
         }
     }
