@@ -5,7 +5,9 @@
 //! and the ratios. Direct and proxied rounds alternate so that machine noise hits both alike.
 //!
 //! Run: `cargo bench --bench proxy` (env: `BENCH_CALLS` per round, default 2000; `BENCH_ROUNDS`,
-//! default 5; `BENCH_SECS` per throughput round, default 2).
+//! default 5; `BENCH_SECS` per throughput round, default 2). With `BENCH_UPSTREAM=/path/to/socket`
+//! (e.g. a real containerd's CRI socket) the passthrough part runs against that upstream instead of
+//! the fake, and the enforcement part is skipped.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -271,7 +273,10 @@ fn main() {
     let secs = if quick { 1 } else { env_num("BENCH_SECS", 2) };
 
     let dir = tempfile::tempdir().unwrap();
-    let upstream_path = dir.path().join("fake-cri.sock");
+    let real_upstream = std::env::var_os("BENCH_UPSTREAM").map(PathBuf::from);
+    let upstream_path = real_upstream
+        .clone()
+        .unwrap_or_else(|| dir.path().join("fake-cri.sock"));
     // The fake upstream runs on its own runtime thread, as containerd would in its own process.
     let up_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -279,7 +284,13 @@ fn main() {
         .build()
         .unwrap();
     let (fake, _events) = FakeCri::new();
-    let _server = up_rt.block_on(async { fake.serve(&upstream_path) });
+    let _server = match &real_upstream {
+        Some(p) => {
+            println!("upstream: {} (BENCH_UPSTREAM)", p.display());
+            None
+        }
+        None => Some(up_rt.block_on(async { fake.serve(&upstream_path) })),
+    };
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -10,8 +10,14 @@
 //! cri --socket /run/pullgate/pullgate.sock run docker.io/library/busybox:1 -- /bin/echo hello
 //! ```
 //!
-//! Exit status: 0 on success, 1 when the CRI call failed (the gRPC status is printed on stderr), 2 on usage
-//! errors; `run` exits with the container's exit code when the container ran.
+//! Exit status: 0 on success, 1 when the CRI call failed (the gRPC status code and message are printed on
+//! stderr, e.g. `cri: PullImage: PERMISSION_DENIED: image … denied: …`), 2 on usage errors; `run` exits
+//! with the container's exit code when the container ran.
+//!
+//! `run` does what kubelet does for a pod: PullImage (with the pod's sandbox config), ImageStatus to
+//! learn the image ID, RunPodSandbox (host network, no hostname), CreateContainer with the image ID and
+//! the name from the pod spec (`user_specified_image`), StartContainer, then ContainerStatus until it
+//! exits; it removes the pod afterwards unless `--keep`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,8 +32,8 @@ use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, CreateContainerRequest, ImageSpec,
     ImageStatusRequest, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListImagesRequest,
     NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PullImageRequest,
-    RemoveContainerRequest, RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StatusRequest, StopPodSandboxRequest, VersionRequest,
+    RemoveImageRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StatusRequest, StopPodSandboxRequest, VersionRequest,
 };
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
@@ -76,6 +82,12 @@ enum Cmd {
         /// Kubernetes namespace of the pod.
         #[arg(long, default_value = "default")]
         namespace: String,
+        /// Pod name.
+        #[arg(long, default_value = "cri-example-run")]
+        name: String,
+        /// Leave the pod (and its exited container) in place instead of removing it.
+        #[arg(long)]
+        keep: bool,
         /// Command and arguments (after `--`); default: the image's entrypoint.
         #[arg(last = true)]
         command: Vec<String>,
@@ -88,9 +100,36 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cri: {e:#}");
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("cri: {}: {}", code_name(s.code()), s.message()),
+                None => eprintln!("cri: {e:#}"),
+            }
             ExitCode::from(1)
         }
+    }
+}
+
+/// The canonical gRPC name of a status code (`PERMISSION_DENIED`).
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -112,7 +151,7 @@ fn pod_config(name: &str, namespace: &str) -> PodSandboxConfig {
     PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
             name: name.to_string(),
-            uid: format!("cri-example-{}", std::process::id()),
+            uid: format!("cri-example-{name}-{}", std::process::id()),
             namespace: namespace.to_string(),
             attempt: 0,
         }),
@@ -210,7 +249,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     auth: None,
                     sandbox_config: Some(pod_config("cri-example-pull", &namespace)),
                 })
-                .await?
+                .await
+                .map_err(|s| call_error("PullImage", s))?
                 .into_inner();
             println!("pulled {image} -> {}", r.image_ref);
         }
@@ -224,9 +264,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run {
             image,
             namespace,
+            name,
+            keep,
             command,
         } => {
-            let code = run_once(&mut rt, &mut img, &image, &namespace, command).await?;
+            let code =
+                run_once(&mut rt, &mut img, &image, &namespace, &name, keep, command).await?;
             println!("exit code: {code}");
             return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
         }
@@ -244,47 +287,79 @@ async fn run_once(
     img: &mut ImageServiceClient<Channel>,
     image: &str,
     namespace: &str,
+    name: &str,
+    keep: bool,
     command: Vec<String>,
 ) -> anyhow::Result<i32> {
-    let config = pod_config("cri-example-run", namespace);
+    let config = pod_config(name, namespace);
     let pulled = img
         .pull_image(PullImageRequest {
             image: image_spec(image),
             auth: None,
             sandbox_config: Some(config.clone()),
         })
-        .await?
+        .await
+        .map_err(|s| call_error("PullImage", s))?
         .into_inner();
-    println!("pulled {image} -> {}", pulled.image_ref);
+    println!("PullImage {image} -> {}", pulled.image_ref);
+    // kubelet looks the image up by the name in the pod spec and creates the container from its ID.
+    let found = img
+        .image_status(ImageStatusRequest {
+            image: image_spec(image),
+            verbose: false,
+        })
+        .await
+        .map_err(|s| call_error("ImageStatus", s))?
+        .into_inner()
+        .image
+        .ok_or_else(|| anyhow::anyhow!("ImageStatus({image}) found nothing after the pull"))?;
+    println!(
+        "ImageStatus {image} -> {} [{}]",
+        short_id(&found.id),
+        found.repo_digests.join(",")
+    );
     let pod = rt
         .run_pod_sandbox(RunPodSandboxRequest {
             config: Some(config.clone()),
             runtime_handler: String::new(),
         })
-        .await?
+        .await
+        .map_err(|s| call_error("RunPodSandbox", s))?
         .into_inner()
         .pod_sandbox_id;
-    println!("pod sandbox {}", short_id(&pod));
-    let result = run_in_pod(rt, &pod, &config, image, command).await;
-    // Best-effort clean-up, whatever happened inside.
-    let _ = rt
-        .stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await;
-    let _ = rt
-        .remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod,
-        })
-        .await;
+    println!(
+        "RunPodSandbox {namespace}/{name} (host network) -> {}",
+        short_id(&pod)
+    );
+    let result = run_in_pod(rt, &pod, &config, &found.id, image, command).await;
+    if !keep {
+        // Best-effort clean-up, whatever happened inside.
+        let _ = rt
+            .stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await;
+        let _ = rt
+            .remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await;
+    }
     result
+}
+
+/// Keeps the status (for `main`'s message) and says which call it came from.
+fn call_error(call: &'static str, s: tonic::Status) -> anyhow::Error {
+    let msg = format!("{call}: {}", s.message());
+    anyhow::Error::new(tonic::Status::new(s.code(), msg))
 }
 
 async fn run_in_pod(
     rt: &mut RuntimeServiceClient<Channel>,
     pod: &str,
     config: &PodSandboxConfig,
-    image: &str,
+    image_id: &str,
+    user_image: &str,
     command: Vec<String>,
 ) -> anyhow::Result<i32> {
     let created = rt
@@ -295,20 +370,27 @@ async fn run_in_pod(
                     name: "main".into(),
                     attempt: 0,
                 }),
-                image: image_spec(image),
+                image: Some(ImageSpec {
+                    image: image_id.to_string(),
+                    user_specified_image: user_image.to_string(),
+                    ..Default::default()
+                }),
                 command,
                 labels: HashMap::new(),
                 ..Default::default()
             }),
             sandbox_config: Some(config.clone()),
         })
-        .await?
+        .await
+        .map_err(|s| call_error("CreateContainer", s))?
         .into_inner()
         .container_id;
+    println!("CreateContainer main -> {}", short_id(&created));
     rt.start_container(StartContainerRequest {
         container_id: created.clone(),
     })
-    .await?;
+    .await
+    .map_err(|s| call_error("StartContainer", s))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let code = loop {
         let status = rt
@@ -328,10 +410,5 @@ async fn run_in_pod(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let _ = rt
-        .remove_container(RemoveContainerRequest {
-            container_id: created,
-        })
-        .await;
     Ok(code)
 }

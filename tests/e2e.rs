@@ -16,7 +16,7 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::Image;
+use k8s_cri::v1::{Image, ImageFsInfoResponse, ListContainersResponse, ListPodSandboxResponse};
 use support::cri::{host_pod_config, sorted_images};
 use support::node::{Node, PAYMENTS_NS, SEARCH_NS, matching, standard_bundle};
 use support::{Cri, e2e_enabled, loud};
@@ -411,7 +411,7 @@ async fn s3_unapproved_tag_or_digest_of_an_approved_repository_is_denied() {
         "PullImage busybox:1.36@<other digest>",
         cri.pull(&mixed, "default").await,
         Code::PermissionDenied,
-        &[&old.digest, &good.digest],
+        &[&old.digest, "not approved", "tags 1.36"],
     );
 
     // The unapproved copy does exist in the private registry's mirror path; still denied.
@@ -563,16 +563,18 @@ async fn s5_image_imported_with_ctr_cannot_start() {
         cri.pull("busybox:1.36", "default").await,
     );
 
+    // Two imports past pullgate: an unmirrored name as `ctr import` makes it (a tag name only), and
+    // content masquerading as the approved `busybox:1.36`, also named by its real digest (`--digests`).
     let imports = [
-        ("quay.io/evil/miner:1", "evil miner"),
-        ("docker.io/library/busybox:1.36", "evil busybox"),
+        ("quay.io/evil/miner:1", "evil miner", false),
+        ("docker.io/library/busybox:1.36", "evil busybox", true),
     ];
     let mut imported = Vec::new();
-    for (name, marker) in imports {
+    for (name, marker, digests) in imports {
         let tag = node.stack.images.build_image(marker);
         let tar = tmp.join(format!("{}.tar", marker.replace(' ', "-")));
         node.stack.images.export_docker_archive(&tag, &tar, name);
-        let out = node.stack.containerd.ctr_import(&tar);
+        let out = node.stack.containerd.ctr_import(&tar, digests);
         loud(&format!("s5: ctr import {name}: {}", out.trim()));
         let st = must("direct ImageStatus", direct.image_status(name).await);
         let img = st
@@ -584,6 +586,37 @@ async fn s5_image_imported_with_ctr_cannot_start() {
         );
         imported.push((name, marker, img));
     }
+    // ctr names the digest image after a generated base name (`import-DATE@sha256:…`); give the
+    // masquerade its true digest name in busybox's repository too, so its repo digests claim busybox.
+    let generated = imported[1]
+        .2
+        .repo_digests
+        .iter()
+        .find_map(|d| d.split_once('@').map(|(_, dg)| dg.to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no digest name after ctr import --digests: {:?}",
+                imported[1].2
+            )
+        });
+    let true_name = format!("docker.io/library/busybox@{generated}");
+    node.stack.containerd.ctr(&[
+        "images",
+        "tag",
+        "docker.io/library/busybox:1.36",
+        &true_name,
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fake = loop {
+        let img = must("direct ImageStatus", direct.image_status(&true_name).await).image;
+        if let Some(img) = img.filter(|i| i.repo_digests.contains(&true_name)) {
+            break img;
+        }
+        assert!(Instant::now() < deadline, "CRI never saw {true_name}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(fake.id, imported[1].2.id);
+    assert_ne!(generated, node.fx.busybox.digest);
 
     let cfg = host_pod_config("s5-pod", "default");
     let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
@@ -602,24 +635,28 @@ async fn s5_image_imported_with_ctr_cannot_start() {
                 )
                 .await,
                 Code::PermissionDenied,
-                &["denied"],
+                &[name, "denied"],
             );
         }
     }
-    let recs: Vec<_> = node
-        .audit()
-        .into_iter()
-        .filter(|r| r["method"] == "CreateContainer")
-        .collect();
-    assert!(
-        recs.iter()
-            .any(|r| r["decision"] == "deny" && r["reason"] == "public_registry_blocked"),
-        "no public_registry_blocked CreateContainer denial: {recs:?}"
+    // The tag-only import has no repo digest at all; the masquerade's digest is not approved.
+    assert_audit(
+        &node,
+        "CreateContainer",
+        "quay.io/evil/miner:1",
+        "deny",
+        "digest_not_approved",
     );
+    let recs = node.audit_for("CreateContainer", "docker.io/library/busybox:1.36");
     assert!(
-        recs.iter()
-            .any(|r| r["decision"] == "deny" && r["reason"] == "digest_not_approved"),
-        "no digest_not_approved CreateContainer denial for the masquerading busybox: {recs:?}"
+        recs.iter().any(|r| r["decision"] == "deny"
+            && r["reason"] == "digest_not_approved"
+            && fake
+                .repo_digests
+                .iter()
+                .any(|d| r["normalized"] == d.as_str())),
+        "the masquerade was not judged by its own digest {:?}: {recs:?}",
+        fake.repo_digests
     );
     let containers = must("direct ListContainers", direct.list_containers().await);
     assert!(
@@ -649,6 +686,92 @@ async fn s5_image_imported_with_ctr_cannot_start() {
     assert!(p.is_empty(), "public registry was contacted: {p:?}");
     cri.remove_all_pods().await;
     loud(&format!("s5: {:?}", t0.elapsed()));
+}
+
+/// Scenario 5, forged name: content imported with `ctr` and then *named* after the approved mirror
+/// digest (`ctr images tag … 127.0.0.1:P/approved/library/busybox@sha256:<approved>`). containerd does
+/// not check that a digest in an image name matches the image's manifest, and the CRI plugin reports
+/// such names as repo digests, so a check that trusts repo digests is fooled. The container must still
+/// be refused: its manifest is not the approved one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_import_named_after_an_approved_digest_cannot_start() {
+    if !e2e_enabled("s5_import_named_after_an_approved_digest_cannot_start") {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = Node::start("s5-forged-name", "enforce");
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let tmp = node.stack.dir.path().to_path_buf();
+    let approved = node.mirror_ref(&node.fx.busybox);
+
+    let tag = node.stack.images.build_image("forged busybox");
+    let tar = tmp.join("forged.tar");
+    node.stack
+        .images
+        .export_docker_archive(&tag, &tar, "quay.io/evil/miner:1");
+    node.stack.containerd.ctr_import(&tar, false);
+    node.stack
+        .containerd
+        .ctr(&["images", "tag", "quay.io/evil/miner:1", &approved]);
+    // The CRI plugin learns about the new name from containerd's image events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let forged = loop {
+        let st = must("direct ImageStatus", direct.image_status(&approved).await);
+        if let Some(i) = st.image {
+            break i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containerd's CRI never saw the forged name {approved}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let evil_id = must(
+        "direct ImageStatus",
+        direct.image_status("quay.io/evil/miner:1").await,
+    )
+    .image
+    .expect("imported image")
+    .id;
+    assert_eq!(
+        forged.id, evil_id,
+        "the forged name should point at the imported content"
+    );
+    assert!(
+        forged.repo_digests.contains(&approved),
+        "containerd reports the forged name as a repo digest: {forged:?}"
+    );
+
+    let cfg = host_pod_config("forged", "default");
+    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+    let r = cri
+        .create_container_as_kubelet(
+            &pod,
+            &cfg,
+            "forged",
+            &evil_id,
+            "busybox:1.36",
+            &strs(&grep_marker("forged busybox")),
+        )
+        .await;
+    if let Ok(c) = &r {
+        // Show what actually ran, for the failure message.
+        let code = cri.start_and_wait(c, Duration::from_secs(30)).await;
+        panic!(
+            "pullgate let a container start from content that is not the approved manifest \
+             (forged name {approved} on image {evil_id}); the container ran the forged image and \
+             exited {code:?} (0 = the forged marker was found)"
+        );
+    }
+    assert_status(
+        "CreateContainer of the forged image",
+        r,
+        Code::PermissionDenied,
+        &["denied"],
+    );
+    cri.remove_all_pods().await;
+    loud(&format!("s5 forged: {:?}", t0.elapsed()));
 }
 
 /// Scenario 6: a new bundle moves `busybox:1.36` to another digest and the next pod gets it; the old
@@ -1050,23 +1173,39 @@ async fn s8_warn_mode_allows_and_audits_the_would_be_denial() {
     loud(&format!("s8: {:?}", t0.elapsed()));
 }
 
+/// The (container id, event type) pairs a `GetContainerEvents` stream delivers until it is quiet for
+/// 2 s, ends, or fails.
+async fn collect_events(
+    s: &mut tonic::Streaming<k8s_cri::v1::ContainerEventResponse>,
+) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(2), s.message()).await {
+        out.push((e.container_id, e.container_event_type));
+    }
+    out
+}
+
 /// Calls `$call` on the direct client, pullgate, and directly again until the two direct answers agree
-/// (some answers carry timestamps that move), then asserts pullgate's answer equals them.
+/// (some answers carry timestamps that move), then asserts pullgate's answer equals them. `$norm`
+/// (optional) puts lists in a canonical order first: containerd lists from a map, in random order.
 macro_rules! assert_same_through_pullgate {
-    ($what:expr, $direct:ident, $proxied:ident, |$c:ident| $call:expr) => {{
+    ($what:expr, $direct:ident, $proxied:ident, |$c:ident| $call:expr) => {
+        assert_same_through_pullgate!($what, $direct, $proxied, |$c| $call, |r| r)
+    };
+    ($what:expr, $direct:ident, $proxied:ident, |$c:ident| $call:expr, $norm:expr) => {{
         let mut checked = false;
         for _attempt in 0..5 {
             let d1 = {
                 let $c = &mut $direct;
-                must(&format!("direct {}", $what), $call.await)
+                ($norm)(must(&format!("direct {}", $what), $call.await))
             };
             let p = {
                 let $c = &mut $proxied;
-                must(&format!("{} through pullgate", $what), $call.await)
+                ($norm)(must(&format!("{} through pullgate", $what), $call.await))
             };
             let d2 = {
                 let $c = &mut $direct;
-                must(&format!("direct {}", $what), $call.await)
+                ($norm)(must(&format!("direct {}", $what), $call.await))
             };
             if d1 == d2 {
                 assert_eq!(
@@ -1156,20 +1295,7 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
             );
         }
         (Ok(mut d), Ok(mut p)) => {
-            let collect = |s: &mut tonic::Streaming<k8s_cri::v1::ContainerEventResponse>| {
-                let mut out = Vec::new();
-                async move {
-                    while let Ok(Some(Ok(e))) =
-                        tokio::time::timeout(Duration::from_secs(2), s.message())
-                            .await
-                            .map(|r| r.transpose())
-                    {
-                        out.push((e.container_id, e.container_event_type));
-                    }
-                    out
-                }
-            };
-            let (dv, pv) = (collect(&mut d).await, collect(&mut p).await);
+            let (dv, pv) = (collect_events(&mut d).await, collect_events(&mut p).await);
             loud(&format!(
                 "s9: GetContainerEvents streamed {} events",
                 dv.len()
@@ -1192,9 +1318,43 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
 
     assert_same_through_pullgate!("Version", direct, proxied, |c| c.version());
     assert_same_through_pullgate!("Status", direct, proxied, |c| c.status());
-    assert_same_through_pullgate!("ListPodSandbox", direct, proxied, |c| c.list_pod_sandbox());
-    assert_same_through_pullgate!("ListContainers", direct, proxied, |c| c.list_containers());
-    assert_same_through_pullgate!("ImageFsInfo", direct, proxied, |c| c.image_fs_info());
+    assert_same_through_pullgate!(
+        "ListPodSandbox",
+        direct,
+        proxied,
+        |c| c.list_pod_sandbox(),
+        |mut r: ListPodSandboxResponse| {
+            r.items.sort_by(|a, b| a.id.cmp(&b.id));
+            r
+        }
+    );
+    assert_same_through_pullgate!(
+        "ListContainers",
+        direct,
+        proxied,
+        |c| c.list_containers(),
+        |mut r: ListContainersResponse| {
+            r.containers.sort_by(|a, b| a.id.cmp(&b.id));
+            r
+        }
+    );
+    // containerd stamps ImageFsInfo with the time of the call: compare everything else.
+    assert_same_through_pullgate!(
+        "ImageFsInfo",
+        direct,
+        proxied,
+        |c| c.image_fs_info(),
+        |mut r: ImageFsInfoResponse| {
+            for fs in r
+                .image_filesystems
+                .iter_mut()
+                .chain(r.container_filesystems.iter_mut())
+            {
+                fs.timestamp = 0;
+            }
+            r
+        }
+    );
     assert_same_through_pullgate!("ContainerStatus(exited)", direct, proxied, |c| c
         .container_status(&done));
     assert_same_through_pullgate!("ContainerStatus(running)", direct, proxied, |c| c

@@ -878,3 +878,80 @@ async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     assert_eq!(status["mode"], "enforce");
     env.stop().await;
 }
+
+async fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let code = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        code,
+        raw.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pullgate::daemon::http::serve(listener, env.node.clone()));
+    let mut images = env.images().await;
+    images
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
+    let _ = images
+        .pull_image(pull_request("alpine:1", "checkout"))
+        .await
+        .unwrap_err();
+
+    let get = |p: &str| format!("GET {p} HTTP/1.0\r\nHost: x\r\n\r\n");
+    let (code, metrics) = http(addr, &get("/metrics")).await;
+    assert_eq!(code, 200);
+    for want in [
+        "pullgate_calls_total{method=\"PullImage\",code=\"0\"} 1",
+        "pullgate_calls_total{method=\"PullImage\",code=\"7\"} 1",
+        "pullgate_decisions_total{result=\"allow\",reason=\"approved\"} 1",
+        "pullgate_decisions_total{result=\"deny\",reason=\"not_in_bundle\"} 1",
+        "pullgate_upstream_latency_seconds_count{method=\"PullImage\"} 1",
+        "pullgate_bundle_version 1",
+        "pullgate_bundle_installs_total{result=\"installed\",reason=\"ok\"} 1",
+    ] {
+        assert!(metrics.contains(want), "missing {want}:\n{metrics}");
+    }
+    assert_eq!(http(addr, &get("/healthz")).await.0, 200);
+    assert_eq!(
+        http(addr, &get("/readyz")).await,
+        (200, "ready\n".to_string())
+    );
+    let (code, status) = http(addr, &get("/status")).await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["bundle"]["version"], 1);
+    assert_eq!(status["decisions"]["allow"], 1);
+    assert_eq!(status["decisions"]["deny"], 1);
+    assert_eq!(status["upstream"]["connected"], true);
+    assert_eq!(http(addr, &get("/nope")).await.0, 404);
+    assert_eq!(
+        http(addr, "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .0,
+        405
+    );
+    env.stop().await;
+
+    // Not ready without a bundle, and it says why.
+    let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(pullgate::daemon::http::serve(listener, env.node.clone()));
+    let (code, body) = http(addr, &get("/readyz")).await;
+    assert_eq!(code, 503);
+    assert!(body.contains("no bundle is installed"), "{body}");
+    env.stop().await;
+}

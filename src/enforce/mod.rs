@@ -706,3 +706,81 @@ fn add_repo_tags(resp: &[u8], names_for: impl Fn(&[u8]) -> Vec<String>) -> Optio
     .ok()?;
     changed.then_some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testutil::example_bundle;
+
+    fn pull(state: &PolicyState, now: OffsetDateTime) -> Decision {
+        state.decide(
+            &ImageRequest::Reference("nginx:1.25"),
+            &PodContext::default(),
+            now,
+        )
+    }
+
+    #[test]
+    fn expired_bundle_is_enforced_during_grace_then_fails_closed() {
+        let state = PolicyState::new(NodeMode::Enforce, Duration::from_secs(72 * 3600));
+        let b = Arc::new(example_bundle());
+        let expires = b.expires_at;
+        state.set(b);
+        let within = pull(&state, expires + time::Duration::hours(1));
+        assert_eq!(within.verdict, PolicyVerdict::Allow, "{}", within.message);
+        assert_eq!(within.bundle_version, Some(42));
+        let after = pull(&state, expires + time::Duration::hours(73));
+        assert_eq!(after.verdict, PolicyVerdict::Deny);
+        assert_eq!(after.reason, ReasonCode::NoValidBundle);
+        assert!(after.message.contains("expired"), "{}", after.message);
+        assert!(after.message.contains("grace"), "{}", after.message);
+        // Denial statuses: FAILED_PRECONDITION without a usable bundle, PERMISSION_DENIED otherwise.
+        assert_eq!(denial(&after).code, Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn node_warn_mode_turns_denials_into_warnings_and_can_be_switched() {
+        let state = PolicyState::new(NodeMode::Warn, Duration::from_secs(3600));
+        let now = crate::policy::testutil::example_now();
+        let d = pull(&state, now);
+        assert_eq!(
+            (d.verdict, d.reason),
+            (PolicyVerdict::Warn, ReasonCode::NoValidBundle)
+        );
+        assert_eq!(
+            d.pull_ref.as_deref(),
+            Some("nginx:1.25"),
+            "warn forwards the image as asked"
+        );
+        state.set_mode(NodeMode::Enforce);
+        assert_eq!(pull(&state, now).verdict, PolicyVerdict::Deny);
+        assert_eq!(denial(&pull(&state, now)).code, Code::FailedPrecondition);
+    }
+
+    #[test]
+    fn repo_tags_are_added_once_and_other_bytes_kept() {
+        let image = cri::Image {
+            id: "sha256:x".into(),
+            repo_tags: vec!["a:1".into()],
+            repo_digests: vec!["r@sha256:y".into()],
+            size: 3,
+            ..Default::default()
+        };
+        let mut resp = cri::ListImagesResponse {
+            images: vec![image.clone(), image],
+        }
+        .encode_to_vec();
+        resp.extend_from_slice(&[0xa2, 0x06, 0x01, b'z']); // unknown field 100
+        let out = add_repo_tags(&resp, |_| vec!["a:1".into(), "b:2".into()]).unwrap();
+        let decoded = cri::ListImagesResponse::decode(out.as_slice()).unwrap();
+        for img in &decoded.images {
+            assert_eq!(img.repo_tags, vec!["a:1".to_string(), "b:2".to_string()]);
+            assert_eq!(img.size, 3);
+        }
+        assert!(out.ends_with(&[0xa2, 0x06, 0x01, b'z']));
+        assert!(
+            add_repo_tags(&resp, |_| vec!["a:1".into()]).is_none(),
+            "nothing to add: unchanged"
+        );
+    }
+}

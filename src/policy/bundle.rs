@@ -379,102 +379,326 @@ struct RawFirstParty {
     require_digest: bool,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawImage<'a> {
-    #[serde(borrow)]
-    source: Str<'a>,
-    #[serde(default, borrow)]
-    tags: Pairs<'a>,
-    #[serde(default, borrow)]
-    digests: Vec<Str<'a>>,
-    #[serde(borrow)]
-    scope: Str<'a>,
-    #[serde(borrow)]
-    provenance: RawProvenance<'a>,
-}
+// The `images` array is the bulk of a bundle, so it is not deserialised into owned intermediate values:
+// each image's strings are appended to one reusable buffer ([`ImageScratch`]), the image is checked and
+// converted to a compact [`ImageEntry`] as soon as its object ends, and the buffer is reused for the
+// next one. This works the same whether the JSON is borrowed from memory or streamed from a reader.
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawProvenance<'a> {
-    #[serde(borrow)]
-    license: Str<'a>,
-    #[serde(borrow)]
-    scans: Vec<RawScan<'a>>,
-    #[serde(borrow)]
-    approved_by: Str<'a>,
-    #[serde(with = "time::serde::rfc3339")]
-    approved_at: OffsetDateTime,
-}
+/// A byte range of [`ImageScratch::text`].
+type Span = std::ops::Range<usize>;
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawScan<'a> {
-    #[serde(borrow)]
-    scanner: Str<'a>,
-    #[serde(borrow)]
-    version: Str<'a>,
-    #[serde(borrow)]
-    report: Str<'a>,
+struct ScanSpans {
+    scanner: Span,
+    version: Span,
+    report: Span,
     worst_severity: Severity,
 }
 
-/// A string borrowed from the bundle bytes when it has no escapes (no allocation while parsing).
-struct Str<'a>(std::borrow::Cow<'a, str>);
-
-impl Deref for Str<'_> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Str<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Str<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Str<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Str<'de>, E> {
-                Ok(Str(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Str<'de>, E> {
-                Ok(Str(std::borrow::Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// A JSON object kept as ordered pairs, so duplicate keys can be reported instead of silently merged.
+/// The fields of the image being parsed (the strings live in `text`).
 #[derive(Default)]
-struct Pairs<'a>(Vec<(Str<'a>, Str<'a>)>);
+struct ImageScratch {
+    text: String,
+    source: Option<Span>,
+    tags: Vec<(Span, Span)>,
+    digests: Vec<Span>,
+    scope: Option<Span>,
+    provenance: bool,
+    license: Span,
+    scans: Vec<ScanSpans>,
+    approved_by: Span,
+    approved_at: i64,
+}
 
-impl<'de: 'a, 'a> Deserialize<'de> for Pairs<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Pairs<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object mapping tags to digests")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pairs<'de>, A::Error> {
-                let mut v = Vec::new();
-                while let Some(pair) = map.next_entry::<Str<'de>, Str<'de>>()? {
-                    v.push(pair);
+impl ImageScratch {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.source = None;
+        self.tags.clear();
+        self.digests.clear();
+        self.scope = None;
+        self.provenance = false;
+        self.scans.clear();
+    }
+
+    fn str(&self, span: &Span) -> &str {
+        &self.text[span.clone()]
+    }
+}
+
+/// Appends a JSON string to the scratch text and returns its span.
+struct Text<'s>(&'s mut String);
+
+impl<'de> de::DeserializeSeed<'de> for Text<'_> {
+    type Value = Span;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Span, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text<'_> {
+    type Value = Span;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Span, E> {
+        let start = self.0.len();
+        self.0.push_str(v);
+        Ok(start..self.0.len())
+    }
+}
+
+/// A struct field name, as its index in `fields`.
+struct Field(&'static [&'static str]);
+
+impl<'de> de::DeserializeSeed<'de> for Field {
+    type Value = usize;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<usize, D::Error> {
+        d.deserialize_identifier(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Field {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("field identifier")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<usize, E> {
+        self.0
+            .iter()
+            .position(|f| *f == v)
+            .ok_or_else(|| E::unknown_field(v, self.0))
+    }
+}
+
+/// Marks `field` as seen, rejecting a second occurrence.
+fn first<E: de::Error>(seen: &mut bool, field: &'static str) -> Result<(), E> {
+    if std::mem::replace(seen, true) {
+        return Err(E::duplicate_field(field));
+    }
+    Ok(())
+}
+
+const IMAGE_FIELDS: &[&str] = &["source", "tags", "digests", "scope", "provenance"];
+const PROVENANCE_FIELDS: &[&str] = &["license", "scans", "approved_by", "approved_at"];
+const SCAN_FIELDS: &[&str] = &["scanner", "version", "report", "worst_severity"];
+
+/// One element of `images` (an object; unknown fields are rejected).
+struct ImageSeed<'s>(&'s mut ImageScratch);
+
+impl<'de> de::DeserializeSeed<'de> for ImageSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_struct("RawImage", IMAGE_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for ImageSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("struct RawImage")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let s = self.0;
+        s.clear();
+        let (mut tags, mut digests) = (false, false);
+        while let Some(field) = map.next_key_seed(Field(IMAGE_FIELDS))? {
+            match field {
+                0 => {
+                    if s.source.is_some() {
+                        return Err(de::Error::duplicate_field("source"));
+                    }
+                    s.source = Some(map.next_value_seed(Text(&mut s.text))?);
                 }
-                Ok(Pairs(v))
+                1 => {
+                    first(&mut tags, "tags")?;
+                    map.next_value_seed(TagsSeed(s))?;
+                }
+                2 => {
+                    first(&mut digests, "digests")?;
+                    map.next_value_seed(DigestsSeed(s))?;
+                }
+                3 => {
+                    if s.scope.is_some() {
+                        return Err(de::Error::duplicate_field("scope"));
+                    }
+                    s.scope = Some(map.next_value_seed(Text(&mut s.text))?);
+                }
+                _ => {
+                    if s.provenance {
+                        return Err(de::Error::duplicate_field("provenance"));
+                    }
+                    map.next_value_seed(ProvenanceSeed(s))?;
+                    s.provenance = true;
+                }
             }
         }
-        d.deserialize_map(V)
+        if s.source.is_none() {
+            return Err(de::Error::missing_field("source"));
+        }
+        if s.scope.is_none() {
+            return Err(de::Error::missing_field("scope"));
+        }
+        if !s.provenance {
+            return Err(de::Error::missing_field("provenance"));
+        }
+        Ok(())
+    }
+}
+
+/// `tags`: an object mapping tags to digests, kept as ordered pairs so duplicate keys can be reported.
+struct TagsSeed<'s>(&'s mut ImageScratch);
+
+impl<'de> de::DeserializeSeed<'de> for TagsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TagsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object mapping tags to digests")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let s = self.0;
+        while let Some(tag) = map.next_key_seed(Text(&mut s.text))? {
+            let digest = map.next_value_seed(Text(&mut s.text))?;
+            s.tags.push((tag, digest));
+        }
+        Ok(())
+    }
+}
+
+/// `digests`: an array of digest strings.
+struct DigestsSeed<'s>(&'s mut ImageScratch);
+
+impl<'de> de::DeserializeSeed<'de> for DigestsSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DigestsSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let s = self.0;
+        while let Some(d) = seq.next_element_seed(Text(&mut s.text))? {
+            s.digests.push(d);
+        }
+        Ok(())
+    }
+}
+
+/// `provenance`.
+struct ProvenanceSeed<'s>(&'s mut ImageScratch);
+
+impl<'de> de::DeserializeSeed<'de> for ProvenanceSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_struct("RawProvenance", PROVENANCE_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for ProvenanceSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("struct RawProvenance")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let s = self.0;
+        let mut seen = [false; 4];
+        while let Some(field) = map.next_key_seed(Field(PROVENANCE_FIELDS))? {
+            first(&mut seen[field], PROVENANCE_FIELDS[field])?;
+            match field {
+                0 => s.license = map.next_value_seed(Text(&mut s.text))?,
+                1 => map.next_value_seed(ScansSeed(s))?,
+                2 => s.approved_by = map.next_value_seed(Text(&mut s.text))?,
+                _ => s.approved_at = map.next_value_seed(Rfc3339Seed)?.unix_timestamp(),
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(de::Error::missing_field(PROVENANCE_FIELDS[i]));
+        }
+        Ok(())
+    }
+}
+
+/// An RFC 3339 time (as `time::serde::rfc3339` reads it).
+struct Rfc3339Seed;
+
+impl<'de> de::DeserializeSeed<'de> for Rfc3339Seed {
+    type Value = OffsetDateTime;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<OffsetDateTime, D::Error> {
+        time::serde::rfc3339::deserialize(d)
+    }
+}
+
+/// `provenance.scans`.
+struct ScansSeed<'s>(&'s mut ImageScratch);
+
+impl<'de> de::DeserializeSeed<'de> for ScansSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScansSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let s = self.0;
+        while let Some(scan) = seq.next_element_seed(ScanSeed(&mut s.text))? {
+            s.scans.push(scan);
+        }
+        Ok(())
+    }
+}
+
+/// One scan of `provenance.scans`.
+struct ScanSeed<'s>(&'s mut String);
+
+impl<'de> de::DeserializeSeed<'de> for ScanSeed<'_> {
+    type Value = ScanSpans;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<ScanSpans, D::Error> {
+        d.deserialize_struct("RawScan", SCAN_FIELDS, self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScanSeed<'_> {
+    type Value = ScanSpans;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("struct RawScan")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ScanSpans, A::Error> {
+        let text = self.0;
+        let mut seen = [false; 4];
+        let mut scan = ScanSpans {
+            scanner: 0..0,
+            version: 0..0,
+            report: 0..0,
+            worst_severity: Severity::None,
+        };
+        while let Some(field) = map.next_key_seed(Field(SCAN_FIELDS))? {
+            first(&mut seen[field], SCAN_FIELDS[field])?;
+            match field {
+                0 => scan.scanner = map.next_value_seed(Text(&mut *text))?,
+                1 => scan.version = map.next_value_seed(Text(&mut *text))?,
+                2 => scan.report = map.next_value_seed(Text(&mut *text))?,
+                _ => scan.worst_severity = map.next_value()?,
+            }
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(de::Error::missing_field(SCAN_FIELDS[i]));
+        }
+        Ok(scan)
     }
 }
 
@@ -513,16 +737,18 @@ impl<'de> Deserialize<'de> for ImageList {
                     list.entries.reserve(n);
                 }
                 let mut strings = Interner::default();
+                let mut scratch = ImageScratch::default();
                 let mut index = 0usize;
-                while let Some(raw) = seq.next_element::<RawImage<'de>>()? {
+                while seq.next_element_seed(ImageSeed(&mut scratch))?.is_some() {
                     if list.error.is_none() {
-                        match convert_image(raw, index, &mut strings) {
+                        match convert_image(&scratch, index, &mut strings) {
                             Ok(e) => list.entries.push(e),
                             Err(e) => list.error = Some(e),
                         }
                     }
                     index += 1;
                 }
+                list.entries.shrink_to_fit();
                 Ok(list)
             }
         }
@@ -561,23 +787,26 @@ fn canonical_repository(s: &str, what: impl Fn() -> String) -> Result<String, Bu
 }
 
 fn convert_image(
-    raw: RawImage<'_>,
+    raw: &ImageScratch,
     index: usize,
     strings: &mut Interner,
 ) -> Result<ImageEntry, BundleError> {
-    let source = canonical_repository(&raw.source, || format!("images[{index}].source"))?;
+    let source = canonical_repository(raw.str(raw.source.as_ref().unwrap_or(&(0..0))), || {
+        format!("images[{index}].source")
+    })?;
     let at = || format!("images[{index}] ({source})");
-    let mut tags = Vec::with_capacity(raw.tags.0.len());
-    for (tag, digest) in raw.tags.0 {
-        if !reference::is_valid_tag(&tag) {
+    let mut tags = Vec::with_capacity(raw.tags.len());
+    for (tag, digest) in &raw.tags {
+        let (tag, digest) = (raw.str(tag), raw.str(digest));
+        if !reference::is_valid_tag(tag) {
             return Err(BundleError::Invalid(format!(
                 "{}: tag \"{}\" is not a valid tag",
                 at(),
-                clip(&tag)
+                clip(tag)
             )));
         }
-        let d = parse_digest(&digest, || format!("{} tag {tag}", at()))?;
-        tags.push((Box::<str>::from(&*tag), d));
+        let d = parse_digest(digest, || format!("{} tag {tag}", at()))?;
+        tags.push((Box::<str>::from(tag), d));
     }
     tags.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -589,7 +818,7 @@ fn convert_image(
     }
     let mut digests = Vec::with_capacity(raw.digests.len());
     for d in &raw.digests {
-        let d = parse_digest(d, || format!("{} digests", at()))?;
+        let d = parse_digest(raw.str(d), || format!("{} digests", at()))?;
         if let Some((t, _)) = tags.iter().find(|(_, td)| *td == d) {
             return Err(BundleError::Duplicate(format!(
                 "{}: digest {d} is listed in \"digests\" and already approved through tag {t}",
@@ -612,55 +841,57 @@ fn convert_image(
             at()
         )));
     }
-    let p = raw.provenance;
-    if !valid_spdx(&p.license) {
+    let license = raw.str(&raw.license);
+    if !valid_spdx(license) {
         return Err(BundleError::Invalid(format!(
             "{}: provenance.license \"{}\" is not an SPDX licence expression",
             at(),
-            clip(&p.license)
+            clip(license)
         )));
     }
-    if p.approved_by.trim().is_empty() {
+    let approved_by = raw.str(&raw.approved_by);
+    if approved_by.trim().is_empty() {
         return Err(BundleError::Invalid(format!(
             "{}: provenance.approved_by is empty",
             at()
         )));
     }
-    if p.scans.is_empty() {
+    if raw.scans.is_empty() {
         return Err(BundleError::Invalid(format!(
             "{}: provenance.scans is empty; record at least one vulnerability scan that passed the image",
             at()
         )));
     }
-    let mut scans = Vec::with_capacity(p.scans.len());
-    for s in p.scans {
-        if s.scanner.trim().is_empty() || s.version.trim().is_empty() {
+    let mut scans = Vec::with_capacity(raw.scans.len());
+    for s in &raw.scans {
+        let (scanner, version) = (raw.str(&s.scanner), raw.str(&s.version));
+        if scanner.trim().is_empty() || version.trim().is_empty() {
             return Err(BundleError::Invalid(format!(
                 "{}: a scan has an empty scanner name or version",
                 at()
             )));
         }
-        let report = parse_digest(&s.report, || {
-            format!("{} scan report of {}", at(), s.scanner)
+        let report = parse_digest(raw.str(&s.report), || {
+            format!("{} scan report of {scanner}", at())
         })?;
         scans.push(Scan {
-            scanner: strings.get(&s.scanner),
-            version: strings.get(&s.version),
+            scanner: strings.get(scanner),
+            version: strings.get(version),
             report,
             worst_severity: s.worst_severity,
         });
     }
     Ok(ImageEntry {
         source: source.into(),
-        scope_path: strings.get(&raw.scope),
+        scope_path: strings.get(raw.str(raw.scope.as_ref().unwrap_or(&(0..0)))),
         scope: 0,
         tags: tags.into_boxed_slice(),
         digests: digests.into_boxed_slice(),
         provenance: Provenance {
-            license: strings.get(&p.license),
+            license: strings.get(license),
             scans: scans.into_boxed_slice(),
-            approved_by: strings.get(&p.approved_by),
-            approved_at: p.approved_at.unix_timestamp(),
+            approved_by: strings.get(approved_by),
+            approved_at: raw.approved_at,
         },
     })
 }

@@ -131,6 +131,20 @@ fn truncate(s: &str) -> String {
 }
 
 fn decode_hex(hex: &str, out: &mut [u8], algorithm: &'static str) -> Result<(), DigestError> {
+    // Fast path: right length and only lowercase hex digits, decoded in one pass over the bytes.
+    let b = hex.as_bytes();
+    if b.len() == out.len() * 2 {
+        let mut bad = 0u8;
+        for (o, pair) in out.iter_mut().zip(b.chunks_exact(2)) {
+            let (hi, lo) = (HEX_VALUE[pair[0] as usize], HEX_VALUE[pair[1] as usize]);
+            bad |= hi | lo;
+            *o = (hi << 4) | (lo & 15);
+        }
+        if bad & 0x80 == 0 {
+            return Ok(());
+        }
+    }
+    // Slow path: find the exact error (first bad character, then the length).
     if let Some(c) = hex.chars().find(|c| !matches!(c, '0'..='9' | 'a'..='f')) {
         return Err(DigestError::BadHex(c));
     }
@@ -147,6 +161,22 @@ fn decode_hex(hex: &str, out: &mut [u8], algorithm: &'static str) -> Result<(), 
     }
     Ok(())
 }
+
+/// Value of each lowercase hex digit; 0x80 marks every other byte.
+static HEX_VALUE: [u8; 256] = {
+    let mut t = [0x80u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
 
 fn nibble(c: u8) -> u8 {
     match c {

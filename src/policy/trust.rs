@@ -174,9 +174,15 @@ impl fmt::Debug for PrivateKey {
 
 /// The message every signature covers: [`SIGNING_CONTEXT`] followed by SHA-512 of the exact bundle bytes.
 pub fn signing_message(bundle: &[u8]) -> Vec<u8> {
+    signing_message_for_hash(&sha2::Sha512::digest(bundle).into())
+}
+
+/// The signing message for a bundle whose SHA-512 is `bundle_sha512` (hashed incrementally, e.g. while
+/// the bundle is read from a file).
+pub fn signing_message_for_hash(bundle_sha512: &[u8; 64]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + 64);
     msg.extend_from_slice(SIGNING_CONTEXT);
-    msg.extend_from_slice(&sha2::Sha512::digest(bundle));
+    msg.extend_from_slice(bundle_sha512);
     msg
 }
 
@@ -378,7 +384,22 @@ pub fn verify_signatures(
             threshold: trust.threshold,
         });
     }
-    let msg = signing_message(bundle);
+    verify_signatures_for_hash(&sha2::Sha512::digest(bundle).into(), sigs, trust)
+}
+
+/// [`verify_signatures`] for a bundle whose SHA-512 is `bundle_sha512` (same rules; the caller hashed
+/// the exact bundle bytes, e.g. while reading them).
+pub fn verify_signatures_for_hash(
+    bundle_sha512: &[u8; 64],
+    sigs: &SignatureFile,
+    trust: &Trust,
+) -> Result<Vec<String>, SignatureError> {
+    if sigs.signatures.is_empty() {
+        return Err(SignatureError::Missing {
+            threshold: trust.threshold,
+        });
+    }
+    let msg = signing_message_for_hash(bundle_sha512);
     let mut signers: Vec<String> = Vec::new();
     let mut signer_ids: Vec<&str> = Vec::new();
     let mut unknown = Vec::new();

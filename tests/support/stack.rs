@@ -294,16 +294,28 @@ impl Containerd {
         self.proc.pid
     }
 
-    /// `ctr --address SOCK -n k8s.io images import --snapshotter S TAR`: imports an image archive
-    /// straight into containerd's CRI namespace, past any CRI proxy. Returns ctr's output.
-    pub fn ctr_import(&self, tar: &Path) -> String {
+    /// `ctr --address SOCK -n k8s.io images import --snapshotter S [--digests] TAR`: imports an image
+    /// archive straight into containerd's CRI namespace, past any CRI proxy. With `digests`, ctr also
+    /// names the image by its manifest digest (`NAME@sha256:…`). Returns ctr's output.
+    pub fn ctr_import(&self, tar: &Path, digests: bool) -> String {
+        let snapshotter = self.snapshotter.clone();
+        let tar = tar.to_string_lossy().into_owned();
+        let mut args = vec!["images", "import", "--snapshotter", snapshotter.as_str()];
+        if digests {
+            args.push("--digests");
+        }
+        args.push(&tar);
+        self.ctr(&args)
+    }
+
+    /// Runs `ctr --address SOCK -n k8s.io ARGS…` against this containerd; panics if it fails.
+    pub fn ctr(&self, args: &[&str]) -> String {
         process::run(
             Command::new("ctr")
                 .arg("--address")
                 .arg(&self.socket)
-                .args(["-n", "k8s.io", "images", "import", "--snapshotter"])
-                .arg(&self.snapshotter)
-                .arg(tar)
+                .args(["-n", "k8s.io"])
+                .args(args)
                 .env("PATH", sbin_path()),
         )
     }
