@@ -4,10 +4,14 @@
 #   2. starts two loopback registries ("public": what docker.io, registry.k8s.io, gcr.io, quay.io and
 #      ghcr.io resolve to here; "private": the approved mirror, which also serves the pause image),
 #      builds busybox images offline and pushes them;
-#   3. starts a private containerd 1.6 and pullgate in front of it, all under $PULLGATE_DEMO_DIR
-#      (default /tmp/pullgate-demo);
-#   4. makes CRI calls through pullgate, like kubelet would, and shows pullgate's log of them;
-#   5. leaves everything running; scripts/demo-stop.sh stops exactly what this started.
+#   3. generates two administrators' keys (pullgate keygen), a 2-of-2 trust file, and a bundle that
+#      approves busybox:1.36 and the pause image (pinned by digest), signed by both (pullgate bundle sign);
+#   4. starts a private containerd 1.6 (sandbox image: the approved pause copy, pinned by digest) and
+#      pullgate in front of it, all under $PULLGATE_DEMO_DIR (default /tmp/pullgate-demo);
+#   5. makes CRI calls through pullgate like kubelet would: an approved short-name pull rewritten and
+#      pinned, a public image blocked, a pod running the approved image; then `pullgate status` and
+#      the audit log;
+#   6. leaves everything running; scripts/demo-stop.sh stops exactly what this started.
 #
 # Options: --release  build with the release profile (slower to build; default: debug)
 #          --no-build use the binaries already in target/
@@ -22,7 +26,7 @@ for arg in "$@"; do
   case $arg in
     --release) PROFILE=release ;;
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -70,25 +74,84 @@ say "public registry:  http://$PUBLIC   (docker.io, registry.k8s.io, gcr.io, qua
 say "private registry: http://$PRIVATE  (the approved mirror)"
 
 build_image pause "demo pause" /bin/sleep infinity
-PAUSE_DIGEST=$(push_image pause "$PRIVATE" pause:1)
+PAUSE_DIGEST=$(push_image pause "$PUBLIC" pause:3.9)
 build_image busybox "demo busybox"
 BUSYBOX_DIGEST=$(push_image busybox "$PUBLIC" library/busybox:1.36)
 build_image tools "demo tools"
 TOOLS_DIGEST=$(push_image tools "$PUBLIC" acme/tools:2.0)
+copy_by_digest "$PUBLIC" pause "$PAUSE_DIGEST" "$PRIVATE" approved-k8s/pause
 copy_by_digest "$PUBLIC" library/busybox "$BUSYBOX_DIGEST" "$PRIVATE" approved/library/busybox
-say "pushed $PRIVATE/pause:1                 $PAUSE_DIGEST"
-say "pushed docker.io/library/busybox:1.36   $BUSYBOX_DIGEST"
-say "pushed quay.io/acme/tools:2.0           $TOOLS_DIGEST"
-say "copied busybox by digest to $PRIVATE/approved/library/busybox@$BUSYBOX_DIGEST"
+say "public:  registry.k8s.io/pause:3.9       $PAUSE_DIGEST"
+say "public:  docker.io/library/busybox:1.36  $BUSYBOX_DIGEST"
+say "public:  quay.io/acme/tools:2.0          $TOOLS_DIGEST   (public only)"
+say "private: approved-k8s/pause and approved/library/busybox, copied by digest"
 
-bold "3. containerd and pullgate"
-start_containerd "$PUBLIC" "$PRIVATE" "$PRIVATE/pause:1"
-say "containerd: $STACK_DIR/containerd/containerd.sock (log: $STACK_DIR/containerd/containerd.log)"
-mkdir -p "$STACK_DIR/pullgate"
-cat >"$STACK_DIR/pullgate/config.toml" <<TOML
+bold "3. Keys, trust file and a signed bundle (pullgate's own commands)"
+KEYS=$STACK_DIR/keys
+mkdir -p "$KEYS" "$STACK_DIR/bundle"
+"$PULLGATE" keygen --out "$KEYS/alice" >/dev/null
+"$PULLGATE" keygen --out "$KEYS/bob" >/dev/null
+cat >"$KEYS/trust.toml" <<TOML
+# Both administrators must sign (2 of 2).
+threshold = 2
+
+[[keys]]
+name = "alice"
+public_key = "$(cat "$KEYS/alice.pub")"
+
+[[keys]]
+name = "bob"
+public_key = "$(cat "$KEYS/bob.pub")"
+TOML
+BUNDLE=$STACK_DIR/bundle/bundle.json
+provenance() { # provenance N: the provenance object of image N
+  printf '{"license": "GPL-2.0-only", "scans": [{"scanner": "trivy", "version": "0.58.1", "report": "sha256:%064d", "worst_severity": "none"}], "approved_by": "alice@corp.example", "approved_at": "%s"}' \
+    "$1" "$(date -u +%FT%TZ)"
+}
+cat >"$BUNDLE" <<JSON
+{
+  "format": 1,
+  "version": 1,
+  "issued_at": "$(date -u -d '-1 minute' +%FT%TZ)",
+  "expires_at": "$(date -u -d '+30 days' +%FT%TZ)",
+  "issuer": "platform-security@corp.example",
+  "private_registry": "$PRIVATE",
+  "mirrors": [
+    {"source": "docker.io", "target": "approved"},
+    {"source": "registry.k8s.io", "target": "approved-k8s"}
+  ],
+  "governance": {
+    "organization": "corp",
+    "application_label": "corp.example/application",
+    "mode": "enforce",
+    "programs": [
+      {"name": "payments", "projects": [{"name": "checkout", "namespaces": ["checkout"]}]}
+    ]
+  },
+  "images": [
+    {"source": "docker.io/library/busybox", "tags": {"1.36": "$BUSYBOX_DIGEST"}, "scope": "corp",
+     "provenance": $(provenance 1)},
+    {"source": "registry.k8s.io/pause", "tags": {"3.9": "$PAUSE_DIGEST"}, "scope": "corp",
+     "provenance": $(provenance 2)}
+  ]
+}
+JSON
+show "$PULLGATE" bundle sign --key "$KEYS/alice.key" "$BUNDLE"
+show "$PULLGATE" bundle sign --key "$KEYS/bob.key" "$BUNDLE"
+show "$PULLGATE" bundle verify --trust "$KEYS/trust.toml" "$BUNDLE"
+
+bold "4. containerd and pullgate"
+SANDBOX="$PRIVATE/approved-k8s/pause@$PAUSE_DIGEST"
+start_containerd "$PUBLIC" "$PRIVATE" "$SANDBOX"
+say "containerd: $STACK_DIR/containerd/containerd.sock (sandbox image $SANDBOX)"
+PG=$STACK_DIR/pullgate
+mkdir -p "$PG"
+METRICS_PORT=$(free_port)
+CONFIG=$PG/config.toml
+cat >"$CONFIG" <<TOML
 # pullgate demo configuration (see config.example.toml for every key).
 [server]
-listen = "$STACK_DIR/pullgate/pullgate.sock"
+listen = "$PG/pullgate.sock"
 upstream = "$STACK_DIR/containerd/containerd.sock"
 drain_grace = "2s"
 
@@ -96,12 +159,26 @@ drain_grace = "2s"
 format = "text"
 # pullgate at debug shows every intercepted call; its libraries stay at info.
 level = "pullgate=debug,info"
-TOML
-start_pullgate "$PULLGATE" "$STACK_DIR/pullgate/config.toml"
-PG_SOCK=$STACK_DIR/pullgate/pullgate.sock
-say "pullgate:   $PG_SOCK (log: $STACK_DIR/pullgate/pullgate.log)"
 
-# Write a small environment file so people can keep poking at the stack.
+[policy]
+mode = "enforce"
+trust = "$KEYS/trust.toml"
+state_dir = "$PG/state"
+
+[audit]
+path = "$PG/audit.log"
+
+[metrics]
+# A fixed port (picked free now): \`pullgate status\` and \`bundle install\` read it from this file.
+listen = "127.0.0.1:$METRICS_PORT"
+TOML
+show "$PULLGATE" bundle install --config "$CONFIG" "$BUNDLE"
+start_pullgate "$PULLGATE" "$CONFIG"
+PG_SOCK=$PG/pullgate.sock
+say "pullgate:   $PG_SOCK"
+say "            log $PG/pullgate.log, audit $PG/audit.log, status http://127.0.0.1:$METRICS_PORT/status"
+
+# A small environment file so people can keep poking at the stack.
 cat >"$STACK_DIR/env" <<ENV
 # source $STACK_DIR/env
 export CRI_SOCKET=$PG_SOCK
@@ -109,31 +186,55 @@ export PULLGATE_DEMO_DIR=$STACK_DIR
 export PUBLIC_REGISTRY=$PUBLIC
 export PRIVATE_REGISTRY=$PRIVATE
 export BUSYBOX_DIGEST=$BUSYBOX_DIGEST
+export PATH="$TARGET_DIR/$PROFILE:\$PATH"
 alias cri='$CRI_BIN'
 ENV
 
-bold "4. CRI calls through pullgate (what kubelet does)"
 cri() { "$CRI_BIN" --socket "$PG_SOCK" "$@"; }
-log_mark=$(wc -l <"$STACK_DIR/pullgate/pullgate.log")
-show cri version
-show cri pull docker.io/library/busybox:1.36 --namespace demo
-show cri pull "$PRIVATE/approved/library/busybox@$BUSYBOX_DIGEST" --namespace demo
-show cri images
-show cri image-status docker.io/library/busybox:1.36
-show cri image-status quay.io/acme/tools:2.0 || say "(exit status $?: not pulled yet)"
-show cri run docker.io/library/busybox:1.36 --namespace demo -- /bin/sh -c 'grep -q "demo busybox" /etc/pullgate-fixture'
+lines() { wc -l <"$1"; }
+since() { tail -n +"$(($2 + 1))" "$1"; } # since FILE MARK: the lines appended after line MARK
 
-bold "5. What pullgate saw (its log lines for the calls above)"
-tail -n +"$((log_mark + 1))" "$STACK_DIR/pullgate/pullgate.log" | grep -E 'PullImage|ImageStatus|CreateContainer|intercept' || \
-  say "(no intercept lines at debug level yet; full log: $STACK_DIR/pullgate/pullgate.log)"
+bold "5. An approved short name: rewritten to the private mirror, pinned by digest"
+pub_mark=$(lines "$STACK_DIR/public/access.log")
+priv_mark=$(lines "$STACK_DIR/private/access.log")
+log_mark=$(lines "$PG/pullgate.log")
+show cri pull busybox:1.36 --namespace demo
+say "pullgate's log:"
+since "$PG/pullgate.log" "$log_mark" | grep -F 'method="PullImage"' | sed 's/^/      /'
+say "the private registry served:"
+since "$STACK_DIR/private/access.log" "$priv_mark" | grep -o '"[A-Z]* /v2/[^ ]*/manifests/[^ "]*' |
+  tr -d '"' | sed 's/^/      /'
+say "the public registry received $(($(lines "$STACK_DIR/public/access.log") - pub_mark)) requests"
+show cri image-status busybox:1.36
 
-bold "The stack is still running."
+bold "6. A public image that is not in the bundle: blocked before any registry is contacted"
+pub_mark=$(lines "$STACK_DIR/public/access.log")
+show cri pull quay.io/acme/tools:2.0 --namespace demo || say "(exit status $?: denied)"
+say "the public registry received $(($(lines "$STACK_DIR/public/access.log") - pub_mark)) requests"
+
+bold "7. A pod running the approved image (host network), started the way kubelet starts it"
+# The container exits 0 only if it runs the approved build (its marker file says "demo busybox").
+show cri run busybox:1.36 --namespace demo --name hello -- \
+  /bin/sh -c 'grep -qx "demo busybox" /etc/pullgate-fixture'
+
+bold "8. pullgate status"
+show "$PULLGATE" status --config "$CONFIG"
+
+bold "9. The audit log (one JSON object per decision)"
+show tail -n 4 "$PG/audit.log"
+
+bold "The stack is still running. Try:"
 cat <<EOF
-    source $STACK_DIR/env          # sets CRI_SOCKET and an alias for the CRI client
-    cri images                     # through pullgate
+    source $STACK_DIR/env        # CRI_SOCKET, pullgate on PATH, and an alias for the CRI client
+    pullgate explain busybox:1.36 --bundle $BUNDLE --trust $KEYS/trust.toml
+    pullgate explain busybox:1.35 --bundle $BUNDLE --trust $KEYS/trust.toml
+    pullgate explain quay.io/acme/tools:2.0 --bundle $BUNDLE --trust $KEYS/trust.toml --namespace checkout --json
+    pullgate status --config $CONFIG
+    pullgate bundle inspect $BUNDLE
+    cri images                   # through pullgate (note the source tags it adds)
     cri --socket $STACK_DIR/containerd/containerd.sock images   # straight to containerd
-    cri pull quay.io/acme/tools:2.0 --namespace demo
-    tail -f $STACK_DIR/pullgate/pullgate.log
+    cri run busybox:1.36 -- /bin/echo hi
+    tail -f $PG/pullgate.log $PG/audit.log
     cat $STACK_DIR/public/access.log   # every request the "public" registry received
 
     Stop it:  scripts/demo-stop.sh     (kills exactly the processes in $STACK_DIR/pids, removes $STACK_DIR)

@@ -182,6 +182,20 @@ impl Iterator for Fields<'_> {
     }
 }
 
+/// The occurrences of field `number` at the top level of `msg`, each required to be
+/// length-delimited (a message, string or bytes field).
+fn len_delimited(msg: &[u8], number: u32) -> impl Iterator<Item = Result<Field, WireError>> + '_ {
+    fields(msg).filter_map(move |f| match f {
+        Err(e) => Some(Err(e)),
+        Ok(f) if f.number != number => None,
+        Ok(f) if f.wire_type != WT_LEN => Some(Err(WireError::NotLengthDelimited {
+            field: number,
+            wire_type: f.wire_type,
+        })),
+        Ok(f) => Some(Ok(f)),
+    })
+}
+
 /// Checks that `buf` is a structurally valid message (every field's tag, wire type and length).
 /// Nested messages are opaque bytes at this level and are not checked.
 pub fn validate(buf: &[u8]) -> Result<(), WireError> {
@@ -205,17 +219,8 @@ fn set_into(msg: &[u8], path: &[u32], value: &[u8], out: &mut Vec<u8>) -> Result
     let (target, rest) = (path[0], &path[1..]);
     let mut copied_to = 0;
     let mut found = false;
-    for field in fields(msg) {
+    for field in len_delimited(msg, target) {
         let field = field?;
-        if field.number != target {
-            continue;
-        }
-        if field.wire_type != WT_LEN {
-            return Err(WireError::NotLengthDelimited {
-                field: target,
-                wire_type: field.wire_type,
-            });
-        }
         found = true;
         // Copy everything before this field untouched, including its tag.
         out.extend_from_slice(&msg[copied_to..field.start]);
@@ -317,17 +322,8 @@ pub fn map_repeated(
 ) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(msg.len() + 64);
     let mut copied_to = 0;
-    for field in fields(msg) {
+    for field in len_delimited(msg, number) {
         let field = field?;
-        if field.number != number {
-            continue;
-        }
-        if field.wire_type != WT_LEN {
-            return Err(WireError::NotLengthDelimited {
-                field: number,
-                wire_type: field.wire_type,
-            });
-        }
         if let Some(new) = edit(&msg[field.payload..field.end])? {
             out.extend_from_slice(&msg[copied_to..field.start]);
             append_path(&mut out, &[number], &new);
@@ -355,17 +351,8 @@ pub fn repeated_strings(msg: &[u8], number: u32) -> Result<Vec<&[u8]>, WireError
 pub fn get_string<'a>(msg: &'a [u8], path: &[u32]) -> Result<Option<&'a [u8]>, WireError> {
     let (target, rest) = (path[0], &path[1..]);
     let mut last = None;
-    for field in fields(msg) {
+    for field in len_delimited(msg, target) {
         let field = field?;
-        if field.number != target {
-            continue;
-        }
-        if field.wire_type != WT_LEN {
-            return Err(WireError::NotLengthDelimited {
-                field: target,
-                wire_type: field.wire_type,
-            });
-        }
         let payload = &msg[field.payload..field.end];
         if rest.is_empty() {
             last = Some(payload);

@@ -955,3 +955,89 @@ async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
     assert!(body.contains("no bundle is installed"), "{body}");
     env.stop().await;
 }
+
+/// The real binary at `trace` level, forwarding a pull that carries credentials (warn mode, so the
+/// request goes through): neither its log nor the audit log contains them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_reach_the_logs_even_at_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, _events) = FakeCri::new();
+    let upstream = fake.serve(&dir.path().join("cri.sock"));
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[log]\nlevel = \"trace\"\n[policy]\nmode = \"warn\"\nstate_dir = \"{d}/state\"\ntrust = \"{d}/trust.toml\"\n[metrics]\nlisten = \"off\"\n",
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("pullgate.log")).unwrap();
+    let listen = dir.path().join("pg.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--listen")
+        .arg(&listen)
+        .arg("--upstream")
+        .arg(&upstream.path)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::UnixStream::connect(&listen).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pullgate did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut req = pull_request("busybox:1.36", "checkout");
+    req.auth = Some(cri::AuthConfig {
+        username: "user-Zq8".into(),
+        password: "hunter2-Zq8".into(),
+        auth: "dXNlcjpodW50ZXIy-Zq8".into(),
+        identity_token: "idtoken-Zq8".into(),
+        registry_token: "regtoken-Zq8".into(),
+        server_address: "docker.io".into(),
+    });
+    image_client(cri_channel(&listen).await)
+        .pull_image(req)
+        .await
+        .unwrap();
+    let forwarded = env_pulled(&fake);
+    assert_eq!(
+        forwarded.auth.unwrap().password,
+        "hunter2-Zq8",
+        "warn mode forwards the request as is"
+    );
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait().unwrap();
+    let logged = std::fs::read_to_string(dir.path().join("pullgate.log")).unwrap();
+    assert!(logged.contains("busybox:1.36"), "the log names the image");
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).unwrap();
+    for secret in [
+        "user-Zq8",
+        "hunter2-Zq8",
+        "dXNlcjpodW50ZXIy-Zq8",
+        "idtoken-Zq8",
+        "regtoken-Zq8",
+    ] {
+        assert!(!logged.contains(secret), "{secret} leaked into the log");
+        assert!(
+            !audit.contains(secret),
+            "{secret} leaked into the audit log"
+        );
+    }
+    upstream.stop().await;
+}
+
+fn env_pulled(fake: &FakeCri) -> cri::PullImageRequest {
+    fake.observed
+        .pulls
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("a pull reached the upstream")
+}

@@ -29,7 +29,9 @@ use super::reference::{
     self, DEFAULT_DOMAIN, Digest, LEGACY_DEFAULT_DOMAIN, Reference, path_has_prefix,
 };
 use super::scope::{RawGovernance, ScopeId, Scopes};
-use super::trust::{SignatureError, SignatureFile, Trust, verify_signatures};
+use super::trust::{
+    SignatureError, SignatureFile, Trust, verify_signatures, verify_signatures_for_hash,
+};
 
 /// The bundle format this version reads.
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -310,6 +312,85 @@ pub fn verify_bundle(
 ) -> Result<VerifiedBundle, BundleError> {
     let signers = verify_signatures(bundle_bytes, signatures, trust)?;
     let bundle = parse_bundle(bundle_bytes)?;
+    check_times_and_version(bundle, signers, installed_version, now)
+}
+
+/// [`verify_bundle`] for a bundle read from `reader` (e.g. the open bundle file), without holding the
+/// whole file in memory: the bytes are hashed for the signature check as they are parsed, in one pass.
+///
+/// The outcome is the same as [`verify_bundle`] over the same bytes: signature errors take precedence
+/// over everything else (the content is read to the end and hashed even when it does not parse), and
+/// nothing parsed from a bundle is returned unless its signatures verify. The outer error is an I/O
+/// error of `reader`.
+///
+/// One difference in error reporting only: when the JSON is malformed, the format number (to report
+/// `unsupported_format` instead of `malformed`) is known only if it appears before the error.
+pub fn verify_bundle_reader<R: std::io::Read>(
+    mut reader: R,
+    signatures: &SignatureFile,
+    trust: &Trust,
+    installed_version: Option<u64>,
+    now: OffsetDateTime,
+) -> std::io::Result<Result<VerifiedBundle, BundleError>> {
+    use sha2::Digest as _;
+    use std::io::Read;
+
+    /// Hashes every byte read from the inner reader.
+    struct Hashing<'a, R> {
+        inner: &'a mut R,
+        hash: &'a mut sha2::Sha512,
+    }
+    impl<R: Read> Read for Hashing<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.hash.update(&buf[..n]);
+            Ok(n)
+        }
+    }
+
+    let mut hash = sha2::Sha512::new();
+    SEEN_FORMAT.with(|f| f.set(None));
+    let parsed = {
+        let hashing = Hashing {
+            inner: &mut reader,
+            hash: &mut hash,
+        };
+        serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(1 << 18, hashing))
+    };
+    let parsed = match parsed {
+        Err(e) if e.is_io() => return Err(e.into()),
+        other => other,
+    };
+    // Hash whatever the parser did not read (all of it after an error), so the signatures are checked
+    // over the exact file.
+    let mut rest = Hashing {
+        inner: &mut reader,
+        hash: &mut hash,
+    };
+    std::io::copy(&mut rest, &mut std::io::sink())?;
+    let digest: [u8; 64] = hash.finalize().into();
+    let result = verify_signatures_for_hash(&digest, signatures, trust)
+        .map_err(BundleError::from)
+        .and_then(|signers| {
+            let raw = parsed.map_err(|e| {
+                match SEEN_FORMAT.with(|f| f.get()).filter(|&f| f != u64::from(BUNDLE_FORMAT)) {
+                    Some(f) => BundleError::UnsupportedFormat(f),
+                    None => BundleError::Malformed(e.to_string()),
+                }
+            })?;
+            let bundle = build_checked(raw)?;
+            check_times_and_version(bundle, signers, installed_version, now)
+        });
+    Ok(result)
+}
+
+/// Expiry, issue time and rollback checks of a parsed bundle whose signatures verified.
+fn check_times_and_version(
+    bundle: Bundle,
+    signers: Vec<String>,
+    installed_version: Option<u64>,
+    now: OffsetDateTime,
+) -> Result<VerifiedBundle, BundleError> {
     let fmt_time = |t: OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
@@ -343,7 +424,7 @@ pub fn verify_bundle(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBundle {
-    format: u64,
+    format: FormatNumber,
     version: u64,
     #[serde(with = "time::serde::rfc3339")]
     issued_at: OffsetDateTime,
@@ -356,6 +437,23 @@ struct RawBundle {
     #[serde(default)]
     first_party: Vec<RawFirstParty>,
     images: ImageList,
+}
+
+thread_local! {
+    /// The `format` number of the bundle being streamed, recorded as soon as it is parsed so a bundle of
+    /// another format that fails to parse can be reported as such ([`verify_bundle_reader`]).
+    static SEEN_FORMAT: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The `format` field (a `u64`, recorded in [`SEEN_FORMAT`]).
+struct FormatNumber(u64);
+
+impl<'de> Deserialize<'de> for FormatNumber {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let f = u64::deserialize(d)?;
+        SEEN_FORMAT.with(|s| s.set(Some(f)));
+        Ok(FormatNumber(f))
+    }
 }
 
 #[derive(Deserialize)]
@@ -938,10 +1036,15 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
             return Err(BundleError::Malformed(e.to_string()));
         }
     };
-    if raw.format != u64::from(BUNDLE_FORMAT) {
-        return Err(BundleError::UnsupportedFormat(raw.format));
+    build_checked(raw)
+}
+
+fn build_checked(raw: RawBundle) -> Result<Bundle, BundleError> {
+    if raw.format.0 != u64::from(BUNDLE_FORMAT) {
+        return Err(BundleError::UnsupportedFormat(raw.format.0));
     }
-    if let Some(e) = raw.images.error {
+    let mut raw = raw;
+    if let Some(e) = raw.images.error.take() {
         return Err(e);
     }
     build(raw)
@@ -1464,6 +1567,46 @@ pub(crate) mod tests {
                 "error should mention {text:?}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn streaming_verification_matches_in_memory_verification() {
+        let bytes = example_json().into_bytes();
+        let trust = trust_2_of_3();
+        let now = example_now();
+        let stream = |b: &[u8], sigs: &SignatureFile| {
+            verify_bundle_reader(b, sigs, &trust, None, now).unwrap()
+        };
+        let sigs = sign(&bytes, &[1, 2]);
+        let a = verify_bundle(&bytes, &sigs, &trust, None, now).unwrap();
+        let b = stream(&bytes, &sigs).unwrap();
+        assert_eq!(a.signers(), b.signers());
+        assert_eq!(a.images().len(), b.images().len());
+        for (x, y) in a.images().iter().zip(b.images()) {
+            assert_eq!((x.source(), x.scope_path()), (y.source(), y.scope_path()));
+            assert_eq!((x.tags(), x.digests()), (y.tags(), y.digests()));
+            assert_eq!(x.provenance(), y.provenance());
+        }
+        let mut tampered = bytes.clone();
+        let pos = tampered.iter().position(|&c| c == b'4').unwrap();
+        tampered[pos] = b'5';
+        let e = stream(&tampered, &sigs).unwrap_err();
+        assert_eq!(e.code(), "bad_signature", "{e}");
+        // A signature error wins over a parse error, even when the parse fails early.
+        let junk = b"{not json, and more bytes after the error";
+        let e = stream(junk, &sign(&junk[..9], &[1, 2])).unwrap_err();
+        assert_eq!(e.code(), "bad_signature", "{e}");
+        let e = stream(junk, &sign(junk, &[1, 2])).unwrap_err();
+        assert_eq!(e.code(), "malformed", "{e}");
+        let e = stream(&bytes, &SignatureFile::new()).unwrap_err();
+        assert_eq!(e.code(), "missing_signature", "{e}");
+        let v2 = example_json().replacen("\"format\": 1", "\"format\": 2, \"new\": 1", 1);
+        assert_ne!(v2, example_json());
+        let e = stream(v2.as_bytes(), &sign(v2.as_bytes(), &[1, 2])).unwrap_err();
+        assert_eq!(e.code(), "unsupported_format", "{e}");
+        let invalid = example_json().replacen("\"version\": 42", "\"version\": 0", 1);
+        let e = stream(invalid.as_bytes(), &sign(invalid.as_bytes(), &[1, 2])).unwrap_err();
+        assert_eq!(e.code(), "invalid", "{e}");
     }
 
     #[test]

@@ -1,14 +1,14 @@
 //! The file-reading side of the policy: bundle, signature, trust and key files.
 //!
 //! This is the only policy module that does I/O; it reads bytes and hands them to the pure functions
-//! ([`super::verify_bundle`], [`super::Trust::from_toml`], …). The decision path never calls it.
+//! ([`super::verify_bundle`], [`super::bundle::verify_bundle_reader`], [`super::Trust::from_toml`], …). The decision path never calls it.
 //! A bundle's signatures live next to it in `BUNDLE.sig` unless a path is given.
 
 use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use super::bundle::{BundleError, VerifiedBundle, verify_bundle};
+use super::bundle::{BundleError, VerifiedBundle, verify_bundle_reader};
 use super::trust::{SignatureFile, Trust, TrustError};
 
 /// A file could not be read or is invalid.
@@ -88,15 +88,22 @@ pub fn load_bundle(
     installed_version: Option<u64>,
     now: OffsetDateTime,
 ) -> Result<VerifiedBundle, LoadError> {
-    let bytes = read("bundle", bundle)?;
+    let read_error = |source| LoadError::Read {
+        what: "bundle",
+        path: bundle.to_owned(),
+        source,
+    };
+    // The bundle is streamed (hashed and parsed in one pass) rather than read whole, so a large bundle
+    // is never in memory twice (file bytes and index).
+    let file = std::fs::File::open(bundle).map_err(read_error)?;
     let sig_path = signatures
         .map(Path::to_owned)
         .unwrap_or_else(|| signature_path(bundle));
     let sigs = read_signatures(&sig_path)?;
-    verify_bundle(&bytes, &sigs, trust, installed_version, now).map_err(|source| {
-        LoadError::Bundle {
+    verify_bundle_reader(file, &sigs, trust, installed_version, now)
+        .map_err(read_error)?
+        .map_err(|source| LoadError::Bundle {
             path: bundle.to_owned(),
             source,
-        }
-    })
+        })
 }
