@@ -600,6 +600,16 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         0xa4,
         vec![format!("docker.io/library/busybox@{}", digest(9))],
     );
+    // Named after an approved digest (`ctr images tag … …/busybox@<approved>`) while the record points at
+    // other content: CRI echoes the name as a repo digest; containerd's own record tells the truth.
+    let forged_name = format!("{PRIVATE}/approved/library/busybox@{}", digest(2));
+    let forged = known(0xa5, vec![forged_name.clone()]);
+    env.fake
+        .observed
+        .records
+        .lock()
+        .unwrap()
+        .insert(forged_name, digest(0x66));
 
     let create = |image: &str, ns: &str| cri::CreateContainerRequest {
         pod_sandbox_id: "sb".into(),
@@ -624,6 +634,7 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         (&imported, "checkout"),
         (&payments_only, "search"),
         (&spoofed, "checkout"),
+        (&forged, "checkout"),
         (&digest(0xee), "checkout"),
     ] {
         let e = rt.create_container(create(image, ns)).await.unwrap_err();
@@ -634,6 +645,11 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         env.fake.observed.creates.lock().unwrap().len(),
         2,
         "denied starts never reach containerd"
+    );
+    let namespaces = env.fake.observed.record_namespaces.lock().unwrap().clone();
+    assert!(
+        !namespaces.is_empty() && namespaces.iter().all(|n| n == "k8s.io"),
+        "{namespaces:?}"
     );
     let last = env.audit_lines().pop().unwrap();
     assert_eq!(last["method"], "CreateContainer");

@@ -3,7 +3,6 @@
 //! server, and tonic. Each peer speaks real gRPC over a unix socket through a real pullgate.
 
 mod fake_cri;
-#[allow(dead_code)]
 mod support;
 
 use std::io::{BufRead, BufReader};

@@ -363,9 +363,17 @@ fn set_aside(path: &Path, sig: &Path, reason: &str) {
     let rejected = PathBuf::from(rejected);
     let _ = std::fs::rename(path, &rejected);
     let _ = std::fs::rename(sig, load::signature_path(&rejected));
+    // Written under a temporary name and renamed, so whoever watches for it never reads it half-written.
     let mut why = rejected.clone().into_os_string();
     why.push(".reason");
-    let _ = std::fs::write(PathBuf::from(why), format!("{reason}\n"));
+    let why = PathBuf::from(why);
+    let tmp = why.with_file_name(format!(
+        ".{}.tmp",
+        why.file_name().and_then(|n| n.to_str()).unwrap_or("reason")
+    ));
+    if std::fs::write(&tmp, format!("{reason}\n")).is_ok() {
+        let _ = std::fs::rename(&tmp, &why);
+    }
 }
 
 /// Waits up to `limit` for the upstream to answer, for the start-up sandbox check.

@@ -1,6 +1,7 @@
-//! Unary CRI calls pullgate makes to containerd itself, over the same upstream connection as the
-//! traffic it forwards: `ImageStatus` to learn what image a container would run, and `Status` to read
-//! containerd's CRI configuration (the sandbox image).
+//! Unary calls pullgate makes to containerd itself, over the same upstream connection as the traffic
+//! it forwards: CRI `ImageStatus` to learn what image a container would run, CRI `Status` to read
+//! containerd's CRI configuration (the sandbox image), and containerd's native `Images.Get` to check
+//! that an image name's digest is really the digest of what the name points at.
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, header};
@@ -11,12 +12,44 @@ use prost::Message;
 use crate::proxy::grpc::{self, Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 use crate::proxy::{RequestBody, Upstream};
 
+/// containerd namespace of the CRI plugin's images and containers.
+pub const CRI_NAMESPACE: &str = "k8s.io";
+
+/// Why a call pullgate made to containerd failed.
+#[derive(Debug)]
+pub enum CallError {
+    /// containerd answered with this non-zero gRPC status code.
+    Upstream { code: u32, status: Status },
+    /// The call did not get an answer (connection, framing, decoding).
+    Local(Status),
+}
+
+impl CallError {
+    pub fn status(self) -> Status {
+        match self {
+            CallError::Upstream { status, .. } | CallError::Local(status) => status,
+        }
+    }
+}
+
 /// Calls `path` on containerd with `req` and decodes the response.
 pub async fn unary<Resp: Message + Default>(
     upstream: &Upstream,
     path: &str,
     req: &impl Message,
 ) -> Result<Resp, Status> {
+    call(upstream, path, req, None)
+        .await
+        .map_err(CallError::status)
+}
+
+/// [`unary`] with an optional containerd namespace header, keeping containerd's status code.
+pub async fn call<Resp: Message + Default>(
+    upstream: &Upstream,
+    path: &str,
+    req: &impl Message,
+    namespace: Option<&'static str>,
+) -> Result<Resp, CallError> {
     let mut request = Request::post(format!("http://localhost{path}"))
         .body(RequestBody::Full(Some(grpc::frame(&req.encode_to_vec()))))
         .expect("static request parts are valid");
@@ -27,30 +60,39 @@ pub async fn unary<Resp: Message + Default>(
     );
     h.insert(header::TE, HeaderValue::from_static("trailers"));
     h.insert(header::USER_AGENT, HeaderValue::from_static("pullgate"));
-    let resp = upstream.send(request).await.map_err(|e| e.status())?;
-    let status_in = |h: &http::HeaderMap| -> Option<Status> {
+    if let Some(ns) = namespace {
+        h.insert("containerd-namespace", HeaderValue::from_static(ns));
+    }
+    let resp = upstream
+        .send(request)
+        .await
+        .map_err(|e| CallError::Local(e.status()))?;
+    let status_in = |h: &http::HeaderMap| -> Option<CallError> {
         let code = h.get("grpc-status")?.to_str().ok()?.parse::<u32>().ok()?;
         (code != 0).then(|| {
             let msg = h
                 .get("grpc-message")
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            Status::new(
-                Code::Internal,
-                format!("{path} failed upstream (code {code}): {msg}"),
-            )
+                .unwrap_or("");
+            CallError::Upstream {
+                code,
+                status: Status::new(
+                    Code::Internal,
+                    format!("{path} failed upstream (code {code}): {msg}"),
+                ),
+            }
         })
     };
-    if let Some(s) = status_in(resp.headers()) {
-        return Err(s);
+    if let Some(e) = status_in(resp.headers()) {
+        return Err(e);
     }
+    let local = |code: Code, what: String| CallError::Local(Status::new(code, what));
     let collected =
         http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
             .collect()
             .await
             .map_err(|e| {
-                Status::new(
+                local(
                     Code::Unavailable,
                     format!(
                         "pullgate: reading {path} from {} failed: {e}",
@@ -58,14 +100,56 @@ pub async fn unary<Resp: Message + Default>(
                     ),
                 )
             })?;
-    if let Some(s) = collected.trailers().and_then(status_in) {
-        return Err(s);
+    if let Some(e) = collected.trailers().and_then(status_in) {
+        return Err(e);
     }
     let body: Bytes = collected.to_bytes();
     let msg = grpc::single_message(&body)
-        .map_err(|e| Status::new(Code::Internal, format!("pullgate: {path} response: {e}")))?;
-    Resp::decode(msg)
-        .map_err(|e| Status::new(Code::Internal, format!("pullgate: {path} response: {e}")))
+        .map_err(|e| local(Code::Internal, format!("pullgate: {path} response: {e}")))?;
+    Resp::decode(msg).map_err(|e| local(Code::Internal, format!("pullgate: {path} response: {e}")))
+}
+
+/// The target digest (of the manifest or index) of containerd's image record named exactly `name`
+/// in the CRI namespace; `None` when no record has that name.
+pub async fn record_target(upstream: &Upstream, name: &str) -> Result<Option<String>, Status> {
+    use containerd_client::services::v1::{GetImageRequest, GetImageResponse};
+    const NOT_FOUND: u32 = 5;
+    let req = GetImageRequest {
+        name: name.to_string(),
+    };
+    let path = "/containerd.services.images.v1.Images/Get";
+    match call::<GetImageResponse>(upstream, path, &req, Some(CRI_NAMESPACE)).await {
+        Ok(resp) => Ok(resp.image.and_then(|i| i.target).map(|t| t.digest)),
+        Err(CallError::Upstream {
+            code: NOT_FOUND, ..
+        }) => Ok(None),
+        Err(e) => Err(e.status()),
+    }
+}
+
+/// Keeps the repo digests whose digest really is what their name points at.
+///
+/// CRI reports a repo digest for every image name: for a tag name it is derived from the record's
+/// target (sound), but a name that *is* a digest reference is reported as written — and anyone with
+/// access to containerd can create a record named `…@sha256:<approved>` that points at other content.
+/// So each repo digest that is itself a record name must have that record's target as its digest.
+pub async fn verified_repo_digests(
+    upstream: &Upstream,
+    repo_digests: Vec<String>,
+) -> Result<Vec<String>, Status> {
+    let mut kept = Vec::with_capacity(repo_digests.len());
+    for rd in repo_digests {
+        let Some((_, claimed)) = rd.rsplit_once('@') else {
+            continue;
+        };
+        match record_target(upstream, &rd).await? {
+            Some(target) if target != claimed => {
+                tracing::warn!(name = %rd, target = %target, "ignoring an image name whose digest is not its target (forged name?)");
+            }
+            _ => kept.push(rd),
+        }
+    }
+    Ok(kept)
 }
 
 /// The image a reference or ID names in containerd: `None` if it is not there.

@@ -512,7 +512,11 @@ impl Enforcer {
             .unwrap_or(image);
         let pod = pod_context(req.sandbox_config.as_ref());
         let version = self.state.current().map(|b| b.version);
-        let key = version.map(|v| start_key(image, v, &pod));
+        // Only an image ID names immutable content (its config, which fixes every layer), so only
+        // decisions about IDs are cached; a name can be re-tagged to other content at any time.
+        let key = version
+            .filter(|_| names::is_image_id(image))
+            .map(|v| start_key(image, v, &pod));
         if let Some(k) = &key {
             if self
                 .allowed_starts
@@ -531,9 +535,13 @@ impl Enforcer {
                 }
             }
         }
-        let repo_digests = match lookup::image_status(&self.upstream, image).await {
-            Ok(Some(img)) => img.repo_digests,
-            Ok(None) => Vec::new(),
+        let looked_up = match lookup::image_status(&self.upstream, image).await {
+            Ok(Some(img)) => lookup::verified_repo_digests(&self.upstream, img.repo_digests).await,
+            Ok(None) => Ok(Vec::new()),
+            Err(status) => Err(status),
+        };
+        let repo_digests = match looked_up {
+            Ok(r) => r,
             Err(status) => {
                 tracing::warn!(image, error = %status.message, "cannot look the container's image up");
                 return Verdict::Respond(Status::new(

@@ -334,46 +334,84 @@ pub fn verify_bundle_reader<R: std::io::Read>(
 ) -> std::io::Result<Result<VerifiedBundle, BundleError>> {
     use sha2::Digest as _;
     use std::io::Read;
+    use std::sync::mpsc;
 
-    /// Hashes every byte read from the inner reader.
+    /// Passes every byte read from the inner reader to the hash: to a hashing thread when there is one
+    /// (hashing then runs in parallel with parsing), or directly.
     struct Hashing<'a, R> {
         inner: &'a mut R,
         hash: &'a mut sha2::Sha512,
+        to_thread: Option<mpsc::SyncSender<Vec<u8>>>,
     }
     impl<R: Read> Read for Hashing<'_, R> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
             let n = self.inner.read(buf)?;
-            self.hash.update(&buf[..n]);
+            match &self.to_thread {
+                Some(tx) if n > 0 => tx
+                    .send(buf[..n].to_vec())
+                    .map_err(|_| std::io::Error::other("the bundle hashing thread stopped"))?,
+                Some(_) => {}
+                None => self.hash.update(&buf[..n]),
+            }
             Ok(n)
         }
     }
 
-    let mut hash = sha2::Sha512::new();
     SEEN_FORMAT.with(|f| f.set(None));
-    let parsed = {
-        let hashing = Hashing {
+    let mut hash = sha2::Sha512::new();
+    let (parsed, thread_hash) = std::thread::scope(|scope| {
+        // Bounded: at most a few chunks wait for the hasher, so memory stays small.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = std::thread::Builder::new()
+            .name("bundle-hash".into())
+            .spawn_scoped(scope, move || {
+                let mut h = sha2::Sha512::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h
+            })
+            .ok();
+        let mut hashing = Hashing {
             inner: &mut reader,
             hash: &mut hash,
+            to_thread: hasher.as_ref().map(|_| tx),
         };
-        serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(1 << 18, hashing))
-    };
+        let parsed = serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(
+            1 << 17,
+            &mut hashing,
+        ));
+        // Hash whatever the parser did not read (all of it after an error), so the signatures are
+        // checked over the exact file.
+        let drained = match &parsed {
+            Err(e) if e.is_io() => Ok(0),
+            _ => std::io::copy(&mut hashing, &mut std::io::sink()),
+        };
+        drop(hashing);
+        let thread_hash = hasher.map(|h| h.join());
+        (parsed.map_err(|e| (e, drained.err())), thread_hash)
+    });
     let parsed = match parsed {
-        Err(e) if e.is_io() => return Err(e.into()),
-        other => other,
+        Err((e, _)) if e.is_io() => return Err(e.into()),
+        Err((_, Some(io))) => return Err(io),
+        Err((e, None)) => Err(e),
+        Ok(raw) => Ok(raw),
     };
-    // Hash whatever the parser did not read (all of it after an error), so the signatures are checked
-    // over the exact file.
-    let mut rest = Hashing {
-        inner: &mut reader,
-        hash: &mut hash,
+    // Exactly one of them saw the bytes: the hashing thread if it started, `hash` otherwise.
+    let hash = match thread_hash {
+        Some(Ok(h)) => h,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => hash,
     };
-    std::io::copy(&mut rest, &mut std::io::sink())?;
     let digest: [u8; 64] = hash.finalize().into();
     let result = verify_signatures_for_hash(&digest, signatures, trust)
         .map_err(BundleError::from)
         .and_then(|signers| {
             let raw = parsed.map_err(|e| {
-                match SEEN_FORMAT.with(|f| f.get()).filter(|&f| f != u64::from(BUNDLE_FORMAT)) {
+                match SEEN_FORMAT
+                    .with(|f| f.get())
+                    .filter(|&f| f != u64::from(BUNDLE_FORMAT))
+                {
                     Some(f) => BundleError::UnsupportedFormat(f),
                     None => BundleError::Malformed(e.to_string()),
                 }

@@ -41,6 +41,10 @@ pub struct Observed {
     pub images: Mutex<std::collections::HashMap<String, cri::Image>>,
     /// The sandbox image `Status(verbose)` reports.
     pub sandbox_image: Mutex<String>,
+    /// containerd image records (native API, namespace `k8s.io`): name → target digest.
+    pub records: Mutex<std::collections::HashMap<String, String>>,
+    /// Namespaces `Images.Get` was asked in.
+    pub record_namespaces: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
     /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
     pub cancelled: AtomicBool,
@@ -101,10 +105,11 @@ impl FakeCri {
                         .max_encoding_message_size(16 << 20),
                 )
                 .add_service(
-                    ImageServiceServer::new(svc)
+                    ImageServiceServer::new(svc.clone())
                         .max_decoding_message_size(16 << 20)
                         .max_encoding_message_size(16 << 20),
                 )
+                .add_service(NativeImages(svc.observed.clone()))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
                     let _ = stop_rx.await;
                 })
@@ -619,4 +624,81 @@ pub fn frame(msg: &[u8]) -> Bytes {
     v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     v.extend_from_slice(msg);
     v.into()
+}
+
+/// containerd's native `containerd.services.images.v1.Images` service, `Get` only, answering from
+/// [`Observed::records`] (containerd-client generates no server code, so this is written by hand).
+#[derive(Clone)]
+pub struct NativeImages(Arc<Observed>);
+
+impl tonic::server::NamedService for NativeImages {
+    const NAME: &'static str = "containerd.services.images.v1.Images";
+}
+
+type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+struct GetImage(Arc<Observed>);
+
+impl tonic::server::UnaryService<containerd_client::services::v1::GetImageRequest> for GetImage {
+    type Response = containerd_client::services::v1::GetImageResponse;
+    type Future = BoxFut<Result<TResp<Self::Response>, Status>>;
+
+    fn call(
+        &mut self,
+        req: TReq<containerd_client::services::v1::GetImageRequest>,
+    ) -> Self::Future {
+        let observed = self.0.clone();
+        Box::pin(async move {
+            let ns = req
+                .metadata()
+                .get("containerd-namespace")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            observed.record_namespaces.lock().unwrap().push(ns);
+            let name = req.into_inner().name;
+            let target = observed.records.lock().unwrap().get(&name).cloned();
+            match target {
+                None => Err(Status::not_found(format!("image \"{name}\": not found"))),
+                Some(digest) => Ok(TResp::new(
+                    containerd_client::services::v1::GetImageResponse {
+                        image: Some(containerd_client::services::v1::Image {
+                            name,
+                            target: Some(containerd_client::types::Descriptor {
+                                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                                digest,
+                                size: 1,
+                                annotations: Default::default(),
+                            }),
+                            ..Default::default()
+                        }),
+                    },
+                )),
+            }
+        })
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for NativeImages {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let observed = self.0.clone();
+        Box::pin(async move {
+            if req.uri().path() != "/containerd.services.images.v1.Images/Get" {
+                return Ok(Status::unimplemented("fake: only Images.Get").into_http());
+            }
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok(grpc.unary(GetImage(observed), req).await)
+        })
+    }
 }
