@@ -1057,3 +1057,60 @@ fn env_pulled(fake: &FakeCri) -> cri::PullImageRequest {
         .cloned()
         .expect("a pull reached the upstream")
 }
+
+/// containerd 1.6 still serves the `runtime.v1alpha2` CRI API: it is enforced exactly like v1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_older_v1alpha2_api_is_no_way_around() {
+    use prost::Message;
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let status_of = |r: &RawResponse| {
+        r.headers
+            .get("grpc-status")
+            .or(r.trailers.as_ref().and_then(|t| t.get("grpc-status")))
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let pull = pull_request("alpine:3.19", "checkout").encode_to_vec();
+    let r = raw_call(
+        &env.listen,
+        "http://localhost/runtime.v1alpha2.ImageService/PullImage",
+        grpc_headers(),
+        frame(&pull),
+    )
+    .await;
+    assert_eq!(status_of(&r).as_deref(), Some("7"), "{r:?}");
+    let create = cri::CreateContainerRequest {
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: digest(0xee),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: pull_request("x", "checkout").sandbox_config,
+        ..Default::default()
+    };
+    let r = raw_call(
+        &env.listen,
+        "http://localhost/runtime.v1alpha2.RuntimeService/CreateContainer",
+        grpc_headers(),
+        frame(&create.encode_to_vec()),
+    )
+    .await;
+    assert_eq!(status_of(&r).as_deref(), Some("7"), "{r:?}");
+    assert!(env.pulled().is_empty());
+    assert!(env.fake.observed.creates.lock().unwrap().is_empty());
+    // An approved v1alpha2 pull is rewritten like a v1 one (the fake serves only v1, so its answer is
+    // UNIMPLEMENTED; what matters is that the request was decided and pinned, as the audit shows).
+    let ok = pull_request("busybox:1.36", "checkout").encode_to_vec();
+    raw_call(
+        &env.listen,
+        "http://localhost/runtime.v1alpha2.ImageService/PullImage",
+        grpc_headers(),
+        frame(&ok),
+    )
+    .await;
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["decision"], "allow");
+    assert_eq!(last["pulled"], pinned("busybox", &digest(1)));
+    env.stop().await;
+}

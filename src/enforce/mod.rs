@@ -326,6 +326,9 @@ impl Enforcer {
         ] {
             t.insert(m, h.clone());
         }
+        for (v1alpha2, _) in methods::V1ALPHA2 {
+            t.insert(v1alpha2, h.clone());
+        }
         t
     }
 
@@ -627,7 +630,7 @@ impl Enforcer {
 impl Handler for Enforcer {
     fn handle<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Verdict> {
         Box::pin(async move {
-            match call.method {
+            match methods::canonical(call.method) {
                 methods::PULL_IMAGE => self.pull(call.message),
                 methods::IMAGE_STATUS => self.image_status(call.message),
                 methods::REMOVE_IMAGE => self.remove_image(call.message),

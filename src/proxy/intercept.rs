@@ -29,6 +29,28 @@ pub mod methods {
     pub const REMOVE_IMAGE: &str = "/runtime.v1.ImageService/RemoveImage";
     pub const LIST_IMAGES: &str = "/runtime.v1.ImageService/ListImages";
     pub const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
+
+    /// The same methods in the older `runtime.v1alpha2` API, which containerd 1.6 and 1.7 still
+    /// serve. Their messages carry the image and pod in the same fields, so they are enforced alike;
+    /// left unintercepted they would be a way around every check.
+    pub const V1ALPHA2: [(&str, &str); 5] = [
+        ("/runtime.v1alpha2.ImageService/PullImage", PULL_IMAGE),
+        ("/runtime.v1alpha2.ImageService/ImageStatus", IMAGE_STATUS),
+        ("/runtime.v1alpha2.ImageService/RemoveImage", REMOVE_IMAGE),
+        ("/runtime.v1alpha2.ImageService/ListImages", LIST_IMAGES),
+        (
+            "/runtime.v1alpha2.RuntimeService/CreateContainer",
+            CREATE_CONTAINER,
+        ),
+    ];
+
+    /// The `runtime.v1` path for a `runtime.v1` or `runtime.v1alpha2` one; other paths unchanged.
+    pub fn canonical(path: &str) -> &str {
+        V1ALPHA2
+            .iter()
+            .find(|(old, _)| *old == path)
+            .map_or(path, |(_, v1)| v1)
+    }
 }
 
 /// One intercepted call as the handler sees it.
@@ -107,6 +129,11 @@ impl InterceptTable {
         ] {
             t.insert(m, logger.clone());
         }
+        for (old, v1) in methods::V1ALPHA2 {
+            if t.get(v1).is_some() {
+                t.insert(old, logger.clone());
+            }
+        }
         t
     }
 
@@ -146,7 +173,7 @@ pub fn image_call(method: &str, message: &[u8]) -> Option<Result<ImageCall, pros
         }
     }
     let image = |spec: Option<cri::ImageSpec>| spec.map(|s| s.image).unwrap_or_default();
-    Some(match method {
+    Some(match methods::canonical(method) {
         methods::PULL_IMAGE => cri::PullImageRequest::decode(message).map(|r| {
             let (pod_namespace, pod_name) = pod(r.sandbox_config.as_ref());
             ImageCall {
