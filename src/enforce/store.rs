@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
+use crate::policy::bundle::verify_bundle_reader;
 use crate::policy::{
     BundleError, SignatureFile, Trust, TrustError, VerifiedBundle, parse_bundle, verify_bundle,
 };
@@ -68,10 +69,9 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
-/// The installed bundle's files, read back.
+/// The installed bundle file, read back.
 struct Installed {
     bytes: Vec<u8>,
-    sigs: Vec<u8>,
     path: PathBuf,
 }
 
@@ -107,14 +107,18 @@ impl BundleStore {
             return Ok(None);
         };
         let bytes = std::fs::read(&path).map_err(io("cannot read installed bundle", &path))?;
-        let sig_path = crate::policy::load::signature_path(&path);
-        let sigs =
-            std::fs::read(&sig_path).map_err(io("cannot read installed signatures", &sig_path))?;
-        Ok(Some(Installed { bytes, sigs, path }))
+        Ok(Some(Installed { bytes, path }))
     }
 
-    /// Version of the installed bundle (read without verifying), for rollback checks.
+    /// Version of the installed bundle, for rollback checks: the name of the directory `current`
+    /// points at (written by [`BundleStore::install`]), or the bundle's own `version` if that is
+    /// unreadable.
     pub fn installed_version(&self) -> Result<Option<u64>, StoreError> {
+        if let Ok(target) = std::fs::read_link(self.current_link()) {
+            if let Some(v) = target.file_name().and_then(|n| n.to_str()?.parse().ok()) {
+                return Ok(Some(v));
+            }
+        }
         match self.read_current()? {
             None => Ok(None),
             Some(Installed { bytes, path, .. }) => parse_bundle(&bytes)
@@ -124,36 +128,53 @@ impl BundleStore {
     }
 
     /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`.
+    /// The file is hashed and parsed as it is read, so it is never held in memory whole.
     ///
     /// It was fresh when installed; an expired one is still returned (the caller decides how long to
-    /// keep enforcing with it), so expiry is not checked here.
+    /// keep enforcing with it): it is then verified as of the last second of its validity.
     pub fn load_current(
         &self,
         trust: &Trust,
         now: OffsetDateTime,
     ) -> Result<Option<VerifiedBundle>, StoreError> {
-        let Some(Installed { bytes, sigs, path }) = self.read_current()? else {
+        let Some(path) = self.current_bundle_path() else {
             return Ok(None);
         };
         let sig_path = crate::policy::load::signature_path(&path);
-        let sigs = SignatureFile::parse(&sigs).map_err(|source| StoreError::Signatures {
+        let sig_bytes =
+            std::fs::read(&sig_path).map_err(io("cannot read installed signatures", &sig_path))?;
+        let sigs = SignatureFile::parse(&sig_bytes).map_err(|source| StoreError::Signatures {
             path: sig_path,
             source,
         })?;
-        let rejected = |source| StoreError::Rejected {
-            path: path.clone(),
-            source,
+        let verify_at = |at: OffsetDateTime| {
+            let file =
+                std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
+            verify_bundle_reader(file, &sigs, trust, None, at)
+                .map_err(io("cannot read installed bundle", &path))?
+                .map_err(|source| StoreError::Rejected {
+                    path: path.clone(),
+                    source,
+                })
         };
-        let parsed = parse_bundle(&bytes).map_err(rejected)?;
-        // Verify as of a moment inside its validity window when it has expired since.
-        let at = if now >= parsed.expires_at {
-            parsed.expires_at - time::Duration::seconds(1)
-        } else {
-            now
-        };
-        verify_bundle(&bytes, &sigs, trust, None, at)
-            .map(Some)
-            .map_err(rejected)
+        match verify_at(now) {
+            Err(StoreError::Rejected {
+                source: BundleError::Expired { expires_at, .. },
+                ..
+            }) => {
+                let expired = OffsetDateTime::parse(
+                    &expires_at,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|e| StoreError::Io {
+                    what: "cannot read the expiry of installed bundle",
+                    path: path.clone(),
+                    source: std::io::Error::other(e),
+                })?;
+                verify_at(expired - time::Duration::seconds(1)).map(Some)
+            }
+            other => other.map(Some),
+        }
     }
 
     /// Verifies `bundle` + `signatures` (newer than the installed one, fresh, k-of-n signed) and

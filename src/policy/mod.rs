@@ -44,7 +44,7 @@ pub mod trust;
 
 pub use bundle::{
     Bundle, BundleError, ImageEntry, Provenance, Scan, Severity, VerifiedBundle, parse_bundle,
-    verify_bundle,
+    verify_bundle, verify_bundle_reader,
 };
 pub use decision::{
     Decision, ImageRequest, Matched, PodContext, ReasonCode, Verdict, decide, decide_opt,
