@@ -95,6 +95,7 @@ pub struct RawServer {
     pub socket_group: Option<String>,
     pub drain_grace: Option<String>,
     pub worker_threads: Option<i64>,
+    pub forward_non_cri: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +181,9 @@ pub struct ServerConfig {
     pub socket_group: Option<SocketGroup>,
     /// How long in-flight calls may finish after a stop signal.
     pub drain_grace: Duration,
+    /// Forward paths outside the CRI API (containerd's native API) too. Off by default: that API can
+    /// import and run images past every check.
+    pub forward_non_cri: bool,
     /// Runtime worker threads; 1 (the default) runs the proxy on a single-threaded runtime, which
     /// avoids cross-thread wake-ups: ~30 µs added per call instead of ~120 µs with 2 workers.
     pub worker_threads: usize,
@@ -216,6 +220,7 @@ impl Default for Config {
                 socket_mode: DEFAULT_SOCKET_MODE,
                 socket_group: None,
                 drain_grace: DEFAULT_DRAIN_GRACE,
+                forward_non_cri: false,
                 worker_threads: 1,
             },
             log: LogConfig {
@@ -476,6 +481,7 @@ impl Config {
                 socket_mode,
                 socket_group,
                 drain_grace,
+                forward_non_cri: server.forward_non_cri.unwrap_or(false),
                 worker_threads,
             },
             log: LogConfig { format, level },
@@ -579,6 +585,7 @@ mod tests {
             socket_group = "kube"
             drain_grace = "1m 5s"
             worker_threads = 1
+            forward_non_cri = true
             [log]
             format = "json"
             level = "pullgate=debug,info"
@@ -594,6 +601,8 @@ mod tests {
         );
         assert_eq!(c.server.drain_grace, Duration::from_secs(65));
         assert_eq!(c.server.worker_threads, 1);
+        assert!(c.server.forward_non_cri);
+        assert!(!Config::default().server.forward_non_cri);
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, "pullgate=debug,info");
         let c = parse("[server]\nsocket_group = \"998\"").unwrap();

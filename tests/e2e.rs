@@ -324,6 +324,10 @@ async fn s2_unlisted_public_images_are_denied_before_any_registry_request() {
         "public_registry_blocked",
     );
     assert_audit(&node, "PullImage", "nginx:1.25", "deny", "not_in_bundle");
+    // containerd 1.6 still serves the older runtime.v1alpha2 CRI API: it is no way around pullgate.
+    let v1alpha2 = v1alpha2_pull(&node.pullgate_socket(), "quay.io/acme/tools:2.0").await;
+    let e = v1alpha2.expect_err("a v1alpha2 pull of an unlisted image must be denied");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
 
     let public_saw = public.log_lines_since(pub_mark);
     assert!(
@@ -352,6 +356,10 @@ async fn s2_unlisted_public_images_are_denied_before_any_registry_request() {
             .any(|r| r.starts_with("GET /v2/acme/tools/manifests/")),
         "control failed: a direct pull should show up in the public registry's log: {saw:?}"
     );
+    // Control for the v1alpha2 check: containerd itself does serve that API.
+    v1alpha2_pull(&node.stack.containerd.socket, "quay.io/acme/tools:2.0")
+        .await
+        .expect("containerd 1.6 serves runtime.v1alpha2 (so denying it through pullgate matters)");
     loud(&format!("s2: {:?}", t0.elapsed()));
 }
 
@@ -1408,4 +1416,36 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
     drop(direct);
     proxied.remove_all_pods().await;
     loud(&format!("s9: {:?}", t0.elapsed()));
+}
+
+/// PullImage through the older `runtime.v1alpha2` CRI API, as an old client would send it.
+async fn v1alpha2_pull(
+    socket: &std::path::Path,
+    image: &str,
+) -> Result<k8s_cri::v1alpha2::PullImageResponse, tonic::Status> {
+    use k8s_cri::v1alpha2 as old;
+    let path = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect");
+    old::image_service_client::ImageServiceClient::new(channel)
+        .pull_image(old::PullImageRequest {
+            image: Some(old::ImageSpec {
+                image: image.to_string(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .map(|r| r.into_inner())
 }

@@ -232,7 +232,36 @@ async fn grpc_go_client_through_pullgate_to_containerd() {
     let tmp = support::TestDir::new("interop-ctr");
     let opts = support::stack::ContainerdOpts::new("127.0.0.1:9", "127.0.0.1:9/pause:1");
     let containerd = support::stack::Containerd::start(tmp.path(), &opts);
-    let (listen, control) = start_pullgate(tmp.path(), &containerd.socket);
+    // By default pullgate refuses containerd's native API: ctr is answered PERMISSION_DENIED.
+    let (refusing, control) = start_pullgate(tmp.path(), &containerd.socket);
+    let out = Command::new("ctr")
+        .arg("--address")
+        .arg(&refusing)
+        .arg("version")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not part of the CRI API"),
+        "{stderr}"
+    );
+    control.send(Control::Shutdown).await.unwrap();
+    // With server.forward_non_cri, grpc-go's client and server talk through pullgate unchanged.
+    let dir = tmp.path().join("all");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = Config::default().server;
+    cfg.listen = dir.join("pullgate.sock");
+    cfg.upstream = containerd.socket.clone();
+    let proxy = pullgate::proxy::Proxy::with_reach(
+        std::sync::Arc::new(pullgate::proxy::Upstream::new(&cfg.upstream)),
+        InterceptTable::logging(),
+        std::sync::Arc::new(pullgate::metrics::Metrics::default()),
+        pullgate::proxy::Reach::All,
+    );
+    let server = Server::bind_with(&cfg, proxy).unwrap();
+    let (control, rx) = mpsc::channel(4);
+    tokio::spawn(server.run(rx));
+    let listen = cfg.listen.clone();
     let ctr = |addr: &Path, args: &[&str]| {
         let out = Command::new("ctr")
             .arg("--address")

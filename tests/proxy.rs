@@ -688,3 +688,74 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_cri_and_malformed_paths_never_reach_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let p = dir.path().join("raw.sock");
+    let raw = RawUpstream::serve(
+        &p,
+        Script {
+            headers: HeaderMap::new(),
+            chunks: vec![],
+            trailers: Some(trailers),
+            echo: true,
+        },
+    );
+    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
+    for (path, code, words) in [
+        (
+            "/containerd.services.tasks.v1.Tasks/Create",
+            "7",
+            "not part of the CRI API",
+        ),
+        (
+            "/containerd.services.images.v1.Images/Create",
+            "7",
+            "forward_non_cri",
+        ),
+        (
+            "/runtime.v1.ImageService/Pull%49mage",
+            "12",
+            "not a gRPC method path",
+        ),
+        (
+            "/runtime.v1.ImageService/PullImage/",
+            "12",
+            "not a gRPC method path",
+        ),
+    ] {
+        let r = raw_call(
+            &pg.listen,
+            &format!("http://localhost{path}"),
+            grpc_headers(),
+            frame(b""),
+        )
+        .await;
+        assert_eq!(r.headers["grpc-status"], code, "{path}");
+        let msg = percent_decode(r.headers["grpc-message"].to_str().unwrap());
+        assert!(msg.contains(words), "{path}: {msg}");
+    }
+    assert!(
+        raw.recorded.lock().unwrap().is_empty(),
+        "nothing reached the upstream"
+    );
+    // CRI methods, including ones newer than pullgate, and health checks still pass.
+    for path in [
+        "/runtime.v1.RuntimeService/SomeFutureMethod",
+        "/grpc.health.v1.Health/Check",
+    ] {
+        let r = raw_call(
+            &pg.listen,
+            &format!("http://localhost{path}"),
+            grpc_headers(),
+            frame(b"x"),
+        )
+        .await;
+        assert_eq!(r.trailers.unwrap()["grpc-status"], "0", "{path}");
+    }
+    assert_eq!(raw.recorded.lock().unwrap().len(), 2);
+    pg.stop().await;
+}

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, ServeArgs};
 use crate::config::{Config, LogFormat, SandboxImageCheck, ServerConfig};
 use crate::metrics::Metrics;
-use crate::proxy::{InterceptTable, Proxy, Upstream, conn};
+use crate::proxy::{InterceptTable, Proxy, Reach, Upstream, conn};
 use listener::{ListenError, SocketGuard};
 
 /// What the server is told to do while it runs.
@@ -239,10 +239,19 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
             }
         }
     }
-    let proxy = Proxy::new(
+    let reach = if config.server.forward_non_cri {
+        tracing::warn!(
+            "server.forward_non_cri = true: containerd's native API is forwarded unchecked"
+        );
+        Reach::All
+    } else {
+        Reach::Cri
+    };
+    let proxy = Proxy::with_reach(
         node.upstream.clone(),
         node.enforcer.intercept_table(),
         node.metrics.clone(),
+        reach,
     );
     let reload_node = node.clone();
     let server = match Server::bind_with(&config.server, proxy) {

@@ -263,11 +263,22 @@ mod tests {
             "/runtime.v1.RuntimeService/Version",
             "/runtime.v1.ImageService/ListImages",
             "/runtime.v1.ImageService/PullImage/",
-            "/runtime.v1alpha2.ImageService/PullImage",
+            "/runtime.v1alpha2.ImageService/ListImages",
             "",
         ] {
             assert!(t.get(m).is_none(), "{m}");
         }
+        // The older API's image methods are routed like v1's.
+        assert!(t.get("/runtime.v1alpha2.ImageService/PullImage").is_some());
+        assert!(
+            t.get("/runtime.v1alpha2.RuntimeService/CreateContainer")
+                .is_some()
+        );
+        assert_eq!(
+            methods::canonical("/runtime.v1alpha2.ImageService/PullImage"),
+            methods::PULL_IMAGE
+        );
+        assert_eq!(methods::canonical("/x.Y/Z"), "/x.Y/Z");
         assert!(InterceptTable::empty().get(methods::PULL_IMAGE).is_none());
     }
 

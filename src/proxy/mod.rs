@@ -33,11 +33,51 @@ use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
 pub use upstream::{Upstream, UpstreamError};
 
+/// Which method paths are forwarded at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// The CRI API (`runtime.v1*` services, any method, including ones newer than pullgate) and gRPC
+    /// health checks. Everything else — containerd's native API above all, which can import and run
+    /// images without any CRI call — is refused. The default.
+    Cri,
+    /// Every path (`server.forward_non_cri = true`): containerd's native API passes unchecked.
+    All,
+}
+
+impl Reach {
+    /// Whether `path` may be forwarded. `path` is already known to be a well-formed method path.
+    pub fn allows(self, path: &str) -> bool {
+        self == Reach::All
+            || path.starts_with("/runtime.v1.")
+            || path.starts_with("/runtime.v1alpha2.")
+            || path.starts_with("/grpc.health.v1.Health/")
+    }
+}
+
+/// Whether `path` has the shape of a gRPC method path, `/package.Service/Method`. Anything else is
+/// answered by pullgate: servers differ in how they route odd paths (a missing leading slash,
+/// percent-escapes), and a path pullgate does not recognise must not be one containerd does.
+pub fn well_formed_method(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    let Some((service, method)) = rest.split_once('/') else {
+        return false;
+    };
+    let ident = |s: &str, dots: bool| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+    };
+    ident(service, true) && ident(method, false)
+}
+
 /// The proxy: one per daemon, shared by every connection.
 pub struct Proxy {
     upstream: Arc<Upstream>,
     intercepts: InterceptTable,
     metrics: Arc<Metrics>,
+    reach: Reach,
 }
 
 impl Proxy {
@@ -50,6 +90,22 @@ impl Proxy {
             upstream,
             intercepts,
             metrics,
+            reach: Reach::Cri,
+        })
+    }
+
+    /// The same proxy with a different forwarding reach.
+    pub fn with_reach(
+        upstream: Arc<Upstream>,
+        intercepts: InterceptTable,
+        metrics: Arc<Metrics>,
+        reach: Reach,
+    ) -> Arc<Self> {
+        Arc::new(Proxy {
+            upstream,
+            intercepts,
+            metrics,
+            reach,
         })
     }
 
@@ -66,10 +122,30 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
-        let method = metrics::method_index(req.uri().path());
-        let record = CallRecord::new(self.metrics.clone(), method);
-        if let Some(handler) = self.intercepts.get(req.uri().path()) {
+        let path = req.uri().path();
+        let method = metrics::method_index(path);
+        let mut record = CallRecord::new(self.metrics.clone(), method);
+        if !well_formed_method(path) {
+            let status = Status::new(
+                Code::Unimplemented,
+                format!("pullgate: {path:?} is not a gRPC method path (/package.Service/Method)"),
+            );
+            return Ok(answer(status, &mut record));
+        }
+        if let Some(handler) = self.intercepts.get(path) {
             return Ok(self.intercepted(handler.as_ref(), req, record).await);
+        }
+        if !self.reach.allows(path) {
+            tracing::warn!(path, "refused a call outside the CRI API");
+            let status = Status::new(
+                Code::PermissionDenied,
+                format!(
+                    "pullgate: {path} is not part of the CRI API; this socket serves only runtime.v1 \
+                     (containerd's own API can import and run images past every check). Use containerd's \
+                     socket directly, or set server.forward_non_cri = true to forward it"
+                ),
+            );
+            return Ok(answer(status, &mut record));
         }
         let (parts, body) = req.into_parts();
         Ok(self
@@ -268,4 +344,42 @@ async fn read_body(mut body: Incoming, method: &str) -> Result<Bytes, Status> {
         }
     }
     Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_paths_must_be_well_formed() {
+        for ok in [
+            "/runtime.v1.ImageService/PullImage",
+            "/grpc.health.v1.Health/Check",
+            "/a/B_2",
+        ] {
+            assert!(well_formed_method(ok), "{ok}");
+        }
+        for bad in [
+            "runtime.v1.ImageService/PullImage",
+            "//runtime.v1.ImageService/PullImage",
+            "/runtime.v1.ImageService/PullImage/",
+            "/runtime.v1.ImageService/Pull%49mage",
+            "/runtime.v1.ImageService",
+            "/",
+            "",
+            "/a.b/c/d",
+        ] {
+            assert!(!well_formed_method(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reach_limits_forwarding_to_cri() {
+        assert!(Reach::Cri.allows("/runtime.v1.RuntimeService/SomeFutureMethod"));
+        assert!(Reach::Cri.allows("/runtime.v1alpha2.RuntimeService/Version"));
+        assert!(Reach::Cri.allows("/grpc.health.v1.Health/Check"));
+        assert!(!Reach::Cri.allows("/containerd.services.tasks.v1.Tasks/Create"));
+        assert!(!Reach::Cri.allows("/runtime.v1x.Evil/Create"));
+        assert!(Reach::All.allows("/containerd.services.tasks.v1.Tasks/Create"));
+    }
 }
