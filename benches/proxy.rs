@@ -359,6 +359,7 @@ fn main() {
     );
     {
         let mut images = fake.observed.images.lock().unwrap();
+        put_manifest(&fake.observed, &app_digest(77_777), BENCH_IMAGE_ID);
         let img = cri::Image {
             id: BENCH_IMAGE_ID.into(),
             repo_digests: vec![format!(
@@ -370,6 +371,7 @@ fn main() {
         images.insert(BENCH_IMAGE_ID.into(), img);
         for i in 0..calls as usize {
             let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
+            put_manifest(&fake.observed, &app_digest(i), &id);
             let img = cri::Image {
                 id: id.clone(),
                 repo_digests: vec![format!(

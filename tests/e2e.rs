@@ -1449,3 +1449,117 @@ async fn v1alpha2_pull(
         .await
         .map(|r| r.into_inner())
 }
+
+/// Waits until containerd's CRI view knows `name` (it learns about `ctr` changes from image events).
+async fn wait_cri_name(direct: &mut Cri, name: &str) -> Image {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(i) = must("direct ImageStatus", direct.image_status(name).await).image {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "containerd's CRI never saw {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Regression (security review): forged names in every shape CRI reports them. (a) a record named
+/// after the approved pinned digest, started the way kubelet does when the pod spec names that digest
+/// (so `user_specified_image` is an approved reference); (b) a short, non-normalised alias
+/// `busybox@<approved digest>`, which CRI reports normalised. Both are denied: repo digests are proven
+/// from the content store, and names are never evidence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s5_forged_names_in_every_shape_cannot_start() {
+    if !e2e_enabled("s5_forged_names_in_every_shape_cannot_start") {
+        return;
+    }
+    let node = Node::start("s5-forged-shapes", "enforce");
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let tmp = node.stack.dir.path().to_path_buf();
+    let approved = node.mirror_ref(&node.fx.busybox);
+    let short = format!("busybox@{}", node.fx.busybox.digest);
+    for (marker, evil_name, alias) in [
+        ("EVIL-PINNED", "quay.io/evil/miner:1", approved.as_str()),
+        ("EVIL-SHORT", "quay.io/evil/miner:2", short.as_str()),
+    ] {
+        let tag = node.stack.images.build_image(marker);
+        let tar = tmp.join(format!("{marker}.tar"));
+        node.stack
+            .images
+            .export_docker_archive(&tag, &tar, evil_name);
+        node.stack.containerd.ctr_import(&tar, false);
+        node.stack
+            .containerd
+            .ctr(&["images", "tag", evil_name, alias]);
+        let evil = wait_cri_name(&mut direct, evil_name).await;
+        loud(&format!(
+            "forged {alias}: CRI reports repo_digests={:?}",
+            evil.repo_digests
+        ));
+        let cfg = host_pod_config(&marker.to_lowercase(), "default");
+        let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+        let r = cri
+            .create_container_as_kubelet(
+                &pod,
+                &cfg,
+                "evil",
+                &evil.id,
+                alias,
+                &strs(&grep_marker(marker)),
+            )
+            .await;
+        let e = r.expect_err("a forged name must not start");
+        assert_eq!(e.code(), Code::PermissionDenied, "{alias}: {e:?}");
+        let last = node.audit().last().cloned().expect("audited");
+        assert_eq!(last["decision"], "deny", "{last}");
+    }
+    cri.remove_all_pods().await;
+}
+
+/// Regression (security review): containerd's native API through pullgate's socket (`ctr import`,
+/// `ctr run`) would run images without a single CRI call. pullgate refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_containerd_api_is_refused_on_pullgates_socket() {
+    if !e2e_enabled("native_containerd_api_is_refused_on_pullgates_socket") {
+        return;
+    }
+    let node = Node::start("native-api", "enforce");
+    let tmp = node.stack.dir.path().to_path_buf();
+    let tag = node.stack.images.build_image("EVIL-NATIVE");
+    let tar = tmp.join("evil.tar");
+    node.stack
+        .images
+        .export_docker_archive(&tag, &tar, "quay.io/evil/miner:3");
+    let sock = node.pullgate_socket();
+    let snapshotter = node.stack.containerd.snapshotter.clone();
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&sock)
+        .args([
+            "-n",
+            "k8s.io",
+            "images",
+            "import",
+            "--snapshotter",
+            &snapshotter,
+        ])
+        .arg(&tar)
+        .env("PATH", support::stack::sbin_path())
+        .output()
+        .expect("run ctr");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "ctr import through pullgate succeeded: {stderr}"
+    );
+    assert!(stderr.contains("not part of the CRI API"), "{stderr}");
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let st = must(
+        "direct ImageStatus",
+        direct.image_status("quay.io/evil/miner:3").await,
+    );
+    assert!(st.image.is_none(), "the image reached containerd: {st:?}");
+}

@@ -578,7 +578,16 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
 async fn container_starts_need_an_approved_repo_digest_in_scope() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     let mut rt = env.runtime().await;
+    // An image in the fake store, with a manifest in the content store for each repo digest that
+    // really describes it (config = the image ID).
     let known = |id: u8, repo_digests: Vec<String>| {
+        for rd in &repo_digests {
+            put_manifest(
+                &env.fake.observed,
+                rd.rsplit_once('@').unwrap().1,
+                &digest(id),
+            );
+        }
         let img = cri::Image {
             id: digest(id),
             repo_digests,
@@ -600,16 +609,20 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         0xa4,
         vec![format!("docker.io/library/busybox@{}", digest(9))],
     );
-    // Named after an approved digest (`ctr images tag … …/busybox@<approved>`) while the record points at
-    // other content: CRI echoes the name as a repo digest; containerd's own record tells the truth.
+    // Named after an approved digest (`ctr images tag evil …/busybox@<approved>`): CRI echoes the name
+    // as a repo digest, but the content store shows that digest's manifest is another image's.
     let forged_name = format!("{PRIVATE}/approved/library/busybox@{}", digest(2));
-    let forged = known(0xa5, vec![forged_name.clone()]);
-    env.fake
-        .observed
-        .records
-        .lock()
-        .unwrap()
-        .insert(forged_name, digest(0x66));
+    let forged = digest(0xa5);
+    env.fake.observed.images.lock().unwrap().insert(
+        forged.clone(),
+        cri::Image {
+            id: forged.clone(),
+            repo_digests: vec![forged_name.clone()],
+            ..Default::default()
+        },
+    );
+    // The approved digest's real manifest (content-addressed) belongs to another image.
+    put_manifest(&env.fake.observed, &digest(2), &digest(0x20));
 
     let create = |image: &str, ns: &str| cri::CreateContainerRequest {
         pod_sandbox_id: "sb".into(),
@@ -646,7 +659,50 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
         2,
         "denied starts never reach containerd"
     );
-    let namespaces = env.fake.observed.record_namespaces.lock().unwrap().clone();
+    // Started by name, the container is pinned to the image ID that was checked (a name could be
+    // re-tagged between the check and containerd resolving it).
+    let by_name = pinned("busybox", &digest(1));
+    let approved_img = env.fake.observed.images.lock().unwrap()[&approved].clone();
+    env.fake
+        .observed
+        .images
+        .lock()
+        .unwrap()
+        .insert(by_name.clone(), approved_img);
+    rt.create_container(create(&by_name, "checkout"))
+        .await
+        .unwrap();
+    let sent = env
+        .fake
+        .observed
+        .creates
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .unwrap();
+    let sent_spec = sent.config.unwrap().image.unwrap();
+    assert_eq!(sent_spec.image, approved, "pinned to the checked image ID");
+    assert_eq!(
+        sent_spec.user_specified_image, "as-in-pod-spec:1",
+        "the rest is untouched"
+    );
+    // An approved repo digest whose manifest belongs to another image proves nothing for this one.
+    let unproven = digest(0xa6);
+    env.fake.observed.images.lock().unwrap().insert(
+        unproven.clone(),
+        cri::Image {
+            id: unproven.clone(),
+            repo_digests: vec![pinned("busybox", &digest(1))],
+            ..Default::default()
+        },
+    );
+    let e = rt
+        .create_container(create(&unproven, "checkout"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let namespaces = env.fake.observed.content_namespaces.lock().unwrap().clone();
     assert!(
         !namespaces.is_empty() && namespaces.iter().all(|n| n == "k8s.io"),
         "{namespaces:?}"

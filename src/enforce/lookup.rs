@@ -1,7 +1,9 @@
-//! Unary calls pullgate makes to containerd itself, over the same upstream connection as the traffic
-//! it forwards: CRI `ImageStatus` to learn what image a container would run, CRI `Status` to read
-//! containerd's CRI configuration (the sandbox image), and containerd's native `Images.Get` to check
-//! that an image name's digest is really the digest of what the name points at.
+//! Calls pullgate makes to containerd itself, over the same upstream connection as the traffic it
+//! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `Status` to read
+//! containerd's CRI configuration (the sandbox image), and containerd's native `Content.Read` to prove
+//! from content — not from names — which manifests an image really belongs to.
+
+use std::collections::HashMap;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, header};
@@ -14,6 +16,11 @@ use crate::proxy::{RequestBody, Upstream};
 
 /// containerd namespace of the CRI plugin's images and containers.
 pub const CRI_NAMESPACE: &str = "k8s.io";
+/// Largest manifest or index pullgate reads to verify an image.
+const MAX_MANIFEST: usize = 4 * 1024 * 1024;
+/// Most child manifests of an index pullgate looks at.
+const MAX_INDEX_CHILDREN: usize = 64;
+const NOT_FOUND: u32 = 5;
 
 /// Why a call pullgate made to containerd failed.
 #[derive(Debug)]
@@ -32,24 +39,14 @@ impl CallError {
     }
 }
 
-/// Calls `path` on containerd with `req` and decodes the response.
-pub async fn unary<Resp: Message + Default>(
-    upstream: &Upstream,
-    path: &str,
-    req: &impl Message,
-) -> Result<Resp, Status> {
-    call(upstream, path, req, None)
-        .await
-        .map_err(CallError::status)
-}
-
-/// [`unary`] with an optional containerd namespace header, keeping containerd's status code.
-pub async fn call<Resp: Message + Default>(
+/// Sends one request message to `path` and returns the response body (all its messages, framed),
+/// after checking the gRPC status.
+async fn call_raw(
     upstream: &Upstream,
     path: &str,
     req: &impl Message,
     namespace: Option<&'static str>,
-) -> Result<Resp, CallError> {
+) -> Result<Bytes, CallError> {
     let mut request = Request::post(format!("http://localhost{path}"))
         .body(RequestBody::Full(Some(grpc::frame(&req.encode_to_vec()))))
         .expect("static request parts are valid");
@@ -86,67 +83,200 @@ pub async fn call<Resp: Message + Default>(
     if let Some(e) = status_in(resp.headers()) {
         return Err(e);
     }
-    let local = |code: Code, what: String| CallError::Local(Status::new(code, what));
     let collected =
         http_body_util::Limited::new(resp.into_body(), MAX_MESSAGE_SIZE + FRAME_HEADER_LEN)
             .collect()
             .await
             .map_err(|e| {
-                local(
+                CallError::Local(Status::new(
                     Code::Unavailable,
                     format!(
                         "pullgate: reading {path} from {} failed: {e}",
                         upstream.name()
                     ),
-                )
+                ))
             })?;
     if let Some(e) = collected.trailers().and_then(status_in) {
         return Err(e);
     }
-    let body: Bytes = collected.to_bytes();
-    let msg = grpc::single_message(&body)
-        .map_err(|e| local(Code::Internal, format!("pullgate: {path} response: {e}")))?;
-    Resp::decode(msg).map_err(|e| local(Code::Internal, format!("pullgate: {path} response: {e}")))
+    Ok(collected.to_bytes())
 }
 
-/// The target digest (of the manifest or index) of containerd's image record named exactly `name`
-/// in the CRI namespace; `None` when no record has that name.
-pub async fn record_target(upstream: &Upstream, name: &str) -> Result<Option<String>, Status> {
-    use containerd_client::services::v1::{GetImageRequest, GetImageResponse};
-    const NOT_FOUND: u32 = 5;
-    let req = GetImageRequest {
-        name: name.to_string(),
+fn malformed(path: &str, e: &dyn std::fmt::Display) -> CallError {
+    CallError::Local(Status::new(
+        Code::Internal,
+        format!("pullgate: {path} response: {e}"),
+    ))
+}
+
+/// A unary call: one request, one response message.
+pub async fn call<Resp: Message + Default>(
+    upstream: &Upstream,
+    path: &str,
+    req: &impl Message,
+    namespace: Option<&'static str>,
+) -> Result<Resp, CallError> {
+    let body = call_raw(upstream, path, req, namespace).await?;
+    let msg = grpc::single_message(&body).map_err(|e| malformed(path, &e))?;
+    Resp::decode(msg).map_err(|e| malformed(path, &e))
+}
+
+/// [`call`] without a namespace, with errors as statuses.
+pub async fn unary<Resp: Message + Default>(
+    upstream: &Upstream,
+    path: &str,
+    req: &impl Message,
+) -> Result<Resp, Status> {
+    call(upstream, path, req, None)
+        .await
+        .map_err(CallError::status)
+}
+
+/// Splits a response body into its (uncompressed) messages.
+fn messages(body: &Bytes) -> Result<Vec<Bytes>, grpc::FrameError> {
+    let mut out = Vec::new();
+    let mut rest = body.clone();
+    while !rest.is_empty() {
+        if rest.len() < FRAME_HEADER_LEN {
+            return Err(grpc::FrameError::Truncated(rest.len()));
+        }
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let end = FRAME_HEADER_LEN + len;
+        if rest.len() < end {
+            return Err(grpc::FrameError::LengthMismatch {
+                announced: len,
+                actual: rest.len() - FRAME_HEADER_LEN,
+            });
+        }
+        out.push(grpc::single_message(&rest.slice(..end))?);
+        rest = rest.slice(end..);
+    }
+    Ok(out)
+}
+
+/// The bytes of content `digest` from containerd's content store (which verifies digests on
+/// write, so these are the bytes that hash to `digest`); `None` if the store does not have it.
+pub async fn read_content(upstream: &Upstream, digest: &str) -> Result<Option<Vec<u8>>, Status> {
+    use containerd_client::services::v1::{ReadContentRequest, ReadContentResponse};
+    let path = "/containerd.services.content.v1.Content/Read";
+    let req = ReadContentRequest {
+        digest: digest.to_string(),
+        offset: 0,
+        size: 0,
     };
-    let path = "/containerd.services.images.v1.Images/Get";
-    match call::<GetImageResponse>(upstream, path, &req, Some(CRI_NAMESPACE)).await {
-        Ok(resp) => Ok(resp.image.and_then(|i| i.target).map(|t| t.digest)),
+    let body = match call_raw(upstream, path, &req, Some(CRI_NAMESPACE)).await {
+        Ok(b) => b,
         Err(CallError::Upstream {
             code: NOT_FOUND, ..
-        }) => Ok(None),
-        Err(e) => Err(e.status()),
+        }) => return Ok(None),
+        Err(e) => return Err(e.status()),
+    };
+    let mut data = Vec::new();
+    for m in messages(&body).map_err(|e| malformed(path, &e).status())? {
+        let chunk = ReadContentResponse::decode(m).map_err(|e| malformed(path, &e).status())?;
+        data.extend_from_slice(&chunk.data);
+        if data.len() > MAX_MANIFEST {
+            return Err(Status::new(
+                Code::Internal,
+                format!("pullgate: content {digest} is larger than a manifest can be"),
+            ));
+        }
+    }
+    Ok(Some(data))
+}
+
+/// What a manifest or index says about itself.
+enum Manifest {
+    /// An image manifest and the digest of its config (the image ID).
+    Image {
+        config: String,
+    },
+    /// An index (manifest list) and the digests of its child manifests.
+    Index {
+        children: Vec<String>,
+    },
+    Other,
+}
+
+fn parse_manifest(bytes: &[u8]) -> Manifest {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Manifest::Other;
+    };
+    if let Some(config) = v["config"]["digest"].as_str() {
+        return Manifest::Image {
+            config: config.to_string(),
+        };
+    }
+    match v["manifests"].as_array() {
+        Some(list) => Manifest::Index {
+            children: list
+                .iter()
+                .filter_map(|m| m["digest"].as_str().map(str::to_string))
+                .take(MAX_INDEX_CHILDREN)
+                .collect(),
+        },
+        None => Manifest::Other,
     }
 }
 
-/// Keeps the repo digests whose digest really is what their name points at.
+/// Whether content `digest` — an image manifest, or an index one of whose child manifests — has
+/// `image_id` as its config: the proof that `digest` describes this image.
+async fn describes(
+    upstream: &Upstream,
+    digest: &str,
+    image_id: &str,
+    seen: &mut HashMap<String, bool>,
+) -> Result<bool, Status> {
+    if let Some(known) = seen.get(digest) {
+        return Ok(*known);
+    }
+    let verdict = match read_content(upstream, digest).await? {
+        None => false,
+        Some(bytes) => match parse_manifest(&bytes) {
+            Manifest::Image { config } => config == image_id,
+            Manifest::Index { children } => {
+                let mut found = false;
+                for child in children {
+                    let Some(bytes) = read_content(upstream, &child).await? else {
+                        continue;
+                    };
+                    if matches!(parse_manifest(&bytes), Manifest::Image { config } if config == image_id)
+                    {
+                        found = true;
+                        break;
+                    }
+                }
+                found
+            }
+            Manifest::Other => false,
+        },
+    };
+    seen.insert(digest.to_string(), verdict);
+    Ok(verdict)
+}
+
+/// Keeps the repo digests that provably belong to image `image_id`.
 ///
-/// CRI reports a repo digest for every image name: for a tag name it is derived from the record's
-/// target (sound), but a name that *is* a digest reference is reported as written — and anyone with
-/// access to containerd can create a record named `…@sha256:<approved>` that points at other content.
-/// So each repo digest that is itself a record name must have that record's target as its digest.
+/// CRI's repo digests come from image *names*, and anyone with access to containerd can give any
+/// content any name — including `…@sha256:<an approved digest>`. Names are therefore never trusted:
+/// a repo digest `R@D` is kept only if containerd's content store holds `D` and `D` is the manifest of
+/// this image (its config digest is the image ID), or an index that lists such a manifest. Content is
+/// addressed by digest, so this cannot be forged.
 pub async fn verified_repo_digests(
     upstream: &Upstream,
+    image_id: &str,
     repo_digests: Vec<String>,
 ) -> Result<Vec<String>, Status> {
+    let mut seen = HashMap::new();
     let mut kept = Vec::with_capacity(repo_digests.len());
     for rd in repo_digests {
-        let Some((_, claimed)) = rd.rsplit_once('@') else {
+        let Some((_, digest)) = rd.rsplit_once('@') else {
             continue;
         };
-        match record_target(upstream, &rd).await? {
-            Some(target) if target != claimed => {
-                tracing::warn!(name = %rd, target = %target, "ignoring an image name whose digest is not its target (forged name?)");
-            }
-            _ => kept.push(rd),
+        if describes(upstream, digest, image_id, &mut seen).await? {
+            kept.push(rd);
+        } else {
+            tracing::warn!(repo_digest = ?rd, image_id, "ignoring a repo digest that does not describe the image (forged name?)");
         }
     }
     Ok(kept)
@@ -183,4 +313,38 @@ pub async fn sandbox_image(upstream: &Upstream) -> Result<Option<String>, Status
                 .and_then(|s| s.as_str())
                 .map(str::to_string)
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_and_indexes_are_told_apart() {
+        let m = br#"{"schemaVersion":2,"config":{"digest":"sha256:c0"},"layers":[]}"#;
+        assert!(matches!(parse_manifest(m), Manifest::Image { config } if config == "sha256:c0"));
+        let i = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:a"},{"digest":"sha256:b"}]}"#;
+        assert!(
+            matches!(parse_manifest(i), Manifest::Index { children } if children == ["sha256:a", "sha256:b"])
+        );
+        assert!(matches!(parse_manifest(b"not json"), Manifest::Other));
+        assert!(matches!(parse_manifest(b"{}"), Manifest::Other));
+    }
+
+    #[test]
+    fn streamed_messages_are_split() {
+        let mut body = grpc::frame(b"one").to_vec();
+        body.extend_from_slice(&grpc::frame(b"").to_vec());
+        body.extend_from_slice(&grpc::frame(b"three").to_vec());
+        let parts = messages(&Bytes::from(body)).unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                Bytes::from_static(b"one"),
+                Bytes::new(),
+                Bytes::from_static(b"three")
+            ]
+        );
+        assert!(messages(&Bytes::from_static(b"\0\0\0\0\x05ab")).is_err());
+    }
 }

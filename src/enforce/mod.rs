@@ -22,7 +22,7 @@ pub mod lookup;
 pub mod names;
 pub mod store;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -269,6 +269,8 @@ mod field {
     pub const IMAGE_IMAGE: &[u32] = &[1, 1];
     /// `PullImageRequest.auth`.
     pub const AUTH: u32 = 2;
+    /// `CreateContainerRequest.config.image.image`.
+    pub const CREATE_IMAGE: &[u32] = &[2, 2, 1];
     /// `ImageStatusResponse.image`, `ListImagesResponse.images`.
     pub const IMAGES: u32 = 1;
     /// `Image.repo_tags`, `Image.repo_digests`.
@@ -286,7 +288,7 @@ pub struct Enforcer {
     /// Container starts already allowed: (image, bundle version, pod identity). Only allows are
     /// cached; a denial is always decided afresh, so an image pulled meanwhile under an approved
     /// name is not held back.
-    allowed_starts: Mutex<HashSet<String>>,
+    allowed_starts: Mutex<HashMap<String, Decision>>,
 }
 
 const START_CACHE_MAX: usize = 4096;
@@ -507,87 +509,124 @@ impl Enforcer {
             Ok(r) => r,
             Err(e) => return undecodable(methods::CREATE_CONTAINER, e),
         };
-        let spec = req.config.as_ref().and_then(|c| c.image.as_ref());
-        let image = spec.map_or("", |s| s.image.as_str());
-        let shown = spec
-            .map(|s| s.user_specified_image.as_str())
-            .filter(|s| !s.is_empty())
-            .unwrap_or(image);
         let pod = pod_context(req.sandbox_config.as_ref());
+        let config = req.config.unwrap_or_default();
+        let spec = config.image.unwrap_or_default();
+        let shown = Some(spec.user_specified_image.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(&spec.image)
+            .to_string();
+        // The container's image, then any image volumes: every one must be approved.
+        let (d, image_id) = match self
+            .check_start_image(&spec.image, &shown, &pod, started)
+            .await
+        {
+            Ok(checked) => checked,
+            Err(status) => return Verdict::Respond(status),
+        };
+        if d.verdict == PolicyVerdict::Deny {
+            return Verdict::Respond(start_denial(&d, &shown));
+        }
+        for mount in &config.mounts {
+            let Some(img) = mount.image.as_ref().filter(|i| !i.image.is_empty()) else {
+                continue;
+            };
+            let shown = format!("{} (image volume at {})", img.image, mount.container_path);
+            match self
+                .check_start_image(&img.image, &shown, &pod, started)
+                .await
+            {
+                Ok((md, _)) if md.verdict == PolicyVerdict::Deny => {
+                    return Verdict::Respond(start_denial(&md, &shown));
+                }
+                Ok(_) => {}
+                Err(status) => return Verdict::Respond(status),
+            }
+        }
+        // Pin the start to the exact image that was checked: a name could be re-tagged between
+        // this check and containerd resolving it.
+        match image_id {
+            Some(id) if id != spec.image => {
+                wire::set_string(msg, field::CREATE_IMAGE, id.as_bytes())
+                    .map_or(Verdict::Forward, |new| Verdict::Replace(new.into()))
+            }
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// Decides whether `image` (an ID or a name, as containerd will resolve it) may start for `pod`:
+    /// looks it up, keeps only repo digests proven from content, decides, audits. Returns the decision
+    /// and the image ID it was made about.
+    async fn check_start_image(
+        &self,
+        image: &str,
+        shown: &str,
+        pod: &PodContext,
+        started: Instant,
+    ) -> Result<(Decision, Option<String>), Status> {
         let version = self.state.current().map(|b| b.version);
-        // Only an image ID names immutable content (its config, which fixes every layer), so only
-        // decisions about IDs are cached; a name can be re-tagged to other content at any time.
+        // Only an image ID names immutable content (its config fixes every layer), so only decisions
+        // about IDs are cached; a name can be re-tagged to other content at any time.
         let key = version
             .filter(|_| names::is_image_id(image))
-            .map(|v| start_key(image, v, &pod));
+            .map(|v| start_key(image, v, pod));
         if let Some(k) = &key {
-            if self
+            let cached = self
                 .allowed_starts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(k)
-            {
-                let d = self.state.decide(
-                    &ImageRequest::Reference(image),
-                    &pod,
-                    OffsetDateTime::now_utc(),
-                );
-                if d.verdict != PolicyVerdict::Deny || d.reason != ReasonCode::NoValidBundle {
-                    self.metrics.decision("allow", "approved_cached");
-                    return Verdict::Forward;
-                }
+                .get(k)
+                .cloned();
+            if let Some(d) = cached {
+                self.record("CreateContainer", &d, pod, None, started);
+                return Ok((d, Some(image.to_string())));
             }
         }
-        let looked_up = match lookup::image_status(&self.upstream, image).await {
-            Ok(Some(img)) => lookup::verified_repo_digests(&self.upstream, img.repo_digests).await,
-            Ok(None) => Ok(Vec::new()),
-            Err(status) => Err(status),
+        let unavailable = |status: Status| {
+            tracing::warn!(image, error = %status.message, "cannot look the container's image up");
+            Status::new(
+                Code::Unavailable,
+                format!(
+                    "pullgate: cannot check image {shown} before starting the container: {}",
+                    status.message
+                ),
+            )
         };
-        let repo_digests = match looked_up {
-            Ok(r) => r,
-            Err(status) => {
-                tracing::warn!(image, error = %status.message, "cannot look the container's image up");
-                return Verdict::Respond(Status::new(
-                    Code::Unavailable,
-                    format!(
-                        "pullgate: cannot check image {shown} before starting the container: {}",
-                        status.message
-                    ),
-                ));
+        let found = lookup::image_status(&self.upstream, image)
+            .await
+            .map_err(unavailable)?;
+        let (repo_digests, image_id) = match found {
+            Some(img) => {
+                let verified =
+                    lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests)
+                        .await
+                        .map_err(unavailable)?;
+                (verified, Some(img.id))
             }
+            None => (Vec::new(), None),
         };
         let d = self.state.decide(
             &ImageRequest::RepoDigests {
                 image: shown,
                 repo_digests: &repo_digests,
             },
-            &pod,
+            pod,
             OffsetDateTime::now_utc(),
         );
-        self.record("CreateContainer", &d, &pod, None, started);
-        match d.verdict {
-            PolicyVerdict::Deny => {
-                let mut status = denial(&d);
-                if !status.message.contains(shown) {
-                    status.message = format!("container image {shown}: {}", status.message);
+        self.record("CreateContainer", &d, pod, None, started);
+        if d.verdict == PolicyVerdict::Allow {
+            if let Some(k) = key {
+                let mut cache = self
+                    .allowed_starts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if cache.len() >= START_CACHE_MAX {
+                    cache.clear();
                 }
-                Verdict::Respond(status)
-            }
-            PolicyVerdict::Warn => Verdict::Forward,
-            PolicyVerdict::Allow => {
-                if let Some(k) = key {
-                    let mut cache = self
-                        .allowed_starts
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner());
-                    if cache.len() >= START_CACHE_MAX {
-                        cache.clear();
-                    }
-                    cache.insert(k);
-                }
-                Verdict::Forward
+                cache.insert(k, d.clone());
             }
         }
+        Ok((d, image_id))
     }
 
     /// Checks containerd's sandbox (pause) image: it must be an approved image in the private
@@ -654,6 +693,15 @@ fn start_key(image: &str, version: u64, pod: &PodContext) -> String {
         k.push('\0');
     }
     k
+}
+
+/// A container-start denial that names the image as the pod spec does.
+fn start_denial(d: &Decision, shown: &str) -> Status {
+    let mut status = denial(d);
+    if !status.message.contains(shown) {
+        status.message = format!("container image {shown}: {}", status.message);
+    }
+    status
 }
 
 /// The status a denial is answered with: `FAILED_PRECONDITION` when no valid bundle is installed,

@@ -645,24 +645,19 @@ impl Ctx<'_> {
         if let Some((r, o)) = first {
             return self.finish(image, Some(&r), o);
         }
-        // No usable repo digest: judge the image name itself if it is digest-pinned.
-        match Reference::parse(image) {
-            Ok(r) if r.digest().is_some() => {
-                let o = self.evaluate(&r);
-                self.finish(image, Some(&r), o)
-            }
-            _ => self.finish(
-                image,
-                None,
-                Outcome::Deny {
-                    reason: ReasonCode::DigestNotApproved,
-                    message: format!(
-                        "image {image} denied: the node's image store records no repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
-                        self.b.version
-                    ),
-                },
-            ),
-        }
+        // No usable repo digest. The image's name is not evidence of its content (anyone with access
+        // to the image store can name anything anything), so there is nothing to approve.
+        self.finish(
+            image,
+            None,
+            Outcome::Deny {
+                reason: ReasonCode::DigestNotApproved,
+                message: format!(
+                    "image {image} denied: the node's image store has no verifiable repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
+                    self.b.version
+                ),
+            },
+        )
     }
 }
 
@@ -1062,6 +1057,20 @@ mod tests {
         );
         let blocked = decide_rd(&[format!("quay.io/x/y@{}", d(1))]);
         assert_eq!(blocked.reason, ReasonCode::PublicRegistryBlocked);
+        // Without repo digests, even an approved digest-pinned *name* approves nothing: a present
+        // image's name is not evidence of its content.
+        let named = decide(
+            &ImageRequest::RepoDigests {
+                image: &format!("registry.corp/approved/library/busybox@{}", d(8)),
+                repo_digests: &[],
+            },
+            &b,
+            &checkout,
+        );
+        assert_eq!(
+            (named.verdict, named.reason),
+            (Verdict::Deny, ReasonCode::DigestNotApproved)
+        );
     }
 
     #[test]

@@ -41,10 +41,10 @@ pub struct Observed {
     pub images: Mutex<std::collections::HashMap<String, cri::Image>>,
     /// The sandbox image `Status(verbose)` reports.
     pub sandbox_image: Mutex<String>,
-    /// containerd image records (native API, namespace `k8s.io`): name → target digest.
-    pub records: Mutex<std::collections::HashMap<String, String>>,
-    /// Namespaces `Images.Get` was asked in.
-    pub record_namespaces: Mutex<Vec<String>>,
+    /// containerd's content store (native API, namespace `k8s.io`): digest → bytes.
+    pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    /// Namespaces `Content.Read` was asked in.
+    pub content_namespaces: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
     /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
     pub cancelled: AtomicBool,
@@ -109,7 +109,7 @@ impl FakeCri {
                         .max_decoding_message_size(16 << 20)
                         .max_encoding_message_size(16 << 20),
                 )
-                .add_service(NativeImages(svc.observed.clone()))
+                .add_service(NativeContent(svc.observed.clone()))
                 .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
                     let _ = stop_rx.await;
                 })
@@ -626,26 +626,36 @@ pub fn frame(msg: &[u8]) -> Bytes {
     v.into()
 }
 
-/// containerd's native `containerd.services.images.v1.Images` service, `Get` only, answering from
-/// [`Observed::records`] (containerd-client generates no server code, so this is written by hand).
+/// containerd's native `containerd.services.content.v1.Content` service, `Read` only, answering from
+/// [`Observed::content`] (containerd-client generates no server code, so this is written by hand).
 #[derive(Clone)]
-pub struct NativeImages(Arc<Observed>);
+pub struct NativeContent(Arc<Observed>);
 
-impl tonic::server::NamedService for NativeImages {
-    const NAME: &'static str = "containerd.services.images.v1.Images";
+impl tonic::server::NamedService for NativeContent {
+    const NAME: &'static str = "containerd.services.content.v1.Content";
 }
 
 type BoxFut<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+type ContentStream = Pin<
+    Box<
+        dyn tokio_stream::Stream<
+                Item = Result<containerd_client::services::v1::ReadContentResponse, Status>,
+            > + Send,
+    >,
+>;
 
-struct GetImage(Arc<Observed>);
+struct ReadContent(Arc<Observed>);
 
-impl tonic::server::UnaryService<containerd_client::services::v1::GetImageRequest> for GetImage {
-    type Response = containerd_client::services::v1::GetImageResponse;
-    type Future = BoxFut<Result<TResp<Self::Response>, Status>>;
+impl tonic::server::ServerStreamingService<containerd_client::services::v1::ReadContentRequest>
+    for ReadContent
+{
+    type Response = containerd_client::services::v1::ReadContentResponse;
+    type ResponseStream = ContentStream;
+    type Future = BoxFut<Result<TResp<ContentStream>, Status>>;
 
     fn call(
         &mut self,
-        req: TReq<containerd_client::services::v1::GetImageRequest>,
+        req: TReq<containerd_client::services::v1::ReadContentRequest>,
     ) -> Self::Future {
         let observed = self.0.clone();
         Box::pin(async move {
@@ -655,31 +665,31 @@ impl tonic::server::UnaryService<containerd_client::services::v1::GetImageReques
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("")
                 .to_string();
-            observed.record_namespaces.lock().unwrap().push(ns);
-            let name = req.into_inner().name;
-            let target = observed.records.lock().unwrap().get(&name).cloned();
-            match target {
-                None => Err(Status::not_found(format!("image \"{name}\": not found"))),
-                Some(digest) => Ok(TResp::new(
-                    containerd_client::services::v1::GetImageResponse {
-                        image: Some(containerd_client::services::v1::Image {
-                            name,
-                            target: Some(containerd_client::types::Descriptor {
-                                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
-                                digest,
-                                size: 1,
-                                annotations: Default::default(),
-                            }),
-                            ..Default::default()
-                        }),
-                    },
-                )),
-            }
+            observed.content_namespaces.lock().unwrap().push(ns);
+            let digest = req.into_inner().digest;
+            let data = observed.content.lock().unwrap().get(&digest).cloned();
+            let data = data
+                .ok_or_else(|| Status::not_found(format!("content digest {digest}: not found")))?;
+            // Two chunks, as containerd streams large content.
+            let mid = data.len() / 2;
+            let chunks = vec![
+                Ok(containerd_client::services::v1::ReadContentResponse {
+                    offset: 0,
+                    data: data[..mid].to_vec(),
+                }),
+                Ok(containerd_client::services::v1::ReadContentResponse {
+                    offset: mid as i64,
+                    data: data[mid..].to_vec(),
+                }),
+            ];
+            Ok(TResp::new(
+                Box::pin(tokio_stream::iter(chunks)) as ContentStream
+            ))
         })
     }
 }
 
-impl tower::Service<http::Request<tonic::body::Body>> for NativeImages {
+impl tower::Service<http::Request<tonic::body::Body>> for NativeContent {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
     type Future = BoxFut<Result<Self::Response, Self::Error>>;
@@ -694,11 +704,26 @@ impl tower::Service<http::Request<tonic::body::Body>> for NativeImages {
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let observed = self.0.clone();
         Box::pin(async move {
-            if req.uri().path() != "/containerd.services.images.v1.Images/Get" {
-                return Ok(Status::unimplemented("fake: only Images.Get").into_http());
+            if req.uri().path() != "/containerd.services.content.v1.Content/Read" {
+                return Ok(Status::unimplemented("fake: only Content.Read").into_http());
             }
             let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
-            Ok(grpc.unary(GetImage(observed), req).await)
+            Ok(grpc.server_streaming(ReadContent(observed), req).await)
         })
     }
+}
+
+/// Puts an image manifest with config `image_id` into the fake content store under `digest`.
+pub fn put_manifest(observed: &Observed, digest: &str, image_id: &str) {
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": image_id, "size": 1},
+        "layers": [],
+    });
+    observed
+        .content
+        .lock()
+        .unwrap()
+        .insert(digest.to_string(), manifest.to_string().into_bytes());
 }
