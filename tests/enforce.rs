@@ -1170,3 +1170,54 @@ async fn the_older_v1alpha2_api_is_no_way_around() {
     assert_eq!(last["pulled"], pinned("busybox", &digest(1)));
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_survives_a_deleted_current_link_and_the_drop_dir_follows_no_links() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let k = &env.keys;
+    let v2 = bundle_json(2, &digest(4), time::Duration::days(30));
+    drop_bundle(&env.dir, "v2", &v2, &k.sign(&v2, &[&k.alice, &k.bob]));
+    assert_eq!(env.node.poll_drop_dir(), 1);
+    // Someone deletes the `current` link: an older, validly signed bundle is still a rollback.
+    std::fs::remove_file(env.dir.join("state/current")).unwrap();
+    let v1 = bundle_json(1, &digest(5), time::Duration::days(30));
+    drop_bundle(&env.dir, "old", &v1, &k.sign(&v1, &[&k.alice, &k.bob]));
+    assert_eq!(env.node.poll_drop_dir(), 0);
+    let reason =
+        std::fs::read_to_string(env.dir.join("incoming/old.json.rejected.reason")).unwrap();
+    assert!(
+        reason.contains("rollback") || reason.contains("not greater"),
+        "{reason}"
+    );
+
+    // A symbolic link in the drop directory is never followed, not even to a valid bundle.
+    let v3 = bundle_json(3, &digest(6), time::Duration::days(30));
+    let outside = env.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("v3.json"), &v3).unwrap();
+    std::fs::write(
+        outside.join("v3.json.sig"),
+        k.sign(&v3, &[&k.alice, &k.bob]),
+    )
+    .unwrap();
+    let inc = env.dir.join("incoming");
+    std::os::unix::fs::symlink(outside.join("v3.json.sig"), inc.join("v3.json.sig")).unwrap();
+    std::os::unix::fs::symlink(outside.join("v3.json"), inc.join("v3.json")).unwrap();
+    assert_eq!(env.node.poll_drop_dir(), 0);
+    assert_eq!(env.node.state.current().unwrap().version, 2);
+    // A drop directory writable by others is not used at all.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::remove_file(inc.join("v3.json")).unwrap();
+    std::fs::remove_file(inc.join("v3.json.sig")).unwrap();
+    drop_bundle(&env.dir, "v3", &v3, &k.sign(&v3, &[&k.alice, &k.bob]));
+    std::fs::set_permissions(&inc, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(env.node.poll_drop_dir(), 0);
+    std::fs::set_permissions(&inc, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        env.node.poll_drop_dir(),
+        1,
+        "once safe again, the bundle installs"
+    );
+    assert_eq!(env.node.state.current().unwrap().version, 3);
+    env.stop().await;
+}

@@ -5,6 +5,7 @@
 //! A bundle is swapped in with one atomic pointer store ([`PolicyState::set`]); a rejected one
 //! changes nothing and is logged, counted and (from the drop directory) set aside with its reason.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -207,24 +208,31 @@ impl Node {
         let Some(dir) = &self.config.policy.drop_dir else {
             return 0;
         };
+        if let Err(why) = safe_drop_dir(dir) {
+            tracing::error!(drop_dir = %dir.display(), "not using the drop directory: {why}");
+            return 0;
+        }
         let Ok(entries) = std::fs::read_dir(dir) else {
             return 0;
         };
+        // Regular files only: symbolic links are never followed out of the drop directory.
         let mut bundles: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                !name.starts_with('.') && name.ends_with(".json") && p.is_file()
+                !name.starts_with('.') && name.ends_with(".json")
             })
             .collect();
         bundles.sort();
         let mut installed = 0;
         for path in bundles {
             let sig = load::signature_path(&path);
-            if !sig.is_file() {
+            if !std::fs::symlink_metadata(&sig).is_ok_and(|m| m.file_type().is_file()) {
                 continue; // signatures arrive first; wait for them
             }
-            let result = match (std::fs::read(&path), std::fs::read(&sig)) {
+            let result = match (read_no_follow(&path), read_no_follow(&sig)) {
                 (Ok(b), Ok(s)) => match self.trust() {
                     Some(t) => self
                         .store
@@ -371,9 +379,52 @@ fn set_aside(path: &Path, sig: &Path, reason: &str) {
         ".{}.tmp",
         why.file_name().and_then(|n| n.to_str()).unwrap_or("reason")
     ));
-    if std::fs::write(&tmp, format!("{reason}\n")).is_ok() {
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{reason}\n").as_bytes()));
+    if written.is_ok() {
         let _ = std::fs::rename(&tmp, &why);
     }
+}
+
+/// Reads a file without following a symbolic link at its final component.
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut f, &mut buf)?;
+    Ok(buf)
+}
+
+/// A drop directory others could write into would let them plant files (or links) that root then
+/// reads and renames: it must be a real directory owned by the daemon's user and not writable by
+/// group or others (give fleet tooling root, or a directory it owns).
+fn safe_drop_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("cannot read it: {e}"))?;
+    if !m.file_type().is_dir() {
+        return Err("it is not a directory (symbolic links are not followed)".into());
+    }
+    if m.uid() != unsafe { libc::geteuid() } {
+        return Err(format!(
+            "it is owned by uid {}, not by pullgate's user",
+            m.uid()
+        ));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(format!(
+            "it is writable by group or others (mode {:04o}); chmod go-w it",
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Waits up to `limit` for the upstream to answer, for the start-up sandbox check.

@@ -334,8 +334,8 @@ mod tests {
     #[test]
     fn streamed_messages_are_split() {
         let mut body = grpc::frame(b"one").to_vec();
-        body.extend_from_slice(&grpc::frame(b"").to_vec());
-        body.extend_from_slice(&grpc::frame(b"three").to_vec());
+        body.extend_from_slice(&grpc::frame(b""));
+        body.extend_from_slice(&grpc::frame(b"three"));
         let parts = messages(&Bytes::from(body)).unwrap();
         assert_eq!(
             parts,

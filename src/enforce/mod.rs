@@ -346,13 +346,13 @@ impl Enforcer {
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
             PolicyVerdict::Allow => {
-                tracing::debug!(method, image = %d.image, pulled, reason = %d.reason, "allowed")
+                tracing::debug!(method, image = ?d.image, pulled, reason = %d.reason, "allowed")
             }
             PolicyVerdict::Warn => {
-                tracing::warn!(method, image = %d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)")
+                tracing::warn!(method, image = ?d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)")
             }
             PolicyVerdict::Deny => {
-                tracing::info!(method, image = %d.image, reason = %d.reason, message = %d.message, "denied")
+                tracing::info!(method, image = ?d.image, reason = %d.reason, message = %d.message, "denied")
             }
         }
         let Some(audit) = &self.audit else { return };
@@ -583,7 +583,7 @@ impl Enforcer {
             }
         }
         let unavailable = |status: Status| {
-            tracing::warn!(image, error = %status.message, "cannot look the container's image up");
+            tracing::warn!(image = ?image, error = %status.message, "cannot look the container's image up");
             Status::new(
                 Code::Unavailable,
                 format!(

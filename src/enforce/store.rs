@@ -114,17 +114,26 @@ impl BundleStore {
     /// points at (written by [`BundleStore::install`]), or the bundle's own `version` if that is
     /// unreadable.
     pub fn installed_version(&self) -> Result<Option<u64>, StoreError> {
-        if let Ok(target) = std::fs::read_link(self.current_link()) {
-            if let Some(v) = target.file_name().and_then(|n| n.to_str()?.parse().ok()) {
-                return Ok(Some(v));
-            }
-        }
-        match self.read_current()? {
-            None => Ok(None),
-            Some(Installed { bytes, path, .. }) => parse_bundle(&bytes)
-                .map(|b| Some(b.version))
-                .map_err(|source| StoreError::Rejected { path, source }),
-        }
+        let current = match std::fs::read_link(self.current_link())
+            .ok()
+            .and_then(|t| t.file_name()?.to_str()?.parse().ok())
+        {
+            Some(v) => Some(v),
+            None => match self.read_current()? {
+                None => None,
+                Some(Installed { bytes, path }) => Some(
+                    parse_bundle(&bytes)
+                        .map_err(|source| StoreError::Rejected { path, source })?
+                        .version,
+                ),
+            },
+        };
+        // The highest version ever installed here: deleting `current` does not reopen the door to
+        // older (still validly signed) bundles.
+        let highest = std::fs::read_to_string(self.dir.join("highest_version"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        Ok(current.max(highest))
     }
 
     /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`.
@@ -225,6 +234,13 @@ impl BundleStore {
             .map_err(io("cannot create symlink", &link_tmp))?;
         std::fs::rename(&link_tmp, self.current_link())
             .map_err(io("cannot replace", &self.current_link()))?;
+        let mark = self
+            .dir
+            .join(format!(".highest_version.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&mark);
+        write_synced(&mark, format!("{version}\n").as_bytes())?;
+        std::fs::rename(&mark, self.dir.join("highest_version"))
+            .map_err(io("cannot record the version in", &self.dir))?;
         sync_dir(&self.dir);
         self.prune(version);
         Ok(verified)
