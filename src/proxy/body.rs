@@ -16,6 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::grpc::{Code, Status};
+use super::upstream::UpstreamBody;
 use crate::metrics::Metrics;
 
 /// A request body on its way to containerd.
@@ -109,7 +110,7 @@ impl Drop for CallRecord {
 pub enum ResponseBody {
     /// containerd's response stream. The `Arc<str>` names the upstream socket for the error trailers.
     Upstream {
-        body: Incoming,
+        body: UpstreamBody,
         upstream: Arc<str>,
         done: bool,
         record: Option<CallRecord>,
@@ -125,7 +126,7 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, upstream: Arc<str>, record: Option<CallRecord>) -> Self {
+    pub fn upstream(body: UpstreamBody, upstream: Arc<str>, record: Option<CallRecord>) -> Self {
         ResponseBody::Upstream {
             body,
             upstream,
@@ -137,13 +138,13 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = h2::Error;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
             ResponseBody::Buffered { data, trailers } => Poll::Ready(match data.take() {

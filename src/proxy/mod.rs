@@ -31,7 +31,7 @@ use crate::metrics::{self, Metrics};
 pub use body::{CallRecord, RequestBody, ResponseBody};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
-pub use upstream::{Upstream, UpstreamError};
+pub use upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// Which method paths are forwarded at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl Proxy {
         &self,
         req: Request<RequestBody>,
         method: usize,
-    ) -> Result<Response<Incoming>, Status> {
+    ) -> Result<Response<UpstreamBody>, Status> {
         let started = Instant::now();
         match self.upstream.send(req).await {
             Ok(resp) => {

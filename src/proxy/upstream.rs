@@ -1,20 +1,26 @@
 //! The containerd side of the proxy: one shared HTTP/2 connection over containerd's unix socket,
 //! opened lazily on the first call and opened again when containerd restarts.
 //!
-//! Every call clones the cached `SendRequest` handle (a channel sender) and sends on it; HTTP/2
-//! multiplexes all calls over the one connection. When the connection is found closed, one caller
-//! reconnects while the others wait for it (single flight), and a request that never left pullgate
-//! because the connection had just died is retried once on the new connection. While containerd is
-//! down, calls fail fast with an [`UpstreamError`] that names the socket; the daemon keeps running.
+//! It speaks HTTP/2 with the `h2` crate directly rather than through hyper's client: a CRI request is
+//! one small message, and `h2` lets pullgate queue its HEADERS and DATA frames together so they leave
+//! in one write — containerd is woken once per call, not twice — without a dispatch task per request.
+//!
+//! Every call clones the cached `SendRequest` handle; HTTP/2 multiplexes all calls over the one
+//! connection. When the connection is found closed, one caller reconnects while the others wait for it
+//! (single flight), and a request that never left because the connection had just died is retried
+//! once on the new connection. While containerd is down, calls fail fast with an [`UpstreamError`]
+//! that names the socket; the daemon keeps running.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body::{Body, Frame, SizeHint};
 use tokio::net::UnixStream;
 
 use super::body::RequestBody;
@@ -40,12 +46,18 @@ pub enum UpstreamError {
     Handshake {
         path: PathBuf,
         #[source]
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("HTTP/2 handshake with the upstream runtime at {} timed out", path.display())]
     HandshakeTimeout { path: PathBuf },
     #[error("the call to the upstream runtime at {} failed: {source}", path.display())]
     Call {
+        path: PathBuf,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("reading the request to forward to {} failed: {source}", path.display())]
+    Request {
         path: PathBuf,
         #[source]
         source: hyper::Error,
@@ -59,13 +71,62 @@ impl UpstreamError {
     }
 }
 
+/// A response body streamed from containerd, with flow-control capacity released as it is read.
+pub struct UpstreamBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if !self.data_done {
+            match self.recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => self.data_done = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match self.recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(t))) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+/// A live connection's request handle and whether its connection task is still running.
+#[derive(Clone)]
+struct Conn {
+    sender: h2::client::SendRequest<Bytes>,
+    alive: Arc<AtomicBool>,
+}
+
 /// A lazily connected, self-healing HTTP/2 client for containerd's socket.
 pub struct Upstream {
     path: PathBuf,
     /// The socket path as text, shared with response bodies for their error trailers.
     name: Arc<str>,
-    /// The live connection's request handle, if any. A plain mutex: held only to clone or replace.
-    cached: Mutex<Option<SendRequest<RequestBody>>>,
+    /// The live connection, if any. A plain mutex: held only to clone or replace.
+    cached: Mutex<Option<Conn>>,
     /// Serialises reconnects so a restart of containerd causes one handshake, not one per caller.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -91,77 +152,132 @@ impl Upstream {
 
     /// Whether a connection is open right now (without trying to open one).
     pub fn is_connected(&self) -> bool {
-        self.cached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|s| !s.is_closed())
+        self.current().is_some()
+    }
+
+    /// Opens the connection now (used for readiness checks and tests); a no-op if open.
+    pub async fn connect(&self) -> Result<(), UpstreamError> {
+        self.conn().await.map(|_| ())
     }
 
     /// Sends one request to containerd and returns its response head and streaming body.
     pub async fn send(
         &self,
         req: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = self.sender().await?;
-        match sender.try_send_request(req).await {
-            Ok(resp) => Ok(resp),
-            Err(mut e) => {
-                // The request never left (the connection was already gone): reconnect and retry once.
-                if let Some(req) = e.take_message() {
-                    self.invalidate(&sender);
-                    let mut sender = self.sender().await?;
-                    return sender
-                        .send_request(req)
-                        .await
-                        .map_err(|source| UpstreamError::Call {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let head = || {
+            let mut r = Request::new(());
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.headers_mut() = parts.headers.clone();
+            r
+        };
+        // The body's first frame is normally here already (a CRI request is one small message):
+        // take it now so it can leave in the same write as the headers.
+        let mut body = body;
+        let first = match &mut body {
+            RequestBody::Full(data) => data.take().map(Frame::data),
+            RequestBody::Stream(incoming) => {
+                match std::future::poll_fn(|cx| {
+                    Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))
+                })
+                .await
+                {
+                    Poll::Ready(Some(Ok(frame))) => Some(frame),
+                    Poll::Ready(Some(Err(source))) => {
+                        return Err(UpstreamError::Request {
                             path: self.path.clone(),
                             source,
                         });
+                    }
+                    Poll::Ready(None) | Poll::Pending => None,
                 }
-                Err(UpstreamError::Call {
-                    path: self.path.clone(),
-                    source: e.into_error(),
-                })
+            }
+        };
+        let rest_empty = body.is_end_stream();
+
+        let mut attempt = 0;
+        let (response, mut stream) = loop {
+            let conn = self.conn().await?;
+            let ready = conn.sender.clone().ready().await;
+            let sent =
+                ready.and_then(|mut s| s.send_request(head(), first.is_none() && rest_empty));
+            match sent {
+                Ok(pair) => break pair,
+                // The connection died before this request left: reconnect and retry once.
+                Err(_) if attempt == 0 => {
+                    attempt += 1;
+                    self.invalidate(&conn);
+                }
+                Err(source) => {
+                    self.invalidate(&conn);
+                    return Err(UpstreamError::Call {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
+        let call_err = |source| UpstreamError::Call {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(frame) = first {
+            match frame.into_data() {
+                Ok(data) => stream.send_data(data, rest_empty).map_err(call_err)?,
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream.send_trailers(trailers).map_err(call_err)?;
+                    }
+                }
             }
         }
+        if !rest_empty {
+            // A request that streams: pump the rest while the response is awaited.
+            tokio::spawn(pipe(body, stream));
+        }
+        let resp = response.await.map_err(call_err)?;
+        Ok(resp.map(|recv| UpstreamBody {
+            recv,
+            data_done: false,
+        }))
     }
 
-    /// Opens the connection now (used for readiness checks and tests); a no-op if open.
-    pub async fn connect(&self) -> Result<(), UpstreamError> {
-        self.sender().await.map(|_| ())
-    }
-
-    fn current(&self) -> Option<SendRequest<RequestBody>> {
+    fn current(&self) -> Option<Conn> {
         let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        cached.as_ref().filter(|s| !s.is_closed()).cloned()
+        cached
+            .as_ref()
+            .filter(|c| c.alive.load(Ordering::Acquire))
+            .cloned()
     }
 
-    async fn sender(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
-        if let Some(s) = self.current() {
-            return Ok(s);
+    async fn conn(&self) -> Result<Conn, UpstreamError> {
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
         let _guard = self.connecting.lock().await;
         // Someone else may have reconnected while we waited.
-        if let Some(s) = self.current() {
-            return Ok(s);
+        if let Some(c) = self.current() {
+            return Ok(c);
         }
-        let sender = self.handshake().await?;
-        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
-        Ok(sender)
+        let conn = self.handshake().await?;
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
     }
 
-    fn invalidate(&self, dead: &SendRequest<RequestBody>) {
+    fn invalidate(&self, dead: &Conn) {
+        dead.alive.store(false, Ordering::Release);
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         if cached
             .as_ref()
-            .is_some_and(|s| s.is_closed() || dead.is_closed())
+            .is_some_and(|c| Arc::ptr_eq(&c.alive, &dead.alive))
         {
             *cached = None;
         }
     }
 
-    async fn handshake(&self) -> Result<SendRequest<RequestBody>, UpstreamError> {
+    async fn handshake(&self) -> Result<Conn, UpstreamError> {
         let stream =
             UnixStream::connect(&self.path)
                 .await
@@ -169,11 +285,11 @@ impl Upstream {
                     path: self.path.clone(),
                     source,
                 })?;
-        let handshake = http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_header_list_size(1024 * 1024)
-            .handshake(TokioIo::new(stream));
+            .handshake::<_, Bytes>(stream);
         let (sender, conn) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
             .await
             .map_err(|_| UpstreamError::HandshakeTimeout {
@@ -183,14 +299,44 @@ impl Upstream {
                 path: self.path.clone(),
                 source,
             })?;
-        let name = self.name.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (name, flag) = (self.name.clone(), alive.clone());
         tokio::spawn(async move {
-            match conn.await {
+            let result = conn.await;
+            flag.store(false, Ordering::Release);
+            match result {
                 Ok(()) => tracing::info!(upstream = %name, "upstream connection closed"),
                 Err(e) => tracing::warn!(upstream = %name, error = %e, "upstream connection lost"),
             }
         });
         tracing::info!(upstream = %self.name, "connected to upstream runtime");
-        Ok(sender)
+        Ok(Conn { sender, alive })
+    }
+}
+
+/// Forwards the rest of a streaming request body; resets the stream if the client's body breaks.
+async fn pipe(mut body: RequestBody, mut stream: h2::SendStream<Bytes>) {
+    use http_body_util::BodyExt;
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                let eos = body.is_end_stream();
+                let sent = match frame.into_data() {
+                    Ok(data) => stream.send_data(data, eos),
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(t) => return drop(stream.send_trailers(t)),
+                        Err(_) => Ok(()),
+                    },
+                };
+                if sent.is_err() || eos {
+                    return;
+                }
+            }
+            Some(Err(_)) => return stream.send_reset(h2::Reason::CANCEL),
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+        }
     }
 }
