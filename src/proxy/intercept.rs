@@ -212,9 +212,9 @@ impl Handler for ImageLogger {
             Some(Ok(c)) => {
                 tracing::debug!(
                     method = call.method,
-                    image = %c.image,
-                    pod_namespace = c.pod_namespace.as_deref().unwrap_or(""),
-                    pod_name = c.pod_name.as_deref().unwrap_or(""),
+                    image = ?c.image,
+                    pod_namespace = ?c.pod_namespace.as_deref().unwrap_or(""),
+                    pod_name = ?c.pod_name.as_deref().unwrap_or(""),
                     "image call"
                 );
                 Verdict::Forward
