@@ -346,13 +346,13 @@ impl Enforcer {
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
             PolicyVerdict::Allow => {
-                tracing::debug!(method, image = ?d.image, pulled, reason = %d.reason, "allowed")
+                tracing::debug!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, "allowed")
             }
             PolicyVerdict::Warn => {
-                tracing::warn!(method, image = ?d.image, reason = %d.reason, message = %d.message, "would deny (warn mode)")
+                tracing::warn!(method, image = ?d.image, reason = %d.reason, message = ?d.message, "would deny (warn mode)")
             }
             PolicyVerdict::Deny => {
-                tracing::info!(method, image = ?d.image, reason = %d.reason, message = %d.message, "denied")
+                tracing::info!(method, image = ?d.image, reason = %d.reason, message = ?d.message, "denied")
             }
         }
         let Some(audit) = &self.audit else { return };
