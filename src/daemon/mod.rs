@@ -329,10 +329,17 @@ fn spawn_signal_handler(tx: mpsc::Sender<Control>) -> std::io::Result<()> {
 
 /// Installs the global `tracing` subscriber. `PULLGATE_LOG` overrides the configured filter.
 pub fn init_logging(config: &Config) {
-    let filter = std::env::var("PULLGATE_LOG")
-        .ok()
-        .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let from_env = std::env::var("PULLGATE_LOG").ok().and_then(|f| {
+        tracing_subscriber::EnvFilter::try_new(&f)
+            .map_err(|e| {
+                eprintln!(
+                    "pullgate: ignoring PULLGATE_LOG={f:?} ({e}); using log.level {:?} from the configuration",
+                    config.log.level
+                )
+            })
+            .ok()
+    });
+    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -288,24 +288,7 @@ impl Node {
     pub async fn ready(&self) -> Result<(), String> {
         self.upstream.connect().await.map_err(|e| e.to_string())?;
         self.metrics.set_upstream_up(true);
-        match self.state.current() {
-            None => Err(self
-                .state
-                .problem()
-                .unwrap_or_else(|| "no valid bundle".into())),
-            Some(b)
-                if OffsetDateTime::now_utc()
-                    > b.expires_at
-                        + time::Duration::try_from(self.config.policy.expiry_grace)
-                            .unwrap_or(time::Duration::MAX) =>
-            {
-                Err(format!(
-                    "bundle v{} expired and its grace period has passed",
-                    b.version
-                ))
-            }
-            Some(_) => Ok(()),
-        }
+        self.state.usable(OffsetDateTime::now_utc()).map(|_| ())
     }
 
     /// What `pullgate status` shows, as JSON.

@@ -112,28 +112,36 @@ impl PolicyState {
         pod: &PodContext,
         now: OffsetDateTime,
     ) -> Decision {
-        let d = match self.current() {
-            None => policy::decide_without_bundle(req, self.problem().as_deref()),
-            Some(b) if now > b.expires_at => {
-                let over = now - b.expires_at;
-                let grace =
-                    time::Duration::try_from(self.expiry_grace).unwrap_or(time::Duration::MAX);
-                if over > grace {
-                    let why = format!(
-                        "the installed bundle v{} expired at {} and the {} grace period has passed",
-                        b.version,
-                        b.expires_at_string(),
-                        humantime::format_duration(self.expiry_grace)
-                    );
-                    policy::decide_without_bundle(req, Some(&why))
-                } else {
+        let d = match self.usable(now) {
+            Ok(b) => {
+                if now > b.expires_at {
                     self.warn_expired(&b, now);
-                    policy::decide(req, &b, pod)
                 }
+                policy::decide(req, &b, pod)
             }
-            Some(b) => policy::decide(req, &b, pod),
+            Err(why) => policy::decide_without_bundle(req, Some(&why)),
         };
         self.apply_mode(d)
+    }
+
+    /// The bundle to enforce at `now`: the one in force, or — once it expired more than
+    /// `expiry_grace` ago, or when there is none — why pulls and starts fail closed.
+    pub fn usable(&self, now: OffsetDateTime) -> Result<Arc<VerifiedBundle>, String> {
+        let Some(b) = self.current() else {
+            return Err(self
+                .problem()
+                .unwrap_or_else(|| "no bundle has been installed".into()));
+        };
+        let grace = time::Duration::try_from(self.expiry_grace).unwrap_or(time::Duration::MAX);
+        if now > b.expires_at && now - b.expires_at > grace {
+            return Err(format!(
+                "the installed bundle v{} expired at {} and the {} grace period has passed",
+                b.version,
+                b.expires_at_string(),
+                humantime::format_duration(self.expiry_grace)
+            ));
+        }
+        Ok(b)
     }
 
     fn apply_mode(&self, mut d: Decision) -> Decision {

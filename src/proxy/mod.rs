@@ -86,12 +86,7 @@ impl Proxy {
         intercepts: InterceptTable,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Proxy {
-            upstream,
-            intercepts,
-            metrics,
-            reach: Reach::Cri,
-        })
+        Proxy::with_reach(upstream, intercepts, metrics, Reach::Cri)
     }
 
     /// The same proxy with a different forwarding reach.

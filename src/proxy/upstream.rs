@@ -166,13 +166,6 @@ impl Upstream {
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let (parts, body) = req.into_parts();
-        let head = || {
-            let mut r = Request::new(());
-            *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = parts.uri.clone();
-            *r.headers_mut() = parts.headers.clone();
-            r
-        };
         // The body's first frame is normally here already (a CRI request is one small message):
         // take it now so it can leave in the same write as the headers.
         let mut body = body;
@@ -197,28 +190,19 @@ impl Upstream {
         };
         let rest_empty = body.is_end_stream();
 
-        let mut attempt = 0;
-        let (response, mut stream) = loop {
-            let conn = self.conn().await?;
-            let ready = conn.sender.clone().ready().await;
-            let sent =
-                ready.and_then(|mut s| s.send_request(head(), first.is_none() && rest_empty));
-            match sent {
-                Ok(pair) => break pair,
-                // The connection died before this request left: reconnect and retry once.
-                Err(_) if attempt == 0 => {
-                    attempt += 1;
-                    self.invalidate(&conn);
-                }
-                Err(source) => {
-                    self.invalidate(&conn);
-                    return Err(UpstreamError::Call {
-                        path: self.path.clone(),
-                        source,
-                    });
-                }
-            }
+        // A ready handle; if the cached connection turns out dead, reconnect and try once more
+        // (the request has not left yet).
+        let mut sender = match self.ready_sender().await {
+            Ok(s) => s,
+            Err(_) => self.ready_sender().await?,
         };
+        let eos = first.is_none() && rest_empty;
+        let (response, mut stream) = sender
+            .send_request(Request::from_parts(parts, ()), eos)
+            .map_err(|source| UpstreamError::Call {
+                path: self.path.clone(),
+                source,
+            })?;
         let call_err = |source| UpstreamError::Call {
             path: self.path.clone(),
             source,
@@ -242,6 +226,22 @@ impl Upstream {
             recv,
             data_done: false,
         }))
+    }
+
+    /// A request handle whose connection has room for one more stream; a dead connection is
+    /// dropped from the cache so the next attempt reconnects.
+    async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, UpstreamError> {
+        let conn = self.conn().await?;
+        match conn.sender.clone().ready().await {
+            Ok(s) => Ok(s),
+            Err(source) => {
+                self.invalidate(&conn);
+                Err(UpstreamError::Call {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        }
     }
 
     fn current(&self) -> Option<Conn> {
