@@ -4,6 +4,11 @@
 //! Prints sequential latency (median, p99) and throughput with 16 concurrent callers for both paths,
 //! and the ratios. Direct and proxied rounds alternate so that machine noise hits both alike.
 //!
+//! A third path measures the floor any separate-process proxy pays on this machine: a *null relay*,
+//! this benchmark binary re-executed as a process that copies bytes between the client's and the
+//! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
+//! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
+//!
 //! Run: `cargo bench --bench proxy` (env: `BENCH_CALLS` per round, default 2000; `BENCH_ROUNDS`,
 //! default 5; `BENCH_SECS` per throughput round, default 2). With `BENCH_UPSTREAM=/path/to/socket`
 //! (e.g. a real containerd's CRI socket) the passthrough part runs against that upstream instead of
@@ -49,6 +54,53 @@ impl Drop for Proc {
     }
 }
 
+/// Environment variable that turns this binary into the null relay: `LISTEN_SOCKET:UPSTREAM_SOCKET`.
+const RELAY_ENV: &str = "PULLGATE_BENCH_RELAY";
+
+/// The null relay's body: one thread, one tokio runtime, bytes copied both ways per connection.
+fn run_relay(spec: &str) -> ! {
+    let (listen, upstream) = spec.split_once(':').expect("LISTEN:UPSTREAM");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::UnixListener::bind(listen).expect("relay binds");
+        loop {
+            let (mut down, _) = listener.accept().await.expect("relay accepts");
+            let upstream = upstream.to_owned();
+            tokio::spawn(async move {
+                let mut up = tokio::net::UnixStream::connect(&upstream)
+                    .await
+                    .expect("relay connects upstream");
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            });
+        }
+    });
+    unreachable!("the relay runs until killed")
+}
+
+fn start_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
+    let listen = dir.join("null-relay.sock");
+    let child = Command::new(std::env::current_exe().unwrap())
+        .env(
+            RELAY_ENV,
+            format!("{}:{}", listen.display(), upstream.display()),
+        )
+        .spawn()
+        .expect("spawn the null relay");
+    wait_for_socket(&listen, "the null relay");
+    (Proc(child), listen)
+}
+
+fn wait_for_socket(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Proc, PathBuf) {
     let listen = dir.join(format!("pullgate-{name}.sock"));
     let config = dir.join(format!("config-{name}.toml"));
@@ -77,11 +129,7 @@ fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Pro
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn pullgate");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !listen.exists() {
-        assert!(Instant::now() < deadline, "pullgate did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(&listen, "pullgate");
     (Proc(child), listen)
 }
 
@@ -260,6 +308,24 @@ async fn throughput(ch: &Channel, m: Method, callers: usize, secs: u64) -> (f64,
     (total as f64 / start.elapsed().as_secs_f64(), total)
 }
 
+/// (median, p99) in µs of the three paths measured in one run.
+struct Latency {
+    direct: (f64, f64),
+    relay: (f64, f64),
+    via: (f64, f64),
+}
+
+impl Latency {
+    fn of(d: &mut [Duration], r: &mut [Duration], v: &mut [Duration]) -> Self {
+        let both = |x: &mut [Duration]| (pct(x, 0.5), pct(x, 0.99));
+        Latency {
+            direct: both(d),
+            relay: both(r),
+            via: both(v),
+        }
+    }
+}
+
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -267,6 +333,9 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var(RELAY_ENV) {
+        run_relay(&spec);
+    }
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special: run briefly then.
     let quick = !std::env::args().any(|a| a == "--bench");
     let calls = if quick {
@@ -324,42 +393,92 @@ fn main() {
         "rounds = {rounds}, calls per round = {calls}, throughput rounds = {secs}s with 16 callers\n"
     );
 
+    let (relay, relay_listen) = start_relay(dir.path(), &upstream_path);
+    let relay_pid = relay.0.id();
+
     rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
+        let null = cri_channel(&relay_listen).await;
         let via = cri_channel(&listen).await;
-        for (label, m) in [("Version (forwarded)", Method::Version), ("ImageStatus (intercepted)", Method::ImageStatus)] {
-            // Warm up both paths.
+        let passthrough = [
+            ("Version (forwarded)", Method::Version),
+            ("ImageStatus (intercepted)", Method::ImageStatus),
+        ];
+        for (label, m) in passthrough {
+            // Warm up every path.
             let mut sink = Vec::new();
-            latencies(&direct, m, calls / 4, &mut sink).await;
-            latencies(&via, m, calls / 4, &mut sink).await;
-            let (mut d, mut v) = (Vec::new(), Vec::new());
-            let mut seq_cpu = Duration::ZERO;
+            for ch in [&direct, &null, &via] {
+                latencies(ch, m, calls / 4, &mut sink).await;
+            }
+            let (mut d, mut r, mut v) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut relay_cpu, mut pg_cpu) = (Duration::ZERO, Duration::ZERO);
             for _ in 0..rounds {
                 latencies(&direct, m, calls, &mut d).await;
+                let cpu0 = cpu_time(relay_pid);
+                latencies(&null, m, calls, &mut r).await;
+                relay_cpu += cpu_time(relay_pid) - cpu0;
                 let cpu0 = cpu_time(pg_pid);
                 latencies(&via, m, calls, &mut v).await;
-                seq_cpu += cpu_time(pg_pid) - cpu0;
+                pg_cpu += cpu_time(pg_pid) - cpu0;
             }
-            let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
-            let (d99, v99) = (pct(&mut d, 0.99), pct(&mut v, 0.99));
-            let seq_cpu = seq_cpu.as_secs_f64() * 1e6 / (calls * rounds) as f64;
-            let (mut dt, mut vt) = (0.0, 0.0);
+            let per_call = |cpu: Duration, n: u64| cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
+            let seq = Latency::of(&mut d, &mut r, &mut v);
+            let (relay_seq_cpu, pg_seq_cpu) = (
+                per_call(relay_cpu, calls * rounds),
+                per_call(pg_cpu, calls * rounds),
+            );
+            let throughput_rounds = rounds.min(3);
+            let (mut dt, mut rt_, mut vt) = (0.0, 0.0, 0.0);
+            let (mut relay_calls, mut relay_cpu) = (0u64, Duration::ZERO);
             let (mut via_calls, mut via_cpu) = (0u64, Duration::ZERO);
-            for _ in 0..rounds.min(3) {
+            for _ in 0..throughput_rounds {
                 dt += throughput(&direct, m, 16, secs).await.0;
+                let cpu0 = cpu_time(relay_pid);
+                let (rate, n) = throughput(&null, m, 16, secs).await;
+                relay_cpu += cpu_time(relay_pid) - cpu0;
+                relay_calls += n;
+                rt_ += rate;
                 let cpu0 = cpu_time(pg_pid);
                 let (rate, n) = throughput(&via, m, 16, secs).await;
                 via_cpu += cpu_time(pg_pid) - cpu0;
                 via_calls += n;
                 vt += rate;
             }
+            let n = throughput_rounds as f64;
+            let (dt, rt_, vt) = (dt / n, rt_ / n, vt / n);
             println!("{label}");
-            println!("  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs  ratio {:.2}", v50 - d50, v50 / d50);
-            println!("  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs", v99 - d99);
-            println!("  throughput x16: direct {dt:8.0} /s  via pullgate {vt:8.0} /s  ratio {:.2}", vt / dt);
-println!(
-                "  pullgate CPU per call: {seq_cpu:.1} µs sequential, {:.1} µs under load (16 callers)",
-                via_cpu.as_secs_f64() * 1e6 / via_calls.max(1) as f64
+            println!(
+                "  latency median: direct {:7.1} µs | null relay {:7.1} µs (added {:5.1}, ratio {:.2}) | pullgate {:7.1} µs (added {:5.1}, ratio {:.2})",
+                seq.direct.0,
+                seq.relay.0,
+                seq.relay.0 - seq.direct.0,
+                seq.relay.0 / seq.direct.0,
+                seq.via.0,
+                seq.via.0 - seq.direct.0,
+                seq.via.0 / seq.direct.0
+            );
+            println!(
+                "  latency p99:    direct {:7.1} µs | null relay {:7.1} µs (added {:5.1})              | pullgate {:7.1} µs (added {:5.1})",
+                seq.direct.1,
+                seq.relay.1,
+                seq.relay.1 - seq.direct.1,
+                seq.via.1,
+                seq.via.1 - seq.direct.1
+            );
+            println!(
+                "  throughput x16: direct {dt:7.0} /s | null relay {rt_:7.0} /s (ratio {:.2})               | pullgate {vt:7.0} /s (ratio {:.2})",
+                rt_ / dt,
+                vt / dt
+            );
+            println!(
+                "  pullgate over the null relay: added median {:.1} µs, throughput ratio {:.2}",
+                seq.via.0 - seq.relay.0,
+                vt / rt_
+            );
+            println!(
+                "  CPU per call: null relay {relay_seq_cpu:.1} µs sequential, {:.1} µs under load | pullgate {pg_seq_cpu:.1} µs sequential, {:.1} µs under load",
+                per_call(relay_cpu, relay_calls),
+                per_call(via_cpu, via_calls)
             );
             println!();
         }
@@ -367,6 +486,7 @@ println!(
     println!(
         "targets: added median <= 50 µs (ratio <= 1.25), added p99 <= 150 µs, throughput ratio >= 0.8"
     );
+    drop(relay);
     drop(pg);
     if real_upstream.is_some() {
         return;

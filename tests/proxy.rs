@@ -389,6 +389,74 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     pg.stop().await;
 }
 
+/// grpc-go and tonic often end a unary request with an empty DATA frame that only carries END_STREAM.
+/// pullgate forwards such a request as one DATA frame with END_STREAM on it, so containerd gets the
+/// whole call in one write and no task has to pump a remainder. (Single-threaded runtime: the
+/// client's three frames leave in one write, as a real client's do.)
+#[tokio::test]
+async fn a_buffered_request_leaves_as_one_data_frame_with_end_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_path = dir.path().join("raw.sock");
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "application/grpc".parse().unwrap());
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let raw = RawUpstream::serve(
+        &upstream_path,
+        Script {
+            headers,
+            chunks: Vec::new(),
+            trailers: Some(trailers),
+            echo: true,
+        },
+    );
+    let pg = Pullgate::start(dir.path(), &upstream_path, Duration::from_secs(1));
+
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let msg = frame(
+        &cri::VersionRequest {
+            version: "v1".into(),
+        }
+        .encode_to_vec(),
+    );
+    for round in 0..3 {
+        let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Version")
+            .body(())
+            .unwrap();
+        *req.headers_mut() = grpc_headers();
+        let (resp, mut body) = client.send_request(req, false).unwrap();
+        body.send_data(msg.clone(), false).unwrap();
+        body.send_data(Bytes::new(), true).unwrap();
+        let mut resp = resp.await.unwrap().into_body();
+        let mut echoed = Vec::new();
+        while let Some(d) = resp.data().await {
+            let d = d.unwrap();
+            let _ = resp.flow_control().release_capacity(d.len());
+            echoed.extend_from_slice(&d);
+        }
+        let t = resp.trailers().await.unwrap().expect("trailers");
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(echoed, msg, "round {round}: echo");
+
+        let got = raw
+            .recorded
+            .lock()
+            .unwrap()
+            .pop()
+            .expect("upstream saw the call");
+        assert_eq!(got.body, msg, "round {round}: request bytes changed");
+        assert_eq!(
+            got.data_frames,
+            vec![msg.len()],
+            "round {round}: the request should reach the upstream as one DATA frame carrying END_STREAM"
+        );
+    }
+    pg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_calls() {
     let dir = tempfile::tempdir().unwrap();

@@ -165,30 +165,17 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, body) = req.into_parts();
-        // The body's first frame is normally here already (a CRI request is one small message):
-        // take it now so it can leave in the same write as the headers.
-        let mut body = body;
-        let first = match &mut body {
-            RequestBody::Full(data) => data.take().map(Frame::data),
-            RequestBody::Stream(incoming) => {
-                match std::future::poll_fn(|cx| {
-                    Poll::Ready(Pin::new(&mut *incoming).poll_frame(cx))
-                })
-                .await
-                {
-                    Poll::Ready(Some(Ok(frame))) => Some(frame),
-                    Poll::Ready(Some(Err(source))) => {
-                        return Err(UpstreamError::Request {
-                            path: self.path.clone(),
-                            source,
-                        });
-                    }
-                    Poll::Ready(None) | Poll::Pending => None,
-                }
-            }
-        };
-        let rest_empty = body.is_end_stream();
+        let (parts, mut body) = req.into_parts();
+        // A CRI request is one small message, normally already here in full — often as a DATA frame
+        // followed by an empty DATA frame that only carries END_STREAM. Take what is buffered now so
+        // it leaves in the same write as the headers, with END_STREAM on it, and no task is needed
+        // to pump the rest.
+        let ready = ready_frames(&mut body)
+            .await
+            .map_err(|source| UpstreamError::Request {
+                path: self.path.clone(),
+                source,
+            })?;
 
         // A ready handle; if the cached connection turns out dead, reconnect and try once more
         // (the request has not left yet).
@@ -196,9 +183,9 @@ impl Upstream {
             Ok(s) => s,
             Err(_) => self.ready_sender().await?,
         };
-        let eos = first.is_none() && rest_empty;
+        let headers_end = ready.frames.is_empty() && ready.ended;
         let (response, mut stream) = sender
-            .send_request(Request::from_parts(parts, ()), eos)
+            .send_request(Request::from_parts(parts, ()), headers_end)
             .map_err(|source| UpstreamError::Call {
                 path: self.path.clone(),
                 source,
@@ -207,9 +194,12 @@ impl Upstream {
             path: self.path.clone(),
             source,
         };
-        if let Some(frame) = first {
+        let last = ready.frames.len().saturating_sub(1);
+        for (i, frame) in ready.frames.into_iter().enumerate() {
             match frame.into_data() {
-                Ok(data) => stream.send_data(data, rest_empty).map_err(call_err)?,
+                Ok(data) => stream
+                    .send_data(data, ready.ended && i == last)
+                    .map_err(call_err)?,
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         stream.send_trailers(trailers).map_err(call_err)?;
@@ -217,7 +207,7 @@ impl Upstream {
                 }
             }
         }
-        if !rest_empty {
+        if !ready.ended {
             // A request that streams: pump the rest while the response is awaited.
             tokio::spawn(pipe(body, stream));
         }
@@ -312,6 +302,42 @@ impl Upstream {
         tracing::info!(upstream = %self.name, "connected to upstream runtime");
         Ok(Conn { sender, alive })
     }
+}
+
+/// The request frames that were already buffered when the call was forwarded.
+struct ReadyFrames {
+    /// Non-empty DATA frames and, last if present, the trailers.
+    frames: Vec<Frame<Bytes>>,
+    /// Whether the body ended within them: nothing is left to pump.
+    ended: bool,
+}
+
+/// At most this many frames are taken up front; a longer body streams through [`pipe`].
+const READY_FRAMES: usize = 4;
+
+/// Takes the request frames that can be had without waiting. Empty DATA frames are dropped: they
+/// carry nothing but (at most) END_STREAM, which `ended` records and the last frame sent carries.
+async fn ready_frames(body: &mut RequestBody) -> Result<ReadyFrames, hyper::Error> {
+    let mut frames = Vec::new();
+    let mut ended = body.is_end_stream();
+    while !ended && frames.len() < READY_FRAMES {
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await;
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                let is_trailers = frame.is_trailers();
+                if frame.data_ref().is_none_or(|d| !d.is_empty()) {
+                    frames.push(frame);
+                }
+                // Trailers end a body whatever the stream state says.
+                ended = is_trailers || body.is_end_stream();
+            }
+            Poll::Ready(Some(Err(e))) => return Err(e),
+            Poll::Ready(None) => ended = true,
+            Poll::Pending => break,
+        }
+    }
+    Ok(ReadyFrames { frames, ended })
 }
 
 /// Forwards the rest of a streaming request body; resets the stream if the client's body breaks.

@@ -498,6 +498,8 @@ pub struct Recorded {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub trailers: Option<HeaderMap>,
+    /// The length of every DATA frame as it arrived, empty ones (END_STREAM carriers) included.
+    pub data_frames: Vec<usize>,
 }
 
 /// The scripted answer of the raw upstream.
@@ -542,15 +544,25 @@ impl RawUpstream {
                         let rec = rec.clone();
                         let script = script.clone();
                         async move {
-                            let (parts, body) = req.into_parts();
-                            let collected = body.collect().await.expect("collect request");
-                            let trailers = collected.trailers().cloned();
-                            let body = collected.to_bytes();
+                            let (parts, mut body) = req.into_parts();
+                            let (mut data, mut trailers, mut data_frames) =
+                                (Vec::new(), None, Vec::new());
+                            while let Some(frame) = body.frame().await {
+                                match frame.expect("read request").into_data() {
+                                    Ok(d) => {
+                                        data_frames.push(d.len());
+                                        data.extend_from_slice(&d);
+                                    }
+                                    Err(f) => trailers = f.into_trailers().ok(),
+                                }
+                            }
+                            let body = Bytes::from(data);
                             rec.lock().unwrap().push(Recorded {
                                 uri: parts.uri,
                                 headers: parts.headers,
                                 body: body.clone(),
                                 trailers,
+                                data_frames,
                             });
                             let chunks = if script.echo {
                                 vec![body]
