@@ -1,7 +1,7 @@
 //! Proxy overhead benchmark: unary CRI calls made directly to a fake CRI upstream and through a real
 //! `pullgate serve` process in front of the same upstream, in one run.
 //!
-//! Prints sequential latency (median, p99) and throughput with 16 concurrent callers for both paths,
+//! Prints sequential latency (median, p99) and throughput with 16 concurrent callers for each path,
 //! and the ratios. Direct and proxied rounds alternate so that machine noise hits both alike.
 //!
 //! A third path measures the floor any separate-process proxy pays on this machine: a *null relay*,
@@ -223,6 +223,26 @@ fn app_digest(i: usize) -> String {
     format!("sha256:{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15 + 1)
 }
 
+/// The two bundle signing keys of the benchmark.
+fn signing_keys() -> (PrivateKey, PrivateKey) {
+    (
+        PrivateKey::from_seed([1; 32]),
+        PrivateKey::from_seed([2; 32]),
+    )
+}
+
+/// Writes the trust file (2 of the 2 signing keys) to `path` and returns its text.
+fn write_trust(path: &Path) -> String {
+    let (a, c) = signing_keys();
+    let trust_toml = format!(
+        "threshold = 2\n[[keys]]\nname = \"a\"\npublic_key = \"{}\"\n[[keys]]\nname = \"c\"\npublic_key = \"{}\"\n",
+        a.public(),
+        c.public()
+    );
+    std::fs::write(path, &trust_toml).unwrap();
+    trust_toml
+}
+
 /// A signed 100,000-image bundle installed into `state`, with the trust file at `trust`.
 fn install_big_bundle(state: &Path, trust: &Path) -> usize {
     use std::fmt::Write as _;
@@ -252,20 +272,11 @@ fn install_big_bundle(state: &Path, trust: &Path) -> usize {
         .unwrap();
     }
     b.push_str("]}");
-    let (a, c) = (
-        PrivateKey::from_seed([1; 32]),
-        PrivateKey::from_seed([2; 32]),
-    );
+    let (a, c) = signing_keys();
     let mut sigs = SignatureFile::new();
     sigs.add(a.sign_bundle(b.as_bytes()));
     sigs.add(c.sign_bundle(b.as_bytes()));
-    let trust_toml = format!(
-        "threshold = 2\n[[keys]]\nname = \"a\"\npublic_key = \"{}\"\n[[keys]]\nname = \"c\"\npublic_key = \"{}\"\n",
-        a.public(),
-        c.public()
-    );
-    std::fs::write(trust, &trust_toml).unwrap();
-    let t = pullgate::policy::Trust::from_toml(&trust_toml).unwrap();
+    let t = pullgate::policy::Trust::from_toml(&write_trust(trust)).unwrap();
     BundleStore::new(state)
         .install(
             b.as_bytes(),
@@ -379,6 +390,8 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // The passthrough pullgate has a trust file but no bundle: nothing is decided, everything forwarded.
+    write_trust(&dir.path().join("trust.toml"));
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "passthrough");
     let pg_pid = pg.0.id();
     println!(
