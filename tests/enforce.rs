@@ -722,6 +722,72 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     env.stop().await;
 }
 
+/// Cached start decisions are shared by pods of one scope whatever their other labels, and are not
+/// used once the bundle is past its expiry grace: a cached image then fails closed like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_starts_are_per_scope_and_end_with_the_bundle() {
+    let env = Env::start(false, NodeMode::Enforce, |c, _| {
+        c.policy.expiry_grace = Duration::ZERO;
+    })
+    .await;
+    let lifetime = time::Duration::seconds(3);
+    let b = bundle_json(1, &digest(1), lifetime);
+    let expires = std::time::Instant::now() + Duration::from_secs(3);
+    let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
+    drop_bundle(&env.dir, "v1", &b, &s);
+    env.node.poll_drop_dir();
+    assert_eq!(env.node.state.current().map(|b| b.version), Some(1));
+
+    let image = digest(0xb1);
+    let repo_digest = pinned("busybox", &digest(1));
+    put_manifest(&env.fake.observed, &digest(1), &image);
+    env.fake.observed.images.lock().unwrap().insert(
+        image.clone(),
+        cri::Image {
+            id: image.clone(),
+            repo_digests: vec![repo_digest],
+            ..Default::default()
+        },
+    );
+    let create = |pod_hash: &str| {
+        let mut sandbox = pull_request("x", "checkout").sandbox_config.unwrap();
+        sandbox
+            .labels
+            .insert("pod-template-hash".into(), pod_hash.into());
+        cri::CreateContainerRequest {
+            pod_sandbox_id: "sb".into(),
+            config: Some(cri::ContainerConfig {
+                image: Some(cri::ImageSpec {
+                    image: image.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox),
+        }
+    };
+    let mut rt = env.runtime().await;
+    rt.create_container(create("aaaa")).await.unwrap();
+    let lookups = env.fake.observed.image_statuses.lock().unwrap().len();
+    rt.create_container(create("bbbb")).await.unwrap();
+    assert_eq!(
+        env.fake.observed.image_statuses.lock().unwrap().len(),
+        lookups,
+        "a pod of the same scope with other labels uses the cached decision"
+    );
+
+    tokio::time::sleep_until((expires + Duration::from_millis(1200)).into()).await;
+    let e = rt.create_container(create("aaaa")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("grace period has passed"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 2);
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_bundle_pulls_and_starts_fail_closed_and_the_rest_works() {
     let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;

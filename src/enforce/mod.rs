@@ -572,12 +572,16 @@ impl Enforcer {
         pod: &PodContext,
         started: Instant,
     ) -> Result<(Decision, Option<String>), Status> {
-        let version = self.state.current().map(|b| b.version);
+        let now = OffsetDateTime::now_utc();
         // Only an image ID names immutable content (its config fixes every layer), so only decisions
-        // about IDs are cached; a name can be re-tagged to other content at any time.
-        let key = version
+        // about IDs are cached; a name can be re-tagged to other content at any time. The cache is
+        // consulted only while the bundle is usable, so an expired bundle fails closed here too.
+        let key = self
+            .state
+            .usable(now)
+            .ok()
             .filter(|_| names::is_image_id(image))
-            .map(|v| start_key(image, v, pod));
+            .map(|b| start_key(image, &b, pod));
         if let Some(k) = &key {
             let cached = self
                 .allowed_starts
@@ -619,7 +623,7 @@ impl Enforcer {
                 repo_digests: &repo_digests,
             },
             pod,
-            OffsetDateTime::now_utc(),
+            now,
         );
         self.record("CreateContainer", &d, pod, None, started);
         if d.verdict == PolicyVerdict::Allow {
@@ -645,11 +649,10 @@ impl Enforcer {
             Ok(None) => return Err("containerd did not report its sandbox image (Status.info[\"config\"].sandboxImage)".into()),
             Err(s) => return Err(format!("cannot read containerd's CRI configuration: {}", s.message)),
         };
-        let Some(bundle) = self.state.current() else {
-            return Err(format!(
-                "sandbox image {image} cannot be checked: no valid bundle is installed"
-            ));
-        };
+        let bundle = self
+            .state
+            .usable(OffsetDateTime::now_utc())
+            .map_err(|why| format!("sandbox image {image} cannot be checked: {why}"))?;
         let d = policy::decide(
             &ImageRequest::Reference(&image),
             &bundle,
@@ -689,18 +692,13 @@ impl Handler for Enforcer {
     }
 }
 
-fn start_key(image: &str, version: u64, pod: &PodContext) -> String {
-    let mut k = format!(
-        "{image}\0{version}\0{}\0",
-        pod.namespace.as_deref().unwrap_or("")
-    );
-    for (key, value) in &pod.labels {
-        k.push_str(key);
-        k.push('=');
-        k.push_str(value);
-        k.push('\0');
-    }
-    k
+/// The start cache's key: what an allowed start decision depends on — the image ID, the bundle and
+/// the pod's scope in it (not the pod's other labels, which vary per pod).
+fn start_key(image: &str, bundle: &VerifiedBundle, pod: &PodContext) -> String {
+    let scope = bundle.scopes().pod_scope(pod.namespace.as_deref(), |k| {
+        pod.labels.get(k).map(String::as_str)
+    });
+    format!("{image}\0{}\0{scope}", bundle.version)
 }
 
 /// A container-start denial that names the image as the pod spec does.
