@@ -385,11 +385,12 @@ impl Config {
         let duration = |key: &'static str,
                         v: Option<String>,
                         default: Duration,
+                        max: Duration,
                         expected: &'static str| match v {
             None => Ok(default),
             Some(s) => humantime::parse_duration(&s)
                 .ok()
-                .filter(|d| !d.is_zero())
+                .filter(|d| !d.is_zero() && *d <= max)
                 .ok_or_else(|| invalid(key, &s, expected)),
         };
         let policy = PolicyConfig {
@@ -410,13 +411,15 @@ impl Config {
                 "policy.drop_poll",
                 p.drop_poll,
                 defaults.policy.drop_poll,
-                "a non-zero duration such as \"5s\"",
+                Duration::from_secs(3600),
+                "a non-zero duration of at most 1h, such as \"5s\"",
             )?,
             expiry_grace: duration(
                 "policy.expiry_grace",
                 p.expiry_grace,
                 defaults.policy.expiry_grace,
-                "a non-zero duration such as \"72h\"",
+                Duration::from_secs(30 * 86400),
+                "a non-zero duration of at most 30 days, such as \"72h\" (past it, pulls and starts fail closed)",
             )?,
             sandbox_image: match p.sandbox_image.as_deref() {
                 None | Some("warn") => SandboxImageCheck::Warn,
@@ -733,6 +736,8 @@ mod tests {
             ("[policy]\nmode = \"audit\"", "policy.mode"),
             ("[policy]\ntrust = \"trust.toml\"", "policy.trust"),
             ("[policy]\ndrop_poll = \"0s\"", "policy.drop_poll"),
+            ("[policy]\ndrop_poll = \"2h\"", "policy.drop_poll"),
+            ("[policy]\nexpiry_grace = \"100y\"", "policy.expiry_grace"),
             (
                 "[policy]\nsandbox_image = \"ignore\"",
                 "policy.sandbox_image",

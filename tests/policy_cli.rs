@@ -250,6 +250,22 @@ fn explain_text_and_invalid_bundle() {
         v["message"].as_str().unwrap().contains("no signatures"),
         "{v}"
     );
+    // A wrong path is named on stderr, apart from the decision.
+    let missing = s.dir.path().join("no-such-trust.toml");
+    let o = pullgate(&[
+        "explain",
+        "nginx:1.25",
+        "--bundle",
+        p(&s.bundle),
+        "--trust",
+        p(&missing),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cannot read trust file") && err.contains(p(&missing)),
+        "{err}"
+    );
 }
 
 #[test]
@@ -266,6 +282,15 @@ fn inspect_and_diff() {
     ] {
         assert!(out.contains(want), "inspect should show {want:?}:\n{out}");
     }
+    // A malformed signature file is reported, not shown as "0 signatures" silently.
+    let sig = s.dir.path().join("bundle.json.sig");
+    std::fs::write(&sig, "not json").unwrap();
+    let o = pullgate(&["bundle", "inspect", p(&s.bundle)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("signature file is malformed") && err.contains(p(&sig)),
+        "{err}"
+    );
     let newer = s.dir.path().join("newer.json");
     write_bundle(&newer, 43, |v| {
         v["images"][0]["tags"]["1.27"] = format!("sha256:{}", "1e".repeat(32)).into();

@@ -260,8 +260,11 @@ fn inspect(path: &Path) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(format!("{}: {e}", path.display()), super::EXIT_CONFIG),
     };
-    let sigs =
-        load::read_signatures(&load::signature_path(path)).unwrap_or_else(|_| SignatureFile::new());
+    // A missing signature file lists no signatures; an unreadable or malformed one is reported.
+    let sigs = load::read_signatures(&load::signature_path(path)).unwrap_or_else(|e| {
+        eprintln!("warning: {e}; no signatures are listed");
+        SignatureFile::new()
+    });
     let mut out = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(out, "bundle:            {}", path.display());

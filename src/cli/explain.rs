@@ -64,7 +64,11 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
     });
     let decision = match &loaded {
         Ok(b) => policy::decide(&request, b, &pod),
-        Err(e) => policy::decide_without_bundle(&request, Some(&e.to_string())),
+        Err(e) => {
+            // Say which file failed and why, apart from the decision a node would make without it.
+            eprintln!("pullgate explain: no usable bundle (--bundle, --signatures, --trust): {e}");
+            policy::decide_without_bundle(&request, Some(&e.to_string()))
+        }
     };
     if args.json {
         println!("{}", decision.to_json());
