@@ -111,12 +111,10 @@ pub struct Metrics {
     calls: Vec<[AtomicU64; CODES]>,
     upstream_latency: Vec<Histogram>,
     decisions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    installs: Mutex<BTreeMap<(&'static str, String), u64>>,
-    bundle: Mutex<Option<BundleGauge>>,
+    installs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     audit_errors: AtomicU64,
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
-    upstream_up: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -126,10 +124,8 @@ impl Default for Metrics {
             upstream_latency: (0..=OTHER).map(|_| Histogram::new()).collect(),
             decisions: Mutex::default(),
             installs: Mutex::default(),
-            bundle: Mutex::default(),
             audit_errors: AtomicU64::new(0),
             sandbox_image_approved: AtomicI64::new(-1),
-            upstream_up: AtomicI64::new(0),
         }
     }
 }
@@ -156,14 +152,8 @@ impl Metrics {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
     }
 
-    pub fn bundle_install(&self, result: &'static str, reason: &str) {
-        *lock(&self.installs)
-            .entry((result, reason.to_string()))
-            .or_default() += 1;
-    }
-
-    pub fn set_bundle(&self, b: Option<BundleGauge>) {
-        *lock(&self.bundle) = b;
+    pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
+        *lock(&self.installs).entry((result, reason)).or_default() += 1;
     }
 
     pub fn audit_error(&self) {
@@ -175,10 +165,6 @@ impl Metrics {
             .store(i64::from(ok), Ordering::Relaxed);
     }
 
-    pub fn set_upstream_up(&self, up: bool) {
-        self.upstream_up.store(i64::from(up), Ordering::Relaxed);
-    }
-
     /// Decision counts by result (`allow`/`deny`/`warn`), for `pullgate status`.
     pub fn decision_totals(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();
@@ -188,8 +174,9 @@ impl Metrics {
         out
     }
 
-    /// Renders every metric in the Prometheus text exposition format.
-    pub fn render(&self, now_unix: i64) -> String {
+    /// Renders every metric in the Prometheus text exposition format. The gauges of the bundle in
+    /// force and of the upstream connection are read from their owners at the time of the scrape.
+    pub fn render(&self, now_unix: i64, bundle: Option<BundleGauge>, upstream_up: bool) -> String {
         let mut o = String::with_capacity(8192);
         o.push_str("# HELP pullgate_calls_total CRI calls handled, by method and final gRPC status code.\n");
         o.push_str("# TYPE pullgate_calls_total counter\n");
@@ -255,11 +242,9 @@ impl Metrics {
         for ((result, reason), n) in lock(&self.installs).iter() {
             let _ = writeln!(
                 o,
-                "pullgate_bundle_installs_total{{result=\"{result}\",reason=\"{}\"}} {n}",
-                escape_label(reason)
+                "pullgate_bundle_installs_total{{result=\"{result}\",reason=\"{reason}\"}} {n}"
             );
         }
-        let bundle = *lock(&self.bundle);
         o.push_str("# HELP pullgate_bundle_version Version of the bundle in force (0: none).\n");
         o.push_str("# TYPE pullgate_bundle_version gauge\n");
         let _ = writeln!(
@@ -299,19 +284,9 @@ impl Metrics {
         );
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
-        let _ = writeln!(
-            o,
-            "pullgate_upstream_up {}",
-            self.upstream_up.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
         o
     }
-}
-
-fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -344,12 +319,12 @@ mod tests {
         m.upstream_latency(0, Duration::from_micros(300));
         m.decision("deny", "not_in_bundle");
         m.bundle_install("rejected", "rollback");
-        m.set_bundle(Some(BundleGauge {
+        let bundle = Some(BundleGauge {
             version: 7,
             issued_unix: 1000,
             expires_unix: 5000,
-        }));
-        let text = m.render(2000);
+        });
+        let text = m.render(2000, bundle, false);
         for want in [
             "pullgate_calls_total{method=\"PullImage\",code=\"7\"} 2",
             "pullgate_calls_total{method=\"Version\",code=\"none\"} 1",

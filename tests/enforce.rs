@@ -901,7 +901,7 @@ async fn rejected_bundles_change_nothing() {
             "{name}: v1 stays in force"
         );
     }
-    let metrics = env.node.metrics.render(0);
+    let metrics = env.node.metrics_text(0);
     assert!(
         metrics
             .contains("pullgate_bundle_installs_total{result=\"rejected\",reason=\"rollback\"} 1"),
@@ -1007,8 +1007,7 @@ async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     env.node.check_sandbox_image().await.unwrap();
     assert!(
         env.node
-            .metrics
-            .render(0)
+            .metrics_text(0)
             .contains("pullgate_sandbox_image_approved 1")
     );
     let status = env.node.status_json();

@@ -44,13 +44,11 @@ async fn route(
     }
     Ok(match req.uri().path() {
         "/metrics" => {
-            node.metrics.set_bundle(node.state.gauge());
-            node.metrics.set_upstream_up(node.upstream.is_connected());
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                node.metrics.render(now),
+                node.metrics_text(now),
             )
         }
         "/healthz" => reply(StatusCode::OK, TEXT, "ok\n"),

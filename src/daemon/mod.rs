@@ -228,8 +228,10 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
     node.set_config_path(config_path);
-    // containerd pulls the sandbox image itself: check it now if containerd answers.
-    if node::upstream_within(&node.upstream, Duration::from_secs(2)).await {
+    // containerd pulls the sandbox image itself: check it now if containerd answers (otherwise the
+    // background task does once it does).
+    let sandbox_checked = node::upstream_within(&node.upstream, Duration::from_secs(2)).await;
+    if sandbox_checked {
         if let Err(p) = node.check_sandbox_image().await {
             if config.policy.sandbox_image == SandboxImageCheck::Refuse {
                 return fail(
@@ -273,7 +275,7 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
             }
         }
     }
-    node.spawn_background();
+    node.spawn_background(sandbox_checked);
     let pid_path = admin::pid_file(&config);
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     let (tx, rx) = mpsc::channel(4);

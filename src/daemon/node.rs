@@ -97,7 +97,7 @@ impl Node {
             sandbox_problem: Mutex::new(None),
             config_path: Mutex::new(None),
         });
-        node.reload();
+        node.load_policy();
         Ok(node)
     }
 
@@ -110,9 +110,16 @@ impl Node {
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Re-reads the trust file, the private registry credentials and the installed bundle, and
-    /// swaps in the bundle if it is a newer valid one. Problems are logged and leave what is in force.
+    /// Re-reads the configuration's run-time settings, the private registry credentials, the trust
+    /// file and the installed bundle, and swaps in the bundle if it is a newer valid one. Problems are
+    /// logged and leave what is in force.
     pub fn reload(&self) {
+        self.reload_settings();
+        self.load_policy();
+    }
+
+    /// `policy.mode` from the configuration file, and the private registry credentials.
+    fn reload_settings(&self) {
         let path = self
             .config_path
             .lock()
@@ -130,6 +137,18 @@ impl Node {
                 }
             }
         }
+        if let Some(p) = &self.config.policy.private_registry_auth {
+            match RegistryAuth::load(p) {
+                Ok(a) => self.enforcer.set_registry_auth(Some(a)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload private registry credentials; keeping the old ones")
+                }
+            }
+        }
+    }
+
+    /// The trust file, then the installed bundle, verified with it.
+    fn load_policy(&self) {
         match load::read_trust(&self.config.policy.trust) {
             Ok(t) => *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(t)),
             Err(e) => {
@@ -137,14 +156,6 @@ impl Node {
                 if self.state.current().is_none() {
                     self.state
                         .set_problem(format!("the trust file is unusable: {e}"));
-                }
-            }
-        }
-        if let Some(p) = &self.config.policy.private_registry_auth {
-            match RegistryAuth::load(p) {
-                Ok(a) => self.enforcer.set_registry_auth(Some(a)),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot reload private registry credentials; keeping the old ones")
                 }
             }
         }
@@ -190,7 +201,6 @@ impl Node {
         );
         self.state.set(Arc::new(b));
         self.metrics.bundle_install("installed", "ok");
-        self.metrics.set_bundle(self.state.gauge());
     }
 
     fn rejected(&self, e: &StoreError, source: &str) {
@@ -287,14 +297,18 @@ impl Node {
     /// Ready: containerd answers and a valid bundle is in force.
     pub async fn ready(&self) -> Result<(), String> {
         self.upstream.connect().await.map_err(|e| e.to_string())?;
-        self.metrics.set_upstream_up(true);
         self.state.usable(OffsetDateTime::now_utc()).map(|_| ())
+    }
+
+    /// The Prometheus text of `/metrics`, with the bundle and upstream gauges as they are now.
+    pub fn metrics_text(&self, now_unix: i64) -> String {
+        self.metrics
+            .render(now_unix, self.state.gauge(), self.upstream.is_connected())
     }
 
     /// What `pullgate status` shows, as JSON.
     pub fn status_json(&self) -> serde_json::Value {
         let now = OffsetDateTime::now_utc();
-        self.metrics.set_upstream_up(self.upstream.is_connected());
         let bundle = self.state.current().map(|b| {
             serde_json::json!({
                 "version": b.version,
@@ -322,11 +336,12 @@ impl Node {
         })
     }
 
-    /// Background work: the drop-directory poll and, until it has run once, the sandbox-image check.
-    pub fn spawn_background(self: &Arc<Self>) {
+    /// Background work: the drop-directory poll and, until it has run once (`checked`: it ran at
+    /// start-up), the sandbox-image check.
+    pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut checked = false;
+            let mut checked = checked;
             let mut tick = tokio::time::interval(node.config.policy.drop_poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -337,7 +352,6 @@ impl Node {
                         .await
                         .unwrap_or(0)
                 };
-                node.metrics.set_bundle(node.state.gauge());
                 if (!checked || dropped > 0) && node.upstream.connect().await.is_ok() {
                     checked = true;
                     let _ = node.check_sandbox_image().await;

@@ -327,18 +327,16 @@ impl Enforcer {
     pub fn intercept_table(self: &Arc<Self>) -> InterceptTable {
         let mut t = InterceptTable::empty();
         let h: Arc<dyn Handler> = self.clone();
-        for m in [
-            methods::PULL_IMAGE,
-            methods::IMAGE_STATUS,
-            methods::REMOVE_IMAGE,
-            methods::LIST_IMAGES,
-            methods::CREATE_CONTAINER,
-        ] {
-            t.insert(m, h.clone());
-        }
-        for (v1alpha2, _) in methods::V1ALPHA2 {
-            t.insert(v1alpha2, h.clone());
-        }
+        t.route(
+            &[
+                methods::PULL_IMAGE,
+                methods::IMAGE_STATUS,
+                methods::REMOVE_IMAGE,
+                methods::LIST_IMAGES,
+                methods::CREATE_CONTAINER,
+            ],
+            &h,
+        );
         t
     }
 

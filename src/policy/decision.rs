@@ -262,18 +262,6 @@ pub fn decide_without_bundle(request: &ImageRequest<'_>, why: Option<&str>) -> D
     }
 }
 
-/// [`decide`] with an optional bundle; `None` gives the `no_valid_bundle` denial.
-pub fn decide_opt(
-    request: &ImageRequest<'_>,
-    bundle: Option<&VerifiedBundle>,
-    pod: &PodContext,
-) -> Decision {
-    match bundle {
-        Some(b) => decide(request, b, pod),
-        None => decide_without_bundle(request, None),
-    }
-}
-
 enum Outcome {
     Allow {
         reason: ReasonCode,
@@ -1075,11 +1063,7 @@ mod tests {
 
     #[test]
     fn no_bundle_denies_everything() {
-        let d = decide_opt(
-            &ImageRequest::Reference("nginx:1.25"),
-            None,
-            &PodContext::default(),
-        );
+        let d = decide_without_bundle(&ImageRequest::Reference("nginx:1.25"), None);
         assert_eq!(
             (d.verdict, d.reason),
             (Verdict::Deny, ReasonCode::NoValidBundle)

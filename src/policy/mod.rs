@@ -47,8 +47,7 @@ pub use bundle::{
     verify_bundle, verify_bundle_reader,
 };
 pub use decision::{
-    Decision, ImageRequest, Matched, PodContext, ReasonCode, Verdict, decide, decide_opt,
-    decide_without_bundle,
+    Decision, ImageRequest, Matched, PodContext, ReasonCode, Verdict, decide, decide_without_bundle,
 };
 pub use reference::{Digest, Reference, ReferenceError};
 pub use scope::Mode;

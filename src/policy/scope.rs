@@ -14,7 +14,7 @@
 //! Modes (`enforce` or `warn`) are set on the organisation, programs and projects and inherited
 //! downwards; applications always have their project's mode, so a pod label cannot relax enforcement.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -156,7 +156,6 @@ impl Scopes {
         };
         let org_mode = raw.mode.unwrap_or(Mode::Enforce);
         s.add(raw.organization.clone(), None, org_mode)?;
-        let mut namespace_owner: BTreeMap<String, String> = BTreeMap::new();
         for prog in raw.programs {
             if !valid_name(&prog.name) {
                 return Err(invalid(format!(
@@ -195,8 +194,8 @@ impl Scopes {
                             "namespace \"{ns}\" bound to {proj_path} is not a valid Kubernetes namespace name"
                         )));
                     }
-                    if let Some(other) = namespace_owner.insert(ns.clone(), proj_path.clone()) {
-                        let kind = if other == proj_path {
+                    if let Some(&owner) = s.namespaces.get(ns.as_str()) {
+                        let kind = if owner == proj_id {
                             "duplicate"
                         } else {
                             "conflict"
@@ -204,7 +203,8 @@ impl Scopes {
                         return Err((
                             kind,
                             format!(
-                                "namespace \"{ns}\" is bound to {other} and again to {proj_path}; a namespace belongs to exactly one project"
+                                "namespace \"{ns}\" is bound to {} and again to {proj_path}; a namespace belongs to exactly one project",
+                                s.path(owner)
                             ),
                         ));
                     }

@@ -119,26 +119,32 @@ impl InterceptTable {
 
     /// The proxy's own table: image-carrying methods go to [`ImageLogger`].
     pub fn logging() -> Self {
-        let logger: Arc<dyn Handler> = Arc::new(ImageLogger);
         let mut t = Self::empty();
-        for m in [
-            methods::PULL_IMAGE,
-            methods::IMAGE_STATUS,
-            methods::REMOVE_IMAGE,
-            methods::CREATE_CONTAINER,
-        ] {
-            t.insert(m, logger.clone());
-        }
-        for (old, v1) in methods::V1ALPHA2 {
-            if t.get(v1).is_some() {
-                t.insert(old, logger.clone());
-            }
-        }
+        t.route(
+            &[
+                methods::PULL_IMAGE,
+                methods::IMAGE_STATUS,
+                methods::REMOVE_IMAGE,
+                methods::CREATE_CONTAINER,
+            ],
+            &(Arc::new(ImageLogger) as Arc<dyn Handler>),
+        );
         t
     }
 
     pub fn insert(&mut self, method: &str, handler: Arc<dyn Handler>) {
         self.handlers.insert(method.into(), handler);
+    }
+
+    /// Routes each `runtime.v1` method to `handler`, and its `runtime.v1alpha2` twin too: containerd
+    /// 1.6 serves both, so a handler on one alone would have a way around it.
+    pub fn route(&mut self, v1_methods: &[&str], handler: &Arc<dyn Handler>) {
+        for &m in v1_methods {
+            self.insert(m, handler.clone());
+            if let Some((old, _)) = methods::V1ALPHA2.iter().find(|(_, v1)| *v1 == m) {
+                self.insert(old, handler.clone());
+            }
+        }
     }
 
     #[inline]

@@ -108,10 +108,6 @@ impl Proxy {
         &self.upstream
     }
 
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
     pub async fn handle(
         &self,

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use tokio::net::UnixStream;
 
 use super::body::RequestBody;
@@ -107,10 +107,6 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
 /// A live connection's request handle and whether its connection task is still running.
@@ -152,7 +148,10 @@ impl Upstream {
 
     /// Whether a connection is open right now (without trying to open one).
     pub fn is_connected(&self) -> bool {
-        self.current().is_some()
+        let cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        cached
+            .as_ref()
+            .is_some_and(|c| c.alive.load(Ordering::Acquire))
     }
 
     /// Opens the connection now (used for readiness checks and tests); a no-op if open.
@@ -178,10 +177,11 @@ impl Upstream {
             })?;
 
         // A ready handle; if the cached connection turns out dead, reconnect and try once more
-        // (the request has not left yet).
+        // (the request has not left yet). Failing to connect at all is not retried.
         let mut sender = match self.ready_sender().await {
             Ok(s) => s,
-            Err(_) => self.ready_sender().await?,
+            Err(UpstreamError::Call { .. }) => self.ready_sender().await?,
+            Err(e) => return Err(e),
         };
         let headers_end = ready.frames.is_empty() && ready.ended;
         let (response, mut stream) = sender
@@ -221,11 +221,11 @@ impl Upstream {
     /// A request handle whose connection has room for one more stream; a dead connection is
     /// dropped from the cache so the next attempt reconnects.
     async fn ready_sender(&self) -> Result<h2::client::SendRequest<Bytes>, UpstreamError> {
-        let conn = self.conn().await?;
-        match conn.sender.clone().ready().await {
+        let Conn { sender, alive } = self.conn().await?;
+        match sender.ready().await {
             Ok(s) => Ok(s),
             Err(source) => {
-                self.invalidate(&conn);
+                self.invalidate(&alive);
                 Err(UpstreamError::Call {
                     path: self.path.clone(),
                     source,
@@ -256,13 +256,10 @@ impl Upstream {
         Ok(conn)
     }
 
-    fn invalidate(&self, dead: &Conn) {
-        dead.alive.store(false, Ordering::Release);
+    fn invalidate(&self, dead: &Arc<AtomicBool>) {
+        dead.store(false, Ordering::Release);
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(&c.alive, &dead.alive))
-        {
+        if cached.as_ref().is_some_and(|c| Arc::ptr_eq(&c.alive, dead)) {
             *cached = None;
         }
     }
