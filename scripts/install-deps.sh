@@ -19,6 +19,7 @@ PACKAGES=(
   ca-certificates     # apt over https on minimal images
   systemd             # systemd-analyze verify for the unit files (no systemd needs to run)
   rpm                 # rpmbuild/rpm for the packaging checks
+  binutils            # strip (packaging/build.sh) and readelf (packaging checks)
   python3-grpcio      # a C-core based gRPC peer (client and server) for the interop tests
 )
 

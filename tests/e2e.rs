@@ -1186,9 +1186,14 @@ async fn s8_warn_mode_allows_and_audits_the_would_be_denial() {
 async fn collect_events(
     s: &mut tonic::Streaming<k8s_cri::v1::ContainerEventResponse>,
 ) -> Vec<(String, i32)> {
+    // Until 2 s pass without an event; at most 60 s and 1,000 events in all.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut out = Vec::new();
-    while let Ok(Ok(Some(e))) = tokio::time::timeout(Duration::from_secs(2), s.message()).await {
-        out.push((e.container_id, e.container_event_type));
+    while out.len() < 1000 && tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(2), s.message()).await {
+            Ok(Ok(Some(e))) => out.push((e.container_id, e.container_event_type)),
+            _ => break,
+        }
     }
     out
 }

@@ -20,6 +20,18 @@ use tokio::sync::mpsc;
 
 const PYTHON: &str = "/usr/bin/python3";
 
+/// How long any one peer process or stream may take before the test fails instead of hanging.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// `program` run under coreutils' `timeout`, so a hung peer ends the test in bounded time.
+fn bounded(program: &Path) -> Command {
+    let mut c = Command::new("timeout");
+    c.arg("--kill-after=5")
+        .arg(LIMIT.as_secs().to_string())
+        .arg(program);
+    c
+}
+
 /// The C-core based peer must be there (Debian package `python3-grpcio`, installed by
 /// scripts/install-deps.sh); its absence fails the test with what to install.
 fn python_grpc() -> PathBuf {
@@ -89,7 +101,7 @@ async fn c_core_client_through_pullgate_to_tonic() {
         }),
         ..Default::default()
     };
-    let mut cmd = Command::new(python);
+    let mut cmd = bounded(&python);
     cmd.args(["-c", PY_CLIENT])
         .arg(&listen)
         .arg(hex::encode(version.encode_to_vec()))
@@ -176,11 +188,18 @@ async fn tonic_client_through_pullgate_to_c_core_server() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let stdout = child.stdout.take().unwrap();
     let _server = Kill(child);
+    // Read the server's first line on a thread, so a server that hangs fails the test in bounded time.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(LIMIT)
+        .expect("the python server did not say ready in time");
     assert_eq!(line.trim(), "ready");
     let (listen, control) = start_pullgate(dir.path(), &sock);
     let mut rt = runtime_client(cri_channel(&listen).await);
@@ -209,7 +228,11 @@ async fn tonic_client_through_pullgate_to_c_core_server() {
         .unwrap()
         .into_inner();
     let mut ids = Vec::new();
-    while let Some(ev) = stream.message().await.unwrap() {
+    while let Some(ev) = tokio::time::timeout(LIMIT, stream.message())
+        .await
+        .expect("the event stream stalled")
+        .unwrap()
+    {
         ids.push(ev.container_id);
     }
     assert_eq!(ids, vec!["c0", "c1", "c2"]);
@@ -234,7 +257,7 @@ async fn grpc_go_client_through_pullgate_to_containerd() {
     let containerd = support::stack::Containerd::start(tmp.path(), &opts);
     // By default pullgate refuses containerd's native API: ctr is answered PERMISSION_DENIED.
     let (refusing, control) = start_pullgate(tmp.path(), &containerd.socket);
-    let out = Command::new("ctr")
+    let out = bounded(Path::new("ctr"))
         .arg("--address")
         .arg(&refusing)
         .arg("version")
@@ -263,7 +286,7 @@ async fn grpc_go_client_through_pullgate_to_containerd() {
     tokio::spawn(server.run(rx));
     let listen = cfg.listen.clone();
     let ctr = |addr: &Path, args: &[&str]| {
-        let out = Command::new("ctr")
+        let out = bounded(Path::new("ctr"))
             .arg("--address")
             .arg(addr)
             .args(args)

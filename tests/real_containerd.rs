@@ -114,12 +114,30 @@ async fn direct_stack_smoke() {
         "the container's exit code must come back"
     );
 
-    // Pulling an image that no registry has fails (and does not fall back to the internet).
-    let missing = cri.pull("quay.io/nobody/nothing:1", "default").await;
-    assert!(
-        missing.is_err(),
-        "pull of a missing image succeeded: {missing:?}"
-    );
+    // Pulling an image that no registry has fails, and is asked of the loopback registry, not the
+    // internet: for a listed public name, and for a name listed nowhere (containerd's `_default`).
+    for (image, path) in [
+        (
+            "quay.io/nobody/nothing:1",
+            " /v2/nobody/nothing/manifests/1?ns=quay.io",
+        ),
+        (
+            "unlisted.example/nobody/nothing:1",
+            " /v2/nobody/nothing/manifests/1?ns=unlisted.example",
+        ),
+    ] {
+        let mark = stack.public.mark();
+        let missing = cri.pull(image, "default").await;
+        assert!(
+            missing.is_err(),
+            "pull of a missing image succeeded: {missing:?}"
+        );
+        let requests = stack.public.requests_since(mark);
+        assert!(
+            requests.iter().any(|r| r.ends_with(path)),
+            "{image}: the loopback registry did not see {path}: {requests:?}"
+        );
+    }
 
     cri.remove_all_pods().await;
     support::loud(&format!("direct_stack_smoke: {:?}", t0.elapsed()));

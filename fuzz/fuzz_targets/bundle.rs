@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pullgate::policy::{ImageRequest, PodContext, parse_bundle};
+use pullgate::policy::parse_bundle;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(bundle) = parse_bundle(data) {
@@ -12,6 +12,4 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = pullgate::policy::diff::diff(&bundle, &bundle);
     }
-    let _ = ImageRequest::Reference("x");
-    let _ = PodContext::default();
 });

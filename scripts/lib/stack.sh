@@ -157,7 +157,8 @@ overlay_works() {
 start_containerd() {
   local public=$1 private=$2 sandbox=$3 d="$STACK_DIR/containerd" snapshotter=native name
   mkdir -p "$d"/{root,state,tmp,opt,runc,runc-v1,certs.d,cni/bin,cni/net.d}
-  for name in "${PUBLIC_REGISTRY_NAMES[@]}" "$public"; do hosts_toml "$d/certs.d" "$name" "$public"; done
+  # _default: containerd's fallback for every registry name not listed, so none reaches the internet.
+  for name in "${PUBLIC_REGISTRY_NAMES[@]}" "$public" _default; do hosts_toml "$d/certs.d" "$name" "$public"; done
   hosts_toml "$d/certs.d" "$private" "$private"
   overlay_works && snapshotter=overlayfs
   cat >"$d/config.toml" <<TOML

@@ -67,15 +67,9 @@ done
 # From here on the package is ours: purge it on any exit.
 trap cleanup EXIT
 
-need=()
-command -v systemd-analyze >/dev/null || need+=(systemd)
-command -v rpm >/dev/null || need+=(rpm)
-command -v readelf >/dev/null || need+=(binutils)
-if [ ${#need[@]} -gt 0 ]; then
-    echo "installing ${need[*]}"
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
-        fatal "install ${need[*]}"
-fi
+# systemd-analyze, rpm, strip and readelf come from the project's one package list (a no-op when
+# everything is installed already, as after scripts/test.sh).
+"$root/scripts/install-deps.sh" || fatal "scripts/install-deps.sh" "the packaging checks need its packages"
 # Snapshot of systemd's configuration, to prove purge leaves nothing behind.
 snapshot() { find /etc/systemd/system /var/lib/systemd/deb-systemd-helper-enabled /var/lib/systemd/deb-systemd-helper-masked ! -type d 2>/dev/null | sort; }
 snapshot >"$tmp/systemd.before"

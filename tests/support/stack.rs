@@ -232,10 +232,12 @@ impl Containerd {
             std::fs::create_dir_all(dir.join(sub)).expect("create containerd dirs");
         }
         let certs = dir.join("certs.d");
+        // `_default` catches every registry name not listed (containerd's fallback host directory),
+        // so even an unforeseen name is pulled from loopback.
         for name in PUBLIC_REGISTRY_NAMES
             .iter()
             .copied()
-            .chain([opts.public_registry.as_str()])
+            .chain([opts.public_registry.as_str(), "_default"])
         {
             write_hosts_toml(&certs, name, &opts.public_registry);
         }
