@@ -389,7 +389,7 @@ impl Ctx<'_> {
                 ),
             };
         }
-        let tag = r.tag().unwrap_or("latest");
+        let tag = r.tag().unwrap_or(super::reference::DEFAULT_TAG);
         if let Some((e, d)) = entries
             .iter()
             .filter(in_scope)

@@ -264,7 +264,14 @@ impl Trust {
                 .map_err(|e| TrustError::TrustInvalid(format!("key \"{}\": {e}", k.name)))?;
             keys.push(TrustedKey { name: k.name, key });
         }
-        Trust::new(keys, raw.threshold.unwrap_or(DEFAULT_THRESHOLD))
+        let threshold = raw.threshold.unwrap_or(DEFAULT_THRESHOLD);
+        if raw.threshold.is_none() && !keys.is_empty() && keys.len() < threshold {
+            return Err(TrustError::TrustInvalid(format!(
+                "threshold is {threshold} (the default: no `threshold` is set) but only {} key is listed; list more keys or set `threshold`",
+                keys.len()
+            )));
+        }
+        Trust::new(keys, threshold)
     }
 
     /// The trusted keys.
