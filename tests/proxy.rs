@@ -344,19 +344,7 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     // Echo server: a 16 MiB message through a forwarded method and back.
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("echo.sock");
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", "0".parse().unwrap());
-    let mut h = HeaderMap::new();
-    h.insert("content-type", "application/grpc".parse().unwrap());
-    let _raw = RawUpstream::serve(
-        &p,
-        Script {
-            headers: h,
-            chunks: vec![],
-            trailers: Some(trailers),
-            echo: true,
-        },
-    );
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
     let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
     let big: Vec<u8> = (0..16 * 1024 * 1024u32)
         .map(|i| (i * 7 % 251) as u8)
@@ -397,19 +385,7 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
 async fn a_buffered_request_leaves_as_one_data_frame_with_end_stream() {
     let dir = tempfile::tempdir().unwrap();
     let upstream_path = dir.path().join("raw.sock");
-    let mut headers = HeaderMap::new();
-    headers.insert("content-type", "application/grpc".parse().unwrap());
-    let mut trailers = HeaderMap::new();
-    trailers.insert("grpc-status", "0".parse().unwrap());
-    let raw = RawUpstream::serve(
-        &upstream_path,
-        Script {
-            headers,
-            chunks: Vec::new(),
-            trailers: Some(trailers),
-            echo: true,
-        },
-    );
+    let raw = RawUpstream::serve(&upstream_path, Script::grpc_echo());
     let pg = Pullgate::start(dir.path(), &upstream_path, Duration::from_secs(1));
 
     let stream = UnixStream::connect(&pg.listen).await.unwrap();

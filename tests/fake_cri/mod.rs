@@ -514,6 +514,22 @@ pub struct Script {
     pub echo: bool,
 }
 
+impl Script {
+    /// A gRPC echo: `content-type: application/grpc`, the request body back, `grpc-status: 0`.
+    pub fn grpc_echo() -> Script {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/grpc".parse().unwrap());
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        Script {
+            headers,
+            chunks: Vec::new(),
+            trailers: Some(trailers),
+            echo: true,
+        }
+    }
+}
+
 /// A bare HTTP/2 upstream that records requests byte for byte.
 pub struct RawUpstream {
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
