@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use fake_cri::*;
 use k8s_cri::v1 as cri;
-use pullgate::enforce::store::BundleStore;
+use pullgate::node::enforce::store::BundleStore;
 use pullgate::policy::{PrivateKey, SignatureFile};
 use tonic::transport::Channel;
 

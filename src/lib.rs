@@ -1,25 +1,18 @@
-//! pullgate: a node-level CRI proxy that makes the *approved public image repository* pattern real.
+//! pullgate: the *approved public image repository* pattern, end to end.
 //!
-//! kubelet talks to pullgate's unix socket as if it were containerd; pullgate forwards every CRI call to
-//! containerd unchanged, except the few it must inspect (image pulls, image lookups, container creation),
-//! which it hands to an intercept handler backed by a signed allowlist bundle.
+//! Two halves share one pure policy core:
 //!
-//! Where things live:
-//! - [`proxy`]: the CRI forwarding path — an HTTP/2 server on the kubelet side, a lazily (re)connected
-//!   HTTP/2 client on the containerd side, gRPC framing and status answers, and the intercept table.
-//! - [`wire`]: field-preserving edits of protobuf messages at the wire level (no decode/re-encode).
-//! - [`policy`]: the pure policy core — image references, the signed bundle, governance scopes, decisions.
-//!   No async runtime, no sockets, no file I/O in the decision path.
-//! - [`config`]: the TOML configuration file, parsed strictly and validated into typed values.
-//! - [`daemon`]: lifecycle — socket set-up, signals, readiness notification, graceful drain, logging.
-//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
+//! - [`node`]: the daemon on every container host — a CRI proxy between kubelet and containerd that
+//!   pins every image to an approved digest in the private registry and refuses everything else.
+//! - [`policy`]: the pure policy core both halves use — image references, the signed bundle format,
+//!   trust and signatures, governance scopes, decisions. No async runtime, no sockets, no file I/O in
+//!   the decision path.
+//! - [`cli`]: the command line, the top layer; `main.rs` only calls [`cli::main`].
+//! - [`exit`]: the process exit statuses every command shares.
+//!
+//! Layers import downwards only: `cli` → `node` → `policy` → `exit`.
 
-pub mod audit;
 pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod enforce;
-pub mod metrics;
+pub mod exit;
+pub mod node;
 pub mod policy;
-pub mod proxy;
-pub mod wire;

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use fake_cri::*;
 use k8s_cri::v1 as cri;
-use pullgate::config::{Config, NodeMode};
-use pullgate::daemon::node::Node;
-use pullgate::daemon::{Control, Server};
+use pullgate::node::config::{Config, NodeMode};
+use pullgate::node::daemon::node::Node;
+use pullgate::node::daemon::{Control, Server};
 use pullgate::policy::{PrivateKey, SignatureFile};
-use pullgate::proxy::Proxy;
+use pullgate::node::proxy::Proxy;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -101,7 +101,7 @@ struct Env {
     node: Arc<Node>,
     listen: PathBuf,
     control: mpsc::Sender<Control>,
-    task: tokio::task::JoinHandle<pullgate::daemon::RunSummary>,
+    task: tokio::task::JoinHandle<pullgate::node::daemon::RunSummary>,
     keys: Keys,
 }
 
@@ -439,7 +439,7 @@ async fn credentials_never_follow_a_redirect() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("auth.toml");
     std::fs::write(&p, "username = \"u\"\npassword = \"leaky\"\n").unwrap();
-    let e = pullgate::enforce::RegistryAuth::load(&p)
+    let e = pullgate::node::enforce::RegistryAuth::load(&p)
         .unwrap_err()
         .to_string();
     assert!(e.contains("chmod 600") && !e.contains("leaky"), "{e}");
@@ -1036,7 +1036,7 @@ async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(pullgate::daemon::http::serve(listener, env.node.clone()));
+    tokio::spawn(pullgate::node::daemon::http::serve(listener, env.node.clone()));
     let mut images = env.images().await;
     images
         .pull_image(pull_request("busybox:1.36", "checkout"))
@@ -1086,7 +1086,7 @@ async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
     let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(pullgate::daemon::http::serve(listener, env.node.clone()));
+    tokio::spawn(pullgate::node::daemon::http::serve(listener, env.node.clone()));
     let (code, body) = http(addr, &get("/readyz")).await;
     assert_eq!(code, 503);
     assert!(body.contains("no bundle is installed"), "{body}");

@@ -13,9 +13,9 @@ use std::time::Duration;
 use fake_cri::*;
 use k8s_cri::v1 as cri;
 use prost::Message;
-use pullgate::config::Config;
-use pullgate::daemon::{Control, Server};
-use pullgate::proxy::InterceptTable;
+use pullgate::node::config::Config;
+use pullgate::node::daemon::{Control, Server};
+use pullgate::node::proxy::InterceptTable;
 use tokio::sync::mpsc;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -275,11 +275,11 @@ async fn grpc_go_client_through_pullgate_to_containerd() {
     let mut cfg = Config::default().server;
     cfg.listen = dir.join("pullgate.sock");
     cfg.upstream = containerd.socket.clone();
-    let proxy = pullgate::proxy::Proxy::with_reach(
-        std::sync::Arc::new(pullgate::proxy::Upstream::new(&cfg.upstream)),
+    let proxy = pullgate::node::proxy::Proxy::with_reach(
+        std::sync::Arc::new(pullgate::node::proxy::Upstream::new(&cfg.upstream)),
         InterceptTable::logging(),
-        std::sync::Arc::new(pullgate::metrics::Metrics::default()),
-        pullgate::proxy::Reach::All,
+        std::sync::Arc::new(pullgate::node::metrics::Metrics::default()),
+        pullgate::node::proxy::Reach::All,
     );
     let server = Server::bind_with(&cfg, proxy).unwrap();
     let (control, rx) = mpsc::channel(4);

@@ -12,9 +12,9 @@ use fake_cri::*;
 use http::HeaderMap;
 use k8s_cri::v1 as cri;
 use prost::Message;
-use pullgate::config::Config;
-use pullgate::daemon::{Control, RunSummary, Server};
-use pullgate::proxy::InterceptTable;
+use pullgate::node::config::Config;
+use pullgate::node::daemon::{Control, RunSummary, Server};
+use pullgate::node::proxy::InterceptTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -652,7 +652,7 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
     // A client that connects and leaves; one that disconnects mid-request.
     drop(UnixStream::connect(&pg.listen).await.unwrap());
     let mut s = UnixStream::connect(&pg.listen).await.unwrap();
-    s.write_all(pullgate::proxy::conn::PREFACE).await.unwrap();
+    s.write_all(pullgate::node::proxy::conn::PREFACE).await.unwrap();
     s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
     drop(s);
 

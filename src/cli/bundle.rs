@@ -148,7 +148,7 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
             config,
             signatures,
             bundle,
-        } => crate::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
+        } => crate::node::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
     }

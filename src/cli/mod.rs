@@ -11,10 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// Exit status for a configuration error, so systemd's `RestartPreventExitStatus=` can stop a restart loop.
-pub const EXIT_CONFIG: u8 = 78;
-/// Exit status for any other failure.
-pub const EXIT_FAILURE: u8 = 1;
+pub use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
 
 /// pullgate: a CRI proxy that lets a node run only approved, digest-pinned images.
 #[derive(Debug, Parser)]
@@ -85,13 +82,17 @@ pub struct KeygenArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => crate::daemon::serve_command(args),
-        Command::CheckConfig(args) => crate::daemon::check_config_command(&args.config),
+        Command::Serve(args) => crate::node::daemon::serve_command(crate::node::daemon::ServeOptions {
+            config: args.config.config,
+            listen: args.listen,
+            upstream: args.upstream,
+        }),
+        Command::CheckConfig(args) => crate::node::daemon::check_config_command(&args.config),
         Command::Keygen(args) => bundle::keygen(&args),
         Command::Bundle(cmd) => bundle::run(cmd),
         Command::Explain(args) => explain::run(&args),
         Command::Status(args) => {
-            crate::daemon::admin::status_command(&args.config.config, args.json)
+            crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
     }
 }

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use super::grpc::{Code, Status};
 use super::upstream::UpstreamBody;
-use crate::metrics::Metrics;
+use crate::node::metrics::Metrics;
 
 /// A request body on its way to containerd.
 pub enum RequestBody {

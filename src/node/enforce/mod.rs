@@ -34,17 +34,17 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 use time::OffsetDateTime;
 
-use crate::audit::{AuditLog, AuditRecord};
-use crate::config::NodeMode;
-use crate::metrics::{BundleGauge, Metrics};
+use crate::node::audit::{AuditLog, AuditRecord};
+use crate::node::config::NodeMode;
+use crate::node::metrics::{BundleGauge, Metrics};
 use crate::policy::{
     self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
     VerifiedBundle,
 };
-use crate::proxy::Upstream;
-use crate::proxy::grpc::{Code, Status};
-use crate::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
-use crate::wire;
+use crate::node::proxy::Upstream;
+use crate::node::proxy::grpc::{Code, Status};
+use crate::node::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
+use crate::node::wire;
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
 pub struct PolicyState {

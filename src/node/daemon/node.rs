@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::audit::AuditLog;
-use crate::config::{Config, NodeMode, SandboxImageCheck};
-use crate::enforce::store::{BundleStore, StoreError};
-use crate::enforce::{Enforcer, PolicyState, RegistryAuth};
-use crate::metrics::Metrics;
+use crate::node::audit::AuditLog;
+use crate::node::config::{Config, NodeMode, SandboxImageCheck};
+use crate::node::enforce::store::{BundleStore, StoreError};
+use crate::node::enforce::{Enforcer, PolicyState, RegistryAuth};
+use crate::node::metrics::Metrics;
 use crate::policy::{Trust, VerifiedBundle, load};
-use crate::proxy::Upstream;
+use crate::node::proxy::Upstream;
 
 /// Why the daemon cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +30,9 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Audit(#[from] crate::audit::AuditOpenError),
+    Audit(#[from] crate::node::audit::AuditOpenError),
     #[error(transparent)]
-    Auth(#[from] crate::enforce::AuthFileError),
+    Auth(#[from] crate::node::enforce::AuthFileError),
 }
 
 /// The policy side of a running daemon.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 
-use crate::config::SocketGroup;
+use crate::node::config::SocketGroup;
 
 /// Why the listening socket could not be set up.
 #[derive(Debug, thiserror::Error)]

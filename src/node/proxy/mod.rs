@@ -26,7 +26,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::metrics::{self, Metrics};
+use crate::node::metrics::{self, Metrics};
 
 pub use body::{CallRecord, RequestBody, ResponseBody};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};

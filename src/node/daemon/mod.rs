@@ -25,10 +25,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE, ServeArgs};
-use crate::config::{Config, LogFormat, SandboxImageCheck, ServerConfig};
-use crate::metrics::Metrics;
-use crate::proxy::{InterceptTable, Proxy, Reach, Upstream, conn};
+use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::node::config::{Config, LogFormat, SandboxImageCheck, ServerConfig};
+use crate::node::metrics::Metrics;
+use crate::node::proxy::{InterceptTable, Proxy, Reach, Upstream, conn};
 use listener::{ListenError, SocketGuard};
 
 /// What the server is told to do while it runs.
@@ -180,9 +180,19 @@ pub fn check_config_command(path: &Path) -> ExitCode {
     }
 }
 
+/// What `pullgate serve` was asked for: the configuration file and the flags that override it.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub config: std::path::PathBuf,
+    /// Overrides `server.listen`.
+    pub listen: Option<std::path::PathBuf>,
+    /// Overrides `server.upstream`.
+    pub upstream: Option<std::path::PathBuf>,
+}
+
 /// `pullgate serve`: load the configuration, apply flag overrides, run until a stop signal.
-pub fn serve_command(args: ServeArgs) -> ExitCode {
-    let mut config = match Config::load(&args.config.config) {
+pub fn serve_command(args: ServeOptions) -> ExitCode {
+    let mut config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("pullgate: {e}");
@@ -213,7 +223,7 @@ pub fn serve_command(args: ServeArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(run_node(config, args.config.config))
+    runtime.block_on(run_node(config, args.config))
 }
 
 /// Starts the node and serves until a stop signal: the body of `pullgate serve`.

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::cli::{EXIT_CONFIG, EXIT_FAILURE};
-use crate::config::Config;
-use crate::enforce::store::BundleStore;
+use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::node::config::Config;
+use crate::node::enforce::store::BundleStore;
 use crate::policy::load;
 
 /// Where the daemon writes its PID: next to its socket.

@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use k8s_cri::v1 as cri;
 use prost::Message;
 
-use crate::proxy::grpc::{self, Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
-use crate::proxy::{RequestBody, Upstream};
+use crate::node::proxy::grpc::{self, Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
+use crate::node::proxy::{RequestBody, Upstream};
 
 /// containerd namespace of the CRI plugin's images and containers.
 pub const CRI_NAMESPACE: &str = "k8s.io";

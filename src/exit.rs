@@ -1,0 +1,7 @@
+//! Process exit statuses shared by every command, node and admin alike (the lowest layer: it imports
+//! nothing).
+
+/// A configuration error, so systemd's `RestartPreventExitStatus=` can stop a restart loop.
+pub const EXIT_CONFIG: u8 = 78;
+/// Any other failure.
+pub const EXIT_FAILURE: u8 = 1;

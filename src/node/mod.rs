@@ -1,0 +1,21 @@
+//! The node half of pullgate: the daemon that runs on every container host, between kubelet and
+//! containerd, and enforces the bundle in force.
+//!
+//! - [`proxy`]: the CRI forwarding path — an HTTP/2 server on the kubelet side, a lazily (re)connected
+//!   HTTP/2 client on the containerd side, gRPC framing and status answers, and the intercept table.
+//! - [`wire`]: field-preserving edits of protobuf messages at the wire level (no decode/re-encode).
+//! - [`enforce`]: the intercept handler that applies the policy core to pulls, lookups and starts, and
+//!   the installed bundle on disk.
+//! - [`daemon`]: lifecycle — socket set-up, signals, readiness, graceful drain, bundle lifecycle, the
+//!   operator endpoint.
+//! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//!
+//! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
+
+pub mod audit;
+pub mod config;
+pub mod daemon;
+pub mod enforce;
+pub mod metrics;
+pub mod proxy;
+pub mod wire;
