@@ -21,6 +21,8 @@ PACKAGES=(
   rpm                 # rpmbuild/rpm for the packaging checks
   binutils            # strip (packaging/build.sh) and readelf (packaging checks)
   python3-grpcio      # a C-core based gRPC peer (client and server) for the interop tests
+  python3-h2          # a raw HTTP/2 client for the tests (sends any :authority, or none)
+  prometheus          # promtool, to check and unit-test the shipped alerting rules
 )
 
 if [[ "${1:-}" == "--list" ]]; then
