@@ -9,6 +9,7 @@
 //! - [`daemon`]: lifecycle — socket set-up, signals, readiness, graceful drain, bundle lifecycle, the
 //!   operator endpoint.
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
@@ -18,4 +19,5 @@ pub mod daemon;
 pub mod enforce;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod wire;

@@ -10,11 +10,16 @@
 //! - [`upstream`]: the lazily (re)connected HTTP/2 client for containerd's socket.
 //! - [`intercept`]: the intercept table and the handler interface.
 //! - [`conn`]: accepting a kubelet connection: preface check, HTTP/2 server, graceful shutdown.
+//! - [`h2fix`]: the HTTP/2 layer in front of hyper that lets every `:authority` through and sees the
+//!   server's stream resets.
+//! - [`refusal`]: refusals at the protocol level, counted and logged (rate limited).
 
 pub mod body;
 pub mod conn;
 pub mod grpc;
+pub mod h2fix;
 pub mod intercept;
+pub mod refusal;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -31,6 +36,7 @@ use crate::node::metrics::{self, Metrics};
 pub use body::{CallRecord, RequestBody, ResponseBody};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
+use refusal::{Refusal, Refusals};
 pub use upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// Which method paths are forwarded at all.
@@ -77,6 +83,7 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     intercepts: InterceptTable,
     metrics: Arc<Metrics>,
+    refusals: Arc<Refusals>,
     reach: Reach,
 }
 
@@ -99,6 +106,7 @@ impl Proxy {
         Arc::new(Proxy {
             upstream,
             intercepts,
+            refusals: Arc::new(Refusals::new(metrics.clone())),
             metrics,
             reach,
         })
@@ -106,6 +114,11 @@ impl Proxy {
 
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
+    }
+
+    /// Where refusals at the protocol level are counted and logged.
+    pub fn refusals(&self) -> &Arc<Refusals> {
+        &self.refusals
     }
 
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
@@ -117,6 +130,13 @@ impl Proxy {
         let method = metrics::method_index(path);
         let mut record = CallRecord::new(self.metrics.clone(), method);
         if !well_formed_method(path) {
+            let shown: String = path.chars().take(200).collect();
+            self.refusals.refuse(
+                Refusal::BadMethodPath,
+                format_args!(
+                    "answered UNIMPLEMENTED to a call on {shown:?}, not a gRPC method path"
+                ),
+            );
             let status = Status::new(
                 Code::Unimplemented,
                 format!("pullgate: {path:?} is not a gRPC method path (/package.Service/Method)"),
