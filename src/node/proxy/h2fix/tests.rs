@@ -130,11 +130,13 @@ fn client(authorities: &[Option<&[u8]>]) -> (Vec<u8>, Vec<Fields>, Vec<Vec<u8>>)
     (bytes, blocks, data)
 }
 
-/// A client socket that delivers `data` in reads of at most `chunk` bytes.
+/// A client socket that delivers `data` in reads of at most `chunk` bytes, or, with `cut`, in two
+/// reads: everything before `cut`, then the rest.
 struct Chunked {
     data: Vec<u8>,
     pos: usize,
     chunk: usize,
+    cut: Option<usize>,
 }
 
 impl AsyncRead for Chunked {
@@ -143,10 +145,12 @@ impl AsyncRead for Chunked {
         _cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let n = self
-            .chunk
-            .min(self.data.len() - self.pos)
-            .min(buf.remaining());
+        let end = match self.cut {
+            Some(cut) if self.pos < cut => cut,
+            Some(_) => self.data.len(),
+            None => (self.pos + self.chunk).min(self.data.len()),
+        };
+        let n = (end - self.pos).min(buf.remaining());
         let pos = self.pos;
         buf.put_slice(&self.data[pos..pos + n]);
         self.pos += n;
@@ -168,13 +172,20 @@ impl AsyncWrite for Chunked {
 
 /// What the server reads through the layer, with reads of at most `read` bytes.
 fn through(bytes: &[u8], chunk: usize, read: usize) -> (Vec<u8>, Mode, Arc<Metrics>) {
+    through_io(
+        Chunked {
+            data: bytes.to_vec(),
+            pos: 0,
+            chunk,
+            cut: None,
+        },
+        read,
+    )
+}
+
+fn through_io(io: Chunked, read: usize) -> (Vec<u8>, Mode, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::default());
     let refusals = Arc::new(Refusals::new(metrics.clone()));
-    let io = Chunked {
-        data: bytes.to_vec(),
-        pos: 0,
-        chunk,
-    };
     let (mut fix, _) = H2Fix::new(io, LIMITS, refusals);
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -327,48 +338,14 @@ fn every_split_point_of_a_stream_gives_the_same_server_view() {
     let (bytes, blocks, _) = client(&[Some(b"localhost"), Some(b"/x.sock"), Some(b"/x.sock")]);
     let want = fixed(&blocks);
     for cut in 1..bytes.len() {
-        // Two reads: everything up to `cut`, then the rest.
-        let metrics = Arc::new(Metrics::default());
-        let io = TwoPart {
+        let io = Chunked {
             data: bytes.clone(),
-            cut,
             pos: 0,
+            chunk: 0,
+            cut: Some(cut),
         };
-        let (mut fix, _) = H2Fix::new(io, LIMITS, Arc::new(Refusals::new(metrics)));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let out = rt.block_on(async {
-            let mut out = Vec::new();
-            fix.read_to_end(&mut out).await.unwrap();
-            out
-        });
+        let (out, _, _) = through_io(io, 1 << 16);
         assert_eq!(server_view(&out).blocks, want, "cut at {cut}");
-    }
-}
-
-struct TwoPart {
-    data: Vec<u8>,
-    cut: usize,
-    pos: usize,
-}
-
-impl AsyncRead for TwoPart {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let end = if self.pos < self.cut {
-            self.cut
-        } else {
-            self.data.len()
-        };
-        let n = (end - self.pos).min(buf.remaining());
-        let pos = self.pos;
-        buf.put_slice(&self.data[pos..pos + n]);
-        self.pos += n;
-        Poll::Ready(Ok(()))
     }
 }
 
