@@ -1,10 +1,16 @@
-//! Header blocks: decoding with the client's HPACK table, looking at what `h2` will refuse, and
-//! re-encoding without the dynamic table.
+//! Header blocks: decoding with the client's HPACK table (RFC 7541), looking at what `h2` will
+//! refuse, and re-encoding without the dynamic table.
 //!
-//! Decoding uses `loona-hpack` (checked against RFC 7541 Appendix C below). While a block is decoded
-//! it is also written out again as literals without indexing into a scratch buffer, with every
-//! `:authority` that `h2` would refuse replaced by `localhost`: decoding advances the table, so
+//! The decoder is pullgate's own (static and dynamic tables, integers, strings; Huffman strings are
+//! decoded by `httlib-huffman`), checked against RFC 7541 Appendix C and, in the layer's tests,
+//! against an independent implementation. It is as strict as `h2`'s on what changes the table: size
+//! updates only at the start of a block and never above the advertised table size. While a block is
+//! decoded it is also written out again as literals without indexing into a scratch buffer, with
+//! every `:authority` that `h2` would refuse replaced by `localhost`: decoding advances the table, so
 //! a block cannot be decoded twice, and the copy is what the connection needs once it re-encodes.
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
 
 use http::uri::Authority;
 
@@ -27,19 +33,147 @@ pub struct Inspection {
     pub overflow: bool,
 }
 
+/// Why a header block cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("an integer runs past the end of the block or is too large")]
+    Integer,
+    #[error("a string runs past the end of the block")]
+    Truncated,
+    #[error("a Huffman-coded string is invalid")]
+    Huffman,
+    #[error("index {0} is in neither table")]
+    Index(usize),
+    #[error("a dynamic table size update to {0} bytes, above the {1} bytes the server advertises")]
+    TableSize(usize, usize),
+    #[error("a dynamic table size update after a header field")]
+    LateSizeUpdate,
+}
+
+/// The static table (RFC 7541 Appendix A); index 1 is the first entry.
+const STATIC: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// Per-entry overhead in the table size (RFC 7541 §4.1).
+const ENTRY_OVERHEAD: usize = 32;
+
 /// A decoder tracking the client's dynamic table.
 pub struct Decoder {
-    inner: loona_hpack::Decoder<'static>,
+    /// Newest first.
+    dynamic: VecDeque<(Vec<u8>, Vec<u8>)>,
+    size: usize,
+    /// The table's current maximum size, as set by the client's size updates.
+    max: usize,
+    /// SETTINGS_HEADER_TABLE_SIZE the server advertises: size updates above it are errors.
+    allowed: usize,
 }
 
 impl Decoder {
-    /// A decoder for a server that advertises `table_size` as SETTINGS_HEADER_TABLE_SIZE: size
-    /// updates above it are errors, as they are for `h2`.
+    /// A decoder for a server that advertises `table_size` as SETTINGS_HEADER_TABLE_SIZE.
     pub fn new(table_size: usize) -> Self {
-        let mut inner = loona_hpack::Decoder::new();
-        inner.set_max_allowed_table_size(table_size);
-        inner.set_max_table_size(table_size);
-        Decoder { inner }
+        Decoder {
+            dynamic: VecDeque::new(),
+            size: 0,
+            max: table_size,
+            allowed: table_size,
+        }
+    }
+
+    fn get(&self, index: usize) -> Result<(&[u8], &[u8]), DecodeError> {
+        match index {
+            1..=61 => {
+                let (n, v) = STATIC[index - 1];
+                Ok((n.as_bytes(), v.as_bytes()))
+            }
+            _ => self
+                .dynamic
+                .get(index.wrapping_sub(62))
+                .map(|(n, v)| (n.as_slice(), v.as_slice()))
+                .ok_or(DecodeError::Index(index)),
+        }
+    }
+
+    fn evict_to(&mut self, room: usize) {
+        while self.size > room {
+            let (n, v) = self
+                .dynamic
+                .pop_back()
+                .expect("a non-zero size has entries");
+            self.size -= n.len() + v.len() + ENTRY_OVERHEAD;
+        }
+    }
+
+    fn insert(&mut self, name: Vec<u8>, value: Vec<u8>) {
+        let size = name.len() + value.len() + ENTRY_OVERHEAD;
+        if size > self.max {
+            // An entry larger than the table empties it and is not added (RFC 7541 §4.4).
+            self.evict_to(0);
+            return;
+        }
+        self.evict_to(self.max - size);
+        self.size += size;
+        self.dynamic.push_front((name, value));
     }
 
     /// Decodes `block`, inspecting every field and appending its re-encoding (literals without
@@ -51,26 +185,62 @@ impl Decoder {
         request: bool,
         max_list: usize,
         copy: &mut Vec<u8>,
-    ) -> Result<Inspection, loona_hpack::decoder::DecoderError> {
+    ) -> Result<Inspection, DecodeError> {
         let mut seen = Seen::default();
         let mut insp = Inspection::default();
-        self.inner.decode_with_cb(block, |name, value| {
-            insp.list_size += name.len() + value.len() + 32;
-            let replace = seen.field(&name, &value, request, &mut insp);
+        let mut on_field = |name: &[u8], value: &[u8]| {
+            insp.list_size += name.len() + value.len() + ENTRY_OVERHEAD;
+            let replace = seen.field(name, value, request, &mut insp);
             if insp.list_size > max_list {
                 insp.overflow = true;
             } else {
                 put_literal(
                     copy,
-                    &name,
+                    name,
                     if replace {
                         REPLACEMENT_AUTHORITY
                     } else {
-                        &value
+                        value
                     },
                 );
             }
-        })?;
+        };
+        let mut pos = 0;
+        let mut fields = false;
+        while let Some(&first) = block.get(pos) {
+            if first & 0x80 != 0 {
+                // Indexed field (§6.1).
+                let (n, v) = self.get(int(block, &mut pos, 7)?)?;
+                on_field(n, v);
+            } else if first & 0xe0 == 0x20 {
+                // Dynamic table size update (§6.3).
+                let size = int(block, &mut pos, 5)?;
+                if fields {
+                    return Err(DecodeError::LateSizeUpdate);
+                }
+                if size > self.allowed {
+                    return Err(DecodeError::TableSize(size, self.allowed));
+                }
+                self.max = size;
+                self.evict_to(size);
+                continue;
+            } else {
+                // Literal with incremental indexing (§6.2.1), without indexing or never indexed.
+                let indexing = first & 0xc0 == 0x40;
+                let index = int(block, &mut pos, if indexing { 6 } else { 4 })?;
+                let name = match index {
+                    0 => string(block, &mut pos)?,
+                    i => Cow::Borrowed(self.get(i)?.0),
+                };
+                let value = string(block, &mut pos)?;
+                on_field(&name, &value);
+                if indexing {
+                    let (name, value) = (name.into_owned(), value.into_owned());
+                    self.insert(name, value);
+                }
+            }
+            fields = true;
+        }
         if request && insp.fault.is_none() {
             insp.fault = seen.missing();
         }
@@ -79,6 +249,43 @@ impl Decoder {
         }
         Ok(insp)
     }
+}
+
+/// Reads an integer with an `n`-bit prefix at `pos` (RFC 7541 §5.1); at most 2^28 + prefix.
+fn int(buf: &[u8], pos: &mut usize, n: u8) -> Result<usize, DecodeError> {
+    let max = (1usize << n) - 1;
+    let first = *buf.get(*pos).ok_or(DecodeError::Integer)? as usize & max;
+    *pos += 1;
+    if first < max {
+        return Ok(first);
+    }
+    let mut value = max;
+    for shift in [0, 7, 14, 21] {
+        let b = *buf.get(*pos).ok_or(DecodeError::Integer)?;
+        *pos += 1;
+        value += ((b & 0x7f) as usize) << shift;
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(DecodeError::Integer)
+}
+
+/// Reads a string literal at `pos` (RFC 7541 §5.2), Huffman-decoded if it is coded.
+fn string<'b>(buf: &'b [u8], pos: &mut usize) -> Result<Cow<'b, [u8]>, DecodeError> {
+    let huffman = buf.get(*pos).is_some_and(|b| b & 0x80 != 0);
+    let len = int(buf, pos, 7)?;
+    let raw = buf
+        .get(*pos..pos.saturating_add(len))
+        .ok_or(DecodeError::Truncated)?;
+    *pos += len;
+    if !huffman {
+        return Ok(Cow::Borrowed(raw));
+    }
+    let mut out = Vec::with_capacity(len * 8 / 5 + 1);
+    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
+        .map_err(|_| DecodeError::Huffman)?;
+    Ok(Cow::Owned(out))
 }
 
 /// Pseudo-headers seen so far in one block, for spotting what `h2` refuses.
@@ -211,14 +418,19 @@ mod tests {
             .collect()
     }
 
-    /// Decodes a sequence of blocks with one decoder, as one connection would, checking each.
-    fn check_sequence(table_size: usize, blocks: &[(&str, &[(&str, &str)])]) {
-        let mut d = loona_hpack::Decoder::new();
-        d.set_max_allowed_table_size(4096);
-        d.set_max_table_size(table_size);
-        for (i, (encoded, want)) in blocks.iter().enumerate() {
-            let got = d.decode(&hex(encoded)).unwrap();
-            assert_eq!(got, pairs(want), "block {}", i + 1);
+    /// Decodes a sequence of blocks with one decoder, as one connection would, checking each
+    /// block's fields (through the re-encoded copy) and the dynamic table after it.
+    fn check_sequence(table_size: usize, blocks: &[(&str, &[(&str, &str)], &[(&str, &str)])]) {
+        let mut d = Decoder::new(4096);
+        d.max = table_size;
+        for (i, (encoded, want, table)) in blocks.iter().enumerate() {
+            let mut copy = Vec::new();
+            d.decode(&hex(encoded), false, 1 << 20, &mut copy).unwrap();
+            assert_eq!(literals(&copy), pairs(want), "block {}", i + 1);
+            let got: Vec<(Vec<u8>, Vec<u8>)> = d.dynamic.iter().cloned().collect();
+            assert_eq!(got, pairs(table), "table after block {}", i + 1);
+            let size: usize = table.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
+            assert_eq!(d.size, size, "table size after block {}", i + 1);
         }
     }
 
@@ -241,6 +453,36 @@ mod tests {
         (":path", "/index.html"),
         (":authority", "www.example.com"),
         ("custom-key", "custom-value"),
+    ];
+    const T1: &[(&str, &str)] = &[(":authority", "www.example.com")];
+    const T2: &[(&str, &str)] = &[
+        ("cache-control", "no-cache"),
+        (":authority", "www.example.com"),
+    ];
+    const T3: &[(&str, &str)] = &[
+        ("custom-key", "custom-value"),
+        ("cache-control", "no-cache"),
+        (":authority", "www.example.com"),
+    ];
+    const RT1: &[(&str, &str)] = &[
+        ("location", "https://www.example.com"),
+        ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+        ("cache-control", "private"),
+        (":status", "302"),
+    ];
+    const RT2: &[(&str, &str)] = &[
+        (":status", "307"),
+        ("location", "https://www.example.com"),
+        ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+        ("cache-control", "private"),
+    ];
+    const RT3: &[(&str, &str)] = &[
+        (
+            "set-cookie",
+            "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1",
+        ),
+        ("content-encoding", "gzip"),
+        ("date", "Mon, 21 Oct 2013 20:13:22 GMT"),
     ];
     const RESP1: &[(&str, &str)] = &[
         (":status", "302"),
@@ -271,11 +513,16 @@ mod tests {
         check_sequence(
             4096,
             &[
-                ("8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d", REQ1),
-                ("8286 84be 5808 6e6f 2d63 6163 6865", REQ2),
+                (
+                    "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+                    REQ1,
+                    T1,
+                ),
+                ("8286 84be 5808 6e6f 2d63 6163 6865", REQ2, T2),
                 (
                     "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
                     REQ3,
+                    T3,
                 ),
             ],
         );
@@ -286,11 +533,12 @@ mod tests {
         check_sequence(
             4096,
             &[
-                ("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff", REQ1),
-                ("8286 84be 5886 a8eb 1064 9cbf", REQ2),
+                ("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff", REQ1, T1),
+                ("8286 84be 5886 a8eb 1064 9cbf", REQ2, T2),
                 (
                     "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
                     REQ3,
+                    T3,
                 ),
             ],
         );
@@ -306,14 +554,16 @@ mod tests {
                      2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70
                      6c65 2e63 6f6d",
                     RESP1,
+                    RT1,
                 ),
-                ("4803 3330 37c1 c0bf", RESP2),
+                ("4803 3330 37c1 c0bf", RESP2, RT2),
                 (
                     "88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d
                      54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049
                      5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e
                      3d31",
                     RESP3,
+                    RT3,
                 ),
             ],
         );
@@ -328,13 +578,15 @@ mod tests {
                     "4882 6402 5885 aec3 771a 4b61 96d0 7abe 9410 54d4 44a8 2005 9504 0b81 66e0 82a6
                      2d1b ff6e 919d 29ad 1718 63c7 8f0b 97c8 e9ae 82ae 43d3",
                     RESP1,
+                    RT1,
                 ),
-                ("4883 640e ffc1 c0bf", RESP2),
+                ("4883 640e ffc1 c0bf", RESP2, RT2),
                 (
                     "88c1 6196 d07a be94 1054 d444 a820 0595 040b 8166 e084 a62d 1bff c05a 839b d9ab
                      77ad 94e7 821d d7f2 e6c7 b335 dfdf cd5b 3960 d5af 2708 7f36 72c1 ab27 0fb5 291f
                      9587 3160 65c0 03ed 4ee5 b106 3d50 07",
                     RESP3,
+                    RT3,
                 ),
             ],
         );
@@ -353,6 +605,33 @@ mod tests {
         ok.extend_from_slice(&[0x82]);
         let mut d = Decoder::new(4096);
         assert!(d.decode(&ok, false, 1 << 20, &mut copy).is_ok());
+        assert_eq!(d.max, 100);
+        // Only at the start of a block, as `h2` requires.
+        let late = [0x82, 0x20];
+        assert_eq!(
+            Decoder::new(4096).decode(&late, false, 1 << 20, &mut copy),
+            Err(DecodeError::LateSizeUpdate)
+        );
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_table_empties_it() {
+        let mut d = Decoder::new(4096);
+        d.max = 100;
+        let mut block = Vec::new();
+        // Literal with incremental indexing, new name: fits, then one that does not.
+        for value in ["short", &"x".repeat(90)] {
+            block.push(0x40);
+            put_int(&mut block, 0, 7, 1);
+            block.push(b'a');
+            put_int(&mut block, 0, 7, value.len());
+            block.extend_from_slice(value.as_bytes());
+        }
+        d.decode(&block, false, 1 << 20, &mut Vec::new()).unwrap();
+        assert!(d.dynamic.is_empty());
+        assert_eq!(d.size, 0);
+        assert_eq!(d.get(62), Err(DecodeError::Index(62)));
+        assert_eq!(d.get(61).unwrap().0, b"www-authenticate");
     }
 
     /// Decodes a block encoded by [`put_literal`] back, as `h2` would.
