@@ -420,7 +420,9 @@ mod tests {
 
     /// Decodes a sequence of blocks with one decoder, as one connection would, checking each
     /// block's fields (through the re-encoded copy) and the dynamic table after it.
-    fn check_sequence(table_size: usize, blocks: &[(&str, &[(&str, &str)], &[(&str, &str)])]) {
+    type Fields<'a> = &'a [(&'a str, &'a str)];
+
+    fn check_sequence(table_size: usize, blocks: &[(&str, Fields, Fields)]) {
         let mut d = Decoder::new(4096);
         d.max = table_size;
         for (i, (encoded, want, table)) in blocks.iter().enumerate() {
