@@ -341,9 +341,7 @@ impl Seen {
             }
         } else {
             self.regular = true;
-            if http::HeaderName::from_bytes(name).map_or(true, |n| n.as_str().as_bytes() != name)
-                || http::HeaderValue::from_bytes(value).is_err()
-            {
+            if !valid_name(name) || !valid_value(value) {
                 fault = Some(Refusal::InvalidHeader);
             } else if matches!(
                 name,
@@ -371,6 +369,24 @@ impl Seen {
             _ => None,
         }
     }
+}
+
+/// Whether `h2` accepts `name` as a header name: a non-empty token in lower case (RFC 9110 §5.6.2,
+/// RFC 9113 §8.2.1).
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.iter().all(|&b| {
+            matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\''
+                | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
+        })
+}
+
+/// Whether `h2` accepts `value` as a header value: visible bytes, spaces and tabs (no CR, LF, NUL
+/// or other control bytes).
+fn valid_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
 }
 
 /// Appends an HPACK integer with an `n`-bit prefix whose high bits are `flags` (RFC 7541 §5.1).
@@ -808,6 +824,22 @@ mod tests {
         assert!(insp.overflow);
         assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
         assert!(copy.len() < 4000);
+    }
+
+    #[test]
+    fn name_and_value_checks_agree_with_the_http_crate() {
+        for b in 0..=255u8 {
+            let name = [b'x', b];
+            let lower =
+                http::HeaderName::from_bytes(&name).is_ok_and(|n| n.as_str().as_bytes() == name);
+            assert_eq!(valid_name(&name), lower, "name byte {b}");
+            let value = [b'v', b];
+            assert_eq!(
+                valid_value(&value),
+                http::HeaderValue::from_bytes(&value).is_ok(),
+                "value byte {b}"
+            );
+        }
     }
 
     #[test]
