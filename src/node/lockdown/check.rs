@@ -229,20 +229,46 @@ fn containerd_registry(
         "run `pullgate node check --write-hosts {}` (it shows the change first), then restart containerd",
         c.config_path[0].display()
     );
-    for source in &sources {
-        let what = if *source == "_default" {
-            "registry names without a hosts directory of their own (_default)".to_string()
-        } else {
-            format!("{source}, a source the bundle mirrors")
-        };
-        let Some(dir) = c.hosts_dir(source) else {
+    // The directory each mirrored source (and `_default`) resolves to, then every other registry
+    // directory present: a name pullgate does not mirror still must not reach its upstream.
+    let mut targets: Vec<(String, Option<PathBuf>)> = sources
+        .iter()
+        .map(|source| {
+            let what = if *source == "_default" {
+                "registry names without a hosts directory of their own (_default)".to_string()
+            } else {
+                format!("{source}, a source the bundle mirrors")
+            };
+            (what, c.hosts_dir(source))
+        })
+        .collect();
+    for root in &c.config_path {
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            let name = d.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+            targets.push((format!("registry {name}"), Some(d)));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, (what, dir)) in targets.iter().enumerate() {
+        let Some(dir) = dir else {
             findings.push(finding(
-                format!("{roots}: {source}"),
+                format!("{roots}: {}", sources[i]),
                 format!("no hosts directory applies to {what}: containerd pulls from the upstream registry"),
                 fix.clone(),
             ));
             continue;
         };
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
         let path = dir.join("hosts.toml");
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -259,14 +285,14 @@ fn containerd_registry(
             findings.push(finding(
                 path.display().to_string(),
                 format!("used for {what}: {p}"),
-                fix.clone(),
+                format!("{fix}; or delete {} so that _default applies", dir.display()),
             ));
         }
     }
     outcome(
         findings,
         format!(
-            "config_path {roots}: {} sent only to {}",
+            "config_path {roots}: {} and every registry directory there send only to {}",
             sources.join(", "),
             b.private_registry
         ),
@@ -501,6 +527,11 @@ async fn sandbox_image(i: &Inputs<'_>) -> Outcome {
     if let Err(s) = lookup::sandbox_image(i.upstream).await {
         return Outcome::Error {
             detail: format!("cannot read containerd's CRI configuration: {}", s.message),
+        };
+    }
+    if let Err(why) = i.state.usable(i.now) {
+        return Outcome::Error {
+            detail: format!("cannot judge the sandbox image without a usable bundle: {why}"),
         };
     }
     match i.enforcer.check_sandbox_image().await {
