@@ -23,6 +23,8 @@ pub const MAX_ENTRIES: usize = 4096;
 pub struct ForwardedPull {
     /// The reference containerd was asked to pull, normalised (`docker.io/library/busybox:1`).
     pub reference: String,
+    /// Its repository (`docker.io/library/busybox`).
+    pub repository: String,
     /// The digest it was pinned to, when it was (every allowed pull is).
     pub digest: Option<String>,
     /// Whether the pull was allowed (pinned to an approved digest) rather than only warned about.
@@ -44,6 +46,9 @@ impl PullLedger {
             reference: parsed
                 .as_ref()
                 .map_or_else(|| reference.to_string(), |r| r.to_string()),
+            repository: parsed
+                .as_ref()
+                .map_or_else(String::new, |r| format!("{}/{}", r.domain(), r.path())),
             digest: parsed.and_then(|r| r.digest().map(|d| d.to_string())),
             allowed,
             at: Instant::now(),
@@ -55,11 +60,17 @@ impl PullLedger {
         pulls.push_back(entry);
     }
 
-    /// The most recent forwarded pull that explains an image named `name` (normalised or as
-    /// containerd stores it) with target `digest`: one of the same reference, or pinned to the
-    /// same digest.
+    /// The most recent forwarded pull that explains an image named `name` (as containerd stores
+    /// it) with target `digest`: a pull of that very reference, or — for the `repo@digest` name
+    /// CRI adds to a pull by tag — a pull from the same repository whose image has that digest.
+    /// Another name for the same content is not explained: it was made past pullgate.
     pub fn find(&self, name: &str, digest: &str) -> Option<ForwardedPull> {
-        let normalized = Reference::parse(name).map(|r| r.to_string()).ok();
+        let parsed = Reference::parse(name).ok();
+        let normalized = parsed.as_ref().map(|r| r.to_string());
+        let by_digest = parsed.as_ref().and_then(|r| {
+            let d = r.digest()?.to_string();
+            (d == digest).then(|| format!("{}/{}", r.domain(), r.path()))
+        });
         let mut pulls = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while pulls
@@ -72,9 +83,9 @@ impl PullLedger {
             .iter()
             .rev()
             .find(|p| {
-                p.digest.as_deref() == Some(digest)
-                    || normalized.as_deref() == Some(p.reference.as_str())
+                normalized.as_deref() == Some(p.reference.as_str())
                     || p.reference == name
+                    || by_digest.as_deref() == Some(p.repository.as_str())
             })
             .cloned()
     }
@@ -88,21 +99,37 @@ mod tests {
     const E: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
     #[test]
-    fn pulls_are_found_by_reference_or_pinned_digest() {
+    fn pulls_are_found_by_reference_or_repo_digest() {
         let l = PullLedger::default();
         assert!(l.find("docker.io/library/busybox:1", D).is_none());
-        l.note(&format!("registry.corp/approved/library/busybox@{D}"), true);
+        let pinned = format!("registry.corp/approved/library/busybox@{D}");
+        l.note(&pinned, true);
         l.note("busybox:1.36", false);
-        // The image ID alias CRI creates has the pinned digest as its target.
-        let p = l.find("sha256:abcd", D).expect("found by digest");
+        let p = l.find(&pinned, D).expect("found by reference");
         assert!(p.allowed);
         assert_eq!(p.digest.as_deref(), Some(D));
-        // A warned (forwarded as asked) pull is found by its normalised name.
+        // A warned (forwarded as asked) pull is found by its normalised name, and so is the
+        // `repo@digest` name CRI adds for it.
         let w = l
             .find("docker.io/library/busybox:1.36", E)
             .expect("found by name");
         assert!(!w.allowed);
+        assert!(
+            l.find(&format!("docker.io/library/busybox@{E}"), E)
+                .is_some()
+        );
+        // The same content under another name was not pulled through pullgate.
         assert!(l.find("docker.io/library/busybox:1.35", E).is_none());
+        assert!(
+            l.find(&format!("127.0.0.1:5000/library/busybox@{D}"), D)
+                .is_none()
+        );
+        assert!(l.find("127.0.0.1:5000/library/busybox:1.36", D).is_none());
+        assert!(
+            l.find(&format!("docker.io/library/busybox@{D}"), E)
+                .is_none(),
+            "name says D, image is E"
+        );
     }
 
     #[test]

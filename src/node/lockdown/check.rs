@@ -252,7 +252,11 @@ fn containerd_registry(
             .collect();
         dirs.sort();
         for d in dirs {
-            let name = d.file_name().and_then(|n| n.to_str()).unwrap_or("").to_string();
+            let name = d
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_string();
             targets.push((format!("registry {name}"), Some(d)));
         }
     }
@@ -285,7 +289,10 @@ fn containerd_registry(
             findings.push(finding(
                 path.display().to_string(),
                 format!("used for {what}: {p}"),
-                format!("{fix}; or delete {} so that _default applies", dir.display()),
+                format!(
+                    "{fix}; or delete {} so that _default applies",
+                    dir.display()
+                ),
             ));
         }
     }
@@ -316,7 +323,7 @@ fn socket_findings(
             return vec![finding(
                 subject,
                 format!("cannot be examined: {e}"),
-                format!("start the {role} or correct the path in the configuration"),
+                format!("start {role}, or correct its path in the configuration"),
             )];
         }
     };

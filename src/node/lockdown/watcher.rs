@@ -194,12 +194,15 @@ fn is_id_alias(name: &str) -> bool {
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-/// Whether a committed snapshot carries what containerd's unpacker leaves: the active key
-/// `extract-<unique> <name>` it was committed from, and `containerd.io/snapshot.ref = <name>`.
-pub fn looks_unpacked(key: &str, name: &str, labels: &HashMap<String, String>) -> bool {
-    key.starts_with("extract-")
+/// Whether a committed snapshot looks like an unpack: containerd 1.6's unpacker (CRI's and ctr's
+/// alike) commits a layer under its chain ID (`sha256:<64 hex>`) from an active snapshot keyed
+/// `extract-<unique> <chain ID>`. CRI's pulls also label it `containerd.io/snapshot.ref`, ctr's do
+/// not, so the label is not required. Both marks can be forged through containerd's API: this tells
+/// a hand-made commit (`ctr snapshots commit`) from an unpack, not a deliberate forgery.
+pub fn looks_unpacked(key: &str, name: &str) -> bool {
+    is_id_alias(name)
+        && key.starts_with("extract-")
         && key.strip_suffix(name).is_some_and(|k| k.ends_with(' '))
-        && labels.get(SNAPSHOT_REF_LABEL).map(String::as_str) == Some(name)
 }
 
 impl Api {
@@ -593,7 +596,7 @@ impl Watcher {
         let found = api.snapshot_labels(ns, &c.snapshotter, &c.name).await?;
         let (snapshotter, labels) =
             found.unwrap_or_else(|| (c.snapshotter.clone(), HashMap::new()));
-        if looks_unpacked(&c.key, &c.name, &labels) {
+        if looks_unpacked(&c.key, &c.name) {
             return Ok(());
         }
         self.metrics.out_of_band(1);
@@ -604,8 +607,13 @@ impl Watcher {
             namespace: Some(ns.to_string()),
             name: Some(c.name.clone()),
             message: format!(
-                "snapshot {:?} was committed from {:?} without the marks containerd's unpacker leaves (an `extract-… <name>` key and the {SNAPSHOT_REF_LABEL} label): it was made by hand, not unpacked from an image's layers",
-                c.name, c.key
+                "snapshot {:?} was committed from {:?}{}: containerd's unpacker commits a layer's chain ID (sha256:…) from a key `extract-<unique> <chain ID>`, so this was made by hand, not unpacked from an image's layers",
+                c.name,
+                c.key,
+                match labels.get(SNAPSHOT_REF_LABEL) {
+                    Some(r) => format!(" (labelled {SNAPSHOT_REF_LABEL}={r})"),
+                    None => String::new(),
+                }
             ),
             detected: Some(Detected::Event.as_str()),
             action: Some("reported"),
@@ -887,29 +895,20 @@ mod tests {
     #[test]
     fn unpack_marks_are_recognised() {
         let name = "sha256:ae19675339ff56e67e17791166c06a65eba138ae2485bb08f3311b995a18ada8";
-        let labels: HashMap<String, String> =
-            [(SNAPSHOT_REF_LABEL.to_string(), name.to_string())].into();
-        // What containerd 1.6's unpacker committed in a CRI pull on this machine.
-        let key = format!("extract-377459914-aPZ4 {name}");
-        assert!(looks_unpacked(&key, name, &labels));
-        // `ctr snapshots prepare/commit`: any key, a gc.root label, no snapshot.ref.
-        let ctr: HashMap<String, String> = [(
-            "containerd.io/gc.root".to_string(),
-            "2026-11-30T09:08:54Z".to_string(),
-        )]
-        .into();
-        assert!(!looks_unpacked("planted-active", "planted", &ctr));
-        assert!(!looks_unpacked(&key, name, &ctr), "label missing");
-        assert!(!looks_unpacked(
-            &format!("extract-1-x{name}"),
-            name,
-            &labels
+        // What containerd 1.6's unpacker committed in a CRI pull and a ctr pull on this machine.
+        assert!(looks_unpacked(
+            &format!("extract-377459914-aPZ4 {name}"),
+            name
         ));
+        // `ctr snapshots prepare/commit`: any key, any name.
+        assert!(!looks_unpacked("planted-active", "planted"));
+        assert!(!looks_unpacked("planted-active", name));
+        assert!(!looks_unpacked(&format!("extract-1-x{name}"), name));
         assert!(!looks_unpacked(
             &format!("extract-1-x {name}"),
-            "sha256:other",
-            &labels
+            "sha256:other"
         ));
+        assert!(!looks_unpacked("extract-1-x planted", "planted"));
     }
 
     #[test]
