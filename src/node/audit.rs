@@ -202,6 +202,44 @@ mod tests {
     }
 
     #[test]
+    fn lockdown_records_share_the_log_and_are_told_apart_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        log.record(&rec(1)).unwrap();
+        log.record_lockdown(&LockdownRecord {
+            time: "2026-11-30T09:00:00Z".into(),
+            kind: "out_of_band_image",
+            namespace: Some("k8s.io".into()),
+            name: Some("quay.io/evil/miner:1".into()),
+            digests: vec!["sha256:aa".into()],
+            class: Some("unapproved"),
+            message: "m".into(),
+            detected: Some("event"),
+            action: Some("reported"),
+            ..Default::default()
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["method"], "PullImage");
+        assert!(
+            lines[0].get("kind").is_none(),
+            "decision lines are unchanged"
+        );
+        assert_eq!(lines[1]["kind"], "out_of_band_image");
+        assert_eq!(lines[1]["digests"][0], "sha256:aa");
+        assert!(lines[1].get("method").is_none());
+        assert!(
+            lines[1].get("gap_from").is_none(),
+            "only the fields of its kind"
+        );
+    }
+
+    #[test]
     fn lines_are_json_and_rotate_by_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit/audit.log");

@@ -357,37 +357,54 @@ impl Metrics {
 
     fn render_lockdown(&self, o: &mut String) {
         let l = &self.lockdown;
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
         if let Some(images) = *lock(&l.images) {
-            o.push_str("# HELP pullgate_node_images Images in containerd (distinct namespace and digest), by class: approved, out_of_band (not pulled through pullgate), unapproved (digest not approved).\n");
-            o.push_str("# TYPE pullgate_node_images gauge\n");
+            head(
+                o,
+                "pullgate_node_images",
+                "gauge",
+                "Images in containerd (distinct namespace and digest), by class: approved, out_of_band (not pulled through pullgate), unapproved (digest not approved).",
+            );
             for (class, n) in IMAGE_CLASSES.iter().zip(images) {
                 let _ = writeln!(o, "pullgate_node_images{{class=\"{class}\"}} {n}");
             }
         }
-        o.push_str("# HELP pullgate_out_of_band_total Images and snapshots that entered containerd past pullgate, by kind.\n");
-        o.push_str("# TYPE pullgate_out_of_band_total counter\n");
+        head(
+            o,
+            "pullgate_out_of_band_total",
+            "counter",
+            "Images and snapshots that entered containerd past pullgate, by kind.",
+        );
         for (kind, n) in OUT_OF_BAND_KINDS.iter().zip(&l.out_of_band) {
-            let _ = writeln!(
-                o,
-                "pullgate_out_of_band_total{{kind=\"{kind}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_out_of_band_total{{kind=\"{kind}\"}} {n}");
         }
         let up = l.watcher_up.load(Ordering::Relaxed);
         if up >= 0 {
-            o.push_str("# HELP pullgate_lockdown_watcher_up Whether pullgate is subscribed to containerd's events.\n");
-            o.push_str("# TYPE pullgate_lockdown_watcher_up gauge\n");
-            let _ = writeln!(o, "pullgate_lockdown_watcher_up {up}");
-            o.push_str("# HELP pullgate_lockdown_event_gaps_total Times containerd's event stream was lost (events in the gap were recovered by re-reading every image).\n");
-            o.push_str("# TYPE pullgate_lockdown_event_gaps_total counter\n");
-            let _ = writeln!(
+            head(
                 o,
-                "pullgate_lockdown_event_gaps_total {}",
-                l.event_gaps.load(Ordering::Relaxed)
+                "pullgate_lockdown_watcher_up",
+                "gauge",
+                "Whether pullgate is subscribed to containerd's events.",
             );
+            let _ = writeln!(o, "pullgate_lockdown_watcher_up {up}");
+            head(
+                o,
+                "pullgate_lockdown_event_gaps_total",
+                "counter",
+                "Times containerd's event stream was lost (what arrived in the gap was found by re-reading every image).",
+            );
+            let gaps = l.event_gaps.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_lockdown_event_gaps_total {gaps}");
         }
-        o.push_str("# HELP pullgate_out_of_band_removals_total Out-of-band images pullgate tried to remove (lockdown.remove_out_of_band), by result.\n");
-        o.push_str("# TYPE pullgate_out_of_band_removals_total counter\n");
+        head(
+            o,
+            "pullgate_out_of_band_removals_total",
+            "counter",
+            "Out-of-band images pullgate tried to remove (lockdown.remove_out_of_band), by result.",
+        );
         for (result, n) in lock(&l.removals).iter() {
             let _ = writeln!(
                 o,
@@ -396,13 +413,21 @@ impl Metrics {
         }
         let findings = lock(&l.findings);
         if !findings.is_empty() {
-            o.push_str("# HELP pullgate_lockdown_findings Problems the node check found in the node's lockdown, by check.\n");
-            o.push_str("# TYPE pullgate_lockdown_findings gauge\n");
+            head(
+                o,
+                "pullgate_lockdown_findings",
+                "gauge",
+                "Problems the node check found in the node's lockdown, by check.",
+            );
             for (check, (n, _)) in findings.iter() {
                 let _ = writeln!(o, "pullgate_lockdown_findings{{check=\"{check}\"}} {n}");
             }
-            o.push_str("# HELP pullgate_lockdown_unchecked Whether a check of the node's lockdown could not be made, by check.\n");
-            o.push_str("# TYPE pullgate_lockdown_unchecked gauge\n");
+            head(
+                o,
+                "pullgate_lockdown_unchecked",
+                "gauge",
+                "Whether a check of the node's lockdown could not be made, by check.",
+            );
             for (check, (_, unchecked)) in findings.iter() {
                 let _ = writeln!(
                     o,

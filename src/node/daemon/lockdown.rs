@@ -8,21 +8,21 @@ use time::OffsetDateTime;
 
 use super::listener::resolve_group;
 use super::node::Node;
-use crate::node::lockdown::{Watcher, check};
+use crate::node::lockdown::{Watch, Watcher, check};
 
 /// Starts the watcher and the first node check (after the socket is bound: the check looks at it).
 pub fn start(node: &Arc<Node>) {
     let l = &node.config.lockdown;
     if l.watch {
-        let watcher = Watcher::new(
-            node.config.server.upstream.clone(),
-            node.state.clone(),
-            node.enforcer.pulls.clone(),
-            node.metrics.clone(),
-            node.lockdown.audit.clone(),
-            l.remove_out_of_band,
-            node.lockdown.watch.clone(),
-        );
+        let watcher = Watcher::new(Watch {
+            socket: node.config.server.upstream.clone(),
+            state: node.state.clone(),
+            pulls: node.enforcer.pulls.clone(),
+            metrics: node.metrics.clone(),
+            audit: node.lockdown.audit.clone(),
+            remove: l.remove_out_of_band,
+            status: node.lockdown.watch.clone(),
+        });
         tokio::spawn(watcher.run());
     }
     recheck(node);

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use crate::node::audit::AuditLog;
 
 pub use check::Report;
-pub use watcher::{WatchStatus, Watcher};
+pub use watcher::{Watch, WatchStatus, Watcher};
 
 /// What the daemon knows of its node's lockdown, for `/status`, and the audit log the watcher
 /// writes to.

@@ -150,15 +150,23 @@ struct Known {
     alias: bool,
 }
 
+/// What the watcher works with.
+pub struct Watch {
+    /// containerd's socket.
+    pub socket: PathBuf,
+    pub state: Arc<PolicyState>,
+    /// The pulls the enforcer forwarded.
+    pub pulls: Arc<PullLedger>,
+    pub metrics: Arc<Metrics>,
+    pub audit: Option<Arc<AuditLog>>,
+    /// `lockdown.remove_out_of_band`.
+    pub remove: bool,
+    pub status: Arc<WatchStatus>,
+}
+
 /// The watcher: construct with [`Watcher::new`], then [`Watcher::run`] it as a task.
 pub struct Watcher {
-    socket: PathBuf,
-    state: Arc<PolicyState>,
-    pulls: Arc<PullLedger>,
-    metrics: Arc<Metrics>,
-    audit: Option<Arc<AuditLog>>,
-    remove: bool,
-    status: Arc<WatchStatus>,
+    w: Watch,
     known: HashMap<(String, String), Known>,
     /// (namespace, target) already reported, so one `ctr pull` (a name, CRI's ID alias, a label
     /// update) is one record.
@@ -374,23 +382,9 @@ enum Ended {
 }
 
 impl Watcher {
-    pub fn new(
-        socket: PathBuf,
-        state: Arc<PolicyState>,
-        pulls: Arc<PullLedger>,
-        metrics: Arc<Metrics>,
-        audit: Option<Arc<AuditLog>>,
-        remove: bool,
-        status: Arc<WatchStatus>,
-    ) -> Watcher {
+    pub fn new(w: Watch) -> Watcher {
         Watcher {
-            socket,
-            state,
-            pulls,
-            metrics,
-            audit,
-            remove,
-            status,
+            w,
             known: HashMap::new(),
             reported: HashSet::new(),
             removed: HashSet::new(),
@@ -402,22 +396,22 @@ impl Watcher {
     /// Watches until the task is dropped: subscribes, classifies, follows events; reconnects and
     /// reports the gap when the stream breaks.
     pub async fn run(mut self) {
-        self.status.update(|s| s.running = true);
-        self.metrics.set_watcher_up(false);
+        self.w.status.update(|s| s.running = true);
+        self.w.metrics.set_watcher_up(false);
         let mut gap_from: Option<String> = None;
         let mut classified = false;
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.session(&mut classified, &mut gap_from).await {
                 Ended::NotConnected(why) => {
-                    tracing::debug!(socket = %self.socket.display(), error = %why, "cannot subscribe to containerd's events yet");
+                    tracing::debug!(socket = %self.w.socket.display(), error = %why, "cannot subscribe to containerd's events yet");
                 }
                 Ended::Lost(why) => {
                     backoff = Duration::from_millis(200);
                     gap_from = Some(now_rfc3339());
-                    self.metrics.set_watcher_up(false);
-                    self.status.update(|s| s.connected = false);
-                    tracing::warn!(socket = %self.socket.display(), error = %why, "lost containerd's event stream; reconnecting (images that arrive meanwhile are classified once it is back)");
+                    self.w.metrics.set_watcher_up(false);
+                    self.w.status.update(|s| s.connected = false);
+                    tracing::warn!(socket = %self.w.socket.display(), error = %why, "lost containerd's event stream; reconnecting (images that arrive meanwhile are classified once it is back)");
                 }
             }
             tokio::time::sleep(backoff).await;
@@ -427,7 +421,7 @@ impl Watcher {
 
     /// One subscription: connect, subscribe, prove it live, (re)classify, then follow events.
     async fn session(&mut self, classified: &mut bool, gap_from: &mut Option<String>) -> Ended {
-        let ch = match containerd_client::connect(&self.socket).await {
+        let ch = match containerd_client::connect(&self.w.socket).await {
             Ok(c) => c,
             Err(e) => return Ended::NotConnected(e.to_string()),
         };
@@ -463,8 +457,8 @@ impl Watcher {
         let Some(mut stream) = stream else {
             return Ended::NotConnected("containerd never answered the subscription".into());
         };
-        self.metrics.set_watcher_up(true);
-        self.status.update(|s| s.connected = true);
+        self.w.metrics.set_watcher_up(true);
+        self.w.status.update(|s| s.connected = true);
         self.sandbox_image = api.sandbox_image().await;
         let detected = if *classified {
             Detected::Resync
@@ -478,7 +472,7 @@ impl Watcher {
             return Ended::Lost(format!("listing images failed: {e}"));
         }
         *classified = true;
-        tracing::info!(socket = %self.socket.display(), "watching containerd's events for images that arrive past pullgate");
+        tracing::info!(socket = %self.w.socket.display(), "watching containerd's events for images that arrive past pullgate");
         loop {
             match stream.message().await {
                 Ok(Some(env)) => {
@@ -494,9 +488,9 @@ impl Watcher {
 
     fn report_gap(&mut self, from: String) {
         let to = now_rfc3339();
-        self.metrics.event_gap();
+        self.w.metrics.event_gap();
         tracing::warn!(gap_from = %from, gap_to = %to, "containerd's event stream had a gap; re-reading every image to classify what arrived meanwhile");
-        self.status.update(|s| {
+        self.w.status.update(|s| {
             s.gaps += 1;
             s.last_gap = Some((from.clone(), to.clone()));
         });
@@ -513,13 +507,13 @@ impl Watcher {
     }
 
     fn audit(&self, rec: LockdownRecord) {
-        if let Some(a) = &self.audit {
+        if let Some(a) = &self.w.audit {
             if let Err(e) = a.record_lockdown(&rec) {
-                self.metrics.audit_error();
+                self.w.metrics.audit_error();
                 tracing::error!(path = %a.path().display(), error = %e, "cannot write the audit log");
             }
         }
-        self.status.update(|s| {
+        self.w.status.update(|s| {
             if s.recent.len() >= RECENT {
                 s.recent.pop_front();
             }
@@ -599,7 +593,7 @@ impl Watcher {
         if looks_unpacked(&c.key, &c.name) {
             return Ok(());
         }
-        self.metrics.out_of_band(1);
+        self.w.metrics.out_of_band(1);
         tracing::warn!(namespace = %ns, snapshot = ?c.name, key = ?c.key, snapshotter = %snapshotter, "a snapshot was committed outside an image unpack (planted snapshot?)");
         self.audit(LockdownRecord {
             time: now_rfc3339(),
@@ -654,7 +648,7 @@ impl Watcher {
         name: &str,
         target: &str,
     ) -> Result<Result<u64, String>, tonic::Status> {
-        let b = match self.state.usable(OffsetDateTime::now_utc()) {
+        let b = match self.w.state.usable(OffsetDateTime::now_utc()) {
             Ok(b) => b,
             Err(why) => return Ok(Err(format!("no usable bundle: {why}"))),
         };
@@ -706,7 +700,7 @@ impl Watcher {
         let target_key = (ns.to_string(), target.clone());
         let approval = self.approval(api, ns, name, &target).await?;
         let forwarded = if ns == CRI_NAMESPACE {
-            self.pulls.find(name, &target)
+            self.w.pulls.find(name, &target)
         } else {
             None
         };
@@ -745,12 +739,18 @@ impl Watcher {
         if class == Class::Approved || warned_pull {
             return Ok(());
         }
-        let enforce = self.state.mode() == NodeMode::Enforce;
-        let removing = self.remove && enforce && ns == CRI_NAMESPACE;
+        let enforce = self.w.state.mode() == NodeMode::Enforce;
+        let removing = self.w.remove && enforce && ns == CRI_NAMESPACE;
         if self.reported.contains(&target_key) {
-            // CRI's ID alias of an image already reported (and removed): remove it too.
-            if removing && alias && self.removed.contains(&target_key) {
-                self.remove_rest(api, ns, &target).await;
+            // A name of an image already reported and removed: CRI's ID alias, or the name itself
+            // re-created by CRI's plugin, which read the image just before it was removed.
+            if removing && self.removed.contains(&target_key) {
+                if alias {
+                    self.remove_rest(api, ns, &target).await;
+                } else {
+                    let action = self.remove(api, ns, name, &target).await;
+                    tracing::info!(namespace = %ns, image = ?name, action, "an out-of-band image that was removed came back");
+                }
             }
             return Ok(());
         }
@@ -760,7 +760,7 @@ impl Watcher {
         } else {
             "reported"
         };
-        self.metrics.out_of_band(0);
+        self.w.metrics.out_of_band(0);
         let message = format!(
             "image {name:?} (namespace {ns}, digest {target}) is {}: {why}",
             match class {
@@ -781,14 +781,14 @@ impl Watcher {
             action: Some(action),
             bundle_version: approval
                 .ok()
-                .or_else(|| self.state.current().map(|b| b.version)),
+                .or_else(|| self.w.state.current().map(|b| b.version)),
             ..Default::default()
         });
         Ok(())
     }
 
     fn in_private_registry(&self, name: &str) -> bool {
-        let Some(b) = self.state.current() else {
+        let Some(b) = self.w.state.current() else {
             return false;
         };
         Reference::parse(name).is_ok_and(|r| r.domain() == b.private_registry)
@@ -823,12 +823,12 @@ impl Watcher {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot list containers; not removing the out-of-band image");
-                self.metrics.out_of_band_removal("failed");
+                self.w.metrics.out_of_band_removal("failed");
                 return "remove_failed";
             }
         };
         if in_use {
-            self.metrics.out_of_band_removal("in_use");
+            self.w.metrics.out_of_band_removal("in_use");
             return "kept_in_use";
         }
         match api.delete_image(ns, name).await {
@@ -836,12 +836,12 @@ impl Watcher {
                 self.removed.insert((ns.to_string(), target.to_string()));
                 self.known.remove(&(ns.to_string(), name.to_string()));
                 self.remove_rest(api, ns, target).await;
-                self.metrics.out_of_band_removal("removed");
+                self.w.metrics.out_of_band_removal("removed");
                 "removed"
             }
             Err(e) => {
                 tracing::error!(image = ?name, error = %e, "cannot remove the out-of-band image");
-                self.metrics.out_of_band_removal("failed");
+                self.w.metrics.out_of_band_removal("failed");
                 "remove_failed"
             }
         }
@@ -880,8 +880,8 @@ impl Watcher {
         for class in by_image.values() {
             counts[*class as usize] += 1;
         }
-        self.metrics.set_node_images(counts);
-        self.status.update(|s| {
+        self.w.metrics.set_node_images(counts);
+        self.w.status.update(|s| {
             s.classified = true;
             s.images = counts;
         });
