@@ -115,7 +115,27 @@ pub struct Metrics {
     audit_errors: AtomicU64,
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
+    lockdown: LockdownMetrics,
 }
+
+/// The lockdown watcher's and the node check's series (see [`crate::node::lockdown`]).
+struct LockdownMetrics {
+    /// Images in containerd by class (approved, out_of_band, unapproved); `None` until classified.
+    images: Mutex<Option<[u64; 3]>>,
+    /// Detections by kind: images, snapshots.
+    out_of_band: [AtomicU64; 2],
+    event_gaps: AtomicU64,
+    /// 1 subscribed to containerd's events, 0 not, -1 the watcher is not running.
+    watcher_up: AtomicI64,
+    removals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per check: findings, and whether it could not be checked.
+    findings: Mutex<BTreeMap<&'static str, (u64, bool)>>,
+}
+
+/// The classes of `pullgate_node_images`, in the order [`Metrics::set_node_images`] takes them.
+pub const IMAGE_CLASSES: [&str; 3] = ["approved", "out_of_band", "unapproved"];
+/// The kinds of `pullgate_out_of_band_total`.
+pub const OUT_OF_BAND_KINDS: [&str; 2] = ["image", "snapshot"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -126,6 +146,14 @@ impl Default for Metrics {
             installs: Mutex::default(),
             audit_errors: AtomicU64::new(0),
             sandbox_image_approved: AtomicI64::new(-1),
+            lockdown: LockdownMetrics {
+                images: Mutex::new(None),
+                out_of_band: Default::default(),
+                event_gaps: AtomicU64::new(0),
+                watcher_up: AtomicI64::new(-1),
+                removals: Mutex::default(),
+                findings: Mutex::default(),
+            },
         }
     }
 }
@@ -163,6 +191,44 @@ impl Metrics {
     pub fn set_sandbox_image_approved(&self, ok: bool) {
         self.sandbox_image_approved
             .store(i64::from(ok), Ordering::Relaxed);
+    }
+
+    /// Images in containerd now, by class (see [`IMAGE_CLASSES`]).
+    pub fn set_node_images(&self, by_class: [u64; 3]) {
+        *lock(&self.lockdown.images) = Some(by_class);
+    }
+
+    /// An image (`kind` 0) or snapshot (1) that entered containerd past pullgate.
+    pub fn out_of_band(&self, kind: usize) {
+        self.lockdown.out_of_band[kind.min(1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// containerd's event stream was lost and picked up again.
+    pub fn event_gap(&self) {
+        self.lockdown.event_gaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_watcher_up(&self, up: bool) {
+        self.lockdown
+            .watcher_up
+            .store(i64::from(up), Ordering::Relaxed);
+    }
+
+    /// The outcome of removing an out-of-band image: `removed`, `in_use`, `failed`.
+    pub fn out_of_band_removal(&self, result: &'static str) {
+        *lock(&self.lockdown.removals).entry(result).or_default() += 1;
+    }
+
+    /// The node check's results: per check, its findings and whether it could not be checked.
+    pub fn set_lockdown_findings(
+        &self,
+        checks: impl IntoIterator<Item = (&'static str, u64, bool)>,
+    ) {
+        let mut f = lock(&self.lockdown.findings);
+        f.clear();
+        for (check, n, unchecked) in checks {
+            f.insert(check, (n, unchecked));
+        }
     }
 
     /// Decision counts by result (`allow`/`deny`/`warn`), for `pullgate status`.
@@ -285,7 +351,91 @@ impl Metrics {
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
         let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
+        self.render_lockdown(&mut o);
         o
+    }
+
+    fn render_lockdown(&self, o: &mut String) {
+        let l = &self.lockdown;
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        if let Some(images) = *lock(&l.images) {
+            head(
+                o,
+                "pullgate_node_images",
+                "gauge",
+                "Images in containerd (distinct namespace and digest), by class: approved, out_of_band (not pulled through pullgate), unapproved (digest not approved).",
+            );
+            for (class, n) in IMAGE_CLASSES.iter().zip(images) {
+                let _ = writeln!(o, "pullgate_node_images{{class=\"{class}\"}} {n}");
+            }
+        }
+        head(
+            o,
+            "pullgate_out_of_band_total",
+            "counter",
+            "Images and snapshots that entered containerd past pullgate, by kind.",
+        );
+        for (kind, n) in OUT_OF_BAND_KINDS.iter().zip(&l.out_of_band) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_out_of_band_total{{kind=\"{kind}\"}} {n}");
+        }
+        let up = l.watcher_up.load(Ordering::Relaxed);
+        if up >= 0 {
+            head(
+                o,
+                "pullgate_lockdown_watcher_up",
+                "gauge",
+                "Whether pullgate is subscribed to containerd's events.",
+            );
+            let _ = writeln!(o, "pullgate_lockdown_watcher_up {up}");
+            head(
+                o,
+                "pullgate_lockdown_event_gaps_total",
+                "counter",
+                "Times containerd's event stream was lost (what arrived in the gap was found by re-reading every image).",
+            );
+            let gaps = l.event_gaps.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_lockdown_event_gaps_total {gaps}");
+        }
+        head(
+            o,
+            "pullgate_out_of_band_removals_total",
+            "counter",
+            "Out-of-band images pullgate tried to remove (lockdown.remove_out_of_band), by result.",
+        );
+        for (result, n) in lock(&l.removals).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_out_of_band_removals_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        let findings = lock(&l.findings);
+        if !findings.is_empty() {
+            head(
+                o,
+                "pullgate_lockdown_findings",
+                "gauge",
+                "Problems the node check found in the node's lockdown, by check.",
+            );
+            for (check, (n, _)) in findings.iter() {
+                let _ = writeln!(o, "pullgate_lockdown_findings{{check=\"{check}\"}} {n}");
+            }
+            head(
+                o,
+                "pullgate_lockdown_unchecked",
+                "gauge",
+                "Whether a check of the node's lockdown could not be made, by check.",
+            );
+            for (check, (_, unchecked)) in findings.iter() {
+                let _ = writeln!(
+                    o,
+                    "pullgate_lockdown_unchecked{{check=\"{check}\"}} {}",
+                    i64::from(*unchecked)
+                );
+            }
+        }
     }
 }
 

@@ -8,6 +8,8 @@
 //!   the installed bundle on disk.
 //! - [`daemon`]: lifecycle — socket set-up, signals, readiness, graceful drain, bundle lifecycle, the
 //!   operator endpoint.
+//! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
+//!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
@@ -16,6 +18,7 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod enforce;
+pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
 pub mod wire;

@@ -120,6 +120,28 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
     if let Some(p) = s["sandbox_image_problem"].as_str() {
         println!("sandbox:   PROBLEM: {p}");
     }
+    let w = &s["lockdown"]["watcher"];
+    if w.is_object() {
+        let i = &w["images"];
+        println!(
+            "watcher:   {}; images approved {}  out-of-band {}  unapproved {}; {} event gap(s)",
+            if w["connected"] == true {
+                "subscribed to containerd's events"
+            } else {
+                "NOT subscribed"
+            },
+            i["approved"].as_u64().unwrap_or(0),
+            i["out_of_band"].as_u64().unwrap_or(0),
+            i["unapproved"].as_u64().unwrap_or(0),
+            w["event_gaps"].as_u64().unwrap_or(0)
+        );
+    }
+    if let Some(n) = s["lockdown"]["check"]["findings"].as_u64() {
+        println!(
+            "lockdown:  {n} finding(s) at {} (pullgate node check shows them)",
+            s["lockdown"]["check"]["checked_at"].as_str().unwrap_or("?")
+        );
+    }
     println!("audit log: {}", s["audit_log"].as_str().unwrap_or("?"));
     ExitCode::SUCCESS
 }

@@ -16,6 +16,7 @@ use crate::node::audit::AuditLog;
 use crate::node::config::{Config, NodeMode, SandboxImageCheck};
 use crate::node::enforce::store::{BundleStore, StoreError};
 use crate::node::enforce::{Enforcer, PolicyState, RegistryAuth};
+use crate::node::lockdown::Lockdown;
 use crate::node::metrics::Metrics;
 use crate::node::proxy::Upstream;
 use crate::policy::{Trust, VerifiedBundle, load};
@@ -48,6 +49,8 @@ pub struct Node {
     pub store: BundleStore,
     trust: Mutex<Option<Arc<Trust>>>,
     sandbox_problem: Mutex<Option<String>>,
+    /// The containerd watcher's state and the latest node check.
+    pub lockdown: Arc<Lockdown>,
 }
 
 impl Node {
@@ -77,6 +80,7 @@ impl Node {
             config.audit.max_bytes,
             config.audit.keep,
         )?);
+        let lockdown = Arc::new(Lockdown::new(Some(audit.clone())));
         let enforcer = Enforcer::new(
             state.clone(),
             upstream.clone(),
@@ -96,6 +100,7 @@ impl Node {
             trust: Mutex::new(None),
             sandbox_problem: Mutex::new(None),
             config_path: Mutex::new(None),
+            lockdown,
         });
         node.load_policy();
         Ok(node)
@@ -333,6 +338,7 @@ impl Node {
             "decisions": self.metrics.decision_totals(),
             "sandbox_image_problem": self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "audit_log": self.config.audit.path.display().to_string(),
+            "lockdown": self.lockdown.status_json(),
         })
     }
 

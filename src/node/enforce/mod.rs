@@ -17,7 +17,9 @@
 //! - [`store`]: the installed bundle on disk (atomic installs, last-known-good).
 //! - [`names`]: user references ↔ pinned mirror references.
 //! - [`lookup`]: CRI calls pullgate makes to containerd itself.
+//! - [`ledger`]: the pulls pullgate forwarded, for the lockdown watcher.
 
+pub mod ledger;
 pub mod lookup;
 pub mod names;
 pub mod store;
@@ -297,6 +299,8 @@ pub struct Enforcer {
     /// cached; a denial is always decided afresh, so an image pulled meanwhile under an approved
     /// name is not held back.
     allowed_starts: Mutex<HashMap<String, Decision>>,
+    /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
+    pub pulls: Arc<ledger::PullLedger>,
 }
 
 const START_CACHE_MAX: usize = 4096;
@@ -315,6 +319,7 @@ impl Enforcer {
             audit,
             auth: ArcSwapOption::empty(),
             allowed_starts: Mutex::default(),
+            pulls: Arc::default(),
         })
     }
 
@@ -422,6 +427,9 @@ impl Enforcer {
             }
         };
         self.record("PullImage", &d, &pod, pulled, started);
+        if let Some(p) = pulled {
+            self.pulls.note(p, d.verdict == PolicyVerdict::Allow);
+        }
         verdict
     }
 
