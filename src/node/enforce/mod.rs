@@ -37,14 +37,14 @@ use time::OffsetDateTime;
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
 use crate::node::metrics::{BundleGauge, Metrics};
-use crate::policy::{
-    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
-    VerifiedBundle,
-};
 use crate::node::proxy::Upstream;
 use crate::node::proxy::grpc::{Code, Status};
 use crate::node::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
 use crate::node::wire;
+use crate::policy::{
+    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
+    VerifiedBundle,
+};
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
 pub struct PolicyState {
@@ -117,7 +117,7 @@ impl PolicyState {
                 if now > b.expires_at {
                     self.warn_expired(&b, now);
                 }
-                policy::decide(req, &b, pod)
+                policy::decide(req, &b, pod, now)
             }
             Err(why) => policy::decide_without_bundle(req, Some(&why)),
         };
@@ -172,11 +172,8 @@ impl PolicyState {
 
     /// The bundle gauge for metrics.
     pub fn gauge(&self) -> Option<BundleGauge> {
-        self.current().map(|b| BundleGauge {
-            version: b.version,
-            issued_unix: b.issued_at.unix_timestamp(),
-            expires_unix: b.expires_at.unix_timestamp(),
-        })
+        self.current()
+            .map(|b| BundleGauge::of(&b, OffsetDateTime::now_utc()))
     }
 }
 
@@ -348,7 +345,7 @@ impl Enforcer {
         pulled: Option<&str>,
         started: Instant,
     ) {
-        self.metrics.decision(d.verdict.as_str(), d.reason.as_str());
+        self.metrics.decided(method, d);
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
             PolicyVerdict::Allow => {
@@ -586,6 +583,7 @@ impl Enforcer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(k)
+                .filter(|d| d.valid_until.is_none_or(|t| now < t))
                 .cloned();
             if let Some(d) = cached {
                 self.record("CreateContainer", &d, pod, None, started);
@@ -655,6 +653,7 @@ impl Enforcer {
             &ImageRequest::Reference(&image),
             &bundle,
             &PodContext::default(),
+            OffsetDateTime::now_utc(),
         );
         let private = Reference::parse(&image).is_ok_and(|r| r.domain() == bundle.private_registry);
         let ok = private && d.verdict == PolicyVerdict::Allow;
