@@ -740,7 +740,7 @@ struct RawException {
     #[serde(default)]
     tag: Option<String>,
     scope: String,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(deserialize_with = "exception_expiry")]
     expires_at: OffsetDateTime,
     ticket: String,
     reason: String,
@@ -1041,8 +1041,8 @@ impl<'de> Visitor<'de> for Approval<'_> {
             first(&mut seen[field], LIFECYCLE_FIELDS[field])?;
             match field {
                 0 => digest = map.next_value_seed(Text(&mut *text))?,
-                1 => life.deprecated_at = Some(map.next_value_seed(Rfc3339Seed)?),
-                2 => life.sunset_at = Some(map.next_value_seed(Rfc3339Seed)?),
+                1 => life.deprecated_at = Some(map.next_value_seed(Rfc3339Seed("deprecated_at"))?),
+                2 => life.sunset_at = Some(map.next_value_seed(Rfc3339Seed("sunset_at"))?),
                 _ => life.replacement = Some(map.next_value_seed(Text(&mut *text))?),
             }
         }
@@ -1077,7 +1077,11 @@ impl<'de> Visitor<'de> for ProvenanceSeed<'_> {
                 0 => s.license = map.next_value_seed(Text(&mut s.text))?,
                 1 => map.next_value_seed(ScansSeed(s))?,
                 2 => s.approved_by = map.next_value_seed(Text(&mut s.text))?,
-                _ => s.approved_at = map.next_value_seed(Rfc3339Seed)?.unix_timestamp(),
+                _ => {
+                    s.approved_at = map
+                        .next_value_seed(Rfc3339Seed("provenance.approved_at"))?
+                        .unix_timestamp()
+                }
             }
         }
         if let Some(i) = seen.iter().position(|s| !s) {
@@ -1087,14 +1091,30 @@ impl<'de> Visitor<'de> for ProvenanceSeed<'_> {
     }
 }
 
-/// An RFC 3339 time (as `time::serde::rfc3339` reads it).
-struct Rfc3339Seed;
+/// An RFC 3339 time (as `time::serde::rfc3339` reads it); errors name the field.
+struct Rfc3339Seed(&'static str);
 
 impl<'de> de::DeserializeSeed<'de> for Rfc3339Seed {
     type Value = OffsetDateTime;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<OffsetDateTime, D::Error> {
-        time::serde::rfc3339::deserialize(d)
+        named_time(d, self.0)
     }
+}
+
+/// `time::serde::rfc3339`, with the field named in the error.
+fn named_time<'de, D: de::Deserializer<'de>>(
+    d: D,
+    field: &str,
+) -> Result<OffsetDateTime, D::Error> {
+    time::serde::rfc3339::deserialize(d).map_err(|e| {
+        de::Error::custom(format!(
+            "{field}: {e} (expected an RFC 3339 time such as 2026-06-01T00:00:00Z)"
+        ))
+    })
+}
+
+fn exception_expiry<'de, D: de::Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+    named_time(d, "exceptions[].expires_at")
 }
 
 /// `provenance.scans`.
@@ -2241,6 +2261,380 @@ pub(crate) mod tests {
                 "error should mention {text:?}: {e}"
             );
         }
+    }
+
+    fn v2_rejected(edit: impl FnOnce(&mut serde_json::Value)) -> BundleError {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        edit(&mut v);
+        match parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()) {
+            Ok(_) => panic!("bundle should be rejected"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn format_2_example_parses() {
+        let b = parse_bundle(EXAMPLE_V2.as_bytes()).unwrap();
+        assert_eq!((b.format, b.version), (2, 43));
+        let nginx = &b.entries("docker.io/library/nginx")[0];
+        let l = nginx.tag_lifecycle("1.25").unwrap();
+        assert_eq!(l.replacement.as_deref(), Some("1.26"));
+        assert_eq!(
+            l.sunset_at,
+            Some(time::macros::datetime!(2026-06-01 00:00 UTC))
+        );
+        assert!(nginx.tag_lifecycle("1.26").is_none());
+        let redis = &b.entries("docker.io/library/redis")[0];
+        assert!(
+            redis
+                .digest_lifecycle(&digest(5))
+                .unwrap()
+                .deprecated_at
+                .is_none()
+        );
+        assert_eq!(redis.lifecycles().count(), 1);
+        assert_eq!(b.exceptions().len(), 2);
+        assert_eq!(
+            b.exceptions_for("docker.io/library/redis")[0].ticket,
+            "SEC-1234"
+        );
+        assert!(b.exceptions_for("docker.io/library/nginx").is_empty());
+        assert_eq!(b.rollout().unwrap().len(), 3);
+        let org = b
+            .scopes()
+            .node(crate::policy::scope::ORG)
+            .rules
+            .clone()
+            .unwrap();
+        assert_eq!(org.min_scanners.value, 2);
+        assert!(b.license_expression("MIT OR Apache-2.0").is_some());
+        // Format 1 has none of it.
+        let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(f1.format, 1);
+        assert!(f1.scopes().nodes().iter().all(|n| n.rules.is_none()));
+        assert!(f1.exceptions().is_empty() && f1.rollout().is_none());
+    }
+
+    #[test]
+    fn docs_show_the_fixtures_unchanged() {
+        let doc = include_str!("../../docs/bundle.md");
+        for (heading, fixture) in [
+            ("## Full example (format 1)", EXAMPLE),
+            ("## Full example (format 2)", EXAMPLE_V2),
+        ] {
+            let at = doc
+                .find(heading)
+                .unwrap_or_else(|| panic!("{heading} missing"));
+            let block = &doc[at..];
+            let start = block.find("```json\n").unwrap() + "```json\n".len();
+            let end = block[start..].find("```").unwrap();
+            assert_eq!(
+                &block[start..start + end],
+                fixture,
+                "{heading} differs from its fixture"
+            );
+        }
+    }
+
+    #[test]
+    fn format_2_rejections_have_reasons() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        fn tag25(v: &mut serde_json::Value) -> &mut serde_json::Value {
+            &mut v["images"][0]["tags"]["1.25"]
+        }
+        let cases: Vec<(&str, &str, Edit)> = vec![
+            (
+                "invalid",
+                "\"NotALicence\"",
+                Box::new(|v| v["images"][0]["provenance"]["license"] = json!("MIT OR NotALicence")),
+            ),
+            (
+                "invalid",
+                "GPL-2.0-only",
+                Box::new(|v| v["images"][4]["provenance"]["license"] = json!("GPL-2.0")),
+            ),
+            (
+                "invalid",
+                "licenses.deny entry \"Evil-1.0\"",
+                Box::new(|v| {
+                    v["governance"]["rules"]["licenses"]["deny"] =
+                        json!(["AGPL-3.0-only", "Evil-1.0"])
+                }),
+            ),
+            (
+                "invalid",
+                "replacement 1.27 is not an approved tag",
+                Box::new(|v| tag25(v)["replacement"] = json!("1.27")),
+            ),
+            (
+                "invalid",
+                "replacement 1.25 is the tag itself",
+                Box::new(|v| tag25(v)["replacement"] = json!("1.25")),
+            ),
+            (
+                "invalid",
+                "not a tag",
+                Box::new(|v| tag25(v)["replacement"] = json!("nginx:1.26")),
+            ),
+            (
+                "invalid",
+                "is itself sunset",
+                Box::new(|v| {
+                    v["images"][0]["tags"]["1.26"] = json!({"digest": digest(2).to_string(), "sunset_at": "2026-05-01T00:00:00Z"});
+                }),
+            ),
+            (
+                "invalid",
+                "for scope corp/payments (or a scope above it)",
+                Box::new(|v| {
+                    // redis (corp/payments) may not point at a tag approved only further down.
+                    v["images"][2]["digests"][0]["replacement"] = json!("7.9");
+                    let provenance = v["images"][2]["provenance"].clone();
+                    v["images"].as_array_mut().unwrap().push(json!({
+                    "source": "docker.io/library/redis", "tags": {"7.9": digest(40).to_string()},
+                    "scope": "corp/payments/checkout", "provenance": provenance}));
+                }),
+            ),
+            (
+                "invalid",
+                "is not before sunset_at",
+                Box::new(|v| tag25(v)["deprecated_at"] = json!("2026-06-01T00:00:00Z")),
+            ),
+            (
+                "invalid",
+                "needs deprecated_at or sunset_at",
+                Box::new(|v| *tag25(v) = json!({"digest": digest(1).to_string()})),
+            ),
+            (
+                "malformed",
+                "sunset_at",
+                Box::new(|v| tag25(v)["sunset_at"] = json!("next summer")),
+            ),
+            (
+                "malformed",
+                "unknown field `retired_at`",
+                Box::new(|v| tag25(v)["retired_at"] = json!("2026-06-01T00:00:00Z")),
+            ),
+            (
+                "malformed",
+                "missing field `digest`",
+                Box::new(|v| *tag25(v) = json!({"sunset_at": "2026-06-01T00:00:00Z"})),
+            ),
+            (
+                "malformed",
+                "expires_at",
+                Box::new(|v| v["exceptions"][0]["expires_at"] = json!("2026-13-01")),
+            ),
+            (
+                "malformed",
+                "unknown field `owner`",
+                Box::new(|v| v["exceptions"][0]["owner"] = json!("x")),
+            ),
+            (
+                "malformed",
+                "unknown field `max_critical`",
+                Box::new(|v| v["governance"]["rules"]["max_critical"] = json!(0)),
+            ),
+            (
+                "invalid",
+                "ticket is empty",
+                Box::new(|v| v["exceptions"][0]["ticket"] = json!(" ")),
+            ),
+            (
+                "invalid",
+                "not after the bundle's issued_at",
+                Box::new(|v| v["exceptions"][0]["expires_at"] = json!("2026-02-01T00:00:00Z")),
+            ),
+            (
+                "invalid",
+                "not declared in governance",
+                Box::new(|v| v["exceptions"][0]["scope"] = json!("corp/nope")),
+            ),
+            (
+                "invalid",
+                "never opens a public pull",
+                Box::new(|v| v["exceptions"][0]["source"] = json!("quay.io/x/redis")),
+            ),
+            (
+                "invalid",
+                "private registry",
+                Box::new(|v| v["exceptions"][0]["source"] = json!("registry.corp/apps/redis")),
+            ),
+            (
+                "invalid_digest",
+                "exceptions[0]",
+                Box::new(|v| v["exceptions"][0]["digest"] = json!("sha256:00")),
+            ),
+            (
+                "conflict",
+                "a tag must mean one digest",
+                Box::new(|v| v["exceptions"][0]["tag"] = json!("7.2")),
+            ),
+            (
+                "duplicate",
+                "already listed",
+                Box::new(|v| {
+                    let x = v["exceptions"][0].clone();
+                    v["exceptions"].as_array_mut().unwrap().push(x);
+                }),
+            ),
+            (
+                "invalid",
+                "loosens the rule of corp/payments",
+                Box::new(|v| {
+                    v["governance"]["programs"][0]["projects"][0]["rules"]["max_severity"] =
+                        json!("high")
+                }),
+            ),
+            (
+                "invalid",
+                "rule of corp/payments/checkout loosens the rule of corp: licenses.deny drops AGPL-3.0-only",
+                Box::new(|v| {
+                    v["governance"]["programs"][0]["projects"][0]["rules"]["licenses"]["deny"] =
+                        json!(["GPL-2.0-only"])
+                }),
+            ),
+            (
+                "invalid",
+                "rollout[1].after",
+                Box::new(|v| v["rollout"][1]["after"] = json!("0s")),
+            ),
+            (
+                "invalid",
+                "must be 100",
+                Box::new(|v| v["rollout"][2]["percent"] = json!(90)),
+            ),
+            (
+                "malformed",
+                "unknown field `pct`",
+                Box::new(|v| v["rollout"][0] = json!({"after": "0s", "pct": 1})),
+            ),
+            (
+                "unsupported_format",
+                "format 3",
+                Box::new(|v| v["format"] = json!(3)),
+            ),
+        ];
+        for (code, text, edit) in cases {
+            let e = v2_rejected(edit);
+            assert_eq!(e.code(), code, "{text}: {e}");
+            assert!(
+                e.to_string().contains(text),
+                "error should mention {text:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn format_1_rejects_format_2_fields_and_keeps_its_licence_check() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let v2 = || serde_json::from_str::<serde_json::Value>(EXAMPLE_V2).unwrap();
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "`exceptions`",
+                Box::new(move |v| v["exceptions"] = v2()["exceptions"].clone()),
+            ),
+            (
+                "`rollout`",
+                Box::new(move |v| v["rollout"] = v2()["rollout"].clone()),
+            ),
+            (
+                "lifecycle object",
+                Box::new(|v| {
+                    v["images"][0]["tags"]["1.25"] = json!({"digest": digest(1).to_string(), "sunset_at": "2026-06-01T00:00:00Z"})
+                }),
+            ),
+            (
+                "`rules`",
+                Box::new(|v| v["governance"]["programs"][0]["rules"] = json!({"min_scanners": 2})),
+            ),
+        ];
+        for (field, edit) in cases {
+            let e = rejected(edit);
+            assert_eq!(e.code(), "malformed", "{e}");
+            assert!(
+                e.to_string().contains(field) && e.to_string().contains("format 2"),
+                "{e}"
+            );
+        }
+        // Format 1 checks licence syntax only, as it always did.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v["images"][0]["provenance"]["license"] = json!("GPL-2.0 OR Some-Custom-Licence");
+        assert!(parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn trust_file_limits() {
+        let v2 = EXAMPLE_V2.as_bytes();
+        let v1 = EXAMPLE.as_bytes();
+        let limits = |days, floor| trust_2_of_3().with_limits(days, floor).unwrap();
+        let now = time::macros::datetime!(2026-03-02 00:00 UTC);
+        let check = |bytes: &[u8], trust: &Trust| {
+            verify_bundle(bytes, &sign(bytes, &[1, 2]), trust, None, now)
+        };
+        assert!(check(v2, &limits(20, Some(2))).is_ok());
+        let e = check(v2, &limits(19, None)).unwrap_err();
+        assert_eq!(e.code(), "exception_too_long", "{e}");
+        assert!(
+            e.to_string().contains("SEC-1234") && e.to_string().contains("at most 19 days"),
+            "{e}"
+        );
+        let e = check(v2, &limits(30, Some(3))).unwrap_err();
+        assert_eq!(e.code(), "below_trust_floor", "{e}");
+        assert!(
+            e.to_string().contains("min_scanners is 2") && e.to_string().contains("floor of 3"),
+            "{e}"
+        );
+        // Format 1 carries no scan rule: below any floor; without a floor it loads as before.
+        let e = verify_bundle(
+            v1,
+            &sign(v1, &[1, 2]),
+            &limits(30, Some(1)),
+            None,
+            example_now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "below_trust_floor", "{e}");
+        assert!(e.to_string().contains("format 1"), "{e}");
+        assert!(
+            verify_bundle(v1, &sign(v1, &[1, 2]), &trust_2_of_3(), None, example_now()).is_ok()
+        );
+        // The streaming path applies the same limits.
+        let e = verify_bundle_reader(v2, &sign(v2, &[1, 2]), &limits(19, None), None, now)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code(), "exception_too_long", "{e}");
+    }
+
+    #[test]
+    fn rollout_waves_open_in_order() {
+        use crate::policy::rollout::{Wave, position, wave};
+        let b = parse_bundle(EXAMPLE_V2.as_bytes()).unwrap();
+        let seed_at = |want: std::ops::Range<u8>| {
+            (0u32..)
+                .map(|i| i.to_be_bytes())
+                .find(|s| want.contains(&position(&b.issuer, s)))
+                .unwrap()
+        };
+        let issued = b.issued_at;
+        let (canary, early, late) = (seed_at(0..1), seed_at(1..10), seed_at(10..100));
+        assert_eq!(wave(&b, &canary, issued), Wave::Open);
+        let hour = issued + time::Duration::hours(1);
+        assert_eq!(wave(&b, &early, issued), Wave::OpensAt(hour));
+        assert_eq!(wave(&b, &early, hour), Wave::Open);
+        let six = issued + time::Duration::hours(6);
+        assert_eq!(wave(&b, &late, hour), Wave::OpensAt(six));
+        assert_eq!(wave(&b, &late, six), Wave::Open);
+        // Stable across versions: the version does not move a node.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        v["version"] = 99.into();
+        let b99 = parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        assert_eq!(wave(&b99, &early, issued), Wave::OpensAt(hour));
+        // No rollout: open to every node.
+        let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(wave(&f1, &late, f1.issued_at), Wave::Open);
     }
 
     #[test]

@@ -694,13 +694,17 @@ impl Ctx<'_> {
     ) -> Outcome {
         let scopes = self.b.scopes();
         let tag = r.tag().unwrap_or(super::reference::DEFAULT_TAG);
+        // The digest asked for: pinned, or what `images` bind the tag to (a tag means one digest).
+        let resolved = r
+            .digest()
+            .or_else(|| self.b.entries(source).iter().find_map(|e| e.tag(tag)));
         let matching = || {
             self.b
                 .exceptions_for(source)
                 .iter()
-                .filter(|x| match r.digest() {
-                    Some(d) => x.digest == *d,
-                    None => x.tag.as_deref() == Some(tag),
+                .filter(|x| {
+                    resolved == Some(&x.digest)
+                        || (r.digest().is_none() && x.tag.as_deref() == Some(tag))
                 })
                 .filter(|x| scopes.contains(x.scope, self.pod_scope))
         };
@@ -1472,6 +1476,437 @@ mod tests {
         assert_eq!(d.to_json()["reason"], "no_valid_bundle");
     }
 
+    mod format_2 {
+        use super::*;
+        use serde_json::json;
+        use time::macros::datetime;
+
+        fn at(b: &VerifiedBundle, image: &str, pod: &PodContext, now: OffsetDateTime) -> Decision {
+            decide(&ImageRequest::Reference(image), b, pod, now)
+        }
+
+        fn code(d: &Decision) -> (Verdict, ReasonCode) {
+            (d.verdict, d.reason)
+        }
+
+        #[test]
+        fn lifecycle_over_time() {
+            let b = v2_bundle_with(|_| {});
+            let checkout = pod(Some("checkout"), None);
+            let before = at(&b, "nginx:1.25", &checkout, v2_now());
+            assert_eq!(
+                code(&before),
+                (Verdict::Allow, ReasonCode::Approved),
+                "{}",
+                before.message
+            );
+            let l = before
+                .lifecycle
+                .as_ref()
+                .expect("the lifecycle is reported before it bites");
+            assert_eq!(l.state, LifecycleState::Active);
+            assert_eq!(before.valid_until, Some(datetime!(2026-04-01 00:00 UTC)));
+            // Just before and at deprecated_at.
+            let d = at(
+                &b,
+                "nginx:1.25",
+                &checkout,
+                datetime!(2026-03-31 23:59:59 UTC),
+            );
+            assert_eq!(d.reason, ReasonCode::Approved);
+            let d = at(&b, "nginx:1.25", &checkout, datetime!(2026-04-01 00:00 UTC));
+            assert_eq!(
+                code(&d),
+                (Verdict::Allow, ReasonCode::Deprecated),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("docker.io/library/nginx:1.26"),
+                "{}",
+                d.message
+            );
+            assert!(d.message.contains("2026-06-01T00:00:00Z"), "{}", d.message);
+            assert_eq!(
+                d.pull_ref.as_deref(),
+                Some(format!("registry.corp/approved/library/nginx@{}", super::d(1)).as_str())
+            );
+            assert_eq!(d.valid_until, Some(datetime!(2026-06-01 00:00 UTC)));
+            // At sunset_at: denied, naming the replacement and the date, by tag and by digest.
+            for image in ["nginx:1.25".to_string(), format!("nginx@{}", super::d(1))] {
+                let d = at(&b, &image, &checkout, datetime!(2026-06-01 00:00 UTC));
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Deny, ReasonCode::Sunset),
+                    "{image}: {}",
+                    d.message
+                );
+                assert!(
+                    d.message.contains("nginx:1.26") && d.message.contains("2026-06-01T00:00:00Z"),
+                    "{}",
+                    d.message
+                );
+                assert_eq!(d.lifecycle.as_ref().unwrap().state, LifecycleState::Sunset);
+            }
+            // 1.26 has no lifecycle and is unaffected.
+            let d = at(&b, "nginx:1.26", &checkout, datetime!(2026-07-01 00:00 UTC));
+            assert_eq!(code(&d), (Verdict::Allow, ReasonCode::Approved));
+            assert!(d.lifecycle.is_none() && d.valid_until.is_none());
+            // A bare digest with only a sunset.
+            let web = pod(Some("checkout"), Some("web"));
+            let redis5 = format!("redis@{}", super::d(5));
+            assert_eq!(
+                at(&b, &redis5, &web, datetime!(2026-04-30 23:00 UTC)).reason,
+                ReasonCode::Approved
+            );
+            let d = at(&b, &redis5, &web, datetime!(2026-05-01 00:00 UTC));
+            assert_eq!(code(&d), (Verdict::Deny, ReasonCode::Sunset));
+            assert!(
+                d.message.contains("docker.io/library/redis:7.2"),
+                "{}",
+                d.message
+            );
+            // JSON keeps its keys and adds lifecycle.
+            let j = at(&b, "nginx:1.25", &checkout, datetime!(2026-04-02 00:00 UTC)).to_json();
+            assert_eq!(j["reason"], "deprecated");
+            assert_eq!(j["lifecycle"]["state"], "deprecated");
+            assert_eq!(j["lifecycle"]["replacement"], "1.26");
+            assert_eq!(j["lifecycle"]["sunset_at"], "2026-06-01T00:00:00Z");
+            assert!(j.get("exception").is_none());
+            for key in [
+                "decision",
+                "message",
+                "image",
+                "normalized",
+                "pull_ref",
+                "digest",
+                "bundle_version",
+                "matched",
+                "pod_scope",
+            ] {
+                assert!(j.get(key).is_some(), "{key}");
+            }
+        }
+
+        #[test]
+        fn the_best_route_to_the_same_content_counts() {
+            // 1.25.3 is the same content as the retiring 1.25: still approved by digest and by 1.25.3.
+            let b = v2_bundle_with(|v| {
+                v["images"][0]["tags"]["1.25.3"] = json!(digest(1).to_string());
+            });
+            let checkout = pod(Some("checkout"), None);
+            let late = datetime!(2026-07-01 00:00 UTC);
+            assert_eq!(
+                at(&b, "nginx:1.25", &checkout, late).reason,
+                ReasonCode::Sunset
+            );
+            assert_eq!(
+                at(&b, "nginx:1.25.3", &checkout, late).reason,
+                ReasonCode::Approved
+            );
+            let by_digest = at(&b, &format!("nginx@{}", super::d(1)), &checkout, late);
+            assert_eq!(
+                by_digest.reason,
+                ReasonCode::Approved,
+                "{}",
+                by_digest.message
+            );
+            let started = decide(
+                &ImageRequest::RepoDigests {
+                    image: "sha256:feed",
+                    repo_digests: &[format!(
+                        "registry.corp/approved/library/nginx@{}",
+                        super::d(1)
+                    )],
+                },
+                &b,
+                &checkout,
+                late,
+            );
+            assert_eq!(started.reason, ReasonCode::Approved, "{}", started.message);
+        }
+
+        #[test]
+        fn rules_of_the_pods_scope_apply() {
+            let b = v2_bundle_with(|_| {});
+            let (corp, checkout, web, ledger) = (
+                PodContext::default(),
+                pod(Some("checkout"), None),
+                pod(Some("checkout"), Some("web")),
+                pod(Some("ledger"), None),
+            );
+            let now = v2_now();
+            let busybox = format!("busybox@{}", super::d(8));
+            assert_eq!(
+                code(&at(&b, &busybox, &corp, now)),
+                (Verdict::Allow, ReasonCode::Approved)
+            );
+            // The project denies GPL-2.0-only, which the organisation allows; its applications too.
+            for p in [&checkout, &web] {
+                let d = at(&b, &busybox, p, now);
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Deny, ReasonCode::LicenseNotAllowed),
+                    "{}",
+                    d.message
+                );
+                assert!(
+                    d.message.contains("GPL-2.0-only")
+                        && d.message.contains("corp/payments/checkout"),
+                    "{}",
+                    d.message
+                );
+            }
+            // The program's max_severity (medium) refuses postgres (trivy: high).
+            let d = at(&b, "postgres:16", &checkout, now);
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::SeverityExceeded),
+                "{}",
+                d.message
+            );
+            for want in ["trivy", "high", "medium", "corp/payments"] {
+                assert!(d.message.contains(want), "{want}: {}", d.message);
+            }
+            // The ledger project needs 3 scanners (and is in warn mode).
+            let d = at(&b, "nginx:1.26", &ledger, now);
+            assert_eq!(
+                code(&d),
+                (Verdict::Warn, ReasonCode::InsufficientScans),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("2 distinct scanner(s) (trivy, grype)")
+                    && d.message.contains("requires 3"),
+                "{}",
+                d.message
+            );
+            // Rules are checked on present images (container starts) too.
+            let d = decide(
+                &ImageRequest::RepoDigests {
+                    image: "busybox",
+                    repo_digests: &[format!(
+                        "registry.corp/approved/library/busybox@{}",
+                        super::d(8)
+                    )],
+                },
+                &b,
+                &checkout,
+                now,
+            );
+            assert_eq!(d.reason, ReasonCode::LicenseNotAllowed);
+        }
+
+        #[test]
+        fn every_rule_at_every_level() {
+            // (where the rule is written, the rule, the pod that feels it, one that does not)
+            type At = fn(&mut serde_json::Value) -> &mut serde_json::Value;
+            let levels: [(&str, At, Option<&str>, Option<&str>); 3] = [
+                ("corp", |v| &mut v["governance"], Some("checkout"), None),
+                (
+                    "corp/payments",
+                    |v| &mut v["governance"]["programs"][0],
+                    Some("checkout"),
+                    Some("search-index"),
+                ),
+                (
+                    "corp/payments/checkout",
+                    |v| &mut v["governance"]["programs"][0]["projects"][0],
+                    Some("checkout"),
+                    Some("search-index"),
+                ),
+            ];
+            let rules = [
+                (json!({"min_scanners": 3}), ReasonCode::InsufficientScans),
+                (json!({"max_severity": "low"}), ReasonCode::SeverityExceeded),
+                (
+                    json!({"licenses": {"allow": ["MIT", "Apache-2.0"]}}),
+                    ReasonCode::LicenseNotAllowed,
+                ),
+            ];
+            for (level, place, feels, spared) in levels {
+                for (rule, reason) in &rules {
+                    let b = v2_bundle_with(|v| {
+                        let target = place(v);
+                        // Keep what the level already says, except the fields written here.
+                        let mut merged = target["rules"].as_object().cloned().unwrap_or_default();
+                        if let Some(l) = rule.get("licenses") {
+                            let mut lic = merged.get("licenses").cloned().unwrap_or(json!({}));
+                            lic["allow"] = l["allow"].clone();
+                            merged.insert("licenses".into(), lic);
+                        } else {
+                            for (k, x) in rule.as_object().unwrap() {
+                                merged.insert(k.clone(), x.clone());
+                            }
+                        }
+                        target["rules"] = serde_json::Value::Object(merged);
+                        // The levels between the one edited and the pod inherit it (the example's
+                        // own rules there would otherwise decide first).
+                        let program = &mut v["governance"]["programs"][0];
+                        if level == "corp" {
+                            program.as_object_mut().unwrap().remove("rules");
+                        }
+                        if level != "corp/payments/checkout" {
+                            program["projects"][0]
+                                .as_object_mut()
+                                .unwrap()
+                                .remove("rules");
+                        }
+                    });
+                    // nginx:1.26: trivy medium + grype low, BSD-2-Clause, approved for corp.
+                    let d = at(&b, "nginx:1.26", &pod(feels, None), v2_now());
+                    assert_eq!(d.reason, *reason, "{level} {rule}: {}", d.message);
+                    assert!(d.message.contains(level), "{level}: {}", d.message);
+                    let d = at(&b, "nginx:1.26", &pod(feels, Some("web")), v2_now());
+                    assert_eq!(d.reason, *reason, "applications inherit: {}", d.message);
+                    if let Some(ns) = spared {
+                        let d = at(&b, "nginx:1.26", &pod(Some(ns), None), v2_now());
+                        assert_eq!(
+                            d.reason,
+                            ReasonCode::Approved,
+                            "{level} {rule} spares {ns}: {}",
+                            d.message
+                        );
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn exceptions_allow_until_they_expire() {
+            let b = v2_bundle_with(|_| {});
+            let index = pod(Some("search-index"), None);
+            // A single-scanned image, allowed only by SEC-1240 until 2026-03-15.
+            let d = at(&b, "ghcr.io/acme/tool:v1", &index, v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Allow, ReasonCode::Exception),
+                "{}",
+                d.message
+            );
+            assert_eq!(
+                d.pull_ref.as_deref(),
+                Some(format!("registry.corp/approved-ghcr/tool@{}", super::d(6)).as_str())
+            );
+            assert!(
+                d.message.contains("SEC-1240") && d.message.contains("2026-03-15T00:00:00Z"),
+                "{}",
+                d.message
+            );
+            assert_eq!(d.valid_until, Some(datetime!(2026-03-15 00:00 UTC)));
+            let j = d.to_json();
+            assert_eq!(j["exception"]["ticket"], "SEC-1240");
+            assert_eq!(j["exception"]["expired"], false);
+            let d = at(
+                &b,
+                "ghcr.io/acme/tool:v1",
+                &index,
+                datetime!(2026-03-15 00:00 UTC),
+            );
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::ExceptionExpired),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("SEC-1240") && d.message.contains("2026-03-15T00:00:00Z"),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("requires 2"),
+                "the regular reason is said too: {}",
+                d.message
+            );
+            assert_eq!(d.to_json()["exception"]["expired"], true);
+            // Not in images at all: the exception approves the digest and its tag, for its scope only.
+            let checkout = pod(Some("checkout"), None);
+            for image in [
+                "redis:7.4".to_string(),
+                format!("redis@{}", super::d(9)),
+                format!("registry.corp/approved/library/redis@{}", super::d(9)),
+            ] {
+                let d = at(&b, &image, &checkout, v2_now());
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Allow, ReasonCode::Exception),
+                    "{image}: {}",
+                    d.message
+                );
+                assert_eq!(
+                    d.pull_ref.as_deref(),
+                    Some(format!("registry.corp/approved/library/redis@{}", super::d(9)).as_str())
+                );
+            }
+            let d = at(
+                &b,
+                "redis:7.4",
+                &pod(Some("checkout"), Some("web")),
+                v2_now(),
+            );
+            assert_eq!(
+                d.reason,
+                ReasonCode::Exception,
+                "below the exception's scope: {}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &pod(Some("ledger"), None), v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Warn, ReasonCode::TagNotApproved),
+                "{}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &pod(Some("search-index"), None), v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::TagNotApproved),
+                "{}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &checkout, datetime!(2026-03-21 00:00 UTC));
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::ExceptionExpired),
+                "{}",
+                d.message
+            );
+            // An exception never opens a public pull from another registry.
+            let d = at(
+                &b,
+                &format!("quay.io/library/redis@{}", super::d(9)),
+                &checkout,
+                v2_now(),
+            );
+            assert_eq!(d.verdict, Verdict::Deny);
+            assert_eq!(d.reason, ReasonCode::PublicRegistryBlocked);
+            // An image that meets the rules is approved, whatever exceptions exist.
+            let b = v2_bundle_with(|v| {
+                v["exceptions"][1]["digest"] = json!(digest(2).to_string());
+                v["exceptions"][1]["scope"] = json!("corp");
+            });
+            let d = at(&b, "nginx:1.26", &index, v2_now());
+            assert_eq!(d.reason, ReasonCode::Approved);
+            assert!(d.exception.is_none());
+        }
+
+        #[test]
+        fn format_1_bundles_have_no_rules() {
+            // The format 1 example approves single-scanned images under any licence: still allowed.
+            let b = example_bundle();
+            let d = decide(
+                &ImageRequest::Reference("ghcr.io/acme/tool:v1"),
+                &b,
+                &pod(Some("search-index"), None),
+                datetime!(2026-12-31 00:00 UTC),
+            );
+            assert_eq!(code(&d), (Verdict::Allow, ReasonCode::Approved));
+            assert!(d.lifecycle.is_none() && d.exception.is_none() && d.valid_until.is_none());
+        }
+    }
+
     #[test]
     fn reason_codes_are_stable() {
         let all = [
@@ -1482,11 +1917,37 @@ mod tests {
             (ReasonCode::OutOfScope, "out_of_scope"),
             (ReasonCode::PublicRegistryBlocked, "public_registry_blocked"),
             (ReasonCode::NoValidBundle, "no_valid_bundle"),
+            (ReasonCode::Sunset, "sunset"),
+            (ReasonCode::InsufficientScans, "insufficient_scans"),
+            (ReasonCode::SeverityExceeded, "severity_exceeded"),
+            (ReasonCode::LicenseNotAllowed, "license_not_allowed"),
+            (ReasonCode::ExceptionExpired, "exception_expired"),
         ];
         for (code, s) in all {
             assert_eq!(code.as_str(), s);
             assert!(code.is_denial());
         }
-        assert!(!ReasonCode::Approved.is_denial());
+        for (code, s) in [
+            (ReasonCode::Approved, "approved"),
+            (ReasonCode::FirstParty, "first_party"),
+            (ReasonCode::Deprecated, "deprecated"),
+            (ReasonCode::Exception, "exception"),
+        ] {
+            assert_eq!(code.as_str(), s);
+            assert!(!code.is_denial());
+        }
+        // Every code is documented.
+        let doc = include_str!("../../docs/bundle.md");
+        for code in all.iter().map(|(c, _)| c.as_str()).chain([
+            "approved",
+            "first_party",
+            "deprecated",
+            "exception",
+        ]) {
+            assert!(
+                doc.contains(&format!("| `{code}` |")),
+                "docs/bundle.md lists no {code}"
+            );
+        }
     }
 }
