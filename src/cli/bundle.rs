@@ -370,7 +370,13 @@ fn inspect(path: &Path) -> ExitCode {
     if let Some(steps) = b.rollout() {
         let steps: Vec<String> = steps
             .iter()
-            .map(|s| format!("{}% after {}", s.percent, humantime::format_duration(s.after)))
+            .map(|s| {
+                format!(
+                    "{}% after {}",
+                    s.percent,
+                    humantime::format_duration(s.after)
+                )
+            })
             .collect();
         let _ = writeln!(out, "rollout:           {}", steps.join(", "));
     }

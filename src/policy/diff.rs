@@ -119,7 +119,10 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
                     format!("{}@{} for {}", e.source, e.digest, e.scope_path),
                     format!(
                         "{}until {}, ticket {}, approved by {}: {}",
-                        e.tag.as_deref().map(|t| format!("tag {t}, ")).unwrap_or_default(),
+                        e.tag
+                            .as_deref()
+                            .map(|t| format!("tag {t}, "))
+                            .unwrap_or_default(),
                         rfc3339(e.expires_at),
                         e.ticket,
                         e.approved_by,
@@ -138,7 +141,11 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
             .map(|(i, s)| {
                 (
                     format!("step {i}"),
-                    format!("after {} {}%", humantime::format_duration(s.after), s.percent),
+                    format!(
+                        "after {} {}%",
+                        humantime::format_duration(s.after),
+                        s.percent
+                    ),
                 )
             })
             .collect()
@@ -324,6 +331,9 @@ mod tests {
         }
         let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
         let d = diff(&f1, &old).join("\n");
-        assert!(d.contains("~ format 1 -> 2") && d.contains("+ rules of corp ("), "{d}");
+        assert!(
+            d.contains("~ format 1 -> 2") && d.contains("+ rules of corp ("),
+            "{d}"
+        );
     }
 }
