@@ -59,7 +59,12 @@ pub enum BundleCommand {
         /// The bundle file.
         bundle: PathBuf,
     },
-    /// Show what changed between two bundles: images, tags, digests, scopes, provenance.
+    /// Show what a new bundle would do to the containers running on this node: for each, its decision
+    /// under the installed bundle and under NEW (exit 0: nothing running would be denied; 1: something
+    /// would; 2: cannot check).
+    WhatIf(super::whatif::WhatIfArgs),
+    /// Show what changed between two bundles: images, tags, digests, scopes, provenance, lifecycles,
+    /// rules, exceptions, rollout.
     Diff {
         /// The older bundle.
         old: PathBuf,
@@ -151,6 +156,7 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
         } => crate::node::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
+        BundleCommand::WhatIf(args) => super::whatif::run(&args),
     }
 }
 

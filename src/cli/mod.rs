@@ -5,6 +5,7 @@
 
 mod bundle;
 mod explain;
+mod whatif;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
