@@ -184,8 +184,13 @@ impl Keys {
     /// Writes `spec` to `<dir>/<name>.json` and has both administrators sign it (`pullgate bundle
     /// sign`, which writes `<name>.json.sig`). Returns the bundle path.
     pub fn sign(&self, spec: &BundleSpec, name: &str) -> PathBuf {
+        self.sign_json(&spec.to_json(), name)
+    }
+
+    /// [`Keys::sign`] for a bundle written as JSON (e.g. a format 2 bundle built from a spec).
+    pub fn sign_json(&self, bundle: &Value, name: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.json"));
-        let text = serde_json::to_string_pretty(&spec.to_json()).expect("bundle json");
+        let text = serde_json::to_string_pretty(bundle).expect("bundle json");
         std::fs::write(&path, text + "\n").expect("write bundle");
         for key in [&self.alice, &self.bob] {
             cli_ok([
