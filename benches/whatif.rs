@@ -55,8 +55,9 @@ fn push_images(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
-/// A signed, verified bundle approving every bench image for the organisation (format 2), with the
-/// even-numbered images deprecated when `deprecate` (so the comparison has changes to report).
+/// A signed, verified bundle approving every bench image for the organisation (format 2); with
+/// `deprecate`, the even-numbered images are deprecated and ledger needs three scanners (so the
+/// comparison has changes to report).
 fn bundle(public: &str, digests: &[String], version: u64, deprecate: bool) -> VerifiedBundle {
     let now = time::OffsetDateTime::now_utc();
     let t = |d: time::OffsetDateTime| {
@@ -78,6 +79,12 @@ fn bundle(public: &str, digests: &[String], version: u64, deprecate: bool) -> Ve
     let scan = |name: &str, n: u8| {
         json!({"scanner": name, "version": "1", "report": format!("sha256:{}", format!("{n:02x}").repeat(32)), "worst_severity": "low"})
     };
+    // The new bundle also asks for a third scanner in ledger: its containers are newly denied.
+    let ledger_rules = if deprecate {
+        json!({"min_scanners": 3})
+    } else {
+        json!({})
+    };
     let doc = json!({
         "format": 2, "version": version,
         "issued_at": t(now - time::Duration::minutes(1)), "expires_at": t(now + time::Duration::days(1)),
@@ -86,7 +93,7 @@ fn bundle(public: &str, digests: &[String], version: u64, deprecate: bool) -> Ve
         "governance": {"organization": "corp", "application_label": "app", "programs": [
             {"name": "payments", "projects": [
                 {"name": "checkout", "namespaces": ["checkout"]},
-                {"name": "ledger", "namespaces": ["ledger"], "rules": {"min_scanners": 3}}]},
+                {"name": "ledger", "namespaces": ["ledger"], "rules": ledger_rules}]},
             {"name": "search", "projects": [{"name": "index", "namespaces": ["search-index"]}]}]},
         "images": [{"source": format!("{public}/bench/img"), "tags": tags, "scope": "corp",
             "provenance": {"license": "MIT", "scans": [scan("trivy", 1), scan("grype", 2)],
