@@ -43,7 +43,13 @@ fn push_images(stack: &Stack) -> Vec<String> {
         .map(|n| {
             let tag = format!("bench{n}");
             let status = Command::new("umoci")
-                .args(["config", "--image", &format!("{layout}:{base}"), "--tag", &tag])
+                .args([
+                    "config",
+                    "--image",
+                    &format!("{layout}:{base}"),
+                    "--tag",
+                    &tag,
+                ])
                 .args(["--config.label", &format!("pullgate.bench={n}")])
                 .status()
                 .expect("run umoci");
@@ -76,9 +82,7 @@ fn bundle(public: &str, digests: &[String], version: u64, deprecate: bool) -> Ve
             (n.to_string(), v)
         })
         .collect();
-    let scan = |name: &str, n: u8| {
-        json!({"scanner": name, "version": "1", "report": format!("sha256:{}", format!("{n:02x}").repeat(32)), "worst_severity": "low"})
-    };
+    let scan = |name: &str, n: u8| json!({"scanner": name, "version": "1", "report": format!("sha256:{}", format!("{n:02x}").repeat(32)), "worst_severity": "low"});
     // The new bundle also asks for a third scanner in ledger: its containers are newly denied.
     let ledger_rules = if deprecate {
         json!({"min_scanners": 3})
@@ -145,7 +149,10 @@ fn main() {
                 .await
                 .unwrap_or_else(|s| panic!("RunPodSandbox {p}: {}", s.message()));
             for c in 0..CONTAINERS_PER_POD {
-                let image = format!("{public}/bench/img:{}", (p * CONTAINERS_PER_POD + c) % IMAGES);
+                let image = format!(
+                    "{public}/bench/img:{}",
+                    (p * CONTAINERS_PER_POD + c) % IMAGES
+                );
                 cri.create_container(&pod, &cfg, &format!("c{c}"), &image, &["sleep", "600"])
                     .await
                     .unwrap_or_else(|s| panic!("CreateContainer {p}/{c}: {}", s.message()));
@@ -194,13 +201,22 @@ fn main() {
             // ledger pods need 3 scanners: newly denied; half the rest newly deprecated.
             assert!(c.get("newly_denied").copied().unwrap_or(0) > 0, "{c:?}");
             assert!(c.get("newly_deprecated").copied().unwrap_or(0) > 0, "{c:?}");
-            assert!(report.rows.iter().all(|r| !r.container.repo_digests.is_empty()));
+            assert!(
+                report
+                    .rows
+                    .iter()
+                    .all(|r| !r.container.repo_digests.is_empty())
+            );
         });
     }
     let (w, l) = (median(whatifs), median(lists));
     println!(
         "what-if over {reported} containers on {IMAGES} images: median {w:?} ({rounds} rounds; target <= 2s: {})",
-        if w <= Duration::from_secs(2) { "met" } else { "MISSED" }
+        if w <= Duration::from_secs(2) {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     println!("baseline, one ListContainers call: median {l:?}");
     println!(

@@ -348,6 +348,12 @@ impl Enforcer {
         self.metrics.decided(method, d);
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
+            // Deprecated images and exceptions are allowed, but worth an operator's attention.
+            PolicyVerdict::Allow
+                if matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) =>
+            {
+                tracing::info!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, message = ?d.message, "allowed")
+            }
             PolicyVerdict::Allow => {
                 tracing::debug!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, "allowed")
             }
