@@ -12,7 +12,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::cri::host_pod_config;
+use support::cri::{assert_status, host_pod_config, must};
 use support::node::{Node, PAYMENTS_NS, SEARCH_NS, standard_bundle};
 use support::pullgate::cli;
 use support::{Cri, e2e_enabled};
@@ -22,27 +22,6 @@ use tonic::{Code, Status};
 
 fn t(at: OffsetDateTime) -> String {
     at.format(&Rfc3339).expect("format time")
-}
-
-fn must<T>(what: &str, r: Result<T, Status>) -> T {
-    r.unwrap_or_else(|s| panic!("{what}: {:?}: {}", s.code(), s.message()))
-}
-
-#[track_caller]
-fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, Status>, needles: &[&str]) -> String {
-    let s = match r {
-        Ok(v) => panic!("{what}: expected PERMISSION_DENIED, but the call succeeded: {v:?}"),
-        Err(s) => s,
-    };
-    assert_eq!(s.code(), Code::PermissionDenied, "{what}: {}", s.message());
-    for n in needles {
-        assert!(
-            s.message().contains(n),
-            "{what}: message lacks {n:?}: {}",
-            s.message()
-        );
-    }
-    s.message().to_string()
 }
 
 #[track_caller]
@@ -194,9 +173,10 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
     assert!(!c.is_empty());
     audited(&node, "CreateContainer", "busybox:1.35", "exception");
     // Outside the exception's scope it stays denied for its scan rule.
-    denied(
+    assert_status(
         "busybox:1.35 in checkout",
         cri.pull("busybox:1.35", PAYMENTS_NS).await,
+        Code::PermissionDenied,
         &["corp/search"],
     );
 
@@ -240,20 +220,22 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
     let _ = c;
 
     // Licence: checkout denies GPL-2.0-only; the organisation approved busybox 1.36 under it.
-    denied(
+    assert_status(
         "pull busybox:1.36 in checkout",
         cri.pull("busybox:1.36", PAYMENTS_NS).await,
+        Code::PermissionDenied,
         &["GPL-2.0-only", "corp/payments/checkout"],
     );
     audited(&node, "PullImage", "busybox:1.36", "license_not_allowed");
-    denied(
+    assert_status(
         "start busybox:1.36 in checkout",
         create_in(&mut cri, "lic", PAYMENTS_NS, "busybox:1.36").await,
+        Code::PermissionDenied,
         &["GPL-2.0-only"],
     );
 
     // Sunset: payments-tool 1.0 is on the node, but starts are denied naming the replacement and date.
-    let msg = denied(
+    let msg = assert_status(
         "start sunset payments-tool:1.0",
         create_in(
             &mut cri,
@@ -262,13 +244,15 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
             "docker.io/acme/payments-tool:1.0",
         )
         .await,
+        Code::PermissionDenied,
         &["docker.io/acme/payments-tool:1.1", "sunset"],
     );
     assert!(msg.contains(&t(now - time::Duration::minutes(1))), "{msg}");
-    denied(
+    assert_status(
         "pull sunset payments-tool:1.0",
         cri.pull("docker.io/acme/payments-tool:1.0", PAYMENTS_NS)
             .await,
+        Code::PermissionDenied,
         &["docker.io/acme/payments-tool:1.1"],
     );
     audited(
@@ -287,9 +271,10 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
     if wait.is_positive() {
         tokio::time::sleep(Duration::try_from(wait).unwrap() + Duration::from_millis(500)).await;
     }
-    denied(
+    assert_status(
         "start busybox:1.35 after the exception expired",
         create_in(&mut cri, "exc2", SEARCH_NS, "busybox:1.35").await,
+        Code::PermissionDenied,
         &["SEC-77", &t(expires)],
     );
     audited(

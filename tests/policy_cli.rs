@@ -42,11 +42,19 @@ impl Setup {
         pullgate(&["bundle", "sign", "--key", p(&self.key(n)), p(bundle)])
     }
     fn explain(&self, image: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+        self.explain_bundle(&self.bundle, image, extra)
+    }
+    fn explain_bundle(
+        &self,
+        bundle: &Path,
+        image: &str,
+        extra: &[&str],
+    ) -> (Output, serde_json::Value) {
         let mut args = vec![
             "explain",
             image,
             "--bundle",
-            p(&self.bundle),
+            p(bundle),
             "--trust",
             p(&self.trust),
             "--json",
@@ -368,22 +376,7 @@ fn format_2_explain_verify_inspect_and_diff() {
     for n in [1, 2] {
         assert!(s.sign(&v2, n).status.success());
     }
-    let explain = |image: &str, extra: &[&str]| {
-        let mut args = vec![
-            "explain",
-            image,
-            "--bundle",
-            p(&v2),
-            "--trust",
-            p(&s.trust),
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let o = pullgate(&args);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-            .unwrap_or_else(|e| panic!("explain --json: {e}: {}", text(&o)));
-        (o, v)
-    };
+    let explain = |image: &str, extra: &[&str]| s.explain_bundle(&v2, image, extra);
     let at = |d: time::Duration| (now + d).format(&Rfc3339).unwrap();
     let (o, v) = explain("nginx:1.25", &["--namespace", "checkout"]);
     assert!(o.status.success(), "{}", text(&o));

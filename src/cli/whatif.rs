@@ -22,15 +22,10 @@ use crate::policy::load;
 pub struct WhatIfArgs {
     /// The new bundle file.
     pub bundle: PathBuf,
-    /// pullgate's configuration file (trust file, state directory with the installed bundle,
-    /// containerd's socket, the node's mode).
-    #[arg(
-        long,
-        short = 'c',
-        value_name = "PATH",
-        default_value = "/etc/pullgate/config.toml"
-    )]
-    pub config: PathBuf,
+    /// pullgate's configuration (trust file, state directory with the installed bundle, containerd's
+    /// socket, the node's mode).
+    #[command(flatten)]
+    pub config: super::ConfigArg,
     /// Signature file (default: BUNDLE.sig).
     #[arg(long, value_name = "PATH")]
     pub signatures: Option<PathBuf>,
@@ -49,7 +44,7 @@ fn cannot(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Runs `pullgate bundle what-if`.
 pub fn run(args: &WhatIfArgs) -> ExitCode {
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config.config) {
         Ok(c) => c,
         Err(e) => return cannot(e),
     };

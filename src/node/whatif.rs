@@ -543,39 +543,18 @@ mod tests {
         );
         assert_eq!(again.rows[0].change, Change::Unchanged);
         // Without an installed bundle every container is denied now; the node's warn mode allows.
-        let none = compare(
-            vec![container(
-                "pause",
-                "search-index",
-                None,
-                format!("registry.corp/approved-k8s/pause@{}", digest(3)),
-            )],
-            None,
-            Some("no bundle"),
-            &new,
-            NodeMode::Warn,
-            v2_now(),
-            14,
-        );
+        let without_bundle = |mode| {
+            let pause = format!("registry.corp/approved-k8s/pause@{}", digest(3));
+            let c = container("pause", "search-index", None, pause);
+            compare(vec![c], None, Some("no bundle"), &new, mode, v2_now(), 14)
+        };
+        let none = without_bundle(NodeMode::Warn);
         assert_eq!(
             none.rows[0].change,
             Change::Unchanged,
             "warn mode denies nothing"
         );
-        let none = compare(
-            vec![container(
-                "pause",
-                "search-index",
-                None,
-                format!("registry.corp/approved-k8s/pause@{}", digest(3)),
-            )],
-            None,
-            Some("no bundle"),
-            &new,
-            NodeMode::Enforce,
-            v2_now(),
-            14,
-        );
+        let none = without_bundle(NodeMode::Enforce);
         assert_eq!(none.rows[0].change, Change::NewlyAllowed);
         assert_eq!(none.denied(), 0);
     }
