@@ -124,6 +124,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_licence_list_is_the_one_used() {
+        let doc = include_str!("../../docs/bundle.md");
+        let v = spdx::license_version();
+        assert!(
+            doc.contains(&format!("list version {v}")),
+            "docs/bundle.md should name SPDX licence list {v}"
+        );
+    }
+
+    #[test]
     fn identifiers_must_be_on_the_list() {
         for bad in [
             "GPL-2.0",
