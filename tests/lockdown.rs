@@ -655,6 +655,7 @@ fn exported_names() -> std::collections::BTreeSet<String> {
             version: 1,
             issued_unix: 0,
             expires_unix: 2000,
+            next_exception_expiry_unix: Some(1500),
         }),
         true,
     );

@@ -6,6 +6,7 @@
 mod bundle;
 mod explain;
 mod node;
+mod whatif;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -3,13 +3,20 @@
 //!
 //! The hot path only touches atomics in fixed arrays (calls by method and gRPC status, upstream
 //! latency histograms); decision and bundle-install counters, which change at pull rate, sit behind
-//! a mutex.
+//! a mutex. Container starts of images with a lifecycle or an exception are also remembered (the last
+//! [`RECENT_STARTS`] distinct ones) for `pullgate status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::policy::{Decision, ReasonCode, VerifiedBundle};
+use time::OffsetDateTime;
+
+/// How many distinct recent lifecycle starts `pullgate status` can show.
+pub const RECENT_STARTS: usize = 64;
 
 /// CRI methods with their own label; everything else is `other`.
 pub const METHODS: &[&str] = &[
@@ -104,6 +111,46 @@ pub struct BundleGauge {
     pub version: u64,
     pub issued_unix: i64,
     pub expires_unix: i64,
+    /// When the soonest exception that has not expired yet expires (none: no such exception).
+    pub next_exception_expiry_unix: Option<i64>,
+}
+
+impl BundleGauge {
+    /// The gauges of `b` at `now`.
+    pub fn of(b: &VerifiedBundle, now: OffsetDateTime) -> BundleGauge {
+        BundleGauge {
+            version: b.version,
+            issued_unix: b.issued_at.unix_timestamp(),
+            expires_unix: b.expires_at.unix_timestamp(),
+            next_exception_expiry_unix: b
+                .exceptions()
+                .iter()
+                .map(|e| e.expires_at)
+                .filter(|t| *t > now)
+                .min()
+                .map(OffsetDateTime::unix_timestamp),
+        }
+    }
+}
+
+/// A container start of an image that is deprecated, has a sunset ahead, or runs by exception.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleStart {
+    /// The image as the pod spec named it.
+    pub image: String,
+    /// `deprecated`, `approved` (with a sunset ahead) or `exception`.
+    pub reason: &'static str,
+    /// The pod's scope.
+    pub scope: Option<String>,
+    /// The sunset date, if any (RFC 3339).
+    pub sunset_at: Option<String>,
+    /// The replacement tag, if any.
+    pub replacement: Option<String>,
+    /// The exception's ticket and expiry, for `exception`.
+    pub exception: Option<(String, String)>,
+    /// Last start (Unix seconds) and how many starts since the daemon started.
+    pub last_unix: i64,
+    pub count: u64,
 }
 
 /// All of pullgate's metrics.
@@ -116,6 +163,9 @@ pub struct Metrics {
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
     lockdown: LockdownMetrics,
+    deprecated_starts: AtomicU64,
+    /// Most recent first.
+    lifecycle_starts: Mutex<VecDeque<LifecycleStart>>,
 }
 
 /// The lockdown watcher's and the node check's series (see [`crate::node::lockdown`]).
@@ -154,6 +204,8 @@ impl Default for Metrics {
                 removals: Mutex::default(),
                 findings: Mutex::default(),
             },
+            deprecated_starts: AtomicU64::new(0),
+            lifecycle_starts: Mutex::default(),
         }
     }
 }
@@ -178,6 +230,62 @@ impl Metrics {
 
     pub fn decision(&self, result: &'static str, reason: &'static str) {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
+    }
+
+    /// A decision made for CRI `method`: counted by result and reason; a container start of a
+    /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
+    /// remembered for `pullgate status`.
+    pub fn decided(&self, method: &str, d: &Decision) {
+        self.decision(d.verdict.as_str(), d.reason.as_str());
+        if method != "CreateContainer" || !d.is_allowed() {
+            return;
+        }
+        if d.reason == ReasonCode::Deprecated {
+            self.deprecated_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        let sunset = d
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.lifecycle.sunset_at)
+            .map(crate::policy::bundle::rfc3339);
+        let remember =
+            matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) || sunset.is_some();
+        if !remember {
+            return;
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut recent = lock(&self.lifecycle_starts);
+        let count = match recent
+            .iter()
+            .position(|s| s.image == d.image && s.reason == d.reason.as_str())
+        {
+            Some(i) => recent.remove(i).map_or(0, |s| s.count),
+            None => 0,
+        };
+        recent.push_front(LifecycleStart {
+            image: d.image.clone(),
+            reason: d.reason.as_str(),
+            scope: d.pod_scope.as_deref().map(str::to_owned),
+            sunset_at: sunset,
+            replacement: d
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.lifecycle.replacement.as_deref().map(str::to_owned)),
+            exception: d.exception.as_ref().map(|x| {
+                (
+                    x.exception.ticket.clone(),
+                    crate::policy::bundle::rfc3339(x.exception.expires_at),
+                )
+            }),
+            last_unix: now,
+            count: count + 1,
+        });
+        recent.truncate(RECENT_STARTS);
+    }
+
+    /// Recent starts of deprecated, soon-to-sunset and excepted images, most recent first.
+    pub fn lifecycle_starts(&self) -> Vec<LifecycleStart> {
+        lock(&self.lifecycle_starts).iter().cloned().collect()
     }
 
     pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
@@ -303,6 +411,15 @@ impl Metrics {
                 "pullgate_decisions_total{{result=\"{result}\",reason=\"{reason}\"}} {n}"
             );
         }
+        o.push_str(
+            "# HELP pullgate_deprecated_starts_total Containers started from a deprecated image.\n",
+        );
+        o.push_str("# TYPE pullgate_deprecated_starts_total counter\n");
+        let _ = writeln!(
+            o,
+            "pullgate_deprecated_starts_total {}",
+            self.deprecated_starts.load(Ordering::Relaxed)
+        );
         o.push_str("# HELP pullgate_bundle_installs_total Bundle install attempts, by result and reason.\n");
         o.push_str("# TYPE pullgate_bundle_installs_total counter\n");
         for ((result, reason), n) in lock(&self.installs).iter() {
@@ -333,6 +450,11 @@ impl Metrics {
                 "pullgate_bundle_expiry_seconds {}",
                 b.expires_unix - now_unix
             );
+            if let Some(t) = b.next_exception_expiry_unix {
+                o.push_str("# HELP pullgate_exception_expiry_seconds Seconds until the soonest active exception of the bundle in force expires (absent: none active).\n");
+                o.push_str("# TYPE pullgate_exception_expiry_seconds gauge\n");
+                let _ = writeln!(o, "pullgate_exception_expiry_seconds {}", t - now_unix);
+            }
         }
         o.push_str("# HELP pullgate_audit_errors_total Audit records that could not be written.\n");
         o.push_str("# TYPE pullgate_audit_errors_total counter\n");
@@ -473,6 +595,7 @@ mod tests {
             version: 7,
             issued_unix: 1000,
             expires_unix: 5000,
+            next_exception_expiry_unix: Some(2600),
         });
         let text = m.render(2000, bundle, false);
         for want in [
@@ -487,6 +610,8 @@ mod tests {
             "pullgate_bundle_age_seconds 1000",
             "pullgate_bundle_expiry_seconds 3000",
             "pullgate_sandbox_image_approved -1",
+            "pullgate_exception_expiry_seconds 600",
+            "pullgate_deprecated_starts_total 0",
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }

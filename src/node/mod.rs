@@ -11,6 +11,7 @@
 //! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
 //!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`whatif`]: what a new bundle would do to the containers running on the node.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
@@ -21,4 +22,5 @@ pub mod enforce;
 pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
+pub mod whatif;
 pub mod wire;

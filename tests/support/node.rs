@@ -187,7 +187,7 @@ impl Keys {
         self.sign_json(&spec.to_json(), name)
     }
 
-    /// [`Keys::sign`] for bundle JSON a test edited itself.
+    /// [`Keys::sign`] for a bundle written as JSON (e.g. a format 2 bundle built from a spec).
     pub fn sign_json(&self, bundle: &Value, name: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.json"));
         let text = serde_json::to_string_pretty(bundle).expect("bundle json");

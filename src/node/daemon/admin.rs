@@ -142,8 +142,65 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
             s["lockdown"]["check"]["checked_at"].as_str().unwrap_or("?")
         );
     }
+    print_lifecycle_status(&s);
     println!("audit log: {}", s["audit_log"].as_str().unwrap_or("?"));
     ExitCode::SUCCESS
+}
+
+/// The exceptions and lifecycle starts of `pullgate status`.
+fn print_lifecycle_status(s: &serde_json::Value) {
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let active = list(&s["exceptions"]["active"]);
+    let soon = list(&s["exceptions"]["expiring_soon"]);
+    if !active.is_empty() {
+        println!(
+            "exceptions: {} active, {} expiring within {} days",
+            active.len(),
+            soon.len(),
+            s["exceptions"]["expiring_soon_days"]
+        );
+        for e in &active {
+            let expiring = soon.iter().any(|x| x == e);
+            println!(
+                "  {}{}@{} for {} until {} (ticket {}, approved by {})",
+                if expiring { "EXPIRING SOON: " } else { "" },
+                e["source"].as_str().unwrap_or("?"),
+                e["digest"].as_str().unwrap_or("?"),
+                e["scope"].as_str().unwrap_or("?"),
+                e["expires_at"].as_str().unwrap_or("?"),
+                e["ticket"].as_str().unwrap_or("?"),
+                e["approved_by"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let starts = list(&s["lifecycle_starts"]);
+    if !starts.is_empty() {
+        println!("started in the last 24h, deprecated, with a sunset ahead, or by exception:");
+        for x in &starts {
+            let mut notes = Vec::new();
+            if let Some(t) = x["sunset_at"].as_str() {
+                notes.push(format!("sunset {t}"));
+            }
+            if let Some(r) = x["replacement"].as_str() {
+                notes.push(format!("replacement {r}"));
+            }
+            if let Some(t) = x["exception_ticket"].as_str() {
+                notes.push(format!(
+                    "exception {t} until {}",
+                    x["exception_expires_at"].as_str().unwrap_or("?")
+                ));
+            }
+            println!(
+                "  {} [{}] in {}: {} start(s), last {}; {}",
+                x["image"].as_str().unwrap_or("?"),
+                x["reason"].as_str().unwrap_or("?"),
+                x["scope"].as_str().unwrap_or("?"),
+                x["starts"],
+                x["last_start"].as_str().unwrap_or("?"),
+                notes.join(", ")
+            );
+        }
+    }
 }
 
 /// `pullgate bundle install FILE`: verify, install atomically, tell the daemon, confirm.

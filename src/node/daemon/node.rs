@@ -339,6 +339,8 @@ impl Node {
             "sandbox_image_problem": self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "audit_log": self.config.audit.path.display().to_string(),
             "lockdown": self.lockdown.status_json(),
+            "exceptions": self.state.current().map(|b| exceptions_json(&b, now)),
+            "lifecycle_starts": lifecycle_starts_json(&self.metrics, now),
         })
     }
 
@@ -435,4 +437,59 @@ pub async fn upstream_within(upstream: &Upstream, limit: Duration) -> bool {
     tokio::time::timeout(limit, upstream.connect())
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+/// Days ahead within which `pullgate status` calls an exception expiring.
+pub const EXCEPTION_WARNING_DAYS: i64 = 7;
+/// How far back `pullgate status` shows lifecycle starts.
+pub const RECENT_STARTS_HOURS: i64 = 24;
+
+/// The active exceptions of `b` at `now`, and those expiring within [`EXCEPTION_WARNING_DAYS`].
+fn exceptions_json(b: &VerifiedBundle, now: OffsetDateTime) -> serde_json::Value {
+    let soon = now + time::Duration::days(EXCEPTION_WARNING_DAYS);
+    let item = |e: &crate::policy::Exception| {
+        serde_json::json!({
+            "source": &*e.source,
+            "digest": e.digest.to_string(),
+            "tag": e.tag.as_deref(),
+            "scope": &*e.scope_path,
+            "expires_at": crate::policy::bundle::rfc3339(e.expires_at),
+            "expires_in_seconds": (e.expires_at - now).whole_seconds(),
+            "ticket": e.ticket,
+            "approved_by": e.approved_by,
+        })
+    };
+    let active: Vec<_> = b
+        .exceptions()
+        .iter()
+        .filter(|e| e.expires_at > now)
+        .collect();
+    serde_json::json!({
+        "active": active.iter().map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon": active.iter().filter(|e| e.expires_at <= soon).map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon_days": EXCEPTION_WARNING_DAYS,
+    })
+}
+
+/// Starts of deprecated, soon-to-sunset and excepted images in the last [`RECENT_STARTS_HOURS`].
+fn lifecycle_starts_json(metrics: &Metrics, now: OffsetDateTime) -> serde_json::Value {
+    let since = now.unix_timestamp() - RECENT_STARTS_HOURS * 3600;
+    metrics
+        .lifecycle_starts()
+        .into_iter()
+        .filter(|s| s.last_unix >= since)
+        .map(|s| {
+            serde_json::json!({
+                "image": s.image,
+                "reason": s.reason,
+                "scope": s.scope,
+                "sunset_at": s.sunset_at,
+                "replacement": s.replacement,
+                "exception_ticket": s.exception.as_ref().map(|x| &x.0),
+                "exception_expires_at": s.exception.as_ref().map(|x| &x.1),
+                "last_start": crate::policy::bundle::format_unix(s.last_unix),
+                "starts": s.count,
+            })
+        })
+        .collect()
 }

@@ -119,7 +119,7 @@ impl PolicyState {
                 if now > b.expires_at {
                     self.warn_expired(&b, now);
                 }
-                policy::decide(req, &b, pod)
+                policy::decide(req, &b, pod, now)
             }
             Err(why) => policy::decide_without_bundle(req, Some(&why)),
         };
@@ -174,11 +174,8 @@ impl PolicyState {
 
     /// The bundle gauge for metrics.
     pub fn gauge(&self) -> Option<BundleGauge> {
-        self.current().map(|b| BundleGauge {
-            version: b.version,
-            issued_unix: b.issued_at.unix_timestamp(),
-            expires_unix: b.expires_at.unix_timestamp(),
-        })
+        self.current()
+            .map(|b| BundleGauge::of(&b, OffsetDateTime::now_utc()))
     }
 }
 
@@ -353,9 +350,15 @@ impl Enforcer {
         pulled: Option<&str>,
         started: Instant,
     ) {
-        self.metrics.decision(d.verdict.as_str(), d.reason.as_str());
+        self.metrics.decided(method, d);
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
+            // Deprecated images and exceptions are allowed, but worth an operator's attention.
+            PolicyVerdict::Allow
+                if matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) =>
+            {
+                tracing::info!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, message = ?d.message, "allowed")
+            }
             PolicyVerdict::Allow => {
                 tracing::debug!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, "allowed")
             }
@@ -594,6 +597,7 @@ impl Enforcer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(k)
+                .filter(|d| d.valid_until.is_none_or(|t| now < t))
                 .cloned();
             if let Some(d) = cached {
                 self.record("CreateContainer", &d, pod, None, started);
@@ -663,6 +667,7 @@ impl Enforcer {
             &ImageRequest::Reference(&image),
             &bundle,
             &PodContext::default(),
+            OffsetDateTime::now_utc(),
         );
         let private = Reference::parse(&image).is_ok_and(|r| r.domain() == bundle.private_registry);
         let ok = private && d.verdict == PolicyVerdict::Allow;

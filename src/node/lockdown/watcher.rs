@@ -648,7 +648,8 @@ impl Watcher {
         name: &str,
         target: &str,
     ) -> Result<Result<u64, String>, tonic::Status> {
-        let b = match self.w.state.usable(OffsetDateTime::now_utc()) {
+        let now = OffsetDateTime::now_utc();
+        let b = match self.w.state.usable(now) {
             Ok(b) => b,
             Err(why) => return Ok(Err(format!("no usable bundle: {why}"))),
         };
@@ -669,6 +670,7 @@ impl Watcher {
                     },
                     &b,
                     &PodContext::default(),
+                    now,
                 )
                 .verdict
                     == Verdict::Allow
