@@ -194,7 +194,7 @@ async fn images_and_containers_through_pullgate_look_as_in_containerd() {
     let st = status(&mut cri, &by_digest).await;
     assert_eq!(st.id, digest_id);
     assert!(st.repo_tags.is_empty(), "{st:?}");
-    assert_eq!(st.repo_digests, [by_digest.clone()]);
+    assert_eq!(st.repo_digests, std::slice::from_ref(&by_digest));
     assert_eq!(status(&mut cri, &digest_id).await, st);
 
     // Pull without a tag: `latest`.
@@ -237,7 +237,12 @@ async fn images_and_containers_through_pullgate_look_as_in_containerd() {
     let listed = sorted_images(must("ListImages", cri.list_images().await));
     for img in &listed {
         let st = status(&mut cri, &img.id).await;
-        assert_eq!(sorted_images(vec![st]), [img.clone()], "{}", img.id);
+        assert_eq!(
+            sorted_images(vec![st]),
+            std::slice::from_ref(img),
+            "{}",
+            img.id
+        );
     }
     let direct_count = must("direct ListImages", direct.list_images().await).len();
     assert_eq!(listed.len(), direct_count, "the same images");
