@@ -354,6 +354,21 @@ impl Latency {
     }
 }
 
+/// Prints the median and p99 of direct calls and of calls via pullgate, and what pullgate added.
+fn print_added(label: &str, direct: &mut [Duration], via: &mut [Duration]) {
+    let (d50, v50) = (pct(direct, 0.5), pct(via, 0.5));
+    let (d99, v99) = (pct(direct, 0.99), pct(via, 0.99));
+    println!("{label}");
+    println!(
+        "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
+        v50 - d50
+    );
+    println!(
+        "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
+        v99 - d99
+    );
+}
+
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -585,17 +600,7 @@ fn main() {
             let mut sink = Vec::new();
             latencies(&via, m, calls, &mut sink).await;
             let cpu = (cpu_time(pg_pid) - cpu0).as_secs_f64() * 1e6 / calls as f64;
-            let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
-            let (d99, v99) = (pct(&mut d, 0.99), pct(&mut v, 0.99));
-            println!("{label}");
-            println!(
-                "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
-                v50 - d50
-            );
-            println!(
-                "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
-                v99 - d99
-            );
+            print_added(label, &mut d, &mut v);
             println!("  pullgate CPU per call: {cpu:.1} µs sequential");
         }
         // Starts that each pay a lookup once: every call a different image and/or a new pod.
@@ -630,17 +635,7 @@ fn main() {
                 create_in(&via, pod, image).await;
                 v.push(t.elapsed());
             }
-            let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
-            let (d99, v99) = (pct(&mut d, 0.99), pct(&mut v, 0.99));
-            println!("{label}");
-            println!(
-                "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
-                v50 - d50
-            );
-            println!(
-                "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
-                v99 - d99
-            );
+            print_added(label, &mut d, &mut v);
         }
     });
     println!("target: added median <= 100 µs for PullImage and CreateContainer");

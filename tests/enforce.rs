@@ -1076,11 +1076,9 @@ async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
     env.stop().await;
 }
 
-/// `crictl create` names the image as the user wrote it: the name is resolved through the bundle
-/// (as ImageStatus does), so an approved image pulled through pullgate starts, pinned to its ID; a
-/// name never approved is told so; an approved one not pulled yet is told to pull it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containers_created_by_image_name_resolve_through_the_bundle() {
+/// A node whose fake containerd holds only the images put there, among them busybox:1.36 as pullgate
+/// pulls it (the pinned mirror name), and a sandbox `sb` in namespace `checkout`. Returns the image ID.
+async fn env_with_pulled_busybox() -> (Env, String) {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     env.fake
         .observed
@@ -1093,6 +1091,15 @@ async fn containers_created_by_image_name_resolve_through_the_bundle() {
         &[pinned("busybox", &digest(1))],
     );
     env.fake.add_sandbox("sb", &pod_config("checkout", &[]));
+    (env, id)
+}
+
+/// `crictl create` names the image as the user wrote it: the name is resolved through the bundle
+/// (as ImageStatus does), so an approved image pulled through pullgate starts, pinned to its ID; a
+/// name never approved is told so; an approved one not pulled yet is told to pull it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_created_by_image_name_resolve_through_the_bundle() {
+    let (env, id) = env_with_pulled_busybox().await;
     let mut rt = env.runtime().await;
     for name in [
         "busybox:1.36".to_string(),
@@ -1157,17 +1164,7 @@ async fn containers_created_by_image_name_resolve_through_the_bundle() {
 /// ID that was checked. (containerd 1.6 has no image volumes, so this is proven at the fake level.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_volumes_are_checked_and_pinned() {
-    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    env.fake
-        .observed
-        .only_known_images
-        .store(true, std::sync::atomic::Ordering::Relaxed);
-    let approved = put_image(
-        &env.fake,
-        0xe1,
-        &[pinned("busybox", &digest(1))],
-        &[pinned("busybox", &digest(1))],
-    );
+    let (env, approved) = env_with_pulled_busybox().await;
     let other = put_image(&env.fake, 0xe2, &[pinned("busybox", &digest(2))], &[]);
     let imported = put_image(
         &env.fake,
@@ -1175,7 +1172,6 @@ async fn image_volumes_are_checked_and_pinned() {
         &[format!("docker.io/library/miner@{}", digest(8))],
         &[],
     );
-    env.fake.add_sandbox("sb", &pod_config("checkout", &[]));
     let volume = |path: &str, image: &str| cri::Mount {
         container_path: path.into(),
         image: Some(cri::ImageSpec {

@@ -70,37 +70,26 @@ fn nonempty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// The pod context containerd recorded for a sandbox.
-pub fn recorded_pod(status: &cri::PodSandboxStatus) -> PodContext {
-    let meta = status.metadata.as_ref();
+fn pod(
+    meta: Option<&cri::PodSandboxMetadata>,
+    labels: &std::collections::HashMap<String, String>,
+) -> PodContext {
     PodContext {
         namespace: meta.and_then(|m| nonempty(&m.namespace)),
         name: meta.and_then(|m| nonempty(&m.name)),
         uid: meta.and_then(|m| nonempty(&m.uid)),
-        labels: status
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
     }
+}
+
+/// The pod context containerd recorded for a sandbox.
+pub fn recorded_pod(status: &cri::PodSandboxStatus) -> PodContext {
+    pod(status.metadata.as_ref(), &status.labels)
 }
 
 /// The pod context a CRI `PodSandboxConfig` claims (all parts optional).
 pub fn claimed_pod(cfg: Option<&cri::PodSandboxConfig>) -> PodContext {
-    let Some(cfg) = cfg else {
-        return PodContext::default();
-    };
-    let meta = cfg.metadata.as_ref();
-    PodContext {
-        namespace: meta.and_then(|m| nonempty(&m.namespace)),
-        name: meta.and_then(|m| nonempty(&m.name)),
-        uid: meta.and_then(|m| nonempty(&m.uid)),
-        labels: cfg
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+    cfg.map_or_else(PodContext::default, |c| pod(c.metadata.as_ref(), &c.labels))
 }
 
 /// Where a request's `sandbox_config` contradicts the sandbox containerd recorded: `None` when it
