@@ -18,7 +18,9 @@
 //! default 5; `BENCH_SECS` per throughput round, default 2). With `BENCH_UPSTREAM=/path/to/socket`
 //! (e.g. a real containerd's CRI socket) the passthrough part runs against that upstream instead of
 //! the fake, and the enforcement part is skipped. `BENCH_PULLGATE_BIN=/path/to/pullgate` measures
-//! another build (e.g. an earlier commit) in the same conditions.
+//! another build (e.g. an earlier commit) in the same conditions; `BENCH_BASELINE_BIN=/path/to/pullgate`
+//! runs the enforcement part through that build too, in the same run, calls interleaved, and prints
+//! what this build adds over it.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -112,6 +114,22 @@ fn wait_for_socket(path: &Path, what: &str) {
 }
 
 fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Proc, PathBuf) {
+    // BENCH_PULLGATE_BIN compares another build (e.g. an earlier commit) in the same conditions.
+    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
+    start_pullgate_bin(&bin, dir, upstream, workers, name)
+}
+
+/// `bin serve` with state in `dir/state-NAME`, listening on `dir/pullgate-NAME.sock`.
+fn start_pullgate_bin(
+    bin: &Path,
+    dir: &Path,
+    upstream: &Path,
+    workers: u32,
+    name: &str,
+) -> (Proc, PathBuf) {
     let listen = dir.join(format!("pullgate-{name}.sock"));
     let config = dir.join(format!("config-{name}.toml"));
     std::fs::write(
@@ -123,11 +141,6 @@ fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Pro
         ),
     )
     .unwrap();
-    // BENCH_PULLGATE_BIN compares another build (e.g. an earlier commit) in the same conditions.
-    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
-        .filter(|b| !b.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
     // Owned by a `Proc` before waiting, so a failed start does not leave it running.
     let child = Proc(
         Command::new(bin)
@@ -354,8 +367,14 @@ impl Latency {
     }
 }
 
-/// Prints the median and p99 of direct calls and of calls via pullgate, and what pullgate added.
-fn print_added(label: &str, direct: &mut [Duration], via: &mut [Duration]) {
+/// Prints the median and p99 of direct calls and of calls via pullgate, and what pullgate added;
+/// with a baseline build's calls, what it added and what this build adds over it.
+fn print_added(
+    label: &str,
+    direct: &mut [Duration],
+    via: &mut [Duration],
+    base: Option<&mut [Duration]>,
+) {
     let (d50, v50) = (pct(direct, 0.5), pct(via, 0.5));
     let (d99, v99) = (pct(direct, 0.99), pct(via, 0.99));
     println!("{label}");
@@ -367,6 +386,15 @@ fn print_added(label: &str, direct: &mut [Duration], via: &mut [Duration]) {
         "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
         v99 - d99
     );
+    if let Some(b) = base.filter(|b| !b.is_empty()) {
+        let (b50, b99) = (pct(b, 0.5), pct(b, 0.99));
+        println!(
+            "  baseline build: median {b50:8.1} µs (added {:6.1} µs), p99 {b99:8.1} µs; this build over it: median {:+6.1} µs, p99 {:+6.1} µs",
+            b50 - d50,
+            v50 - b50,
+            v99 - b99
+        );
+    }
 }
 
 fn pct(v: &mut [Duration], p: f64) -> f64 {
@@ -577,6 +605,22 @@ fn main() {
     }
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "enforce");
     let pg_pid = pg.0.id();
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN")
+        .filter(|b| !b.is_empty())
+        .map(|bin| {
+            install_big_bundle(
+                &dir.path().join("state-enforce-baseline"),
+                &dir.path().join("trust.toml"),
+            );
+            println!("baseline build: {}", bin.to_string_lossy());
+            start_pullgate_bin(
+                Path::new(&bin),
+                dir.path(),
+                &upstream_path,
+                workers,
+                "enforce-baseline",
+            )
+        });
     println!(
         "\nenforcement: pullgate with a {IMAGES}-image bundle ({:.1} MiB), audit log on",
         bytes as f64 / 1048576.0
@@ -584,6 +628,10 @@ fn main() {
     rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
         let via = cri_channel(&listen).await;
+        let base = match &baseline {
+            Some((_, sock)) => Some(cri_channel(sock).await),
+            None => None,
+        };
         for (label, m) in [
             ("PullImage (approved, rewritten)", Method::PullImage),
             ("CreateContainer (decision cached)", Method::CreateContainer),
@@ -591,16 +639,22 @@ fn main() {
             let mut sink = Vec::new();
             latencies(&direct, m, calls / 4, &mut sink).await;
             latencies(&via, m, calls / 4, &mut sink).await;
-            let (mut d, mut v) = (Vec::new(), Vec::new());
+            if let Some(b) = &base {
+                latencies(b, m, calls / 4, &mut sink).await;
+            }
+            let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 latencies(&direct, m, calls, &mut d).await;
                 latencies(&via, m, calls, &mut v).await;
+                if let Some(b) = &base {
+                    latencies(b, m, calls, &mut bl).await;
+                }
             }
             let cpu0 = cpu_time(pg_pid);
             let mut sink = Vec::new();
             latencies(&via, m, calls, &mut sink).await;
             let cpu = (cpu_time(pg_pid) - cpu0).as_secs_f64() * 1e6 / calls as f64;
-            print_added(label, &mut d, &mut v);
+            print_added(label, &mut d, &mut v, Some(&mut bl));
             println!("  pullgate CPU per call: {cpu:.1} µs sequential");
         }
         // Starts that each pay a lookup once: every call a different image and/or a new pod.
@@ -625,8 +679,9 @@ fn main() {
                     .collect(),
             ),
         ];
+        // Every build sees each start for the first time (each has its own caches).
         for (label, starts) in once {
-            let (mut d, mut v) = (Vec::new(), Vec::new());
+            let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
             for (pod, image) in &starts {
                 let t = Instant::now();
                 create_in(&direct, pod, image).await;
@@ -634,10 +689,16 @@ fn main() {
                 let t = Instant::now();
                 create_in(&via, pod, image).await;
                 v.push(t.elapsed());
+                if let Some(b) = &base {
+                    let t = Instant::now();
+                    create_in(b, pod, image).await;
+                    bl.push(t.elapsed());
+                }
             }
-            print_added(label, &mut d, &mut v);
+            print_added(label, &mut d, &mut v, Some(&mut bl));
         }
     });
     println!("target: added median <= 100 µs for PullImage and CreateContainer");
+    drop(baseline);
     drop(pg);
 }
