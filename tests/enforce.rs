@@ -187,6 +187,49 @@ impl Env {
             .collect()
     }
 
+    /// What `pullgate bundle install` does: verify and install bundle `version` (busybox 1.36 bound
+    /// to `busybox_136`) into the state dir, then reload (SIGHUP).
+    async fn install_and_reload(&self, version: u64, busybox_136: &str) {
+        let b = bundle_json(version, busybox_136, time::Duration::days(30));
+        let s = self.keys.sign(&b, &[&self.keys.alice, &self.keys.bob]);
+        let trust = pullgate::policy::Trust::from_toml(&self.keys.trust_toml()).unwrap();
+        self.node
+            .store
+            .install(
+                b.as_bytes(),
+                s.as_bytes(),
+                &trust,
+                OffsetDateTime::now_utc(),
+                Path::new(&format!("v{version}.json")),
+            )
+            .unwrap();
+        self.control.send(Control::Reload).await.unwrap();
+    }
+
+    /// The image the upstream was last asked about (ImageStatus).
+    fn last_image_status(&self) -> String {
+        self.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("an ImageStatus reached the upstream")
+    }
+
+    /// The last `CreateContainer` that reached the upstream.
+    fn last_create(&self) -> cri::CreateContainerRequest {
+        self.fake
+            .observed
+            .creates
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a CreateContainer reached the upstream")
+    }
+
     async fn stop(mut self) {
         self.control.send(Control::Shutdown).await.unwrap();
         self.task.await.unwrap();
@@ -495,16 +538,7 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
         .into_inner()
         .image
         .unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &pinned("busybox", &digest(1))
-    );
+    assert_eq!(env.last_image_status(), pinned("busybox", &digest(1)));
     assert_eq!(got.id, stored.id);
     // Shown as containerd would show the source names: the mirror copy is the same manifest.
     let want = cri::Image {
@@ -543,27 +577,9 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
     }
     // IDs and unapproved names are asked for as written.
     images.image_status(status(&digest(0xaa))).await.unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &digest(0xaa)
-    );
+    assert_eq!(env.last_image_status(), digest(0xaa));
     images.image_status(status("alpine:3.19")).await.unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        "alpine:3.19"
-    );
+    assert_eq!(env.last_image_status(), "alpine:3.19");
 
     // ListImages shows each image as ImageStatus does.
     let listed = images
@@ -603,16 +619,7 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
         missing.image.is_none(),
         "the old digest must not satisfy the moved tag"
     );
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &pinned("busybox", &digest(4))
-    );
+    assert_eq!(env.last_image_status(), pinned("busybox", &digest(4)));
     images
         .pull_image(pull_request("busybox:1.36", "checkout"))
         .await
@@ -723,15 +730,7 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     rt.create_container(create(&by_name, "checkout"))
         .await
         .unwrap();
-    let sent = env
-        .fake
-        .observed
-        .creates
-        .lock()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let sent = env.last_create();
     let sent_spec = sent.config.unwrap().image.unwrap();
     assert_eq!(sent_spec.image, approved, "pinned to the checked image ID");
     assert_eq!(
@@ -1111,29 +1110,15 @@ async fn containers_created_by_image_name_resolve_through_the_bundle() {
         rt.create_container(create_in("sb", &name, Some(pod_config("checkout", &[]))))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        let sent = env
-            .fake
-            .observed
-            .creates
-            .lock()
-            .unwrap()
-            .last()
-            .cloned()
-            .unwrap();
+        let sent = env.last_create();
         assert_eq!(
             sent.config.unwrap().image.unwrap().image,
             id,
             "{name} is pinned to the checked ID"
         );
         assert_eq!(
-            env.fake
-                .observed
-                .image_statuses
-                .lock()
-                .unwrap()
-                .last()
-                .unwrap(),
-            &pinned("busybox", &digest(1)),
+            env.last_image_status(),
+            pinned("busybox", &digest(1)),
             "{name} is looked up under the pinned mirror name"
         );
     }
@@ -1197,15 +1182,7 @@ async fn image_volumes_are_checked_and_pinned() {
     ]))
     .await
     .unwrap();
-    let sent = env
-        .fake
-        .observed
-        .creates
-        .lock()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let sent = env.last_create();
     let mounts = sent.config.unwrap().mounts;
     assert_eq!(
         mounts
@@ -1261,20 +1238,7 @@ async fn sandbox_image_is_rechecked_after_every_bundle_change() {
         }
     };
     wait_for(true).await;
-    let b = bundle_json(2, &digest(4), time::Duration::days(30));
-    let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
-    let trust = pullgate::policy::Trust::from_toml(&env.keys.trust_toml()).unwrap();
-    env.node
-        .store
-        .install(
-            b.as_bytes(),
-            s.as_bytes(),
-            &trust,
-            OffsetDateTime::now_utc(),
-            Path::new("v2.json"),
-        )
-        .unwrap();
-    env.control.send(Control::Reload).await.unwrap();
+    env.install_and_reload(2, &digest(4)).await;
     let problem = wait_for(false).await;
     assert!(
         problem.as_str().unwrap().contains("not approved"),
@@ -1474,21 +1438,7 @@ async fn bundle_swap_under_200_concurrent_calls_fails_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    // What `pullgate bundle install` does: verify and install into the state dir, then SIGHUP.
-    let b = bundle_json(5, &digest(6), time::Duration::days(30));
-    let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
-    let trust = pullgate::policy::Trust::from_toml(&env.keys.trust_toml()).unwrap();
-    env.node
-        .store
-        .install(
-            b.as_bytes(),
-            s.as_bytes(),
-            &trust,
-            OffsetDateTime::now_utc(),
-            Path::new("v5.json"),
-        )
-        .unwrap();
-    env.control.send(Control::Reload).await.unwrap();
+    env.install_and_reload(5, &digest(6)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while env.node.state.current().unwrap().version != 5 {
         assert!(
