@@ -5,6 +5,8 @@
 
 mod bundle;
 mod explain;
+mod node;
+mod whatif;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,9 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
     Status(StatusArgs),
+    /// Commands about this node: `node check` proves its lockdown.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
 }
 
 #[derive(Debug, Args)]
@@ -96,5 +101,6 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
+        Command::Node(cmd) => node::run(cmd),
     }
 }

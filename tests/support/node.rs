@@ -18,10 +18,13 @@ use super::pullgate::{CliOutput, Pullgate, cli, cli_ok};
 use super::stack::{Stack, free_port};
 
 /// The organisation and governance every scenario bundle uses: program `payments` (project
-/// `checkout`, namespace `checkout`) and program `search` (project `index`, namespace `search-index`).
+/// `checkout`, namespace `checkout`) and program `search` (project `index`, namespace `search-index`,
+/// and the warn-mode project `sandbox`, namespace `playground`).
 pub const ORG: &str = "corp";
 pub const PAYMENTS_NS: &str = "checkout";
 pub const SEARCH_NS: &str = "search-index";
+/// The namespace of a warn-mode project: its pods' would-be denials are allowed and audited.
+pub const WARN_NS: &str = "playground";
 
 /// One fixture image: where it was pushed and its manifest digest (read back from the registry).
 #[derive(Clone, Debug)]
@@ -140,7 +143,8 @@ impl BundleSpec {
                         {"name": "checkout", "namespaces": [PAYMENTS_NS]}
                     ]},
                     {"name": "search", "projects": [
-                        {"name": "index", "namespaces": [SEARCH_NS]}
+                        {"name": "index", "namespaces": [SEARCH_NS]},
+                        {"name": "sandbox", "mode": "warn", "namespaces": [WARN_NS]}
                     ]}
                 ]
             },
@@ -184,8 +188,13 @@ impl Keys {
     /// Writes `spec` to `<dir>/<name>.json` and has both administrators sign it (`pullgate bundle
     /// sign`, which writes `<name>.json.sig`). Returns the bundle path.
     pub fn sign(&self, spec: &BundleSpec, name: &str) -> PathBuf {
+        self.sign_json(&spec.to_json(), name)
+    }
+
+    /// [`Keys::sign`] for a bundle written as JSON (e.g. a format 2 bundle built from a spec).
+    pub fn sign_json(&self, bundle: &Value, name: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.json"));
-        let text = serde_json::to_string_pretty(&spec.to_json()).expect("bundle json");
+        let text = serde_json::to_string_pretty(bundle).expect("bundle json");
         std::fs::write(&path, text + "\n").expect("write bundle");
         for key in [&self.alice, &self.bob] {
             cli_ok([
@@ -220,6 +229,12 @@ impl Node {
     /// Starts the stack, pushes the fixtures, generates keys, signs and installs bundle v1
     /// ([`Node::standard_bundle`]) and starts pullgate in `mode` (`enforce` or `warn`).
     pub fn start(name: &str, mode: &str) -> Node {
+        Node::start_with(name, mode, |_| String::new())
+    }
+
+    /// Like [`Node::start`], with more configuration: `extra(&stack)` is appended to pullgate's
+    /// configuration file (e.g. a `[lockdown]` section naming the stack's containerd config).
+    pub fn start_with(name: &str, mode: &str, extra: impl FnOnce(&Stack) -> String) -> Node {
         let started = std::time::Instant::now();
         let mut stack = Stack::start_node(name);
         let fx = push_fixtures(&stack);
@@ -244,7 +259,7 @@ impl Node {
             state = state_dir.display(),
             drop = drop_dir.display(),
             audit = audit_log.display(),
-        );
+        ) + &extra(&stack);
         let config = Pullgate::configure(&tmp, &extra);
         let spec = standard_bundle(&stack, &fx, 1);
         let bundle_v1 = keys.sign(&spec, "bundle-v1");

@@ -1,6 +1,7 @@
 //! The daemon's policy side: everything enforcement needs at run time, and its lifecycle — the first
 //! load of the installed bundle, reloads (SIGHUP, `pullgate bundle install`), the drop directory that
-//! fleet tooling fills, the sandbox-image check, and the status report.
+//! fleet tooling fills, the sandbox-image check (at start and again after every bundle change), and
+//! the status report.
 //!
 //! A bundle is swapped in with one atomic pointer store ([`PolicyState::set`]); a rejected one
 //! changes nothing and is logged, counted and (from the drop directory) set aside with its reason.
@@ -16,6 +17,7 @@ use crate::node::audit::AuditLog;
 use crate::node::config::{Config, NodeMode, SandboxImageCheck};
 use crate::node::enforce::store::{BundleStore, StoreError};
 use crate::node::enforce::{Enforcer, PolicyState, RegistryAuth};
+use crate::node::lockdown::Lockdown;
 use crate::node::metrics::Metrics;
 use crate::node::proxy::Upstream;
 use crate::policy::{Trust, VerifiedBundle, load};
@@ -48,6 +50,10 @@ pub struct Node {
     pub store: BundleStore,
     trust: Mutex<Option<Arc<Trust>>>,
     sandbox_problem: Mutex<Option<String>>,
+    /// The containerd watcher's state and the latest node check.
+    pub lockdown: Arc<Lockdown>,
+    /// Woken when a bundle is swapped in, so the background task re-checks the sandbox image at once.
+    bundle_changed: tokio::sync::Notify,
 }
 
 impl Node {
@@ -77,6 +83,7 @@ impl Node {
             config.audit.max_bytes,
             config.audit.keep,
         )?);
+        let lockdown = Arc::new(Lockdown::new(Some(audit.clone())));
         let enforcer = Enforcer::new(
             state.clone(),
             upstream.clone(),
@@ -95,7 +102,9 @@ impl Node {
             enforcer,
             trust: Mutex::new(None),
             sandbox_problem: Mutex::new(None),
+            bundle_changed: tokio::sync::Notify::new(),
             config_path: Mutex::new(None),
+            lockdown,
         });
         node.load_policy();
         Ok(node)
@@ -168,7 +177,16 @@ impl Node {
                         "no bundle is installed in {}",
                         self.store.dir().display()
                     ));
-                    tracing::warn!(state_dir = %self.store.dir().display(), "no bundle installed: pulls and container starts are refused until one is");
+                    match self.state.mode() {
+                        NodeMode::Enforce => tracing::warn!(
+                            state_dir = %self.store.dir().display(),
+                            "no bundle installed: pulls and container starts are refused (FAILED_PRECONDITION) until one is"
+                        ),
+                        NodeMode::Warn => tracing::warn!(
+                            state_dir = %self.store.dir().display(),
+                            "no bundle installed (warn mode): pulls and container starts go through unchecked, as asked, and are audited as would-be denials (no_valid_bundle) until one is"
+                        ),
+                    }
                 }
             }
             Err(e) => self.rejected(&e, "state directory"),
@@ -201,6 +219,7 @@ impl Node {
         );
         self.state.set(Arc::new(b));
         self.metrics.bundle_install("installed", "ok");
+        self.bundle_changed.notify_one();
     }
 
     fn rejected(&self, e: &StoreError, source: &str) {
@@ -333,27 +352,40 @@ impl Node {
             "decisions": self.metrics.decision_totals(),
             "sandbox_image_problem": self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "audit_log": self.config.audit.path.display().to_string(),
+            "lockdown": self.lockdown.status_json(),
+            "exceptions": self.state.current().map(|b| exceptions_json(&b, now)),
+            "lifecycle_starts": lifecycle_starts_json(&self.metrics, now),
         })
     }
 
-    /// Background work: the drop-directory poll and, until it has run once (`checked`: it ran at
-    /// start-up), the sandbox-image check.
+    /// The version of the bundle in force (`None`: no bundle).
+    fn bundle_version(&self) -> Option<u64> {
+        self.state.current().map(|b| b.version)
+    }
+
+    /// Background work: the drop-directory poll, and the sandbox-image check whenever the bundle in
+    /// force is not the one it last ran with (`checked`: it ran at start-up with the bundle in force
+    /// now). A bundle swapped in by any path (drop directory, reload, `pullgate bundle install`)
+    /// wakes the task at once.
     pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut checked = checked;
+            // `Some(v)`: checked with the bundle in force then (`v` itself is `None` without one).
+            let mut checked_with = checked.then(|| node.bundle_version());
             let mut tick = tokio::time::interval(node.config.policy.drop_poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                let dropped = {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = node.bundle_changed.notified() => {}
+                }
+                {
                     let node = node.clone();
-                    tokio::task::spawn_blocking(move || node.poll_drop_dir())
-                        .await
-                        .unwrap_or(0)
-                };
-                if (!checked || dropped > 0) && node.upstream.connect().await.is_ok() {
-                    checked = true;
+                    let _ = tokio::task::spawn_blocking(move || node.poll_drop_dir()).await;
+                }
+                let version = node.bundle_version();
+                if checked_with != Some(version) && node.upstream.connect().await.is_ok() {
+                    checked_with = Some(version);
                     let _ = node.check_sandbox_image().await;
                 }
             }
@@ -429,4 +461,59 @@ pub async fn upstream_within(upstream: &Upstream, limit: Duration) -> bool {
     tokio::time::timeout(limit, upstream.connect())
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+/// Days ahead within which `pullgate status` calls an exception expiring.
+pub const EXCEPTION_WARNING_DAYS: i64 = 7;
+/// How far back `pullgate status` shows lifecycle starts.
+pub const RECENT_STARTS_HOURS: i64 = 24;
+
+/// The active exceptions of `b` at `now`, and those expiring within [`EXCEPTION_WARNING_DAYS`].
+fn exceptions_json(b: &VerifiedBundle, now: OffsetDateTime) -> serde_json::Value {
+    let soon = now + time::Duration::days(EXCEPTION_WARNING_DAYS);
+    let item = |e: &crate::policy::Exception| {
+        serde_json::json!({
+            "source": &*e.source,
+            "digest": e.digest.to_string(),
+            "tag": e.tag.as_deref(),
+            "scope": &*e.scope_path,
+            "expires_at": crate::policy::bundle::rfc3339(e.expires_at),
+            "expires_in_seconds": (e.expires_at - now).whole_seconds(),
+            "ticket": e.ticket,
+            "approved_by": e.approved_by,
+        })
+    };
+    let active: Vec<_> = b
+        .exceptions()
+        .iter()
+        .filter(|e| e.expires_at > now)
+        .collect();
+    serde_json::json!({
+        "active": active.iter().map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon": active.iter().filter(|e| e.expires_at <= soon).map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon_days": EXCEPTION_WARNING_DAYS,
+    })
+}
+
+/// Starts of deprecated, soon-to-sunset and excepted images in the last [`RECENT_STARTS_HOURS`].
+fn lifecycle_starts_json(metrics: &Metrics, now: OffsetDateTime) -> serde_json::Value {
+    let since = now.unix_timestamp() - RECENT_STARTS_HOURS * 3600;
+    metrics
+        .lifecycle_starts()
+        .into_iter()
+        .filter(|s| s.last_unix >= since)
+        .map(|s| {
+            serde_json::json!({
+                "image": s.image,
+                "reason": s.reason,
+                "scope": s.scope,
+                "sunset_at": s.sunset_at,
+                "replacement": s.replacement,
+                "exception_ticket": s.exception.as_ref().map(|x| &x.0),
+                "exception_expires_at": s.exception.as_ref().map(|x| &x.1),
+                "last_start": crate::policy::bundle::format_unix(s.last_unix),
+                "starts": s.count,
+            })
+        })
+        .collect()
 }
