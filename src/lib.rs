@@ -12,7 +12,9 @@
 //!
 //! Layers import downwards only: `cli` → `node` → `policy` → `exit`.
 
+pub mod admin;
 pub mod cli;
 pub mod exit;
 pub mod node;
 pub mod policy;
+pub mod registry;

@@ -652,7 +652,9 @@ async fn bad_input_gets_clear_answers_and_never_takes_the_daemon_down() {
     // A client that connects and leaves; one that disconnects mid-request.
     drop(UnixStream::connect(&pg.listen).await.unwrap());
     let mut s = UnixStream::connect(&pg.listen).await.unwrap();
-    s.write_all(pullgate::node::proxy::conn::PREFACE).await.unwrap();
+    s.write_all(pullgate::node::proxy::conn::PREFACE)
+        .await
+        .unwrap();
     s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap(); // empty SETTINGS
     drop(s);
 

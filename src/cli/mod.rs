@@ -82,11 +82,13 @@ pub struct KeygenArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => crate::node::daemon::serve_command(crate::node::daemon::ServeOptions {
-            config: args.config.config,
-            listen: args.listen,
-            upstream: args.upstream,
-        }),
+        Command::Serve(args) => {
+            crate::node::daemon::serve_command(crate::node::daemon::ServeOptions {
+                config: args.config.config,
+                listen: args.listen,
+                upstream: args.upstream,
+            })
+        }
         Command::CheckConfig(args) => crate::node::daemon::check_config_command(&args.config),
         Command::Keygen(args) => bundle::keygen(&args),
         Command::Bundle(cmd) => bundle::run(cmd),

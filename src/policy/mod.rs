@@ -37,8 +37,10 @@
 pub mod bundle;
 pub mod decision;
 pub mod diff;
+pub mod license;
 pub mod load;
 pub mod reference;
+pub mod rules;
 pub mod scope;
 pub mod trust;
 

@@ -17,8 +17,8 @@ use crate::node::config::{Config, NodeMode, SandboxImageCheck};
 use crate::node::enforce::store::{BundleStore, StoreError};
 use crate::node::enforce::{Enforcer, PolicyState, RegistryAuth};
 use crate::node::metrics::Metrics;
-use crate::policy::{Trust, VerifiedBundle, load};
 use crate::node::proxy::Upstream;
+use crate::policy::{Trust, VerifiedBundle, load};
 
 /// Why the daemon cannot start.
 #[derive(Debug, thiserror::Error)]

@@ -37,14 +37,14 @@ use time::OffsetDateTime;
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
 use crate::node::metrics::{BundleGauge, Metrics};
-use crate::policy::{
-    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
-    VerifiedBundle,
-};
 use crate::node::proxy::Upstream;
 use crate::node::proxy::grpc::{Code, Status};
 use crate::node::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
 use crate::node::wire;
+use crate::policy::{
+    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
+    VerifiedBundle,
+};
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
 pub struct PolicyState {
