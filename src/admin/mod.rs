@@ -12,4 +12,6 @@
 //! It uses the policy core ([`crate::policy`]: references, digests, rules, licences, bundle format) and
 //! the shared registry client ([`crate::registry`]); never the node daemon.
 
+pub mod approve;
 pub mod catalog;
+pub mod reports;
