@@ -659,11 +659,12 @@ impl Catalog {
             }
         });
 
-        let (Some(header), Some(governance), Some(exceptions), Some(ignore)) =
-            (header, governance, exceptions, ignore)
-        else {
+        // Without the header or the governance nothing else can be checked; a broken exceptions or
+        // ignore file is reported and the rest is still checked.
+        let (Some(header), Some(governance)) = (header, governance) else {
             return Err(Problems(problems));
         };
+        let (exceptions, ignore) = (exceptions.unwrap_or_default(), ignore.unwrap_or_default());
         let mut catalog = Catalog {
             dir: dir.to_owned(),
             header,
@@ -809,19 +810,17 @@ impl Catalog {
             scopes.insert(org.clone(), org_rules.clone());
             for p in &g.programs {
                 let path = format!("{org}/{}", p.name);
-                let Some(pr) =
-                    self.scope_rules(Some(&org_rules), &path, p.rules.as_ref(), &gsrc, problems)
-                else {
-                    continue;
-                };
+                // A level whose rules are wrong is reported and keeps its parent's rules, so the scopes
+                // below it do not all fail too.
+                let pr = self
+                    .scope_rules(Some(&org_rules), &path, p.rules.as_ref(), &gsrc, problems)
+                    .unwrap_or_else(|| org_rules.clone());
                 scopes.insert(path.clone(), pr.clone());
                 for j in &p.projects {
                     let jpath = format!("{path}/{}", j.name);
-                    let Some(jr) =
-                        self.scope_rules(Some(&pr), &jpath, j.rules.as_ref(), &gsrc, problems)
-                    else {
-                        continue;
-                    };
+                    let jr = self
+                        .scope_rules(Some(&pr), &jpath, j.rules.as_ref(), &gsrc, problems)
+                        .unwrap_or_else(|| pr.clone());
                     for ns in &j.namespaces {
                         if let Some(other) = namespaces.insert(ns, jpath.clone()) {
                             problems.push(gsrc.at(&(0..0), format!("programs.projects.namespaces ({jpath})"), format!("namespace {ns} is also bound to {other}; bind it to one project")));
@@ -1426,4 +1425,213 @@ pub fn init(
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/catalog");
+
+    fn copy_fixture() -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.path().is_dir() {
+                    copy(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        let t = tempfile::tempdir().unwrap();
+        copy(Path::new(FIXTURE), t.path());
+        t
+    }
+
+    fn edit(dir: &Path, rel: &str, from: &str, to: &str) {
+        let p = dir.join(rel);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{rel} has no {from:?}");
+        std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+    }
+
+    fn problems(dir: &Path) -> Vec<String> {
+        Catalog::load(dir)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_fixture_loads_with_inherited_rules() {
+        let c = Catalog::load(Path::new(FIXTURE)).unwrap();
+        assert_eq!(c.repositories.len(), 2);
+        let checkout = c.rules("corp/payments/checkout/web").unwrap();
+        assert_eq!(checkout.bundle.max_severity.value, Severity::Medium);
+        assert_eq!(checkout.max_versions, 2);
+        assert_eq!(checkout.max_report_age, DEFAULT_MAX_REPORT_AGE);
+        assert_eq!(&*checkout.bundle.max_severity.from, "corp/payments");
+        let r = Reference::parse("nginx:1.27").unwrap();
+        assert_eq!(c.mirror_path(&r).unwrap(), "approved/library/nginx");
+        let now = time::macros::datetime!(2026-03-01 12:00 UTC);
+        assert!(
+            c.ignored(now, "trivy", "cve-2024-0001", "openssl")
+                .is_some()
+        );
+        assert!(
+            c.ignored(now, "grype", "CVE-2024-0001", "openssl")
+                .is_none(),
+            "scoped to trivy"
+        );
+        assert!(
+            c.ignored(now, "trivy", "CVE-2024-0001", "zlib").is_none(),
+            "scoped to openssl"
+        );
+        let later = time::macros::datetime!(2099-07-01 0:00 UTC);
+        assert!(
+            c.ignored(later, "trivy", "CVE-2024-0001", "openssl")
+                .is_none(),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_file_line_and_key() {
+        let t = copy_fixture();
+        let d = t.path();
+        let nginx = "images/docker.io/library/nginx.toml";
+        edit(d, nginx, "replacement = \"1.26\"", "replacement = \"1.99\"");
+        edit(d, nginx, "tag = \"1.26\"", "tag = \"1.25\"");
+        edit(
+            d,
+            "images/registry.k8s.io/pause.toml",
+            "scope = \"corp\"",
+            "scope = \"corp/nowhere\"",
+        );
+        edit(
+            d,
+            "exceptions.toml",
+            "ticket = \"SEC-1234\"",
+            "ticket = \" \"",
+        );
+        edit(d, "ignore.toml", "package =", "pakage =");
+        edit(
+            d,
+            "governance.toml",
+            "max_severity = \"medium\"",
+            "max_severity = \"critical\"",
+        );
+        edit(
+            d,
+            "images/registry.k8s.io/pause.toml",
+            "license = \"Apache-2.0\"",
+            "license = \"Apache-2\"",
+        );
+        let p = problems(d);
+        let want = [
+            "ignore.toml:5: unknown field `pakage`",
+            "governance.toml:19: rules (corp/payments): governance rule of corp/payments loosens the rule of corp: max_severity critical is above high",
+            "images/docker.io/library/nginx.toml:10: approved.replacement: 1.99 is not an approved tag",
+            "images/docker.io/library/nginx.toml:32: approved.tag: tag 1.25 is bound to sha256:0202",
+            "images/registry.k8s.io/pause.toml:4: approved.scope: scope corp/nowhere is not in governance.toml",
+            "images/registry.k8s.io/pause.toml:7: approved.license: \"Apache-2\"",
+            "exceptions.toml:2: exceptions.ticket: is empty",
+        ];
+        assert_eq!(
+            p.len(),
+            8,
+            "no cascade of follow-on problems:\n{}",
+            p.join("\n")
+        );
+        for w in want {
+            assert!(
+                p.iter().any(|x| x.starts_with(w)),
+                "missing {w:?} in:\n{}",
+                p.join("\n")
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_catalog_says_how_to_make_one() {
+        let t = tempfile::tempdir().unwrap();
+        let p = problems(t.path());
+        assert!(
+            p[0].contains("catalog.toml") && p[0].contains("pullgate catalog init"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn init_writes_a_catalog_that_checks_once_keys_are_listed() {
+        let t = tempfile::tempdir().unwrap();
+        let trust = Path::new(FIXTURE).join("trust.toml");
+        init(t.path(), "acme", "registry.acme.example", Some(&trust)).unwrap();
+        let c = Catalog::load(t.path()).unwrap();
+        assert_eq!(c.governance.organization, "acme");
+        assert_eq!(c.rules("acme").unwrap().max_versions, DEFAULT_MAX_VERSIONS);
+        let e = init(t.path(), "acme", "registry.acme.example", None).unwrap_err();
+        assert!(e.contains("never overwrites"), "{e}");
+        // Without a trust file, the template says what is missing.
+        let t2 = tempfile::tempdir().unwrap();
+        init(t2.path(), "acme", "registry.acme.example", None).unwrap();
+        let p = problems(t2.path());
+        assert!(
+            p.len() == 1 && p[0].contains("trust.toml") && p[0].contains("no keys"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn approve_edits_keep_the_file_valid_and_its_comments() {
+        let c = Catalog::load(Path::new(FIXTURE)).unwrap();
+        let repo = c.repository("docker.io/library/nginx").unwrap();
+        let now = time::macros::datetime!(2026-05-01 10:00 UTC);
+        let e = insert_lifecycle(repo, "1.25", "corp", now, now, "1.26").unwrap_err();
+        assert!(e.contains("already has a lifecycle"), "{e}");
+        let text = insert_lifecycle(
+            repo,
+            "1.26",
+            "corp",
+            now,
+            now + time::Duration::days(30),
+            "1.27",
+        )
+        .unwrap();
+        assert!(text.starts_with("# Approved versions"), "comments kept");
+        let new = NewVersion {
+            scope: "corp".into(),
+            tag: Some("1.27".into()),
+            digest: Digest::Sha256([7; 32]),
+            platforms: vec![],
+            license: "BSD-2-Clause".into(),
+            approved_by: "bab14e60b2c4df72".into(),
+            approved_at: now,
+            scans: vec![NewScan {
+                scanner: "trivy".into(),
+                version: "0.58.1".into(),
+                report: Digest::Sha256([8; 32]),
+                worst_severity: Severity::Low,
+                scanned_at: now,
+            }],
+        };
+        let text = text + &render_version(&new);
+        let parsed: RepositoryFile = toml::from_str(&text).unwrap();
+        let v126 = parsed
+            .approved
+            .iter()
+            .find(|v| v.tag.as_ref().unwrap().get_ref() == "1.26")
+            .unwrap();
+        assert_eq!(v126.deprecated_at, Some(Time(now)));
+        assert_eq!(v126.replacement.as_ref().unwrap().get_ref(), "1.27");
+        assert_eq!(v126.scans.len(), 2, "the scans stay with their entry");
+        let v127 = parsed.approved.last().unwrap();
+        assert_eq!(v127.digest.get_ref(), &Digest::Sha256([7; 32]).to_string());
+        assert_eq!(v127.scans[0].worst_severity, Severity::Low);
+        assert!(insert_lifecycle(repo, "9.9", "corp", now, now, "1.26").is_err());
+    }
 }

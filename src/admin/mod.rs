@@ -13,5 +13,6 @@
 //! the shared registry client ([`crate::registry`]); never the node daemon.
 
 pub mod approve;
+pub mod build;
 pub mod catalog;
 pub mod reports;

@@ -59,6 +59,8 @@ pub enum BundleCommand {
         /// The bundle file.
         bundle: PathBuf,
     },
+    /// Build the next bundle from the administrators' catalog (checks the mirror first).
+    Build(super::admin::BuildArgs),
     /// Show what changed between two bundles: images, tags, digests, scopes, provenance.
     Diff {
         /// The older bundle.
@@ -151,6 +153,7 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
         } => crate::node::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
+        BundleCommand::Build(args) => super::admin::build(args),
     }
 }
 

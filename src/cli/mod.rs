@@ -1,8 +1,9 @@
 //! The command line: the clap definition of every subcommand, and dispatch to the module that owns it.
 //!
 //! Each subcommand's work lives with the concept it belongs to (`daemon` for `serve`, `policy` for bundles
-//! and decisions); this module only parses arguments and maps outcomes to exit codes.
+//! and decisions, `admin` for the catalog, approve and bundle build); this module only parses arguments and maps outcomes to exit codes.
 
+mod admin;
 mod bundle;
 mod explain;
 
@@ -36,6 +37,11 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
     Status(StatusArgs),
+    /// Create or check the administrators' catalog (the source every bundle is built from).
+    #[command(subcommand)]
+    Catalog(admin::CatalogCommand),
+    /// Approve a public image: scanner reports, licence and version rules, mirror by digest, record it.
+    Approve(admin::ApproveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -96,5 +102,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
+        Command::Catalog(cmd) => admin::catalog(cmd),
+        Command::Approve(args) => admin::approve(args),
     }
 }

@@ -180,9 +180,20 @@ impl Rules {
                     ));
                 }
             }
-            out.deny = Some(Set { value: list, from });
+            out.deny = Some(Set {
+                value: list,
+                from: from.clone(),
+            });
         }
-        if let (Some(a), Some(d)) = (&out.allow, &out.deny) {
+        // A level that writes both lists must not contradict itself (a deny below an inherited allow
+        // is a tightening, not a contradiction).
+        fn own<'s>(
+            s: &'s Option<Set<Box<[String]>>>,
+            from: &str,
+        ) -> Option<&'s Set<Box<[String]>>> {
+            s.as_ref().filter(|s| &*s.from == from)
+        }
+        if let (Some(a), Some(d)) = (own(&out.allow, &from), own(&out.deny, &from)) {
             if let Some(both) = a.value.iter().find(|l| d.value.contains(l)) {
                 return Err(format!(
                     "governance rule of {level}: licence {both} is both allowed (by {}) and denied (by {}); decide which",
@@ -461,7 +472,7 @@ mod tests {
 
     #[test]
     fn checks_severity_then_scanners_then_licence() {
-        use Severity::*;
+        use Severity::{Critical, High, Low};
         let org = Rules::organisation(
             raw(r#"{"licenses": {"allow": ["MIT", "Apache-2.0", "LicenseRef-acme"], "deny": ["AGPL-3.0-only"]}}"#),
             "corp",
@@ -480,7 +491,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Two results of one scanner count once.
-        match check(&org, &prov("MIT", &[("trivy", Low), ("trivy", None)])) {
+        match check(
+            &org,
+            &prov("MIT", &[("trivy", Low), ("trivy", Severity::None)]),
+        ) {
             Err(Violation::Scanners {
                 have,
                 need: 2,
@@ -520,7 +534,7 @@ mod tests {
             "{e}"
         );
         // No licence rule at all: anything goes, LicenseRef included.
-        let open = Rules::organisation(None, "corp").unwrap();
+        let open = Rules::organisation(Option::None, "corp").unwrap();
         assert!(check(&open, &prov("LicenseRef-x AND GPL-3.0-only", &two)).is_ok());
     }
 }
