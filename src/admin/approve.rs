@@ -224,11 +224,7 @@ pub async fn approve_with(
 
     // 1. Resolve.
     let mut options = req.registry.clone();
-    for h in &catalog.header.plain_http {
-        if !options.plain_http.contains(h) {
-            options.plain_http.push(h.clone());
-        }
-    }
+    merge_catalog_settings(&mut options, &catalog);
     let registry = Registry::new(options)?;
     let manifest = registry.resolve(&source).await?;
     let digest = manifest.digest.clone();
@@ -601,6 +597,18 @@ pub async fn approve_with(
         file,
         lines,
     })
+}
+
+/// Adds the catalog's `plain_http` and `endpoints` to `options` (command-line settings win).
+pub fn merge_catalog_settings(options: &mut RegistryOptions, catalog: &Catalog) {
+    for h in &catalog.header.plain_http {
+        if !options.plain_http.contains(h) {
+            options.plain_http.push(h.clone());
+        }
+    }
+    for (name, host) in &catalog.header.endpoints {
+        options.endpoints.entry(name.clone()).or_insert_with(|| host.clone());
+    }
 }
 
 /// The tag an approval records: the one written, or `latest` when neither tag nor digest is written;

@@ -212,6 +212,9 @@ pub struct Header {
     /// Registries reached over plain HTTP (test registries on loopback only).
     #[serde(default)]
     pub plain_http: Vec<String>,
+    /// Registry name → the host actually contacted for it (an internal mirror of a public registry).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
     /// The administrators' trust file, relative to the catalog.
     pub trust: Spanned<String>,
     /// Public source → path in the private registry.

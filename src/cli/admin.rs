@@ -40,10 +40,20 @@ pub struct RegistryArgs {
     /// Reach HOST over plain HTTP instead of TLS (repeatable; added to the catalog's plain_http).
     #[arg(long = "plain-http", value_name = "HOST")]
     pub plain_http: Vec<String>,
+    /// Contact HOST for registry NAME (NAME=HOST, repeatable; overrides the catalog's endpoints).
+    #[arg(long = "endpoint", value_name = "NAME=HOST", value_parser = parse_endpoint)]
+    pub endpoints: Vec<(String, String)>,
+}
+
+fn parse_endpoint(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, h)) if !n.is_empty() && !h.is_empty() => Ok((n.to_owned(), h.to_owned())),
+        _ => Err(format!("\"{s}\" is not NAME=HOST (e.g. docker.io=mirror.corp:5000)")),
+    }
 }
 
 impl RegistryArgs {
-    fn options(&self, catalog_plain: &[String]) -> Result<RegistryOptions, String> {
+    fn options(&self) -> Result<RegistryOptions, String> {
         let auth = match &self.authfile {
             Some(p) => AuthFile::load(p, true),
             None => match AuthFile::default_path() {
@@ -52,12 +62,11 @@ impl RegistryArgs {
             },
         }
         .map_err(|e| e.to_string())?;
-        let mut plain_http = self.plain_http.clone();
-        plain_http.extend(catalog_plain.iter().cloned());
         Ok(RegistryOptions {
-            plain_http,
+            plain_http: self.plain_http.clone(),
             auth,
             concurrency: 4,
+            endpoints: self.endpoints.iter().cloned().collect(),
         })
     }
 }
@@ -194,7 +203,7 @@ pub fn catalog(cmd: CatalogCommand) -> ExitCode {
 
 /// `pullgate approve`.
 pub fn approve(args: ApproveArgs) -> ExitCode {
-    let options = match args.registry.options(&[]) {
+    let options = match args.registry.options() {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
@@ -245,10 +254,11 @@ pub fn build(args: BuildArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     if args.check_mirror {
-        let options = match args.registry.options(&catalog.header.plain_http) {
+        let mut options = match args.registry.options() {
             Ok(o) => o,
             Err(e) => return fail(e),
         };
+        approve::merge_catalog_settings(&mut options, &catalog);
         let checked = runtime().map_err(|e| e.to_string()).and_then(|rt| {
             rt.block_on(async {
                 let registry = Registry::new(options).map_err(|e| e.to_string())?;

@@ -114,15 +114,15 @@ pub async fn copy(
         }
     }
 
-    let src = super::oci_ref(source);
+    let src = registry.oci_ref(source);
     let dst = oci_client::Reference::with_digest(
-        dest_host.to_owned(),
+        registry.host(dest_host),
         dest_repo.to_owned(),
         top_digest.to_string(),
     );
     registry.authenticate(&src).await;
     registry.authenticate(&dst).await;
-    let same_registry = source.domain() == dest_host;
+    let same_registry = registry.host(source.domain()) == registry.host(dest_host);
     let stop = AtomicBool::new(false);
     let (copied, bytes, mounted, present, done) = (
         AtomicUsize::new(0),

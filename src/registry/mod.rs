@@ -19,7 +19,7 @@
 pub mod auth;
 pub mod copy;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use oci_client::errors::OciDistributionError;
@@ -93,6 +93,9 @@ pub struct RegistryOptions {
     pub auth: AuthFile,
     /// Blobs copied at the same time by [`copy`] (default 4).
     pub concurrency: usize,
+    /// Registry name → the `host[:port]` actually contacted for it (a pull-through cache or internal
+    /// mirror of a public registry; the tests' loopback registries). Repository paths are unchanged.
+    pub endpoints: BTreeMap<String, String>,
 }
 
 /// A client for every registry an operation touches.
@@ -101,6 +104,7 @@ pub struct Registry {
     client: oci_client::Client,
     auth: Arc<AuthFile>,
     concurrency: usize,
+    endpoints: Arc<BTreeMap<String, String>>,
     /// Registries whose credentials were handed to the client.
     stored: Arc<Mutex<HashSet<String>>>,
 }
@@ -276,6 +280,7 @@ impl Registry {
             client,
             auth: Arc::new(options.auth),
             concurrency: options.concurrency.max(1),
+            endpoints: Arc::new(options.endpoints),
             stored: Arc::default(),
         })
     }
@@ -301,7 +306,7 @@ impl Registry {
     /// Fetches the manifest `reference` names (by tag, or by digest), computes its digest from the bytes
     /// received and checks it against the digest asked for and the `Docker-Content-Digest` header.
     pub async fn resolve(&self, reference: &Reference) -> Result<Manifest, RegistryError> {
-        let r = oci_ref(reference);
+        let r = self.oci_ref(reference);
         let auth = self.authenticate(&r).await;
         let shown = reference.to_string();
         let (bytes, announced) = self
@@ -436,24 +441,24 @@ impl Registry {
     }
 }
 
-/// The `oci-client` reference for a policy reference (digest preferred over tag).
-fn oci_ref(r: &Reference) -> oci_client::Reference {
-    match (r.digest(), r.tag()) {
-        (Some(d), _) => oci_client::Reference::with_digest(
-            r.domain().to_owned(),
-            r.path().to_owned(),
-            d.to_string(),
-        ),
-        (None, Some(t)) => oci_client::Reference::with_tag(
-            r.domain().to_owned(),
-            r.path().to_owned(),
-            t.to_owned(),
-        ),
-        (None, None) => oci_client::Reference::with_tag(
-            r.domain().to_owned(),
-            r.path().to_owned(),
-            crate::policy::reference::DEFAULT_TAG.to_owned(),
-        ),
+impl Registry {
+    /// The host contacted for registry `name` (its endpoint, or itself).
+    pub fn host(&self, name: &str) -> String {
+        self.endpoints.get(name).cloned().unwrap_or_else(|| name.to_owned())
+    }
+
+    /// The `oci-client` reference for a policy reference (digest preferred over tag), addressed to the
+    /// registry's endpoint.
+    fn oci_ref(&self, r: &Reference) -> oci_client::Reference {
+        let (host, path) = (self.host(r.domain()), r.path().to_owned());
+        match (r.digest(), r.tag()) {
+            (Some(d), _) => oci_client::Reference::with_digest(host, path, d.to_string()),
+            (None, t) => oci_client::Reference::with_tag(
+                host,
+                path,
+                t.unwrap_or(crate::policy::reference::DEFAULT_TAG).to_owned(),
+            ),
+        }
     }
 }
 
