@@ -319,11 +319,17 @@ async fn every_refusal_names_its_rule_and_copies_and_writes_nothing() {
 
     // Versions: payments allows 2 tags of a repository; a third needs --replace.
     for tag in ["7.0", "7.2"] {
-        let dg = env.push(&format!("library/redis:{tag}"));
-        approve::approve(&env.request(&format!("docker.io/library/redis:{tag}"), "corp/payments", env.clean_reports(&format!("p{tag}"), &dg))).await.unwrap();
+        let dg = env.push(&format!("library/valkey:{tag}"));
+        approve::approve(&env.request(&format!("docker.io/library/valkey:{tag}"), "corp/payments", env.clean_reports(&format!("p{tag}"), &dg))).await.unwrap();
     }
-    let d74 = env.push("library/redis:7.4");
-    let third = env.request("docker.io/library/redis:7.4", "corp/payments", env.clean_reports("p74", &d74));
+    // A tag that moved in the registry is not approved again under the same name.
+    env.push("library/valkey:7.2");
+    let moved = env.request("docker.io/library/valkey:7.2", "corp", env.clean_reports("moved", &d));
+    let (rule, msg) = refused_rule(approve::approve(&moved).await);
+    assert_eq!(rule, "versions");
+    assert!(msg.contains("a tag means one digest"), "{msg}");
+    let d74 = env.push("library/valkey:7.4");
+    let third = env.request("docker.io/library/valkey:7.4", "corp/payments", env.clean_reports("p74", &d74));
     let before = env.snapshot();
     let mark = env.private.mark();
     let (rule, msg) = refused_rule(approve::approve(&third).await);
@@ -335,7 +341,7 @@ async fn every_refusal_names_its_rule_and_copies_and_writes_nothing() {
     replacing.replace = Some("7.0".into());
     approve::approve(&replacing).await.unwrap();
     let catalog = Catalog::load(&env.catalog).unwrap();
-    let repo = catalog.repository("docker.io/library/redis").unwrap();
+    let repo = catalog.repository("docker.io/library/valkey").unwrap();
     let old = repo.content.approved.iter().find(|v| v.scope.get_ref() == "corp/payments" && v.tag.as_ref().unwrap().get_ref() == "7.0").unwrap();
     let (dep, sun) = (old.deprecated_at.unwrap().0, old.sunset_at.unwrap().0);
     assert_eq!((sun - dep).whole_days(), 30, "sunset_after");
