@@ -607,7 +607,10 @@ pub fn merge_catalog_settings(options: &mut RegistryOptions, catalog: &Catalog) 
         }
     }
     for (name, host) in &catalog.header.endpoints {
-        options.endpoints.entry(name.clone()).or_insert_with(|| host.clone());
+        options
+            .endpoints
+            .entry(name.clone())
+            .or_insert_with(|| host.clone());
     }
 }
 

@@ -48,7 +48,9 @@ pub struct RegistryArgs {
 fn parse_endpoint(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((n, h)) if !n.is_empty() && !h.is_empty() => Ok((n.to_owned(), h.to_owned())),
-        _ => Err(format!("\"{s}\" is not NAME=HOST (e.g. docker.io=mirror.corp:5000)")),
+        _ => Err(format!(
+            "\"{s}\" is not NAME=HOST (e.g. docker.io=mirror.corp:5000)"
+        )),
     }
 }
 

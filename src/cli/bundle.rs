@@ -60,6 +60,7 @@ pub enum BundleCommand {
         bundle: PathBuf,
     },
     /// Build the next bundle from the administrators' catalog (checks the mirror first).
+    #[command(disable_version_flag = true)]
     Build(super::admin::BuildArgs),
     /// Show what changed between two bundles: images, tags, digests, scopes, provenance.
     Diff {

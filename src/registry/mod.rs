@@ -444,7 +444,10 @@ impl Registry {
 impl Registry {
     /// The host contacted for registry `name` (its endpoint, or itself).
     pub fn host(&self, name: &str) -> String {
-        self.endpoints.get(name).cloned().unwrap_or_else(|| name.to_owned())
+        self.endpoints
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_owned())
     }
 
     /// The `oci-client` reference for a policy reference (digest preferred over tag), addressed to the
@@ -456,7 +459,8 @@ impl Registry {
             (None, t) => oci_client::Reference::with_tag(
                 host,
                 path,
-                t.unwrap_or(crate::policy::reference::DEFAULT_TAG).to_owned(),
+                t.unwrap_or(crate::policy::reference::DEFAULT_TAG)
+                    .to_owned(),
             ),
         }
     }

@@ -279,7 +279,8 @@ pub fn add_layers(factory: &ImageFactory, tag: &str, count: usize, size: usize) 
 pub fn make_index(factory: &ImageFactory, entries: &[(&str, &str, &str)], name: &str) -> String {
     let index_path = factory.layout.join("index.json");
     let mut layout: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&index_path).expect("read index.json")).expect("parse index.json");
+        serde_json::from_slice(&std::fs::read(&index_path).expect("read index.json"))
+            .expect("parse index.json");
     let find = |tag: &str| -> serde_json::Value {
         layout["manifests"]
             .as_array()
@@ -306,21 +307,37 @@ pub fn make_index(factory: &ImageFactory, entries: &[(&str, &str, &str)], name: 
     }))
     .expect("index json");
     let hex = hex::encode(Sha256::digest(&body));
-    std::fs::write(factory.layout.join("blobs/sha256").join(&hex), &body).expect("write index blob");
+    std::fs::write(factory.layout.join("blobs/sha256").join(&hex), &body)
+        .expect("write index blob");
     let digest = format!("sha256:{hex}");
     layout["manifests"].as_array_mut().expect("manifests").push(serde_json::json!({
         "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": body.len(),
         "annotations": {"org.opencontainers.image.ref.name": name}
     }));
-    std::fs::write(&index_path, serde_json::to_vec(&layout).expect("layout json")).expect("write index.json");
+    std::fs::write(
+        &index_path,
+        serde_json::to_vec(&layout).expect("layout json"),
+    )
+    .expect("write index.json");
     digest
 }
 
 /// Pushes layout tag `name` (an index) with every platform image to `registry` as `repo_tag`, keeping
 /// the digests; returns the digest the registry serves.
-pub fn push_index(factory: &ImageFactory, name: &str, registry: &Registry, repo_tag: &str) -> String {
+pub fn push_index(
+    factory: &ImageFactory,
+    name: &str,
+    registry: &Registry,
+    repo_tag: &str,
+) -> String {
     run(Command::new("skopeo")
-        .args(["copy", "--quiet", "--all", "--preserve-digests", "--dest-tls-verify=false"])
+        .args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
         .arg(format!("oci:{}:{name}", factory.layout.display()))
         .arg(format!("docker://{}/{repo_tag}", registry.host())));
     manifest_digest(&registry.host(), repo_tag)
