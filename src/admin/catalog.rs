@@ -1559,6 +1559,45 @@ mod tests {
         }
     }
 
+    /// docs/catalog.md shows the fixture directory unchanged, file by file, and nothing else.
+    #[test]
+    fn the_documented_example_is_the_fixture() {
+        let doc = include_str!("../../docs/catalog.md");
+        let example = &doc[doc.find("## Full example").expect("a Full example section")..];
+        let mut shown = BTreeMap::new();
+        let mut rest = example;
+        while let Some(i) = rest.find("\n### `") {
+            rest = &rest[i + 6..];
+            let name_end = rest.find('`').unwrap();
+            let name = rest[..name_end].to_owned();
+            let body_start = rest.find("```toml\n").unwrap() + 8;
+            let body_end = body_start + rest[body_start..].find("```\n").unwrap();
+            shown.insert(name, rest[body_start..body_end].to_owned());
+            rest = &rest[body_end..];
+        }
+        let mut files = Vec::new();
+        collect_toml(
+            Path::new(FIXTURE),
+            Path::new(""),
+            &mut files,
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            shown.keys().map(PathBuf::from).collect::<BTreeSet<_>>(),
+            files.iter().cloned().collect::<BTreeSet<_>>(),
+            "docs/catalog.md must show every fixture file"
+        );
+        for f in files {
+            let text = std::fs::read_to_string(Path::new(FIXTURE).join(&f)).unwrap();
+            assert_eq!(
+                shown[f.to_str().unwrap()],
+                text,
+                "docs/catalog.md differs from the fixture {}",
+                f.display()
+            );
+        }
+    }
+
     #[test]
     fn a_missing_catalog_says_how_to_make_one() {
         let t = tempfile::tempdir().unwrap();
