@@ -600,32 +600,28 @@ impl Catalog {
             &mut files,
             &mut problems,
         );
-        for rel in files {
-            let Some(text) = read(&rel.to_string_lossy(), &mut problems, true) else {
-                continue;
-            };
-            let Ok(content) =
-                parse_toml::<RepositoryFile>(&rel, &text).map_err(|p| problems.push(p))
-            else {
-                continue;
-            };
-            let src = Source {
-                file: &rel,
-                text: &text,
-            };
-            let source = match parse_source(content.source.get_ref()) {
-                Ok(r) => r.name().to_owned(),
-                Err(e) => {
-                    problems.push(src.at(&content.source.span(), "source", e));
-                    continue;
-                }
-            };
-            repositories.push(Repository {
-                file: rel,
-                text,
-                content,
-                source,
-            });
+        // Repository files are read and parsed on every core (a large catalog has one per image).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        let chunk = files.len().div_ceil(threads).max(1);
+        let parsed: Vec<Vec<Result<Repository, Problem>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|rel| read_repository(dir, rel)).collect())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        for r in parsed.into_iter().flatten() {
+            match r {
+                Ok(repo) => repositories.push(repo),
+                Err(p) => problems.push(p),
+            }
         }
         repositories.sort_by(|a, b| a.source.cmp(&b.source).then(a.file.cmp(&b.file)));
 
@@ -1127,6 +1123,33 @@ fn placeholder_trust() -> Trust {
         1,
     )
     .unwrap_or_else(|_| unreachable!())
+}
+
+/// Reads and parses one repository file (`rel`, relative to the catalog `dir`).
+fn read_repository(dir: &Path, rel: &Path) -> Result<Repository, Problem> {
+    let text = std::fs::read_to_string(dir.join(rel)).map_err(|e| Problem {
+        file: rel.to_owned(),
+        line: 0,
+        key: String::new(),
+        message: format!("cannot read {}: {e}", dir.join(rel).display()),
+    })?;
+    let content = parse_toml::<RepositoryFile>(rel, &text)?;
+    let source = parse_source(content.source.get_ref())
+        .map_err(|e| {
+            Source {
+                file: rel,
+                text: &text,
+            }
+            .at(&content.source.span(), "source", e)
+        })?
+        .name()
+        .to_owned();
+    Ok(Repository {
+        file: rel.to_owned(),
+        text,
+        content,
+        source,
+    })
 }
 
 /// Every `*.toml` below `dir` (relative paths under `rel`), sorted.
