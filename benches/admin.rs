@@ -12,7 +12,7 @@
 //! `build` or `mirror`). Needs docker-registry, skopeo, umoci and busybox-static (like the e2e tests).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod support;
 
 use std::fmt::Write as _;

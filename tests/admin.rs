@@ -875,12 +875,7 @@ async fn build_refuses_images_missing_from_the_mirror_and_is_deterministic() {
     let file = env.catalog.join("images/docker.io/library/busybox.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     let ghost = Digest::Sha256([0x77; 32]);
-    std::fs::write(
-        &file,
-        text.replace("tag = \"1.36\"", "tag = \"1.36\"")
-            .replace(&digest.to_string(), &ghost.to_string()),
-    )
-    .unwrap();
+    std::fs::write(&file, text.replace(&digest.to_string(), &ghost.to_string())).unwrap();
     let catalog = Catalog::load(&env.catalog).unwrap();
     let e = build::check_mirror(&catalog, &client, 8).await.unwrap_err();
     let msg = e.to_string();

@@ -519,7 +519,7 @@ mod tests {
             ),
             ("not json".to_string(), "not a JSON manifest"),
             (
-                format!(r#"{{"schemaVersion":2,"config":{{"digest":"sha256:00","size":1}}}}"#),
+                r#"{"schemaVersion":2,"config":{"digest":"sha256:00","size":1}}"#.to_string(),
                 "not a JSON manifest",
             ),
         ] {
