@@ -372,58 +372,45 @@ impl Registry {
         host: &str,
         e: OciDistributionError,
     ) -> RegistryError {
-        use oci_client::errors::OciErrorCode;
-        let detail = e.to_string();
-        let reference = reference.to_owned();
-        match &e {
-            OciDistributionError::DigestError(_) => {
-                RegistryError::DigestMismatch { reference, detail }
+        use oci_client::errors::OciErrorCode as C;
+        enum Kind {
+            Digest,
+            Unauthorized,
+            NotFound,
+            Other,
+        }
+        let codes = |want: &[C]| match &e {
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|c| want.contains(&c.code))
             }
+            _ => false,
+        };
+        let kind = match &e {
+            OciDistributionError::DigestError(_) => Kind::Digest,
             OciDistributionError::UnauthorizedError { .. }
-            | OciDistributionError::AuthenticationFailure(_) => RegistryError::Unauthorized {
-                reference,
-                detail,
-                note: self
-                    .auth
-                    .helper_note(host)
-                    .map(|n| format!("; {n}"))
-                    .unwrap_or_default(),
-            },
-            OciDistributionError::RegistryError { envelope, .. }
-                if envelope.errors.iter().any(|c| {
-                    matches!(
-                        c.code,
-                        OciErrorCode::ManifestUnknown
-                            | OciErrorCode::NameUnknown
-                            | OciErrorCode::BlobUnknown
-                            | OciErrorCode::NotFound
-                    )
-                }) =>
-            {
-                RegistryError::NotFound { reference, detail }
-            }
-            OciDistributionError::RegistryError { envelope, .. }
-                if envelope.errors.iter().any(|c| {
-                    matches!(c.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)
-                }) =>
-            {
-                RegistryError::Unauthorized {
-                    reference,
-                    detail,
-                    note: self
-                        .auth
-                        .helper_note(host)
-                        .map(|n| format!("; {n}"))
-                        .unwrap_or_default(),
-                }
-            }
-            OciDistributionError::ServerError { code: 404, .. }
-            | OciDistributionError::ImageManifestNotFoundError(_) => {
-                RegistryError::NotFound { reference, detail }
-            }
-            OciDistributionError::ServerError {
+            | OciDistributionError::AuthenticationFailure(_)
+            | OciDistributionError::ServerError {
                 code: 401 | 403, ..
-            } => RegistryError::Unauthorized {
+            } => Kind::Unauthorized,
+            OciDistributionError::ServerError { code: 404, .. }
+            | OciDistributionError::ImageManifestNotFoundError(_) => Kind::NotFound,
+            _ if codes(&[
+                C::ManifestUnknown,
+                C::NameUnknown,
+                C::BlobUnknown,
+                C::NotFound,
+            ]) =>
+            {
+                Kind::NotFound
+            }
+            _ if codes(&[C::Unauthorized, C::Denied]) => Kind::Unauthorized,
+            _ => Kind::Other,
+        };
+        let (reference, detail) = (reference.to_owned(), e.to_string());
+        match kind {
+            Kind::Digest => RegistryError::DigestMismatch { reference, detail },
+            Kind::NotFound => RegistryError::NotFound { reference, detail },
+            Kind::Unauthorized => RegistryError::Unauthorized {
                 reference,
                 detail,
                 note: self
@@ -432,7 +419,7 @@ impl Registry {
                     .map(|n| format!("; {n}"))
                     .unwrap_or_default(),
             },
-            _ => RegistryError::Request {
+            Kind::Other => RegistryError::Request {
                 reference,
                 what,
                 detail,
