@@ -1014,3 +1014,72 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
         "the public registry was contacted"
     );
 }
+
+/// `pullgate catalog init` and `catalog check` from the command line: exit 0 on the documented example,
+/// 1 with every problem (file:line: key: message) on a broken copy, and a refused approve exits 1
+/// saying nothing was copied or written.
+#[test]
+fn catalog_commands_exit_zero_or_list_every_problem() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/catalog");
+    let out = cli_ok(["catalog".as_ref(), "check".as_ref(), fixture.as_os_str()]);
+    assert!(
+        out.stdout.starts_with("OK:") && out.stdout.contains("2 repositories"),
+        "{out}"
+    );
+
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("c");
+    let out = cli_ok([
+        "catalog".as_ref(),
+        "init".as_ref(),
+        dir.as_os_str(),
+        "--trust".as_ref(),
+        fixture.join("trust.toml").as_os_str(),
+    ]);
+    assert!(out.stdout.contains("catalog.toml"), "{out}");
+    cli_ok(["catalog".as_ref(), "check".as_ref(), dir.as_os_str()]);
+    std::fs::write(
+        dir.join("ignore.toml"),
+        "[[ignore]]\nid = \"CVE-1\"\nreason = \"\"\nexpires = 2026-01-01\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("exceptions.toml"),
+        "[[exceptions]]\nsource = \"docker.io/library/x\"\n",
+    )
+    .unwrap();
+    let out = support::pullgate::cli(["catalog".as_ref(), "check".as_ref(), dir.as_os_str()]);
+    assert_eq!(out.code, Some(1), "{out}");
+    let err = out.stderr;
+    assert!(
+        err.contains("ignore.toml:4: ") && err.contains("not a full date-time with an offset"),
+        "{err}"
+    );
+    assert!(
+        err.contains("exceptions.toml:1: missing field `digest`"),
+        "{err}"
+    );
+    assert!(err.contains("2 problem(s)"), "{err}");
+
+    let out = support::pullgate::cli([
+        "approve",
+        "docker.io/library/nginx:1.27",
+        "--catalog",
+        fixture.to_str().unwrap(),
+        "--scope",
+        "corp/nowhere",
+        "--license",
+        "MIT",
+        "--report",
+        "/nonexistent.json",
+        "--dry-run",
+    ]);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(
+        out.stderr.contains("refused by rule `scope`")
+            && out
+                .stderr
+                .contains("nothing was copied and nothing was written"),
+        "{out}"
+    );
+}
