@@ -98,6 +98,61 @@ impl Histogram {
     }
 }
 
+/// Why pullgate refused an intercepted request body (`pullgate_request_body_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRefusal {
+    /// The announced message is over the method's cap.
+    MessageCap = 0,
+    /// No room in the global body budget within the wait.
+    Budget = 1,
+    /// The body did not arrive within the read timeout.
+    ReadTimeout = 2,
+}
+
+impl BodyRefusal {
+    const ALL: [BodyRefusal; 3] = [
+        BodyRefusal::MessageCap,
+        BodyRefusal::Budget,
+        BodyRefusal::ReadTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyRefusal::MessageCap => "message_cap",
+            BodyRefusal::Budget => "budget",
+            BodyRefusal::ReadTimeout => "read_timeout",
+        }
+    }
+}
+
+/// Why pullgate closed (or would not serve) a client connection
+/// (`pullgate_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnClose {
+    /// No open call for `server.limits.idle_timeout`.
+    IdleTimeout = 0,
+    /// Closed to make room for a new connection at `server.limits.max_connections`.
+    Evicted = 1,
+    /// A new connection refused: the cap was reached and no connection was idle.
+    Refused = 2,
+}
+
+impl ConnClose {
+    const ALL: [ConnClose; 3] = [
+        ConnClose::IdleTimeout,
+        ConnClose::Evicted,
+        ConnClose::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnClose::IdleTimeout => "idle_timeout",
+            ConnClose::Evicted => "evicted",
+            ConnClose::Refused => "refused",
+        }
+    }
+}
+
 /// The installed bundle as metrics see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BundleGauge {
@@ -115,6 +170,11 @@ pub struct Metrics {
     audit_errors: AtomicU64,
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
+    body_refusals: [AtomicU64; 3],
+    body_bytes_reserved: AtomicI64,
+    accept_errors: AtomicU64,
+    connections_open: AtomicI64,
+    connections_closed: [AtomicU64; 3],
 }
 
 impl Default for Metrics {
@@ -126,6 +186,11 @@ impl Default for Metrics {
             installs: Mutex::default(),
             audit_errors: AtomicU64::new(0),
             sandbox_image_approved: AtomicI64::new(-1),
+            body_refusals: Default::default(),
+            body_bytes_reserved: AtomicI64::new(0),
+            accept_errors: AtomicU64::new(0),
+            connections_open: AtomicI64::new(0),
+            connections_closed: Default::default(),
         }
     }
 }
@@ -158,6 +223,28 @@ impl Metrics {
 
     pub fn audit_error(&self) {
         self.audit_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn body_refused(&self, why: BodyRefusal) {
+        self.body_refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes reserved for request bodies changed by `delta`.
+    pub fn body_bytes_reserved(&self, delta: i64) {
+        self.body_bytes_reserved.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Client connections being served changed by `delta`.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, why: ConnClose) {
+        self.connections_closed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_sandbox_image_approved(&self, ok: bool) {
@@ -282,6 +369,47 @@ impl Metrics {
             "pullgate_sandbox_image_approved {}",
             self.sandbox_image_approved.load(Ordering::Relaxed)
         );
+        o.push_str("# HELP pullgate_request_body_refusals_total Intercepted calls refused while their request body was read, by the limit that refused them.\n");
+        o.push_str("# TYPE pullgate_request_body_refusals_total counter\n");
+        for why in BodyRefusal::ALL {
+            let _ = writeln!(
+                o,
+                "pullgate_request_body_refusals_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.body_refusals[why as usize].load(Ordering::Relaxed)
+            );
+        }
+        o.push_str("# HELP pullgate_request_body_bytes_reserved Bytes of intercepted request bodies being buffered (reserved in server.limits.body_budget).\n");
+        o.push_str("# TYPE pullgate_request_body_bytes_reserved gauge\n");
+        let _ = writeln!(
+            o,
+            "pullgate_request_body_bytes_reserved {}",
+            self.body_bytes_reserved.load(Ordering::Relaxed)
+        );
+        o.push_str("# HELP pullgate_accept_errors_total Failed accept(2) calls on the CRI socket (such as EMFILE: out of file descriptors).\n");
+        o.push_str("# TYPE pullgate_accept_errors_total counter\n");
+        let _ = writeln!(
+            o,
+            "pullgate_accept_errors_total {}",
+            self.accept_errors.load(Ordering::Relaxed)
+        );
+        o.push_str("# HELP pullgate_connections Client connections open on the CRI socket.\n");
+        o.push_str("# TYPE pullgate_connections gauge\n");
+        let _ = writeln!(
+            o,
+            "pullgate_connections {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        o.push_str("# HELP pullgate_connections_closed_total Client connections pullgate closed or refused itself, by reason.\n");
+        o.push_str("# TYPE pullgate_connections_closed_total counter\n");
+        for why in ConnClose::ALL {
+            let _ = writeln!(
+                o,
+                "pullgate_connections_closed_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                self.connections_closed[why as usize].load(Ordering::Relaxed)
+            );
+        }
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
         let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
@@ -319,6 +447,13 @@ mod tests {
         m.upstream_latency(0, Duration::from_micros(300));
         m.decision("deny", "not_in_bundle");
         m.bundle_install("rejected", "rollback");
+        m.body_refused(BodyRefusal::Budget);
+        m.body_bytes_reserved(5000);
+        m.body_bytes_reserved(-904);
+        m.accept_error();
+        m.connections_open(3);
+        m.connections_open(-1);
+        m.connection_closed(ConnClose::Evicted);
         let bundle = Some(BundleGauge {
             version: 7,
             issued_unix: 1000,
@@ -337,6 +472,13 @@ mod tests {
             "pullgate_bundle_age_seconds 1000",
             "pullgate_bundle_expiry_seconds 3000",
             "pullgate_sandbox_image_approved -1",
+            "pullgate_request_body_refusals_total{reason=\"budget\"} 1",
+            "pullgate_request_body_refusals_total{reason=\"read_timeout\"} 0",
+            "pullgate_request_body_bytes_reserved 4096",
+            "pullgate_accept_errors_total 1",
+            "pullgate_connections 2",
+            "pullgate_connections_closed_total{reason=\"evicted\"} 1",
+            "pullgate_connections_closed_total{reason=\"idle_timeout\"} 0",
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }

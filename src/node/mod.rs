@@ -9,6 +9,7 @@
 //! - [`daemon`]: lifecycle — socket set-up, signals, readiness, graceful drain, bundle lifecycle, the
 //!   operator endpoint.
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
@@ -18,4 +19,5 @@ pub mod daemon;
 pub mod enforce;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod wire;

@@ -43,8 +43,8 @@ pub mod scope;
 pub mod trust;
 
 pub use bundle::{
-    Bundle, BundleError, ImageEntry, Provenance, Scan, Severity, VerifiedBundle, parse_bundle,
-    verify_bundle, verify_bundle_reader,
+    Bundle, BundleError, DEFAULT_MAX_BUNDLE_SIZE, ImageEntry, Provenance, Scan, Severity,
+    VerifiedBundle, parse_bundle, verify_bundle, verify_bundle_reader,
 };
 pub use decision::{
     Decision, ImageRequest, Matched, PodContext, ReasonCode, Verdict, decide, decide_without_bundle,

@@ -79,13 +79,26 @@ struct Installed {
 #[derive(Debug, Clone)]
 pub struct BundleStore {
     dir: PathBuf,
+    /// Largest bundle file read or installed (`policy.max_bundle_size`).
+    max_bundle_size: u64,
 }
 
 impl BundleStore {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         BundleStore {
             dir: state_dir.into(),
+            max_bundle_size: crate::policy::DEFAULT_MAX_BUNDLE_SIZE,
         }
+    }
+
+    /// The same store with another bundle size limit.
+    pub fn with_max_bundle_size(mut self, max: u64) -> Self {
+        self.max_bundle_size = max;
+        self
+    }
+
+    pub fn max_bundle_size(&self) -> u64 {
+        self.max_bundle_size
     }
 
     pub fn dir(&self) -> &Path {
@@ -106,7 +119,16 @@ impl BundleStore {
         let Some(path) = self.current_bundle_path() else {
             return Ok(None);
         };
-        let bytes = std::fs::read(&path).map_err(io("cannot read installed bundle", &path))?;
+        let mut file =
+            std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
+        let bytes = crate::policy::load::read_at_most(&mut file, self.max_bundle_size)
+            .map_err(io("cannot read installed bundle", &path))?
+            .ok_or_else(|| StoreError::Rejected {
+                path: path.clone(),
+                source: BundleError::TooLarge {
+                    max: self.max_bundle_size,
+                },
+            })?;
         Ok(Some(Installed { bytes, path }))
     }
 
@@ -136,8 +158,9 @@ impl BundleStore {
         Ok(current.max(highest))
     }
 
-    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`.
-    /// The file is hashed and parsed as it is read, so it is never held in memory whole.
+    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`
+    /// before parsing it. The file is streamed (hashed, then parsed while hashed again), so it is
+    /// never held in memory whole.
     ///
     /// It was fresh when installed; an expired one is still returned (the caller decides how long to
     /// keep enforcing with it): it is then verified as of the last second of its validity.
@@ -159,7 +182,7 @@ impl BundleStore {
         let verify_at = |at: OffsetDateTime| {
             let file =
                 std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
-            verify_bundle_reader(file, &sigs, trust, None, at)
+            verify_bundle_reader(file, &sigs, trust, None, at, self.max_bundle_size)
                 .map_err(io("cannot read installed bundle", &path))?
                 .map_err(|source| StoreError::Rejected {
                     path: path.clone(),
@@ -186,8 +209,9 @@ impl BundleStore {
         }
     }
 
-    /// Verifies `bundle` + `signatures` (newer than the installed one, fresh, k-of-n signed) and
-    /// makes it the installed bundle atomically. Nothing on disk changes if it is rejected.
+    /// Verifies `bundle` + `signatures` (at most the size limit, k-of-n signed before it is parsed,
+    /// newer than the installed one, fresh) and makes it the installed bundle atomically. Nothing on
+    /// disk changes if it is rejected.
     pub fn install(
         &self,
         bundle: &[u8],
@@ -196,6 +220,14 @@ impl BundleStore {
         now: OffsetDateTime,
         origin: &Path,
     ) -> Result<VerifiedBundle, StoreError> {
+        if bundle.len() as u64 > self.max_bundle_size {
+            return Err(StoreError::Rejected {
+                path: origin.to_path_buf(),
+                source: BundleError::TooLarge {
+                    max: self.max_bundle_size,
+                },
+            });
+        }
         let sigs = SignatureFile::parse(signatures).map_err(|source| StoreError::Signatures {
             path: crate::policy::load::signature_path(origin),
             source,
