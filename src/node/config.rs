@@ -995,7 +995,10 @@ mod tests {
         assert_eq!(c.policy.max_bundle_size, 100 << 20);
         let d = Config::default();
         assert_eq!(d.server.limits, Limits::default());
-        assert_eq!(d.server.limits.keepalive_interval, Some(Duration::from_secs(60)));
+        assert_eq!(
+            d.server.limits.keepalive_interval,
+            Some(Duration::from_secs(60))
+        );
         assert_eq!(d.policy.max_bundle_size, 64 << 20);
         assert_eq!(
             parse("[server.limits]\nkeepalive_interval = \"15s\"")
@@ -1009,18 +1012,46 @@ mod tests {
             ("max_connections = 0", "max_connections", "1 to 65536"),
             ("max_connections = 70000", "max_connections", "1 to 65536"),
             ("max_connections = -1", "max_connections", "1 to 65536"),
-            ("max_streams_per_connection = 8", "max_streams_per_connection", "16 to 4096"),
+            (
+                "max_streams_per_connection = 8",
+                "max_streams_per_connection",
+                "16 to 4096",
+            ),
             ("idle_timeout = \"0s\"", "idle_timeout", "1s to 24h"),
             ("idle_timeout = \"forever\"", "idle_timeout", "1s to 24h"),
-            ("keepalive_interval = \"2h\"", "keepalive_interval", "\"off\""),
-            ("keepalive_timeout = \"1h\"", "keepalive_timeout", "1s to 10m"),
+            (
+                "keepalive_interval = \"2h\"",
+                "keepalive_interval",
+                "\"off\"",
+            ),
+            (
+                "keepalive_timeout = \"1h\"",
+                "keepalive_timeout",
+                "1s to 10m",
+            ),
             ("body_budget = \"1MiB\"", "body_budget", "from 16MiB"),
             ("body_budget = \"2GiB\"", "body_budget", "to 1GiB"),
             ("body_budget = \"lots\"", "body_budget", "from 16MiB"),
-            ("body_budget_wait = \"5m\"", "body_budget_wait", "at most 1m"),
-            ("body_read_timeout = \"1ms\"", "body_read_timeout", "100ms to 10m"),
-            ("max_pull_image_message = \"32MiB\"", "max_pull_image_message", "64KiB to 16MiB"),
-            ("max_image_message = \"1KiB\"", "max_image_message", "64KiB to 16MiB"),
+            (
+                "body_budget_wait = \"5m\"",
+                "body_budget_wait",
+                "at most 1m",
+            ),
+            (
+                "body_read_timeout = \"1ms\"",
+                "body_read_timeout",
+                "100ms to 10m",
+            ),
+            (
+                "max_pull_image_message = \"32MiB\"",
+                "max_pull_image_message",
+                "64KiB to 16MiB",
+            ),
+            (
+                "max_image_message = \"1KiB\"",
+                "max_image_message",
+                "64KiB to 16MiB",
+            ),
         ] {
             let text = format!("[server.limits]\n{text}");
             let e = err(&text);
@@ -1057,5 +1088,8 @@ mod tests {
         let c = Config::load(&path).expect("config.example.toml must parse");
         assert_eq!(c.server.listen, Path::new(DEFAULT_LISTEN));
         assert_eq!(c.server.upstream, Path::new(DEFAULT_UPSTREAM));
+        // It says it shows the defaults.
+        assert_eq!(c.server.limits, Limits::default());
+        assert_eq!(c.policy.max_bundle_size, DEFAULT_MAX_BUNDLE_SIZE);
     }
 }

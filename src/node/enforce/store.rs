@@ -310,3 +310,75 @@ fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testutil::*;
+
+    #[test]
+    fn oversize_bundles_are_refused_before_anything_is_written_or_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = EXAMPLE.as_bytes();
+        let sigs = sign(bytes, &[1, 2]).to_json();
+        let len = bytes.len() as u64;
+        let origin = Path::new("/incoming/v42.json");
+        let store = BundleStore::new(dir.path()).with_max_bundle_size(len - 1);
+        let e = store
+            .install(
+                bytes,
+                sigs.as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                origin,
+            )
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_large", "{e}");
+        assert!(e.to_string().contains("policy.max_bundle_size"), "{e}");
+        assert!(store.current_bundle_path().is_none());
+        assert!(!dir.path().join("bundles").exists(), "nothing written");
+        // At the limit it installs and loads back.
+        let store = store.with_max_bundle_size(len);
+        store
+            .install(
+                bytes,
+                sigs.as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                origin,
+            )
+            .unwrap();
+        let loaded = store.load_current(&trust_2_of_3(), example_now()).unwrap();
+        assert_eq!(loaded.unwrap().version, 42);
+        // With a lower limit the installed file is refused unread.
+        let smaller = BundleStore::new(dir.path()).with_max_bundle_size(100);
+        let e = smaller
+            .load_current(&trust_2_of_3(), example_now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_large", "{e}");
+    }
+
+    #[test]
+    fn an_installed_bundle_whose_signatures_fail_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = EXAMPLE.as_bytes();
+        let sigs = sign(bytes, &[1, 2]).to_json();
+        let store = BundleStore::new(dir.path());
+        store
+            .install(
+                bytes,
+                sigs.as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                Path::new("/incoming/v42.json"),
+            )
+            .unwrap();
+        // Replaced on disk by something that is not even JSON: the signature check refuses it (a
+        // parse would have said "malformed").
+        std::fs::write(store.current_bundle_path().unwrap(), b"{{{{ not json").unwrap();
+        let e = store
+            .load_current(&trust_2_of_3(), example_now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_signature", "{e}");
+    }
+}
