@@ -369,51 +369,66 @@ impl Metrics {
             "pullgate_sandbox_image_approved {}",
             self.sandbox_image_approved.load(Ordering::Relaxed)
         );
-        o.push_str("# HELP pullgate_request_body_refusals_total Intercepted calls refused while their request body was read, by the limit that refused them.\n");
-        o.push_str("# TYPE pullgate_request_body_refusals_total counter\n");
-        for why in BodyRefusal::ALL {
-            let _ = writeln!(
-                o,
-                "pullgate_request_body_refusals_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.body_refusals[why as usize].load(Ordering::Relaxed)
-            );
-        }
-        o.push_str("# HELP pullgate_request_body_bytes_reserved Bytes of intercepted request bodies being buffered (reserved in server.limits.body_budget).\n");
-        o.push_str("# TYPE pullgate_request_body_bytes_reserved gauge\n");
-        let _ = writeln!(
-            o,
-            "pullgate_request_body_bytes_reserved {}",
-            self.body_bytes_reserved.load(Ordering::Relaxed)
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+        let refusals =
+            BodyRefusal::ALL.map(|w| (w.as_str(), load(&self.body_refusals[w as usize])));
+        write_metric(
+            &mut o,
+            "pullgate_request_body_refusals_total",
+            "counter",
+            "Intercepted calls refused while their request body was read, by the limit that refused them.",
+            &refusals,
         );
-        o.push_str("# HELP pullgate_accept_errors_total Failed accept(2) calls on the CRI socket (such as EMFILE: out of file descriptors).\n");
-        o.push_str("# TYPE pullgate_accept_errors_total counter\n");
-        let _ = writeln!(
-            o,
-            "pullgate_accept_errors_total {}",
-            self.accept_errors.load(Ordering::Relaxed)
+        write_metric(
+            &mut o,
+            "pullgate_request_body_bytes_reserved",
+            "gauge",
+            "Bytes of intercepted request bodies being buffered (reserved in server.limits.body_budget).",
+            &[("", self.body_bytes_reserved.load(Ordering::Relaxed))],
         );
-        o.push_str("# HELP pullgate_connections Client connections open on the CRI socket.\n");
-        o.push_str("# TYPE pullgate_connections gauge\n");
-        let _ = writeln!(
-            o,
-            "pullgate_connections {}",
-            self.connections_open.load(Ordering::Relaxed)
+        write_metric(
+            &mut o,
+            "pullgate_accept_errors_total",
+            "counter",
+            "Failed accept(2) calls on the CRI socket (such as EMFILE: out of file descriptors).",
+            &[("", load(&self.accept_errors))],
         );
-        o.push_str("# HELP pullgate_connections_closed_total Client connections pullgate closed or refused itself, by reason.\n");
-        o.push_str("# TYPE pullgate_connections_closed_total counter\n");
-        for why in ConnClose::ALL {
-            let _ = writeln!(
-                o,
-                "pullgate_connections_closed_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                self.connections_closed[why as usize].load(Ordering::Relaxed)
-            );
-        }
+        write_metric(
+            &mut o,
+            "pullgate_connections",
+            "gauge",
+            "Client connections open on the CRI socket.",
+            &[("", self.connections_open.load(Ordering::Relaxed))],
+        );
+        let closed =
+            ConnClose::ALL.map(|w| (w.as_str(), load(&self.connections_closed[w as usize])));
+        write_metric(
+            &mut o,
+            "pullgate_connections_closed_total",
+            "counter",
+            "Client connections pullgate closed or refused itself, by reason.",
+            &closed,
+        );
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
         let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
         o
+    }
+}
+
+/// One metric in the text format: HELP, TYPE, and a sample per `(reason, value)`; an empty reason
+/// writes the sample without labels.
+fn write_metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, i64)]) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (reason, v) in samples {
+        match reason {
+            &"" => {
+                let _ = writeln!(o, "{name} {v}");
+            }
+            r => {
+                let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {v}");
+            }
+        }
     }
 }
 

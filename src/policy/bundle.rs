@@ -348,110 +348,39 @@ pub fn verify_bundle_reader<R: std::io::Read + std::io::Seek>(
     now: OffsetDateTime,
     max_size: u64,
 ) -> std::io::Result<Result<VerifiedBundle, BundleError>> {
-    use sha2::Digest as _;
     use std::io::{Read, SeekFrom};
-    use std::sync::mpsc;
 
     // Pass 1: size, hash, signatures.
     if reader.seek(SeekFrom::End(0))? > max_size {
         return Ok(Err(BundleError::TooLarge { max: max_size }));
     }
     reader.seek(SeekFrom::Start(0))?;
-    let signed: [u8; 64] = {
-        let mut hash = sha2::Sha512::new();
-        let mut chunk = vec![0u8; 1 << 16];
-        let mut size = 0u64;
-        loop {
-            let n = match reader.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            size += n as u64;
-            if size > max_size {
-                return Ok(Err(BundleError::TooLarge { max: max_size }));
-            }
-            hash.update(&chunk[..n]);
-        }
-        hash.finalize().into()
-    };
+    let limited = (&mut reader).take(max_size.saturating_add(1));
+    let (read, signed, size) = hashed(limited, |r| {
+        // Large reads: fewer system calls and chunks for the hasher.
+        let mut chunk = vec![0u8; 256 * 1024];
+        while r.read(&mut chunk)? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })?;
+    read?;
+    if size > max_size {
+        return Ok(Err(BundleError::TooLarge { max: max_size }));
+    }
     let signers = match verify_signatures_for_hash(&signed, signatures, trust) {
         Ok(s) => s,
         Err(e) => return Ok(Err(e.into())),
     };
+    // Pass 2: parse, hashing again; never more than pass 1 accepted (plus one byte, to notice growth).
     reader.seek(SeekFrom::Start(0))?;
-    // Pass 2 never reads more than pass 1 accepted (plus one byte, to notice growth).
-    let mut reader = reader.take(max_size.saturating_add(1));
-
-    /// Passes every byte read from the inner reader to the hash: to a hashing thread when there is one
-    /// (hashing then runs in parallel with parsing), or directly.
-    struct Hashing<'a, R> {
-        inner: &'a mut R,
-        hash: &'a mut sha2::Sha512,
-        to_thread: Option<mpsc::SyncSender<Vec<u8>>>,
-    }
-    impl<R: Read> Read for Hashing<'_, R> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = self.inner.read(buf)?;
-            match &self.to_thread {
-                Some(tx) if n > 0 => tx
-                    .send(buf[..n].to_vec())
-                    .map_err(|_| std::io::Error::other("the bundle hashing thread stopped"))?,
-                Some(_) => {}
-                None => self.hash.update(&buf[..n]),
-            }
-            Ok(n)
-        }
-    }
-
     SEEN_FORMAT.with(|f| f.set(None));
-    let mut hash = sha2::Sha512::new();
-    let (parsed, thread_hash) = std::thread::scope(|scope| {
-        // Bounded: at most a few chunks wait for the hasher, so memory stays small.
-        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
-        let hasher = std::thread::Builder::new()
-            .name("bundle-hash".into())
-            .spawn_scoped(scope, move || {
-                let mut h = sha2::Sha512::new();
-                for chunk in rx {
-                    h.update(&chunk);
-                }
-                h
-            })
-            .ok();
-        let mut hashing = Hashing {
-            inner: &mut reader,
-            hash: &mut hash,
-            to_thread: hasher.as_ref().map(|_| tx),
-        };
-        let parsed = serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(
-            1 << 17,
-            &mut hashing,
-        ));
-        // Hash whatever the parser did not read (all of it after an error), so the signatures are
-        // checked over the exact file.
-        let drained = match &parsed {
-            Err(e) if e.is_io() => Ok(0),
-            _ => std::io::copy(&mut hashing, &mut std::io::sink()),
-        };
-        drop(hashing);
-        let thread_hash = hasher.map(|h| h.join());
-        (parsed.map_err(|e| (e, drained.err())), thread_hash)
-    });
+    let limited = (&mut reader).take(max_size.saturating_add(1));
+    let (parsed, digest, _) = hashed(limited, |r| {
+        serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(1 << 17, r))
+    })?;
     let parsed = match parsed {
-        Err((e, _)) if e.is_io() => return Err(e.into()),
-        Err((_, Some(io))) => return Err(io),
-        Err((e, None)) => Err(e),
-        Ok(raw) => Ok(raw),
+        Err(e) if e.is_io() => return Err(e.into()),
+        other => other,
     };
-    // Exactly one of them saw the bytes: the hashing thread if it started, `hash` otherwise.
-    let hash = match thread_hash {
-        Some(Ok(h)) => h,
-        Some(Err(panic)) => std::panic::resume_unwind(panic),
-        None => hash,
-    };
-    let digest: [u8; 64] = hash.finalize().into();
     if digest != signed {
         return Err(std::io::Error::other(
             "the bundle changed while it was being read (the bytes parsed are not the bytes whose signatures were checked); try again",
@@ -471,6 +400,79 @@ pub fn verify_bundle_reader<R: std::io::Read + std::io::Seek>(
         check_times_and_version(bundle, signers, installed_version, now)
     })();
     Ok(result)
+}
+
+/// Runs `consume` over `reader`, then reads the rest of `reader`, hashing every byte with SHA-512: on
+/// a thread of its own when one can be started (hashing then runs in parallel with `consume`),
+/// directly otherwise. Returns what `consume` returned, the digest and the number of bytes hashed;
+/// the error is an I/O error of `reader` while reading the rest.
+fn hashed<R: std::io::Read, T>(
+    mut reader: R,
+    consume: impl FnOnce(&mut dyn std::io::Read) -> T,
+) -> std::io::Result<(T, [u8; 64], u64)> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    use std::sync::mpsc;
+
+    /// Passes every byte read from the inner reader to the hash: to the hashing thread when there
+    /// is one, or directly.
+    struct Hashing<'a, R> {
+        inner: &'a mut R,
+        hash: &'a mut sha2::Sha512,
+        to_thread: Option<mpsc::SyncSender<Vec<u8>>>,
+        count: u64,
+    }
+    impl<R: Read> Read for Hashing<'_, R> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            match &self.to_thread {
+                Some(tx) if n > 0 => tx
+                    .send(buf[..n].to_vec())
+                    .map_err(|_| std::io::Error::other("the bundle hashing thread stopped"))?,
+                Some(_) => {}
+                None => self.hash.update(&buf[..n]),
+            }
+            self.count += n as u64;
+            Ok(n)
+        }
+    }
+
+    let mut hash = sha2::Sha512::new();
+    let (consumed, drained, count, thread_hash) = std::thread::scope(|scope| {
+        // Bounded: at most a few chunks wait for the hasher, so memory stays small.
+        let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
+        let hasher = std::thread::Builder::new()
+            .name("bundle-hash".into())
+            .spawn_scoped(scope, move || {
+                let mut h = sha2::Sha512::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h
+            })
+            .ok();
+        let mut hashing = Hashing {
+            inner: &mut reader,
+            hash: &mut hash,
+            to_thread: hasher.as_ref().map(|_| tx),
+            count: 0,
+        };
+        let consumed = consume(&mut hashing);
+        // Hash whatever `consume` did not read (all of it after a parse error), so the digest is
+        // over the exact bytes.
+        let drained = std::io::copy(&mut hashing, &mut std::io::sink());
+        let count = hashing.count;
+        drop(hashing);
+        (consumed, drained, count, hasher.map(|h| h.join()))
+    });
+    // Exactly one of them saw the bytes: the hashing thread if it started, `hash` otherwise.
+    let hash = match thread_hash {
+        Some(Ok(h)) => h,
+        Some(Err(panic)) => std::panic::resume_unwind(panic),
+        None => hash,
+    };
+    drained?;
+    Ok((consumed, hash.finalize().into(), count))
 }
 
 /// Expiry, issue time and rollback checks of a parsed bundle whose signatures verified.

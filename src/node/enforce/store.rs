@@ -322,32 +322,24 @@ mod tests {
         let bytes = EXAMPLE.as_bytes();
         let sigs = sign(bytes, &[1, 2]).to_json();
         let len = bytes.len() as u64;
-        let origin = Path::new("/incoming/v42.json");
-        let store = BundleStore::new(dir.path()).with_max_bundle_size(len - 1);
-        let e = store
-            .install(
+        let install = |store: &BundleStore| {
+            store.install(
                 bytes,
                 sigs.as_bytes(),
                 &trust_2_of_3(),
                 example_now(),
-                origin,
+                Path::new("/incoming/v42.json"),
             )
-            .unwrap_err();
+        };
+        let store = BundleStore::new(dir.path()).with_max_bundle_size(len - 1);
+        let e = install(&store).unwrap_err();
         assert_eq!(e.reason(), "too_large", "{e}");
         assert!(e.to_string().contains("policy.max_bundle_size"), "{e}");
         assert!(store.current_bundle_path().is_none());
         assert!(!dir.path().join("bundles").exists(), "nothing written");
         // At the limit it installs and loads back.
         let store = store.with_max_bundle_size(len);
-        store
-            .install(
-                bytes,
-                sigs.as_bytes(),
-                &trust_2_of_3(),
-                example_now(),
-                origin,
-            )
-            .unwrap();
+        install(&store).unwrap();
         let loaded = store.load_current(&trust_2_of_3(), example_now()).unwrap();
         assert_eq!(loaded.unwrap().version, 42);
         // With a lower limit the installed file is refused unread.

@@ -189,7 +189,12 @@ pub async fn serve(
     tracked: Conn,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    match peek_preface(&stream).await {
+    // A connection evicted while it has not even sent the preface goes at once.
+    let preface = tokio::select! {
+        p = peek_preface(&stream) => p,
+        _ = tracked.close_requested() => return,
+    };
+    match preface {
         Preface::Http2 => {}
         Preface::Http1 => {
             tracing::info!("rejected an HTTP/1 request on the CRI socket");
