@@ -198,12 +198,14 @@ fn bench_decide(n: usize, distinct: usize, b: &VerifiedBundle) -> (Duration, Dur
             pod
         })
         .collect();
+    let now = b.issued_at + time::Duration::hours(1);
     // Warm up.
     for (k, r) in requests.iter().enumerate() {
         std::hint::black_box(policy::decide(
             &ImageRequest::Reference(r),
             b,
             &pods[k % pods.len()],
+            now,
         ));
     }
     let rounds = 200;
@@ -212,7 +214,7 @@ fn bench_decide(n: usize, distinct: usize, b: &VerifiedBundle) -> (Duration, Dur
         for (k, r) in requests.iter().enumerate() {
             let pod = &pods[(k + round) % pods.len()];
             let t = Instant::now();
-            let d = policy::decide(&ImageRequest::Reference(r), b, pod);
+            let d = policy::decide(&ImageRequest::Reference(r), b, pod, now);
             let e = t.elapsed();
             std::hint::black_box(d);
             samples.push(e);

@@ -17,43 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{Image, ImageFsInfoResponse, ListContainersResponse, ListPodSandboxResponse};
-use support::cri::{host_pod_config, sorted_images};
+use support::cri::{assert_status, host_pod_config, must, sorted_images};
 use support::node::{Node, PAYMENTS_NS, SEARCH_NS, matching, standard_bundle};
 use support::{Cri, e2e_enabled, loud};
 use tonic::{Code, Status};
-
-/// The stack's logs are printed by `Stack`'s `Drop` when a test fails.
-fn must<T>(what: &str, r: Result<T, Status>) -> T {
-    r.unwrap_or_else(|s| panic!("{what}: {:?}: {}", s.code(), s.message()))
-}
-
-/// Asserts `r` failed with `code` and a message containing every one of `needles`; returns the message.
-#[track_caller]
-fn assert_status<T: std::fmt::Debug>(
-    what: &str,
-    r: Result<T, Status>,
-    code: Code,
-    needles: &[&str],
-) -> String {
-    let s = match r {
-        Ok(v) => panic!("{what}: expected {code:?}, but the call succeeded: {v:?}"),
-        Err(s) => s,
-    };
-    assert_eq!(
-        s.code(),
-        code,
-        "{what}: wrong status code (message: {})",
-        s.message()
-    );
-    for n in needles {
-        assert!(
-            s.message().contains(n),
-            "{what}: message lacks {n:?}: {}",
-            s.message()
-        );
-    }
-    s.message().to_string()
-}
 
 /// The one audit record of `method` for `image`, checked for decision and reason.
 #[track_caller]

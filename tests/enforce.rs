@@ -12,8 +12,8 @@ use k8s_cri::v1 as cri;
 use pullgate::node::config::{Config, NodeMode};
 use pullgate::node::daemon::node::Node;
 use pullgate::node::daemon::{Control, Server};
-use pullgate::policy::{PrivateKey, SignatureFile};
 use pullgate::node::proxy::Proxy;
+use pullgate::policy::{PrivateKey, SignatureFile};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -1066,7 +1066,10 @@ async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(pullgate::node::daemon::http::serve(listener, env.node.clone()));
+    tokio::spawn(pullgate::node::daemon::http::serve(
+        listener,
+        env.node.clone(),
+    ));
     let mut images = env.images().await;
     images
         .pull_image(pull_request("busybox:1.36", "checkout"))
@@ -1116,7 +1119,10 @@ async fn operator_endpoint_serves_metrics_health_readiness_and_status() {
     let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(pullgate::node::daemon::http::serve(listener, env.node.clone()));
+    tokio::spawn(pullgate::node::daemon::http::serve(
+        listener,
+        env.node.clone(),
+    ));
     let (code, body) = http(addr, &get("/readyz")).await;
     assert_eq!(code, 503);
     assert!(body.contains("no bundle is installed"), "{body}");

@@ -42,11 +42,19 @@ impl Setup {
         pullgate(&["bundle", "sign", "--key", p(&self.key(n)), p(bundle)])
     }
     fn explain(&self, image: &str, extra: &[&str]) -> (Output, serde_json::Value) {
+        self.explain_bundle(&self.bundle, image, extra)
+    }
+    fn explain_bundle(
+        &self,
+        bundle: &Path,
+        image: &str,
+        extra: &[&str],
+    ) -> (Output, serde_json::Value) {
         let mut args = vec![
             "explain",
             image,
             "--bundle",
-            p(&self.bundle),
+            p(bundle),
             "--trust",
             p(&self.trust),
             "--json",
@@ -339,4 +347,152 @@ fn fuzz_seed_corpus_does_not_panic() {
         }
     }
     assert!(seen >= 10, "expected a seed corpus, found {seen} files");
+}
+
+/// The format 2 example, made current: issued an hour ago; nginx 1.25 deprecated in a day and sunset
+/// in two; the exceptions expire in 5 and 6 days.
+fn write_v2(path: &Path) -> time::OffsetDateTime {
+    let now = time::OffsetDateTime::now_utc();
+    let t = |d: time::Duration| (now + d).format(&Rfc3339).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/policy/example-bundle-v2.json")).unwrap();
+    v["issued_at"] = t(-time::Duration::hours(1)).into();
+    v["expires_at"] = t(time::Duration::days(30)).into();
+    let l = &mut v["images"][0]["tags"]["1.25"];
+    l["deprecated_at"] = t(time::Duration::days(1)).into();
+    l["sunset_at"] = t(time::Duration::days(2)).into();
+    v["images"][2]["digests"][0]["sunset_at"] = t(time::Duration::days(10)).into();
+    v["exceptions"][0]["expires_at"] = t(time::Duration::days(5)).into();
+    v["exceptions"][1]["expires_at"] = t(time::Duration::days(6)).into();
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    now
+}
+
+#[test]
+fn format_2_explain_verify_inspect_and_diff() {
+    let s = setup();
+    let v2 = s.dir.path().join("v2.json");
+    let now = write_v2(&v2);
+    for n in [1, 2] {
+        assert!(s.sign(&v2, n).status.success());
+    }
+    let explain = |image: &str, extra: &[&str]| s.explain_bundle(&v2, image, extra);
+    let at = |d: time::Duration| (now + d).format(&Rfc3339).unwrap();
+    let (o, v) = explain("nginx:1.25", &["--namespace", "checkout"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        (v["reason"].as_str(), v["lifecycle"]["state"].as_str()),
+        (Some("approved"), Some("active")),
+        "{v}"
+    );
+    let (o, v) = explain(
+        "nginx:1.25",
+        &[
+            "--namespace",
+            "checkout",
+            "--at",
+            &at(time::Duration::hours(36)),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(v["reason"], "deprecated", "{v}");
+    let (o, v) = explain(
+        "nginx:1.25",
+        &[
+            "--namespace",
+            "checkout",
+            "--at",
+            &at(time::Duration::days(3)),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(v["reason"], "sunset", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("docker.io/library/nginx:1.26"),
+        "{v}"
+    );
+    let (o, v) = explain("ghcr.io/acme/tool:v1", &["--namespace", "search-index"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        (v["reason"].as_str(), v["exception"]["ticket"].as_str()),
+        (Some("exception"), Some("SEC-1240")),
+        "{v}"
+    );
+    let (o, v) = explain(
+        "busybox@sha256:0808080808080808080808080808080808080808080808080808080808080808",
+        &["--namespace", "checkout"],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(v["reason"], "license_not_allowed", "{v}");
+    // Text mode shows the lifecycle and the time it decided at.
+    let o = pullgate(&[
+        "explain",
+        "nginx:1.25",
+        "--bundle",
+        p(&v2),
+        "--trust",
+        p(&s.trust),
+        "--at",
+        &at(time::Duration::hours(36)),
+    ]);
+    let out = text(&o);
+    assert!(
+        out.contains("lifecycle:   deprecated (tag 1.25") && out.contains("decided at:"),
+        "{out}"
+    );
+    let o = pullgate(&[
+        "explain",
+        "nginx:1.25",
+        "--bundle",
+        p(&v2),
+        "--trust",
+        p(&s.trust),
+        "--at",
+        "next week",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("RFC 3339"),
+        "{}",
+        text(&o)
+    );
+
+    // The node's trust file bounds exceptions and sets a scan floor.
+    let trust = std::fs::read_to_string(&s.trust).unwrap();
+    for (limit, want) in [
+        ("max_exception_days = 3\n", "exception_too_long"),
+        ("min_scanners = 3\n", "below this node's trust floor"),
+    ] {
+        let strict = s.dir.path().join("strict.toml");
+        std::fs::write(&strict, format!("{limit}{trust}")).unwrap();
+        let o = pullgate(&["bundle", "verify", "--trust", p(&strict), p(&v2)]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let out = text(&o);
+        assert!(
+            out.contains("REJECTED") && (out.contains(want) || out.contains("lasts too long")),
+            "{out}"
+        );
+    }
+    let o = pullgate(&["bundle", "verify", "--trust", p(&s.trust), p(&v2)]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let o = pullgate(&["bundle", "inspect", p(&v2)]);
+    let out = text(&o);
+    for want in [
+        "format:            2",
+        "lifecycle tag 1.25: deprecated",
+        "exceptions:        2",
+        "rollout:           1% after 0s, 10% after 1h, 100% after 6h",
+        "rules: min_scanners 3 (from corp/payments/ledger)",
+    ] {
+        assert!(out.contains(want), "inspect lacks {want:?}:\n{out}");
+    }
+    let o = pullgate(&["bundle", "diff", p(&s.bundle), p(&v2)]);
+    let out = text(&o);
+    assert!(
+        out.contains("~ format 1 -> 2") && out.contains("+ exception docker.io/library/redis@"),
+        "{out}"
+    );
 }

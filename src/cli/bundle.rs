@@ -59,7 +59,12 @@ pub enum BundleCommand {
         /// The bundle file.
         bundle: PathBuf,
     },
-    /// Show what changed between two bundles: images, tags, digests, scopes, provenance.
+    /// Show what a new bundle would do to the containers running on this node: for each, its decision
+    /// under the installed bundle and under NEW (exit 0: nothing running would be denied; 1: something
+    /// would; 2: cannot check).
+    WhatIf(super::whatif::WhatIfArgs),
+    /// Show what changed between two bundles: images, tags, digests, scopes, provenance, lifecycles,
+    /// rules, exceptions, rollout.
     Diff {
         /// The older bundle.
         old: PathBuf,
@@ -151,6 +156,7 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
         } => crate::node::daemon::admin::install_command(&config, &bundle, signatures.as_deref()),
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
+        BundleCommand::WhatIf(args) => super::whatif::run(&args),
     }
 }
 
@@ -268,7 +274,7 @@ fn inspect(path: &Path) -> ExitCode {
     let mut out = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(out, "bundle:            {}", path.display());
-    let _ = writeln!(out, "format:            {}", policy::bundle::BUNDLE_FORMAT);
+    let _ = writeln!(out, "format:            {}", b.format);
     let _ = writeln!(out, "version:           {}", b.version);
     let _ = writeln!(out, "issuer:            {}", b.issuer);
     let _ = writeln!(out, "issued at:         {}", b.issued_at_string());
@@ -305,6 +311,9 @@ fn inspect(path: &Path) -> ExitCode {
     );
     for n in scopes.nodes() {
         let _ = writeln!(out, "  scope {} (mode {})", n.path, n.mode);
+        if let Some(r) = &n.rules {
+            let _ = writeln!(out, "    rules: {}", r.summary());
+        }
     }
     for (ns, scope) in scopes.namespace_bindings() {
         let _ = writeln!(out, "  namespace {ns} -> {scope}");
@@ -345,6 +354,10 @@ fn inspect(path: &Path) -> ExitCode {
         for d in e.digests() {
             let _ = writeln!(out, "    digest:   {d}");
         }
+        for (tag, d, l) in e.lifecycles() {
+            let what = tag.map_or_else(|| d.to_string(), |t| format!("tag {t}"));
+            let _ = writeln!(out, "    lifecycle {what}: {}", l.summary());
+        }
         let _ = writeln!(
             out,
             "    licence {}; scans: {}; approved by {} at {}",
@@ -353,6 +366,25 @@ fn inspect(path: &Path) -> ExitCode {
             p.approved_by,
             policy::bundle::format_unix(p.approved_at)
         );
+    }
+    if !b.exceptions().is_empty() {
+        let _ = writeln!(out, "exceptions:        {}", b.exceptions().len());
+        for x in b.exceptions() {
+            let _ = writeln!(out, "  {}", x.summary());
+        }
+    }
+    if let Some(steps) = b.rollout() {
+        let steps: Vec<String> = steps
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}% after {}",
+                    s.percent,
+                    humantime::format_duration(s.after)
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "rollout:           {}", steps.join(", "));
     }
     print!("{out}");
     ExitCode::SUCCESS

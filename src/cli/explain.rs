@@ -32,9 +32,19 @@ pub struct ExplainArgs {
     /// A pod label (repeatable).
     #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
+    /// Decide at this time (RFC 3339, e.g. 2026-06-01T00:00:00Z) instead of now, to see a deprecation,
+    /// sunset or exception expiry ahead of time. The bundle itself is still verified against now.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub at: Option<time::OffsetDateTime>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_time(s: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| {
+        format!("\"{s}\" is not an RFC 3339 time ({e}); write e.g. 2026-06-01T00:00:00Z")
+    })
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -53,17 +63,12 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
         labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
     };
     let request = ImageRequest::Reference(&args.image);
+    let now = time::OffsetDateTime::now_utc();
     let loaded = load::read_trust(&args.trust).and_then(|trust| {
-        load::load_bundle(
-            &args.bundle,
-            args.signatures.as_deref(),
-            &trust,
-            None,
-            time::OffsetDateTime::now_utc(),
-        )
+        load::load_bundle(&args.bundle, args.signatures.as_deref(), &trust, None, now)
     });
     let decision = match &loaded {
-        Ok(b) => policy::decide(&request, b, &pod),
+        Ok(b) => policy::decide(&request, b, &pod, args.at.unwrap_or(now)),
         Err(e) => {
             // Say which file failed and why, apart from the decision a node would make without it.
             eprintln!("pullgate explain: no usable bundle (--bundle, --signatures, --trust): {e}");
@@ -107,6 +112,27 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
                 .map(|v| format!("version {v}"))
                 .unwrap_or_else(none)
         );
+        if let Some(l) = &decision.lifecycle {
+            println!(
+                "lifecycle:   {} ({}{})",
+                l.state.as_str(),
+                l.tag
+                    .as_deref()
+                    .map(|t| format!("tag {t}, "))
+                    .unwrap_or_default(),
+                l.lifecycle.summary()
+            );
+        }
+        if let Some(x) = &decision.exception {
+            println!(
+                "exception:   {}{}",
+                if x.expired { "EXPIRED " } else { "" },
+                x.exception.summary()
+            );
+        }
+        if let Some(at) = args.at {
+            println!("decided at:  {}", policy::bundle::rfc3339(at));
+        }
         println!("message:     {}", decision.message);
     }
     if decision.is_allowed() {

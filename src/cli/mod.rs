@@ -5,6 +5,8 @@
 
 mod bundle;
 mod explain;
+mod node;
+mod whatif;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +38,9 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
     Status(StatusArgs),
+    /// Commands about this node: `node check` proves its lockdown.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
 }
 
 #[derive(Debug, Args)]
@@ -82,11 +87,13 @@ pub struct KeygenArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => crate::node::daemon::serve_command(crate::node::daemon::ServeOptions {
-            config: args.config.config,
-            listen: args.listen,
-            upstream: args.upstream,
-        }),
+        Command::Serve(args) => {
+            crate::node::daemon::serve_command(crate::node::daemon::ServeOptions {
+                config: args.config.config,
+                listen: args.listen,
+                upstream: args.upstream,
+            })
+        }
         Command::CheckConfig(args) => crate::node::daemon::check_config_command(&args.config),
         Command::Keygen(args) => bundle::keygen(&args),
         Command::Bundle(cmd) => bundle::run(cmd),
@@ -94,5 +101,6 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
+        Command::Node(cmd) => node::run(cmd),
     }
 }

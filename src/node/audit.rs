@@ -3,6 +3,9 @@
 //!
 //! Records carry the image as asked, what was pulled, the decision and why — never credentials: the
 //! record type has no field that could hold them.
+//!
+//! The lockdown watcher writes [`LockdownRecord`]s to the same log: they carry a `kind`
+//! (`out_of_band_image`, `out_of_band_snapshot`, `event_gap`) where decision lines carry a `method`.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -39,6 +42,49 @@ pub struct AuditRecord {
     pub bundle_version: Option<u64>,
     /// Time pullgate spent deciding (and looking the image up), in microseconds.
     pub latency_us: u64,
+}
+
+/// Something the lockdown watcher saw in containerd, as written to the audit log. Only the fields
+/// of its kind are written.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LockdownRecord {
+    /// RFC 3339 UTC time it was seen.
+    pub time: String,
+    /// `out_of_band_image`, `out_of_band_snapshot` or `event_gap`.
+    pub kind: &'static str,
+    /// containerd namespace (`k8s.io` is CRI's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Image name, or committed snapshot name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The image's target digest (manifest or index), proven present in containerd's content store.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<String>,
+    /// `out_of_band` (not pulled through pullgate) or `unapproved` (digest not approved).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<&'static str>,
+    /// Why, for people.
+    pub message: String,
+    /// How it was found: `event`, `startup` (present when the watcher started) or `resync` (after
+    /// a gap in containerd's events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detected: Option<&'static str>,
+    /// What pullgate did: `reported`, `removed`, `kept_in_use`, `remove_failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshotter: Option<String>,
+    /// The active snapshot a commit came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_key: Option<String>,
+    /// An event gap: when the stream was lost and when it was back (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_from: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gap_to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bundle_version: Option<u64>,
 }
 
 /// Why the audit log could not be opened.
@@ -99,6 +145,15 @@ impl AuditLog {
     /// Appends one record as a single `write` of one line (so concurrent writers never interleave
     /// within a line), rotating first if needed.
     pub fn record(&self, rec: &AuditRecord) -> io::Result<()> {
+        self.append(rec)
+    }
+
+    /// Appends a lockdown record, like [`AuditLog::record`].
+    pub fn record_lockdown(&self, rec: &LockdownRecord) -> io::Result<()> {
+        self.append(rec)
+    }
+
+    fn append(&self, rec: &impl Serialize) -> io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
         line.push(b'\n');
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,6 +199,44 @@ mod tests {
             reason: "not_in_bundle".into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn lockdown_records_share_the_log_and_are_told_apart_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        log.record(&rec(1)).unwrap();
+        log.record_lockdown(&LockdownRecord {
+            time: "2026-11-30T09:00:00Z".into(),
+            kind: "out_of_band_image",
+            namespace: Some("k8s.io".into()),
+            name: Some("quay.io/evil/miner:1".into()),
+            digests: vec!["sha256:aa".into()],
+            class: Some("unapproved"),
+            message: "m".into(),
+            detected: Some("event"),
+            action: Some("reported"),
+            ..Default::default()
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines[0]["method"], "PullImage");
+        assert!(
+            lines[0].get("kind").is_none(),
+            "decision lines are unchanged"
+        );
+        assert_eq!(lines[1]["kind"], "out_of_band_image");
+        assert_eq!(lines[1]["digests"][0], "sha256:aa");
+        assert!(lines[1].get("method").is_none());
+        assert!(
+            lines[1].get("gap_from").is_none(),
+            "only the fields of its kind"
+        );
     }
 
     #[test]

@@ -60,6 +60,18 @@ pub struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub lockdown: RawLockdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLockdown {
+    pub watch: Option<bool>,
+    pub remove_out_of_band: Option<bool>,
+    pub containerd_config: Option<PathBuf>,
+    pub kubelet_config: Option<PathBuf>,
+    pub admin_sockets: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,7 +147,26 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
+    pub lockdown: LockdownConfig,
 }
+
+/// The node's lockdown: the containerd event watcher and the node check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockdownConfig {
+    /// Watch containerd's events for images and snapshots that arrive past pullgate.
+    pub watch: bool,
+    /// Remove out-of-band images from CRI's namespace unless a container uses them.
+    pub remove_out_of_band: bool,
+    /// containerd's configuration file, read by the node check.
+    pub containerd_config: PathBuf,
+    /// kubelet's `KubeletConfiguration` file, when the running kubelet's flags do not name one.
+    pub kubelet_config: PathBuf,
+    /// Further sockets that must be root-only (an admin socket, containerd's debug socket).
+    pub admin_sockets: Vec<PathBuf>,
+}
+
+pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+pub const DEFAULT_KUBELET_CONFIG: &str = "/var/lib/kubelet/config.yaml";
 
 /// How the node enforces decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +355,13 @@ impl Default for Config {
                         .parse()
                         .expect("valid default address"),
                 ),
+            },
+            lockdown: LockdownConfig {
+                watch: true,
+                remove_out_of_band: false,
+                containerd_config: PathBuf::from(DEFAULT_CONTAINERD_CONFIG),
+                kubelet_config: PathBuf::from(DEFAULT_KUBELET_CONFIG),
+                admin_sockets: Vec::new(),
             },
         }
     }
@@ -564,10 +602,35 @@ impl Config {
             },
         };
 
+        let l = raw.lockdown;
+        let lockdown = LockdownConfig {
+            watch: l.watch.unwrap_or(defaults.lockdown.watch),
+            remove_out_of_band: l
+                .remove_out_of_band
+                .unwrap_or(defaults.lockdown.remove_out_of_band),
+            containerd_config: abs_path(
+                "lockdown.containerd_config",
+                l.containerd_config,
+                defaults.lockdown.containerd_config,
+            )?,
+            kubelet_config: abs_path(
+                "lockdown.kubelet_config",
+                l.kubelet_config,
+                defaults.lockdown.kubelet_config,
+            )?,
+            admin_sockets: l
+                .admin_sockets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| abs_path("lockdown.admin_sockets", Some(p), PathBuf::new()))
+                .collect::<Result<_, _>>()?,
+        };
+
         Ok(Config {
             policy,
             audit,
             metrics,
+            lockdown,
             server: ServerConfig {
                 listen,
                 upstream,
@@ -1066,6 +1129,54 @@ mod tests {
         let e = err("[server.limits]\nmax_conections = 5");
         assert!(e.contains("max_conections"), "{e}");
         assert!(e.contains("server.limits"), "{e}");
+    }
+
+    #[test]
+    fn lockdown_section() {
+        let d = Config::default().lockdown;
+        assert!(
+            d.watch && !d.remove_out_of_band,
+            "watch on, removal off by default"
+        );
+        assert_eq!(d.containerd_config, Path::new(DEFAULT_CONTAINERD_CONFIG));
+        let c = parse(
+            r#"
+            [lockdown]
+            watch = false
+            remove_out_of_band = true
+            containerd_config = "/etc/ctd/config.toml"
+            kubelet_config = "/etc/kubernetes/kubelet.yaml"
+            admin_sockets = ["/run/containerd/debug.sock"]
+            "#,
+        )
+        .unwrap();
+        assert!(!c.lockdown.watch && c.lockdown.remove_out_of_band);
+        assert_eq!(
+            c.lockdown.containerd_config,
+            Path::new("/etc/ctd/config.toml")
+        );
+        assert_eq!(
+            c.lockdown.kubelet_config,
+            Path::new("/etc/kubernetes/kubelet.yaml")
+        );
+        assert_eq!(
+            c.lockdown.admin_sockets,
+            vec![PathBuf::from("/run/containerd/debug.sock")]
+        );
+        for (text, key) in [
+            (
+                "[lockdown]\ncontainerd_config = \"config.toml\"",
+                "lockdown.containerd_config",
+            ),
+            (
+                "[lockdown]\nadmin_sockets = [\"debug.sock\"]",
+                "lockdown.admin_sockets",
+            ),
+            ("[lockdown]\nremove = true", "remove"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

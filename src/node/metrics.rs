@@ -3,13 +3,20 @@
 //!
 //! The hot path only touches atomics in fixed arrays (calls by method and gRPC status, upstream
 //! latency histograms); decision and bundle-install counters, which change at pull rate, sit behind
-//! a mutex.
+//! a mutex. Container starts of images with a lifecycle or an exception are also remembered (the last
+//! [`RECENT_STARTS`] distinct ones) for `pullgate status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::policy::{Decision, ReasonCode, VerifiedBundle};
+use time::OffsetDateTime;
+
+/// How many distinct recent lifecycle starts `pullgate status` can show.
+pub const RECENT_STARTS: usize = 64;
 
 /// CRI methods with their own label; everything else is `other`.
 pub const METHODS: &[&str] = &[
@@ -159,6 +166,46 @@ pub struct BundleGauge {
     pub version: u64,
     pub issued_unix: i64,
     pub expires_unix: i64,
+    /// When the soonest exception that has not expired yet expires (none: no such exception).
+    pub next_exception_expiry_unix: Option<i64>,
+}
+
+impl BundleGauge {
+    /// The gauges of `b` at `now`.
+    pub fn of(b: &VerifiedBundle, now: OffsetDateTime) -> BundleGauge {
+        BundleGauge {
+            version: b.version,
+            issued_unix: b.issued_at.unix_timestamp(),
+            expires_unix: b.expires_at.unix_timestamp(),
+            next_exception_expiry_unix: b
+                .exceptions()
+                .iter()
+                .map(|e| e.expires_at)
+                .filter(|t| *t > now)
+                .min()
+                .map(OffsetDateTime::unix_timestamp),
+        }
+    }
+}
+
+/// A container start of an image that is deprecated, has a sunset ahead, or runs by exception.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleStart {
+    /// The image as the pod spec named it.
+    pub image: String,
+    /// `deprecated`, `approved` (with a sunset ahead) or `exception`.
+    pub reason: &'static str,
+    /// The pod's scope.
+    pub scope: Option<String>,
+    /// The sunset date, if any (RFC 3339).
+    pub sunset_at: Option<String>,
+    /// The replacement tag, if any.
+    pub replacement: Option<String>,
+    /// The exception's ticket and expiry, for `exception`.
+    pub exception: Option<(String, String)>,
+    /// Last start (Unix seconds) and how many starts since the daemon started.
+    pub last_unix: i64,
+    pub count: u64,
 }
 
 /// All of pullgate's metrics.
@@ -175,7 +222,30 @@ pub struct Metrics {
     accept_errors: AtomicU64,
     connections_open: AtomicI64,
     connections_closed: [AtomicU64; 3],
+    lockdown: LockdownMetrics,
+    deprecated_starts: AtomicU64,
+    /// Most recent first.
+    lifecycle_starts: Mutex<VecDeque<LifecycleStart>>,
 }
+
+/// The lockdown watcher's and the node check's series (see [`crate::node::lockdown`]).
+struct LockdownMetrics {
+    /// Images in containerd by class (approved, out_of_band, unapproved); `None` until classified.
+    images: Mutex<Option<[u64; 3]>>,
+    /// Detections by kind: images, snapshots.
+    out_of_band: [AtomicU64; 2],
+    event_gaps: AtomicU64,
+    /// 1 subscribed to containerd's events, 0 not, -1 the watcher is not running.
+    watcher_up: AtomicI64,
+    removals: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per check: findings, and whether it could not be checked.
+    findings: Mutex<BTreeMap<&'static str, (u64, bool)>>,
+}
+
+/// The classes of `pullgate_node_images`, in the order [`Metrics::set_node_images`] takes them.
+pub const IMAGE_CLASSES: [&str; 3] = ["approved", "out_of_band", "unapproved"];
+/// The kinds of `pullgate_out_of_band_total`.
+pub const OUT_OF_BAND_KINDS: [&str; 2] = ["image", "snapshot"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -191,6 +261,16 @@ impl Default for Metrics {
             accept_errors: AtomicU64::new(0),
             connections_open: AtomicI64::new(0),
             connections_closed: Default::default(),
+            lockdown: LockdownMetrics {
+                images: Mutex::new(None),
+                out_of_band: Default::default(),
+                event_gaps: AtomicU64::new(0),
+                watcher_up: AtomicI64::new(-1),
+                removals: Mutex::default(),
+                findings: Mutex::default(),
+            },
+            deprecated_starts: AtomicU64::new(0),
+            lifecycle_starts: Mutex::default(),
         }
     }
 }
@@ -215,6 +295,62 @@ impl Metrics {
 
     pub fn decision(&self, result: &'static str, reason: &'static str) {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
+    }
+
+    /// A decision made for CRI `method`: counted by result and reason; a container start of a
+    /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
+    /// remembered for `pullgate status`.
+    pub fn decided(&self, method: &str, d: &Decision) {
+        self.decision(d.verdict.as_str(), d.reason.as_str());
+        if method != "CreateContainer" || !d.is_allowed() {
+            return;
+        }
+        if d.reason == ReasonCode::Deprecated {
+            self.deprecated_starts.fetch_add(1, Ordering::Relaxed);
+        }
+        let sunset = d
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.lifecycle.sunset_at)
+            .map(crate::policy::bundle::rfc3339);
+        let remember =
+            matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) || sunset.is_some();
+        if !remember {
+            return;
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut recent = lock(&self.lifecycle_starts);
+        let count = match recent
+            .iter()
+            .position(|s| s.image == d.image && s.reason == d.reason.as_str())
+        {
+            Some(i) => recent.remove(i).map_or(0, |s| s.count),
+            None => 0,
+        };
+        recent.push_front(LifecycleStart {
+            image: d.image.clone(),
+            reason: d.reason.as_str(),
+            scope: d.pod_scope.as_deref().map(str::to_owned),
+            sunset_at: sunset,
+            replacement: d
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.lifecycle.replacement.as_deref().map(str::to_owned)),
+            exception: d.exception.as_ref().map(|x| {
+                (
+                    x.exception.ticket.clone(),
+                    crate::policy::bundle::rfc3339(x.exception.expires_at),
+                )
+            }),
+            last_unix: now,
+            count: count + 1,
+        });
+        recent.truncate(RECENT_STARTS);
+    }
+
+    /// Recent starts of deprecated, soon-to-sunset and excepted images, most recent first.
+    pub fn lifecycle_starts(&self) -> Vec<LifecycleStart> {
+        lock(&self.lifecycle_starts).iter().cloned().collect()
     }
 
     pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
@@ -250,6 +386,44 @@ impl Metrics {
     pub fn set_sandbox_image_approved(&self, ok: bool) {
         self.sandbox_image_approved
             .store(i64::from(ok), Ordering::Relaxed);
+    }
+
+    /// Images in containerd now, by class (see [`IMAGE_CLASSES`]).
+    pub fn set_node_images(&self, by_class: [u64; 3]) {
+        *lock(&self.lockdown.images) = Some(by_class);
+    }
+
+    /// An image (`kind` 0) or snapshot (1) that entered containerd past pullgate.
+    pub fn out_of_band(&self, kind: usize) {
+        self.lockdown.out_of_band[kind.min(1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// containerd's event stream was lost and picked up again.
+    pub fn event_gap(&self) {
+        self.lockdown.event_gaps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_watcher_up(&self, up: bool) {
+        self.lockdown
+            .watcher_up
+            .store(i64::from(up), Ordering::Relaxed);
+    }
+
+    /// The outcome of removing an out-of-band image: `removed`, `in_use`, `failed`.
+    pub fn out_of_band_removal(&self, result: &'static str) {
+        *lock(&self.lockdown.removals).entry(result).or_default() += 1;
+    }
+
+    /// The node check's results: per check, its findings and whether it could not be checked.
+    pub fn set_lockdown_findings(
+        &self,
+        checks: impl IntoIterator<Item = (&'static str, u64, bool)>,
+    ) {
+        let mut f = lock(&self.lockdown.findings);
+        f.clear();
+        for (check, n, unchecked) in checks {
+            f.insert(check, (n, unchecked));
+        }
     }
 
     /// Decision counts by result (`allow`/`deny`/`warn`), for `pullgate status`.
@@ -324,6 +498,15 @@ impl Metrics {
                 "pullgate_decisions_total{{result=\"{result}\",reason=\"{reason}\"}} {n}"
             );
         }
+        o.push_str(
+            "# HELP pullgate_deprecated_starts_total Containers started from a deprecated image.\n",
+        );
+        o.push_str("# TYPE pullgate_deprecated_starts_total counter\n");
+        let _ = writeln!(
+            o,
+            "pullgate_deprecated_starts_total {}",
+            self.deprecated_starts.load(Ordering::Relaxed)
+        );
         o.push_str("# HELP pullgate_bundle_installs_total Bundle install attempts, by result and reason.\n");
         o.push_str("# TYPE pullgate_bundle_installs_total counter\n");
         for ((result, reason), n) in lock(&self.installs).iter() {
@@ -354,6 +537,11 @@ impl Metrics {
                 "pullgate_bundle_expiry_seconds {}",
                 b.expires_unix - now_unix
             );
+            if let Some(t) = b.next_exception_expiry_unix {
+                o.push_str("# HELP pullgate_exception_expiry_seconds Seconds until the soonest active exception of the bundle in force expires (absent: none active).\n");
+                o.push_str("# TYPE pullgate_exception_expiry_seconds gauge\n");
+                let _ = writeln!(o, "pullgate_exception_expiry_seconds {}", t - now_unix);
+            }
         }
         o.push_str("# HELP pullgate_audit_errors_total Audit records that could not be written.\n");
         o.push_str("# TYPE pullgate_audit_errors_total counter\n");
@@ -412,7 +600,91 @@ impl Metrics {
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
         let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
+        self.render_lockdown(&mut o);
         o
+    }
+
+    fn render_lockdown(&self, o: &mut String) {
+        let l = &self.lockdown;
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        if let Some(images) = *lock(&l.images) {
+            head(
+                o,
+                "pullgate_node_images",
+                "gauge",
+                "Images in containerd (distinct namespace and digest), by class: approved, out_of_band (not pulled through pullgate), unapproved (digest not approved).",
+            );
+            for (class, n) in IMAGE_CLASSES.iter().zip(images) {
+                let _ = writeln!(o, "pullgate_node_images{{class=\"{class}\"}} {n}");
+            }
+        }
+        head(
+            o,
+            "pullgate_out_of_band_total",
+            "counter",
+            "Images and snapshots that entered containerd past pullgate, by kind.",
+        );
+        for (kind, n) in OUT_OF_BAND_KINDS.iter().zip(&l.out_of_band) {
+            let n = n.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_out_of_band_total{{kind=\"{kind}\"}} {n}");
+        }
+        let up = l.watcher_up.load(Ordering::Relaxed);
+        if up >= 0 {
+            head(
+                o,
+                "pullgate_lockdown_watcher_up",
+                "gauge",
+                "Whether pullgate is subscribed to containerd's events.",
+            );
+            let _ = writeln!(o, "pullgate_lockdown_watcher_up {up}");
+            head(
+                o,
+                "pullgate_lockdown_event_gaps_total",
+                "counter",
+                "Times containerd's event stream was lost (what arrived in the gap was found by re-reading every image).",
+            );
+            let gaps = l.event_gaps.load(Ordering::Relaxed);
+            let _ = writeln!(o, "pullgate_lockdown_event_gaps_total {gaps}");
+        }
+        head(
+            o,
+            "pullgate_out_of_band_removals_total",
+            "counter",
+            "Out-of-band images pullgate tried to remove (lockdown.remove_out_of_band), by result.",
+        );
+        for (result, n) in lock(&l.removals).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_out_of_band_removals_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        let findings = lock(&l.findings);
+        if !findings.is_empty() {
+            head(
+                o,
+                "pullgate_lockdown_findings",
+                "gauge",
+                "Problems the node check found in the node's lockdown, by check.",
+            );
+            for (check, (n, _)) in findings.iter() {
+                let _ = writeln!(o, "pullgate_lockdown_findings{{check=\"{check}\"}} {n}");
+            }
+            head(
+                o,
+                "pullgate_lockdown_unchecked",
+                "gauge",
+                "Whether a check of the node's lockdown could not be made, by check.",
+            );
+            for (check, (_, unchecked)) in findings.iter() {
+                let _ = writeln!(
+                    o,
+                    "pullgate_lockdown_unchecked{{check=\"{check}\"}} {}",
+                    i64::from(*unchecked)
+                );
+            }
+        }
     }
 }
 
@@ -473,6 +745,7 @@ mod tests {
             version: 7,
             issued_unix: 1000,
             expires_unix: 5000,
+            next_exception_expiry_unix: Some(2600),
         });
         let text = m.render(2000, bundle, false);
         for want in [
@@ -494,6 +767,8 @@ mod tests {
             "pullgate_connections 2",
             "pullgate_connections_closed_total{reason=\"evicted\"} 1",
             "pullgate_connections_closed_total{reason=\"idle_timeout\"} 0",
+            "pullgate_exception_expiry_seconds 600",
+            "pullgate_deprecated_starts_total 0",
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }

@@ -8,7 +8,10 @@
 //!   the installed bundle on disk.
 //! - [`daemon`]: lifecycle — socket set-up, signals, readiness, graceful drain, bundle lifecycle, the
 //!   operator endpoint.
+//! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
+//!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`whatif`]: what a new bundle would do to the containers running on the node.
 //! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
@@ -17,7 +20,9 @@ pub mod audit;
 pub mod config;
 pub mod daemon;
 pub mod enforce;
+pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod whatif;
 pub mod wire;

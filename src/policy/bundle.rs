@@ -1,10 +1,13 @@
-//! The allowlist bundle: on-disk format (JSON, format 1), validation, the lookup index, and
+//! The allowlist bundle: on-disk format (JSON, formats 1 and 2), validation, the lookup index, and
 //! [`verify_bundle`], the pure function that turns bundle and signature bytes into a [`VerifiedBundle`].
 //!
-//! The format is documented in `docs/bundle.md`. In short: a JSON object with `format` (1), `version`
-//! (strictly increasing), `issued_at`/`expires_at` (RFC 3339), `issuer`, `private_registry`, `mirrors`
-//! (public source → path in the private registry), `governance` (see [`super::scope`]), `first_party`
-//! prefixes and `images` (source repository, tags bound to digests, bare digests, scope, provenance).
+//! The format is documented in `docs/bundle.md`. In short: a JSON object with `format` (1 or 2),
+//! `version` (strictly increasing), `issued_at`/`expires_at` (RFC 3339), `issuer`, `private_registry`,
+//! `mirrors` (public source → path in the private registry), `governance` (see [`super::scope`]),
+//! `first_party` prefixes and `images` (source repository, tags bound to digests, bare digests, scope,
+//! provenance). Format 2 adds a [`Lifecycle`] per tag and digest, scan and licence rules per governance
+//! level ([`super::rules`]), [`Exception`]s and `rollout` waves ([`super::rollout`]); a format 1
+//! bundle that uses any of them is rejected, so format 1 keeps meaning exactly what it meant.
 //!
 //! JSON was chosen because serde_json parses it in one fast pass and it diffs well in review. Unknown
 //! fields are rejected (`deny_unknown_fields`) so a typo cannot silently drop a restriction; the format
@@ -25,16 +28,20 @@ use serde::Deserialize;
 use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use time::OffsetDateTime;
 
+use super::license::LicenseExpression;
 use super::reference::{
     self, DEFAULT_DOMAIN, Digest, LEGACY_DEFAULT_DOMAIN, Reference, path_has_prefix,
 };
+use super::rollout::{RawStep, Step};
 use super::scope::{RawGovernance, ScopeId, Scopes};
 use super::trust::{
     SignatureError, SignatureFile, Trust, verify_signatures, verify_signatures_for_hash,
 };
 
-/// The bundle format this version reads.
-pub const BUNDLE_FORMAT: u32 = 1;
+/// The newest bundle format this version reads (it reads every format in [`SUPPORTED_FORMATS`]).
+pub const BUNDLE_FORMAT: u32 = 2;
+/// The bundle formats this version reads.
+pub const SUPPORTED_FORMATS: &[u64] = &[1, 2];
 /// How far in the future `issued_at` may be before the bundle is rejected (clock skew between the
 /// signing workstation and the node).
 pub const MAX_CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
@@ -53,7 +60,7 @@ pub enum BundleError {
     Malformed(String),
     /// A `format` this version does not understand.
     #[error(
-        "bundle format {0} is not supported by this pullgate (it reads format {BUNDLE_FORMAT}); upgrade pullgate or publish a format {BUNDLE_FORMAT} bundle"
+        "bundle format {0} is not supported by this pullgate (it reads formats 1 and 2); upgrade pullgate or publish a format 1 or 2 bundle"
     )]
     UnsupportedFormat(u64),
     /// A field has an invalid value.
@@ -97,6 +104,12 @@ pub enum BundleError {
         max / (1024 * 1024)
     )]
     TooLarge { max: u64 },
+    /// An exception lasts longer after `issued_at` than the node's trust file allows.
+    #[error("bundle has an exception that lasts too long: {0}")]
+    ExceptionTooLong(String),
+    /// The bundle's scan rule is below the floor of the node's trust file.
+    #[error("bundle is below this node's trust floor: {0}")]
+    BelowTrustFloor(String),
 }
 
 impl BundleError {
@@ -118,6 +131,8 @@ impl BundleError {
             BundleError::IssuedInFuture { .. } => "issued_in_future",
             BundleError::Rollback { .. } => "rollback",
             BundleError::TooLarge { .. } => "too_large",
+            BundleError::ExceptionTooLong(_) => "exception_too_long",
+            BundleError::BelowTrustFloor(_) => "below_trust_floor",
         }
     }
 }
@@ -179,6 +194,76 @@ pub struct Provenance {
     pub approved_at: i64,
 }
 
+/// When an approved tag or digest retires (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// From then on still allowed, with reason `deprecated`.
+    pub deprecated_at: Option<OffsetDateTime>,
+    /// From then on denied, with reason `sunset`.
+    pub sunset_at: Option<OffsetDateTime>,
+    /// The approved tag of the same repository to move to.
+    pub replacement: Option<Arc<str>>,
+}
+
+/// Where an image is in its [`Lifecycle`] at some time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LifecycleState {
+    /// Before `deprecated_at` and `sunset_at`.
+    Active,
+    /// At or after `deprecated_at`, before `sunset_at`.
+    Deprecated,
+    /// At or after `sunset_at`.
+    Sunset,
+}
+
+impl LifecycleState {
+    /// `active`, `deprecated` or `sunset`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LifecycleState::Active => "active",
+            LifecycleState::Deprecated => "deprecated",
+            LifecycleState::Sunset => "sunset",
+        }
+    }
+}
+
+impl Lifecycle {
+    /// The state at `now`.
+    pub fn state(&self, now: OffsetDateTime) -> LifecycleState {
+        if self.sunset_at.is_some_and(|t| now >= t) {
+            LifecycleState::Sunset
+        } else if self.deprecated_at.is_some_and(|t| now >= t) {
+            LifecycleState::Deprecated
+        } else {
+            LifecycleState::Active
+        }
+    }
+
+    /// The next time after `now` at which the state changes, if any.
+    pub fn next_change(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        [self.deprecated_at, self.sunset_at]
+            .into_iter()
+            .flatten()
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    /// One line for `inspect` and `diff`.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = self.deprecated_at {
+            parts.push(format!("deprecated {}", rfc3339(t)));
+        }
+        if let Some(t) = self.sunset_at {
+            parts.push(format!("sunset {}", rfc3339(t)));
+        }
+        if let Some(r) = &self.replacement {
+            parts.push(format!("replacement {r}"));
+        }
+        parts.join(", ")
+    }
+}
+
 /// One approved image: a source repository approved for one scope.
 #[derive(Debug, Clone)]
 pub struct ImageEntry {
@@ -187,7 +272,59 @@ pub struct ImageEntry {
     scope: ScopeId,
     tags: Box<[(Box<str>, Digest)]>,
     digests: Box<[Digest]>,
+    /// Lifecycles of tags (index into `tags`) and bare digests (index into `digests` plus
+    /// `tags.len()`), sorted by index; empty for most entries and in format 1.
+    lifecycles: Box<[(u32, Lifecycle)]>,
     provenance: Provenance,
+}
+
+/// A break-glass exception (format 2): a time-limited approval of one digest for one scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exception {
+    /// Canonical source repository.
+    pub source: Arc<str>,
+    /// The digest it covers.
+    pub digest: Digest,
+    /// A tag that resolves to `digest` through the exception.
+    pub tag: Option<Box<str>>,
+    /// Scope path.
+    pub scope_path: Arc<str>,
+    /// Scope id.
+    pub scope: ScopeId,
+    /// When it stops allowing.
+    pub expires_at: OffsetDateTime,
+    /// The ticket that approved it.
+    pub ticket: String,
+    /// Why.
+    pub reason: String,
+    /// Who approved it.
+    pub approved_by: String,
+}
+
+impl Exception {
+    /// One line for `inspect`, `diff` and `status`.
+    pub fn summary(&self) -> String {
+        format!(
+            "{}@{}{} for {} until {} (ticket {}, approved by {}: {})",
+            self.source,
+            self.digest,
+            self.tag
+                .as_deref()
+                .map(|t| format!(" (tag {t})"))
+                .unwrap_or_default(),
+            self.scope_path,
+            rfc3339(self.expires_at),
+            self.ticket,
+            self.approved_by,
+            self.reason
+        )
+    }
+}
+
+/// RFC 3339 text of a time.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 impl ImageEntry {
@@ -229,6 +366,62 @@ impl ImageEntry {
     pub fn has_digest(&self, digest: &Digest) -> bool {
         self.digests.binary_search(digest).is_ok() || self.tags.iter().any(|(_, d)| d == digest)
     }
+
+    fn lifecycle_at(&self, index: usize) -> Option<&Lifecycle> {
+        self.lifecycles
+            .binary_search_by_key(&(index as u32), |(i, _)| *i)
+            .ok()
+            .map(|i| &self.lifecycles[i].1)
+    }
+
+    /// The lifecycle of an approved tag, if it has one.
+    pub fn tag_lifecycle(&self, tag: &str) -> Option<&Lifecycle> {
+        if self.lifecycles.is_empty() {
+            return None;
+        }
+        let i = self.tags.binary_search_by(|(t, _)| (**t).cmp(tag)).ok()?;
+        self.lifecycle_at(i)
+    }
+
+    /// The lifecycle of an approved bare digest, if it has one.
+    pub fn digest_lifecycle(&self, digest: &Digest) -> Option<&Lifecycle> {
+        if self.lifecycles.is_empty() {
+            return None;
+        }
+        let i = self.digests.binary_search(digest).ok()?;
+        self.lifecycle_at(self.tags.len() + i)
+    }
+
+    /// Every route by which this entry approves `digest`: the bare digest and each tag bound to it,
+    /// with the tag (if any) and the lifecycle (if any).
+    pub fn routes<'e>(
+        &'e self,
+        digest: &'e Digest,
+    ) -> impl Iterator<Item = (Option<&'e str>, Option<&'e Lifecycle>)> + 'e {
+        let bare = self
+            .digests
+            .binary_search(digest)
+            .ok()
+            .map(|i| (None, self.lifecycle_at(self.tags.len() + i)));
+        let tagged = self
+            .tags
+            .iter()
+            .enumerate()
+            .filter(move |(_, (_, d))| d == digest)
+            .map(move |(i, (t, _))| (Some(&**t), self.lifecycle_at(i)));
+        bare.into_iter().chain(tagged)
+    }
+
+    /// Every lifecycle of this entry: `(tag, digest, lifecycle)`, the tag absent for a bare digest.
+    pub fn lifecycles(&self) -> impl Iterator<Item = (Option<&str>, &Digest, &Lifecycle)> {
+        self.lifecycles.iter().map(|(i, l)| {
+            let i = *i as usize;
+            match self.tags.get(i) {
+                Some((t, d)) => (Some(&**t), d, l),
+                None => (None, &self.digests[i - self.tags.len()], l),
+            }
+        })
+    }
 }
 
 /// A mirror mapping: images from `source` live under `target` in the private registry.
@@ -269,6 +462,8 @@ pub struct FirstParty {
 /// A parsed, validated and indexed bundle (signatures not necessarily checked; see [`VerifiedBundle`]).
 #[derive(Debug, Clone)]
 pub struct Bundle {
+    /// Bundle format (1 or 2).
+    pub format: u32,
     /// Bundle version (strictly increasing).
     pub version: u64,
     /// Issue time.
@@ -284,6 +479,11 @@ pub struct Bundle {
     first_party: Vec<FirstParty>,
     images: Vec<ImageEntry>,
     repos: HashMap<Arc<str>, (u32, u32)>,
+    /// Exceptions, sorted by source.
+    exceptions: Vec<Exception>,
+    rollout: Option<Box<[Step]>>,
+    /// The parsed licence expression of every distinct provenance licence (format 2 only).
+    licenses: HashMap<Arc<str>, LicenseExpression>,
 }
 
 /// A bundle whose signatures, times and version were checked by [`verify_bundle`]. Only this type can be
@@ -322,7 +522,7 @@ pub fn verify_bundle(
 ) -> Result<VerifiedBundle, BundleError> {
     let signers = verify_signatures(bundle_bytes, signatures, trust)?;
     let bundle = parse_bundle(bundle_bytes)?;
-    check_times_and_version(bundle, signers, installed_version, now)
+    check_times_and_version(bundle, signers, trust, installed_version, now)
 }
 
 /// [`verify_bundle`] for a bundle read from `reader` (e.g. the open bundle file) of at most
@@ -390,14 +590,14 @@ pub fn verify_bundle_reader<R: std::io::Read + std::io::Seek>(
         let raw = parsed.map_err(|e| {
             match SEEN_FORMAT
                 .with(|f| f.get())
-                .filter(|&f| f != u64::from(BUNDLE_FORMAT))
+                .filter(|f| !SUPPORTED_FORMATS.contains(f))
             {
                 Some(f) => BundleError::UnsupportedFormat(f),
                 None => BundleError::Malformed(e.to_string()),
             }
         })?;
         let bundle = build_checked(raw)?;
-        check_times_and_version(bundle, signers, installed_version, now)
+        check_times_and_version(bundle, signers, trust, installed_version, now)
     })();
     Ok(result)
 }
@@ -475,13 +675,16 @@ fn hashed<R: std::io::Read, T>(
     Ok((consumed, hash.finalize().into(), count))
 }
 
-/// Expiry, issue time and rollback checks of a parsed bundle whose signatures verified.
+/// Expiry, issue time, rollback and the node's trust-file limits ([`check_trust_limits`]) of a parsed
+/// bundle whose signatures verified.
 fn check_times_and_version(
     bundle: Bundle,
     signers: Vec<String>,
+    trust: &Trust,
     installed_version: Option<u64>,
     now: OffsetDateTime,
 ) -> Result<VerifiedBundle, BundleError> {
+    check_trust_limits(&bundle, trust)?;
     let fmt_time = |t: OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
@@ -509,6 +712,54 @@ fn check_times_and_version(
     Ok(VerifiedBundle { bundle, signers })
 }
 
+/// The limits a node's trust file puts on bundles: the floor of the organisation's `min_scanners`
+/// (a format 1 bundle has no scan rule, so it is below any floor), and how long an exception may last
+/// after `issued_at`.
+pub fn check_trust_limits(bundle: &Bundle, trust: &Trust) -> Result<(), BundleError> {
+    if let Some(floor) = trust.min_scanners() {
+        let org = bundle
+            .scopes()
+            .node(super::scope::ORG)
+            .rules
+            .as_ref()
+            .map(|r| (r.min_scanners.value, r.min_scanners.from.clone()));
+        match org {
+            None => {
+                return Err(BundleError::BelowTrustFloor(format!(
+                    "this node's trust file requires min_scanners >= {floor}, and a format {} bundle has no scan rule; publish a format 2 bundle",
+                    bundle.format
+                )));
+            }
+            Some((n, from)) if n < floor => {
+                return Err(BundleError::BelowTrustFloor(format!(
+                    "governance min_scanners is {n} (set by {from}), below the floor of {floor} in this node's trust file; raise governance.rules.min_scanners"
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    let days = trust.max_exception_days();
+    let max = time::Duration::days(i64::from(days));
+    if let Some(e) = bundle
+        .exceptions
+        .iter()
+        .find(|e| e.expires_at - bundle.issued_at > max)
+    {
+        let lasts = e.expires_at - bundle.issued_at;
+        return Err(BundleError::ExceptionTooLong(format!(
+            "the exception with ticket {} ({}@{} for {}) expires at {}, {} days after the bundle's issued_at {}; this node's trust file allows at most {days} days (max_exception_days); shorten it or renew it in a later bundle",
+            e.ticket,
+            e.source,
+            e.digest,
+            e.scope_path,
+            rfc3339(e.expires_at),
+            lasts.whole_days(),
+            rfc3339(bundle.issued_at)
+        )));
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Raw (on-disk) types.
 
@@ -528,6 +779,25 @@ struct RawBundle {
     #[serde(default)]
     first_party: Vec<RawFirstParty>,
     images: ImageList,
+    #[serde(default)]
+    exceptions: Option<Vec<RawException>>,
+    #[serde(default)]
+    rollout: Option<Vec<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawException {
+    source: String,
+    digest: String,
+    #[serde(default)]
+    tag: Option<String>,
+    scope: String,
+    #[serde(deserialize_with = "exception_expiry")]
+    expires_at: OffsetDateTime,
+    ticket: String,
+    reason: String,
+    approved_by: String,
 }
 
 thread_local! {
@@ -583,13 +853,20 @@ struct ScanSpans {
     worst_severity: Severity,
 }
 
+/// A lifecycle object as written (`replacement` in the scratch text).
+struct RawLifecycle {
+    deprecated_at: Option<OffsetDateTime>,
+    sunset_at: Option<OffsetDateTime>,
+    replacement: Option<Span>,
+}
+
 /// The fields of the image being parsed (the strings live in `text`).
 #[derive(Default)]
 struct ImageScratch {
     text: String,
     source: Option<Span>,
-    tags: Vec<(Span, Span)>,
-    digests: Vec<Span>,
+    tags: Vec<(Span, Span, Option<RawLifecycle>)>,
+    digests: Vec<(Span, Option<RawLifecycle>)>,
     scope: Option<Span>,
     provenance: bool,
     license: Span,
@@ -752,8 +1029,8 @@ impl<'de> Visitor<'de> for TagsSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let s = self.0;
         while let Some(tag) = map.next_key_seed(Text(&mut s.text))? {
-            let digest = map.next_value_seed(Text(&mut s.text))?;
-            s.tags.push((tag, digest));
+            let (digest, life) = map.next_value_seed(Approval(&mut s.text))?;
+            s.tags.push((tag, digest, life));
         }
         Ok(())
     }
@@ -776,10 +1053,56 @@ impl<'de> Visitor<'de> for DigestsSeed<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let s = self.0;
-        while let Some(d) = seq.next_element_seed(Text(&mut s.text))? {
-            s.digests.push(d);
+        while let Some((d, life)) = seq.next_element_seed(Approval(&mut s.text))? {
+            s.digests.push((d, life));
         }
         Ok(())
+    }
+}
+
+/// One approved tag's or digest's value: a digest string, or (format 2) a lifecycle object
+/// `{"digest", "deprecated_at", "sunset_at", "replacement"}`.
+struct Approval<'s>(&'s mut String);
+
+const LIFECYCLE_FIELDS: &[&str] = &["digest", "deprecated_at", "sunset_at", "replacement"];
+
+impl<'de> de::DeserializeSeed<'de> for Approval<'_> {
+    type Value = (Span, Option<RawLifecycle>);
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Approval<'_> {
+    type Value = (Span, Option<RawLifecycle>);
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a digest string or a lifecycle object {\"digest\", \"deprecated_at\", \"sunset_at\", \"replacement\"}")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok((Text(self.0).visit_str(v)?, None))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let text = self.0;
+        let mut seen = [false; 4];
+        let mut digest = 0..0;
+        let mut life = RawLifecycle {
+            deprecated_at: None,
+            sunset_at: None,
+            replacement: None,
+        };
+        while let Some(field) = map.next_key_seed(Field(LIFECYCLE_FIELDS))? {
+            first(&mut seen[field], LIFECYCLE_FIELDS[field])?;
+            match field {
+                0 => digest = map.next_value_seed(Text(&mut *text))?,
+                1 => life.deprecated_at = Some(map.next_value_seed(Rfc3339Seed("deprecated_at"))?),
+                2 => life.sunset_at = Some(map.next_value_seed(Rfc3339Seed("sunset_at"))?),
+                _ => life.replacement = Some(map.next_value_seed(Text(&mut *text))?),
+            }
+        }
+        if !seen[0] {
+            return Err(de::Error::missing_field("digest"));
+        }
+        Ok((digest, Some(life)))
     }
 }
 
@@ -807,7 +1130,11 @@ impl<'de> Visitor<'de> for ProvenanceSeed<'_> {
                 0 => s.license = map.next_value_seed(Text(&mut s.text))?,
                 1 => map.next_value_seed(ScansSeed(s))?,
                 2 => s.approved_by = map.next_value_seed(Text(&mut s.text))?,
-                _ => s.approved_at = map.next_value_seed(Rfc3339Seed)?.unix_timestamp(),
+                _ => {
+                    s.approved_at = map
+                        .next_value_seed(Rfc3339Seed("provenance.approved_at"))?
+                        .unix_timestamp()
+                }
             }
         }
         if let Some(i) = seen.iter().position(|s| !s) {
@@ -817,14 +1144,30 @@ impl<'de> Visitor<'de> for ProvenanceSeed<'_> {
     }
 }
 
-/// An RFC 3339 time (as `time::serde::rfc3339` reads it).
-struct Rfc3339Seed;
+/// An RFC 3339 time (as `time::serde::rfc3339` reads it); errors name the field.
+struct Rfc3339Seed(&'static str);
 
 impl<'de> de::DeserializeSeed<'de> for Rfc3339Seed {
     type Value = OffsetDateTime;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<OffsetDateTime, D::Error> {
-        time::serde::rfc3339::deserialize(d)
+        named_time(d, self.0)
     }
+}
+
+/// `time::serde::rfc3339`, with the field named in the error.
+fn named_time<'de, D: de::Deserializer<'de>>(
+    d: D,
+    field: &str,
+) -> Result<OffsetDateTime, D::Error> {
+    time::serde::rfc3339::deserialize(d).map_err(|e| {
+        de::Error::custom(format!(
+            "{field}: {e} (expected an RFC 3339 time such as 2026-06-01T00:00:00Z)"
+        ))
+    })
+}
+
+fn exception_expiry<'de, D: de::Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+    named_time(d, "exceptions[].expires_at")
 }
 
 /// `provenance.scans`.
@@ -896,6 +1239,8 @@ impl<'de> Visitor<'de> for ScanSeed<'_> {
 struct ImageList {
     entries: Vec<ImageEntry>,
     error: Option<BundleError>,
+    /// The first image with a lifecycle (a format 2 field), to reject it in a format 1 bundle.
+    first_lifecycle: Option<usize>,
 }
 
 #[derive(Default)]
@@ -931,7 +1276,12 @@ impl<'de> Deserialize<'de> for ImageList {
                 while seq.next_element_seed(ImageSeed(&mut scratch))?.is_some() {
                     if list.error.is_none() {
                         match convert_image(&scratch, index, &mut strings) {
-                            Ok(e) => list.entries.push(e),
+                            Ok(e) => {
+                                if !e.lifecycles.is_empty() && list.first_lifecycle.is_none() {
+                                    list.first_lifecycle = Some(index);
+                                }
+                                list.entries.push(e)
+                            }
                             Err(e) => list.error = Some(e),
                         }
                     }
@@ -985,7 +1335,7 @@ fn convert_image(
     })?;
     let at = || format!("images[{index}] ({source})");
     let mut tags = Vec::with_capacity(raw.tags.len());
-    for (tag, digest) in &raw.tags {
+    for (tag, digest, life) in &raw.tags {
         let (tag, digest) = (raw.str(tag), raw.str(digest));
         if !reference::is_valid_tag(tag) {
             return Err(BundleError::Invalid(format!(
@@ -995,7 +1345,13 @@ fn convert_image(
             )));
         }
         let d = parse_digest(digest, || format!("{} tag {tag}", at()))?;
-        tags.push((Box::<str>::from(tag), d));
+        let life = convert_lifecycle(
+            raw,
+            life.as_ref(),
+            || format!("{} tag {tag}", at()),
+            strings,
+        )?;
+        tags.push((Box::<str>::from(tag), d, life));
     }
     tags.sort_by(|a, b| a.0.cmp(&b.0));
     if let Some(w) = tags.windows(2).find(|w| w[0].0 == w[1].0) {
@@ -1006,24 +1362,51 @@ fn convert_image(
         )));
     }
     let mut digests = Vec::with_capacity(raw.digests.len());
-    for d in &raw.digests {
+    for (d, life) in &raw.digests {
         let d = parse_digest(raw.str(d), || format!("{} digests", at()))?;
-        if let Some((t, _)) = tags.iter().find(|(_, td)| *td == d) {
+        if let Some((t, _, _)) = tags.iter().find(|(_, td, _)| *td == d) {
             return Err(BundleError::Duplicate(format!(
                 "{}: digest {d} is listed in \"digests\" and already approved through tag {t}",
                 at()
             )));
         }
-        digests.push(d);
+        let life = convert_lifecycle(
+            raw,
+            life.as_ref(),
+            || format!("{} digest {d}", at()),
+            strings,
+        )?;
+        digests.push((d, life));
     }
-    digests.sort();
-    if let Some(w) = digests.windows(2).find(|w| w[0] == w[1]) {
+    digests.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(w) = digests.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(BundleError::Duplicate(format!(
             "{}: digest {} is listed twice",
             at(),
-            w[0]
+            w[0].0
         )));
     }
+    let mut lifecycles = Vec::new();
+    let tags: Vec<(Box<str>, Digest)> = tags
+        .into_iter()
+        .enumerate()
+        .map(|(i, (t, d, life))| {
+            if let Some(l) = life {
+                lifecycles.push((i as u32, l));
+            }
+            (t, d)
+        })
+        .collect();
+    let digests: Vec<Digest> = digests
+        .into_iter()
+        .enumerate()
+        .map(|(i, (d, life))| {
+            if let Some(l) = life {
+                lifecycles.push(((tags.len() + i) as u32, l));
+            }
+            d
+        })
+        .collect();
     if tags.is_empty() && digests.is_empty() {
         return Err(BundleError::Invalid(format!(
             "{}: approves no tag and no digest; add \"tags\" or \"digests\"",
@@ -1076,6 +1459,7 @@ fn convert_image(
         scope: 0,
         tags: tags.into_boxed_slice(),
         digests: digests.into_boxed_slice(),
+        lifecycles: lifecycles.into_boxed_slice(),
         provenance: Provenance {
             license: strings.get(license),
             scans: scans.into_boxed_slice(),
@@ -1083,6 +1467,53 @@ fn convert_image(
             approved_at: raw.approved_at,
         },
     })
+}
+
+/// Checks a lifecycle object: at least one date, `deprecated_at` before `sunset_at`, a replacement
+/// that is a valid tag and comes with a date. (Whether the replacement is approved is checked per
+/// repository, in [`check_repository`].)
+fn convert_lifecycle(
+    raw: &ImageScratch,
+    life: Option<&RawLifecycle>,
+    what: impl Fn() -> String,
+    strings: &mut Interner,
+) -> Result<Option<Lifecycle>, BundleError> {
+    let Some(life) = life else { return Ok(None) };
+    if life.deprecated_at.is_none() && life.sunset_at.is_none() {
+        return Err(BundleError::Invalid(format!(
+            "{}: a lifecycle object needs deprecated_at or sunset_at (or write the digest as a string)",
+            what()
+        )));
+    }
+    if let (Some(d), Some(s)) = (life.deprecated_at, life.sunset_at) {
+        if d >= s {
+            return Err(BundleError::Invalid(format!(
+                "{}: deprecated_at {} is not before sunset_at {}",
+                what(),
+                rfc3339(d),
+                rfc3339(s)
+            )));
+        }
+    }
+    let replacement = match &life.replacement {
+        Some(r) => {
+            let r = raw.str(r);
+            if !reference::is_valid_tag(r) {
+                return Err(BundleError::Invalid(format!(
+                    "{}: replacement \"{}\" is not a tag (name an approved tag of the same repository)",
+                    what(),
+                    clip(r)
+                )));
+            }
+            Some(strings.get(r))
+        }
+        None => None,
+    };
+    Ok(Some(Lifecycle {
+        deprecated_at: life.deprecated_at,
+        sunset_at: life.sunset_at,
+        replacement,
+    }))
 }
 
 fn validate_domain(domain: &str, what: &str) -> Result<(), BundleError> {
@@ -1121,7 +1552,7 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
             let probe = serde_json::from_slice::<FormatProbe>(bytes)
                 .ok()
                 .and_then(|p| p.format);
-            if let Some(f) = probe.filter(|&f| f != u64::from(BUNDLE_FORMAT)) {
+            if let Some(f) = probe.filter(|f| !SUPPORTED_FORMATS.contains(f)) {
                 return Err(BundleError::UnsupportedFormat(f));
             }
             return Err(BundleError::Malformed(e.to_string()));
@@ -1131,12 +1562,30 @@ pub fn parse_bundle(bytes: &[u8]) -> Result<Bundle, BundleError> {
 }
 
 fn build_checked(raw: RawBundle) -> Result<Bundle, BundleError> {
-    if raw.format.0 != u64::from(BUNDLE_FORMAT) {
+    if !SUPPORTED_FORMATS.contains(&raw.format.0) {
         return Err(BundleError::UnsupportedFormat(raw.format.0));
     }
     let mut raw = raw;
     if let Some(e) = raw.images.error.take() {
         return Err(e);
+    }
+    if raw.format.0 == 1 {
+        let format_2 = |field: String| {
+            Err(BundleError::Malformed(format!(
+                "{field} is a format 2 field, and this bundle says format 1; publish it as format 2"
+            )))
+        };
+        if raw.exceptions.is_some() {
+            return format_2("`exceptions`".into());
+        }
+        if raw.rollout.is_some() {
+            return format_2("`rollout`".into());
+        }
+        if let Some(i) = raw.images.first_lifecycle {
+            return format_2(format!(
+                "the lifecycle object (deprecated_at, sunset_at, replacement) of images[{i}]"
+            ));
+        }
     }
     build(raw)
 }
@@ -1157,11 +1606,13 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
             "issuer is empty; name the team or person issuing the bundle".into(),
         ));
     }
+    let format = raw.format.0 as u32;
     let private = raw.private_registry;
     validate_domain(&private, "private_registry")?;
-    let scopes = Scopes::build(raw.governance).map_err(|(kind, msg)| match kind {
+    let scopes = Scopes::build(raw.governance, format >= 2).map_err(|(kind, msg)| match kind {
         "duplicate" => BundleError::Duplicate(msg),
         "conflict" => BundleError::Conflict(msg),
+        "malformed" => BundleError::Malformed(msg),
         _ => BundleError::Invalid(msg),
     })?;
 
@@ -1286,11 +1737,50 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
         while end < images.len() && images[end].source == images[start].source {
             end += 1;
         }
-        check_repository(&images[start..end])?;
+        check_repository(&images[start..end], &scopes)?;
         repos.insert(images[start].source.clone(), (start as u32, end as u32));
         start = end;
     }
+    // Format 2: every licence expression strictly against the SPDX list, parsed once per distinct text.
+    let mut licenses: HashMap<Arc<str>, LicenseExpression> = HashMap::new();
+    if format >= 2 {
+        for e in &images {
+            let l = &e.provenance.license;
+            if licenses.contains_key(l) {
+                continue;
+            }
+            let parsed = LicenseExpression::parse(l).map_err(|why| {
+                BundleError::Invalid(format!(
+                    "image {} for {}: provenance.license \"{}\": {why}",
+                    e.source,
+                    e.scope_path,
+                    clip(l)
+                ))
+            })?;
+            licenses.insert(l.clone(), parsed);
+        }
+    }
+    let exceptions = build_exceptions(
+        raw.exceptions.unwrap_or_default(),
+        &mirrors,
+        &private,
+        &scopes,
+        &images,
+        &repos,
+        raw.issued_at,
+    )?;
+    let rollout = match raw.rollout {
+        Some(steps) => Some(
+            super::rollout::parse(steps, raw.expires_at - raw.issued_at)
+                .map_err(BundleError::Invalid)?,
+        ),
+        None => None,
+    };
     Ok(Bundle {
+        format,
+        exceptions,
+        rollout,
+        licenses,
         version: raw.version,
         issued_at: raw.issued_at,
         expires_at: raw.expires_at,
@@ -1311,8 +1801,152 @@ fn unknown_scope(what: &str, scope: &str) -> BundleError {
     ))
 }
 
-/// Checks the entries of one repository: one entry per scope, and each tag bound to a single digest.
-fn check_repository(entries: &[ImageEntry]) -> Result<(), BundleError> {
+/// Validates and sorts the exceptions (format 2): a mirrored public source, a known scope, a digest, a
+/// tag that does not contradict `images`, non-empty ticket, reason and approver, an expiry after
+/// `issued_at`, and no exception twice.
+fn build_exceptions(
+    raw: Vec<RawException>,
+    mirrors: &[Mirror],
+    private: &str,
+    scopes: &Scopes,
+    images: &[ImageEntry],
+    repos: &HashMap<Arc<str>, (u32, u32)>,
+    issued_at: OffsetDateTime,
+) -> Result<Vec<Exception>, BundleError> {
+    let mut out: Vec<Exception> = Vec::with_capacity(raw.len());
+    for (i, x) in raw.into_iter().enumerate() {
+        let what = format!("exceptions[{i}]");
+        let source = canonical_repository(&x.source, || format!("{what}.source"))?;
+        let (domain, path) = source.split_once('/').unwrap_or((&source, ""));
+        if domain == private {
+            return Err(BundleError::Invalid(format!(
+                "{what}.source {source} is in the private registry; an exception covers a mirrored public image"
+            )));
+        }
+        if find_mirror(mirrors, domain, path).is_none() {
+            return Err(BundleError::Invalid(format!(
+                "{what}.source {source} has no mirror: an exception never opens a public pull; add a \"mirrors\" entry for {domain}"
+            )));
+        }
+        let digest = parse_digest(&x.digest, || format!("{what} ({source}) digest"))?;
+        let scope = scopes
+            .lookup(&x.scope)
+            .ok_or_else(|| unknown_scope(&what, &x.scope))?;
+        for (field, value) in [
+            ("ticket", &x.ticket),
+            ("reason", &x.reason),
+            ("approved_by", &x.approved_by),
+        ] {
+            if value.trim().is_empty() {
+                return Err(BundleError::Invalid(format!(
+                    "{what} ({source}@{digest}): {field} is empty; an exception must say which ticket approved it, why, and who"
+                )));
+            }
+        }
+        if x.expires_at <= issued_at {
+            return Err(BundleError::Invalid(format!(
+                "{what} ({source}@{digest}, ticket {}): expires_at {} is not after the bundle's issued_at {}",
+                x.ticket,
+                rfc3339(x.expires_at),
+                rfc3339(issued_at)
+            )));
+        }
+        if let Some(tag) = &x.tag {
+            if !reference::is_valid_tag(tag) {
+                return Err(BundleError::Invalid(format!(
+                    "{what} ({source}): tag \"{}\" is not a valid tag",
+                    clip(tag)
+                )));
+            }
+            let entries = repos
+                .get(source.as_str())
+                .map_or(&[][..], |&(s, e)| &images[s as usize..e as usize]);
+            if let Some(bound) = entries
+                .iter()
+                .find_map(|e| e.tag(tag))
+                .filter(|d| **d != digest)
+            {
+                return Err(BundleError::Conflict(format!(
+                    "{what} binds {source}:{tag} to {digest}, but images approve {source}:{tag} as {bound}; a tag must mean one digest"
+                )));
+            }
+            if let Some(other) = out.iter().find(|o| {
+                o.source.as_ref() == source && o.tag.as_deref() == Some(tag) && o.digest != digest
+            }) {
+                return Err(BundleError::Conflict(format!(
+                    "{what} binds {source}:{tag} to {digest}, but the exception with ticket {} binds it to {}; a tag must mean one digest",
+                    other.ticket, other.digest
+                )));
+            }
+        }
+        if let Some(other) = out
+            .iter()
+            .find(|o| o.source.as_ref() == source && o.digest == digest && o.scope == scope)
+        {
+            return Err(BundleError::Duplicate(format!(
+                "{what}: an exception for {source}@{digest} and scope {} is already listed (ticket {})",
+                x.scope, other.ticket
+            )));
+        }
+        out.push(Exception {
+            source: source.into(),
+            digest,
+            tag: x.tag.map(String::into_boxed_str),
+            scope_path: scopes.path(scope).clone(),
+            scope,
+            expires_at: x.expires_at,
+            ticket: x.ticket,
+            reason: x.reason,
+            approved_by: x.approved_by,
+        });
+    }
+    out.sort_by(|a, b| {
+        a.source
+            .cmp(&b.source)
+            .then(a.expires_at.cmp(&b.expires_at))
+    });
+    Ok(out)
+}
+
+/// Checks the entries of one repository: one entry per scope, each tag bound to a single digest, and
+/// every lifecycle `replacement` an approved tag of the repository available wherever the retiring
+/// image is, other than itself and not retiring before it.
+fn check_repository(entries: &[ImageEntry], scopes: &Scopes) -> Result<(), BundleError> {
+    for e in entries {
+        for (tag, digest, life) in e.lifecycles() {
+            let Some(r) = &life.replacement else { continue };
+            let what = || match tag {
+                Some(t) => format!("image {} for {}: tag {t}", e.source, e.scope_path),
+                None => format!("image {} for {}: digest {digest}", e.source, e.scope_path),
+            };
+            if tag == Some(&**r) {
+                return Err(BundleError::Invalid(format!(
+                    "{}: replacement {r} is the tag itself; name the tag to move to",
+                    what()
+                )));
+            }
+            let target = entries
+                .iter()
+                .filter(|x| scopes.contains(x.scope, e.scope))
+                .find(|x| x.tag(r).is_some());
+            let Some(target) = target else {
+                return Err(BundleError::Invalid(format!(
+                    "{}: replacement {r} is not an approved tag of {} for scope {} (or a scope above it); approve it or name another tag",
+                    what(),
+                    e.source,
+                    e.scope_path
+                )));
+            };
+            let retires = target.tag_lifecycle(r).and_then(|l| l.sunset_at);
+            if let Some(t) = retires.filter(|t| life.sunset_at.is_none_or(|own| *t <= own)) {
+                return Err(BundleError::Invalid(format!(
+                    "{}: replacement {r} is itself sunset at {}, no later than what it replaces; name a tag that outlives it",
+                    what(),
+                    rfc3339(t)
+                )));
+            }
+        }
+    }
     for w in entries.windows(2) {
         if w[0].scope_path == w[1].scope_path {
             return Err(BundleError::Duplicate(format!(
@@ -1362,6 +1996,28 @@ impl Bundle {
     /// All entries, sorted by source then scope.
     pub fn images(&self) -> &[ImageEntry] {
         &self.images
+    }
+
+    /// The exceptions, sorted by source then expiry.
+    pub fn exceptions(&self) -> &[Exception] {
+        &self.exceptions
+    }
+
+    /// The exceptions for `source` (canonical repository).
+    pub fn exceptions_for(&self, source: &str) -> &[Exception] {
+        let start = self.exceptions.partition_point(|e| &*e.source < source);
+        let end = start + self.exceptions[start..].partition_point(|e| &*e.source == source);
+        &self.exceptions[start..end]
+    }
+
+    /// The rollout steps, if the bundle has them.
+    pub fn rollout(&self) -> Option<&[Step]> {
+        self.rollout.as_deref()
+    }
+
+    /// The parsed licence expression of a provenance licence (format 2 bundles; `None` in format 1).
+    pub fn license_expression(&self, license: &str) -> Option<&LicenseExpression> {
+        self.licenses.get(license)
     }
 
     /// Number of distinct approved repositories.
@@ -1491,8 +2147,8 @@ pub(crate) mod tests {
         let cases: Vec<(&str, &str, Edit)> = vec![
             (
                 "unsupported_format",
-                "format 2",
-                Box::new(|v| v["format"] = json!(2)),
+                "format 3",
+                Box::new(|v| v["format"] = json!(3)),
             ),
             (
                 "malformed",
@@ -1660,6 +2316,387 @@ pub(crate) mod tests {
         }
     }
 
+    fn v2_rejected(edit: impl FnOnce(&mut serde_json::Value)) -> BundleError {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        edit(&mut v);
+        match parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()) {
+            Ok(_) => panic!("bundle should be rejected"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn format_2_example_parses() {
+        let b = parse_bundle(EXAMPLE_V2.as_bytes()).unwrap();
+        assert_eq!((b.format, b.version), (2, 43));
+        let nginx = &b.entries("docker.io/library/nginx")[0];
+        let l = nginx.tag_lifecycle("1.25").unwrap();
+        assert_eq!(l.replacement.as_deref(), Some("1.26"));
+        assert_eq!(
+            l.sunset_at,
+            Some(time::macros::datetime!(2026-06-01 00:00 UTC))
+        );
+        assert!(nginx.tag_lifecycle("1.26").is_none());
+        let redis = &b.entries("docker.io/library/redis")[0];
+        assert!(
+            redis
+                .digest_lifecycle(&digest(5))
+                .unwrap()
+                .deprecated_at
+                .is_none()
+        );
+        assert_eq!(redis.lifecycles().count(), 1);
+        assert_eq!(b.exceptions().len(), 2);
+        assert_eq!(
+            b.exceptions_for("docker.io/library/redis")[0].ticket,
+            "SEC-1234"
+        );
+        assert!(b.exceptions_for("docker.io/library/nginx").is_empty());
+        assert_eq!(b.rollout().unwrap().len(), 3);
+        let org = b
+            .scopes()
+            .node(crate::policy::scope::ORG)
+            .rules
+            .clone()
+            .unwrap();
+        assert_eq!(org.min_scanners.value, 2);
+        assert!(b.license_expression("MIT OR Apache-2.0").is_some());
+        // Format 1 has none of it.
+        let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(f1.format, 1);
+        assert!(f1.scopes().nodes().iter().all(|n| n.rules.is_none()));
+        assert!(f1.exceptions().is_empty() && f1.rollout().is_none());
+    }
+
+    #[test]
+    fn docs_show_the_fixtures_unchanged() {
+        let doc = include_str!("../../docs/bundle.md");
+        for (heading, fixture) in [
+            ("## Full example (format 1)", EXAMPLE),
+            ("## Full example (format 2)", EXAMPLE_V2),
+        ] {
+            let at = doc
+                .find(heading)
+                .unwrap_or_else(|| panic!("{heading} missing"));
+            let block = &doc[at..];
+            let start = block.find("```json\n").unwrap() + "```json\n".len();
+            let end = block[start..].find("```").unwrap();
+            assert_eq!(
+                &block[start..start + end],
+                fixture,
+                "{heading} differs from its fixture"
+            );
+        }
+    }
+
+    #[test]
+    fn format_2_rejections_have_reasons() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        fn tag25(v: &mut serde_json::Value) -> &mut serde_json::Value {
+            &mut v["images"][0]["tags"]["1.25"]
+        }
+        let cases: Vec<(&str, &str, Edit)> = vec![
+            (
+                "invalid",
+                "\"NotALicence\"",
+                Box::new(|v| v["images"][0]["provenance"]["license"] = json!("MIT OR NotALicence")),
+            ),
+            (
+                "invalid",
+                "GPL-2.0-only",
+                Box::new(|v| v["images"][4]["provenance"]["license"] = json!("GPL-2.0")),
+            ),
+            (
+                "invalid",
+                "licenses.deny entry \"Evil-1.0\"",
+                Box::new(|v| {
+                    v["governance"]["rules"]["licenses"]["deny"] =
+                        json!(["AGPL-3.0-only", "Evil-1.0"])
+                }),
+            ),
+            (
+                "invalid",
+                "replacement 1.27 is not an approved tag",
+                Box::new(|v| tag25(v)["replacement"] = json!("1.27")),
+            ),
+            (
+                "invalid",
+                "replacement 1.25 is the tag itself",
+                Box::new(|v| tag25(v)["replacement"] = json!("1.25")),
+            ),
+            (
+                "invalid",
+                "not a tag",
+                Box::new(|v| tag25(v)["replacement"] = json!("nginx:1.26")),
+            ),
+            (
+                "invalid",
+                "is itself sunset",
+                Box::new(|v| {
+                    v["images"][0]["tags"]["1.26"] = json!({"digest": digest(2).to_string(), "sunset_at": "2026-05-01T00:00:00Z"});
+                }),
+            ),
+            (
+                "invalid",
+                "for scope corp/payments (or a scope above it)",
+                Box::new(|v| {
+                    // redis (corp/payments) may not point at a tag approved only further down.
+                    v["images"][2]["digests"][0]["replacement"] = json!("7.9");
+                    let provenance = v["images"][2]["provenance"].clone();
+                    v["images"].as_array_mut().unwrap().push(json!({
+                    "source": "docker.io/library/redis", "tags": {"7.9": digest(40).to_string()},
+                    "scope": "corp/payments/checkout", "provenance": provenance}));
+                }),
+            ),
+            (
+                "invalid",
+                "is not before sunset_at",
+                Box::new(|v| tag25(v)["deprecated_at"] = json!("2026-06-01T00:00:00Z")),
+            ),
+            (
+                "invalid",
+                "needs deprecated_at or sunset_at",
+                Box::new(|v| *tag25(v) = json!({"digest": digest(1).to_string()})),
+            ),
+            (
+                "malformed",
+                "sunset_at",
+                Box::new(|v| tag25(v)["sunset_at"] = json!("next summer")),
+            ),
+            (
+                "malformed",
+                "unknown field `retired_at`",
+                Box::new(|v| tag25(v)["retired_at"] = json!("2026-06-01T00:00:00Z")),
+            ),
+            (
+                "malformed",
+                "missing field `digest`",
+                Box::new(|v| *tag25(v) = json!({"sunset_at": "2026-06-01T00:00:00Z"})),
+            ),
+            (
+                "malformed",
+                "expires_at",
+                Box::new(|v| v["exceptions"][0]["expires_at"] = json!("2026-13-01")),
+            ),
+            (
+                "malformed",
+                "unknown field `owner`",
+                Box::new(|v| v["exceptions"][0]["owner"] = json!("x")),
+            ),
+            (
+                "malformed",
+                "unknown field `max_critical`",
+                Box::new(|v| v["governance"]["rules"]["max_critical"] = json!(0)),
+            ),
+            (
+                "invalid",
+                "ticket is empty",
+                Box::new(|v| v["exceptions"][0]["ticket"] = json!(" ")),
+            ),
+            (
+                "invalid",
+                "not after the bundle's issued_at",
+                Box::new(|v| v["exceptions"][0]["expires_at"] = json!("2026-02-01T00:00:00Z")),
+            ),
+            (
+                "invalid",
+                "not declared in governance",
+                Box::new(|v| v["exceptions"][0]["scope"] = json!("corp/nope")),
+            ),
+            (
+                "invalid",
+                "never opens a public pull",
+                Box::new(|v| v["exceptions"][0]["source"] = json!("quay.io/x/redis")),
+            ),
+            (
+                "invalid",
+                "private registry",
+                Box::new(|v| v["exceptions"][0]["source"] = json!("registry.corp/apps/redis")),
+            ),
+            (
+                "invalid_digest",
+                "exceptions[0]",
+                Box::new(|v| v["exceptions"][0]["digest"] = json!("sha256:00")),
+            ),
+            (
+                "conflict",
+                "a tag must mean one digest",
+                Box::new(|v| v["exceptions"][0]["tag"] = json!("7.2")),
+            ),
+            (
+                "duplicate",
+                "already listed",
+                Box::new(|v| {
+                    let x = v["exceptions"][0].clone();
+                    v["exceptions"].as_array_mut().unwrap().push(x);
+                }),
+            ),
+            (
+                "invalid",
+                "loosens the rule of corp/payments",
+                Box::new(|v| {
+                    v["governance"]["programs"][0]["projects"][0]["rules"]["max_severity"] =
+                        json!("high")
+                }),
+            ),
+            (
+                "invalid",
+                "rule of corp/payments/checkout loosens the rule of corp: licenses.deny drops AGPL-3.0-only",
+                Box::new(|v| {
+                    v["governance"]["programs"][0]["projects"][0]["rules"]["licenses"]["deny"] =
+                        json!(["GPL-2.0-only"])
+                }),
+            ),
+            (
+                "invalid",
+                "rollout[1].after",
+                Box::new(|v| v["rollout"][1]["after"] = json!("0s")),
+            ),
+            (
+                "invalid",
+                "must be 100",
+                Box::new(|v| v["rollout"][2]["percent"] = json!(90)),
+            ),
+            (
+                "malformed",
+                "unknown field `pct`",
+                Box::new(|v| v["rollout"][0] = json!({"after": "0s", "pct": 1})),
+            ),
+            (
+                "unsupported_format",
+                "format 3",
+                Box::new(|v| v["format"] = json!(3)),
+            ),
+        ];
+        for (code, text, edit) in cases {
+            let e = v2_rejected(edit);
+            assert_eq!(e.code(), code, "{text}: {e}");
+            assert!(
+                e.to_string().contains(text),
+                "error should mention {text:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn format_1_rejects_format_2_fields_and_keeps_its_licence_check() {
+        use serde_json::json;
+        type Edit = Box<dyn FnOnce(&mut serde_json::Value)>;
+        let v2 = || serde_json::from_str::<serde_json::Value>(EXAMPLE_V2).unwrap();
+        let cases: Vec<(&str, Edit)> = vec![
+            (
+                "`exceptions`",
+                Box::new(move |v| v["exceptions"] = v2()["exceptions"].clone()),
+            ),
+            (
+                "`rollout`",
+                Box::new(move |v| v["rollout"] = v2()["rollout"].clone()),
+            ),
+            (
+                "lifecycle object",
+                Box::new(|v| {
+                    v["images"][0]["tags"]["1.25"] = json!({"digest": digest(1).to_string(), "sunset_at": "2026-06-01T00:00:00Z"})
+                }),
+            ),
+            (
+                "`rules`",
+                Box::new(|v| v["governance"]["programs"][0]["rules"] = json!({"min_scanners": 2})),
+            ),
+        ];
+        for (field, edit) in cases {
+            let e = rejected(edit);
+            assert_eq!(e.code(), "malformed", "{e}");
+            assert!(
+                e.to_string().contains(field) && e.to_string().contains("format 2"),
+                "{e}"
+            );
+        }
+        // Format 1 checks licence syntax only, as it always did.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        v["images"][0]["provenance"]["license"] = json!("GPL-2.0 OR Some-Custom-Licence");
+        assert!(parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn trust_file_limits() {
+        let v2 = EXAMPLE_V2.as_bytes();
+        let v1 = EXAMPLE.as_bytes();
+        let limits = |days, floor| trust_2_of_3().with_limits(days, floor).unwrap();
+        let now = time::macros::datetime!(2026-03-02 00:00 UTC);
+        let check = |bytes: &[u8], trust: &Trust| {
+            verify_bundle(bytes, &sign(bytes, &[1, 2]), trust, None, now)
+        };
+        assert!(check(v2, &limits(20, Some(2))).is_ok());
+        let e = check(v2, &limits(19, None)).unwrap_err();
+        assert_eq!(e.code(), "exception_too_long", "{e}");
+        assert!(
+            e.to_string().contains("SEC-1234") && e.to_string().contains("at most 19 days"),
+            "{e}"
+        );
+        let e = check(v2, &limits(30, Some(3))).unwrap_err();
+        assert_eq!(e.code(), "below_trust_floor", "{e}");
+        assert!(
+            e.to_string().contains("min_scanners is 2") && e.to_string().contains("floor of 3"),
+            "{e}"
+        );
+        // Format 1 carries no scan rule: below any floor; without a floor it loads as before.
+        let e = verify_bundle(
+            v1,
+            &sign(v1, &[1, 2]),
+            &limits(30, Some(1)),
+            None,
+            example_now(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "below_trust_floor", "{e}");
+        assert!(e.to_string().contains("format 1"), "{e}");
+        assert!(
+            verify_bundle(v1, &sign(v1, &[1, 2]), &trust_2_of_3(), None, example_now()).is_ok()
+        );
+        // The streaming path applies the same limits.
+        let e = verify_bundle_reader(
+            std::io::Cursor::new(v2),
+            &sign(v2, &[1, 2]),
+            &limits(19, None),
+            None,
+            now,
+            DEFAULT_MAX_BUNDLE_SIZE,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(e.code(), "exception_too_long", "{e}");
+    }
+
+    #[test]
+    fn rollout_waves_open_in_order() {
+        use crate::policy::rollout::{Wave, position, wave};
+        let b = parse_bundle(EXAMPLE_V2.as_bytes()).unwrap();
+        let seed_at = |want: std::ops::Range<u8>| {
+            (0u32..)
+                .map(|i| i.to_be_bytes())
+                .find(|s| want.contains(&position(&b.issuer, s)))
+                .unwrap()
+        };
+        let issued = b.issued_at;
+        let (canary, early, late) = (seed_at(0..1), seed_at(1..10), seed_at(10..100));
+        assert_eq!(wave(&b, &canary, issued), Wave::Open);
+        let hour = issued + time::Duration::hours(1);
+        assert_eq!(wave(&b, &early, issued), Wave::OpensAt(hour));
+        assert_eq!(wave(&b, &early, hour), Wave::Open);
+        let six = issued + time::Duration::hours(6);
+        assert_eq!(wave(&b, &late, hour), Wave::OpensAt(six));
+        assert_eq!(wave(&b, &late, six), Wave::Open);
+        // Stable across versions: the version does not move a node.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        v["version"] = 99.into();
+        let b99 = parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        assert_eq!(wave(&b99, &early, issued), Wave::OpensAt(hour));
+        // No rollout: open to every node.
+        let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        assert_eq!(wave(&f1, &late, f1.issued_at), Wave::Open);
+    }
+
     #[test]
     fn streaming_verification_matches_in_memory_verification() {
         let bytes = example_json().into_bytes();
@@ -1699,7 +2736,7 @@ pub(crate) mod tests {
         assert_eq!(e.code(), "malformed", "{e}");
         let e = stream(&bytes, &SignatureFile::new()).unwrap_err();
         assert_eq!(e.code(), "missing_signature", "{e}");
-        let v2 = example_json().replacen("\"format\": 1", "\"format\": 2, \"new\": 1", 1);
+        let v2 = example_json().replacen("\"format\": 1", "\"format\": 3, \"new\": 1", 1);
         assert_ne!(v2, example_json());
         let e = stream(v2.as_bytes(), &sign(v2.as_bytes(), &[1, 2])).unwrap_err();
         assert_eq!(e.code(), "unsupported_format", "{e}");

@@ -2,8 +2,8 @@
 //!
 //! This module owns [`decide`] and its inputs and outputs ([`ImageRequest`], [`PodContext`],
 //! [`Decision`], [`Verdict`], [`ReasonCode`]). A decision is a value, never an error; it is computed from
-//! the request, an in-memory [`VerifiedBundle`] and the pod's context only (no I/O, no clock, no network:
-//! a tag is resolved from the bundle alone).
+//! the request, an in-memory [`VerifiedBundle`], the pod's context and the time the caller passes (no
+//! I/O, no clock read, no network: a tag is resolved from the bundle alone).
 //!
 //! Rules, in order:
 //! 1. An unparsable reference is denied (`invalid_reference`).
@@ -15,7 +15,15 @@
 //!    repository (`not_in_bundle`), and name an approved tag (`tag_not_approved`) or digest
 //!    (`digest_not_approved`) of an entry whose scope contains the pod's scope (`out_of_scope`). With both
 //!    tag and digest, the digest decides, and an approved tag must not be bound to a different digest.
-//! 5. An allowed public image is pulled from its mirror location, pinned by digest:
+//! 5. An approved image is then judged at `now` (format 2): past its `sunset_at` it is denied
+//!    (`sunset`); against the scan and licence rule of the pod's scope it may be denied
+//!    (`severity_exceeded`, `insufficient_scans`, `license_not_allowed`); past its `deprecated_at` it is
+//!    allowed as `deprecated`. When a digest is approved by several routes (tags, entries), the best
+//!    one available to the pod's scope counts.
+//! 6. Any denial of a mirrored public image is then checked against the bundle's exceptions: a valid
+//!    exception for the digest (or its tag) and the pod's scope allows it (`exception`); an expired one
+//!    turns the denial into `exception_expired`.
+//! 7. An allowed public image is pulled from its mirror location, pinned by digest:
 //!    `registry.corp/approved/library/nginx@sha256:…`.
 //!
 //! When the pod's scope is in `warn` mode a denial becomes [`Verdict::Warn`]: the same reason and message,
@@ -25,8 +33,13 @@ use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
-use super::bundle::{Bundle, ImageEntry, Mirror, VerifiedBundle};
+use time::OffsetDateTime;
+
+use super::bundle::{
+    Bundle, Exception, ImageEntry, Lifecycle, LifecycleState, Mirror, VerifiedBundle, rfc3339,
+};
 use super::reference::{Digest, Reference, path_has_prefix};
+use super::rules::{Rules, Violation};
 use super::scope::{Mode, ScopeId};
 
 /// What is being asked about.
@@ -116,6 +129,20 @@ pub enum ReasonCode {
     PublicRegistryBlocked,
     /// No valid bundle is installed.
     NoValidBundle,
+    /// Allowed: approved, but past its `deprecated_at`.
+    Deprecated,
+    /// Allowed by a valid exception.
+    Exception,
+    /// Past its `sunset_at`.
+    Sunset,
+    /// Fewer distinct scanners than the scope's rule needs.
+    InsufficientScans,
+    /// A scan reports a severity above the scope's maximum.
+    SeverityExceeded,
+    /// The licence expression cannot be satisfied under the scope's licence rule.
+    LicenseNotAllowed,
+    /// Only an expired exception would have allowed it.
+    ExceptionExpired,
 }
 
 impl ReasonCode {
@@ -131,12 +158,25 @@ impl ReasonCode {
             ReasonCode::OutOfScope => "out_of_scope",
             ReasonCode::PublicRegistryBlocked => "public_registry_blocked",
             ReasonCode::NoValidBundle => "no_valid_bundle",
+            ReasonCode::Deprecated => "deprecated",
+            ReasonCode::Exception => "exception",
+            ReasonCode::Sunset => "sunset",
+            ReasonCode::InsufficientScans => "insufficient_scans",
+            ReasonCode::SeverityExceeded => "severity_exceeded",
+            ReasonCode::LicenseNotAllowed => "license_not_allowed",
+            ReasonCode::ExceptionExpired => "exception_expired",
         }
     }
 
     /// True for the codes that deny.
     pub fn is_denial(self) -> bool {
-        !matches!(self, ReasonCode::Approved | ReasonCode::FirstParty)
+        !matches!(
+            self,
+            ReasonCode::Approved
+                | ReasonCode::FirstParty
+                | ReasonCode::Deprecated
+                | ReasonCode::Exception
+        )
     }
 }
 
@@ -155,6 +195,28 @@ pub struct Matched {
     pub scope: Arc<str>,
     /// Whether this is a first-party prefix rather than an image entry.
     pub first_party: bool,
+}
+
+/// The lifecycle of the approval a decision used (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleInfo {
+    /// The tag whose lifecycle it is (none for a bare digest).
+    pub tag: Option<Box<str>>,
+    /// The approved digest.
+    pub digest: Digest,
+    /// Dates and replacement.
+    pub lifecycle: Lifecycle,
+    /// The state at the decision's time.
+    pub state: LifecycleState,
+}
+
+/// The exception a decision used (format 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExceptionInfo {
+    /// The exception.
+    pub exception: Exception,
+    /// Whether it had expired at the decision's time.
+    pub expired: bool,
 }
 
 /// A decision.
@@ -181,6 +243,13 @@ pub struct Decision {
     pub matched: Option<Matched>,
     /// The pod's scope.
     pub pod_scope: Option<Arc<str>>,
+    /// The lifecycle of the approval used, when it has one (format 2).
+    pub lifecycle: Option<LifecycleInfo>,
+    /// The exception used, for `exception` and `exception_expired`.
+    pub exception: Option<ExceptionInfo>,
+    /// When an allowed decision may change by time alone (a deprecation, sunset or exception expiry
+    /// ahead); `None` when it cannot. Caches of decisions must not outlive it.
+    pub valid_until: Option<OffsetDateTime>,
 }
 
 impl Decision {
@@ -190,9 +259,10 @@ impl Decision {
     }
 
     /// The decision as one JSON object (keys `decision`, `reason`, `message`, `image`, `normalized`,
-    /// `pull_ref`, `digest`, `bundle_version`, `matched`, `pod_scope`).
+    /// `pull_ref`, `digest`, `bundle_version`, `matched`, `pod_scope`, and `lifecycle` and `exception`
+    /// when they apply).
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "decision": self.verdict.as_str(),
             "reason": self.reason.as_str(),
             "message": self.message,
@@ -205,21 +275,55 @@ impl Decision {
                 "source": &*m.source, "scope": &*m.scope, "first_party": m.first_party,
             })),
             "pod_scope": self.pod_scope.as_deref(),
-        })
+        });
+        if let Some(l) = &self.lifecycle {
+            v["lifecycle"] = serde_json::json!({
+                "tag": l.tag.as_deref(),
+                "digest": l.digest.to_string(),
+                "deprecated_at": l.lifecycle.deprecated_at.map(rfc3339),
+                "sunset_at": l.lifecycle.sunset_at.map(rfc3339),
+                "replacement": l.lifecycle.replacement.as_deref(),
+                "state": l.state.as_str(),
+            });
+        }
+        if let Some(x) = &self.exception {
+            let e = &x.exception;
+            v["exception"] = serde_json::json!({
+                "source": &*e.source,
+                "digest": e.digest.to_string(),
+                "tag": e.tag.as_deref(),
+                "scope": &*e.scope_path,
+                "expires_at": rfc3339(e.expires_at),
+                "ticket": e.ticket,
+                "reason": e.reason,
+                "approved_by": e.approved_by,
+                "expired": x.expired,
+            });
+        }
+        v
     }
 }
 
-/// Decides `request` for `pod` against `bundle`.
-pub fn decide(request: &ImageRequest<'_>, bundle: &VerifiedBundle, pod: &PodContext) -> Decision {
+/// Decides `request` for `pod` against `bundle` at time `now` (lifecycles and exceptions are judged
+/// at `now`; nothing reads a clock).
+pub fn decide(
+    request: &ImageRequest<'_>,
+    bundle: &VerifiedBundle,
+    pod: &PodContext,
+    now: OffsetDateTime,
+) -> Decision {
     let b: &Bundle = bundle;
     let scopes = b.scopes();
     let pod_scope = scopes.pod_scope(pod.namespace.as_deref(), |k| {
         pod.labels.get(k).map(String::as_str)
     });
+    let node = scopes.node(pod_scope);
     let ctx = Ctx {
         b,
         pod_scope,
-        mode: scopes.node(pod_scope).mode,
+        mode: node.mode,
+        rules: node.rules.as_deref(),
+        now,
     };
     match request {
         ImageRequest::Reference(image) => match Reference::parse(image) {
@@ -259,7 +363,20 @@ pub fn decide_without_bundle(request: &ImageRequest<'_>, why: Option<&str>) -> D
         bundle_version: None,
         matched: None,
         pod_scope: None,
+        lifecycle: None,
+        exception: None,
+        valid_until: None,
     }
+}
+
+/// What an allowed decision says besides the match: lifecycle, exception, and the note for the message.
+#[derive(Default)]
+struct Extra {
+    lifecycle: Option<LifecycleInfo>,
+    exception: Option<ExceptionInfo>,
+    valid_until: Option<OffsetDateTime>,
+    /// Said in the message after "allowed".
+    note: Option<String>,
 }
 
 enum Outcome {
@@ -268,26 +385,58 @@ enum Outcome {
         pull_ref: String,
         digest: Option<Digest>,
         matched: Matched,
+        extra: Box<Extra>,
     },
     Deny {
         reason: ReasonCode,
         message: String,
+        extra: Option<Box<Extra>>,
     },
 }
 
+impl Outcome {
+    fn deny(reason: ReasonCode, message: String) -> Outcome {
+        Outcome::Deny {
+            reason,
+            message,
+            extra: None,
+        }
+    }
+
+    /// Preference among the outcomes of several routes to the same image: allowed before denied,
+    /// approved before deprecated, a rule denial before a sunset.
+    fn rank(&self) -> u8 {
+        match self {
+            Outcome::Allow {
+                reason: ReasonCode::Deprecated,
+                ..
+            } => 1,
+            Outcome::Allow { .. } => 0,
+            Outcome::Deny {
+                reason: ReasonCode::Sunset,
+                ..
+            } => 3,
+            Outcome::Deny { .. } => 2,
+        }
+    }
+}
+
 fn invalid(image: &str, why: &str, version: u64) -> Outcome {
-    Outcome::Deny {
-        reason: ReasonCode::InvalidReference,
-        message: format!(
+    Outcome::deny(
+        ReasonCode::InvalidReference,
+        format!(
             "image \"{image}\" denied: it is not a valid image reference ({why}); fix the image in the pod spec (bundle v{version})"
         ),
-    }
+    )
 }
 
 struct Ctx<'b> {
     b: &'b Bundle,
     pod_scope: ScopeId,
     mode: Mode,
+    /// The scan and licence rule of the pod's scope (format 2).
+    rules: Option<&'b Rules>,
+    now: OffsetDateTime,
 }
 
 impl Ctx<'_> {
@@ -308,59 +457,73 @@ impl Ctx<'_> {
             Some(mirror) => self.evaluate_source(r, r.name(), mirror),
             None => {
                 let sources: Vec<String> = b.mirrors().iter().map(Mirror::source).collect();
-                Outcome::Deny {
-                    reason: ReasonCode::PublicRegistryBlocked,
-                    message: format!(
+                Outcome::deny(
+                    ReasonCode::PublicRegistryBlocked,
+                    format!(
                         "image {r} denied: {domain}/{path} is not from an approved source; this node pulls only from {} (mirrors of {}) and first-party prefixes (bundle v{}); ask the platform team to mirror and approve the image",
                         b.private_registry,
                         sources.join(", "),
                         b.version
                     ),
-                }
+                )
             }
         }
     }
 
+    /// The mirror location of `digest` of `source`, pinned by digest.
+    fn mirror_ref(&self, source: &str, mirror: &Mirror, digest: &Digest) -> String {
+        let b = self.b;
+        let source_path = &source[mirror.source_domain.len() + 1..];
+        let mut pull_ref = String::with_capacity(b.private_registry.len() + source.len() + 90);
+        let _ = write!(
+            pull_ref,
+            "{}/{}@{digest}",
+            b.private_registry,
+            b.mirror_path(mirror, source_path)
+        );
+        pull_ref
+    }
+
+    /// A mirrored public image: the approvals in `images`, then the exceptions if they deny.
     fn evaluate_source(&self, r: &Reference, source: &str, mirror: &Mirror) -> Outcome {
+        let o = self.evaluate_approvals(r, source, mirror);
+        match o {
+            Outcome::Deny { .. } if !self.b.exceptions_for(source).is_empty() => {
+                self.evaluate_exceptions(r, source, mirror, o)
+            }
+            o => o,
+        }
+    }
+
+    fn evaluate_approvals(&self, r: &Reference, source: &str, mirror: &Mirror) -> Outcome {
         let b = self.b;
         let entries = b.entries(source);
         let version = b.version;
         if entries.is_empty() {
-            return Outcome::Deny {
-                reason: ReasonCode::NotInBundle,
-                message: format!(
+            return Outcome::deny(
+                ReasonCode::NotInBundle,
+                format!(
                     "image {r} denied: repository {source} is not approved in allowlist bundle v{version}; use an approved image or ask the platform team to approve it"
                 ),
-            };
+            );
         }
         let scopes = b.scopes();
         let in_scope = |e: &&ImageEntry| scopes.contains(e.scope(), self.pod_scope);
-        let allow = |e: &ImageEntry, digest: &Digest| {
-            let source_path = &source[mirror.source_domain.len() + 1..];
-            let mut pull_ref = String::with_capacity(b.private_registry.len() + source.len() + 90);
-            let _ = write!(
-                pull_ref,
-                "{}/{}@{digest}",
-                b.private_registry,
-                b.mirror_path(mirror, source_path)
-            );
-            Outcome::Allow {
-                reason: ReasonCode::Approved,
-                pull_ref,
-                digest: Some(digest.clone()),
-                matched: Matched {
-                    source: e.source_arc(),
-                    scope: e.scope_path().clone(),
-                    first_party: false,
-                },
-            }
-        };
         if let Some(digest) = r.digest() {
-            if let Some(e) = entries
+            let mut best: Option<Outcome> = None;
+            for e in entries
                 .iter()
                 .filter(in_scope)
-                .find(|e| e.has_digest(digest))
+                .filter(|e| e.has_digest(digest))
             {
+                for (tag, life) in e.routes(digest) {
+                    let o = self.judge(r, source, mirror, e, digest, tag, life);
+                    if best.as_ref().is_none_or(|b| o.rank() < b.rank()) {
+                        best = Some(o);
+                    }
+                }
+            }
+            if let Some(best) = best {
                 let bound = r.tag().and_then(|tag| {
                     entries
                         .iter()
@@ -369,43 +532,235 @@ impl Ctx<'_> {
                         .map(|d| (tag, d))
                 });
                 if let Some((tag, bound)) = bound.filter(|(_, d)| *d != digest) {
-                    return Outcome::Deny {
-                        reason: ReasonCode::DigestNotApproved,
-                        message: format!(
+                    return Outcome::deny(
+                        ReasonCode::DigestNotApproved,
+                        format!(
                             "image {r} denied: tag {tag} of {source} is approved as {bound} in bundle v{version}, but the reference pins {digest}; use {source}:{tag} or {source}@{bound}"
                         ),
-                    };
+                    );
                 }
-                return allow(e, digest);
+                return best;
             }
             if let Some(e) = entries.iter().find(|e| e.has_digest(digest)) {
                 return self.out_of_scope(r, source, e, entries);
             }
-            return Outcome::Deny {
-                reason: ReasonCode::DigestNotApproved,
-                message: format!(
+            return Outcome::deny(
+                ReasonCode::DigestNotApproved,
+                format!(
                     "image {r} denied: digest {digest} of {source} is not approved in bundle v{version}; {}",
                     self.approved_tags_hint(source, entries)
                 ),
-            };
+            );
         }
         let tag = r.tag().unwrap_or(super::reference::DEFAULT_TAG);
-        if let Some((e, d)) = entries
-            .iter()
-            .filter(in_scope)
-            .find_map(|e| e.tag(tag).map(|d| (e, d)))
-        {
-            return allow(e, d);
+        let mut best: Option<Outcome> = None;
+        for e in entries.iter().filter(in_scope) {
+            if let Some(d) = e.tag(tag) {
+                let o = self.judge(r, source, mirror, e, d, Some(tag), e.tag_lifecycle(tag));
+                if best.as_ref().is_none_or(|b| o.rank() < b.rank()) {
+                    best = Some(o);
+                }
+            }
+        }
+        if let Some(best) = best {
+            return best;
         }
         if let Some(e) = entries.iter().find(|e| e.tag(tag).is_some()) {
             return self.out_of_scope(r, source, e, entries);
         }
-        Outcome::Deny {
-            reason: ReasonCode::TagNotApproved,
-            message: format!(
+        Outcome::deny(
+            ReasonCode::TagNotApproved,
+            format!(
                 "image {r} denied: tag {tag} of {source} is not approved in bundle v{version}; {}",
                 self.approved_tags_hint(source, entries)
             ),
+        )
+    }
+
+    /// One route to an approved image (entry `e` approves `digest`, through `tag` if any, with
+    /// lifecycle `life` if any), judged at `now`: sunset, then the scope's rules, then deprecation.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &self,
+        r: &Reference,
+        source: &str,
+        mirror: &Mirror,
+        e: &ImageEntry,
+        digest: &Digest,
+        tag: Option<&str>,
+        life: Option<&Lifecycle>,
+    ) -> Outcome {
+        let version = self.b.version;
+        let state = life.map_or(LifecycleState::Active, |l| l.state(self.now));
+        let info = life.map(|l| LifecycleInfo {
+            tag: tag.map(Into::into),
+            digest: digest.clone(),
+            lifecycle: l.clone(),
+            state,
+        });
+        let what = match tag {
+            Some(t) => format!("{source}:{t}"),
+            None => format!("{source}@{digest}"),
+        };
+        let replacement = |l: &Lifecycle| match &l.replacement {
+            Some(rep) => format!("use {source}:{rep} instead"),
+            None => "no replacement is named; ask the platform team which image to use".into(),
+        };
+        if state == LifecycleState::Sunset {
+            let l = life.expect("a sunset state comes from a lifecycle");
+            return Outcome::Deny {
+                reason: ReasonCode::Sunset,
+                message: format!(
+                    "image {r} denied: {what} reached its sunset at {} (bundle v{version}); {}",
+                    l.sunset_at.map(rfc3339).unwrap_or_default(),
+                    replacement(l)
+                ),
+                extra: Some(Box::new(Extra {
+                    lifecycle: info,
+                    ..Extra::default()
+                })),
+            };
+        }
+        if let Some(rules) = self.rules {
+            let license = self.b.license_expression(&e.provenance().license);
+            if let Err(v) = rules.check(e.provenance(), license) {
+                let (reason, todo) = match &v {
+                    Violation::Severity { .. } => (
+                        ReasonCode::SeverityExceeded,
+                        "use a fixed image or ask the platform team for an exception",
+                    ),
+                    Violation::Scanners { .. } => (
+                        ReasonCode::InsufficientScans,
+                        "ask the platform team to have it scanned by more scanners",
+                    ),
+                    Violation::License { .. } => (
+                        ReasonCode::LicenseNotAllowed,
+                        "use an image under an allowed licence or ask the platform team for an exception",
+                    ),
+                };
+                return Outcome::Deny {
+                    reason,
+                    message: format!(
+                        "image {r} denied: {what} does not meet the rules of scope {}: {v} (bundle v{version}); {todo}",
+                        self.scope_name()
+                    ),
+                    extra: Some(Box::new(Extra {
+                        lifecycle: info,
+                        ..Extra::default()
+                    })),
+                };
+            }
+        }
+        let (reason, note) = match (state, life) {
+            (LifecycleState::Deprecated, Some(l)) => (
+                ReasonCode::Deprecated,
+                Some(format!(
+                    "DEPRECATED since {}{}; {}",
+                    l.deprecated_at.map(rfc3339).unwrap_or_default(),
+                    l.sunset_at
+                        .map(|t| format!(", denied from its sunset at {}", rfc3339(t)))
+                        .unwrap_or_default(),
+                    replacement(l)
+                )),
+            ),
+            _ => (ReasonCode::Approved, None),
+        };
+        Outcome::Allow {
+            reason,
+            pull_ref: self.mirror_ref(source, mirror, digest),
+            digest: Some(digest.clone()),
+            matched: Matched {
+                source: e.source_arc(),
+                scope: e.scope_path().clone(),
+                first_party: false,
+            },
+            extra: Box::new(Extra {
+                valid_until: life.and_then(|l| l.next_change(self.now)),
+                lifecycle: info,
+                exception: None,
+                note,
+            }),
+        }
+    }
+
+    /// `denied` is the regular decision; an exception for the digest (or the tag) and the pod's scope
+    /// replaces it: allowed while valid, `exception_expired` after.
+    fn evaluate_exceptions(
+        &self,
+        r: &Reference,
+        source: &str,
+        mirror: &Mirror,
+        denied: Outcome,
+    ) -> Outcome {
+        let scopes = self.b.scopes();
+        let tag = r.tag().unwrap_or(super::reference::DEFAULT_TAG);
+        // The digest asked for: pinned, or what `images` bind the tag to (a tag means one digest).
+        let resolved = r
+            .digest()
+            .or_else(|| self.b.entries(source).iter().find_map(|e| e.tag(tag)));
+        let matching = || {
+            self.b
+                .exceptions_for(source)
+                .iter()
+                .filter(|x| {
+                    resolved == Some(&x.digest)
+                        || (r.digest().is_none() && x.tag.as_deref() == Some(tag))
+                })
+                .filter(|x| scopes.contains(x.scope, self.pod_scope))
+        };
+        let now = self.now;
+        if let Some(x) = matching()
+            .filter(|x| now < x.expires_at)
+            .max_by_key(|x| x.expires_at)
+        {
+            return Outcome::Allow {
+                reason: ReasonCode::Exception,
+                pull_ref: self.mirror_ref(source, mirror, &x.digest),
+                digest: Some(x.digest.clone()),
+                matched: Matched {
+                    source: x.source.clone(),
+                    scope: x.scope_path.clone(),
+                    first_party: false,
+                },
+                extra: Box::new(Extra {
+                    exception: Some(ExceptionInfo {
+                        exception: x.clone(),
+                        expired: false,
+                    }),
+                    valid_until: Some(x.expires_at),
+                    lifecycle: None,
+                    note: Some(format!(
+                        "by EXCEPTION {} (approved by {} for scope {}: {}), valid until {}",
+                        x.ticket,
+                        x.approved_by,
+                        x.scope_path,
+                        x.reason,
+                        rfc3339(x.expires_at)
+                    )),
+                }),
+            };
+        }
+        let Some(x) = matching().max_by_key(|x| x.expires_at) else {
+            return denied;
+        };
+        let Outcome::Deny { message, extra, .. } = denied else {
+            return denied;
+        };
+        let mut extra = extra.unwrap_or_default();
+        extra.exception = Some(ExceptionInfo {
+            exception: x.clone(),
+            expired: true,
+        });
+        Outcome::Deny {
+            reason: ReasonCode::ExceptionExpired,
+            message: format!(
+                "image {r} denied: exception {} for it (scope {}, approved by {}) expired at {}; renew the exception or fix what it covered: {message}",
+                x.ticket,
+                x.scope_path,
+                x.approved_by,
+                rfc3339(x.expires_at)
+            ),
+            extra: Some(extra),
         }
     }
 
@@ -464,16 +819,16 @@ impl Ctx<'_> {
                 .map(|x| &**x.scope_path())
                 .filter(|s| *s != &**e.scope_path()),
         );
-        Outcome::Deny {
-            reason: ReasonCode::OutOfScope,
-            message: format!(
+        Outcome::deny(
+            ReasonCode::OutOfScope,
+            format!(
                 "image {r} denied: {source} is approved in bundle v{} only for scope {}, and this pod is in scope {}; {}",
                 self.b.version,
                 scopes.join(", "),
                 self.scope_name(),
                 self.approved_tags_hint(source, entries)
             ),
-        }
+        )
     }
 
     fn evaluate_first_party(&self, r: &Reference) -> Outcome {
@@ -491,14 +846,14 @@ impl Ctx<'_> {
                 .iter()
                 .map(|m| format!("{}/{}/", b.private_registry, m.target_path))
                 .collect();
-            return Outcome::Deny {
-                reason: ReasonCode::NotInBundle,
-                message: format!(
+            return Outcome::deny(
+                ReasonCode::NotInBundle,
+                format!(
                     "image {r} denied: {} is neither under a mirror location ({}) nor under a first-party prefix in bundle v{version}; push it under your team's first-party prefix or ask the platform team to add one",
                     r.name(),
                     targets.join(", ")
                 ),
-            };
+            );
         }
         let scopes = b.scopes();
         let in_scope: Vec<_> = matching
@@ -507,16 +862,16 @@ impl Ctx<'_> {
             .collect();
         if in_scope.is_empty() {
             let names: Vec<&str> = matching.iter().map(|fp| &*fp.scope_path).collect();
-            return Outcome::Deny {
-                reason: ReasonCode::OutOfScope,
-                message: format!(
+            return Outcome::deny(
+                ReasonCode::OutOfScope,
+                format!(
                     "image {r} denied: first-party prefix {}/{} may be used only by scope {} (bundle v{version}), and this pod is in scope {}; use your own team's prefix",
                     b.private_registry,
                     matching[0].path,
                     names.join(", "),
                     self.scope_name()
                 ),
-            };
+            );
         }
         let fp = in_scope
             .iter()
@@ -533,22 +888,24 @@ impl Ctx<'_> {
                 pull_ref: r.with_digest_only(d.clone()).to_string(),
                 digest: Some(d.clone()),
                 matched,
+                extra: Box::default(),
             },
             None if !fp.require_digest => Outcome::Allow {
                 reason: ReasonCode::FirstParty,
                 pull_ref: r.to_string(),
                 digest: None,
                 matched,
+                extra: Box::default(),
             },
-            None => Outcome::Deny {
-                reason: ReasonCode::TagNotApproved,
-                message: format!(
+            None => Outcome::deny(
+                ReasonCode::TagNotApproved,
+                format!(
                     "image {r} denied: first-party prefix {}/{} requires a digest-pinned reference (bundle v{version}); use {}@sha256:<digest>",
                     b.private_registry,
                     fp.path,
                     r.name()
                 ),
-            },
+            ),
         }
     }
 
@@ -562,14 +919,23 @@ impl Ctx<'_> {
                 pull_ref,
                 digest,
                 matched,
+                extra,
             } => {
-                let message = format!(
-                    "image {} allowed: approved for scope {} (matched {} in bundle v{}); pulling {pull_ref}",
-                    normalized.as_deref().unwrap_or(image),
-                    matched.scope,
-                    matched.source,
-                    b.version
-                );
+                let image_name = normalized.as_deref().unwrap_or(image);
+                let message = match &extra.note {
+                    Some(note) if reason == ReasonCode::Exception => format!(
+                        "image {image_name} allowed {note} (bundle v{}); pulling {pull_ref}",
+                        b.version
+                    ),
+                    Some(note) => format!(
+                        "image {image_name} allowed but {note}: approved for scope {} (matched {} in bundle v{}); pulling {pull_ref}",
+                        matched.scope, matched.source, b.version
+                    ),
+                    None => format!(
+                        "image {image_name} allowed: approved for scope {} (matched {} in bundle v{}); pulling {pull_ref}",
+                        matched.scope, matched.source, b.version
+                    ),
+                };
                 Decision {
                     verdict: Verdict::Allow,
                     reason,
@@ -581,9 +947,17 @@ impl Ctx<'_> {
                     bundle_version: Some(b.version),
                     matched: Some(matched),
                     pod_scope,
+                    lifecycle: extra.lifecycle,
+                    exception: extra.exception,
+                    valid_until: extra.valid_until,
                 }
             }
-            Outcome::Deny { reason, message } => {
+            Outcome::Deny {
+                reason,
+                message,
+                extra,
+            } => {
+                let extra = extra.map(|e| *e).unwrap_or_default();
                 let warn = self.mode == Mode::Warn;
                 let message = if warn {
                     format!(
@@ -608,13 +982,18 @@ impl Ctx<'_> {
                     bundle_version: Some(b.version),
                     matched: None,
                     pod_scope,
+                    lifecycle: extra.lifecycle,
+                    exception: extra.exception,
+                    valid_until: None,
                 }
             }
         }
     }
 
     fn decide_present(&self, image: &str, repo_digests: &[String]) -> Decision {
-        let mut first: Option<(Reference, Outcome)> = None;
+        // The best outcome over the image's repo digests (an image can be approved under one name and
+        // deprecated, or only excepted, under another).
+        let mut best: Option<(Reference, Outcome)> = None;
         for rd in repo_digests {
             let Ok(r) = Reference::parse(rd) else {
                 continue;
@@ -623,14 +1002,14 @@ impl Ctx<'_> {
                 continue;
             }
             let o = self.evaluate(&r);
-            if matches!(o, Outcome::Allow { .. }) {
+            if o.rank() == 0 && matches!(o, Outcome::Allow { .. }) {
                 return self.finish(image, Some(&r), o);
             }
-            if first.is_none() {
-                first = Some((r, o));
+            if best.as_ref().is_none_or(|(_, b)| o.rank() < b.rank()) {
+                best = Some((r, o));
             }
         }
-        if let Some((r, o)) = first {
+        if let Some((r, o)) = best {
             return self.finish(image, Some(&r), o);
         }
         // No usable repo digest. The image's name is not evidence of its content (anyone with access
@@ -638,13 +1017,13 @@ impl Ctx<'_> {
         self.finish(
             image,
             None,
-            Outcome::Deny {
-                reason: ReasonCode::DigestNotApproved,
-                message: format!(
+            Outcome::deny(
+                ReasonCode::DigestNotApproved,
+                format!(
                     "image {image} denied: the node's image store has no verifiable repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
                     self.b.version
                 ),
-            },
+            ),
         )
     }
 }
@@ -948,7 +1327,7 @@ mod tests {
             ),
         ];
         for (image, pod, verdict, reason, pull) in cases {
-            let got = decide(&ImageRequest::Reference(&image), &b, pod);
+            let got = decide(&ImageRequest::Reference(&image), &b, pod, example_now());
             assert_eq!(
                 (got.verdict, got.reason),
                 (verdict, reason),
@@ -970,16 +1349,31 @@ mod tests {
     fn messages_explain_what_to_do() {
         let b = example_bundle();
         let checkout = pod(Some("checkout"), None);
-        let m = decide(&ImageRequest::Reference("nginx:1.27"), &b, &checkout);
+        let m = decide(
+            &ImageRequest::Reference("nginx:1.27"),
+            &b,
+            &checkout,
+            example_now(),
+        );
         assert!(
             m.message.contains("docker.io/library/nginx:1.27"),
             "{}",
             m.message
         );
         assert!(m.message.contains("tags 1.25, 1.26"), "{}", m.message);
-        let m = decide(&ImageRequest::Reference("busybox"), &b, &checkout);
+        let m = decide(
+            &ImageRequest::Reference("busybox"),
+            &b,
+            &checkout,
+            example_now(),
+        );
         assert!(m.message.contains("1 pinned digest"), "{}", m.message);
-        let m = decide(&ImageRequest::Reference("redis:7.2"), &b, &checkout);
+        let m = decide(
+            &ImageRequest::Reference("redis:7.2"),
+            &b,
+            &checkout,
+            example_now(),
+        );
         assert!(
             m.message.contains("corp/payments/checkout/web"),
             "{}",
@@ -990,7 +1384,12 @@ mod tests {
             "{}",
             m.message
         );
-        let m = decide(&ImageRequest::Reference("quay.io/x/y:1"), &b, &checkout);
+        let m = decide(
+            &ImageRequest::Reference("quay.io/x/y:1"),
+            &b,
+            &checkout,
+            example_now(),
+        );
         assert!(
             m.message.contains("registry.corp") && m.message.contains("docker.io"),
             "{}",
@@ -1000,6 +1399,7 @@ mod tests {
             &ImageRequest::Reference("nginx:1.27"),
             &b,
             &pod(Some("ledger"), None),
+            example_now(),
         );
         assert!(m.message.starts_with("WARNING"), "{}", m.message);
         let j = m.to_json();
@@ -1021,6 +1421,7 @@ mod tests {
                 },
                 &b,
                 &checkout,
+                example_now(),
             )
         };
         let ok = decide_rd(&[format!("registry.corp/approved/library/busybox@{}", d(8))]);
@@ -1054,6 +1455,7 @@ mod tests {
             },
             &b,
             &checkout,
+            example_now(),
         );
         assert_eq!(
             (named.verdict, named.reason),
@@ -1074,6 +1476,437 @@ mod tests {
         assert_eq!(d.to_json()["reason"], "no_valid_bundle");
     }
 
+    mod format_2 {
+        use super::*;
+        use serde_json::json;
+        use time::macros::datetime;
+
+        fn at(b: &VerifiedBundle, image: &str, pod: &PodContext, now: OffsetDateTime) -> Decision {
+            decide(&ImageRequest::Reference(image), b, pod, now)
+        }
+
+        fn code(d: &Decision) -> (Verdict, ReasonCode) {
+            (d.verdict, d.reason)
+        }
+
+        #[test]
+        fn lifecycle_over_time() {
+            let b = v2_bundle_with(|_| {});
+            let checkout = pod(Some("checkout"), None);
+            let before = at(&b, "nginx:1.25", &checkout, v2_now());
+            assert_eq!(
+                code(&before),
+                (Verdict::Allow, ReasonCode::Approved),
+                "{}",
+                before.message
+            );
+            let l = before
+                .lifecycle
+                .as_ref()
+                .expect("the lifecycle is reported before it bites");
+            assert_eq!(l.state, LifecycleState::Active);
+            assert_eq!(before.valid_until, Some(datetime!(2026-04-01 00:00 UTC)));
+            // Just before and at deprecated_at.
+            let d = at(
+                &b,
+                "nginx:1.25",
+                &checkout,
+                datetime!(2026-03-31 23:59:59 UTC),
+            );
+            assert_eq!(d.reason, ReasonCode::Approved);
+            let d = at(&b, "nginx:1.25", &checkout, datetime!(2026-04-01 00:00 UTC));
+            assert_eq!(
+                code(&d),
+                (Verdict::Allow, ReasonCode::Deprecated),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("docker.io/library/nginx:1.26"),
+                "{}",
+                d.message
+            );
+            assert!(d.message.contains("2026-06-01T00:00:00Z"), "{}", d.message);
+            assert_eq!(
+                d.pull_ref.as_deref(),
+                Some(format!("registry.corp/approved/library/nginx@{}", super::d(1)).as_str())
+            );
+            assert_eq!(d.valid_until, Some(datetime!(2026-06-01 00:00 UTC)));
+            // At sunset_at: denied, naming the replacement and the date, by tag and by digest.
+            for image in ["nginx:1.25".to_string(), format!("nginx@{}", super::d(1))] {
+                let d = at(&b, &image, &checkout, datetime!(2026-06-01 00:00 UTC));
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Deny, ReasonCode::Sunset),
+                    "{image}: {}",
+                    d.message
+                );
+                assert!(
+                    d.message.contains("nginx:1.26") && d.message.contains("2026-06-01T00:00:00Z"),
+                    "{}",
+                    d.message
+                );
+                assert_eq!(d.lifecycle.as_ref().unwrap().state, LifecycleState::Sunset);
+            }
+            // 1.26 has no lifecycle and is unaffected.
+            let d = at(&b, "nginx:1.26", &checkout, datetime!(2026-07-01 00:00 UTC));
+            assert_eq!(code(&d), (Verdict::Allow, ReasonCode::Approved));
+            assert!(d.lifecycle.is_none() && d.valid_until.is_none());
+            // A bare digest with only a sunset.
+            let web = pod(Some("checkout"), Some("web"));
+            let redis5 = format!("redis@{}", super::d(5));
+            assert_eq!(
+                at(&b, &redis5, &web, datetime!(2026-04-30 23:00 UTC)).reason,
+                ReasonCode::Approved
+            );
+            let d = at(&b, &redis5, &web, datetime!(2026-05-01 00:00 UTC));
+            assert_eq!(code(&d), (Verdict::Deny, ReasonCode::Sunset));
+            assert!(
+                d.message.contains("docker.io/library/redis:7.2"),
+                "{}",
+                d.message
+            );
+            // JSON keeps its keys and adds lifecycle.
+            let j = at(&b, "nginx:1.25", &checkout, datetime!(2026-04-02 00:00 UTC)).to_json();
+            assert_eq!(j["reason"], "deprecated");
+            assert_eq!(j["lifecycle"]["state"], "deprecated");
+            assert_eq!(j["lifecycle"]["replacement"], "1.26");
+            assert_eq!(j["lifecycle"]["sunset_at"], "2026-06-01T00:00:00Z");
+            assert!(j.get("exception").is_none());
+            for key in [
+                "decision",
+                "message",
+                "image",
+                "normalized",
+                "pull_ref",
+                "digest",
+                "bundle_version",
+                "matched",
+                "pod_scope",
+            ] {
+                assert!(j.get(key).is_some(), "{key}");
+            }
+        }
+
+        #[test]
+        fn the_best_route_to_the_same_content_counts() {
+            // 1.25.3 is the same content as the retiring 1.25: still approved by digest and by 1.25.3.
+            let b = v2_bundle_with(|v| {
+                v["images"][0]["tags"]["1.25.3"] = json!(digest(1).to_string());
+            });
+            let checkout = pod(Some("checkout"), None);
+            let late = datetime!(2026-07-01 00:00 UTC);
+            assert_eq!(
+                at(&b, "nginx:1.25", &checkout, late).reason,
+                ReasonCode::Sunset
+            );
+            assert_eq!(
+                at(&b, "nginx:1.25.3", &checkout, late).reason,
+                ReasonCode::Approved
+            );
+            let by_digest = at(&b, &format!("nginx@{}", super::d(1)), &checkout, late);
+            assert_eq!(
+                by_digest.reason,
+                ReasonCode::Approved,
+                "{}",
+                by_digest.message
+            );
+            let started = decide(
+                &ImageRequest::RepoDigests {
+                    image: "sha256:feed",
+                    repo_digests: &[format!(
+                        "registry.corp/approved/library/nginx@{}",
+                        super::d(1)
+                    )],
+                },
+                &b,
+                &checkout,
+                late,
+            );
+            assert_eq!(started.reason, ReasonCode::Approved, "{}", started.message);
+        }
+
+        #[test]
+        fn rules_of_the_pods_scope_apply() {
+            let b = v2_bundle_with(|_| {});
+            let (corp, checkout, web, ledger) = (
+                PodContext::default(),
+                pod(Some("checkout"), None),
+                pod(Some("checkout"), Some("web")),
+                pod(Some("ledger"), None),
+            );
+            let now = v2_now();
+            let busybox = format!("busybox@{}", super::d(8));
+            assert_eq!(
+                code(&at(&b, &busybox, &corp, now)),
+                (Verdict::Allow, ReasonCode::Approved)
+            );
+            // The project denies GPL-2.0-only, which the organisation allows; its applications too.
+            for p in [&checkout, &web] {
+                let d = at(&b, &busybox, p, now);
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Deny, ReasonCode::LicenseNotAllowed),
+                    "{}",
+                    d.message
+                );
+                assert!(
+                    d.message.contains("GPL-2.0-only")
+                        && d.message.contains("corp/payments/checkout"),
+                    "{}",
+                    d.message
+                );
+            }
+            // The program's max_severity (medium) refuses postgres (trivy: high).
+            let d = at(&b, "postgres:16", &checkout, now);
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::SeverityExceeded),
+                "{}",
+                d.message
+            );
+            for want in ["trivy", "high", "medium", "corp/payments"] {
+                assert!(d.message.contains(want), "{want}: {}", d.message);
+            }
+            // The ledger project needs 3 scanners (and is in warn mode).
+            let d = at(&b, "nginx:1.26", &ledger, now);
+            assert_eq!(
+                code(&d),
+                (Verdict::Warn, ReasonCode::InsufficientScans),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("2 distinct scanner(s) (trivy, grype)")
+                    && d.message.contains("requires 3"),
+                "{}",
+                d.message
+            );
+            // Rules are checked on present images (container starts) too.
+            let d = decide(
+                &ImageRequest::RepoDigests {
+                    image: "busybox",
+                    repo_digests: &[format!(
+                        "registry.corp/approved/library/busybox@{}",
+                        super::d(8)
+                    )],
+                },
+                &b,
+                &checkout,
+                now,
+            );
+            assert_eq!(d.reason, ReasonCode::LicenseNotAllowed);
+        }
+
+        #[test]
+        fn every_rule_at_every_level() {
+            // (where the rule is written, the rule, the pod that feels it, one that does not)
+            type At = fn(&mut serde_json::Value) -> &mut serde_json::Value;
+            let levels: [(&str, At, Option<&str>, Option<&str>); 3] = [
+                ("corp", |v| &mut v["governance"], Some("checkout"), None),
+                (
+                    "corp/payments",
+                    |v| &mut v["governance"]["programs"][0],
+                    Some("checkout"),
+                    Some("search-index"),
+                ),
+                (
+                    "corp/payments/checkout",
+                    |v| &mut v["governance"]["programs"][0]["projects"][0],
+                    Some("checkout"),
+                    Some("search-index"),
+                ),
+            ];
+            let rules = [
+                (json!({"min_scanners": 3}), ReasonCode::InsufficientScans),
+                (json!({"max_severity": "low"}), ReasonCode::SeverityExceeded),
+                (
+                    json!({"licenses": {"allow": ["MIT", "Apache-2.0"]}}),
+                    ReasonCode::LicenseNotAllowed,
+                ),
+            ];
+            for (level, place, feels, spared) in levels {
+                for (rule, reason) in &rules {
+                    let b = v2_bundle_with(|v| {
+                        let target = place(v);
+                        // Keep what the level already says, except the fields written here.
+                        let mut merged = target["rules"].as_object().cloned().unwrap_or_default();
+                        if let Some(l) = rule.get("licenses") {
+                            let mut lic = merged.get("licenses").cloned().unwrap_or(json!({}));
+                            lic["allow"] = l["allow"].clone();
+                            merged.insert("licenses".into(), lic);
+                        } else {
+                            for (k, x) in rule.as_object().unwrap() {
+                                merged.insert(k.clone(), x.clone());
+                            }
+                        }
+                        target["rules"] = serde_json::Value::Object(merged);
+                        // The levels between the one edited and the pod inherit it (the example's
+                        // own rules there would otherwise decide first).
+                        let program = &mut v["governance"]["programs"][0];
+                        if level == "corp" {
+                            program.as_object_mut().unwrap().remove("rules");
+                        }
+                        if level != "corp/payments/checkout" {
+                            program["projects"][0]
+                                .as_object_mut()
+                                .unwrap()
+                                .remove("rules");
+                        }
+                    });
+                    // nginx:1.26: trivy medium + grype low, BSD-2-Clause, approved for corp.
+                    let d = at(&b, "nginx:1.26", &pod(feels, None), v2_now());
+                    assert_eq!(d.reason, *reason, "{level} {rule}: {}", d.message);
+                    assert!(d.message.contains(level), "{level}: {}", d.message);
+                    let d = at(&b, "nginx:1.26", &pod(feels, Some("web")), v2_now());
+                    assert_eq!(d.reason, *reason, "applications inherit: {}", d.message);
+                    if let Some(ns) = spared {
+                        let d = at(&b, "nginx:1.26", &pod(Some(ns), None), v2_now());
+                        assert_eq!(
+                            d.reason,
+                            ReasonCode::Approved,
+                            "{level} {rule} spares {ns}: {}",
+                            d.message
+                        );
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn exceptions_allow_until_they_expire() {
+            let b = v2_bundle_with(|_| {});
+            let index = pod(Some("search-index"), None);
+            // A single-scanned image, allowed only by SEC-1240 until 2026-03-15.
+            let d = at(&b, "ghcr.io/acme/tool:v1", &index, v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Allow, ReasonCode::Exception),
+                "{}",
+                d.message
+            );
+            assert_eq!(
+                d.pull_ref.as_deref(),
+                Some(format!("registry.corp/approved-ghcr/tool@{}", super::d(6)).as_str())
+            );
+            assert!(
+                d.message.contains("SEC-1240") && d.message.contains("2026-03-15T00:00:00Z"),
+                "{}",
+                d.message
+            );
+            assert_eq!(d.valid_until, Some(datetime!(2026-03-15 00:00 UTC)));
+            let j = d.to_json();
+            assert_eq!(j["exception"]["ticket"], "SEC-1240");
+            assert_eq!(j["exception"]["expired"], false);
+            let d = at(
+                &b,
+                "ghcr.io/acme/tool:v1",
+                &index,
+                datetime!(2026-03-15 00:00 UTC),
+            );
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::ExceptionExpired),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("SEC-1240") && d.message.contains("2026-03-15T00:00:00Z"),
+                "{}",
+                d.message
+            );
+            assert!(
+                d.message.contains("requires 2"),
+                "the regular reason is said too: {}",
+                d.message
+            );
+            assert_eq!(d.to_json()["exception"]["expired"], true);
+            // Not in images at all: the exception approves the digest and its tag, for its scope only.
+            let checkout = pod(Some("checkout"), None);
+            for image in [
+                "redis:7.4".to_string(),
+                format!("redis@{}", super::d(9)),
+                format!("registry.corp/approved/library/redis@{}", super::d(9)),
+            ] {
+                let d = at(&b, &image, &checkout, v2_now());
+                assert_eq!(
+                    code(&d),
+                    (Verdict::Allow, ReasonCode::Exception),
+                    "{image}: {}",
+                    d.message
+                );
+                assert_eq!(
+                    d.pull_ref.as_deref(),
+                    Some(format!("registry.corp/approved/library/redis@{}", super::d(9)).as_str())
+                );
+            }
+            let d = at(
+                &b,
+                "redis:7.4",
+                &pod(Some("checkout"), Some("web")),
+                v2_now(),
+            );
+            assert_eq!(
+                d.reason,
+                ReasonCode::Exception,
+                "below the exception's scope: {}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &pod(Some("ledger"), None), v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Warn, ReasonCode::TagNotApproved),
+                "{}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &pod(Some("search-index"), None), v2_now());
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::TagNotApproved),
+                "{}",
+                d.message
+            );
+            let d = at(&b, "redis:7.4", &checkout, datetime!(2026-03-21 00:00 UTC));
+            assert_eq!(
+                code(&d),
+                (Verdict::Deny, ReasonCode::ExceptionExpired),
+                "{}",
+                d.message
+            );
+            // An exception never opens a public pull from another registry.
+            let d = at(
+                &b,
+                &format!("quay.io/library/redis@{}", super::d(9)),
+                &checkout,
+                v2_now(),
+            );
+            assert_eq!(d.verdict, Verdict::Deny);
+            assert_eq!(d.reason, ReasonCode::PublicRegistryBlocked);
+            // An image that meets the rules is approved, whatever exceptions exist.
+            let b = v2_bundle_with(|v| {
+                v["exceptions"][1]["digest"] = json!(digest(2).to_string());
+                v["exceptions"][1]["scope"] = json!("corp");
+            });
+            let d = at(&b, "nginx:1.26", &index, v2_now());
+            assert_eq!(d.reason, ReasonCode::Approved);
+            assert!(d.exception.is_none());
+        }
+
+        #[test]
+        fn format_1_bundles_have_no_rules() {
+            // The format 1 example approves single-scanned images under any licence: still allowed.
+            let b = example_bundle();
+            let d = decide(
+                &ImageRequest::Reference("ghcr.io/acme/tool:v1"),
+                &b,
+                &pod(Some("search-index"), None),
+                datetime!(2026-12-31 00:00 UTC),
+            );
+            assert_eq!(code(&d), (Verdict::Allow, ReasonCode::Approved));
+            assert!(d.lifecycle.is_none() && d.exception.is_none() && d.valid_until.is_none());
+        }
+    }
+
     #[test]
     fn reason_codes_are_stable() {
         let all = [
@@ -1084,11 +1917,37 @@ mod tests {
             (ReasonCode::OutOfScope, "out_of_scope"),
             (ReasonCode::PublicRegistryBlocked, "public_registry_blocked"),
             (ReasonCode::NoValidBundle, "no_valid_bundle"),
+            (ReasonCode::Sunset, "sunset"),
+            (ReasonCode::InsufficientScans, "insufficient_scans"),
+            (ReasonCode::SeverityExceeded, "severity_exceeded"),
+            (ReasonCode::LicenseNotAllowed, "license_not_allowed"),
+            (ReasonCode::ExceptionExpired, "exception_expired"),
         ];
         for (code, s) in all {
             assert_eq!(code.as_str(), s);
             assert!(code.is_denial());
         }
-        assert!(!ReasonCode::Approved.is_denial());
+        for (code, s) in [
+            (ReasonCode::Approved, "approved"),
+            (ReasonCode::FirstParty, "first_party"),
+            (ReasonCode::Deprecated, "deprecated"),
+            (ReasonCode::Exception, "exception"),
+        ] {
+            assert_eq!(code.as_str(), s);
+            assert!(!code.is_denial());
+        }
+        // Every code is documented.
+        let doc = include_str!("../../docs/bundle.md");
+        for code in all.iter().map(|(c, _)| c.as_str()).chain([
+            "approved",
+            "first_party",
+            "deprecated",
+            "exception",
+        ]) {
+            assert!(
+                doc.contains(&format!("| `{code}` |")),
+                "docs/bundle.md lists no {code}"
+            );
+        }
     }
 }

@@ -2,12 +2,13 @@
 //!
 //! This module owns [`diff`], which lists what changed between two parsed bundles: metadata, mirrors,
 //! first-party prefixes, governance (scopes, namespace bindings, modes) and images — added, removed and
-//! changed entries, tags, digests, scopes and provenance. Lines start with `+` (added), `-` (removed) or
+//! changed entries, tags, digests, scopes and provenance — and, in format 2, lifecycles, the effective
+//! rules of every scope, exceptions and rollout steps. Lines start with `+` (added), `-` (removed) or
 //! `~` (changed), so a reviewer can read the policy change without reading JSON.
 
 use std::collections::BTreeMap;
 
-use super::bundle::{Bundle, ImageEntry, Provenance, format_unix};
+use super::bundle::{Bundle, ImageEntry, Provenance, format_unix, rfc3339};
 
 fn provenance_summary(p: &Provenance) -> String {
     let scans: Vec<String> = p
@@ -39,6 +40,9 @@ fn tag_map(e: &ImageEntry) -> BTreeMap<&str, String> {
 /// The changes from `old` to `new`, one line each; empty when the policies are identical.
 pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
     let mut out = Vec::new();
+    if old.format != new.format {
+        out.push(format!("~ format {} -> {}", old.format, new.format));
+    }
     if old.version != new.version {
         out.push(format!("~ version {} -> {}", old.version, new.version));
     }
@@ -99,6 +103,54 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
             .collect()
     };
     diff_maps(&mut out, "namespace", &ns(old), &ns(new));
+    let rules = |b: &Bundle| -> BTreeMap<String, String> {
+        b.scopes()
+            .nodes()
+            .iter()
+            .filter_map(|n| Some((n.path.to_string(), n.rules.as_ref()?.summary())))
+            .collect()
+    };
+    diff_maps(&mut out, "rules of", &rules(old), &rules(new));
+    let exceptions = |b: &Bundle| -> BTreeMap<String, String> {
+        b.exceptions()
+            .iter()
+            .map(|e| {
+                (
+                    format!("{}@{} for {}", e.source, e.digest, e.scope_path),
+                    format!(
+                        "{}until {}, ticket {}, approved by {}: {}",
+                        e.tag
+                            .as_deref()
+                            .map(|t| format!("tag {t}, "))
+                            .unwrap_or_default(),
+                        rfc3339(e.expires_at),
+                        e.ticket,
+                        e.approved_by,
+                        e.reason
+                    ),
+                )
+            })
+            .collect()
+    };
+    diff_maps(&mut out, "exception", &exceptions(old), &exceptions(new));
+    let rollout = |b: &Bundle| -> BTreeMap<String, String> {
+        b.rollout()
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                (
+                    format!("step {i}"),
+                    format!(
+                        "after {} {}%",
+                        humantime::format_duration(s.after),
+                        s.percent
+                    ),
+                )
+            })
+            .collect()
+    };
+    diff_maps(&mut out, "rollout", &rollout(old), &rollout(new));
     if old.scopes().application_label() != new.scopes().application_label() {
         out.push(format!(
             "~ application label {} -> {}",
@@ -162,6 +214,23 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
         for d in e.digests().iter().filter(|d| !o.digests().contains(d)) {
             out.push(format!("+ digest {at}: {d}"));
         }
+        let lifecycles = |x: &ImageEntry| -> BTreeMap<String, String> {
+            x.lifecycles()
+                .map(|(t, d, l)| {
+                    let key = match t {
+                        Some(t) => format!("tag {t}"),
+                        None => format!("digest {d}"),
+                    };
+                    (key, l.summary())
+                })
+                .collect()
+        };
+        diff_maps(
+            &mut out,
+            &format!("lifecycle {at}:"),
+            &lifecycles(o),
+            &lifecycles(e),
+        );
         if o.provenance() != e.provenance() {
             out.push(format!(
                 "~ provenance {at}: {} -> {}",
@@ -233,5 +302,38 @@ mod tests {
         ] {
             assert!(d.contains(want), "diff should contain {want:?}:\n{d}");
         }
+    }
+
+    #[test]
+    fn reports_lifecycle_rules_exceptions_and_rollout() {
+        let old = parse_bundle(EXAMPLE_V2.as_bytes()).unwrap();
+        assert!(diff(&old, &old).is_empty());
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        v["images"][0]["tags"]["1.25"]["sunset_at"] = "2026-07-01T00:00:00Z".into();
+        v["images"][0]["tags"]["1.26"] = serde_json::json!({"digest": digest(2).to_string(), "deprecated_at": "2026-09-01T00:00:00Z"});
+        v["governance"]["programs"][0]["rules"]["min_scanners"] = 3.into();
+        v["exceptions"].as_array_mut().unwrap().remove(1);
+        v["exceptions"][0]["expires_at"] = "2026-03-25T00:00:00Z".into();
+        v["rollout"][1]["percent"] = 20.into();
+        let new = parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        let d = diff(&old, &new).join("\n");
+        for want in [
+            "~ lifecycle docker.io/library/nginx for corp: tag 1.25: deprecated 2026-04-01T00:00:00Z, sunset 2026-06-01T00:00:00Z, replacement 1.26 -> deprecated 2026-04-01T00:00:00Z, sunset 2026-07-01T00:00:00Z, replacement 1.26",
+            "+ lifecycle docker.io/library/nginx for corp: tag 1.26 (deprecated 2026-09-01T00:00:00Z)",
+            "~ rules of corp/payments: min_scanners 2 (from corp),",
+            "-> min_scanners 3 (from corp/payments)",
+            "- exception ghcr.io/acme/tool@",
+            "~ exception docker.io/library/redis@",
+            "until 2026-03-21T00:00:00Z",
+            "~ rollout step 1: after 1h 10% -> after 1h 20%",
+        ] {
+            assert!(d.contains(want), "diff should contain {want:?}:\n{d}");
+        }
+        let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
+        let d = diff(&f1, &old).join("\n");
+        assert!(
+            d.contains("~ format 1 -> 2") && d.contains("+ rules of corp ("),
+            "{d}"
+        );
     }
 }

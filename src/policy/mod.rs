@@ -1,4 +1,4 @@
-//! The pure policy core (issue 3): image references, the signed bundle, governance scopes, decisions.
+//! The pure policy core: image references, the signed bundle, governance scopes and rules, decisions.
 //!
 //! Nothing in the decision path does I/O, reads the clock or needs an async runtime; [`load`] is the only
 //! module that touches files, and only the CLI and the daemon's reload path call it.
@@ -17,7 +17,8 @@
 //!     Arc::new(policy::verify_bundle(bundle_bytes, &sigs, &trust, installed, time::OffsetDateTime::now_utc())?);
 //!
 //! let pod = PodContext { namespace: Some("checkout".into()), ..PodContext::default() };
-//! let d = policy::decide(&ImageRequest::Reference("nginx:1.25"), &bundle, &pod);
+//! let now = time::OffsetDateTime::now_utc(); // decisions are pure: the caller passes the time
+//! let d = policy::decide(&ImageRequest::Reference("nginx:1.25"), &bundle, &pod, now);
 //! if d.is_allowed() {
 //!     // pull d.pull_ref instead of the requested image
 //! } else {
@@ -30,6 +31,9 @@
 //! - [`trust`]: keys, the trust file, signature files, k-of-n verification.
 //! - [`scope`]: governance (organisation → program → project → application) and modes.
 //! - [`bundle`]: the bundle format, validation, index and [`verify_bundle`].
+//! - [`rules`]: scan and licence rules per governance level (format 2).
+//! - [`license`]: SPDX licence expressions: strict parsing and evaluation.
+//! - [`rollout`]: rollout waves (format 2) and whether a node's wave is open.
 //! - [`decision`]: [`decide`], [`decide_without_bundle`], [`Decision`].
 //! - [`load`]: reading bundle, signature and trust files (CLI and daemon reload only).
 //! - [`diff`]: comparing two bundles (`pullgate bundle diff`).
@@ -37,17 +41,22 @@
 pub mod bundle;
 pub mod decision;
 pub mod diff;
+pub mod license;
 pub mod load;
 pub mod reference;
+pub mod rollout;
+pub mod rules;
 pub mod scope;
 pub mod trust;
 
 pub use bundle::{
-    Bundle, BundleError, DEFAULT_MAX_BUNDLE_SIZE, ImageEntry, Provenance, Scan, Severity,
-    VerifiedBundle, parse_bundle, verify_bundle, verify_bundle_reader,
+    Bundle, BundleError, DEFAULT_MAX_BUNDLE_SIZE, Exception, ImageEntry, Lifecycle,
+    LifecycleState, Provenance, Scan, Severity, VerifiedBundle, parse_bundle, verify_bundle,
+    verify_bundle_reader,
 };
 pub use decision::{
-    Decision, ImageRequest, Matched, PodContext, ReasonCode, Verdict, decide, decide_without_bundle,
+    Decision, ExceptionInfo, ImageRequest, LifecycleInfo, Matched, PodContext, ReasonCode, Verdict,
+    decide, decide_without_bundle,
 };
 pub use reference::{Digest, Reference, ReferenceError};
 pub use scope::Mode;
@@ -61,6 +70,29 @@ pub(crate) mod testutil {
 
     pub fn example_json() -> String {
         EXAMPLE.to_owned()
+    }
+
+    /// The format 2 example of docs/bundle.md.
+    pub const EXAMPLE_V2: &str = include_str!("../../tests/fixtures/policy/example-bundle-v2.json");
+
+    /// A time during the format 2 example's validity, before any of its dates.
+    pub fn v2_now() -> time::OffsetDateTime {
+        time::macros::datetime!(2026-03-10 00:00 UTC)
+    }
+
+    /// The format 2 example with `edit` applied, verified (signed by two of three, at [`v2_now`]).
+    pub fn v2_bundle_with(edit: impl FnOnce(&mut serde_json::Value)) -> VerifiedBundle {
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        edit(&mut v);
+        let bytes = serde_json::to_vec(&v).unwrap();
+        verify_bundle(
+            &bytes,
+            &sign(&bytes, &[1, 2]),
+            &trust_2_of_3(),
+            None,
+            v2_now(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn digest(n: u8) -> Digest {

@@ -13,12 +13,17 @@
 //!
 //! Modes (`enforce` or `warn`) are set on the organisation, programs and projects and inherited
 //! downwards; applications always have their project's mode, so a pod label cannot relax enforcement.
+//!
+//! Format 2 bundles also give every level its effective scan and licence rule ([`Rules`], built and
+//! checked for tightening by [`super::rules`]), inherited the same way; format 1 bundles have none.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::Deserialize;
+
+use super::rules::{RawRules, Rules};
 
 /// Enforcement mode of a scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -54,6 +59,8 @@ pub(crate) struct RawGovernance {
     #[serde(default)]
     mode: Option<Mode>,
     #[serde(default)]
+    rules: Option<RawRules>,
+    #[serde(default)]
     programs: Vec<RawProgram>,
 }
 
@@ -64,6 +71,8 @@ struct RawProgram {
     #[serde(default)]
     mode: Option<Mode>,
     #[serde(default)]
+    rules: Option<RawRules>,
+    #[serde(default)]
     projects: Vec<RawProject>,
 }
 
@@ -73,6 +82,8 @@ struct RawProject {
     name: String,
     #[serde(default)]
     mode: Option<Mode>,
+    #[serde(default)]
+    rules: Option<RawRules>,
     #[serde(default)]
     namespaces: Vec<String>,
     #[serde(default)]
@@ -88,6 +99,8 @@ pub struct ScopeNode {
     pub parent: Option<ScopeId>,
     /// The effective mode (after inheritance).
     pub mode: Mode,
+    /// The effective scan and licence rule (format 2; `None` in format 1 bundles, which have none).
+    pub rules: Option<Arc<Rules>>,
     /// Applications of a project, sorted by name.
     apps: Box<[(Box<str>, ScopeId)]>,
 }
@@ -133,9 +146,21 @@ fn valid_label_key(s: &str) -> bool {
 }
 
 impl Scopes {
-    /// Builds and validates the scope tree.
-    pub(crate) fn build(raw: RawGovernance) -> Result<Scopes, GovernanceProblem> {
+    /// Builds and validates the scope tree. `with_rules`: the bundle's format has rules (format 2);
+    /// otherwise a `rules` field anywhere is rejected.
+    pub(crate) fn build(raw: RawGovernance, with_rules: bool) -> Result<Scopes, GovernanceProblem> {
         let invalid = |what: String| ("invalid", what);
+        let has_rules = raw.rules.is_some()
+            || raw
+                .programs
+                .iter()
+                .any(|p| p.rules.is_some() || p.projects.iter().any(|x| x.rules.is_some()));
+        if has_rules && !with_rules {
+            return Err((
+                "malformed",
+                "governance `rules` is a format 2 field, and this bundle says format 1; publish it as format 2".into(),
+            ));
+        }
         if !valid_name(&raw.organization) {
             return Err(invalid(format!(
                 "governance.organization \"{}\" must be a lowercase DNS label (a-z, 0-9, '-', at most 63 characters)",
@@ -155,7 +180,19 @@ impl Scopes {
             application_label: raw.application_label,
         };
         let org_mode = raw.mode.unwrap_or(Mode::Enforce);
-        s.add(raw.organization.clone(), None, org_mode)?;
+        let org_rules = if with_rules {
+            Some(Arc::new(
+                Rules::organisation(raw.rules, &raw.organization).map_err(invalid)?,
+            ))
+        } else {
+            None
+        };
+        let narrow =
+            |parent: &Option<Arc<Rules>>, raw: Option<RawRules>, level: &str| match (parent, raw) {
+                (Some(p), Some(r)) => p.child(Some(r), level, true).map(|r| Some(Arc::new(r))),
+                (p, _) => Ok(p.clone()),
+            };
+        s.add(raw.organization.clone(), None, org_mode, org_rules.clone())?;
         for prog in raw.programs {
             if !valid_name(&prog.name) {
                 return Err(invalid(format!(
@@ -165,7 +202,8 @@ impl Scopes {
             }
             let prog_mode = prog.mode.unwrap_or(org_mode);
             let prog_path = format!("{}/{}", raw.organization, prog.name);
-            let prog_id = s.add(prog_path.clone(), Some(ORG), prog_mode)?;
+            let prog_rules = narrow(&org_rules, prog.rules, &prog_path).map_err(invalid)?;
+            let prog_id = s.add(prog_path.clone(), Some(ORG), prog_mode, prog_rules.clone())?;
             for proj in prog.projects {
                 if !valid_name(&proj.name) {
                     return Err(invalid(format!(
@@ -175,7 +213,8 @@ impl Scopes {
                 }
                 let mode = proj.mode.unwrap_or(prog_mode);
                 let proj_path = format!("{prog_path}/{}", proj.name);
-                let proj_id = s.add(proj_path.clone(), Some(prog_id), mode)?;
+                let rules = narrow(&prog_rules, proj.rules, &proj_path).map_err(invalid)?;
+                let proj_id = s.add(proj_path.clone(), Some(prog_id), mode, rules.clone())?;
                 let mut apps = Vec::new();
                 for app in proj.applications {
                     if !valid_name(&app) {
@@ -183,7 +222,12 @@ impl Scopes {
                             "application name \"{app}\" in {proj_path} must be a lowercase DNS label"
                         )));
                     }
-                    let id = s.add(format!("{proj_path}/{app}"), Some(proj_id), mode)?;
+                    let id = s.add(
+                        format!("{proj_path}/{app}"),
+                        Some(proj_id),
+                        mode,
+                        rules.clone(),
+                    )?;
                     apps.push((app.into_boxed_str(), id));
                 }
                 apps.sort();
@@ -220,6 +264,7 @@ impl Scopes {
         path: String,
         parent: Option<ScopeId>,
         mode: Mode,
+        rules: Option<Arc<Rules>>,
     ) -> Result<ScopeId, GovernanceProblem> {
         let path: Arc<str> = path.into();
         let id = self.nodes.len() as ScopeId;
@@ -233,6 +278,7 @@ impl Scopes {
             path,
             parent,
             mode,
+            rules,
             apps: Box::new([]),
         });
         Ok(id)
@@ -321,7 +367,7 @@ mod tests {
     use super::*;
 
     fn gov(json: &str) -> Result<Scopes, GovernanceProblem> {
-        Scopes::build(serde_json::from_str(json).unwrap())
+        Scopes::build(serde_json::from_str(json).unwrap(), true)
     }
 
     const G: &str = r#"{"organization": "corp", "application_label": "corp.example/application",
@@ -375,6 +421,37 @@ mod tests {
     }
 
     #[test]
+    fn rules_are_inherited_by_every_level_and_applications() {
+        let s = gov(r#"{"organization": "corp", "application_label": "app",
+            "rules": {"min_scanners": 2, "licenses": {"deny": ["AGPL-3.0-only"]}},
+            "programs": [{"name": "p", "rules": {"max_severity": "medium"}, "projects": [
+              {"name": "x", "rules": {"min_scanners": 3}, "applications": ["web"]},
+              {"name": "y"}]}]}"#)
+        .unwrap();
+        let rules = |p: &str| s.node(s.lookup(p).unwrap()).rules.clone().unwrap();
+        let web = rules("corp/p/x/web");
+        assert_eq!(web.min_scanners.value, 3);
+        assert_eq!(&*web.min_scanners.from, "corp/p/x");
+        assert_eq!(&*web.max_severity.from, "corp/p");
+        assert_eq!(&*web.deny.as_ref().unwrap().from, "corp");
+        assert_eq!(rules("corp/p/y").min_scanners.value, 2);
+        assert_eq!(
+            rules("corp").max_severity.value,
+            super::super::bundle::Severity::High
+        );
+        let e = gov(r#"{"organization": "corp", "application_label": "app",
+            "programs": [{"name": "p", "rules": {"max_severity": "low"}, "projects": [
+              {"name": "x", "rules": {"max_severity": "medium"}}]}]}"#)
+        .unwrap_err();
+        assert_eq!(e.0, "invalid");
+        assert!(
+            e.1.contains("corp/p/x") && e.1.contains("rule of corp/p:"),
+            "{}",
+            e.1
+        );
+    }
+
+    #[test]
     fn invalid_governance_is_rejected() {
         let e = gov(
             r#"{"organization": "corp", "application_label": "app", "programs": [
@@ -390,6 +467,13 @@ mod tests {
         assert!(gov(r#"{"organization": "Corp", "application_label": "app"}"#).is_err());
         assert!(gov(r#"{"organization": "corp", "application_label": "bad key!"}"#).is_err());
         assert!(valid_label_key("app.kubernetes.io/name"));
+        let e = Scopes::build(
+            serde_json::from_str(r#"{"organization": "corp", "application_label": "app", "programs": [{"name": "a", "rules": {}}]}"#).unwrap(),
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(e.0, "malformed");
+        assert!(e.1.contains("format 2"), "{}", e.1);
         assert!(!valid_label_key("/name"));
     }
 }

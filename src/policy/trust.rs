@@ -5,8 +5,9 @@
 //!
 //! - public key: one line `ed25519:<base64 of the 32-byte key>`;
 //! - private key: one line `ed25519-private:<base64 of the 32-byte seed>` (written with mode 0600);
-//! - trust file (TOML): `threshold = 2` and one `[[keys]]` table per administrator with `name` and
-//!   `public_key` (the public key line);
+//! - trust file (TOML): `threshold = 2`, optional `max_exception_days` (default 30) and `min_scanners`
+//!   (a floor for format 2 bundles' scan rule), and one `[[keys]]` table per administrator with `name`
+//!   and `public_key` (the public key line);
 //! - signature file (JSON, `BUNDLE.sig`): `{"format": 1, "signatures": [{"key_id": …, "signature": …}]}`.
 //!
 //! A key id is the first 8 bytes of SHA-256 of the public key, in hex. Each signature is a pure Ed25519
@@ -30,6 +31,9 @@ pub const SIGNING_CONTEXT: &[u8] = b"pullgate-bundle-signature-v1\0";
 pub const SIGNATURE_FORMAT: u32 = 1;
 /// Threshold used when the trust file does not give one: two administrators must sign.
 pub const DEFAULT_THRESHOLD: usize = 2;
+/// The longest an exception of a bundle may last after the bundle's `issued_at`, when the trust file
+/// does not say (`max_exception_days`).
+pub const DEFAULT_MAX_EXCEPTION_DAYS: u32 = 30;
 
 const PUBLIC_PREFIX: &str = "ed25519:";
 const PRIVATE_PREFIX: &str = "ed25519-private:";
@@ -200,12 +204,16 @@ pub struct TrustedKey {
 pub struct Trust {
     keys: Vec<TrustedKey>,
     threshold: usize,
+    max_exception_days: u32,
+    min_scanners: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTrust {
     threshold: Option<usize>,
+    max_exception_days: Option<u32>,
+    min_scanners: Option<u32>,
     #[serde(default)]
     keys: Vec<RawTrustedKey>,
 }
@@ -251,7 +259,37 @@ impl Trust {
                 )));
             }
         }
-        Ok(Trust { keys, threshold })
+        Ok(Trust {
+            keys,
+            threshold,
+            max_exception_days: DEFAULT_MAX_EXCEPTION_DAYS,
+            min_scanners: None,
+        })
+    }
+
+    /// Sets the bundle limits of this node: how long an exception may last after a bundle's
+    /// `issued_at` (1..=365 days), and the floor of the organisation's `min_scanners` (1..=32; none:
+    /// no floor).
+    pub fn with_limits(
+        mut self,
+        max_exception_days: u32,
+        min_scanners: Option<u32>,
+    ) -> Result<Trust, TrustError> {
+        if !(1..=365).contains(&max_exception_days) {
+            return Err(TrustError::TrustInvalid(format!(
+                "max_exception_days is {max_exception_days}; it must be 1..=365 (default {DEFAULT_MAX_EXCEPTION_DAYS})"
+            )));
+        }
+        if let Some(n) = min_scanners.filter(|n| !(1..=super::rules::MAX_MIN_SCANNERS).contains(n))
+        {
+            return Err(TrustError::TrustInvalid(format!(
+                "min_scanners is {n}; it must be 1..={} (or left out for no floor)",
+                super::rules::MAX_MIN_SCANNERS
+            )));
+        }
+        self.max_exception_days = max_exception_days;
+        self.min_scanners = min_scanners;
+        Ok(self)
     }
 
     /// Parses a trust file (TOML). `threshold` defaults to 2.
@@ -271,7 +309,20 @@ impl Trust {
                 keys.len()
             )));
         }
-        Trust::new(keys, threshold)
+        Trust::new(keys, threshold)?.with_limits(
+            raw.max_exception_days.unwrap_or(DEFAULT_MAX_EXCEPTION_DAYS),
+            raw.min_scanners,
+        )
+    }
+
+    /// The longest an exception may last after a bundle's `issued_at`, in days.
+    pub fn max_exception_days(&self) -> u32 {
+        self.max_exception_days
+    }
+
+    /// The floor of a bundle's organisation-level `min_scanners`, if the trust file sets one.
+    pub fn min_scanners(&self) -> Option<u32> {
+        self.min_scanners
     }
 
     /// The trusted keys.
@@ -582,6 +633,30 @@ mod tests {
                 .contains("malformed")
         );
         assert!(Trust::from_toml("threshold = 0\n[[keys]]\nname=\"a\"\npublic_key=\"x\"").is_err());
+        let one = format!(
+            "threshold = 1\n[[keys]]\nname = \"alice\"\npublic_key = \"{}\"\n",
+            key(1).public()
+        );
+        assert_eq!(t.max_exception_days(), DEFAULT_MAX_EXCEPTION_DAYS);
+        assert_eq!(t.min_scanners(), None);
+        let limits =
+            Trust::from_toml(&format!("max_exception_days = 7\nmin_scanners = 3\n{one}")).unwrap();
+        assert_eq!(
+            (limits.max_exception_days(), limits.min_scanners()),
+            (7, Some(3))
+        );
+        for bad in [
+            "max_exception_days = 0",
+            "max_exception_days = 400",
+            "min_scanners = 0",
+            "min_scanners = 99",
+        ] {
+            let e = Trust::from_toml(&format!("{bad}\n{one}")).unwrap_err();
+            assert!(
+                e.to_string().contains(bad.split(' ').next().unwrap()),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -121,6 +121,9 @@ expect_file rw-r--r-- /usr/share/man/man1/pullgate.1.gz
 expect_file rw-r--r-- /usr/share/bash-completion/completions/pullgate
 expect_file rw-r--r-- /usr/share/zsh/COMPLETIONS/_pullgate
 expect_file rw-r--r-- /usr/share/fish/vendor_completions.d/pullgate.fish
+expect_file rw-r--r-- /usr/share/pullgate/prometheus/pullgate.rules.yml
+expect_file rw-r--r-- /usr/share/pullgate/prometheus/pullgate.rules.test.yml
+expect_file rw-r--r-- /usr/share/pullgate/grafana/pullgate-dashboard.json
 check "every .deb entry is owned by root:root and not group/world-writable" \
     awk '$2 != "root/root" || substr($1, 5, 1) == "w" || substr($1, 8, 1) == "w" { print; bad = 1 } END { exit bad }' "$tmp/deb.files"
 dpkg-deb -e "$deb" "$tmp/control"
@@ -146,6 +149,9 @@ if diff -u "$tmp/deb.files" "$tmp/rpm.files" >"$tmp/files.diff"; then
 else
     not_ok ".deb and .rpm ship the same files with the same modes and owners" "$(cat "$tmp/files.diff")"
 fi
+for f in /usr/share/pullgate/prometheus/pullgate.rules.yml /usr/share/pullgate/grafana/pullgate-dashboard.json; do
+    check ".rpm ships $f (644 root:root)" grep -qx "rw-r--r-- root/root $f" "$tmp/rpm.files"
+done
 rpm -qp --requires "$rpmf" >"$tmp/rpm.requires" 2>&1
 for r in '/bin/sh' 'systemd' 'util-linux' 'libc.so.6()(64bit)'; do
     check "rpm -qp --requires: $r" grep -qxF "$r" "$tmp/rpm.requires"
@@ -186,6 +192,11 @@ expect_path d 755 /etc/pullgate/trust
 expect_path d 700 /var/lib/pullgate
 expect_path f 644 /usr/share/doc/pullgate/examples/kubelet-pullgate.conf
 expect_path f 644 /usr/share/doc/pullgate/operations.md
+expect_path f 644 /usr/share/pullgate/prometheus/pullgate.rules.yml
+expect_path f 644 /usr/share/pullgate/grafana/pullgate-dashboard.json
+check "promtool accepts the installed alerting rules" promtool check rules /usr/share/pullgate/prometheus/pullgate.rules.yml
+check "the installed rules pass their shipped unit tests" promtool test rules /usr/share/pullgate/prometheus/pullgate.rules.test.yml
+check "the installed Grafana dashboard is JSON" /usr/bin/python3 -m json.tool /usr/share/pullgate/grafana/pullgate-dashboard.json
 check "installed files match dpkg's md5sums (dpkg --verify)" dpkg --verify pullgate
 check "/usr/bin/pullgate is stripped (no .symtab)" sh -c "! readelf -S /usr/bin/pullgate | grep -q '\.symtab'"
 check_eq "pullgate --version" "pullgate $version" "$(/usr/bin/pullgate --version 2>&1)"
@@ -371,7 +382,7 @@ echo "== dpkg -P (purge)"
 check "dpkg -P pullgate" sh -c 'dpkg -P pullgate </dev/null'
 state=$(pkg_state)
 check "dpkg keeps nothing of pullgate (state '$state')" test -z "${state#un}"
-for p in /etc/pullgate /var/lib/pullgate /run/pullgate /usr/bin/pullgate /usr/share/doc/pullgate; do
+for p in /etc/pullgate /var/lib/pullgate /run/pullgate /usr/bin/pullgate /usr/share/doc/pullgate /usr/share/pullgate; do
     check "purge leaves no $p" test ! -e "$p"
 done
 snapshot >"$tmp/systemd.after"

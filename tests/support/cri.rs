@@ -20,8 +20,8 @@ use k8s_cri::v1::{
     StopPodSandboxRequest, VersionRequest, VersionResponse,
 };
 use tokio::net::UnixStream;
-use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
 /// A connected CRI client (runtime and image service on the same channel).
 #[derive(Clone)]
@@ -423,4 +423,37 @@ pub fn sorted_images(mut images: Vec<Image>) -> Vec<Image> {
     }
     images.sort_by(|a, b| a.id.cmp(&b.id));
     images
+}
+
+/// The stack's logs are printed by `Stack`'s `Drop` when a test fails.
+pub fn must<T>(what: &str, r: Result<T, Status>) -> T {
+    r.unwrap_or_else(|s| panic!("{what}: {:?}: {}", s.code(), s.message()))
+}
+
+/// Asserts `r` failed with `code` and a message containing every one of `needles`; returns the message.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    what: &str,
+    r: Result<T, Status>,
+    code: Code,
+    needles: &[&str],
+) -> String {
+    let s = match r {
+        Ok(v) => panic!("{what}: expected {code:?}, but the call succeeded: {v:?}"),
+        Err(s) => s,
+    };
+    assert_eq!(
+        s.code(),
+        code,
+        "{what}: wrong status code (message: {})",
+        s.message()
+    );
+    for n in needles {
+        assert!(
+            s.message().contains(n),
+            "{what}: message lacks {n:?}: {}",
+            s.message()
+        );
+    }
+    s.message().to_string()
 }

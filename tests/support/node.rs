@@ -184,8 +184,13 @@ impl Keys {
     /// Writes `spec` to `<dir>/<name>.json` and has both administrators sign it (`pullgate bundle
     /// sign`, which writes `<name>.json.sig`). Returns the bundle path.
     pub fn sign(&self, spec: &BundleSpec, name: &str) -> PathBuf {
+        self.sign_json(&spec.to_json(), name)
+    }
+
+    /// [`Keys::sign`] for a bundle written as JSON (e.g. a format 2 bundle built from a spec).
+    pub fn sign_json(&self, bundle: &Value, name: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.json"));
-        let text = serde_json::to_string_pretty(&spec.to_json()).expect("bundle json");
+        let text = serde_json::to_string_pretty(bundle).expect("bundle json");
         std::fs::write(&path, text + "\n").expect("write bundle");
         for key in [&self.alice, &self.bob] {
             cli_ok([
@@ -220,6 +225,12 @@ impl Node {
     /// Starts the stack, pushes the fixtures, generates keys, signs and installs bundle v1
     /// ([`Node::standard_bundle`]) and starts pullgate in `mode` (`enforce` or `warn`).
     pub fn start(name: &str, mode: &str) -> Node {
+        Node::start_with(name, mode, |_| String::new())
+    }
+
+    /// Like [`Node::start`], with more configuration: `extra(&stack)` is appended to pullgate's
+    /// configuration file (e.g. a `[lockdown]` section naming the stack's containerd config).
+    pub fn start_with(name: &str, mode: &str, extra: impl FnOnce(&Stack) -> String) -> Node {
         let started = std::time::Instant::now();
         let mut stack = Stack::start_node(name);
         let fx = push_fixtures(&stack);
@@ -244,7 +255,7 @@ impl Node {
             state = state_dir.display(),
             drop = drop_dir.display(),
             audit = audit_log.display(),
-        );
+        ) + &extra(&stack);
         let config = Pullgate::configure(&tmp, &extra);
         let spec = standard_bundle(&stack, &fx, 1);
         let bundle_v1 = keys.sign(&spec, "bundle-v1");

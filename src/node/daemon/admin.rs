@@ -120,8 +120,87 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
     if let Some(p) = s["sandbox_image_problem"].as_str() {
         println!("sandbox:   PROBLEM: {p}");
     }
+    let w = &s["lockdown"]["watcher"];
+    if w.is_object() {
+        let i = &w["images"];
+        println!(
+            "watcher:   {}; images approved {}  out-of-band {}  unapproved {}; {} event gap(s)",
+            if w["connected"] == true {
+                "subscribed to containerd's events"
+            } else {
+                "NOT subscribed"
+            },
+            i["approved"].as_u64().unwrap_or(0),
+            i["out_of_band"].as_u64().unwrap_or(0),
+            i["unapproved"].as_u64().unwrap_or(0),
+            w["event_gaps"].as_u64().unwrap_or(0)
+        );
+    }
+    if let Some(n) = s["lockdown"]["check"]["findings"].as_u64() {
+        println!(
+            "lockdown:  {n} finding(s) at {} (pullgate node check shows them)",
+            s["lockdown"]["check"]["checked_at"].as_str().unwrap_or("?")
+        );
+    }
+    print_lifecycle_status(&s);
     println!("audit log: {}", s["audit_log"].as_str().unwrap_or("?"));
     ExitCode::SUCCESS
+}
+
+/// The exceptions and lifecycle starts of `pullgate status`.
+fn print_lifecycle_status(s: &serde_json::Value) {
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let active = list(&s["exceptions"]["active"]);
+    let soon = list(&s["exceptions"]["expiring_soon"]);
+    if !active.is_empty() {
+        println!(
+            "exceptions: {} active, {} expiring within {} days",
+            active.len(),
+            soon.len(),
+            s["exceptions"]["expiring_soon_days"]
+        );
+        for e in &active {
+            let expiring = soon.iter().any(|x| x == e);
+            println!(
+                "  {}{}@{} for {} until {} (ticket {}, approved by {})",
+                if expiring { "EXPIRING SOON: " } else { "" },
+                e["source"].as_str().unwrap_or("?"),
+                e["digest"].as_str().unwrap_or("?"),
+                e["scope"].as_str().unwrap_or("?"),
+                e["expires_at"].as_str().unwrap_or("?"),
+                e["ticket"].as_str().unwrap_or("?"),
+                e["approved_by"].as_str().unwrap_or("?"),
+            );
+        }
+    }
+    let starts = list(&s["lifecycle_starts"]);
+    if !starts.is_empty() {
+        println!("started in the last 24h, deprecated, with a sunset ahead, or by exception:");
+        for x in &starts {
+            let mut notes = Vec::new();
+            if let Some(t) = x["sunset_at"].as_str() {
+                notes.push(format!("sunset {t}"));
+            }
+            if let Some(r) = x["replacement"].as_str() {
+                notes.push(format!("replacement {r}"));
+            }
+            if let Some(t) = x["exception_ticket"].as_str() {
+                notes.push(format!(
+                    "exception {t} until {}",
+                    x["exception_expires_at"].as_str().unwrap_or("?")
+                ));
+            }
+            println!(
+                "  {} [{}] in {}: {} start(s), last {}; {}",
+                x["image"].as_str().unwrap_or("?"),
+                x["reason"].as_str().unwrap_or("?"),
+                x["scope"].as_str().unwrap_or("?"),
+                x["starts"],
+                x["last_start"].as_str().unwrap_or("?"),
+                notes.join(", ")
+            );
+        }
+    }
 }
 
 /// `pullgate bundle install FILE`: verify, install atomically, tell the daemon, confirm.

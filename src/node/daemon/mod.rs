@@ -10,10 +10,12 @@
 //! - [`node`]: the policy side at run time (bundle lifecycle, drop directory, status).
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status` on loopback.
 //! - [`admin`]: `pullgate status` and `pullgate bundle install` against a running node.
+//! - [`lockdown`]: the containerd watcher task and the node check at start and on reload.
 
 pub mod admin;
 pub mod http;
 pub mod listener;
+pub mod lockdown;
 pub mod node;
 pub mod notify;
 
@@ -336,7 +338,10 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
     );
     let reload_node = node.clone();
     let server = match Server::bind_with(&config.server, proxy) {
-        Ok(s) => s.on_reload(Arc::new(move || reload_node.reload())),
+        Ok(s) => s.on_reload(Arc::new(move || {
+            reload_node.reload();
+            lockdown::recheck(&reload_node);
+        })),
         Err(e) => return fail(EXIT_FAILURE, &e),
     };
     if let Some(addr) = config.metrics.listen {
@@ -355,6 +360,7 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
         }
     }
     node.spawn_background(sandbox_checked);
+    lockdown::start(&node);
     let pid_path = admin::pid_file(&config);
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     let (tx, rx) = mpsc::channel(4);

@@ -16,6 +16,7 @@ use crate::node::audit::AuditLog;
 use crate::node::config::{Config, NodeMode, SandboxImageCheck};
 use crate::node::enforce::store::{BundleStore, StoreError};
 use crate::node::enforce::{Enforcer, PolicyState, RegistryAuth};
+use crate::node::lockdown::Lockdown;
 use crate::node::metrics::Metrics;
 use crate::node::proxy::Upstream;
 use crate::policy::{Trust, VerifiedBundle, load};
@@ -48,6 +49,8 @@ pub struct Node {
     pub store: BundleStore,
     trust: Mutex<Option<Arc<Trust>>>,
     sandbox_problem: Mutex<Option<String>>,
+    /// The containerd watcher's state and the latest node check.
+    pub lockdown: Arc<Lockdown>,
 }
 
 impl Node {
@@ -77,6 +80,7 @@ impl Node {
             config.audit.max_bytes,
             config.audit.keep,
         )?);
+        let lockdown = Arc::new(Lockdown::new(Some(audit.clone())));
         let enforcer = Enforcer::new(
             state.clone(),
             upstream.clone(),
@@ -96,6 +100,7 @@ impl Node {
             trust: Mutex::new(None),
             sandbox_problem: Mutex::new(None),
             config_path: Mutex::new(None),
+            lockdown,
         });
         node.load_policy();
         Ok(node)
@@ -348,6 +353,9 @@ impl Node {
             "decisions": self.metrics.decision_totals(),
             "sandbox_image_problem": self.sandbox_problem.lock().unwrap_or_else(|e| e.into_inner()).clone(),
             "audit_log": self.config.audit.path.display().to_string(),
+            "lockdown": self.lockdown.status_json(),
+            "exceptions": self.state.current().map(|b| exceptions_json(&b, now)),
+            "lifecycle_starts": lifecycle_starts_json(&self.metrics, now),
         })
     }
 
@@ -446,4 +454,59 @@ pub async fn upstream_within(upstream: &Upstream, limit: Duration) -> bool {
     tokio::time::timeout(limit, upstream.connect())
         .await
         .is_ok_and(|r| r.is_ok())
+}
+
+/// Days ahead within which `pullgate status` calls an exception expiring.
+pub const EXCEPTION_WARNING_DAYS: i64 = 7;
+/// How far back `pullgate status` shows lifecycle starts.
+pub const RECENT_STARTS_HOURS: i64 = 24;
+
+/// The active exceptions of `b` at `now`, and those expiring within [`EXCEPTION_WARNING_DAYS`].
+fn exceptions_json(b: &VerifiedBundle, now: OffsetDateTime) -> serde_json::Value {
+    let soon = now + time::Duration::days(EXCEPTION_WARNING_DAYS);
+    let item = |e: &crate::policy::Exception| {
+        serde_json::json!({
+            "source": &*e.source,
+            "digest": e.digest.to_string(),
+            "tag": e.tag.as_deref(),
+            "scope": &*e.scope_path,
+            "expires_at": crate::policy::bundle::rfc3339(e.expires_at),
+            "expires_in_seconds": (e.expires_at - now).whole_seconds(),
+            "ticket": e.ticket,
+            "approved_by": e.approved_by,
+        })
+    };
+    let active: Vec<_> = b
+        .exceptions()
+        .iter()
+        .filter(|e| e.expires_at > now)
+        .collect();
+    serde_json::json!({
+        "active": active.iter().map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon": active.iter().filter(|e| e.expires_at <= soon).map(|e| item(e)).collect::<Vec<_>>(),
+        "expiring_soon_days": EXCEPTION_WARNING_DAYS,
+    })
+}
+
+/// Starts of deprecated, soon-to-sunset and excepted images in the last [`RECENT_STARTS_HOURS`].
+fn lifecycle_starts_json(metrics: &Metrics, now: OffsetDateTime) -> serde_json::Value {
+    let since = now.unix_timestamp() - RECENT_STARTS_HOURS * 3600;
+    metrics
+        .lifecycle_starts()
+        .into_iter()
+        .filter(|s| s.last_unix >= since)
+        .map(|s| {
+            serde_json::json!({
+                "image": s.image,
+                "reason": s.reason,
+                "scope": s.scope,
+                "sunset_at": s.sunset_at,
+                "replacement": s.replacement,
+                "exception_ticket": s.exception.as_ref().map(|x| &x.0),
+                "exception_expires_at": s.exception.as_ref().map(|x| &x.1),
+                "last_start": crate::policy::bundle::format_unix(s.last_unix),
+                "starts": s.count,
+            })
+        })
+        .collect()
 }

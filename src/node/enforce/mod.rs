@@ -17,7 +17,9 @@
 //! - [`store`]: the installed bundle on disk (atomic installs, last-known-good).
 //! - [`names`]: user references ↔ pinned mirror references.
 //! - [`lookup`]: CRI calls pullgate makes to containerd itself.
+//! - [`ledger`]: the pulls pullgate forwarded, for the lockdown watcher.
 
+pub mod ledger;
 pub mod lookup;
 pub mod names;
 pub mod store;
@@ -37,14 +39,14 @@ use time::OffsetDateTime;
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
 use crate::node::metrics::{BundleGauge, Metrics};
-use crate::policy::{
-    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
-    VerifiedBundle,
-};
 use crate::node::proxy::Upstream;
 use crate::node::proxy::grpc::{Code, Status};
 use crate::node::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
 use crate::node::wire;
+use crate::policy::{
+    self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
+    VerifiedBundle,
+};
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
 pub struct PolicyState {
@@ -117,7 +119,7 @@ impl PolicyState {
                 if now > b.expires_at {
                     self.warn_expired(&b, now);
                 }
-                policy::decide(req, &b, pod)
+                policy::decide(req, &b, pod, now)
             }
             Err(why) => policy::decide_without_bundle(req, Some(&why)),
         };
@@ -172,11 +174,8 @@ impl PolicyState {
 
     /// The bundle gauge for metrics.
     pub fn gauge(&self) -> Option<BundleGauge> {
-        self.current().map(|b| BundleGauge {
-            version: b.version,
-            issued_unix: b.issued_at.unix_timestamp(),
-            expires_unix: b.expires_at.unix_timestamp(),
-        })
+        self.current()
+            .map(|b| BundleGauge::of(&b, OffsetDateTime::now_utc()))
     }
 }
 
@@ -297,6 +296,8 @@ pub struct Enforcer {
     /// cached; a denial is always decided afresh, so an image pulled meanwhile under an approved
     /// name is not held back.
     allowed_starts: Mutex<HashMap<String, Decision>>,
+    /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
+    pub pulls: Arc<ledger::PullLedger>,
 }
 
 const START_CACHE_MAX: usize = 4096;
@@ -315,6 +316,7 @@ impl Enforcer {
             audit,
             auth: ArcSwapOption::empty(),
             allowed_starts: Mutex::default(),
+            pulls: Arc::default(),
         })
     }
 
@@ -348,9 +350,15 @@ impl Enforcer {
         pulled: Option<&str>,
         started: Instant,
     ) {
-        self.metrics.decision(d.verdict.as_str(), d.reason.as_str());
+        self.metrics.decided(method, d);
         let latency_us = started.elapsed().as_micros() as u64;
         match d.verdict {
+            // Deprecated images and exceptions are allowed, but worth an operator's attention.
+            PolicyVerdict::Allow
+                if matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) =>
+            {
+                tracing::info!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, message = ?d.message, "allowed")
+            }
             PolicyVerdict::Allow => {
                 tracing::debug!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, "allowed")
             }
@@ -422,6 +430,9 @@ impl Enforcer {
             }
         };
         self.record("PullImage", &d, &pod, pulled, started);
+        if let Some(p) = pulled {
+            self.pulls.note(p, d.verdict == PolicyVerdict::Allow);
+        }
         verdict
     }
 
@@ -586,6 +597,7 @@ impl Enforcer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(k)
+                .filter(|d| d.valid_until.is_none_or(|t| now < t))
                 .cloned();
             if let Some(d) = cached {
                 self.record("CreateContainer", &d, pod, None, started);
@@ -655,6 +667,7 @@ impl Enforcer {
             &ImageRequest::Reference(&image),
             &bundle,
             &PodContext::default(),
+            OffsetDateTime::now_utc(),
         );
         let private = Reference::parse(&image).is_ok_and(|r| r.domain() == bundle.private_registry);
         let ok = private && d.verdict == PolicyVerdict::Allow;

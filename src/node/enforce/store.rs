@@ -209,10 +209,10 @@ impl BundleStore {
         }
     }
 
-    /// Verifies `bundle` + `signatures` (at most the size limit, k-of-n signed before it is parsed,
-    /// newer than the installed one, fresh) and makes it the installed bundle atomically. Nothing on
-    /// disk changes if it is rejected.
-    pub fn install(
+    /// Verifies `bundle` + `signatures` exactly as [`BundleStore::install`] does (at most the size
+    /// limit, k-of-n signed before it is parsed, newer than the installed one, fresh, within the
+    /// trust file's limits), without installing it.
+    pub fn verify_new(
         &self,
         bundle: &[u8],
         signatures: &[u8],
@@ -233,12 +233,23 @@ impl BundleStore {
             source,
         })?;
         let installed = self.installed_version()?;
-        let verified = verify_bundle(bundle, &sigs, trust, installed, now).map_err(|source| {
-            StoreError::Rejected {
-                path: origin.to_path_buf(),
-                source,
-            }
-        })?;
+        verify_bundle(bundle, &sigs, trust, installed, now).map_err(|source| StoreError::Rejected {
+            path: origin.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Verifies `bundle` + `signatures` (newer than the installed one, fresh, k-of-n signed) and
+    /// makes it the installed bundle atomically. Nothing on disk changes if it is rejected.
+    pub fn install(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        trust: &Trust,
+        now: OffsetDateTime,
+        origin: &Path,
+    ) -> Result<VerifiedBundle, StoreError> {
+        let verified = self.verify_new(bundle, signatures, trust, now, origin)?;
         let bundles = self.dir.join("bundles");
         std::fs::DirBuilder::new()
             .recursive(true)
