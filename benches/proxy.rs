@@ -9,10 +9,18 @@
 //! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
 //! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
 //!
+//! The enforcement part measures `PullImage` and four kinds of `CreateContainer`: a start whose pod
+//! sandbox and image decision are both known (the steady state), a start of an image not decided yet
+//! (`ImageStatus` + `Content.Read` lookups), and the first start in a new pod — its sandbox looked up
+//! with `PodSandboxStatus` — with the image decision cached (the usual new pod of a deployment) and not.
+//!
 //! Run: `cargo bench --bench proxy` (env: `BENCH_CALLS` per round, default 2000; `BENCH_ROUNDS`,
 //! default 5; `BENCH_SECS` per throughput round, default 2). With `BENCH_UPSTREAM=/path/to/socket`
 //! (e.g. a real containerd's CRI socket) the passthrough part runs against that upstream instead of
-//! the fake, and the enforcement part is skipped.
+//! the fake, and the enforcement part is skipped. `BENCH_PULLGATE_BIN=/path/to/pullgate` measures
+//! another build (e.g. an earlier commit) in the same conditions; `BENCH_BASELINE_BIN=/path/to/pullgate`
+//! runs the enforcement part through that build too, in the same run, calls interleaved, and prints
+//! what this build adds over it.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -82,19 +90,23 @@ fn run_relay(spec: &str) -> ! {
 
 fn start_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
     let listen = dir.join("null-relay.sock");
-    let child = Command::new(std::env::current_exe().unwrap())
-        .env(
-            RELAY_ENV,
-            format!("{}:{}", listen.display(), upstream.display()),
-        )
-        .spawn()
-        .expect("spawn the null relay");
+    let child = Proc(
+        Command::new(std::env::current_exe().unwrap())
+            .env(
+                RELAY_ENV,
+                format!("{}:{}", listen.display(), upstream.display()),
+            )
+            .spawn()
+            .expect("spawn the null relay"),
+    );
     wait_for_socket(&listen, "the null relay");
-    (Proc(child), listen)
+    (child, listen)
 }
 
+/// Waits for a socket to appear: up to a minute (a debug build verifies the 100,000-image bundle
+/// slowly on a loaded machine).
 fn wait_for_socket(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
         assert!(Instant::now() < deadline, "{what} did not start");
         std::thread::sleep(Duration::from_millis(10));
@@ -102,6 +114,22 @@ fn wait_for_socket(path: &Path, what: &str) {
 }
 
 fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Proc, PathBuf) {
+    // BENCH_PULLGATE_BIN compares another build (e.g. an earlier commit) in the same conditions.
+    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
+        .filter(|b| !b.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
+    start_pullgate_bin(&bin, dir, upstream, workers, name)
+}
+
+/// `bin serve` with state in `dir/state-NAME`, listening on `dir/pullgate-NAME.sock`.
+fn start_pullgate_bin(
+    bin: &Path,
+    dir: &Path,
+    upstream: &Path,
+    workers: u32,
+    name: &str,
+) -> (Proc, PathBuf) {
     let listen = dir.join(format!("pullgate-{name}.sock"));
     let config = dir.join(format!("config-{name}.toml"));
     std::fs::write(
@@ -113,24 +141,22 @@ fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Pro
         ),
     )
     .unwrap();
-    // BENCH_PULLGATE_BIN compares another build (e.g. an earlier commit) in the same conditions.
-    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
-        .filter(|b| !b.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .arg("--listen")
-        .arg(&listen)
-        .arg("--upstream")
-        .arg(upstream)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn pullgate");
+    // Owned by a `Proc` before waiting, so a failed start does not leave it running.
+    let child = Proc(
+        Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--upstream")
+            .arg(upstream)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn pullgate"),
+    );
     wait_for_socket(&listen, "pullgate");
-    (Proc(child), listen)
+    (child, listen)
 }
 
 #[derive(Clone, Copy)]
@@ -185,9 +211,13 @@ async fn one_call(ch: &Channel, m: Method) {
 }
 
 async fn create(ch: &Channel, image: &str) {
+    create_in(ch, "sandbox", image).await;
+}
+
+async fn create_in(ch: &Channel, pod_sandbox_id: &str, image: &str) {
     runtime_client(ch.clone())
         .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: "sandbox".into(),
+            pod_sandbox_id: pod_sandbox_id.into(),
             config: Some(cri::ContainerConfig {
                 image: Some(cri::ImageSpec {
                     image: image.into(),
@@ -334,6 +364,36 @@ impl Latency {
             relay: both(r),
             via: both(v),
         }
+    }
+}
+
+/// Prints the median and p99 of direct calls and of calls via pullgate, and what pullgate added;
+/// with a baseline build's calls, what it added and what this build adds over it.
+fn print_added(
+    label: &str,
+    direct: &mut [Duration],
+    via: &mut [Duration],
+    base: Option<&mut [Duration]>,
+) {
+    let (d50, v50) = (pct(direct, 0.5), pct(via, 0.5));
+    let (d99, v99) = (pct(direct, 0.99), pct(via, 0.99));
+    println!("{label}");
+    println!(
+        "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
+        v50 - d50
+    );
+    println!(
+        "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
+        v99 - d99
+    );
+    if let Some(b) = base.filter(|b| !b.is_empty()) {
+        let (b50, b99) = (pct(b, 0.5), pct(b, 0.99));
+        println!(
+            "  baseline build: median {b50:8.1} µs (added {:6.1} µs), p99 {b99:8.1} µs; this build over it: median {:+6.1} µs, p99 {:+6.1} µs",
+            b50 - d50,
+            v50 - b50,
+            v99 - b99
+        );
     }
 }
 
@@ -522,7 +582,8 @@ fn main() {
             ..Default::default()
         };
         images.insert(BENCH_IMAGE_ID.into(), img);
-        for i in 0..calls as usize {
+        // Images never started before: one set for starts in a known pod, one for new pods.
+        for i in 0..2 * calls as usize {
             let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
             put_manifest(&fake.observed, &app_digest(i), &id);
             let img = cri::Image {
@@ -536,8 +597,30 @@ fn main() {
             images.insert(id, img);
         }
     }
+    // The pod sandboxes containerd knows: the steady-state pod, and one new pod per start for each of
+    // the two first-start rounds.
+    fake.add_sandbox("sandbox", &sandbox());
+    for i in 0..2 * calls as usize {
+        fake.add_sandbox(&format!("new-pod-{i}"), &sandbox());
+    }
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "enforce");
     let pg_pid = pg.0.id();
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN")
+        .filter(|b| !b.is_empty())
+        .map(|bin| {
+            install_big_bundle(
+                &dir.path().join("state-enforce-baseline"),
+                &dir.path().join("trust.toml"),
+            );
+            println!("baseline build: {}", bin.to_string_lossy());
+            start_pullgate_bin(
+                Path::new(&bin),
+                dir.path(),
+                &upstream_path,
+                workers,
+                "enforce-baseline",
+            )
+        });
     println!(
         "\nenforcement: pullgate with a {IMAGES}-image bundle ({:.1} MiB), audit log on",
         bytes as f64 / 1048576.0
@@ -545,6 +628,10 @@ fn main() {
     rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
         let via = cri_channel(&listen).await;
+        let base = match &baseline {
+            Some((_, sock)) => Some(cri_channel(sock).await),
+            None => None,
+        };
         for (label, m) in [
             ("PullImage (approved, rewritten)", Method::PullImage),
             ("CreateContainer (decision cached)", Method::CreateContainer),
@@ -552,48 +639,66 @@ fn main() {
             let mut sink = Vec::new();
             latencies(&direct, m, calls / 4, &mut sink).await;
             latencies(&via, m, calls / 4, &mut sink).await;
-            let (mut d, mut v) = (Vec::new(), Vec::new());
+            if let Some(b) = &base {
+                latencies(b, m, calls / 4, &mut sink).await;
+            }
+            let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
                 latencies(&direct, m, calls, &mut d).await;
                 latencies(&via, m, calls, &mut v).await;
+                if let Some(b) = &base {
+                    latencies(b, m, calls, &mut bl).await;
+                }
             }
             let cpu0 = cpu_time(pg_pid);
             let mut sink = Vec::new();
             latencies(&via, m, calls, &mut sink).await;
             let cpu = (cpu_time(pg_pid) - cpu0).as_secs_f64() * 1e6 / calls as f64;
-            let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
-            let (d99, v99) = (pct(&mut d, 0.99), pct(&mut v, 0.99));
-            println!("{label}");
-            println!(
-                "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
-                v50 - d50
-            );
-            println!(
-                "  latency p99:    direct {d99:8.1} µs  via pullgate {v99:8.1} µs  added {:6.1} µs",
-                v99 - d99
-            );
+            print_added(label, &mut d, &mut v, Some(&mut bl));
             println!("  pullgate CPU per call: {cpu:.1} µs sequential");
         }
-        // Uncached container starts: every call a different image, looked up in containerd first.
-        let ids: Vec<String> = (0..calls as usize)
-            .map(|i| format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128))
-            .collect();
-        let (mut d, mut v) = (Vec::new(), Vec::new());
-        for id in &ids {
-            let t = Instant::now();
-            create(&direct, id).await;
-            d.push(t.elapsed());
-            let t = Instant::now();
-            create(&via, id).await;
-            v.push(t.elapsed());
+        // Starts that each pay a lookup once: every call a different image and/or a new pod.
+        let id = |i: usize| format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
+        let n = calls as usize;
+        // (label, the (sandbox, image) of each start)
+        let once: [(&str, Vec<(String, String)>); 3] = [
+            (
+                "CreateContainer (image not decided yet: ImageStatus + Content.Read lookups)",
+                (0..n).map(|i| ("sandbox".to_string(), id(i))).collect(),
+            ),
+            (
+                "CreateContainer (first start in a new pod, image decision cached: PodSandboxStatus)",
+                (0..n)
+                    .map(|i| (format!("new-pod-{i}"), BENCH_IMAGE_ID.to_string()))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (first start in a new pod, image not decided yet: all three lookups)",
+                (n..2 * n)
+                    .map(|i| (format!("new-pod-{i}"), id(i)))
+                    .collect(),
+            ),
+        ];
+        // Every build sees each start for the first time (each has its own caches).
+        for (label, starts) in once {
+            let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
+            for (pod, image) in &starts {
+                let t = Instant::now();
+                create_in(&direct, pod, image).await;
+                d.push(t.elapsed());
+                let t = Instant::now();
+                create_in(&via, pod, image).await;
+                v.push(t.elapsed());
+                if let Some(b) = &base {
+                    let t = Instant::now();
+                    create_in(b, pod, image).await;
+                    bl.push(t.elapsed());
+                }
+            }
+            print_added(label, &mut d, &mut v, Some(&mut bl));
         }
-        let (d50, v50) = (pct(&mut d, 0.5), pct(&mut v, 0.5));
-        println!("CreateContainer (uncached: ImageStatus lookup + decision)");
-        println!(
-            "  latency median: direct {d50:8.1} µs  via pullgate {v50:8.1} µs  added {:6.1} µs",
-            v50 - d50
-        );
     });
     println!("target: added median <= 100 µs for PullImage and CreateContainer");
+    drop(baseline);
     drop(pg);
 }

@@ -133,17 +133,13 @@ async fn s1_approved_short_name_is_pinned_pulled_privately_and_runs() {
         .image
         .expect("ImageStatus(busybox:1.36) finds the pulled image");
     assert_eq!(img.id, image_ref);
-    assert!(
-        img.repo_digests.contains(&pinned),
-        "repo digests {:?} lack {pinned}",
-        img.repo_digests
+    // Named as containerd names an image it pulled as `docker.io/library/busybox:1.36` itself (the
+    // mirror copy is the same manifest).
+    assert_eq!(
+        img.repo_digests,
+        [format!("docker.io/library/busybox@{}", bb.digest)]
     );
-    assert!(
-        img.repo_tags
-            .contains(&"docker.io/library/busybox:1.36".to_string()),
-        "repo tags {:?} lack the source tag",
-        img.repo_tags
-    );
+    assert_eq!(img.repo_tags, ["docker.io/library/busybox:1.36"]);
     let raw = must(
         "direct ImageStatus",
         direct.image_status("busybox:1.36").await,
@@ -596,24 +592,65 @@ async fn s5_image_imported_with_ctr_cannot_start() {
     let cfg = host_pod_config("s5-pod", "default");
     let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
     for (name, marker, img) in &imported {
-        // As kubelet would (image ID + pod-spec name), and by name.
-        for image in [img.id.as_str(), name] {
-            assert_status(
-                &format!("CreateContainer {name} as {image}"),
-                cri.create_container_as_kubelet(
-                    &pod,
-                    &cfg,
-                    "evil",
-                    image,
-                    name,
-                    &strs(&grep_marker(marker)),
-                )
-                .await,
-                Code::PermissionDenied,
-                &[name, "denied"],
-            );
-        }
+        // As kubelet would (image ID + pod-spec name).
+        assert_status(
+            &format!("CreateContainer {name} by ID"),
+            cri.create_container_as_kubelet(
+                &pod,
+                &cfg,
+                "evil",
+                &img.id,
+                name,
+                &strs(&grep_marker(marker)),
+            )
+            .await,
+            Code::PermissionDenied,
+            &[name, "denied"],
+        );
     }
+    // By name (as crictl does): a name the bundle does not know is looked up as written and denied.
+    assert_status(
+        "CreateContainer quay.io/evil/miner:1 by name",
+        cri.create_container(
+            &pod,
+            &cfg,
+            "evil",
+            "quay.io/evil/miner:1",
+            &strs(&grep_marker("evil miner")),
+        )
+        .await,
+        Code::PermissionDenied,
+        &["quay.io/evil/miner:1", "denied"],
+    );
+    let containers = must("direct ListContainers", direct.list_containers().await);
+    assert!(
+        containers.containers.is_empty(),
+        "containerd created containers from imported images: {containers:?}"
+    );
+    // An approved name means the approved digest: the masquerade's name in containerd is never
+    // asked for, and the container runs the approved image (the evil marker is not there).
+    let by_name = must(
+        "CreateContainer busybox:1.36 by name",
+        cri.create_container(
+            &pod,
+            &cfg,
+            "by-name",
+            "docker.io/library/busybox:1.36",
+            &strs(&grep_marker("evil busybox")),
+        )
+        .await,
+    );
+    let code = must(
+        "container by name",
+        cri.start_and_wait(&by_name, Duration::from_secs(60)).await,
+    );
+    assert_eq!(code, 1, "the container by name ran the masquerade");
+    let st = must("ContainerStatus", cri.container_status(&by_name).await);
+    assert_eq!(
+        st.status.and_then(|s| s.image).map(|i| i.image),
+        Some(good_ref.clone()),
+        "pinned to the approved image"
+    );
     // The tag-only import has no repo digest at all; the masquerade's digest is not approved.
     assert_audit(
         &node,
@@ -632,11 +669,6 @@ async fn s5_image_imported_with_ctr_cannot_start() {
                 .any(|d| r["normalized"] == d.as_str())),
         "the masquerade was not judged by its own digest {:?}: {recs:?}",
         fake.repo_digests
-    );
-    let containers = must("direct ListContainers", direct.list_containers().await);
-    assert!(
-        containers.containers.is_empty(),
-        "containerd created containers from imported images: {containers:?}"
     );
 
     // Control: in the same pod, the approved image pulled through pullgate starts and runs.
@@ -1339,14 +1371,14 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
         .container_status(&done));
     assert_same_through_pullgate!("ContainerStatus(running)", direct, proxied, |c| c
         .container_status(&running));
-    assert_same_through_pullgate!("ImageStatus(image id)", direct, proxied, |c| c
-        .image_status(&image_ref));
 
-    // ListImages: identical except for pullgate's one documented addition, the source tags of
-    // approved mirror images (`docker.io/library/busybox:1.36`) in `repo_tags`.
-    let source_tags = [
+    // ImageStatus and ListImages: identical except for pullgate's one documented change, the names
+    // of approved mirror images, shown as their sources (docs/architecture.md): the mirror repo
+    // digest as the source's (`docker.io/library/busybox@sha256:…`), plus the source tags bound to it.
+    let source_names = [
         (
             node.mirror_ref(&node.fx.busybox),
+            format!("docker.io/library/busybox@{}", node.fx.busybox.digest),
             "docker.io/library/busybox:1.36".to_string(),
         ),
         (
@@ -1355,20 +1387,38 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
                 node.private(),
                 node.stack.pause_digest
             ),
+            format!("registry.k8s.io/pause@{}", node.stack.pause_digest),
             "registry.k8s.io/pause:3.9".to_string(),
         ),
     ];
     let expected = |images: Vec<Image>| -> Vec<Image> {
         let mut images = images;
         for i in &mut images {
-            for (rd, tag) in &source_tags {
-                if i.repo_digests.contains(rd) && !i.repo_tags.contains(tag) {
-                    i.repo_tags.push(tag.clone());
+            for (mirror, source, tag) in &source_names {
+                if let Some(d) = i.repo_digests.iter_mut().find(|d| *d == mirror) {
+                    d.clone_from(source);
+                    if !i.repo_tags.contains(tag) {
+                        i.repo_tags.push(tag.clone());
+                    }
                 }
             }
         }
         sorted_images(images)
     };
+    let d = expected(vec![
+        must("direct ImageStatus", direct.image_status(&image_ref).await)
+            .image
+            .expect("image"),
+    ]);
+    let p = sorted_images(vec![
+        must(
+            "ImageStatus through pullgate",
+            proxied.image_status(&image_ref).await,
+        )
+        .image
+        .expect("image"),
+    ]);
+    assert_eq!(p, d, "ImageStatus(image id) through pullgate");
     let d = expected(must("direct ListImages", direct.list_images().await));
     let p = sorted_images(must(
         "ListImages through pullgate",
@@ -1376,7 +1426,7 @@ async fn s9_read_only_calls_and_events_pass_through_unchanged() {
     ));
     assert_eq!(
         p, d,
-        "ListImages through pullgate: only the source tags may be added"
+        "ListImages through pullgate: only the names of approved mirror images may differ"
     );
     assert!(
         p.iter().any(|i| i.id == image_ref

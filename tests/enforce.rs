@@ -187,6 +187,49 @@ impl Env {
             .collect()
     }
 
+    /// What `pullgate bundle install` does: verify and install bundle `version` (busybox 1.36 bound
+    /// to `busybox_136`) into the state dir, then reload (SIGHUP).
+    async fn install_and_reload(&self, version: u64, busybox_136: &str) {
+        let b = bundle_json(version, busybox_136, time::Duration::days(30));
+        let s = self.keys.sign(&b, &[&self.keys.alice, &self.keys.bob]);
+        let trust = pullgate::policy::Trust::from_toml(&self.keys.trust_toml()).unwrap();
+        self.node
+            .store
+            .install(
+                b.as_bytes(),
+                s.as_bytes(),
+                &trust,
+                OffsetDateTime::now_utc(),
+                Path::new(&format!("v{version}.json")),
+            )
+            .unwrap();
+        self.control.send(Control::Reload).await.unwrap();
+    }
+
+    /// The image the upstream was last asked about (ImageStatus).
+    fn last_image_status(&self) -> String {
+        self.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("an ImageStatus reached the upstream")
+    }
+
+    /// The last `CreateContainer` that reached the upstream.
+    fn last_create(&self) -> cri::CreateContainerRequest {
+        self.fake
+            .observed
+            .creates
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a CreateContainer reached the upstream")
+    }
+
     async fn stop(mut self) {
         self.control.send(Control::Shutdown).await.unwrap();
         self.task.await.unwrap();
@@ -236,6 +279,23 @@ fn pull_request(image: &str, namespace: &str) -> cri::PullImageRequest {
             labels: [("app".to_string(), "web".to_string())].into(),
             ..Default::default()
         }),
+    }
+}
+
+/// A pod's sandbox config in namespace `ns` (name `pod-a`, uid `uid-<ns>`) with `labels`.
+fn pod_config(ns: &str, labels: &[(&str, &str)]) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "pod-a".into(),
+            namespace: ns.into(),
+            uid: format!("uid-{ns}"),
+            attempt: 0,
+        }),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
     }
 }
 
@@ -478,56 +538,59 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
         .into_inner()
         .image
         .unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &pinned("busybox", &digest(1))
-    );
+    assert_eq!(env.last_image_status(), pinned("busybox", &digest(1)));
     assert_eq!(got.id, stored.id);
-    assert_eq!(
-        got.repo_tags,
-        vec!["docker.io/library/busybox:1.36".to_string()]
-    );
-    assert_eq!(got.repo_digests, stored.repo_digests);
-    // IDs and unapproved names pass through untouched.
+    // Shown as containerd would show the source names: the mirror copy is the same manifest.
+    let want = cri::Image {
+        repo_tags: vec!["docker.io/library/busybox:1.36".to_string()],
+        repo_digests: vec![format!("docker.io/library/busybox@{}", digest(1))],
+        ..stored.clone()
+    };
+    assert_eq!(got, want);
+    // The same image whichever way it is asked for: every reference kind, and every name shown.
+    env.fake
+        .observed
+        .images
+        .lock()
+        .unwrap()
+        .insert(digest(0xaa), stored.clone());
+    for r in [
+        "docker.io/library/busybox:1.36".to_string(),
+        "library/busybox:1.36".to_string(),
+        format!("busybox@{}", digest(1)),
+        format!("docker.io/library/busybox@{}", digest(1)),
+        pinned("busybox", &digest(1)),
+        digest(0xaa),
+        digest(0xaa).trim_start_matches("sha256:").to_string(),
+    ] {
+        let asked_id = r.len() == 64;
+        if asked_id {
+            env.fake
+                .observed
+                .images
+                .lock()
+                .unwrap()
+                .insert(r.clone(), stored.clone());
+        }
+        let by = images.image_status(status(&r)).await.unwrap().into_inner();
+        assert_eq!(by.image.as_ref(), Some(&want), "ImageStatus({r})");
+    }
+    // IDs and unapproved names are asked for as written.
     images.image_status(status(&digest(0xaa))).await.unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &digest(0xaa)
-    );
+    assert_eq!(env.last_image_status(), digest(0xaa));
     images.image_status(status("alpine:3.19")).await.unwrap();
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        "alpine:3.19"
-    );
+    assert_eq!(env.last_image_status(), "alpine:3.19");
 
-    // ListImages shows the source tags bound to each pinned image.
+    // ListImages shows each image as ImageStatus does.
     let listed = images
         .list_images(cri::ListImagesRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(listed.images.len(), 1);
     assert_eq!(
-        listed.images[0].repo_tags,
-        vec!["docker.io/library/busybox:1.36".to_string()]
+        listed.images,
+        std::slice::from_ref(&want),
+        "ListImages shows what ImageStatus shows"
     );
 
     // RemoveImage by the user's name removes the pinned image.
@@ -556,16 +619,7 @@ async fn image_status_and_remove_find_what_was_pulled_and_follow_tag_moves() {
         missing.image.is_none(),
         "the old digest must not satisfy the moved tag"
     );
-    assert_eq!(
-        env.fake
-            .observed
-            .image_statuses
-            .lock()
-            .unwrap()
-            .last()
-            .unwrap(),
-        &pinned("busybox", &digest(4))
-    );
+    assert_eq!(env.last_image_status(), pinned("busybox", &digest(4)));
     images
         .pull_image(pull_request("busybox:1.36", "checkout"))
         .await
@@ -624,8 +678,12 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     // The approved digest's real manifest (content-addressed) belongs to another image.
     put_manifest(&env.fake.observed, &digest(2), &digest(0x20));
 
+    for ns in ["checkout", "search"] {
+        env.fake
+            .add_sandbox(&format!("sb-{ns}"), &pod_config(ns, &[("app", "web")]));
+    }
     let create = |image: &str, ns: &str| cri::CreateContainerRequest {
-        pod_sandbox_id: "sb".into(),
+        pod_sandbox_id: format!("sb-{ns}"),
         config: Some(cri::ContainerConfig {
             image: Some(cri::ImageSpec {
                 image: image.into(),
@@ -634,7 +692,7 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
             }),
             ..Default::default()
         }),
-        sandbox_config: Some(pull_request("x", ns).sandbox_config.unwrap()),
+        sandbox_config: Some(pod_config(ns, &[("app", "web")])),
     };
     rt.create_container(create(&approved, "checkout"))
         .await
@@ -672,15 +730,7 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     rt.create_container(create(&by_name, "checkout"))
         .await
         .unwrap();
-    let sent = env
-        .fake
-        .observed
-        .creates
-        .lock()
-        .unwrap()
-        .last()
-        .cloned()
-        .unwrap();
+    let sent = env.last_create();
     let sent_spec = sent.config.unwrap().image.unwrap();
     assert_eq!(sent_spec.image, approved, "pinned to the checked image ID");
     assert_eq!(
@@ -749,13 +799,16 @@ async fn cached_starts_are_per_scope_and_end_with_the_bundle() {
             ..Default::default()
         },
     );
+    for hash in ["aaaa", "bbbb"] {
+        env.fake.add_sandbox(
+            &format!("sb-{hash}"),
+            &pod_config("checkout", &[("pod-template-hash", hash)]),
+        );
+    }
     let create = |pod_hash: &str| {
-        let mut sandbox = pull_request("x", "checkout").sandbox_config.unwrap();
-        sandbox
-            .labels
-            .insert("pod-template-hash".into(), pod_hash.into());
+        let sandbox = pod_config("checkout", &[("pod-template-hash", pod_hash)]);
         cri::CreateContainerRequest {
-            pod_sandbox_id: "sb".into(),
+            pod_sandbox_id: format!("sb-{pod_hash}"),
             config: Some(cri::ContainerConfig {
                 image: Some(cri::ImageSpec {
                     image: image.clone(),
@@ -788,6 +841,417 @@ async fn cached_starts_are_per_scope_and_end_with_the_bundle() {
     env.stop().await;
 }
 
+/// An image in the fake store with a manifest in the content store for each repo digest that really
+/// describes it (config = the image ID), known by its ID and by `names`. Returns the ID.
+fn put_image(fake: &FakeCri, id: u8, repo_digests: &[String], names: &[String]) -> String {
+    for rd in repo_digests {
+        put_manifest(&fake.observed, rd.rsplit_once('@').unwrap().1, &digest(id));
+    }
+    let img = cri::Image {
+        id: digest(id),
+        repo_digests: repo_digests.to_vec(),
+        ..Default::default()
+    };
+    let mut images = fake.observed.images.lock().unwrap();
+    for name in names.iter().chain([&digest(id)]) {
+        images.insert(name.clone(), img.clone());
+    }
+    digest(id)
+}
+
+fn create_in(
+    sandbox: &str,
+    image: &str,
+    claim: Option<cri::PodSandboxConfig>,
+) -> cri::CreateContainerRequest {
+    cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox.into(),
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: claim,
+    }
+}
+
+/// The pod of a container start is the sandbox containerd recorded, never the `sandbox_config` the
+/// caller sends: a claimed warn-mode namespace for a pod of an enforce-mode namespace is refused and
+/// the audit shows the real namespace; unknown sandboxes are refused; a removed sandbox is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let imported = put_image(
+        &env.fake,
+        0xc1,
+        &[format!("docker.io/library/miner@{}", digest(8))],
+        &[],
+    );
+    let payments_only = put_image(&env.fake, 0xc2, &[pinned("nginx", &digest(3))], &[]);
+    let web = [("app", "web")];
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &web));
+    env.fake
+        .add_sandbox("sb-search", &pod_config("search", &[]));
+    let mut rt = env.runtime().await;
+    let creates = || env.fake.observed.creates.lock().unwrap().len();
+
+    // A pod of enforce-mode `checkout` claiming warn-mode `ledger`: refused, audited as what it is.
+    let e = rt
+        .create_container(create_in(
+            "sb-checkout",
+            &imported,
+            Some(pod_config("ledger", &web)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("namespace \"ledger\"") && e.message().contains("\"checkout\""),
+        "{}",
+        e.message()
+    );
+    assert_eq!(creates(), 0, "the spoofed start never reached containerd");
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(
+        (
+            &last["decision"],
+            &last["reason"],
+            &last["pod_namespace"],
+            &last["pod_uid"]
+        ),
+        (
+            &"deny".into(),
+            &"sandbox_mismatch".into(),
+            &"checkout".into(),
+            &"uid-checkout".into()
+        )
+    );
+    // The other way round, and a claimed application label, are refused too.
+    for (sandbox, claim) in [
+        ("sb-search", pod_config("checkout", &[])),
+        ("sb-checkout", pod_config("checkout", &[("app", "admin")])),
+    ] {
+        let e = rt
+            .create_container(create_in(sandbox, &payments_only, Some(claim)))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{sandbox}: {e:?}");
+        assert!(
+            e.message().contains("does not match pod sandbox"),
+            "{}",
+            e.message()
+        );
+    }
+
+    // No claim at all: the recorded pod decides. nginx 1.25 is approved for payments only.
+    rt.create_container(create_in("sb-checkout", &payments_only, None))
+        .await
+        .unwrap();
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(
+        (&last["decision"], &last["pod_namespace"], &last["pod_name"]),
+        (&"allow".into(), &"checkout".into(), &"pod-a".into())
+    );
+    let e = rt
+        .create_container(create_in("sb-search", &payments_only, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(env.audit_lines().pop().unwrap()["reason"], "out_of_scope");
+    // Labels that select no scope may differ (kubelet sends the pod's current labels).
+    let relabelled = pod_config("checkout", &[("app", "web"), ("version", "2")]);
+    rt.create_container(create_in("sb-checkout", &payments_only, Some(relabelled)))
+        .await
+        .unwrap();
+    assert_eq!(creates(), 2);
+
+    // The sandbox was looked up once and is remembered.
+    let looked_up = |id: &str| {
+        env.fake
+            .observed
+            .sandbox_statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| *s == id)
+            .count()
+    };
+    assert_eq!(looked_up("sb-checkout"), 1);
+
+    // Sandboxes containerd does not know, or none at all, are refused and audited.
+    let e = rt
+        .create_container(create_in(
+            "sb-gone",
+            &payments_only,
+            Some(pod_config("checkout", &[])),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(
+        e.message().contains("sb-gone") && e.message().contains("RunPodSandbox"),
+        "{}",
+        e.message()
+    );
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(
+        (&last["reason"], &last["decision"]),
+        (&"sandbox_not_found".into(), &"deny".into())
+    );
+    let e = rt
+        .create_container(create_in("", &payments_only, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // RemovePodSandbox is forwarded and the sandbox forgotten: the next start in it is looked up
+    // again (and containerd no longer knows it).
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: "sb-checkout".into(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        *env.fake.observed.sandbox_removals.lock().unwrap(),
+        ["sb-checkout"]
+    );
+    let e = rt
+        .create_container(create_in("sb-checkout", &payments_only, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(looked_up("sb-checkout"), 2);
+    assert_eq!(creates(), 2);
+    env.stop().await;
+
+    // Node warn mode blocks nothing: the contradiction is reported, the recorded pod decides.
+    let env = Env::start(true, NodeMode::Warn, |_, _| {}).await;
+    let imported = put_image(
+        &env.fake,
+        0xc1,
+        &[format!("docker.io/library/miner@{}", digest(8))],
+        &[],
+    );
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &web));
+    let mut rt = env.runtime().await;
+    rt.create_container(create_in(
+        "sb-checkout",
+        &imported,
+        Some(pod_config("ledger", &web)),
+    ))
+    .await
+    .unwrap();
+    let lines = env.audit_lines();
+    let mismatch = &lines[lines.len() - 2];
+    assert_eq!(
+        (
+            &mismatch["decision"],
+            &mismatch["reason"],
+            &mismatch["pod_namespace"]
+        ),
+        (
+            &"warn".into(),
+            &"sandbox_mismatch".into(),
+            &"checkout".into()
+        )
+    );
+    let decided = &lines[lines.len() - 1];
+    assert_eq!(
+        (
+            &decided["decision"],
+            &decided["pod_namespace"],
+            &decided["scope"]
+        ),
+        (
+            &"warn".into(),
+            &"checkout".into(),
+            &"corp/payments/checkout".into()
+        )
+    );
+    env.stop().await;
+}
+
+/// A node whose fake containerd holds only the images put there, among them busybox:1.36 as pullgate
+/// pulls it (the pinned mirror name), and a sandbox `sb` in namespace `checkout`. Returns the image ID.
+async fn env_with_pulled_busybox() -> (Env, String) {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    env.fake
+        .observed
+        .only_known_images
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let id = put_image(
+        &env.fake,
+        0xd1,
+        &[pinned("busybox", &digest(1))],
+        &[pinned("busybox", &digest(1))],
+    );
+    env.fake.add_sandbox("sb", &pod_config("checkout", &[]));
+    (env, id)
+}
+
+/// `crictl create` names the image as the user wrote it: the name is resolved through the bundle
+/// (as ImageStatus does), so an approved image pulled through pullgate starts, pinned to its ID; a
+/// name never approved is told so; an approved one not pulled yet is told to pull it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_created_by_image_name_resolve_through_the_bundle() {
+    let (env, id) = env_with_pulled_busybox().await;
+    let mut rt = env.runtime().await;
+    for name in [
+        "busybox:1.36".to_string(),
+        "docker.io/library/busybox:1.36".to_string(),
+        format!("busybox@{}", digest(1)),
+        format!("docker.io/library/busybox@{}", digest(1)),
+        pinned("busybox", &digest(1)),
+    ] {
+        rt.create_container(create_in("sb", &name, Some(pod_config("checkout", &[]))))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let sent = env.last_create();
+        assert_eq!(
+            sent.config.unwrap().image.unwrap().image,
+            id,
+            "{name} is pinned to the checked ID"
+        );
+        assert_eq!(
+            env.last_image_status(),
+            pinned("busybox", &digest(1)),
+            "{name} is looked up under the pinned mirror name"
+        );
+    }
+    for (name, reason, says) in [
+        ("busybox:1.37", "tag_not_approved", "1.37"),
+        ("alpine:3.19", "not_in_bundle", "alpine"),
+        (
+            "nginx:1.25",
+            "digest_not_approved",
+            "pull it through pullgate first",
+        ),
+    ] {
+        let e = rt
+            .create_container(create_in("sb", name, Some(pod_config("checkout", &[]))))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{name}: {e:?}");
+        assert!(e.message().contains(says), "{name}: {}", e.message());
+        if reason != "digest_not_approved" {
+            assert!(!e.message().contains("pull it"), "{name}: {}", e.message());
+        }
+        assert_eq!(env.audit_lines().pop().unwrap()["reason"], reason, "{name}");
+    }
+    env.stop().await;
+}
+
+/// Image volumes (`mounts[].image`) are checked like the container's image and pinned to the image
+/// ID that was checked. (containerd 1.6 has no image volumes, so this is proven at the fake level.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_volumes_are_checked_and_pinned() {
+    let (env, approved) = env_with_pulled_busybox().await;
+    let other = put_image(&env.fake, 0xe2, &[pinned("busybox", &digest(2))], &[]);
+    let imported = put_image(
+        &env.fake,
+        0xe3,
+        &[format!("docker.io/library/miner@{}", digest(8))],
+        &[],
+    );
+    let volume = |path: &str, image: &str| cri::Mount {
+        container_path: path.into(),
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let with_volumes = |mounts: Vec<cri::Mount>| {
+        let mut r = create_in("sb", &other, None);
+        r.config.as_mut().unwrap().mounts = mounts;
+        r
+    };
+    let mut rt = env.runtime().await;
+    rt.create_container(with_volumes(vec![
+        volume("/data", "busybox:1.36"),
+        cri::Mount {
+            container_path: "/host".into(),
+            host_path: "/tmp".into(),
+            ..Default::default()
+        },
+        volume("/again", &approved),
+    ]))
+    .await
+    .unwrap();
+    let sent = env.last_create();
+    let mounts = sent.config.unwrap().mounts;
+    assert_eq!(
+        mounts
+            .iter()
+            .map(|m| m.image.as_ref().map(|i| i.image.as_str()))
+            .collect::<Vec<_>>(),
+        [Some(approved.as_str()), None, Some(approved.as_str())],
+        "every image volume is pinned to the checked image ID"
+    );
+    assert_eq!(mounts[1].host_path, "/tmp");
+    let e = rt
+        .create_container(with_volumes(vec![volume("/x", &imported)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("image volume at /x"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 1);
+    env.stop().await;
+}
+
+/// The sandbox (pause) image is checked again whenever the bundle in force changes, however it
+/// changed (here: `pullgate bundle install`'s install + reload).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_image_is_rechecked_after_every_bundle_change() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    // Approved by v1's busybox:1.36 → D1; v2 moves the tag to D4, so the pause image is no longer
+    // approved.
+    *env.fake.observed.sandbox_image.lock().unwrap() = pinned("busybox", &digest(1));
+    env.node.spawn_background(false);
+    let wait_for = |want_ok: bool| {
+        let node = env.node.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let problem = node.status_json()["sandbox_image_problem"].clone();
+                let gauge = node.metrics_text(0).contains(&format!(
+                    "pullgate_sandbox_image_approved {}",
+                    u8::from(want_ok)
+                ));
+                if problem.is_null() == want_ok && gauge {
+                    return problem;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sandbox image check did not report approved={want_ok}: {problem}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for(true).await;
+    env.install_and_reload(2, &digest(4)).await;
+    let problem = wait_for(false).await;
+    assert!(
+        problem.as_str().unwrap().contains("not approved"),
+        "{problem}"
+    );
+    // And back: v3 approves it again.
+    let b = bundle_json(3, &digest(1), time::Duration::days(30));
+    let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
+    drop_bundle(&env.dir, "v3", &b, &s);
+    wait_for(true).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_bundle_pulls_and_starts_fail_closed_and_the_rest_works() {
     let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
@@ -803,8 +1267,10 @@ async fn without_a_bundle_pulls_and_starts_fail_closed_and_the_rest_works() {
         "{}",
         e.message()
     );
+    env.fake.add_sandbox("sb", &pod_config("checkout", &[]));
     let e = rt
         .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: "sb".into(),
             config: Some(cri::ContainerConfig {
                 image: Some(cri::ImageSpec {
                     image: digest(1),
@@ -1002,21 +1468,7 @@ async fn bundle_swap_under_200_concurrent_calls_fails_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_installs_from_the_state_dir_and_sandbox_image_is_checked() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    // What `pullgate bundle install` does: verify and install into the state dir, then SIGHUP.
-    let b = bundle_json(5, &digest(6), time::Duration::days(30));
-    let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
-    let trust = pullgate::policy::Trust::from_toml(&env.keys.trust_toml()).unwrap();
-    env.node
-        .store
-        .install(
-            b.as_bytes(),
-            s.as_bytes(),
-            &trust,
-            OffsetDateTime::now_utc(),
-            Path::new("v5.json"),
-        )
-        .unwrap();
-    env.control.send(Control::Reload).await.unwrap();
+    env.install_and_reload(5, &digest(6)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while env.node.state.current().unwrap().version != 5 {
         assert!(
@@ -1136,35 +1588,7 @@ async fn credentials_never_reach_the_logs_even_at_trace() {
     let dir = tempfile::tempdir().unwrap();
     let (fake, _events) = FakeCri::new();
     let upstream = fake.serve(&dir.path().join("cri.sock"));
-    let config = dir.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[log]\nlevel = \"trace\"\n[policy]\nmode = \"warn\"\nstate_dir = \"{d}/state\"\ntrust = \"{d}/trust.toml\"\n[metrics]\nlisten = \"off\"\n",
-            d = dir.path().display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("pullgate.log")).unwrap();
-    let listen = dir.path().join("pg.sock");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .arg("--listen")
-        .arg(&listen)
-        .arg("--upstream")
-        .arg(&upstream.path)
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while tokio::net::UnixStream::connect(&listen).await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pullgate did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pg = Serve::start(dir.path(), &upstream.path, "trace", "warn").await;
     let mut req = pull_request("busybox:1.36", "checkout");
     req.auth = Some(cri::AuthConfig {
         username: "user-Zq8".into(),
@@ -1174,7 +1598,7 @@ async fn credentials_never_reach_the_logs_even_at_trace() {
         registry_token: "regtoken-Zq8".into(),
         server_address: "docker.io".into(),
     });
-    image_client(cri_channel(&listen).await)
+    image_client(cri_channel(&pg.listen).await)
         .pull_image(req)
         .await
         .unwrap();
@@ -1184,9 +1608,7 @@ async fn credentials_never_reach_the_logs_even_at_trace() {
         "hunter2-Zq8",
         "warn mode forwards the request as is"
     );
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait().unwrap();
-    let logged = std::fs::read_to_string(dir.path().join("pullgate.log")).unwrap();
+    let logged = pg.stop();
     assert!(logged.contains("busybox:1.36"), "the log names the image");
     let audit = std::fs::read_to_string(dir.path().join("state/audit.log")).unwrap();
     for secret in [
@@ -1202,6 +1624,111 @@ async fn credentials_never_reach_the_logs_even_at_trace() {
             "{secret} leaked into the audit log"
         );
     }
+    upstream.stop().await;
+}
+
+/// `pullgate serve` as a process, its log (stderr) written to a file as under systemd.
+struct Serve {
+    child: std::process::Child,
+    listen: PathBuf,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// Starts pullgate at `level` in `mode` with state under `dir` (a bundle may be installed there
+    /// first) and waits for its socket. `NO_COLOR` is removed: colour must follow the terminal alone.
+    async fn start(dir: &Path, upstream: &Path, level: &str, mode: &str) -> Serve {
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[log]\nlevel = \"{level}\"\n[policy]\nmode = \"{mode}\"\nstate_dir = \"{d}/state\"\ntrust = \"{d}/trust.toml\"\n[metrics]\nlisten = \"off\"\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("pullgate.log");
+        let listen = dir.join("pg.sock");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .arg("--listen")
+            .arg(&listen)
+            .arg("--upstream")
+            .arg(upstream)
+            .env_remove("NO_COLOR")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::UnixStream::connect(&listen).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pullgate did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Serve { child, listen, log }
+    }
+
+    /// Stops pullgate (SIGTERM) and returns its whole log.
+    fn stop(mut self) -> String {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap();
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+}
+
+/// What the log says, and how: no colour codes in a file; the no-bundle start-up message says what
+/// the mode really does; a real denial is logged at WARN, like a warn-mode would-be denial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_says_what_happens_plainly_and_denials_are_warnings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, _events) = FakeCri::new();
+    let upstream = fake.serve(&dir.path().join("cri.sock"));
+    let keys = Keys::new();
+    std::fs::write(dir.path().join("trust.toml"), keys.trust_toml()).unwrap();
+
+    // Warn mode, no bundle: pulls go through as asked (and the log says so).
+    let pg = Serve::start(dir.path(), &upstream.path, "info", "warn").await;
+    image_client(cri_channel(&pg.listen).await)
+        .pull_image(pull_request("busybox:1.36", "checkout"))
+        .await
+        .unwrap();
+    let logged = pg.stop();
+    assert!(
+        !logged.contains('\x1b'),
+        "colour codes in a log file:\n{logged}"
+    );
+    assert!(
+        logged.contains("go through unchecked") && !logged.contains("refused until"),
+        "{logged}"
+    );
+    assert_eq!(env_pulled(&fake).image.unwrap().image, "busybox:1.36");
+
+    // Enforce mode with a bundle: a denial is a WARN line.
+    let b = bundle_json(1, &digest(1), time::Duration::days(30));
+    let trust = pullgate::policy::Trust::from_toml(&keys.trust_toml()).unwrap();
+    pullgate::node::enforce::store::BundleStore::new(dir.path().join("state"))
+        .install(
+            b.as_bytes(),
+            keys.sign(&b, &[&keys.alice, &keys.bob]).as_bytes(),
+            &trust,
+            OffsetDateTime::now_utc(),
+            Path::new("v1.json"),
+        )
+        .unwrap();
+    let pg = Serve::start(dir.path(), &upstream.path, "info", "enforce").await;
+    image_client(cri_channel(&pg.listen).await)
+        .pull_image(pull_request("alpine:3.19", "checkout"))
+        .await
+        .unwrap_err();
+    let logged = pg.stop();
+    let denial = logged
+        .lines()
+        .find(|l| l.contains("denied") && l.contains("alpine:3.19"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{logged}"));
+    assert!(denial.contains(" WARN "), "{denial}");
     upstream.stop().await;
 }
 
@@ -1235,7 +1762,9 @@ async fn the_older_v1alpha2_api_is_no_way_around() {
     )
     .await;
     assert_eq!(status_of(&r).as_deref(), Some("7"), "{r:?}");
+    env.fake.add_sandbox("sb", &pod_config("checkout", &[]));
     let create = cri::CreateContainerRequest {
+        pod_sandbox_id: "sb".into(),
         config: Some(cri::ContainerConfig {
             image: Some(cri::ImageSpec {
                 image: digest(0xee),
@@ -1243,8 +1772,7 @@ async fn the_older_v1alpha2_api_is_no_way_around() {
             }),
             ..Default::default()
         }),
-        sandbox_config: pull_request("x", "checkout").sandbox_config,
-        ..Default::default()
+        sandbox_config: Some(pod_config("checkout", &[])),
     };
     let r = raw_call(
         &env.listen,

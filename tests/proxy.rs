@@ -390,7 +390,7 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     .await;
     assert_eq!(resp.headers["grpc-status"], "8", "{:?}", resp.headers);
     let why = resp.headers["grpc-message"].to_str().unwrap();
-    assert!(why.contains("server.limits.max_image_message"), "{why}");
+    assert!(why.contains("server.limits.max_small_message"), "{why}");
     pg.stop().await;
 }
 

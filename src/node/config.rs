@@ -129,7 +129,7 @@ pub struct RawLimits {
     pub body_budget_wait: Option<String>,
     pub body_read_timeout: Option<String>,
     pub max_pull_image_message: Option<String>,
-    pub max_image_message: Option<String>,
+    pub max_small_message: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,8 +271,9 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Largest `PullImage` request message.
     pub max_pull_image_message: usize,
-    /// Largest `ImageStatus`, `RemoveImage` and `ListImages` request message.
-    pub max_image_message: usize,
+    /// Largest request message of the intercepted methods whose messages are always small
+    /// (`ImageStatus`, `RemoveImage`, `ListImages`, `RemovePodSandbox`).
+    pub max_small_message: usize,
 }
 
 impl Default for Limits {
@@ -287,7 +288,7 @@ impl Default for Limits {
             body_budget_wait: Duration::from_secs(1),
             body_read_timeout: Duration::from_secs(10),
             max_pull_image_message: 4 * MIB as usize,
-            max_image_message: MIB as usize,
+            max_small_message: MIB as usize,
         }
     }
 }
@@ -753,10 +754,10 @@ impl Limits {
                 64 * 1024..=16 * MIB,
                 "a size from 64KiB to 16MiB, such as \"4MiB\"",
             )? as usize,
-            max_image_message: size(
-                "server.limits.max_image_message",
-                raw.max_image_message,
-                d.max_image_message as u64,
+            max_small_message: size(
+                "server.limits.max_small_message",
+                raw.max_small_message,
+                d.max_small_message as u64,
                 64 * 1024..=16 * MIB,
                 "a size from 64KiB to 16MiB, such as \"1MiB\"",
             )? as usize,
@@ -1038,7 +1039,7 @@ mod tests {
             body_budget_wait = "0s"
             body_read_timeout = "500ms"
             max_pull_image_message = "2MiB"
-            max_image_message = "256KiB"
+            max_small_message = "256KiB"
             [policy]
             max_bundle_size = "100MiB"
             "#,
@@ -1054,7 +1055,7 @@ mod tests {
         assert_eq!(l.body_budget_wait, Duration::ZERO);
         assert_eq!(l.body_read_timeout, Duration::from_millis(500));
         assert_eq!(l.max_pull_image_message, 2 << 20);
-        assert_eq!(l.max_image_message, 256 << 10);
+        assert_eq!(l.max_small_message, 256 << 10);
         assert_eq!(c.policy.max_bundle_size, 100 << 20);
         let d = Config::default();
         assert_eq!(d.server.limits, Limits::default());
@@ -1111,8 +1112,8 @@ mod tests {
                 "64KiB to 16MiB",
             ),
             (
-                "max_image_message = \"1KiB\"",
-                "max_image_message",
+                "max_small_message = \"1KiB\"",
+                "max_small_message",
                 "64KiB to 16MiB",
             ),
         ] {

@@ -300,8 +300,9 @@ impl Metrics {
     /// A decision made for CRI `method`: counted by result and reason; a container start of a
     /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
     /// remembered for `pullgate status`.
-    pub fn decided(&self, method: &str, d: &Decision) {
-        self.decision(d.verdict.as_str(), d.reason.as_str());
+    /// Remembers a container start from a deprecated, soon-to-sunset or excepted image (the
+    /// decision itself is counted by [`Metrics::decision`]).
+    pub fn lifecycle_start(&self, method: &str, d: &Decision) {
         if method != "CreateContainer" || !d.is_allowed() {
             return;
         }

@@ -17,7 +17,7 @@ use k8s_cri::v1 as cri;
 use time::OffsetDateTime;
 
 use crate::node::config::NodeMode;
-use crate::node::enforce::{lookup, pod_context};
+use crate::node::enforce::{lookup, sandbox};
 use crate::node::proxy::Upstream;
 use crate::node::proxy::grpc::Status;
 use crate::policy::bundle::rfc3339;
@@ -64,14 +64,7 @@ pub async fn inventory(upstream: &Arc<Upstream>) -> Result<Vec<Container>, Statu
     let pods: HashMap<String, PodContext> = pods
         .items
         .into_iter()
-        .map(|p| {
-            let cfg = cri::PodSandboxConfig {
-                metadata: p.metadata,
-                labels: p.labels,
-                ..Default::default()
-            };
-            (p.id, pod_context(Some(&cfg)))
-        })
+        .map(|p| (p.id.clone(), sandbox::listed_pod(&p)))
         .collect();
     // Each distinct image once, several at a time.
     let mut ids: Vec<String> = containers

@@ -1,8 +1,9 @@
 //! Fake CRI upstreams for in-process tests and benchmarks.
 //!
 //! - [`FakeCri`]: a real tonic server of `k8s-cri`'s `RuntimeService` and `ImageService` on a unix
-//!   socket, with scripted behaviour: recorded pulls, a controllable event stream, slow calls, errors
-//!   with metadata.
+//!   socket, with scripted behaviour: recorded pulls, pod sandboxes ([`FakeCri::add_sandbox`],
+//!   `PodSandboxStatus`, `RemovePodSandbox`), a controllable event stream, slow calls, errors with
+//!   metadata.
 //! - [`RawUpstream`]: a bare HTTP/2 server that records every request exactly (path, headers, body
 //!   bytes, trailers) and answers with scripted raw bytes, for byte-for-byte checks that typed
 //!   bindings cannot make (they drop unknown fields).
@@ -39,12 +40,20 @@ pub struct Observed {
     pub creates: Mutex<Vec<cri::CreateContainerRequest>>,
     /// Images the fake knows, by every name or ID they are asked for with.
     pub images: Mutex<std::collections::HashMap<String, cri::Image>>,
+    /// When set, `ImageStatus` finds only [`Observed::images`] (no canned images for other names).
+    pub only_known_images: AtomicBool,
     /// The sandbox image `Status(verbose)` reports.
     pub sandbox_image: Mutex<String>,
     /// containerd's content store (native API, namespace `k8s.io`): digest → bytes.
     pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Namespaces `Content.Read` was asked in.
     pub content_namespaces: Mutex<Vec<String>>,
+    /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID.
+    pub sandboxes: Mutex<std::collections::HashMap<String, cri::PodSandboxStatus>>,
+    /// Sandbox IDs asked for by `PodSandboxStatus`, in order.
+    pub sandbox_statuses: Mutex<Vec<String>>,
+    /// Sandbox IDs `RemovePodSandbox` was called with, in order.
+    pub sandbox_removals: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
     /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
     pub cancelled: AtomicBool,
@@ -89,6 +98,22 @@ impl FakeCri {
             },
             tx,
         )
+    }
+
+    /// Makes the fake know pod sandbox `id`, recorded with `config`'s metadata and labels (what
+    /// containerd's `PodSandboxStatus` reports for a sandbox run with that config).
+    pub fn add_sandbox(&self, id: &str, config: &cri::PodSandboxConfig) {
+        self.observed.sandboxes.lock().unwrap().insert(
+            id.to_string(),
+            cri::PodSandboxStatus {
+                id: id.to_string(),
+                metadata: config.metadata.clone(),
+                state: cri::PodSandboxState::SandboxReady as i32,
+                labels: config.labels.clone(),
+                annotations: config.annotations.clone(),
+                ..Default::default()
+            },
+        );
     }
 
     /// Serves on a unix socket at `path` until stopped.
@@ -248,17 +273,38 @@ impl RuntimeService for FakeCri {
     ) -> Res<cri::StopPodSandboxResponse> {
         Err(unimplemented("stop_pod_sandbox"))
     }
+    /// Forgets the sandbox (as containerd does, removing an unknown one succeeds).
     async fn remove_pod_sandbox(
         &self,
-        _r: TReq<cri::RemovePodSandboxRequest>,
+        r: TReq<cri::RemovePodSandboxRequest>,
     ) -> Res<cri::RemovePodSandboxResponse> {
-        Err(unimplemented("remove_pod_sandbox"))
+        let id = r.into_inner().pod_sandbox_id;
+        self.observed.sandboxes.lock().unwrap().remove(&id);
+        self.observed.sandbox_removals.lock().unwrap().push(id);
+        Ok(TResp::new(cri::RemovePodSandboxResponse {}))
     }
+    /// Answers from [`Observed::sandboxes`]; NOT_FOUND (as containerd) for any other ID.
     async fn pod_sandbox_status(
         &self,
-        _r: TReq<cri::PodSandboxStatusRequest>,
+        r: TReq<cri::PodSandboxStatusRequest>,
     ) -> Res<cri::PodSandboxStatusResponse> {
-        Err(unimplemented("pod_sandbox_status"))
+        let id = r.into_inner().pod_sandbox_id;
+        self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        self.observed
+            .sandbox_statuses
+            .lock()
+            .unwrap()
+            .push(id.clone());
+        let status = self.observed.sandboxes.lock().unwrap().get(&id).cloned();
+        match status {
+            Some(status) => Ok(TResp::new(cri::PodSandboxStatusResponse {
+                status: Some(status),
+                ..Default::default()
+            })),
+            None => Err(Status::not_found(format!(
+                "an error occurred when try to find sandbox: not found: {id}"
+            ))),
+        }
     }
     async fn list_pod_sandbox(
         &self,
@@ -417,7 +463,8 @@ impl ImageService for FakeCri {
                 info: Default::default(),
             }));
         }
-        let known = !name.starts_with("missing")
+        let known = !self.observed.only_known_images.load(Ordering::Relaxed)
+            && !name.starts_with("missing")
             && !name.contains("@sha256:")
             && !name.starts_with("registry.corp");
         Ok(TResp::new(cri::ImageStatusResponse {

@@ -300,7 +300,9 @@ help_complete() {
         /^[^ ]/ { section = 0 }
         section && /^ +[^ ]/ {
             line = $0; sub(/^ +/, "", line)
-            if (line ~ /^[-<[]/ || (section_name == "Commands:" && $0 ~ /^  [^ ]/)) {
+            # clap puts "[default: …]" / "[possible values: …]" on a line of their own when the
+            # description wraps: those belong to the entry above, they are not entries
+            if ((line ~ /^[-<]/ || (line ~ /^\[/ && line !~ /^\[(default|possible values|env|aliases): /)) || (section_name == "Commands:" && $0 ~ /^  [^ ]/)) {
                 # an entry: its description is on this line after 2+ spaces, or on the next line
                 if (pending) { print "undocumented: " pending; bad = 1 }
                 pending = (line ~ /[^ ]  +[^ ]/) ? "" : line

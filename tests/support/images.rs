@@ -33,6 +33,9 @@ pub struct Fixture {
     pub marker: String,
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
+    /// The image config's `User` (`1002`, `www-data`, `1003:1003`; `umoci config --config.user`);
+    /// `None` leaves it unset (root).
+    pub user: Option<String>,
 }
 
 impl ImageFactory {
@@ -87,6 +90,9 @@ impl ImageFactory {
         for c in &fixture.cmd {
             config.args(["--config.cmd", c]);
         }
+        if let Some(user) = &fixture.user {
+            config.args(["--config.user", user]);
+        }
         run(&mut config);
         let _ = std::fs::remove_dir_all(&rootfs);
         tag
@@ -131,6 +137,7 @@ impl ImageFactory {
             marker: format!("{marker} {repo_tag}"),
             entrypoint: vec![],
             cmd: vec!["/bin/sh".into()],
+            user: None,
         });
         self.push_tag(&tag, registry, repo_tag)
     }
@@ -142,6 +149,7 @@ impl ImageFactory {
             marker: marker.to_string(),
             entrypoint: vec![],
             cmd: vec!["/bin/sh".into()],
+            user: None,
         })
     }
 
@@ -155,6 +163,24 @@ impl ImageFactory {
             .arg(format!("docker-archive:{}:{name}", tar.display())));
     }
 
+    /// Builds a fixture image (default command `/bin/sh`) whose config runs as `user`, and pushes it;
+    /// returns its digest.
+    pub fn push_image_as(
+        &self,
+        registry: &Registry,
+        repo_tag: &str,
+        marker: &str,
+        user: &str,
+    ) -> String {
+        let tag = self.build(&Fixture {
+            marker: format!("{marker} {repo_tag}"),
+            entrypoint: vec![],
+            cmd: vec!["/bin/sh".into()],
+            user: Some(user.to_string()),
+        });
+        self.push_tag(&tag, registry, repo_tag)
+    }
+
     /// Builds and pushes a pause image (busybox `sleep infinity`; fine as the sandbox of host-network
     /// pods); returns its digest.
     pub fn push_pause(&self, registry: &Registry, repo_tag: &str) -> String {
@@ -162,6 +188,7 @@ impl ImageFactory {
             marker: format!("pause {repo_tag}"),
             entrypoint: vec!["/bin/sleep".into(), "infinity".into()],
             cmd: vec![],
+            user: None,
         });
         self.push_tag(&tag, registry, repo_tag)
     }
@@ -184,8 +211,13 @@ fn make_rootfs(rootfs: &Path, marker: &str) {
         symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink applet");
     }
     std::fs::write(rootfs.join("etc/pullgate-fixture"), marker).expect("write marker");
-    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").expect("write passwd");
-    std::fs::write(rootfs.join("etc/group"), "root:x:0:\n").expect("write group");
+    // `www-data` (33): the user name fixtures may run as.
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nwww-data:x:33:33:www-data:/:/bin/sh\n",
+    )
+    .expect("write passwd");
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").expect("write group");
 }
 
 /// The sha256 digest of the manifest `host/repo_ref` serves (`repo:tag` or `repo@sha256:…`),

@@ -18,10 +18,13 @@ use super::pullgate::{CliOutput, Pullgate, cli, cli_ok};
 use super::stack::{Stack, free_port};
 
 /// The organisation and governance every scenario bundle uses: program `payments` (project
-/// `checkout`, namespace `checkout`) and program `search` (project `index`, namespace `search-index`).
+/// `checkout`, namespace `checkout`) and program `search` (project `index`, namespace `search-index`,
+/// and the warn-mode project `sandbox`, namespace `playground`).
 pub const ORG: &str = "corp";
 pub const PAYMENTS_NS: &str = "checkout";
 pub const SEARCH_NS: &str = "search-index";
+/// The namespace of a warn-mode project: its pods' would-be denials are allowed and audited.
+pub const WARN_NS: &str = "playground";
 
 /// One fixture image: where it was pushed and its manifest digest (read back from the registry).
 #[derive(Clone, Debug)]
@@ -140,7 +143,8 @@ impl BundleSpec {
                         {"name": "checkout", "namespaces": [PAYMENTS_NS]}
                     ]},
                     {"name": "search", "projects": [
-                        {"name": "index", "namespaces": [SEARCH_NS]}
+                        {"name": "index", "namespaces": [SEARCH_NS]},
+                        {"name": "sandbox", "mode": "warn", "namespaces": [WARN_NS]}
                     ]}
                 ]
             },

@@ -97,8 +97,13 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
             println!("signed by: {}", b["signers"]);
         }
         None => println!(
-            "bundle:    NONE ({}) — pulls and container starts are refused",
-            s["bundle_problem"].as_str().unwrap_or("unknown")
+            "bundle:    NONE ({}) — {}",
+            s["bundle_problem"].as_str().unwrap_or("unknown"),
+            if s["mode"] == "warn" {
+                "warn mode: pulls and container starts go through unchecked and are audited as would-be denials"
+            } else {
+                "pulls and container starts are refused"
+            }
         ),
     }
     println!(

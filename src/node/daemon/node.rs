@@ -1,6 +1,7 @@
 //! The daemon's policy side: everything enforcement needs at run time, and its lifecycle — the first
 //! load of the installed bundle, reloads (SIGHUP, `pullgate bundle install`), the drop directory that
-//! fleet tooling fills, the sandbox-image check, and the status report.
+//! fleet tooling fills, the sandbox-image check (at start and again after every bundle change), and
+//! the status report.
 //!
 //! A bundle is swapped in with one atomic pointer store ([`PolicyState::set`]); a rejected one
 //! changes nothing and is logged, counted and (from the drop directory) set aside with its reason.
@@ -51,6 +52,8 @@ pub struct Node {
     sandbox_problem: Mutex<Option<String>>,
     /// The containerd watcher's state and the latest node check.
     pub lockdown: Arc<Lockdown>,
+    /// Woken when a bundle is swapped in, so the background task re-checks the sandbox image at once.
+    bundle_changed: tokio::sync::Notify,
 }
 
 impl Node {
@@ -99,6 +102,7 @@ impl Node {
             enforcer,
             trust: Mutex::new(None),
             sandbox_problem: Mutex::new(None),
+            bundle_changed: tokio::sync::Notify::new(),
             config_path: Mutex::new(None),
             lockdown,
         });
@@ -173,7 +177,16 @@ impl Node {
                         "no bundle is installed in {}",
                         self.store.dir().display()
                     ));
-                    tracing::warn!(state_dir = %self.store.dir().display(), "no bundle installed: pulls and container starts are refused until one is");
+                    match self.state.mode() {
+                        NodeMode::Enforce => tracing::warn!(
+                            state_dir = %self.store.dir().display(),
+                            "no bundle installed: pulls and container starts are refused (FAILED_PRECONDITION) until one is"
+                        ),
+                        NodeMode::Warn => tracing::warn!(
+                            state_dir = %self.store.dir().display(),
+                            "no bundle installed (warn mode): pulls and container starts go through unchecked, as asked, and are audited as would-be denials (no_valid_bundle) until one is"
+                        ),
+                    }
                 }
             }
             Err(e) => self.rejected(&e, "state directory"),
@@ -206,6 +219,7 @@ impl Node {
         );
         self.state.set(Arc::new(b));
         self.metrics.bundle_install("installed", "ok");
+        self.bundle_changed.notify_one();
     }
 
     fn rejected(&self, e: &StoreError, source: &str) {
@@ -359,24 +373,34 @@ impl Node {
         })
     }
 
-    /// Background work: the drop-directory poll and, until it has run once (`checked`: it ran at
-    /// start-up), the sandbox-image check.
+    /// The version of the bundle in force (`None`: no bundle).
+    fn bundle_version(&self) -> Option<u64> {
+        self.state.current().map(|b| b.version)
+    }
+
+    /// Background work: the drop-directory poll, and the sandbox-image check whenever the bundle in
+    /// force is not the one it last ran with (`checked`: it ran at start-up with the bundle in force
+    /// now). A bundle swapped in by any path (drop directory, reload, `pullgate bundle install`)
+    /// wakes the task at once.
     pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
         tokio::spawn(async move {
-            let mut checked = checked;
+            // `Some(v)`: checked with the bundle in force then (`v` itself is `None` without one).
+            let mut checked_with = checked.then(|| node.bundle_version());
             let mut tick = tokio::time::interval(node.config.policy.drop_poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                let dropped = {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = node.bundle_changed.notified() => {}
+                }
+                {
                     let node = node.clone();
-                    tokio::task::spawn_blocking(move || node.poll_drop_dir())
-                        .await
-                        .unwrap_or(0)
-                };
-                if (!checked || dropped > 0) && node.upstream.connect().await.is_ok() {
-                    checked = true;
+                    let _ = tokio::task::spawn_blocking(move || node.poll_drop_dir()).await;
+                }
+                let version = node.bundle_version();
+                if checked_with != Some(version) && node.upstream.connect().await.is_ok() {
+                    checked_with = Some(version);
                     let _ = node.check_sandbox_image().await;
                 }
             }

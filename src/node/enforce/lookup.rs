@@ -1,7 +1,8 @@
 //! Calls pullgate makes to containerd itself, over the same upstream connection as the traffic it
-//! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `Status` to read
-//! containerd's CRI configuration (the sandbox image), and containerd's native `Content.Read` to prove
-//! from content — not from names — which manifests an image really belongs to.
+//! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `PodSandboxStatus` to
+//! learn which pod a container is created in, CRI `Status` to read containerd's CRI configuration (the
+//! sandbox image), and containerd's native `Content.Read` to prove from content — not from names —
+//! which manifests an image really belongs to.
 
 use std::collections::HashMap;
 
@@ -294,6 +295,31 @@ pub async fn image_status(upstream: &Upstream, image: &str) -> Result<Option<cri
     let resp: cri::ImageStatusResponse =
         unary(upstream, "/runtime.v1.ImageService/ImageStatus", &req).await?;
     Ok(resp.image)
+}
+
+/// The pod sandbox `id` as containerd recorded it: `None` if containerd does not know it.
+pub async fn pod_sandbox_status(
+    upstream: &Upstream,
+    id: &str,
+) -> Result<Option<cri::PodSandboxStatus>, Status> {
+    let req = cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.to_string(),
+        verbose: false,
+    };
+    match call::<cri::PodSandboxStatusResponse>(
+        upstream,
+        "/runtime.v1.RuntimeService/PodSandboxStatus",
+        &req,
+        None,
+    )
+    .await
+    {
+        Ok(resp) => Ok(resp.status),
+        Err(CallError::Upstream {
+            code: NOT_FOUND, ..
+        }) => Ok(None),
+        Err(e) => Err(e.status()),
+    }
 }
 
 /// containerd's configured sandbox (pause) image, from `Status(verbose)`'s `config` JSON.

@@ -1,30 +1,39 @@
 //! Enforcement in the CRI path: the intercept handler that applies the policy core to pulls, image
 //! lookups and container starts, and the daemon-side state it needs.
 //!
-//! - `PullImage`: decided with the pod from `sandbox_config`; allowed pulls are rewritten (wire-level,
-//!   every other field kept) to the pinned mirror reference; denied pulls are answered
-//!   `PERMISSION_DENIED` (`FAILED_PRECONDITION` without a valid bundle) and never reach containerd.
-//!   Credentials meant for the registry the user named never go to another registry.
+//! - `PullImage`: decided with the pod from `sandbox_config` (a pull names no sandbox: see
+//!   docs/threat-model.md for what that claim can do); allowed pulls are rewritten (wire-level, every
+//!   other field kept) to the pinned mirror reference; denied pulls are answered `PERMISSION_DENIED`
+//!   (`FAILED_PRECONDITION` without a valid bundle) and never reach containerd. Credentials meant for
+//!   the registry the user named never go to another registry.
 //! - `ImageStatus` / `RemoveImage`: a user reference is resolved to the pinned mirror reference, so
 //!   kubelet's presence check finds what pullgate pulled and misses it once the bundle moves the tag;
-//!   `ImageStatus` and `ListImages` responses gain the source tags (`docker.io/library/busybox:1.36`)
-//!   as `repo_tags`, so people see the names they use.
-//! - `CreateContainer`: the image the container would run is looked up in containerd and allowed only
-//!   if one of its repo digests is approved for the pod's scope, however the image got there.
+//!   `ImageStatus` and `ListImages` responses show the source names (`docker.io/library/busybox:1.36`,
+//!   `docker.io/library/busybox@sha256:…`) by one rule ([`names`]), so an image looks the same however
+//!   it is asked for, and as it would had containerd pulled the source names itself.
+//! - `CreateContainer` ([`start`]): the pod's scope comes from containerd's record of the sandbox
+//!   ([`sandbox`]), never from the request; every image the container would run is looked up in
+//!   containerd (names through the bundle, as `ImageStatus` does) and allowed only if one of its repo
+//!   digests is approved for that scope, however the image got there; the start is pinned to the
+//!   image IDs that were checked.
+//! - `RemovePodSandbox`: forwarded; the sandbox is forgotten.
 //!
 //! Every decision is counted, logged, and written to the audit log before the call is answered.
 //!
 //! - [`store`]: the installed bundle on disk (atomic installs, last-known-good).
-//! - [`names`]: user references ↔ pinned mirror references.
+//! - [`names`]: user references ↔ pinned mirror references, and the names an image shows.
 //! - [`lookup`]: CRI calls pullgate makes to containerd itself.
 //! - [`ledger`]: the pulls pullgate forwarded, for the lockdown watcher.
+//! - [`sandbox`]: the pod a container is created in, as containerd records it.
+//! - [`start`]: the container-start check.
 
 pub mod ledger;
 pub mod lookup;
 pub mod names;
+pub mod sandbox;
+mod start;
 pub mod store;
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -270,7 +279,7 @@ impl RegistryAuth {
     }
 }
 
-/// Field numbers used for wire-level edits.
+/// Field numbers used for wire-level edits (from the CRI `api.proto`).
 mod field {
     /// `PullImageRequest.image.image`, `ImageStatusRequest.image.image`, `RemoveImageRequest.image.image`.
     pub const IMAGE_IMAGE: &[u32] = &[1, 1];
@@ -278,6 +287,12 @@ mod field {
     pub const AUTH: u32 = 2;
     /// `CreateContainerRequest.config.image.image`.
     pub const CREATE_IMAGE: &[u32] = &[2, 2, 1];
+    /// `CreateContainerRequest.config`.
+    pub const CREATE_CONFIG: u32 = 2;
+    /// `ContainerConfig.mounts`.
+    pub const MOUNTS: u32 = 7;
+    /// `Mount.image.image` (image volumes).
+    pub const MOUNT_IMAGE: &[u32] = &[9, 1];
     /// `ImageStatusResponse.image`, `ListImagesResponse.images`.
     pub const IMAGES: u32 = 1;
     /// `Image.repo_tags`, `Image.repo_digests`.
@@ -292,15 +307,13 @@ pub struct Enforcer {
     metrics: Arc<Metrics>,
     audit: Option<Arc<AuditLog>>,
     auth: ArcSwapOption<RegistryAuth>,
-    /// Container starts already allowed: (image, bundle version, pod identity). Only allows are
-    /// cached; a denial is always decided afresh, so an image pulled meanwhile under an approved
-    /// name is not held back.
-    allowed_starts: Mutex<HashMap<String, Decision>>,
+    /// Container starts already allowed, by (image ID, bundle version, pod scope).
+    allowed_starts: start::StartCache,
+    /// Pods of the sandboxes containerd confirmed, by sandbox ID.
+    sandboxes: sandbox::SandboxCache,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
     pub pulls: Arc<ledger::PullLedger>,
 }
-
-const START_CACHE_MAX: usize = 4096;
 
 impl Enforcer {
     pub fn new(
@@ -315,7 +328,8 @@ impl Enforcer {
             metrics,
             audit,
             auth: ArcSwapOption::empty(),
-            allowed_starts: Mutex::default(),
+            allowed_starts: start::StartCache::default(),
+            sandboxes: sandbox::SandboxCache::default(),
             pulls: Arc::default(),
         })
     }
@@ -336,6 +350,7 @@ impl Enforcer {
                 methods::REMOVE_IMAGE,
                 methods::LIST_IMAGES,
                 methods::CREATE_CONTAINER,
+                methods::REMOVE_POD_SANDBOX,
             ],
             &h,
         );
@@ -350,23 +365,49 @@ impl Enforcer {
         pulled: Option<&str>,
         started: Instant,
     ) {
-        self.metrics.decided(method, d);
+        self.write_record(
+            method,
+            &Outcome {
+                verdict: d.verdict,
+                reason: d.reason.as_str(),
+                message: &d.message,
+                image: &d.image,
+                normalized: d.normalized.as_deref(),
+                digest: d.digest.as_ref().map(|x| x.to_string()),
+                scope: d
+                    .matched
+                    .as_ref()
+                    .map(|m| m.scope.to_string())
+                    .or_else(|| d.pod_scope.as_deref().map(str::to_string)),
+                bundle_version: d.bundle_version,
+            },
+            pod,
+            pulled,
+            started,
+        );
+    }
+
+    /// Counts, logs and audits one outcome. A real denial is logged at least as loudly as a
+    /// warn-mode one.
+    fn write_record(
+        &self,
+        method: &str,
+        o: &Outcome<'_>,
+        pod: &PodContext,
+        pulled: Option<&str>,
+        started: Instant,
+    ) {
+        self.metrics.decision(o.verdict.as_str(), o.reason);
         let latency_us = started.elapsed().as_micros() as u64;
-        match d.verdict {
-            // Deprecated images and exceptions are allowed, but worth an operator's attention.
-            PolicyVerdict::Allow
-                if matches!(d.reason, ReasonCode::Deprecated | ReasonCode::Exception) =>
-            {
-                tracing::info!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, message = ?d.message, "allowed")
-            }
+        match o.verdict {
             PolicyVerdict::Allow => {
-                tracing::debug!(method, image = ?d.image, pulled = ?pulled, reason = %d.reason, "allowed")
+                tracing::debug!(method, image = ?o.image, pulled = ?pulled, reason = o.reason, "allowed")
             }
             PolicyVerdict::Warn => {
-                tracing::warn!(method, image = ?d.image, reason = %d.reason, message = ?d.message, "would deny (warn mode)")
+                tracing::warn!(method, image = ?o.image, reason = o.reason, message = ?o.message, "would deny (warn mode)")
             }
             PolicyVerdict::Deny => {
-                tracing::info!(method, image = ?d.image, reason = %d.reason, message = ?d.message, "denied")
+                tracing::warn!(method, image = ?o.image, reason = o.reason, message = ?o.message, "denied")
             }
         }
         let Some(audit) = &self.audit else { return };
@@ -378,19 +419,15 @@ impl Enforcer {
             pod_namespace: pod.namespace.clone(),
             pod_name: pod.name.clone(),
             pod_uid: pod.uid.clone(),
-            image: d.image.clone(),
-            normalized: d.normalized.clone(),
+            image: o.image.to_string(),
+            normalized: o.normalized.map(str::to_string),
             pulled: pulled.map(str::to_string),
-            digest: d.digest.as_ref().map(|x| x.to_string()),
-            decision: d.verdict.as_str().to_string(),
-            reason: d.reason.as_str().to_string(),
-            message: d.message.clone(),
-            scope: d
-                .matched
-                .as_ref()
-                .map(|m| m.scope.to_string())
-                .or_else(|| d.pod_scope.as_deref().map(str::to_string)),
-            bundle_version: d.bundle_version,
+            digest: o.digest.clone(),
+            decision: o.verdict.as_str().to_string(),
+            reason: o.reason.to_string(),
+            message: o.message.to_string(),
+            scope: o.scope.clone(),
+            bundle_version: o.bundle_version,
             latency_us,
         };
         if let Err(e) = audit.record(&rec) {
@@ -406,7 +443,7 @@ impl Enforcer {
             Err(e) => return undecodable(methods::PULL_IMAGE, e),
         };
         let image = req.image.as_ref().map_or("", |i| i.image.as_str());
-        let pod = pod_context(req.sandbox_config.as_ref());
+        let pod = sandbox::claimed_pod(req.sandbox_config.as_ref());
         let d = self.state.decide(
             &ImageRequest::Reference(image),
             &pod,
@@ -465,18 +502,18 @@ impl Enforcer {
             Ok(r) => r,
             Err(e) => return undecodable(methods::IMAGE_STATUS, e),
         };
-        let image = req.image.as_ref().map_or("", |i| i.image.as_str());
-        let Some(resolved) = self.resolve(image) else {
+        let Some(bundle) = self.state.current() else {
             return Verdict::Forward;
         };
-        match wire::set_string(msg, field::IMAGE_IMAGE, resolved.pull_ref.as_bytes()) {
-            Ok(new) => Verdict::Rewrite {
-                request: Some(new.into()),
-                response: Box::new(move |resp| {
-                    add_repo_tags(resp, |_| vec![resolved.normalized.clone()])
-                }),
-            },
-            Err(_) => Verdict::Forward,
+        let image = req.image.as_ref().map_or("", |i| i.image.as_str());
+        let request = self.resolve(image).and_then(|r| {
+            wire::set_string(msg, field::IMAGE_IMAGE, r.pull_ref.as_bytes())
+                .ok()
+                .map(Bytes::from)
+        });
+        Verdict::Rewrite {
+            request,
+            response: Box::new(move |resp| show_source_names(resp, &bundle)),
         }
     }
 
@@ -499,16 +536,18 @@ impl Enforcer {
         };
         Verdict::Rewrite {
             request: None,
-            response: Box::new(move |resp| {
-                add_repo_tags(resp, |image| {
-                    wire::repeated_strings(image, field::REPO_DIGESTS)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter_map(|d| std::str::from_utf8(d).ok())
-                        .flat_map(|d| names::source_tags(d, &bundle))
-                        .collect()
-                })
-            }),
+            response: Box::new(move |resp| show_source_names(resp, &bundle)),
+        }
+    }
+
+    /// Forgets a sandbox that is being removed (the call itself is forwarded unchanged).
+    fn remove_pod_sandbox(&self, msg: &Bytes) -> Verdict {
+        match cri::RemovePodSandboxRequest::decode(&msg[..]) {
+            Ok(r) => {
+                self.sandboxes.remove(&r.pod_sandbox_id);
+                Verdict::Forward
+            }
+            Err(e) => undecodable(methods::REMOVE_POD_SANDBOX, e),
         }
     }
 
@@ -518,137 +557,6 @@ impl Enforcer {
         }
         let bundle = self.state.current()?;
         names::resolve(image, &bundle)
-    }
-
-    async fn create_container(&self, msg: &Bytes) -> Verdict {
-        let started = Instant::now();
-        let req = match cri::CreateContainerRequest::decode(&msg[..]) {
-            Ok(r) => r,
-            Err(e) => return undecodable(methods::CREATE_CONTAINER, e),
-        };
-        let pod = pod_context(req.sandbox_config.as_ref());
-        let config = req.config.unwrap_or_default();
-        let spec = config.image.unwrap_or_default();
-        let shown = Some(spec.user_specified_image.as_str())
-            .filter(|s| !s.is_empty())
-            .unwrap_or(&spec.image)
-            .to_string();
-        // The container's image, then any image volumes: every one must be approved.
-        let (d, image_id) = match self
-            .check_start_image(&spec.image, &shown, &pod, started)
-            .await
-        {
-            Ok(checked) => checked,
-            Err(status) => return Verdict::Respond(status),
-        };
-        if d.verdict == PolicyVerdict::Deny {
-            return Verdict::Respond(start_denial(&d, &shown));
-        }
-        for mount in &config.mounts {
-            let Some(img) = mount.image.as_ref().filter(|i| !i.image.is_empty()) else {
-                continue;
-            };
-            let shown = format!("{} (image volume at {})", img.image, mount.container_path);
-            match self
-                .check_start_image(&img.image, &shown, &pod, started)
-                .await
-            {
-                Ok((md, _)) if md.verdict == PolicyVerdict::Deny => {
-                    return Verdict::Respond(start_denial(&md, &shown));
-                }
-                Ok(_) => {}
-                Err(status) => return Verdict::Respond(status),
-            }
-        }
-        // Pin the start to the exact image that was checked: a name could be re-tagged between
-        // this check and containerd resolving it.
-        match image_id {
-            Some(id) if id != spec.image => {
-                wire::set_string(msg, field::CREATE_IMAGE, id.as_bytes())
-                    .map_or(Verdict::Forward, |new| Verdict::Replace(new.into()))
-            }
-            _ => Verdict::Forward,
-        }
-    }
-
-    /// Decides whether `image` (an ID or a name, as containerd will resolve it) may start for `pod`:
-    /// looks it up, keeps only repo digests proven from content, decides, audits. Returns the decision
-    /// and the image ID it was made about.
-    async fn check_start_image(
-        &self,
-        image: &str,
-        shown: &str,
-        pod: &PodContext,
-        started: Instant,
-    ) -> Result<(Decision, Option<String>), Status> {
-        let now = OffsetDateTime::now_utc();
-        // Only an image ID names immutable content (its config fixes every layer), so only decisions
-        // about IDs are cached; a name can be re-tagged to other content at any time. The cache is
-        // consulted only while the bundle is usable, so an expired bundle fails closed here too.
-        let key = self
-            .state
-            .usable(now)
-            .ok()
-            .filter(|_| names::is_image_id(image))
-            .map(|b| start_key(image, &b, pod));
-        if let Some(k) = &key {
-            let cached = self
-                .allowed_starts
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(k)
-                .filter(|d| d.valid_until.is_none_or(|t| now < t))
-                .cloned();
-            if let Some(d) = cached {
-                self.record("CreateContainer", &d, pod, None, started);
-                return Ok((d, Some(image.to_string())));
-            }
-        }
-        let unavailable = |status: Status| {
-            tracing::warn!(image = ?image, error = %status.message, "cannot look the container's image up");
-            Status::new(
-                Code::Unavailable,
-                format!(
-                    "pullgate: cannot check image {shown} before starting the container: {}",
-                    status.message
-                ),
-            )
-        };
-        let found = lookup::image_status(&self.upstream, image)
-            .await
-            .map_err(unavailable)?;
-        let (repo_digests, image_id) = match found {
-            Some(img) => {
-                let verified =
-                    lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests)
-                        .await
-                        .map_err(unavailable)?;
-                (verified, Some(img.id))
-            }
-            None => (Vec::new(), None),
-        };
-        let d = self.state.decide(
-            &ImageRequest::RepoDigests {
-                image: shown,
-                repo_digests: &repo_digests,
-            },
-            pod,
-            now,
-        );
-        self.record("CreateContainer", &d, pod, None, started);
-        if d.verdict == PolicyVerdict::Allow {
-            if let Some(k) = key {
-                let mut cache = self
-                    .allowed_starts
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                if cache.len() >= START_CACHE_MAX {
-                    cache.clear();
-                }
-                cache.insert(k, d.clone());
-            }
-        }
-        Ok((d, image_id))
     }
 
     /// Checks containerd's sandbox (pause) image: it must be an approved image in the private
@@ -662,7 +570,10 @@ impl Enforcer {
         let bundle = self
             .state
             .usable(OffsetDateTime::now_utc())
-            .map_err(|why| format!("sandbox image {image} cannot be checked: {why}"))?;
+            .map_err(|why| {
+                self.metrics.set_sandbox_image_approved(false);
+                format!("sandbox image {image} cannot be checked: {why}")
+            })?;
         let d = policy::decide(
             &ImageRequest::Reference(&image),
             &bundle,
@@ -697,28 +608,11 @@ impl Handler for Enforcer {
                 methods::REMOVE_IMAGE => self.remove_image(call.message),
                 methods::LIST_IMAGES => self.list_images(),
                 methods::CREATE_CONTAINER => self.create_container(call.message).await,
+                methods::REMOVE_POD_SANDBOX => self.remove_pod_sandbox(call.message),
                 _ => Verdict::Forward,
             }
         })
     }
-}
-
-/// The start cache's key: what an allowed start decision depends on — the image ID, the bundle and
-/// the pod's scope in it (not the pod's other labels, which vary per pod).
-fn start_key(image: &str, bundle: &VerifiedBundle, pod: &PodContext) -> String {
-    let scope = bundle.scopes().pod_scope(pod.namespace.as_deref(), |k| {
-        pod.labels.get(k).map(String::as_str)
-    });
-    format!("{image}\0{}\0{scope}", bundle.version)
-}
-
-/// A container-start denial that names the image as the pod spec does.
-fn start_denial(d: &Decision, shown: &str) -> Status {
-    let mut status = denial(d);
-    if !status.message.contains(shown) {
-        status.message = format!("container image {shown}: {}", status.message);
-    }
-    status
 }
 
 /// The status a denial is answered with: `FAILED_PRECONDITION` when no valid bundle is installed,
@@ -739,42 +633,53 @@ fn undecodable(method: &str, e: prost::DecodeError) -> Verdict {
     ))
 }
 
-/// The pod context of a CRI `PodSandboxConfig` (all parts optional).
-pub fn pod_context(cfg: Option<&cri::PodSandboxConfig>) -> PodContext {
-    let Some(cfg) = cfg else {
-        return PodContext::default();
-    };
-    let nonempty = |s: &str| (!s.is_empty()).then(|| s.to_string());
-    let meta = cfg.metadata.as_ref();
-    PodContext {
-        namespace: meta.and_then(|m| nonempty(&m.namespace)),
-        name: meta.and_then(|m| nonempty(&m.name)),
-        uid: meta.and_then(|m| nonempty(&m.uid)),
-        labels: cfg
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    }
+/// What is audited about one outcome: a policy [`Decision`], or a refusal of pullgate's own (a
+/// container start whose pod sandbox does not exist or is misrepresented).
+struct Outcome<'a> {
+    verdict: PolicyVerdict,
+    reason: &'static str,
+    message: &'a str,
+    image: &'a str,
+    normalized: Option<&'a str>,
+    digest: Option<String>,
+    scope: Option<String>,
+    bundle_version: Option<u64>,
 }
 
-/// Appends names to the `repo_tags` of each `Image` in a response (field 1 of both
-/// `ImageStatusResponse` and `ListImagesResponse`), skipping names already there. Wire-level: every
-/// other byte of the response is kept.
-fn add_repo_tags(resp: &[u8], names_for: impl Fn(&[u8]) -> Vec<String>) -> Option<Vec<u8>> {
+/// Shows each `Image` of a response (field 1 of both `ImageStatusResponse` and `ListImagesResponse`)
+/// with the names [`names::shown_names`] gives it. Wire-level: `repo_tags` and `repo_digests` are
+/// written anew after the other fields, every other byte of the response is kept. `None` when no
+/// name changes.
+fn show_source_names(resp: &[u8], bundle: &VerifiedBundle) -> Option<Vec<u8>> {
     let mut changed = false;
     let out = wire::map_repeated(resp, field::IMAGES, |image| {
-        let existing = wire::repeated_strings(image, field::REPO_TAGS)?;
-        let missing: Vec<String> = names_for(image)
-            .into_iter()
-            .filter(|n| !existing.contains(&n.as_bytes()))
-            .collect();
-        if missing.is_empty() {
+        let utf8 = |v: Vec<&[u8]>| -> Option<Vec<String>> {
+            v.into_iter()
+                .map(|b| std::str::from_utf8(b).ok().map(str::to_string))
+                .collect()
+        };
+        // A name that is not UTF-8 is not something the bundle names: leave such an image alone.
+        let (Some(tags), Some(digests)) = (
+            utf8(wire::repeated_strings(image, field::REPO_TAGS)?),
+            utf8(wire::repeated_strings(image, field::REPO_DIGESTS)?),
+        ) else {
+            return Ok(None);
+        };
+        let (new_tags, new_digests) = names::shown_names(
+            tags.iter().map(String::as_str),
+            digests.iter().map(String::as_str),
+            bundle,
+        );
+        if new_tags == tags && new_digests == digests {
             return Ok(None);
         }
-        let mut e = image.to_vec();
-        for n in &missing {
-            wire::append_bytes(&mut e, field::REPO_TAGS, n.as_bytes());
+        let mut e = wire::remove_field(image, &[field::REPO_TAGS])?;
+        e = wire::remove_field(&e, &[field::REPO_DIGESTS])?;
+        for t in &new_tags {
+            wire::append_bytes(&mut e, field::REPO_TAGS, t.as_bytes());
+        }
+        for d in &new_digests {
+            wire::append_bytes(&mut e, field::REPO_DIGESTS, d.as_bytes());
         }
         changed = true;
         Ok(Some(e))
@@ -834,12 +739,17 @@ mod tests {
     }
 
     #[test]
-    fn repo_tags_are_added_once_and_other_bytes_kept() {
+    fn responses_show_source_names_and_keep_every_other_byte() {
+        let b = example_bundle();
+        let d1 = format!("sha256:{}", "01".repeat(32));
         let image = cri::Image {
             id: "sha256:x".into(),
-            repo_tags: vec!["a:1".into()],
-            repo_digests: vec!["r@sha256:y".into()],
+            repo_tags: vec!["registry.corp/apps/shared/x:1".into()],
+            repo_digests: vec![format!("registry.corp/approved/library/nginx@{d1}")],
             size: 3,
+            uid: Some(cri::Int64Value { value: 1002 }),
+            username: String::new(),
+            pinned: true,
             ..Default::default()
         };
         let mut resp = cri::ListImagesResponse {
@@ -847,16 +757,34 @@ mod tests {
         }
         .encode_to_vec();
         resp.extend_from_slice(&[0xa2, 0x06, 0x01, b'z']); // unknown field 100
-        let out = add_repo_tags(&resp, |_| vec!["a:1".into(), "b:2".into()]).unwrap();
+        let out = show_source_names(&resp, &b).unwrap();
         let decoded = cri::ListImagesResponse::decode(out.as_slice()).unwrap();
         for img in &decoded.images {
-            assert_eq!(img.repo_tags, vec!["a:1".to_string(), "b:2".to_string()]);
-            assert_eq!(img.size, 3);
+            assert_eq!(
+                img.repo_tags,
+                [
+                    "registry.corp/apps/shared/x:1",
+                    "docker.io/library/nginx:1.25"
+                ]
+            );
+            assert_eq!(img.repo_digests, [format!("docker.io/library/nginx@{d1}")]);
+            assert_eq!(
+                (img.size, img.uid, img.pinned),
+                (3, Some(cri::Int64Value { value: 1002 }), true)
+            );
         }
         assert!(out.ends_with(&[0xa2, 0x06, 0x01, b'z']));
-        assert!(
-            add_repo_tags(&resp, |_| vec!["a:1".into()]).is_none(),
-            "nothing to add: unchanged"
-        );
+        // Applied twice, nothing changes: the names shown are a fixed point.
+        assert!(show_source_names(&out, &b).is_none());
+        let plain = cri::ImageStatusResponse {
+            image: Some(cri::Image {
+                id: "sha256:y".into(),
+                repo_tags: vec!["quay.io/x/y:1".into()],
+                ..Default::default()
+            }),
+            info: Default::default(),
+        }
+        .encode_to_vec();
+        assert!(show_source_names(&plain, &b).is_none(), "nothing to show");
     }
 }

@@ -5,9 +5,24 @@
 //! Users and kubelet keep using `busybox:1.36`. This module maps both ways from the bundle alone:
 //! [`resolve`] turns a user reference into the pinned mirror reference (so `ImageStatus("busybox:1.36")`
 //! finds the image pullgate pulled, and misses it as soon as the bundle moves the tag), and
-//! [`source_tags`] turns a mirror repo digest back into the source tags bound to it (so `crictl images`
-//! and `ImageStatus` show `docker.io/library/busybox:1.36`). Both are pure and ignore scopes: they only
-//! name things; the scope check happens where images are pulled and started.
+//! [`shown_names`] turns the names containerd reports for an image into the names a CRI client sees.
+//! Both are pure and ignore scopes: they only name things; the scope check happens where images are
+//! pulled and started.
+//!
+//! # The rule for the names an image shows
+//!
+//! One image shows the same `repo_tags` and `repo_digests` however it is asked for (tag, `repo@digest`,
+//! image ID, short or mirror name) and in `ListImages`: for every repo digest `MIRROR@D` that
+//! containerd reports, where `MIRROR` is a mirror path whose source repository `SOURCE` the bundle
+//! approves `D` for (as a digest or through a tag),
+//!
+//! - `MIRROR@D` is shown as `SOURCE@D` (the same manifest: mirrors are copies by digest), and
+//! - every tag `T` the bundle binds to `D` adds `SOURCE:T` to `repo_tags`.
+//!
+//! Every other name containerd reports is shown as it is. So an image pulled through pullgate looks
+//! as it would had containerd pulled the source names itself, and every name shown resolves back to
+//! the same image. Tags follow the bundle, not the history of pulls: all tags bound to the digest are
+//! shown, and a tag the bundle has moved to another digest is no longer shown for this one.
 
 use crate::policy::{Bundle, Digest, Reference};
 
@@ -56,31 +71,64 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
     })
 }
 
-/// For a repo digest of an image in containerd (`registry.corp/approved/library/busybox@sha256:…`),
-/// the source tags the bundle binds to that digest (`docker.io/library/busybox:1.36`).
-pub fn source_tags(repo_digest: &str, bundle: &Bundle) -> Vec<String> {
-    let Ok(r) = Reference::parse(repo_digest) else {
-        return Vec::new();
-    };
-    let Some(digest) = r.digest() else {
-        return Vec::new();
-    };
+/// The source names of a repo digest of an image in containerd
+/// (`registry.corp/approved/library/busybox@sha256:…`): the source repo digest
+/// (`docker.io/library/busybox@sha256:…`) and the source tags bound to that digest
+/// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is a mirror path whose source the
+/// bundle approves this digest for.
+fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<String>)> {
+    let r = Reference::parse(repo_digest).ok()?;
+    let digest = r.digest()?;
     if r.domain() != bundle.private_registry {
-        return Vec::new();
+        return None;
     }
-    let Some((_, source)) = bundle.source_of_mirror_path(r.path()) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = bundle
-        .entries(&source)
+    let (_, source) = bundle.source_of_mirror_path(r.path())?;
+    let entries = bundle.entries(&source);
+    if !entries.iter().any(|e| e.has_digest(digest)) {
+        return None;
+    }
+    let mut tags: Vec<String> = entries
         .iter()
         .flat_map(|e| e.tags().iter())
         .filter(|(_, d)| d == digest)
         .map(|(t, _)| format!("{source}:{t}"))
         .collect();
-    out.sort();
-    out.dedup();
-    out
+    tags.sort();
+    tags.dedup();
+    Some((format!("{source}@{digest}"), tags))
+}
+
+/// The `repo_tags` and `repo_digests` a CRI client sees for an image containerd reports with these
+/// names (see the module documentation for the rule). Order is kept; duplicates are dropped.
+pub fn shown_names<'a>(
+    repo_tags: impl IntoIterator<Item = &'a str>,
+    repo_digests: impl IntoIterator<Item = &'a str>,
+    bundle: &Bundle,
+) -> (Vec<String>, Vec<String>) {
+    fn push(list: &mut Vec<String>, name: String) {
+        if !list.contains(&name) {
+            list.push(name);
+        }
+    }
+    let mut tags = Vec::new();
+    for t in repo_tags {
+        push(&mut tags, t.to_string());
+    }
+    let mut digests = Vec::new();
+    let mut source_tags = Vec::new();
+    for rd in repo_digests {
+        match source_names(rd, bundle) {
+            Some((source, bound)) => {
+                push(&mut digests, source);
+                source_tags.extend(bound);
+            }
+            None => push(&mut digests, rd.to_string()),
+        }
+    }
+    for t in source_tags {
+        push(&mut tags, t);
+    }
+    (tags, digests)
 }
 
 #[cfg(test)]
@@ -95,5 +143,53 @@ mod tests {
         assert!(!is_image_id("busybox:1.36"));
         assert!(!is_image_id(&format!("sha256:{}", "A".repeat(64))));
         assert!(!is_image_id(&format!("sha256:{}", "a".repeat(63))));
+    }
+
+    fn d(n: u8) -> String {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+    }
+
+    #[test]
+    fn mirror_digests_show_as_their_source_with_the_bound_tags() {
+        let b = crate::policy::testutil::example_bundle();
+        let mirror = |repo: &str, n: u8| format!("registry.corp/approved/library/{repo}@{}", d(n));
+        // nginx@01 is bound to 1.25 by two entries (scopes differ; names ignore scopes).
+        let (tags, digests) = shown_names([], [mirror("nginx", 1).as_str()], &b);
+        assert_eq!(tags, ["docker.io/library/nginx:1.25"]);
+        assert_eq!(digests, [format!("docker.io/library/nginx@{}", d(1))]);
+        // A bare approved digest: a source repo digest, no tag. Containerd's own tags stay first.
+        let (tags, digests) = shown_names(
+            ["registry.corp/apps/shared/x:1"],
+            [mirror("busybox", 8).as_str(), mirror("busybox", 8).as_str()],
+            &b,
+        );
+        assert_eq!(tags, ["registry.corp/apps/shared/x:1"]);
+        assert_eq!(digests, [format!("docker.io/library/busybox@{}", d(8))]);
+        // Not approved for its source (a tag moved away, or never approved), not a mirror path, not
+        // the private registry: shown as containerd reports it.
+        for other in [
+            mirror("nginx", 9),
+            format!("registry.corp/apps/shared/x@{}", d(1)),
+            format!("docker.io/library/nginx@{}", d(1)),
+            "not a reference".to_string(),
+        ] {
+            let (tags, digests) = shown_names([], [other.as_str()], &b);
+            assert!(tags.is_empty(), "{other}: {tags:?}");
+            assert_eq!(digests, std::slice::from_ref(&other));
+        }
+    }
+
+    #[test]
+    fn every_shown_name_resolves_back_to_the_mirror_name() {
+        let b = crate::policy::testutil::example_bundle();
+        let pinned = format!("registry.corp/approved/library/nginx@{}", d(1));
+        let (tags, digests) = shown_names([], [pinned.as_str()], &b);
+        for name in tags.iter().chain(&digests) {
+            assert_eq!(
+                resolve(name, &b).map(|r| r.pull_ref),
+                Some(pinned.clone()),
+                "{name}"
+            );
+        }
     }
 }

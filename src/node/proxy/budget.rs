@@ -27,8 +27,9 @@ use crate::node::metrics::Metrics;
 pub struct BodyLimits {
     /// Largest `PullImage` message.
     pub pull_image: usize,
-    /// Largest `ImageStatus`, `RemoveImage` and `ListImages` message.
-    pub image: usize,
+    /// Largest message of the methods whose messages are always small: `ImageStatus`,
+    /// `RemoveImage`, `ListImages`, `RemovePodSandbox`.
+    pub small: usize,
     /// How long a whole body may take to arrive.
     pub read_timeout: Duration,
 }
@@ -37,7 +38,7 @@ impl BodyLimits {
     pub fn from_config(limits: &Limits) -> Self {
         BodyLimits {
             pull_image: limits.max_pull_image_message,
-            image: limits.max_image_message,
+            small: limits.max_small_message,
             read_timeout: limits.body_read_timeout,
         }
     }
@@ -47,7 +48,8 @@ impl BodyLimits {
     ///
     /// Why the small caps are safe: an `ImageSpec` is an image reference plus annotations, and
     /// Kubernetes caps a pod's annotations at 256 KiB in total, so `ImageStatus`, `RemoveImage` and
-    /// `ListImages` (a filter holding one `ImageSpec`) stay far below 1 MiB. `PullImage` adds the
+    /// `ListImages` (a filter holding one `ImageSpec`) stay far below 1 MiB; `RemovePodSandbox`
+    /// carries a sandbox ID. `PullImage` adds the
     /// registry credentials (tokens of a few KiB) and the pod's `sandbox_config` (labels, annotations,
     /// DNS, ports), which is bounded by the pod object, itself under etcd's 1.5 MiB request limit:
     /// 4 MiB leaves more than twice that. `CreateContainer` carries the container config (env,
@@ -58,9 +60,10 @@ impl BodyLimits {
                 self.pull_image,
                 Some("server.limits.max_pull_image_message"),
             ),
-            methods::IMAGE_STATUS | methods::REMOVE_IMAGE | methods::LIST_IMAGES => {
-                (self.image, Some("server.limits.max_image_message"))
-            }
+            methods::IMAGE_STATUS
+            | methods::REMOVE_IMAGE
+            | methods::LIST_IMAGES
+            | methods::REMOVE_POD_SANDBOX => (self.small, Some("server.limits.max_small_message")),
             _ => (MAX_MESSAGE_SIZE, None),
         }
     }
@@ -246,11 +249,16 @@ mod tests {
             (4 << 20, Some("server.limits.max_pull_image_message"))
         );
         assert_eq!(l.cap("/runtime.v1alpha2.ImageService/PullImage").0, 4 << 20);
-        for m in ["ImageStatus", "RemoveImage", "ListImages"] {
-            let (cap, key) = l.cap(&format!("/runtime.v1.ImageService/{m}"));
+        for m in [
+            "ImageService/ImageStatus",
+            "ImageService/RemoveImage",
+            "ImageService/ListImages",
+            "RuntimeService/RemovePodSandbox",
+        ] {
+            let (cap, key) = l.cap(&format!("/runtime.v1.{m}"));
             assert_eq!(
                 (cap, key),
-                (1 << 20, Some("server.limits.max_image_message")),
+                (1 << 20, Some("server.limits.max_small_message")),
                 "{m}"
             );
         }
@@ -259,7 +267,7 @@ mod tests {
             (MAX_MESSAGE_SIZE, None)
         );
         assert_eq!(
-            l.cap("/runtime.v1.RuntimeService/RemovePodSandbox"),
+            l.cap("/runtime.v1.RuntimeService/SomeFutureMethod"),
             (MAX_MESSAGE_SIZE, None)
         );
     }

@@ -1,0 +1,630 @@
+//! The container-start check (`CreateContainer`).
+//!
+//! 1. **The pod.** Its scope comes from containerd's record of the sandbox the request names
+//!    (`pod_sandbox_id`, CRI `PodSandboxStatus`, cached per sandbox), never from the `sandbox_config`
+//!    the caller sends along: a start in a sandbox containerd does not know is refused
+//!    (`sandbox_not_found`), and one whose `sandbox_config` contradicts the record is refused
+//!    (`sandbox_mismatch`; logged and allowed with the recorded pod in node warn mode).
+//! 2. **The images.** The container's image and every image volume (`mounts[].image`) are looked up
+//!    in containerd — a name through the bundle first ([`names::resolve`]), exactly as `ImageStatus`
+//!    does, so `crictl create` with `busybox:1.36` finds the pinned mirror image pullgate pulled —
+//!    and only repo digests proven from content count ([`lookup::verified_repo_digests`]). These
+//!    lookups run while the sandbox is looked up, so a first start of a pod costs the longer of the
+//!    two, not their sum — unless every image is one already allowed for some pod (the usual new pod
+//!    of a deployment): then the sandbox comes first, and the cached decision for its scope usually
+//!    makes the image lookups unnecessary.
+//! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
+//!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
+//!    name that was never approved is told so (and an approved one is told to be pulled first).
+//! 4. **The pin.** An allowed start is rewritten (wire-level) to the exact image IDs that were checked,
+//!    for the container and for every image volume: a name could be re-tagged between this check and
+//!    containerd resolving it.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use k8s_cri::v1 as cri;
+use prost::Message;
+use time::OffsetDateTime;
+
+use super::{Enforcer, Outcome, denial, field, lookup, names, sandbox, undecodable};
+use crate::node::config::NodeMode;
+use crate::node::proxy::grpc::{Code, Status};
+use crate::node::proxy::intercept::{Verdict, methods};
+use crate::node::wire;
+use crate::policy::{Decision, ImageRequest, PodContext, Verdict as PolicyVerdict, VerifiedBundle};
+
+const METHOD: &str = "CreateContainer";
+/// Most allowed start decisions remembered.
+const START_CACHE_MAX: usize = 4096;
+
+/// One image a container start would run: the container's own, or an image volume's.
+struct Target {
+    /// As the request names it (an image ID or a reference).
+    image: String,
+    /// What containerd is asked for: the pinned mirror reference of an approved name, else `image`.
+    lookup: String,
+    /// As messages name it.
+    shown: String,
+    /// The image volume's index in `ContainerConfig.mounts`; `None` for the container's own image.
+    mount: Option<usize>,
+}
+
+/// What containerd holds under a target's name.
+struct Found {
+    /// The image ID; `None` when containerd has no such image.
+    id: Option<String>,
+    /// Its repo digests that are proven from content.
+    verified: Vec<String>,
+}
+
+/// Allowed start decisions about image IDs, by (image ID, bundle version, pod scope). Only allows
+/// are cached; a denial is always decided afresh, so an image pulled meanwhile under an approved name
+/// is not held back.
+#[derive(Default)]
+pub(super) struct StartCache(Mutex<CacheInner>);
+
+#[derive(Default)]
+struct CacheInner {
+    decisions: HashMap<String, Decision>,
+    /// `image\0bundle version` of every cached decision: the image was allowed for some scope.
+    images: HashSet<String>,
+}
+
+impl StartCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &str) -> Option<Decision> {
+        self.lock().decisions.get(key).cloned()
+    }
+
+    /// Whether `image` was allowed for any pod with bundle `version`.
+    fn knows(&self, image: &str, version: u64) -> bool {
+        self.lock().images.contains(&format!("{image}\0{version}"))
+    }
+
+    fn insert(&self, image: &str, version: u64, key: String, d: Decision) {
+        let mut c = self.lock();
+        if c.decisions.len() >= START_CACHE_MAX {
+            c.decisions.clear();
+            c.images.clear();
+        }
+        c.images.insert(format!("{image}\0{version}"));
+        c.decisions.insert(key, d);
+    }
+}
+
+/// Why the pod of a start could not be established.
+enum SandboxProblem {
+    /// containerd does not know the sandbox (or the request names none).
+    Missing,
+    /// containerd did not answer.
+    Unavailable(Status),
+}
+
+impl Enforcer {
+    pub(super) async fn create_container(&self, msg: &Bytes) -> Verdict {
+        let started = Instant::now();
+        let req = match cri::CreateContainerRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return undecodable(methods::CREATE_CONTAINER, e),
+        };
+        let targets = self.targets(req.config.as_ref());
+        let shown = &targets[0].shown;
+        let sandbox_id = req.pod_sandbox_id.as_str();
+        let now = OffsetDateTime::now_utc();
+        let bundle = self.state.usable(now).ok();
+
+        // The pod (unless already known), and meanwhile the images — unless all of them were allowed
+        // for some pod already: then the cached decision for this pod's scope likely settles it.
+        let mut lookups = std::pin::pin!(self.find_images(&targets));
+        let mut found = None;
+        let pod = match self.sandboxes.get(sandbox_id) {
+            Some(pod) => pod,
+            None => {
+                let likely_cached = bundle.as_ref().is_some_and(|b| {
+                    targets
+                        .iter()
+                        .all(|t| self.allowed_starts.knows(&t.image, b.version))
+                });
+                let pod = if likely_cached {
+                    self.recorded_pod(sandbox_id).await
+                } else {
+                    let (pod, done) =
+                        alongside(self.recorded_pod(sandbox_id), lookups.as_mut()).await;
+                    found = done;
+                    pod
+                };
+                match pod {
+                    Ok(pod) => pod,
+                    Err(problem) => {
+                        return self.sandbox_refusal(&req, &problem, shown, started);
+                    }
+                }
+            }
+        };
+        if let Some(refusal) = self.check_claim(&req, &pod, shown, started) {
+            return refusal;
+        }
+
+        let cached: Vec<Option<Decision>> = targets
+            .iter()
+            .map(|t| self.cached_start(t, bundle.as_deref(), &pod, now))
+            .collect();
+        let found = if cached.iter().all(Option::is_some) {
+            Vec::new()
+        } else {
+            let looked_up = match found {
+                Some(f) => f,
+                None => lookups.as_mut().await,
+            };
+            match looked_up {
+                Ok(f) => f,
+                Err(status) => return Verdict::Respond(status),
+            }
+        };
+
+        let mut pins = Vec::with_capacity(targets.len());
+        for (i, (t, cached)) in targets.iter().zip(cached).enumerate() {
+            let (d, id) = match cached {
+                Some(d) => (d, Some(t.image.clone())),
+                None => {
+                    let f = &found[i];
+                    let d = self.decide_start(t, f, &pod, now);
+                    if d.verdict == PolicyVerdict::Allow {
+                        self.cache_start(f.id.as_deref(), bundle.as_deref(), &pod, &d);
+                    }
+                    (d, f.id.clone())
+                }
+            };
+            self.record(METHOD, &d, &pod, None, started);
+            if d.verdict == PolicyVerdict::Deny {
+                return Verdict::Respond(start_denial(&d, &t.shown));
+            }
+            if let Some(id) = id.filter(|id| *id != t.image) {
+                pins.push((t.mount, id));
+            }
+        }
+        if pins.is_empty() {
+            return Verdict::Forward;
+        }
+        match pin(msg, &pins) {
+            Ok(new) => Verdict::Replace(new.into()),
+            Err(e) => Verdict::Respond(Status::new(
+                Code::InvalidArgument,
+                format!("pullgate: CreateContainer: the request message is malformed: {e}"),
+            )),
+        }
+    }
+
+    /// The container's image, then every image volume's.
+    fn targets(&self, config: Option<&cri::ContainerConfig>) -> Vec<Target> {
+        let target = |image: &str, shown: String, mount| Target {
+            image: image.to_string(),
+            lookup: self
+                .resolve(image)
+                .map_or_else(|| image.to_string(), |r| r.pull_ref),
+            shown,
+            mount,
+        };
+        let spec = config.and_then(|c| c.image.as_ref());
+        let image = spec.map_or("", |s| s.image.as_str());
+        let shown = spec
+            .map(|s| s.user_specified_image.as_str())
+            .filter(|s| !s.is_empty())
+            .unwrap_or(image)
+            .to_string();
+        let mut out = vec![target(image, shown, None)];
+        for (i, mount) in config.iter().flat_map(|c| c.mounts.iter()).enumerate() {
+            if let Some(img) = mount.image.as_ref().filter(|i| !i.image.is_empty()) {
+                let shown = format!("{} (image volume at {})", img.image, mount.container_path);
+                out.push(target(&img.image, shown, Some(i)));
+            }
+        }
+        out
+    }
+
+    /// The pod containerd recorded for sandbox `id`, remembered for the next start in it.
+    async fn recorded_pod(&self, id: &str) -> Result<Arc<PodContext>, SandboxProblem> {
+        if id.is_empty() {
+            return Err(SandboxProblem::Missing);
+        }
+        match lookup::pod_sandbox_status(&self.upstream, id).await {
+            Ok(Some(status)) => {
+                let pod = Arc::new(sandbox::recorded_pod(&status));
+                self.sandboxes.insert(id, pod.clone());
+                Ok(pod)
+            }
+            Ok(None) => Err(SandboxProblem::Missing),
+            Err(status) => Err(SandboxProblem::Unavailable(status)),
+        }
+    }
+
+    /// Refuses a start whose pod could not be established; a missing sandbox is audited (with the pod
+    /// the request claims: there is no other).
+    fn sandbox_refusal(
+        &self,
+        req: &cri::CreateContainerRequest,
+        problem: &SandboxProblem,
+        shown: &str,
+        started: Instant,
+    ) -> Verdict {
+        let id = &req.pod_sandbox_id;
+        let status = match problem {
+            SandboxProblem::Unavailable(s) => {
+                tracing::warn!(sandbox = ?id, error = %s.message, "cannot look the pod sandbox up");
+                return Verdict::Respond(Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "pullgate: cannot look pod sandbox {id} up before starting container image {shown}: {}",
+                        s.message
+                    ),
+                ));
+            }
+            SandboxProblem::Missing if id.is_empty() => Status::new(
+                Code::InvalidArgument,
+                format!(
+                    "pullgate: container image {shown}: the request names no pod sandbox (pod_sandbox_id is empty); create the pod sandbox first (RunPodSandbox) and name it"
+                ),
+            ),
+            SandboxProblem::Missing => Status::new(
+                Code::NotFound,
+                format!(
+                    "pullgate: container image {shown}: containerd has no pod sandbox {id:?}; create the pod sandbox first (RunPodSandbox)"
+                ),
+            ),
+        };
+        let claimed = sandbox::claimed_pod(req.sandbox_config.as_ref());
+        self.record_refusal(
+            PolicyVerdict::Deny,
+            "sandbox_not_found",
+            &status.message,
+            shown,
+            &claimed,
+            started,
+        );
+        Verdict::Respond(status)
+    }
+
+    /// Compares the request's `sandbox_config` with the recorded pod: a contradiction is refused
+    /// (node warn mode: reported, and the start goes on with the recorded pod).
+    fn check_claim(
+        &self,
+        req: &cri::CreateContainerRequest,
+        pod: &PodContext,
+        shown: &str,
+        started: Instant,
+    ) -> Option<Verdict> {
+        let bundle = self.state.current();
+        let label = bundle.as_ref().map(|b| b.scopes().application_label());
+        let why = sandbox::disagreement(req.sandbox_config.as_ref(), pod, label)?;
+        let message = format!(
+            "pullgate: container image {shown}: the request's sandbox_config does not match pod sandbox {} as containerd recorded it: it claims {why}. The recorded pod decides; kubelet never sends another one, so check which client made this call (a pod's application label is the one it was created with: recreate the pod to change it)",
+            req.pod_sandbox_id
+        );
+        let warn = self.state.mode() == NodeMode::Warn;
+        let verdict = if warn {
+            PolicyVerdict::Warn
+        } else {
+            PolicyVerdict::Deny
+        };
+        self.record_refusal(verdict, "sandbox_mismatch", &message, shown, pod, started);
+        (!warn).then(|| Verdict::Respond(Status::new(Code::PermissionDenied, message)))
+    }
+
+    fn record_refusal(
+        &self,
+        verdict: PolicyVerdict,
+        reason: &'static str,
+        message: &str,
+        image: &str,
+        pod: &PodContext,
+        started: Instant,
+    ) {
+        let bundle_version = self.state.current().map(|b| b.version);
+        self.write_record(
+            METHOD,
+            &Outcome {
+                verdict,
+                reason,
+                message,
+                image,
+                normalized: None,
+                digest: None,
+                scope: None,
+                bundle_version,
+            },
+            pod,
+            None,
+            started,
+        );
+    }
+
+    /// Looks every target up in containerd, one after the other (a container rarely has image
+    /// volumes); the first failure answers the call with `UNAVAILABLE`.
+    async fn find_images(&self, targets: &[Target]) -> Result<Vec<Found>, Status> {
+        let mut out = Vec::with_capacity(targets.len());
+        for t in targets {
+            out.push(self.find_image(t).await?);
+        }
+        Ok(out)
+    }
+
+    async fn find_image(&self, t: &Target) -> Result<Found, Status> {
+        let unavailable = |status: Status| {
+            tracing::warn!(image = ?t.lookup, error = %status.message, "cannot look the container's image up");
+            Status::new(
+                Code::Unavailable,
+                format!(
+                    "pullgate: cannot check image {} before starting the container: {}",
+                    t.shown, status.message
+                ),
+            )
+        };
+        let Some(img) = lookup::image_status(&self.upstream, &t.lookup)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(Found {
+                id: None,
+                verified: Vec::new(),
+            });
+        };
+        let verified = lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests)
+            .await
+            .map_err(unavailable)?;
+        Ok(Found {
+            id: Some(img.id),
+            verified,
+        })
+    }
+
+    /// The decision for one image of a start, from what containerd holds.
+    fn decide_start(
+        &self,
+        t: &Target,
+        found: &Found,
+        pod: &PodContext,
+        now: OffsetDateTime,
+    ) -> Decision {
+        if found.id.is_none() && !names::is_image_id(&t.image) {
+            // containerd holds nothing under this name: say what a pull of it would be told, unless
+            // the name is approved (then the image just has not been pulled yet).
+            let by_name = self
+                .state
+                .decide(&ImageRequest::Reference(&t.image), pod, now);
+            if by_name.verdict != PolicyVerdict::Allow {
+                return by_name;
+            }
+        }
+        self.state.decide(
+            &ImageRequest::RepoDigests {
+                image: &t.shown,
+                repo_digests: &found.verified,
+            },
+            pod,
+            now,
+        )
+    }
+
+    /// A cached allow for a target named by image ID, for this pod's scope and this bundle. Only an
+    /// image ID names immutable content (its config fixes every layer), so only decisions about IDs
+    /// are cached; a name can be re-tagged to other content at any time. The cache is consulted only
+    /// while the bundle is usable, so an expired bundle fails closed here too, and only until the
+    /// decision's own `valid_until`.
+    fn cached_start(
+        &self,
+        t: &Target,
+        bundle: Option<&VerifiedBundle>,
+        pod: &PodContext,
+        now: OffsetDateTime,
+    ) -> Option<Decision> {
+        let bundle = bundle.filter(|_| names::is_image_id(&t.image))?;
+        let mut d = self.allowed_starts.get(&start_key(&t.image, bundle, pod))?;
+        // An allow that only held until a time (an exception, a sunset) is decided afresh after it.
+        if d.valid_until.is_some_and(|until| now >= until) {
+            return None;
+        }
+        d.image.clone_from(&t.shown);
+        Some(d)
+    }
+
+    fn cache_start(
+        &self,
+        id: Option<&str>,
+        bundle: Option<&VerifiedBundle>,
+        pod: &PodContext,
+        d: &Decision,
+    ) {
+        let (Some(id), Some(bundle)) = (id, bundle) else {
+            return;
+        };
+        self.allowed_starts
+            .insert(id, bundle.version, start_key(id, bundle, pod), d.clone());
+    }
+}
+
+/// Runs `main` to completion while also driving `side`; returns `main`'s output, and `side`'s if it
+/// finished meanwhile (otherwise `side` may be awaited later, or dropped to cancel it).
+async fn alongside<A, F: Future>(
+    main: impl Future<Output = A>,
+    mut side: Pin<&mut F>,
+) -> (A, Option<F::Output>) {
+    let mut main = std::pin::pin!(main);
+    let mut side_out = None;
+    loop {
+        tokio::select! {
+            a = &mut main => return (a, side_out),
+            b = side.as_mut(), if side_out.is_none() => side_out = Some(b),
+        }
+    }
+}
+
+/// The start cache's key: what an allowed start decision depends on — the image ID, the bundle and
+/// the pod's scope in it (not the pod's other labels, which vary per pod).
+fn start_key(image: &str, bundle: &VerifiedBundle, pod: &PodContext) -> String {
+    let scope = bundle.scopes().pod_scope(pod.namespace.as_deref(), |k| {
+        pod.labels.get(k).map(String::as_str)
+    });
+    format!("{image}\0{}\0{scope}", bundle.version)
+}
+
+/// A container-start denial that names the image as the pod spec does.
+fn start_denial(d: &Decision, shown: &str) -> Status {
+    let mut status = denial(d);
+    if !status.message.contains(shown) {
+        status.message = format!("container image {shown}: {}", status.message);
+    }
+    status
+}
+
+/// Rewrites the checked images of a start to their image IDs: the container's own
+/// (`config.image.image`) and image volumes' (`config.mounts[i].image.image`, `i` counted across
+/// every occurrence of `config`, as a protobuf parser merges them). Every other byte is kept.
+fn pin(msg: &[u8], pins: &[(Option<usize>, String)]) -> Result<Vec<u8>, wire::WireError> {
+    let mut out = msg.to_vec();
+    if let Some((_, id)) = pins.iter().find(|(m, _)| m.is_none()) {
+        out = wire::set_string(&out, field::CREATE_IMAGE, id.as_bytes())?;
+    }
+    if pins.iter().all(|(m, _)| m.is_none()) {
+        return Ok(out);
+    }
+    let mut index = 0;
+    wire::map_repeated(&out, field::CREATE_CONFIG, |config| {
+        let edited = wire::map_repeated(config, field::MOUNTS, |mount| {
+            let i = index;
+            index += 1;
+            match pins.iter().find(|(m, _)| *m == Some(i)) {
+                Some((_, id)) => {
+                    wire::set_string(mount, field::MOUNT_IMAGE, id.as_bytes()).map(Some)
+                }
+                None => Ok(None),
+            }
+        })?;
+        Ok((edited != config).then_some(edited))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(path: &str, image: &str) -> cri::Mount {
+        cri::Mount {
+            container_path: path.into(),
+            image: (!image.is_empty()).then(|| cri::ImageSpec {
+                image: image.into(),
+                user_specified_image: format!("{image} as written"),
+                ..Default::default()
+            }),
+            readonly: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pins_reach_the_container_image_and_each_image_volume() {
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: "sb".into(),
+            config: Some(cri::ContainerConfig {
+                image: Some(cri::ImageSpec {
+                    image: "busybox:1.36".into(),
+                    ..Default::default()
+                }),
+                mounts: vec![
+                    mount("/data", "data:1"),
+                    mount("/host", ""),
+                    mount("/tools", "tools:2"),
+                ],
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        };
+        let mut msg = req.encode_to_vec();
+        // A second occurrence of `config` with one more mount: parsers merge them, mount index 3.
+        let extra = cri::ContainerConfig {
+            mounts: vec![mount("/more", "more:3")],
+            ..Default::default()
+        };
+        let mut tail = Vec::new();
+        prost::encoding::message::encode(field::CREATE_CONFIG, &extra, &mut tail);
+        msg.extend_from_slice(&tail);
+        msg.extend_from_slice(&[0xa2, 0x06, 0x01, b'z']); // unknown field 100
+
+        let pins = vec![
+            (None, "sha256:c".to_string()),
+            (Some(0), "sha256:d".to_string()),
+            (Some(3), "sha256:m".to_string()),
+        ];
+        let out = pin(&msg, &pins).unwrap();
+        let got = cri::CreateContainerRequest::decode(out.as_slice()).unwrap();
+        let config = got.config.unwrap();
+        assert_eq!(config.image.unwrap().image, "sha256:c");
+        let images: Vec<(String, Option<String>)> = config
+            .mounts
+            .iter()
+            .map(|m| {
+                (
+                    m.container_path.clone(),
+                    m.image.as_ref().map(|i| i.image.clone()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            images,
+            [
+                ("/data".to_string(), Some("sha256:d".to_string())),
+                ("/host".to_string(), None),
+                ("/tools".to_string(), Some("tools:2".to_string())),
+                ("/more".to_string(), Some("sha256:m".to_string())),
+            ]
+        );
+        assert!(config.mounts.iter().all(|m| m.readonly));
+        assert_eq!(
+            config.mounts[0]
+                .image
+                .as_ref()
+                .unwrap()
+                .user_specified_image,
+            "data:1 as written"
+        );
+        assert!(
+            out.ends_with(&[0xa2, 0x06, 0x01, b'z']),
+            "unknown fields kept"
+        );
+        // Only the container's image: the mounts are not touched.
+        let only = pin(&msg, &pins[..1]).unwrap();
+        let got = cri::CreateContainerRequest::decode(only.as_slice()).unwrap();
+        assert_eq!(
+            got.config.unwrap().mounts[0].image.as_ref().unwrap().image,
+            "data:1"
+        );
+    }
+
+    #[tokio::test]
+    async fn alongside_drives_both_and_leaves_the_side_unfinished_when_main_wins() {
+        let side = async {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            7
+        };
+        let mut side = std::pin::pin!(side);
+        let (a, b) = alongside(
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                1
+            },
+            side.as_mut(),
+        )
+        .await;
+        assert_eq!((a, b), (1, Some(7)), "the side finished first and was kept");
+        let mut slow = std::pin::pin!(std::future::pending::<u8>());
+        let (a, b) = alongside(async { 2 }, slow.as_mut()).await;
+        assert_eq!((a, b), (2, None));
+    }
+}
