@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{Image, ImageFsInfoResponse, ListContainersResponse, ListPodSandboxResponse};
-use support::cri::{assert_status, host_pod_config, must, sorted_images};
+use support::cri::{assert_status, host_pod_config, must, run_as_kubelet, sorted_images};
 use support::node::{Node, PAYMENTS_NS, SEARCH_NS, matching, standard_bundle};
 use support::{Cri, e2e_enabled, loud};
-use tonic::{Code, Status};
+use tonic::Code;
 
 /// The one audit record of `method` for `image`, checked for decision and reason.
 #[track_caller]
@@ -45,34 +45,6 @@ fn grep_marker(line: &str) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
-}
-
-/// Runs a host-network pod in `ns` with one container created as kubelet does (image ID from
-/// ImageStatus, the pod spec's name as `user_specified_image`), waits for it to exit, cleans up;
-/// returns the container's exit code.
-async fn run_as_kubelet(
-    cri: &mut Cri,
-    pod_name: &str,
-    ns: &str,
-    user_image: &str,
-    command: &[&str],
-) -> Result<i32, Status> {
-    let status = cri.image_status(user_image).await?;
-    let id = status
-        .image
-        .ok_or_else(|| Status::not_found(format!("ImageStatus({user_image}) found nothing")))?
-        .id;
-    let cfg = host_pod_config(pod_name, ns);
-    let pod = cri.run_pod(&cfg).await?;
-    let result = async {
-        let c = cri
-            .create_container_as_kubelet(&pod, &cfg, "main", &id, user_image, command)
-            .await?;
-        cri.start_and_wait(&c, Duration::from_secs(60)).await
-    }
-    .await;
-    let _ = cri.remove_pod(&pod).await;
-    result
 }
 
 // Multi-threaded: the clients' connection tasks keep running while the test thread blocks on

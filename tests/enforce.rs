@@ -1388,6 +1388,36 @@ async fn rejected_bundles_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_dropped_bundles_are_refused_unread() {
+    let limit = bundle_json(1, &digest(1), time::Duration::days(30)).len() as u64 + 64;
+    let env = Env::start(true, NodeMode::Enforce, move |c, _| {
+        c.policy.max_bundle_size = limit
+    })
+    .await;
+    assert_eq!(env.node.state.current().unwrap().version, 1);
+    // Validly signed, but 100 bytes of trailing whitespace over the limit.
+    let big = format!(
+        "{}{}",
+        bundle_json(2, &digest(5), time::Duration::days(30)),
+        " ".repeat(100)
+    );
+    let k = &env.keys;
+    drop_bundle(&env.dir, "big", &big, &k.sign(&big, &[&k.alice, &k.bob]));
+    assert_eq!(env.node.poll_drop_dir(), 0);
+    let reason =
+        std::fs::read_to_string(env.dir.join("incoming/big.json.rejected.reason")).unwrap();
+    assert!(reason.contains("policy.max_bundle_size"), "{reason}");
+    let metrics = env.node.metrics_text(0);
+    assert!(
+        metrics
+            .contains("pullgate_bundle_installs_total{result=\"rejected\",reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(env.node.state.current().unwrap().version, 1);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bundle_swap_under_200_concurrent_calls_fails_none() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
     let ch = cri_channel(&env.listen).await;

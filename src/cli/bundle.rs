@@ -59,6 +59,9 @@ pub enum BundleCommand {
         /// The bundle file.
         bundle: PathBuf,
     },
+    /// Build the next bundle from the administrators' catalog (checks the mirror first).
+    #[command(disable_version_flag = true)]
+    Build(super::admin::BuildArgs),
     /// Show what a new bundle would do to the containers running on this node: for each, its decision
     /// under the installed bundle and under NEW (exit 0: nothing running would be denied; 1: something
     /// would; 2: cannot check).
@@ -157,6 +160,7 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
         BundleCommand::Inspect { bundle } => inspect(&bundle),
         BundleCommand::Diff { old, new } => diff(&old, &new),
         BundleCommand::WhatIf(args) => super::whatif::run(&args),
+        BundleCommand::Build(args) => super::admin::build(args),
     }
 }
 

@@ -1,8 +1,9 @@
 //! The command line: the clap definition of every subcommand, and dispatch to the module that owns it.
 //!
 //! Each subcommand's work lives with the concept it belongs to (`daemon` for `serve`, `policy` for bundles
-//! and decisions); this module only parses arguments and maps outcomes to exit codes.
+//! and decisions, `admin` for the catalog, approve and bundle build); this module only parses arguments and maps outcomes to exit codes.
 
+mod admin;
 mod bundle;
 mod explain;
 mod node;
@@ -41,6 +42,11 @@ pub enum Command {
     /// Commands about this node: `node check` proves its lockdown.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Create or check the administrators' catalog (the source every bundle is built from).
+    #[command(subcommand)]
+    Catalog(admin::CatalogCommand),
+    /// Approve a public image: scanner reports, licence and version rules, mirror by digest, record it.
+    Approve(admin::ApproveArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,5 +108,7 @@ pub fn main() -> ExitCode {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
         Command::Node(cmd) => node::run(cmd),
+        Command::Catalog(cmd) => admin::catalog(cmd),
+        Command::Approve(args) => admin::approve(args),
     }
 }

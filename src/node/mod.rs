@@ -13,6 +13,7 @@
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
 //! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
+//! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 

@@ -1,61 +1,65 @@
-//! Rate limiting for log lines that a client (or a broken peer) can cause at any rate.
-//!
-//! A [`LogLimit`] lets one line per key through every interval and counts the lines it held back, so
-//! the next line that gets through can say how many were suppressed ("(K more since)"). Counters and
-//! metrics are never rate limited: only the log is.
+//! Rate-limited logging: at most one line per key per interval, each saying how many were
+//! suppressed since the last, so a fault that repeats every few milliseconds (an `accept` that keeps
+//! failing, a flood of refused connections) cannot flood the journal.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// One line per key per interval; the rest are counted, not logged.
-pub struct LogLimit {
-    every: Duration,
-    /// Per key: when a line was last let through, and how many were held back since.
-    slots: Mutex<HashMap<&'static str, (Instant, u64)>>,
+/// Decides which occurrences of an event get logged.
+pub struct LogLimiter {
+    interval: Duration,
+    keys: Mutex<HashMap<&'static str, Slot>>,
 }
 
-impl LogLimit {
-    pub fn new(every: Duration) -> Self {
-        LogLimit {
-            every,
-            slots: Mutex::default(),
+struct Slot {
+    /// When the last line for this key was written.
+    logged: Instant,
+    /// Occurrences since then that were not logged.
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    pub fn new(interval: Duration) -> Self {
+        LogLimiter {
+            interval,
+            keys: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether a line for `key` may be logged now: `Some(n)` with the number of lines held back since
-    /// the last one let through, `None` to stay quiet.
+    /// An occurrence of `key` now: `Some(suppressed)` if it should be logged (with the number of
+    /// occurrences dropped since the last logged one), `None` if it is to be dropped.
     pub fn check(&self, key: &'static str) -> Option<u64> {
         self.check_at(key, Instant::now())
     }
 
-    /// [`LogLimit::check`] at a given time (for tests).
+    /// [`LogLimiter::check`] at a given time.
     pub fn check_at(&self, key: &'static str, now: Instant) -> Option<u64> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        match slots.get_mut(key) {
-            Some((last, held)) if now.saturating_duration_since(*last) < self.every => {
-                *held += 1;
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.get_mut(key) {
+            Some(slot) if now.saturating_duration_since(slot.logged) < self.interval => {
+                slot.suppressed += 1;
                 None
             }
-            Some((last, held)) => {
-                *last = now;
-                Some(std::mem::take(held))
+            Some(slot) => {
+                let suppressed = slot.suppressed;
+                *slot = Slot {
+                    logged: now,
+                    suppressed: 0,
+                };
+                Some(suppressed)
             }
             None => {
-                slots.insert(key, (now, 0));
+                keys.insert(
+                    key,
+                    Slot {
+                        logged: now,
+                        suppressed: 0,
+                    },
+                );
                 Some(0)
             }
         }
-    }
-}
-
-/// ` (N more since the last report)` when lines were held back, else nothing: for the end of a
-/// rate-limited log message.
-pub fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" ({n} more since the last report)")
     }
 }
 
@@ -64,18 +68,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_line_per_key_per_interval_with_a_count_of_the_rest() {
-        let limit = LogLimit::new(Duration::from_secs(10));
+    fn one_line_per_key_per_interval_with_the_suppressed_count() {
+        let l = LogLimiter::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        assert_eq!(limit.check_at("a", t0), Some(0));
-        assert_eq!(limit.check_at("a", t0 + Duration::from_secs(1)), None);
-        assert_eq!(limit.check_at("a", t0 + Duration::from_secs(2)), None);
+        assert_eq!(l.check_at("accept", t0), Some(0));
+        for ms in [50, 100, 9_999] {
+            assert_eq!(l.check_at("accept", t0 + Duration::from_millis(ms)), None);
+        }
         // Another key has its own budget.
-        assert_eq!(limit.check_at("b", t0 + Duration::from_secs(2)), Some(0));
-        assert_eq!(limit.check_at("a", t0 + Duration::from_secs(10)), Some(2));
-        assert_eq!(limit.check_at("a", t0 + Duration::from_secs(11)), None);
-        assert_eq!(limit.check_at("a", t0 + Duration::from_secs(21)), Some(1));
-        assert_eq!(held_back(0), "");
-        assert_eq!(held_back(3), " (3 more since the last report)");
+        assert_eq!(
+            l.check_at("refused", t0 + Duration::from_millis(1)),
+            Some(0)
+        );
+        assert_eq!(l.check_at("accept", t0 + Duration::from_secs(10)), Some(3));
+        assert_eq!(l.check_at("accept", t0 + Duration::from_secs(11)), None);
+        assert_eq!(l.check_at("accept", t0 + Duration::from_secs(21)), Some(1));
     }
 }

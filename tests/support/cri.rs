@@ -457,3 +457,31 @@ pub fn assert_status<T: std::fmt::Debug>(
     }
     s.message().to_string()
 }
+
+/// Runs a host-network pod in `ns` with one container created as kubelet does (image ID from
+/// ImageStatus, the pod spec's name as `user_specified_image`), waits for it to exit, cleans up;
+/// returns the container's exit code.
+pub async fn run_as_kubelet(
+    cri: &mut Cri,
+    pod_name: &str,
+    ns: &str,
+    user_image: &str,
+    command: &[&str],
+) -> Result<i32, Status> {
+    let status = cri.image_status(user_image).await?;
+    let id = status
+        .image
+        .ok_or_else(|| Status::not_found(format!("ImageStatus({user_image}) found nothing")))?
+        .id;
+    let cfg = host_pod_config(pod_name, ns);
+    let pod = cri.run_pod(&cfg).await?;
+    let result = async {
+        let c = cri
+            .create_container_as_kubelet(&pod, &cfg, "main", &id, user_image, command)
+            .await?;
+        cri.start_and_wait(&c, Duration::from_secs(60)).await
+    }
+    .await;
+    let _ = cri.remove_pod(&pod).await;
+    result
+}

@@ -279,3 +279,98 @@ pub fn is_static_elf(path: &Path) -> bool {
         o + 4 <= b.len() && u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) != 3
     })
 }
+
+/// Adds `count` layers of `size` incompressible bytes each to layout tag `tag` (one `umoci insert`
+/// each), so the image has several layers of real size.
+pub fn add_layers(factory: &ImageFactory, tag: &str, count: usize, size: usize) {
+    let image = format!("{}:{tag}", factory.layout.display());
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ (size as u64) ^ (tag.len() as u64);
+    for i in 0..count {
+        let dir = factory.dir.join(format!("layer-{tag}-{i}"));
+        std::fs::create_dir_all(&dir).expect("create layer dir");
+        let mut data = vec![0u8; size];
+        for chunk in data.chunks_mut(8) {
+            // xorshift64*: fast, deterministic, incompressible enough for gzip.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            let v = state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+        std::fs::write(dir.join("data.bin"), &data).expect("write layer data");
+        run(Command::new("umoci")
+            .args(["insert", "--image", &image])
+            .arg(&dir)
+            .arg(format!("/extra{i}")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Writes an OCI image index into the layout that references the layout tags in `entries` with the
+/// given (os, architecture), and tags it `name`; returns its digest.
+pub fn make_index(factory: &ImageFactory, entries: &[(&str, &str, &str)], name: &str) -> String {
+    let index_path = factory.layout.join("index.json");
+    let mut layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index_path).expect("read index.json"))
+            .expect("parse index.json");
+    let find = |tag: &str| -> serde_json::Value {
+        layout["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .cloned()
+            .unwrap_or_else(|| panic!("tag {tag} not in the OCI layout"))
+    };
+    let manifests: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(tag, os, arch)| {
+            let m = find(tag);
+            serde_json::json!({
+                "mediaType": m["mediaType"], "digest": m["digest"], "size": m["size"],
+                "platform": {"architecture": arch, "os": os}
+            })
+        })
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests
+    }))
+    .expect("index json");
+    let hex = hex::encode(Sha256::digest(&body));
+    std::fs::write(factory.layout.join("blobs/sha256").join(&hex), &body)
+        .expect("write index blob");
+    let digest = format!("sha256:{hex}");
+    layout["manifests"].as_array_mut().expect("manifests").push(serde_json::json!({
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": body.len(),
+        "annotations": {"org.opencontainers.image.ref.name": name}
+    }));
+    std::fs::write(
+        &index_path,
+        serde_json::to_vec(&layout).expect("layout json"),
+    )
+    .expect("write index.json");
+    digest
+}
+
+/// Pushes layout tag `name` (an index) with every platform image to `registry` as `repo_tag`, keeping
+/// the digests; returns the digest the registry serves.
+pub fn push_index(
+    factory: &ImageFactory,
+    name: &str,
+    registry: &Registry,
+    repo_tag: &str,
+) -> String {
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--all",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("oci:{}:{name}", factory.layout.display()))
+        .arg(format!("docker://{}/{repo_tag}", registry.host())));
+    manifest_digest(&registry.host(), repo_tag)
+}

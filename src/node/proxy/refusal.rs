@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::node::metrics::Metrics;
-use crate::node::ratelimit::{LogLimit, held_back};
+use crate::node::ratelimit::LogLimiter;
 
 /// At most one warn line per reason this often.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -88,14 +88,14 @@ impl fmt::Display for Refusal {
 /// Counts and logs refusals; one per proxy, shared by every connection.
 pub struct Refusals {
     metrics: Arc<Metrics>,
-    log: LogLimit,
+    log: LogLimiter,
 }
 
 impl Refusals {
     pub fn new(metrics: Arc<Metrics>) -> Self {
         Refusals {
             metrics,
-            log: LogLimit::new(LOG_EVERY),
+            log: LogLimiter::new(LOG_EVERY),
         }
     }
 
@@ -107,8 +107,13 @@ impl Refusals {
         if let Some(held) = self.log.check(reason.as_str()) {
             tracing::warn!(
                 reason = reason.as_str(),
+                suppressed = held,
                 "refused a client at the protocol level: {detail}{}",
-                held_back(held)
+                if held > 0 {
+                    format!(" ({held} more since the last report)")
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -471,7 +471,7 @@ fn undecodable_blocks_pass_unchanged_while_transparent() {
 async fn limits_match_the_settings_the_server_sends() {
     use tokio::io::AsyncWriteExt;
     let (mut client, server) = tokio::io::duplex(1 << 16);
-    let builder = crate::node::proxy::conn::server_builder();
+    let builder = crate::node::proxy::conn::server_builder(&crate::node::config::Limits::default());
     let svc = hyper::service::service_fn(|_req| async {
         Ok::<_, std::convert::Infallible>(http::Response::new(
             http_body_util::Empty::<bytes::Bytes>::new(),

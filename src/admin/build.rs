@@ -1,0 +1,450 @@
+//! `pullgate bundle build`: the catalog → the next bundle.
+//!
+//! [`render`] is pure and deterministic: the same catalog, version and issue time give the same bytes
+//! (entries sorted by source and scope, tags and digests sorted, scans sorted, fields in a fixed order).
+//! Format 2 (the default) carries lifecycle, rules, exceptions and rollout; format 1 is for nodes that
+//! do not read format 2 yet: it leaves those out, and leaves out tags and digests already sunset.
+//!
+//! One bundle entry per repository and scope: its tags and digests are the catalog's approvals for
+//! that scope, and its provenance merges theirs — every scan of every approval (each one passed the
+//! rule when it was approved), the licences joined with `AND` when they differ (a node must permit
+//! all of them), and the approver and time of the latest approval.
+//!
+//! [`check_mirror`] asks the private registry (concurrent HEAD requests) for every approved manifest and
+//! every exception's, and names the missing ones.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use futures_util::StreamExt as _;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::catalog::{self, Catalog, Version, rfc3339};
+use crate::policy::{Digest, Reference};
+use crate::registry::{Registry, RegistryError};
+
+/// Why a bundle was not built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The catalog does not load.
+    #[error("the catalog has problems; fix them first:\n{0}")]
+    Catalog(catalog::Problems),
+    /// The previous bundle cannot be read.
+    #[error("cannot read the previous bundle {}: {why}; give the bundle now in force, or --version N", path.display())]
+    Previous {
+        path: std::path::PathBuf,
+        why: String,
+    },
+    /// Approved images are missing from the private registry.
+    #[error(
+        "{} approved image(s) are missing from the private registry; approve them again (which mirrors them) or remove them from the catalog:\n  {}",
+        missing.len(),
+        missing.iter().take(50).cloned().collect::<Vec<_>>().join("\n  ")
+    )]
+    MissingFromMirror { missing: Vec<String> },
+    /// The mirror check itself failed.
+    #[error("checking the mirror failed: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// The version a new bundle gets: `explicit`, else the previous bundle's + 1, else 1.
+pub fn next_version(previous: Option<&Path>, explicit: Option<u64>) -> Result<u64, BuildError> {
+    if let Some(v) = explicit {
+        return Ok(v);
+    }
+    let Some(path) = previous else { return Ok(1) };
+    #[derive(serde::Deserialize)]
+    struct OnlyVersion {
+        version: u64,
+    }
+    let err = |why: String| BuildError::Previous {
+        path: path.to_owned(),
+        why,
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let v: OnlyVersion =
+        serde_json::from_reader(std::io::BufReader::new(f)).map_err(|e| err(e.to_string()))?;
+    v.version
+        .checked_add(1)
+        .ok_or_else(|| err("its version is the largest possible".into()))
+}
+
+#[derive(Serialize)]
+struct Out<'a> {
+    format: u32,
+    version: u64,
+    issued_at: String,
+    expires_at: String,
+    issuer: &'a str,
+    private_registry: &'a str,
+    mirrors: Vec<OutMirror<'a>>,
+    governance: OutGovernance<'a>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    first_party: Vec<OutFirstParty<'a>>,
+    images: Vec<OutImage<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    exceptions: Vec<OutException<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rollout: Vec<OutRollout<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutMirror<'a> {
+    source: &'a str,
+    target: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutGovernance<'a> {
+    organization: &'a str,
+    application_label: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rules: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    programs: Vec<OutProgram<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutProgram<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rules: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    projects: Vec<OutProject<'a>>,
+}
+
+#[derive(Serialize)]
+struct OutProject<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rules: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    namespaces: &'a [String],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    applications: &'a [String],
+}
+
+#[derive(Serialize)]
+struct OutFirstParty<'a> {
+    prefix: &'a str,
+    scope: &'a str,
+    require_digest: bool,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutRef<'a> {
+    Plain(&'a str),
+    Lifecycle {
+        digest: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        deprecated_at: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sunset_at: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replacement: Option<&'a str>,
+    },
+}
+
+#[derive(Serialize)]
+struct OutImage<'a> {
+    source: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    tags: BTreeMap<&'a str, OutRef<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    digests: Vec<OutRef<'a>>,
+    scope: &'a str,
+    provenance: OutProvenance<'a>,
+}
+
+#[derive(Serialize)]
+struct OutProvenance<'a> {
+    license: String,
+    scans: Vec<OutScan<'a>>,
+    approved_by: &'a str,
+    approved_at: String,
+}
+
+#[derive(Serialize, PartialEq, Eq, PartialOrd, Ord)]
+struct OutScan<'a> {
+    scanner: &'a str,
+    version: &'a str,
+    report: &'a str,
+    worst_severity: String,
+}
+
+#[derive(Serialize)]
+struct OutException<'a> {
+    source: &'a str,
+    digest: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<&'a str>,
+    scope: &'a str,
+    expires_at: String,
+    ticket: &'a str,
+    reason: &'a str,
+    approved_by: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutRollout<'a> {
+    after: &'a str,
+    percent: u32,
+}
+
+/// Renders the bundle of `catalog` (format 1 or 2) with `version`, issued at `issued_at`.
+pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDateTime) -> Vec<u8> {
+    let v2 = format >= 2;
+    let issued_at = issued_at.replace_nanosecond(0).unwrap_or(issued_at);
+    let expires_at = issued_at
+        + time::Duration::try_from(catalog.header.validity.0).unwrap_or(time::Duration::MAX);
+    let h = &catalog.header;
+    let g = &catalog.governance;
+    let rules = |r: &Option<toml::Spanned<catalog::RuleEntry>>| {
+        if v2 {
+            r.as_ref().and_then(|r| r.get_ref().bundle_json())
+        } else {
+            None
+        }
+    };
+    let mode = |m: Option<crate::policy::Mode>| m.map(|m| m.to_string());
+
+    // One entry per (source, scope); sources sorted by the catalog.
+    let mut images = Vec::new();
+    for repo in &catalog.repositories {
+        let mut by_scope: BTreeMap<&str, Vec<&Version>> = BTreeMap::new();
+        for v in &repo.content.approved {
+            if !v2 && v.sunset_at.is_some_and(|s| s.0 <= issued_at) {
+                continue;
+            }
+            by_scope.entry(v.scope.get_ref()).or_default().push(v);
+        }
+        for (scope, versions) in by_scope {
+            let mut tags = BTreeMap::new();
+            let mut digests = Vec::new();
+            for v in &versions {
+                let r = if v2 && (v.deprecated_at.is_some() || v.sunset_at.is_some()) {
+                    OutRef::Lifecycle {
+                        digest: v.digest.get_ref(),
+                        deprecated_at: v.deprecated_at.map(|t| rfc3339(t.0)),
+                        sunset_at: v.sunset_at.map(|t| rfc3339(t.0)),
+                        replacement: v.replacement.as_ref().map(|r| r.get_ref().as_str()),
+                    }
+                } else {
+                    OutRef::Plain(v.digest.get_ref())
+                };
+                match &v.tag {
+                    Some(t) => {
+                        tags.insert(t.get_ref().as_str(), r);
+                    }
+                    None => digests.push((v.digest.get_ref().as_str(), r)),
+                }
+            }
+            digests.sort_by(|a, b| a.0.cmp(b.0));
+            let mut licences: Vec<&str> = versions
+                .iter()
+                .map(|v| v.license.get_ref().as_str())
+                .collect();
+            licences.sort_unstable();
+            licences.dedup();
+            let license = if licences.len() == 1 {
+                licences[0].to_owned()
+            } else {
+                licences
+                    .iter()
+                    .map(|l| format!("({l})"))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            };
+            let mut scans: Vec<OutScan> = versions
+                .iter()
+                .flat_map(|v| v.scans.iter())
+                .map(|s| OutScan {
+                    scanner: &s.scanner,
+                    version: &s.version,
+                    report: s.report.get_ref(),
+                    worst_severity: s.worst_severity.to_string(),
+                })
+                .collect();
+            scans.sort();
+            scans.dedup();
+            let latest = versions
+                .iter()
+                .max_by_key(|v| (v.approved_at, v.digest.get_ref()))
+                .copied();
+            let Some(latest) = latest else { continue };
+            images.push(OutImage {
+                source: &repo.source,
+                tags,
+                digests: digests.into_iter().map(|(_, r)| r).collect(),
+                scope,
+                provenance: OutProvenance {
+                    license,
+                    scans,
+                    approved_by: &latest.approved_by,
+                    approved_at: rfc3339(latest.approved_at.0),
+                },
+            });
+        }
+    }
+
+    let mut exceptions: Vec<OutException> = if v2 {
+        catalog
+            .exceptions
+            .iter()
+            .filter(|e| e.expires_at.0 > issued_at)
+            .map(|e| OutException {
+                source: e.source.get_ref(),
+                digest: e.digest.get_ref(),
+                tag: e.tag.as_deref(),
+                scope: e.scope.get_ref(),
+                expires_at: rfc3339(e.expires_at.0),
+                ticket: &e.ticket,
+                reason: &e.reason,
+                approved_by: &e.approved_by,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    exceptions.sort_by(|a, b| (a.source, a.scope, a.digest).cmp(&(b.source, b.scope, b.digest)));
+
+    let out = Out {
+        format: if v2 { 2 } else { 1 },
+        version,
+        issued_at: rfc3339(issued_at),
+        expires_at: rfc3339(expires_at),
+        issuer: &h.issuer,
+        private_registry: h.private_registry.get_ref(),
+        mirrors: h
+            .mirrors
+            .iter()
+            .map(|m| OutMirror {
+                source: m.source.get_ref(),
+                target: m.target.get_ref(),
+            })
+            .collect(),
+        governance: OutGovernance {
+            organization: &g.organization,
+            application_label: &g.application_label,
+            mode: mode(g.mode),
+            rules: rules(&g.rules),
+            programs: g
+                .programs
+                .iter()
+                .map(|p| OutProgram {
+                    name: &p.name,
+                    mode: mode(p.mode),
+                    rules: rules(&p.rules),
+                    projects: p
+                        .projects
+                        .iter()
+                        .map(|j| OutProject {
+                            name: &j.name,
+                            mode: mode(j.mode),
+                            rules: rules(&j.rules),
+                            namespaces: &j.namespaces,
+                            applications: &j.applications,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        },
+        first_party: h
+            .first_party
+            .iter()
+            .map(|f| OutFirstParty {
+                prefix: &f.prefix,
+                scope: f.scope.get_ref(),
+                require_digest: f.require_digest,
+            })
+            .collect(),
+        images,
+        exceptions,
+        rollout: if v2 {
+            h.rollout
+                .iter()
+                .map(|r| OutRollout {
+                    after: &r.after,
+                    percent: r.percent,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    };
+    let mut bytes = serde_json::to_vec_pretty(&out).unwrap_or_default();
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Every manifest the bundle points nodes at: (`private/mirror/path`, digest), deduplicated, sorted.
+pub fn mirrored_manifests(catalog: &Catalog) -> Vec<(String, Digest)> {
+    let mut out = std::collections::BTreeSet::new();
+    let sources = catalog
+        .repositories
+        .iter()
+        .flat_map(|r| {
+            r.content
+                .approved
+                .iter()
+                .map(move |v| (r.source.as_str(), v.digest.get_ref().as_str()))
+        })
+        .chain(
+            catalog
+                .exceptions
+                .iter()
+                .map(|e| (e.source.get_ref().as_str(), e.digest.get_ref().as_str())),
+        );
+    for (source, digest) in sources {
+        let (Ok(r), Ok(d)) = (Reference::parse(source), Digest::parse(digest)) else {
+            continue;
+        };
+        if let Some(path) = catalog.mirror_path(&r) {
+            out.insert((path, d));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// HEADs every approved manifest in the private registry, `concurrency` at a time; the missing ones
+/// are [`BuildError::MissingFromMirror`]. Returns how many were checked.
+pub async fn check_mirror(
+    catalog: &Catalog,
+    registry: &Registry,
+    concurrency: usize,
+) -> Result<usize, BuildError> {
+    let host = catalog.header.private_registry.get_ref().clone();
+    let wanted = mirrored_manifests(catalog);
+    let checked = wanted.len();
+    let results: Vec<Result<Option<String>, RegistryError>> = futures_util::stream::iter(wanted)
+        .map(|(path, digest)| {
+            let host = &host;
+            async move {
+                let there = registry.manifest_exists(host, &path, &digest).await?;
+                Ok((!there).then(|| format!("{host}/{path}@{digest}")))
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    let mut missing = Vec::new();
+    for r in results {
+        if let Some(m) = r? {
+            missing.push(m);
+        }
+    }
+    missing.sort();
+    if missing.is_empty() {
+        Ok(checked)
+    } else {
+        Err(BuildError::MissingFromMirror { missing })
+    }
+}

@@ -1,0 +1,1702 @@
+//! The catalog: the administrators' source of truth, a directory of TOML files kept in version control,
+//! from which every bundle is built. Format reference: `docs/catalog.md`.
+//!
+//! ```text
+//! catalog.toml      bundle header: issuer, private registry, validity, mirrors, first-party, rollout, trust
+//! governance.toml   organisation → programs → projects, modes, scan/licence/version rules per level
+//! images/**.toml    approved images, one file per repository (`images/docker.io/library/nginx.toml`)
+//! exceptions.toml   break-glass exceptions
+//! ignore.toml       scanner findings to ignore (id, reason, expiry)
+//! trust.toml        the administrators' keys (approve --key must be one of them)
+//! ```
+//!
+//! Parsing is strict (`deny_unknown_fields`) and every problem names the file, the line and the key.
+//! [`Catalog::load`] reads and parses every file and collects *all* problems (syntax and cross-file:
+//! scopes exist, a tag means one digest, replacements exist, …) into [`Problems`], so `catalog check`
+//! can list them at once. [`init`] writes a commented starting catalog; [`render_version`] and
+//! [`insert_lifecycle`] are the text edits `approve` makes (appending keeps comments and review
+//! diffs small).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use toml::Spanned;
+
+use crate::policy::license::LicenseExpression;
+use crate::policy::reference::{self, Reference};
+use crate::policy::rules::Rules;
+use crate::policy::{Digest, Mode, Severity, Trust};
+
+/// The catalog's main file.
+pub const CATALOG_FILE: &str = "catalog.toml";
+/// The governance file.
+pub const GOVERNANCE_FILE: &str = "governance.toml";
+/// The exceptions file.
+pub const EXCEPTIONS_FILE: &str = "exceptions.toml";
+/// The ignore list.
+pub const IGNORE_FILE: &str = "ignore.toml";
+/// The directory of approved images.
+pub const IMAGES_DIR: &str = "images";
+
+/// Defaults of the administrators' rules (not part of the bundle).
+pub const DEFAULT_MAX_VERSIONS: u32 = 3;
+/// Default `sunset_after`.
+pub const DEFAULT_SUNSET_AFTER: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+/// Default `max_report_age`.
+pub const DEFAULT_MAX_REPORT_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 86_400);
+
+// ---------------------------------------------------------------------------------------------------
+// Problems: every error names file, line and key.
+
+/// One problem in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file, relative to the catalog directory.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem concerns the whole file).
+    pub line: usize,
+    /// The key (dotted path) the problem is about, or empty.
+    pub key: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A source file's text, for turning byte spans into lines.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+    fn at(
+        &self,
+        span: &std::ops::Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Problem {
+        Problem {
+            file: self.file.to_owned(),
+            line: self.line(span.start),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, Problem> {
+    toml::from_str(text).map_err(|e| {
+        let src = Source { file, text };
+        let line = e.span().map(|s| src.line(s.start)).unwrap_or(0);
+        let msg = e.message().trim().to_owned();
+        // serde names the key in its message ("unknown field `x`", "missing field `y`"); keep it whole.
+        Problem {
+            file: file.to_owned(),
+            line,
+            key: String::new(),
+            message: format!("{msg}; see docs/catalog.md"),
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Value types read from TOML.
+
+/// A TOML offset date-time (`2026-01-01T00:00:00Z`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Time(pub OffsetDateTime);
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Time, D::Error> {
+        let dt = toml::value::Datetime::deserialize(d)?;
+        if dt.offset.is_none() || dt.date.is_none() || dt.time.is_none() {
+            return Err(serde::de::Error::custom(format!(
+                "{dt} is not a full date-time with an offset; write e.g. 2026-01-01T00:00:00Z"
+            )));
+        }
+        OffsetDateTime::parse(&dt.to_string(), &Rfc3339)
+            .map(Time)
+            .map_err(|e| serde::de::Error::custom(format!("{dt}: {e}")))
+    }
+}
+
+impl fmt::Display for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&rfc3339(self.0))
+    }
+}
+
+/// RFC 3339 in UTC with whole seconds, as catalog and bundle write times.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    let t = t
+        .to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t);
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// A duration written as humantime text (`30d`, `12h`, `90m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Duration(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Duration).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "\"{s}\" is not a duration ({e}); write e.g. \"30d\", \"12h\""
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// catalog.toml
+
+/// `catalog.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    /// Who issues the bundles.
+    pub issuer: String,
+    /// The private registry host (and port).
+    pub private_registry: Spanned<String>,
+    /// How long a bundle is valid after it is issued.
+    pub validity: Duration,
+    /// Registries reached over plain HTTP (test registries on loopback only).
+    #[serde(default)]
+    pub plain_http: Vec<String>,
+    /// Registry name → the host actually contacted for it (an internal mirror of a public registry).
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, String>,
+    /// The administrators' trust file, relative to the catalog.
+    pub trust: Spanned<String>,
+    /// Public source → path in the private registry.
+    #[serde(default)]
+    pub mirrors: Vec<MirrorEntry>,
+    /// First-party prefixes.
+    #[serde(default)]
+    pub first_party: Vec<FirstPartyEntry>,
+    /// Rollout waves of the bundle.
+    #[serde(default)]
+    pub rollout: Vec<RolloutStep>,
+}
+
+/// One mirror.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorEntry {
+    /// Public registry host, optionally with a path prefix.
+    pub source: Spanned<String>,
+    /// Path in the private registry.
+    pub target: Spanned<String>,
+}
+
+/// One first-party prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirstPartyEntry {
+    /// `registry/path/` prefix.
+    pub prefix: String,
+    /// Scope path.
+    pub scope: Spanned<String>,
+    /// References must be pinned by digest.
+    #[serde(default)]
+    pub require_digest: bool,
+}
+
+/// One rollout step.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutStep {
+    /// Duration after `issued_at` (humantime, kept as written).
+    pub after: String,
+    /// Percentage of nodes.
+    pub percent: u32,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// governance.toml
+
+/// Scan, licence and version rules of one governance level, as written.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleEntry {
+    /// Distinct scanners needed (bundle rule).
+    pub min_scanners: Option<u32>,
+    /// Worst severity allowed (bundle rule).
+    pub max_severity: Option<Severity>,
+    /// Licence allow/deny lists (bundle rule).
+    pub licenses: Option<LicenseEntry>,
+    /// Approved tags of one repository at this scope (approve rule).
+    pub max_versions: Option<u32>,
+    /// How long a replaced tag stays deprecated before its sunset (approve rule).
+    pub sunset_after: Option<Duration>,
+    /// Oldest scanner report accepted (approve rule).
+    pub max_report_age: Option<Duration>,
+}
+
+/// Licence lists.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LicenseEntry {
+    /// Allowed SPDX identifiers.
+    pub allow: Option<Vec<String>>,
+    /// Denied SPDX identifiers.
+    pub deny: Option<Vec<String>>,
+}
+
+impl RuleEntry {
+    /// The bundle's part of the rule (what the node checks), as JSON.
+    pub fn bundle_json(&self) -> Option<serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        if let Some(n) = self.min_scanners {
+            m.insert("min_scanners".into(), n.into());
+        }
+        if let Some(s) = self.max_severity {
+            m.insert("max_severity".into(), s.to_string().into());
+        }
+        if let Some(l) = &self.licenses {
+            let mut lm = serde_json::Map::new();
+            if let Some(a) = &l.allow {
+                lm.insert("allow".into(), a.clone().into());
+            }
+            if let Some(d) = &l.deny {
+                lm.insert("deny".into(), d.clone().into());
+            }
+            if !lm.is_empty() {
+                m.insert("licenses".into(), lm.into());
+            }
+        }
+        (!m.is_empty()).then(|| m.into())
+    }
+}
+
+/// `governance.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GovernanceEntry {
+    /// Organisation name.
+    pub organization: String,
+    /// Pod label naming the application.
+    pub application_label: String,
+    /// Enforcement mode.
+    pub mode: Option<Mode>,
+    /// Organisation rules.
+    #[serde(default)]
+    pub rules: Option<Spanned<RuleEntry>>,
+    /// Programs.
+    #[serde(default)]
+    pub programs: Vec<ProgramEntry>,
+}
+
+/// A program.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramEntry {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Option<Mode>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Option<Spanned<RuleEntry>>,
+    /// Projects.
+    #[serde(default)]
+    pub projects: Vec<ProjectEntry>,
+}
+
+/// A project.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectEntry {
+    /// Name.
+    pub name: String,
+    /// Mode.
+    pub mode: Option<Mode>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Option<Spanned<RuleEntry>>,
+    /// Namespaces bound to it.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Applications.
+    #[serde(default)]
+    pub applications: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// images/**.toml
+
+/// One repository's file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryFile {
+    /// The public repository.
+    pub source: Spanned<String>,
+    /// Every approved version.
+    #[serde(default)]
+    pub approved: Vec<Version>,
+}
+
+/// One approval: a digest (optionally with its tag) for a scope, with its provenance and lifecycle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Version {
+    /// Scope path.
+    pub scope: Spanned<String>,
+    /// The tag, if approved by tag.
+    pub tag: Option<Spanned<String>>,
+    /// The manifest (or index) digest.
+    pub digest: Spanned<String>,
+    /// Platforms of an index that were checked.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    /// SPDX expression.
+    pub license: Spanned<String>,
+    /// Key id of the approving administrator.
+    pub approved_by: String,
+    /// When.
+    pub approved_at: Time,
+    /// Lifecycle.
+    pub deprecated_at: Option<Time>,
+    /// Lifecycle.
+    pub sunset_at: Option<Time>,
+    /// Lifecycle: a tag of the same repository.
+    pub replacement: Option<Spanned<String>>,
+    /// Scanner results.
+    #[serde(default)]
+    pub scans: Vec<ScanEntry>,
+}
+
+/// One scanner result.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ScanEntry {
+    /// Scanner name.
+    pub scanner: String,
+    /// Scanner version.
+    pub version: String,
+    /// sha256 of the report file.
+    pub report: Spanned<String>,
+    /// Worst severity after the ignore list.
+    pub worst_severity: Severity,
+    /// When the report was made.
+    pub scanned_at: Time,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// exceptions.toml, ignore.toml
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExceptionsFile {
+    #[serde(default)]
+    exceptions: Vec<ExceptionEntry>,
+}
+
+/// A break-glass exception.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExceptionEntry {
+    /// Public repository.
+    pub source: Spanned<String>,
+    /// The digest.
+    pub digest: Spanned<String>,
+    /// Optional tag.
+    pub tag: Option<String>,
+    /// Scope path.
+    pub scope: Spanned<String>,
+    /// Expiry.
+    pub expires_at: Time,
+    /// Ticket.
+    pub ticket: String,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub approved_by: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IgnoreFile {
+    #[serde(default)]
+    ignore: Vec<IgnoreEntry>,
+}
+
+/// A scanner finding to ignore.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IgnoreEntry {
+    /// Vulnerability id (`CVE-2024-1234`, `GHSA-…`).
+    pub id: String,
+    /// Why it does not apply.
+    pub reason: String,
+    /// From then on it applies again.
+    pub expires: Time,
+    /// Only findings in this package.
+    pub package: Option<String>,
+    /// Only findings of this scanner.
+    pub scanner: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The loaded catalog.
+
+/// A repository file, where it was read from, and its text (for edits).
+#[derive(Debug, Clone)]
+pub struct Repository {
+    /// Path relative to the catalog.
+    pub file: PathBuf,
+    /// The file's text.
+    pub text: String,
+    /// Its content.
+    pub content: RepositoryFile,
+    /// The normalised source repository.
+    pub source: String,
+}
+
+/// The effective rules of a scope: the bundle rule (the policy core's [`Rules`]) and the
+/// administrators' approve rules.
+#[derive(Debug, Clone)]
+pub struct ScopeRules {
+    /// What the node checks.
+    pub bundle: Rules,
+    /// Approved tags per repository at this scope.
+    pub max_versions: u32,
+    /// Deprecated → sunset delay for a replaced tag.
+    pub sunset_after: std::time::Duration,
+    /// Oldest report accepted.
+    pub max_report_age: std::time::Duration,
+}
+
+/// A parsed catalog.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// The directory.
+    pub dir: PathBuf,
+    /// `catalog.toml`.
+    pub header: Header,
+    /// `governance.toml`.
+    pub governance: GovernanceEntry,
+    /// Every repository file, sorted by source.
+    pub repositories: Vec<Repository>,
+    /// `exceptions.toml`.
+    pub exceptions: Vec<ExceptionEntry>,
+    /// `ignore.toml`.
+    pub ignore: Vec<IgnoreEntry>,
+    /// The administrators' trust file.
+    pub trust: Trust,
+    /// Scope path → effective rules.
+    pub scopes: BTreeMap<String, ScopeRules>,
+}
+
+impl Catalog {
+    /// Reads, parses and checks the catalog in `dir`. Every problem is reported, not just the first.
+    pub fn load(dir: &Path) -> Result<Catalog, Problems> {
+        let mut problems = Vec::new();
+        let read = |rel: &str, problems: &mut Vec<Problem>, required: bool| -> Option<String> {
+            match std::fs::read_to_string(dir.join(rel)) {
+                Ok(t) => Some(t),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                    Some(String::new())
+                }
+                Err(e) => {
+                    problems.push(Problem {
+                        file: rel.into(),
+                        line: 0,
+                        key: String::new(),
+                        message: format!(
+                            "cannot read {}: {e}{}",
+                            dir.join(rel).display(),
+                            if e.kind() == std::io::ErrorKind::NotFound {
+                                "; create a catalog with `pullgate catalog init DIR`"
+                            } else {
+                                ""
+                            }
+                        ),
+                    });
+                    None
+                }
+            }
+        };
+        fn parse<T: serde::de::DeserializeOwned>(
+            rel: &str,
+            text: &str,
+            problems: &mut Vec<Problem>,
+        ) -> Option<T> {
+            parse_toml(Path::new(rel), text)
+                .map_err(|p| problems.push(p))
+                .ok()
+        }
+        let header_text = read(CATALOG_FILE, &mut problems, true);
+        let header: Option<Header> = header_text
+            .as_deref()
+            .and_then(|t| parse(CATALOG_FILE, t, &mut problems));
+        let gov_text = read(GOVERNANCE_FILE, &mut problems, true);
+        let governance: Option<GovernanceEntry> = gov_text
+            .as_deref()
+            .and_then(|t| parse(GOVERNANCE_FILE, t, &mut problems));
+        let exc_text = read(EXCEPTIONS_FILE, &mut problems, false);
+        let exceptions: Option<ExceptionsFile> = exc_text
+            .as_deref()
+            .and_then(|t| parse(EXCEPTIONS_FILE, t, &mut problems));
+        let ign_text = read(IGNORE_FILE, &mut problems, false);
+        let ignore: Option<IgnoreFile> = ign_text
+            .as_deref()
+            .and_then(|t| parse(IGNORE_FILE, t, &mut problems));
+
+        let mut repositories = Vec::new();
+        let mut files = Vec::new();
+        collect_toml(
+            &dir.join(IMAGES_DIR),
+            Path::new(IMAGES_DIR),
+            &mut files,
+            &mut problems,
+        );
+        // Repository files are read and parsed on every core (a large catalog has one per image).
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        let chunk = files.len().div_ceil(threads).max(1);
+        let parsed: Vec<Vec<Result<Repository, Problem>>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = files
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || part.iter().map(|rel| read_repository(dir, rel)).collect())
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        });
+        for r in parsed.into_iter().flatten() {
+            match r {
+                Ok(repo) => repositories.push(repo),
+                Err(p) => problems.push(p),
+            }
+        }
+        repositories.sort_by(|a, b| a.source.cmp(&b.source).then(a.file.cmp(&b.file)));
+
+        let trust = header.as_ref().and_then(|h| {
+            let rel = h.trust.get_ref();
+            let src_text = header_text.as_deref().unwrap_or("");
+            let src = Source {
+                file: Path::new(CATALOG_FILE),
+                text: src_text,
+            };
+            match std::fs::read_to_string(dir.join(rel)) {
+                Ok(t) => match Trust::from_toml(&t) {
+                    Ok(trust) => Some(trust),
+                    Err(e) => {
+                        problems.push(Problem {
+                            file: rel.into(),
+                            line: 0,
+                            key: String::new(),
+                            message: format!(
+                                "{e}; list every administrator's public key (`pullgate keygen`)"
+                            ),
+                        });
+                        None
+                    }
+                },
+                Err(e) => {
+                    problems.push(src.at(
+                        &h.trust.span(),
+                        "trust",
+                        format!("cannot read {}: {e}", dir.join(rel).display()),
+                    ));
+                    None
+                }
+            }
+        });
+
+        // Without the header or the governance nothing else can be checked; a broken exceptions or
+        // ignore file is reported and the rest is still checked.
+        let (Some(header), Some(governance)) = (header, governance) else {
+            return Err(Problems(problems));
+        };
+        let (exceptions, ignore) = (exceptions.unwrap_or_default(), ignore.unwrap_or_default());
+        let mut catalog = Catalog {
+            dir: dir.to_owned(),
+            header,
+            governance,
+            repositories,
+            exceptions: exceptions.exceptions,
+            ignore: ignore.ignore,
+            // Replaced below, or the load fails.
+            trust: trust.clone().unwrap_or_else(placeholder_trust),
+            scopes: BTreeMap::new(),
+        };
+        let texts = Texts {
+            header: header_text.unwrap_or_default(),
+            governance: gov_text.unwrap_or_default(),
+            exceptions: exc_text.unwrap_or_default(),
+        };
+        catalog.check(&texts, &mut problems);
+        if trust.is_none() || !problems.is_empty() {
+            return Err(Problems(problems));
+        }
+        Ok(catalog)
+    }
+
+    /// The effective rules of `scope` (a scope path), if it exists.
+    pub fn rules(&self, scope: &str) -> Option<&ScopeRules> {
+        self.scopes.get(scope)
+    }
+
+    /// The repository file of `source` (normalised), if any.
+    pub fn repository(&self, source: &str) -> Option<&Repository> {
+        self.repositories.iter().find(|r| r.source == source)
+    }
+
+    /// The mirror location (`path` in the private registry) of `source`, if a mirror covers it.
+    pub fn mirror_path(&self, source: &Reference) -> Option<String> {
+        let mut best: Option<(&MirrorEntry, usize)> = None;
+        for m in &self.header.mirrors {
+            let s = m.source.get_ref().trim_end_matches('/');
+            let s = if s == reference::LEGACY_DEFAULT_DOMAIN {
+                reference::DEFAULT_DOMAIN
+            } else {
+                s
+            };
+            let (dom, path) = s.split_once('/').unwrap_or((s, ""));
+            if dom != source.domain() || !reference::path_has_prefix(source.path(), path) {
+                continue;
+            }
+            if best.is_none_or(|(_, len)| s.len() > len) {
+                best = Some((m, s.len()));
+            }
+        }
+        best.map(|(m, _)| {
+            let s = m.source.get_ref().trim_end_matches('/');
+            let prefix = s.split_once('/').map(|(_, p)| p).unwrap_or("");
+            let rest = source.path()[prefix.len()..].trim_start_matches('/');
+            format!("{}/{rest}", m.target.get_ref().trim_matches('/'))
+        })
+    }
+
+    /// The ignore entries that apply at `now` to a finding of `scanner` for `id` in `package`.
+    pub fn ignored(
+        &self,
+        now: OffsetDateTime,
+        scanner: &str,
+        id: &str,
+        package: &str,
+    ) -> Option<&IgnoreEntry> {
+        self.ignore.iter().find(|i| {
+            i.id.eq_ignore_ascii_case(id)
+                && i.expires.0 > now
+                && i.package.as_deref().is_none_or(|p| p == package)
+                && i.scanner
+                    .as_deref()
+                    .is_none_or(|s| s.eq_ignore_ascii_case(scanner))
+        })
+    }
+
+    fn check(&mut self, texts: &Texts, problems: &mut Vec<Problem>) {
+        let hsrc = Source {
+            file: Path::new(CATALOG_FILE),
+            text: &texts.header,
+        };
+        let gsrc = Source {
+            file: Path::new(GOVERNANCE_FILE),
+            text: &texts.governance,
+        };
+        let esrc = Source {
+            file: Path::new(EXCEPTIONS_FILE),
+            text: &texts.exceptions,
+        };
+        let h = &self.header;
+        if h.issuer.trim().is_empty() {
+            problems.push(hsrc.at(
+                &(0..0),
+                "issuer",
+                "is empty; name the team that issues bundles",
+            ));
+        }
+        match Reference::parse(&format!("{}/x", h.private_registry.get_ref())) {
+            Ok(r) if r.domain() == h.private_registry.get_ref() => {}
+            Ok(_) => problems.push(hsrc.at(
+                &h.private_registry.span(),
+                "private_registry",
+                "is not a registry host[:port] (it needs a '.' or a port, or is localhost)",
+            )),
+            Err(e) => problems.push(hsrc.at(
+                &h.private_registry.span(),
+                "private_registry",
+                e.kind.to_string(),
+            )),
+        }
+        if h.validity.0.is_zero() {
+            problems.push(hsrc.at(
+                &(0..0),
+                "validity",
+                "is zero; bundles need a validity such as \"30d\"",
+            ));
+        }
+        for m in &h.mirrors {
+            if m.source.get_ref().split('/').next() == Some(h.private_registry.get_ref().as_str()) {
+                problems.push(hsrc.at(
+                    &m.source.span(),
+                    "mirrors.source",
+                    "is the private registry; a mirror copies from a public registry into it",
+                ));
+            }
+            if m.target.get_ref().trim_matches('/').is_empty() {
+                problems.push(hsrc.at(
+                    &m.target.span(),
+                    "mirrors.target",
+                    "is empty; give a path in the private registry such as \"approved\"",
+                ));
+            }
+        }
+
+        // Governance: scope tree and rules (the policy core's inheritance and only-tighten check).
+        let g = &self.governance;
+        let org = g.organization.clone();
+        let org_rules = self.scope_rules(None, &org, g.rules.as_ref(), &gsrc, problems);
+        let mut scopes = BTreeMap::new();
+        let mut namespaces: HashMap<&str, String> = HashMap::new();
+        if let Some(org_rules) = org_rules {
+            scopes.insert(org.clone(), org_rules.clone());
+            for p in &g.programs {
+                let path = format!("{org}/{}", p.name);
+                // A level whose rules are wrong is reported and keeps its parent's rules, so the scopes
+                // below it do not all fail too.
+                let pr = self
+                    .scope_rules(Some(&org_rules), &path, p.rules.as_ref(), &gsrc, problems)
+                    .unwrap_or_else(|| org_rules.clone());
+                scopes.insert(path.clone(), pr.clone());
+                for j in &p.projects {
+                    let jpath = format!("{path}/{}", j.name);
+                    let jr = self
+                        .scope_rules(Some(&pr), &jpath, j.rules.as_ref(), &gsrc, problems)
+                        .unwrap_or_else(|| pr.clone());
+                    for ns in &j.namespaces {
+                        if let Some(other) = namespaces.insert(ns, jpath.clone()) {
+                            problems.push(gsrc.at(&(0..0), format!("programs.projects.namespaces ({jpath})"), format!("namespace {ns} is also bound to {other}; bind it to one project")));
+                        }
+                    }
+                    for a in &j.applications {
+                        scopes.insert(format!("{jpath}/{a}"), jr.clone());
+                    }
+                    scopes.insert(jpath, jr);
+                }
+            }
+        }
+        let scope_known = |s: &str| scopes.contains_key(s);
+
+        for fp in &h.first_party {
+            if !scope_known(fp.scope.get_ref()) {
+                problems.push(hsrc.at(
+                    &fp.scope.span(),
+                    "first_party.scope",
+                    unknown_scope(fp.scope.get_ref()),
+                ));
+            }
+        }
+
+        // Images.
+        let mut sources: BTreeMap<&str, &Path> = BTreeMap::new();
+        for repo in &self.repositories {
+            let src = Source {
+                file: &repo.file,
+                text: &repo.text,
+            };
+            if let Some(other) = sources.insert(&repo.source, &repo.file) {
+                problems.push(src.at(
+                    &repo.content.source.span(),
+                    "source",
+                    format!(
+                        "{} is also described by {}; keep one file per repository",
+                        repo.source,
+                        other.display()
+                    ),
+                ));
+            }
+            if let Ok(r) = Reference::parse(&repo.source) {
+                if r.domain() == h.private_registry.get_ref() {
+                    problems.push(src.at(&repo.content.source.span(), "source", "is in the private registry; list first-party images under first_party in catalog.toml"));
+                } else if self.mirror_path(&r).is_none() {
+                    problems.push(src.at(
+                        &repo.content.source.span(),
+                        "source",
+                        format!("no mirror in catalog.toml covers {}; add one", r.domain()),
+                    ));
+                }
+            }
+            let mut tags: BTreeMap<&str, &str> = BTreeMap::new();
+            let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+            let all_tags: BTreeSet<&str> = repo
+                .content
+                .approved
+                .iter()
+                .filter_map(|v| v.tag.as_ref().map(|t| t.get_ref().as_str()))
+                .collect();
+            for v in &repo.content.approved {
+                let at = |span: std::ops::Range<usize>, key: &str, msg: String| {
+                    src.at(&span, format!("approved.{key}"), msg)
+                };
+                if !scope_known(v.scope.get_ref()) {
+                    problems.push(at(
+                        v.scope.span(),
+                        "scope",
+                        unknown_scope(v.scope.get_ref()),
+                    ));
+                }
+                if let Err(e) = Digest::parse(v.digest.get_ref()) {
+                    problems.push(at(v.digest.span(), "digest", e.to_string()));
+                }
+                let key = v
+                    .tag
+                    .as_ref()
+                    .map(|t| t.get_ref().clone())
+                    .unwrap_or_else(|| v.digest.get_ref().clone());
+                if !seen.insert((key.clone(), v.scope.get_ref().clone())) {
+                    problems.push(at(
+                        v.scope.span(),
+                        "scope",
+                        format!(
+                            "{key} is approved twice for {}; keep one entry",
+                            v.scope.get_ref()
+                        ),
+                    ));
+                }
+                if let Some(t) = &v.tag {
+                    if let Err(e) = Reference::parse(&format!("{}:{}", repo.source, t.get_ref())) {
+                        problems.push(at(t.span(), "tag", e.kind.to_string()));
+                    }
+                    if let Some(other) = tags.insert(t.get_ref(), v.digest.get_ref()) {
+                        if other != v.digest.get_ref() {
+                            problems.push(at(t.span(), "tag", format!("tag {} is bound to {} here and to {other} in another entry; a tag means one digest", t.get_ref(), v.digest.get_ref())));
+                        }
+                    }
+                }
+                if let Err(e) = LicenseExpression::parse(v.license.get_ref()) {
+                    problems.push(at(
+                        v.license.span(),
+                        "license",
+                        format!("\"{}\": {e}", v.license.get_ref()),
+                    ));
+                }
+                if v.scans.is_empty() {
+                    problems.push(at(
+                        v.digest.span(),
+                        "scans",
+                        "no scanner results; approve images with `pullgate approve`".into(),
+                    ));
+                }
+                for s in &v.scans {
+                    if let Err(e) = Digest::parse(s.report.get_ref()) {
+                        problems.push(at(s.report.span(), "scans.report", e.to_string()));
+                    }
+                }
+                if let (Some(d), Some(s)) = (v.deprecated_at, v.sunset_at) {
+                    if d >= s {
+                        problems.push(at(
+                            v.digest.span(),
+                            "deprecated_at",
+                            format!("{d} is not before sunset_at {s}"),
+                        ));
+                    }
+                }
+                if let Some(r) = &v.replacement {
+                    if v.deprecated_at.is_none() && v.sunset_at.is_none() {
+                        problems.push(at(
+                            r.span(),
+                            "replacement",
+                            "needs deprecated_at or sunset_at".into(),
+                        ));
+                    }
+                    if Some(r.get_ref()) == v.tag.as_ref().map(|t| t.get_ref()) {
+                        problems.push(at(r.span(), "replacement", "is the tag itself".into()));
+                    } else if !all_tags.contains(r.get_ref().as_str()) {
+                        problems.push(at(
+                            r.span(),
+                            "replacement",
+                            format!(
+                                "{} is not an approved tag of {}; approve it first",
+                                r.get_ref(),
+                                repo.source
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+
+        for e in &self.exceptions {
+            if !scope_known(e.scope.get_ref()) {
+                problems.push(esrc.at(
+                    &e.scope.span(),
+                    "exceptions.scope",
+                    unknown_scope(e.scope.get_ref()),
+                ));
+            }
+            if let Err(x) = Digest::parse(e.digest.get_ref()) {
+                problems.push(esrc.at(&e.digest.span(), "exceptions.digest", x.to_string()));
+            }
+            match parse_source(e.source.get_ref()) {
+                Ok(r) if self.mirror_path(&r).is_none() => problems.push(esrc.at(
+                    &e.source.span(),
+                    "exceptions.source",
+                    format!("no mirror in catalog.toml covers {}", r.domain()),
+                )),
+                Err(x) => problems.push(esrc.at(&e.source.span(), "exceptions.source", x)),
+                _ => {}
+            }
+            for (k, v) in [
+                ("ticket", &e.ticket),
+                ("reason", &e.reason),
+                ("approved_by", &e.approved_by),
+            ] {
+                if v.trim().is_empty() {
+                    problems.push(esrc.at(&e.source.span(), format!("exceptions.{k}"), "is empty"));
+                }
+            }
+        }
+        for i in &self.ignore {
+            if i.reason.trim().is_empty() {
+                problems.push(Problem {
+                    file: IGNORE_FILE.into(),
+                    line: 0,
+                    key: format!("ignore.reason ({})", i.id),
+                    message: "is empty; say why the finding does not apply".into(),
+                });
+            }
+        }
+        self.scopes = scopes;
+    }
+
+    /// The rules of one governance level, from its parent's (reported as problems when invalid).
+    fn scope_rules(
+        &self,
+        parent: Option<&ScopeRules>,
+        path: &str,
+        raw: Option<&Spanned<RuleEntry>>,
+        src: &Source<'_>,
+        problems: &mut Vec<Problem>,
+    ) -> Option<ScopeRules> {
+        let span = raw.map(|r| r.span()).unwrap_or(0..0);
+        let entry = raw.map(|r| r.get_ref().clone()).unwrap_or_default();
+        let bundle_raw: Option<crate::policy::rules::RawRules> = entry
+            .bundle_json()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| problems.push(src.at(&span, format!("rules ({path})"), e.to_string())))
+            .ok()?;
+        let bundle = match parent {
+            None => Rules::organisation(bundle_raw, path),
+            Some(p) => p.bundle.child(bundle_raw, path, true),
+        }
+        .map_err(|e| problems.push(src.at(&span, format!("rules ({path})"), e)))
+        .ok()?;
+        let inherit = |v: Option<std::time::Duration>, p: Option<std::time::Duration>, d| {
+            v.or(p).unwrap_or(d)
+        };
+        let out = ScopeRules {
+            bundle,
+            max_versions: entry
+                .max_versions
+                .or(parent.map(|p| p.max_versions))
+                .unwrap_or(DEFAULT_MAX_VERSIONS),
+            sunset_after: inherit(
+                entry.sunset_after.map(|d| d.0),
+                parent.map(|p| p.sunset_after),
+                DEFAULT_SUNSET_AFTER,
+            ),
+            max_report_age: inherit(
+                entry.max_report_age.map(|d| d.0),
+                parent.map(|p| p.max_report_age),
+                DEFAULT_MAX_REPORT_AGE,
+            ),
+        };
+        if let Some(p) = parent {
+            if out.max_versions > p.max_versions {
+                problems.push(src.at(
+                    &span,
+                    format!("rules.max_versions ({path})"),
+                    format!(
+                        "{} loosens the parent's {}; a lower level may only tighten",
+                        out.max_versions, p.max_versions
+                    ),
+                ));
+            }
+            if out.max_report_age > p.max_report_age {
+                problems.push(src.at(
+                    &span,
+                    format!("rules.max_report_age ({path})"),
+                    "is longer than the parent's; a lower level may only tighten".to_string(),
+                ));
+            }
+        }
+        if out.max_versions == 0 {
+            problems.push(src.at(
+                &span,
+                format!("rules.max_versions ({path})"),
+                "is 0; at least 1",
+            ));
+        }
+        Some(out)
+    }
+}
+
+struct Texts {
+    header: String,
+    governance: String,
+    exceptions: String,
+}
+
+/// Parses a source repository: a name without tag or digest (`nginx` is `docker.io/library/nginx`).
+pub fn parse_source(s: &str) -> Result<Reference, String> {
+    let last = s.rsplit('/').next().unwrap_or(s);
+    if s.contains('@') || last.contains(':') {
+        return Err(format!(
+            "\"{s}\" has a tag or digest; a source is a repository such as docker.io/library/nginx"
+        ));
+    }
+    Reference::parse(s).map_err(|e| e.to_string())
+}
+
+fn unknown_scope(s: &str) -> String {
+    format!(
+        "scope {s} is not in governance.toml; scopes are written organisation/program/project[/application]"
+    )
+}
+
+fn placeholder_trust() -> Trust {
+    // Only used while collecting problems; a catalog without a usable trust file never loads.
+    let key = crate::policy::PrivateKey::from_seed([0; 32]).public();
+    Trust::new(
+        vec![crate::policy::trust::TrustedKey {
+            name: "-".into(),
+            key,
+        }],
+        1,
+    )
+    .unwrap_or_else(|_| unreachable!())
+}
+
+/// Reads and parses one repository file (`rel`, relative to the catalog `dir`).
+fn read_repository(dir: &Path, rel: &Path) -> Result<Repository, Problem> {
+    let text = std::fs::read_to_string(dir.join(rel)).map_err(|e| Problem {
+        file: rel.to_owned(),
+        line: 0,
+        key: String::new(),
+        message: format!("cannot read {}: {e}", dir.join(rel).display()),
+    })?;
+    let content = parse_toml::<RepositoryFile>(rel, &text)?;
+    let source = parse_source(content.source.get_ref())
+        .map_err(|e| {
+            Source {
+                file: rel,
+                text: &text,
+            }
+            .at(&content.source.span(), "source", e)
+        })?
+        .name()
+        .to_owned();
+    Ok(Repository {
+        file: rel.to_owned(),
+        text,
+        content,
+        source,
+    })
+}
+
+/// Every `*.toml` below `dir` (relative paths under `rel`), sorted.
+fn collect_toml(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>, problems: &mut Vec<Problem>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => {
+            problems.push(Problem {
+                file: rel.to_owned(),
+                line: 0,
+                key: String::new(),
+                message: format!("cannot read the directory: {e}"),
+            });
+            return;
+        }
+    };
+    let mut names: Vec<_> = entries.filter_map(Result::ok).collect();
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let path = e.path();
+        let r = rel.join(e.file_name());
+        if path.is_dir() {
+            collect_toml(&path, &r, out, problems);
+        } else if path.extension().is_some_and(|x| x == "toml") {
+            out.push(r);
+        }
+    }
+}
+
+/// Where `approve` keeps the file of `source`: `images/<source>.toml` (`images/docker.io/library/nginx.toml`).
+pub fn repository_path(source: &str) -> PathBuf {
+    let safe: String = source
+        .chars()
+        .map(|c| if c == ':' { '_' } else { c })
+        .collect();
+    Path::new(IMAGES_DIR).join(format!("{safe}.toml"))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Text edits made by approve.
+
+/// A new approval, to be written.
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub scope: String,
+    pub tag: Option<String>,
+    pub digest: Digest,
+    pub platforms: Vec<String>,
+    pub license: String,
+    pub approved_by: String,
+    pub approved_at: OffsetDateTime,
+    pub scans: Vec<NewScan>,
+}
+
+/// A scan of a new approval.
+#[derive(Debug, Clone)]
+pub struct NewScan {
+    pub scanner: Arc<str>,
+    pub version: Arc<str>,
+    pub report: Digest,
+    pub worst_severity: Severity,
+    pub scanned_at: OffsetDateTime,
+}
+
+fn quote(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+/// The TOML text of a new `[[approved]]` entry.
+pub fn render_version(v: &NewVersion) -> String {
+    let mut s = String::from("\n[[approved]]\n");
+    s += &format!("scope = {}\n", quote(&v.scope));
+    if let Some(t) = &v.tag {
+        s += &format!("tag = {}\n", quote(t));
+    }
+    s += &format!("digest = {}\n", quote(&v.digest.to_string()));
+    if !v.platforms.is_empty() {
+        let p: Vec<String> = v.platforms.iter().map(|p| quote(p)).collect();
+        s += &format!("platforms = [{}]\n", p.join(", "));
+    }
+    s += &format!("license = {}\n", quote(&v.license));
+    s += &format!("approved_by = {}\n", quote(&v.approved_by));
+    s += &format!("approved_at = {}\n", rfc3339(v.approved_at));
+    for sc in &v.scans {
+        s += "\n[[approved.scans]]\n";
+        s += &format!("scanner = {}\n", quote(&sc.scanner));
+        s += &format!("version = {}\n", quote(&sc.version));
+        s += &format!("report = {}\n", quote(&sc.report.to_string()));
+        s += &format!(
+            "worst_severity = {}\n",
+            quote(&sc.worst_severity.to_string())
+        );
+        s += &format!("scanned_at = {}\n", rfc3339(sc.scanned_at));
+    }
+    s
+}
+
+/// The text of a new repository file for `source`.
+pub fn render_repository(source: &str, first: &NewVersion) -> String {
+    format!(
+        "# Approved versions of {source}: one [[approved]] entry per digest and scope, written by\n# `pullgate approve`. See docs/catalog.md.\nsource = {}\n{}",
+        quote(source),
+        render_version(first)
+    )
+}
+
+/// `text` with a lifecycle (deprecated now, sunset later, replacement) added to the entry that approves
+/// `tag` for `scope`. Fails if there is no such entry or it already has a lifecycle.
+pub fn insert_lifecycle(
+    repo: &Repository,
+    tag: &str,
+    scope: &str,
+    deprecated_at: OffsetDateTime,
+    sunset_at: OffsetDateTime,
+    replacement: &str,
+) -> Result<String, String> {
+    let v = repo
+        .content
+        .approved
+        .iter()
+        .find(|v| v.scope.get_ref() == scope && v.tag.as_ref().is_some_and(|t| t.get_ref() == tag))
+        .ok_or_else(|| {
+            format!(
+                "{}:{tag} is not an approved tag for scope {scope}",
+                repo.source
+            )
+        })?;
+    if v.deprecated_at.is_some() || v.sunset_at.is_some() || v.replacement.is_some() {
+        return Err(format!(
+            "{}:{tag} already has a lifecycle (deprecated_at, sunset_at or replacement in {}); it is already being replaced",
+            repo.source,
+            repo.file.display()
+        ));
+    }
+    let span = v.tag.as_ref().map(|t| t.span()).unwrap_or(0..0);
+    let line_end = repo.text[span.end..]
+        .find('\n')
+        .map(|i| span.end + i + 1)
+        .unwrap_or(repo.text.len());
+    let mut out = String::with_capacity(repo.text.len() + 128);
+    out.push_str(&repo.text[..line_end]);
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out += &format!(
+        "deprecated_at = {}\nsunset_at = {}\nreplacement = {}\n",
+        rfc3339(deprecated_at),
+        rfc3339(sunset_at),
+        quote(replacement)
+    );
+    out.push_str(&repo.text[line_end..]);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// catalog init
+
+/// The files of a starting catalog (relative path, text).
+pub fn starting_files(organization: &str, private_registry: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            CATALOG_FILE,
+            format!(
+                r#"# The bundle's header and where images live. See docs/catalog.md.
+
+# Who issues the bundles (shown by `pullgate bundle verify` and `inspect`).
+issuer = "platform-security@{organization}.example"
+# The registry nodes pull from; approved images are mirrored into it.
+private_registry = "{private_registry}"
+# How long a bundle built from this catalog stays valid.
+validity = "30d"
+# Registries reached over plain HTTP instead of TLS (only loopback test registries belong here).
+plain_http = []
+# The administrators' public keys: `pullgate approve --key` must hold one of them.
+trust = "trust.toml"
+
+# Where the approved copies of each public registry live in the private registry.
+[[mirrors]]
+source = "docker.io"
+target = "approved"
+
+# Prefixes in the private registry that a scope may run without approval (first-party images).
+# [[first_party]]
+# prefix = "{private_registry}/apps/payments/"
+# scope = "{organization}/payments"
+# require_digest = true
+
+# Waves in which nodes take a new bundle up (optional).
+# [[rollout]]
+# after = "0s"
+# percent = 10
+# [[rollout]]
+# after = "1h"
+# percent = 100
+"#
+            ),
+        ),
+        (
+            GOVERNANCE_FILE,
+            format!(
+                r#"# The organisation, its programs and projects, and the rules of each level. A lower level
+# inherits what it does not write, and may only tighten. See docs/catalog.md.
+organization = "{organization}"
+application_label = "{organization}.example/application"
+mode = "enforce"
+
+[rules]
+min_scanners = 2          # distinct scanners that must pass an image
+max_severity = "high"     # worst severity a scanner may report (after ignore.toml)
+max_versions = 3          # approved tags of one repository per scope
+sunset_after = "30d"      # a replaced tag is deprecated now and sunset this much later
+max_report_age = "7d"     # oldest scanner report approve accepts
+# [rules.licenses]
+# allow = ["MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause"]
+# deny = ["AGPL-3.0-only"]
+
+# [[programs]]
+# name = "payments"
+# [[programs.projects]]
+# name = "checkout"
+# namespaces = ["checkout"]
+# applications = ["web"]
+"#
+            ),
+        ),
+        (
+            EXCEPTIONS_FILE,
+            "# Break-glass exceptions: one image by digest for one scope, until it expires. See docs/catalog.md.\n\
+             # [[exceptions]]\n\
+             # source = \"docker.io/library/redis\"\n\
+             # digest = \"sha256:…\"\n\
+             # scope = \"corp/payments/checkout\"\n\
+             # expires_at = 2026-03-21T00:00:00Z\n\
+             # ticket = \"SEC-1234\"\n\
+             # reason = \"…\"\n\
+             # approved_by = \"alice@corp.example\"\n"
+                .into(),
+        ),
+        (
+            IGNORE_FILE,
+            "# Scanner findings that do not apply, each with a reason and an expiry. See docs/catalog.md.\n\
+             # [[ignore]]\n\
+             # id = \"CVE-2024-0001\"\n\
+             # reason = \"the vulnerable code path is not built\"\n\
+             # expires = 2026-06-01T00:00:00Z\n\
+             # package = \"openssl\"   # optional: only this package\n\
+             # scanner = \"trivy\"     # optional: only this scanner\n"
+                .into(),
+        ),
+        (
+            "images/README.md",
+            "One TOML file per approved repository, written by `pullgate approve`\n\
+             (e.g. `docker.io/library/nginx.toml`). See docs/catalog.md.\n"
+                .into(),
+        ),
+    ]
+}
+
+/// `pullgate catalog init DIR`: writes a starting catalog (never overwriting a file); `trust` is the
+/// administrators' trust file to copy in (else a template to fill). Returns the files written.
+pub fn init(
+    dir: &Path,
+    organization: &str,
+    private_registry: &str,
+    trust: Option<&Path>,
+) -> Result<Vec<PathBuf>, String> {
+    let mut files = starting_files(organization, private_registry);
+    let trust_text = match trust {
+        Some(p) => {
+            let t = std::fs::read_to_string(p).map_err(|e| format!("cannot read the trust file {}: {e}", p.display()))?;
+            Trust::from_toml(&t).map_err(|e| format!("{}: {e}", p.display()))?;
+            t
+        }
+        None => "# The administrators' public keys (`pullgate keygen`). approve --key must be one of them.\n\
+                 threshold = 2\n\
+                 # [[keys]]\n\
+                 # name = \"alice\"\n\
+                 # public_key = \"ed25519:…\"\n"
+            .into(),
+    };
+    files.push(("trust.toml", trust_text));
+    for (rel, _) in &files {
+        if dir.join(rel).exists() {
+            return Err(format!(
+                "{} exists; catalog init never overwrites a file",
+                dir.join(rel).display()
+            ));
+        }
+    }
+    let mut written = Vec::new();
+    for (rel, text) in files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/catalog");
+
+    fn copy_fixture() -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap() {
+                let e = e.unwrap();
+                if e.path().is_dir() {
+                    copy(&e.path(), &to.join(e.file_name()));
+                } else {
+                    std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+                }
+            }
+        }
+        let t = tempfile::tempdir().unwrap();
+        copy(Path::new(FIXTURE), t.path());
+        t
+    }
+
+    fn edit(dir: &Path, rel: &str, from: &str, to: &str) {
+        let p = dir.join(rel);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{rel} has no {from:?}");
+        std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+    }
+
+    fn problems(dir: &Path) -> Vec<String> {
+        Catalog::load(dir)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_fixture_loads_with_inherited_rules() {
+        let c = Catalog::load(Path::new(FIXTURE)).unwrap();
+        assert_eq!(c.repositories.len(), 2);
+        let checkout = c.rules("corp/payments/checkout/web").unwrap();
+        assert_eq!(checkout.bundle.max_severity.value, Severity::Medium);
+        assert_eq!(checkout.max_versions, 2);
+        assert_eq!(checkout.max_report_age, DEFAULT_MAX_REPORT_AGE);
+        assert_eq!(&*checkout.bundle.max_severity.from, "corp/payments");
+        let r = Reference::parse("nginx:1.27").unwrap();
+        assert_eq!(c.mirror_path(&r).unwrap(), "approved/library/nginx");
+        let now = time::macros::datetime!(2026-03-01 12:00 UTC);
+        assert!(
+            c.ignored(now, "trivy", "cve-2024-0001", "openssl")
+                .is_some()
+        );
+        assert!(
+            c.ignored(now, "grype", "CVE-2024-0001", "openssl")
+                .is_none(),
+            "scoped to trivy"
+        );
+        assert!(
+            c.ignored(now, "trivy", "CVE-2024-0001", "zlib").is_none(),
+            "scoped to openssl"
+        );
+        let later = time::macros::datetime!(2099-07-01 0:00 UTC);
+        assert!(
+            c.ignored(later, "trivy", "CVE-2024-0001", "openssl")
+                .is_none(),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_file_line_and_key() {
+        let t = copy_fixture();
+        let d = t.path();
+        let nginx = "images/docker.io/library/nginx.toml";
+        edit(d, nginx, "replacement = \"1.26\"", "replacement = \"1.99\"");
+        edit(d, nginx, "tag = \"1.26\"", "tag = \"1.25\"");
+        edit(
+            d,
+            "images/registry.k8s.io/pause.toml",
+            "scope = \"corp\"",
+            "scope = \"corp/nowhere\"",
+        );
+        edit(
+            d,
+            "exceptions.toml",
+            "ticket = \"SEC-1234\"",
+            "ticket = \" \"",
+        );
+        edit(d, "ignore.toml", "package =", "pakage =");
+        edit(
+            d,
+            "governance.toml",
+            "max_severity = \"medium\"",
+            "max_severity = \"critical\"",
+        );
+        edit(
+            d,
+            "images/registry.k8s.io/pause.toml",
+            "license = \"Apache-2.0\"",
+            "license = \"Apache-2\"",
+        );
+        let p = problems(d);
+        let want = [
+            "ignore.toml:5: unknown field `pakage`",
+            "governance.toml:19: rules (corp/payments): governance rule of corp/payments loosens the rule of corp: max_severity critical is above high",
+            "images/docker.io/library/nginx.toml:10: approved.replacement: 1.99 is not an approved tag",
+            "images/docker.io/library/nginx.toml:32: approved.tag: tag 1.25 is bound to sha256:0202",
+            "images/registry.k8s.io/pause.toml:4: approved.scope: scope corp/nowhere is not in governance.toml",
+            "images/registry.k8s.io/pause.toml:7: approved.license: \"Apache-2\"",
+            "exceptions.toml:2: exceptions.ticket: is empty",
+        ];
+        assert_eq!(
+            p.len(),
+            8,
+            "no cascade of follow-on problems:\n{}",
+            p.join("\n")
+        );
+        for w in want {
+            assert!(
+                p.iter().any(|x| x.starts_with(w)),
+                "missing {w:?} in:\n{}",
+                p.join("\n")
+            );
+        }
+    }
+
+    /// docs/catalog.md shows the fixture directory unchanged, file by file, and nothing else.
+    #[test]
+    fn the_documented_example_is_the_fixture() {
+        let doc = include_str!("../../docs/catalog.md");
+        let example = &doc[doc.find("## Full example").expect("a Full example section")..];
+        let mut shown = BTreeMap::new();
+        let mut rest = example;
+        while let Some(i) = rest.find("\n### `") {
+            rest = &rest[i + 6..];
+            let name_end = rest.find('`').unwrap();
+            let name = rest[..name_end].to_owned();
+            let body_start = rest.find("```toml\n").unwrap() + 8;
+            let body_end = body_start + rest[body_start..].find("```\n").unwrap();
+            shown.insert(name, rest[body_start..body_end].to_owned());
+            rest = &rest[body_end..];
+        }
+        let mut files = Vec::new();
+        collect_toml(
+            Path::new(FIXTURE),
+            Path::new(""),
+            &mut files,
+            &mut Vec::new(),
+        );
+        assert_eq!(
+            shown.keys().map(PathBuf::from).collect::<BTreeSet<_>>(),
+            files.iter().cloned().collect::<BTreeSet<_>>(),
+            "docs/catalog.md must show every fixture file"
+        );
+        for f in files {
+            let text = std::fs::read_to_string(Path::new(FIXTURE).join(&f)).unwrap();
+            assert_eq!(
+                shown[f.to_str().unwrap()],
+                text,
+                "docs/catalog.md differs from the fixture {}",
+                f.display()
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_catalog_says_how_to_make_one() {
+        let t = tempfile::tempdir().unwrap();
+        let p = problems(t.path());
+        assert!(
+            p[0].contains("catalog.toml") && p[0].contains("pullgate catalog init"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn init_writes_a_catalog_that_checks_once_keys_are_listed() {
+        let t = tempfile::tempdir().unwrap();
+        let trust = Path::new(FIXTURE).join("trust.toml");
+        init(t.path(), "acme", "registry.acme.example", Some(&trust)).unwrap();
+        let c = Catalog::load(t.path()).unwrap();
+        assert_eq!(c.governance.organization, "acme");
+        assert_eq!(c.rules("acme").unwrap().max_versions, DEFAULT_MAX_VERSIONS);
+        let e = init(t.path(), "acme", "registry.acme.example", None).unwrap_err();
+        assert!(e.contains("never overwrites"), "{e}");
+        // Without a trust file, the template says what is missing.
+        let t2 = tempfile::tempdir().unwrap();
+        init(t2.path(), "acme", "registry.acme.example", None).unwrap();
+        let p = problems(t2.path());
+        assert!(
+            p.len() == 1 && p[0].contains("trust.toml") && p[0].contains("no keys"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn approve_edits_keep_the_file_valid_and_its_comments() {
+        let c = Catalog::load(Path::new(FIXTURE)).unwrap();
+        let repo = c.repository("docker.io/library/nginx").unwrap();
+        let now = time::macros::datetime!(2026-05-01 10:00 UTC);
+        let e = insert_lifecycle(repo, "1.25", "corp", now, now, "1.26").unwrap_err();
+        assert!(e.contains("already has a lifecycle"), "{e}");
+        let text = insert_lifecycle(
+            repo,
+            "1.26",
+            "corp",
+            now,
+            now + time::Duration::days(30),
+            "1.27",
+        )
+        .unwrap();
+        assert!(text.starts_with("# Approved versions"), "comments kept");
+        let new = NewVersion {
+            scope: "corp".into(),
+            tag: Some("1.27".into()),
+            digest: Digest::Sha256([7; 32]),
+            platforms: vec![],
+            license: "BSD-2-Clause".into(),
+            approved_by: "bab14e60b2c4df72".into(),
+            approved_at: now,
+            scans: vec![NewScan {
+                scanner: "trivy".into(),
+                version: "0.58.1".into(),
+                report: Digest::Sha256([8; 32]),
+                worst_severity: Severity::Low,
+                scanned_at: now,
+            }],
+        };
+        let text = text + &render_version(&new);
+        let parsed: RepositoryFile = toml::from_str(&text).unwrap();
+        let v126 = parsed
+            .approved
+            .iter()
+            .find(|v| v.tag.as_ref().unwrap().get_ref() == "1.26")
+            .unwrap();
+        assert_eq!(v126.deprecated_at, Some(Time(now)));
+        assert_eq!(v126.replacement.as_ref().unwrap().get_ref(), "1.27");
+        assert_eq!(v126.scans.len(), 2, "the scans stay with their entry");
+        let v127 = parsed.approved.last().unwrap();
+        assert_eq!(v127.digest.get_ref(), &Digest::Sha256([7; 32]).to_string());
+        assert_eq!(v127.scans[0].worst_severity, Severity::Low);
+        assert!(insert_lifecycle(repo, "9.9", "corp", now, now, "1.26").is_err());
+    }
+}
