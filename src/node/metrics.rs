@@ -300,9 +300,6 @@ impl Metrics {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
     }
 
-    /// A decision made for CRI `method`: counted by result and reason; a container start of a
-    /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
-    /// remembered for `pullgate status`.
     /// Remembers a container start from a deprecated, soon-to-sunset or excepted image (the
     /// decision itself is counted by [`Metrics::decision`]).
     pub fn lifecycle_start(&self, method: &str, d: &Decision) {
