@@ -48,7 +48,8 @@ pub struct Observed {
     pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Namespaces `Content.Read` was asked in.
     pub content_namespaces: Mutex<Vec<String>>,
-    /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID.
+    /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID. Like containerd's,
+    /// the fake resolves a unique ID prefix to its sandbox ([`Observed::sandbox`]).
     pub sandboxes: Mutex<std::collections::HashMap<String, cri::PodSandboxStatus>>,
     /// Sandbox IDs asked for by `PodSandboxStatus`, in order.
     pub sandbox_statuses: Mutex<Vec<String>>,
@@ -61,6 +62,24 @@ pub struct Observed {
     pub cancelled: AtomicBool,
     /// Set when a slow call ran to completion.
     pub completed: AtomicBool,
+}
+
+impl Observed {
+    /// The full ID of the sandbox `id` names, as containerd's truncated-ID index resolves it: the
+    /// sandbox with exactly that ID, else the one sandbox whose ID starts with it.
+    pub fn sandbox(&self, id: &str) -> Option<String> {
+        let sandboxes = self.sandboxes.lock().unwrap();
+        if sandboxes.contains_key(id) {
+            return Some(id.to_string());
+        }
+        let mut matching = sandboxes
+            .keys()
+            .filter(|k| !id.is_empty() && k.starts_with(id));
+        match (matching.next(), matching.next()) {
+            (Some(k), None) => Some(k.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Scripted CRI runtime + image service.
@@ -294,7 +313,9 @@ impl RuntimeService for FakeCri {
         r: TReq<cri::RemovePodSandboxRequest>,
     ) -> Res<cri::RemovePodSandboxResponse> {
         let id = r.into_inner().pod_sandbox_id;
-        self.observed.sandboxes.lock().unwrap().remove(&id);
+        if let Some(full) = self.observed.sandbox(&id) {
+            self.observed.sandboxes.lock().unwrap().remove(&full);
+        }
         self.observed.sandbox_removals.lock().unwrap().push(id);
         Ok(TResp::new(cri::RemovePodSandboxResponse {}))
     }
@@ -310,7 +331,10 @@ impl RuntimeService for FakeCri {
             .lock()
             .unwrap()
             .push(id.clone());
-        let status = self.observed.sandboxes.lock().unwrap().get(&id).cloned();
+        let status = self
+            .observed
+            .sandbox(&id)
+            .and_then(|full| self.observed.sandboxes.lock().unwrap().get(&full).cloned());
         match status {
             Some(status) => Ok(TResp::new(cri::PodSandboxStatusResponse {
                 status: Some(status),
