@@ -577,3 +577,261 @@ async fn keepalive_pings_disconnect_a_peer_that_stopped_answering() {
     pg.stop().await;
     upstream.stop().await;
 }
+
+/// What a [`SlowUpstream`] does with each call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slowness {
+    /// Answers the headers, then never reads the request body (its window stays closed).
+    NeverReads,
+    /// Reads the request body, then holds the answer until released.
+    HoldsTheAnswer,
+    /// Answers with as large a response as the window lets it send, counting what it sent.
+    FloodsTheAnswer,
+}
+
+/// A bare HTTP/2 upstream that is slow in one of the ways of [`Slowness`].
+struct SlowUpstream {
+    /// Request body bytes read, or response bytes sent (`FloodsTheAnswer`).
+    bytes: Arc<std::sync::atomic::AtomicUsize>,
+    release: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SlowUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl SlowUpstream {
+    fn serve(path: &Path, how: Slowness) -> SlowUpstream {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let bytes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (counted, released) = (bytes.clone(), release.clone());
+        let task = tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut conn = h2::server::handshake(stream).await.expect("handshake");
+            let mut held = Vec::new();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let (counted, released) = (counted.clone(), released.clone());
+                let ok = || {
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(())
+                        .unwrap()
+                };
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                match how {
+                    Slowness::NeverReads => {
+                        let send = respond.send_response(ok(), false).unwrap();
+                        held.push((req, send));
+                    }
+                    Slowness::HoldsTheAnswer => {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            while let Some(Ok(d)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(d.len());
+                                counted.fetch_add(d.len(), Ordering::SeqCst);
+                            }
+                            released.notified().await;
+                            let mut send = respond.send_response(ok(), false).unwrap();
+                            let _ = send.send_trailers(trailers);
+                        });
+                    }
+                    Slowness::FloodsTheAnswer => {
+                        tokio::spawn(async move {
+                            let mut send = respond.send_response(ok(), false).unwrap();
+                            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                            while counted.load(Ordering::SeqCst) < 64 << 20 {
+                                send.reserve_capacity(ZEROS.len());
+                                let cap = tokio::time::timeout(
+                                    Duration::from_millis(500),
+                                    std::future::poll_fn(|cx| send.poll_capacity(cx)),
+                                )
+                                .await;
+                                let n = match cap {
+                                    Ok(Some(Ok(n))) if n > 0 => n.min(ZEROS.len()),
+                                    _ => break,
+                                };
+                                if send
+                                    .send_data(Bytes::from_static(&ZEROS[..n]), false)
+                                    .is_err()
+                                    || tokio::time::Instant::now() > deadline
+                                {
+                                    break;
+                                }
+                                counted.fetch_add(n, Ordering::SeqCst);
+                            }
+                            released.notified().await;
+                            let _ = send.send_trailers(trailers);
+                        });
+                    }
+                }
+            }
+        });
+        SlowUpstream {
+            bytes,
+            release,
+            task,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Pushes up to `total` bytes of request body on `body` as fast as its window allows; stops when
+/// no window opens for half a second. Returns what it could send.
+async fn push_until_stalled(body: &mut h2::SendStream<Bytes>, total: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut sent = 0;
+    while sent < total && tokio::time::Instant::now() < deadline {
+        body.reserve_capacity(ZEROS.len());
+        let cap = tokio::time::timeout(
+            Duration::from_millis(500),
+            std::future::poll_fn(|cx| body.poll_capacity(cx)),
+        )
+        .await;
+        let n = match cap {
+            Ok(Some(Ok(n))) if n > 0 => n.min(ZEROS.len()),
+            _ => break,
+        };
+        body.send_data(Bytes::from_static(&ZEROS[..n]), false)
+            .expect("send request data");
+        sent += n;
+    }
+    sent
+}
+
+/// Flow control carries a slow peer's back-pressure through pullgate in both directions: a client
+/// streaming a request to a runtime that does not read can send only what the windows on the way
+/// hold, not 32 MiB into pullgate's memory; and a runtime streaming an answer to a client that
+/// does not read can send only what the windows on the way hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_holds_back_the_other_side_in_both_directions() {
+    const TOTAL: usize = 32 << 20;
+    // What the windows on the way may hold: the client's stream window at pullgate (512 KiB), the
+    // upstream's (64 KiB by default, or pullgate's 4 MiB towards itself), a frame or two in between.
+    const HELD: usize = 6 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_path = dir.path().join("slow.sock");
+    let slow = SlowUpstream::serve(&upstream_path, Slowness::NeverReads);
+    let pg = InProcess::start(dir.path(), &upstream_path, Limits::default());
+    let mut client = h2_client(&pg.listen).await.ready().await.unwrap();
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Attach")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    let (_resp, mut body) = client.send_request(req, false).unwrap();
+    let sent = push_until_stalled(&mut body, TOTAL).await;
+    assert!(
+        sent < HELD,
+        "the client could send {sent} bytes to an upstream that reads nothing"
+    );
+    assert!(sent > 0, "nothing could be sent at all");
+    drop((body, slow));
+    pg.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_path = dir.path().join("flood.sock");
+    let flood = SlowUpstream::serve(&upstream_path, Slowness::FloodsTheAnswer);
+    let pg = InProcess::start(dir.path(), &upstream_path, Limits::default());
+    let mut client = h2_client(&pg.listen).await.ready().await.unwrap();
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Attach")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    let (resp, _body) = client.send_request(req, true).unwrap();
+    let resp = resp.await.expect("response headers");
+    // The client never reads the body; wait (bounded) until the upstream stops making progress.
+    let mut last = usize::MAX;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let now = flood.bytes();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let sent = flood.bytes();
+    assert!(
+        sent < HELD,
+        "the upstream could send {sent} bytes to a client that reads nothing"
+    );
+    assert!(sent > 0, "nothing could be sent at all");
+    drop(resp);
+    flood.release.notify_one();
+    pg.stop().await;
+}
+
+/// An intercepted request body stays reserved in the body budget only until it has been handed to
+/// the runtime: a runtime that takes its time to answer does not keep the bytes counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_budget_is_given_back_once_the_body_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_path = dir.path().join("slow.sock");
+    let slow = SlowUpstream::serve(&upstream_path, Slowness::HoldsTheAnswer);
+    let pg = InProcess::start(dir.path(), &upstream_path, Limits::default());
+    let req = cri::CreateContainerRequest {
+        pod_sandbox_id: "p".repeat(64),
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: "registry.example/app@sha256:".to_string() + &"a".repeat(64),
+                ..Default::default()
+            }),
+            annotations: [("big".to_string(), "x".repeat(1 << 20))].into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let msg = frame(&prost::Message::encode_to_vec(&req));
+    let listen = pg.listen.clone();
+    let body = msg.clone();
+    let call = tokio::spawn(async move {
+        raw_call(
+            &listen,
+            "http://localhost/runtime.v1.RuntimeService/CreateContainer",
+            grpc_headers(),
+            body,
+        )
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while slow.bytes() < msg.len() {
+        assert!(Instant::now() < deadline, "the upstream never got the body");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The body is with the runtime, which has not answered: nothing is reserved any more.
+    let text = loop {
+        let text = pg.metrics.render(0, None, true);
+        if text.contains("pullgate_request_body_bytes_reserved 0\n") || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        text.contains("pullgate_request_body_bytes_reserved 0\n"),
+        "still reserved while the answer is awaited:\n{}",
+        text.lines()
+            .filter(|l| l.contains("reserved"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        !call.is_finished(),
+        "the call should still wait for its answer"
+    );
+    slow.release.notify_one();
+    let resp = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("answered once released")
+        .unwrap();
+    assert_eq!(resp.trailers.expect("trailers")["grpc-status"], "0");
+    pg.stop().await;
+}

@@ -49,7 +49,7 @@ async fn call_raw(
     namespace: Option<&'static str>,
 ) -> Result<Bytes, CallError> {
     let mut request = Request::post(format!("http://localhost{path}"))
-        .body(RequestBody::Full(Some(grpc::frame(&req.encode_to_vec()))))
+        .body(RequestBody::full(grpc::frame(&req.encode_to_vec())))
         .expect("static request parts are valid");
     let h = request.headers_mut();
     h.insert(

@@ -15,6 +15,7 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::budget::Reservation;
 use super::grpc::{Code, Status};
 use super::upstream::UpstreamBody;
 use crate::node::metrics::Metrics;
@@ -23,8 +24,24 @@ use crate::node::metrics::Metrics;
 pub enum RequestBody {
     /// The client's body, frame by frame.
     Stream(Incoming),
-    /// A complete body pullgate holds (data frames already framed for gRPC), sent as one DATA frame.
-    Full(Option<Bytes>),
+    /// A complete body pullgate holds (data frames already framed for gRPC), sent as one DATA frame
+    /// as far as the upstream's flow-control window allows. The bytes it was read into stay
+    /// reserved in the body budget until the body is dropped, which the forwarding path does as
+    /// soon as the last byte was handed to the connection.
+    Full {
+        data: Option<Bytes>,
+        reservation: Option<Reservation>,
+    },
+}
+
+impl RequestBody {
+    /// A complete body that holds no reservation in the body budget.
+    pub fn full(data: Bytes) -> Self {
+        RequestBody::Full {
+            data: Some(data),
+            reservation: None,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -38,7 +55,7 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
-            RequestBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            RequestBody::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
@@ -46,7 +63,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Stream(b) => b.is_end_stream(),
-            RequestBody::Full(b) => b.is_none(),
+            RequestBody::Full { data, .. } => data.is_none(),
         }
     }
 
@@ -56,7 +73,7 @@ impl Body for RequestBody {
             RequestBody::Stream(b) => b.size_hint(),
             // Deliberately inexact: an exact hint makes hyper add a content-length header the
             // client never sent.
-            RequestBody::Full(_) => SizeHint::default(),
+            RequestBody::Full { .. } => SizeHint::default(),
         }
     }
 }

@@ -238,9 +238,9 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let (parts, body) = req.into_parts();
         let method = parts.uri.path();
-        // Held until the call is answered: the bytes it counts live in `raw` and in what is
-        // forwarded from it.
-        let (raw, _reservation) = match self.read_body(body, method).await {
+        // Held until the body has been handed to containerd's connection (it travels with the
+        // forwarded body): the bytes it counts live in `raw` and in what is forwarded from it.
+        let (raw, reservation) = match self.read_body(body, method).await {
             Ok(b) => b,
             Err((status, reason)) => {
                 if let Some(reason) = reason {
@@ -279,7 +279,11 @@ impl Proxy {
             }
             Verdict::Respond(status) => return answer(status, &mut record),
         };
-        let req = Request::from_parts(parts, RequestBody::Full(Some(body)));
+        let body = RequestBody::Full {
+            data: Some(body),
+            reservation,
+        };
+        let req = Request::from_parts(parts, body);
         match edit {
             None => self.forward(req, record).await,
             Some(edit) => self.forward_edited(req, edit, record).await,

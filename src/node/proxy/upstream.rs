@@ -9,12 +9,19 @@
 //! is forwarded as the client sent it (the fix-up layer in front of the server has already replaced
 //! those `h2` cannot parse with `localhost`).
 //!
+//! Request data goes to containerd no faster than its flow-control window allows: a frame is taken
+//! from the client's body only once the previous one was sent, so a runtime that reads slowly
+//! slows the client down (through the client's own window) instead of filling pullgate's memory.
+//! A complete body pullgate holds is handed over as the window grants, and its reservation in the
+//! body budget ends as soon as its last byte is handed to the connection.
+//!
 //! Every call clones the cached `SendRequest` handle; HTTP/2 multiplexes all calls over the one
 //! connection. When the connection is found closed, one caller reconnects while the others wait for it
 //! (single flight), and a request that never left because the connection had just died is retried
 //! once on the new connection. While containerd is down, calls fail fast with an [`UpstreamError`]
 //! that names the socket; the daemon keeps running.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -201,22 +208,18 @@ impl Upstream {
             path: self.path.clone(),
             source,
         };
-        let last = ready.frames.len().saturating_sub(1);
-        for (i, frame) in ready.frames.into_iter().enumerate() {
-            match frame.into_data() {
-                Ok(data) => stream
-                    .send_data(data, ready.ended && i == last)
-                    .map_err(call_err)?,
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        stream.send_trailers(trailers).map_err(call_err)?;
-                    }
-                }
+        if !headers_end {
+            let mut frames = VecDeque::from(ready.frames);
+            let all_sent = send_granted(&mut stream, &mut frames, ready.ended).map_err(call_err)?;
+            if all_sent && ready.ended {
+                // Everything was handed to the connection: a reservation the body holds ends now,
+                // not when the call is answered.
+                drop(body);
+            } else {
+                // A request that streams, or one larger than the upstream's window: pump the rest
+                // as the window opens, while the response is awaited.
+                tokio::spawn(pump(frames, ready.ended, body, stream));
             }
-        }
-        if !ready.ended {
-            // A request that streams: pump the rest while the response is awaited.
-            tokio::spawn(pipe(body, stream));
         }
         let resp = response.await.map_err(call_err)?;
         Ok(resp.map(|recv| UpstreamBody {
@@ -358,28 +361,82 @@ async fn ready_frames(body: &mut RequestBody) -> Result<ReadyFrames, hyper::Erro
     Ok(ReadyFrames { frames, ended })
 }
 
-/// Forwards the rest of a streaming request body; resets the stream if the client's body breaks.
-async fn pipe(mut body: RequestBody, mut stream: h2::SendStream<Bytes>) {
+/// Hands the front of `frames` to the connection as far as the stream's send capacity allows:
+/// never more DATA than the upstream's flow-control window grants, so a peer that reads slowly holds
+/// the data back here, and in turn the client (whose window opens only as frames are taken from its
+/// body). `ended`: the last of `frames` ends the body. Returns whether `frames` is empty; otherwise
+/// capacity has been requested for the first frame and [`h2::SendStream::poll_capacity`] says when
+/// to try again.
+fn send_granted(
+    stream: &mut h2::SendStream<Bytes>,
+    frames: &mut VecDeque<Frame<Bytes>>,
+    ended: bool,
+) -> Result<bool, h2::Error> {
+    while let Some(frame) = frames.pop_front() {
+        let last = ended && frames.is_empty();
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream.send_trailers(trailers)?;
+                }
+                continue;
+            }
+        };
+        if data.is_empty() {
+            // Only an END_STREAM carrier is worth sending; it needs no capacity.
+            if last {
+                stream.send_data(data, true)?;
+            }
+            continue;
+        }
+        stream.reserve_capacity(data.len());
+        let granted = stream.capacity().min(data.len());
+        if granted == 0 {
+            frames.push_front(Frame::data(data));
+            return Ok(false);
+        }
+        let now = data.split_to(granted);
+        stream.send_data(now, last && data.is_empty())?;
+        if !data.is_empty() {
+            // The rest waits for the window (asked for on the next round).
+            frames.push_front(Frame::data(data));
+        }
+    }
+    Ok(true)
+}
+
+/// Forwards the rest of a request body within the upstream's flow-control window: the next frame
+/// is taken from the client only once the previous one has been sent, so at most one frame waits
+/// here. Resets the stream if the client's body breaks; gives up if the upstream resets it.
+async fn pump(
+    mut frames: VecDeque<Frame<Bytes>>,
+    mut ended: bool,
+    mut body: RequestBody,
+    mut stream: h2::SendStream<Bytes>,
+) {
     use http_body_util::BodyExt;
     loop {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                let eos = body.is_end_stream();
-                let sent = match frame.into_data() {
-                    Ok(data) => stream.send_data(data, eos),
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(t) => return drop(stream.send_trailers(t)),
-                        Err(_) => Ok(()),
-                    },
-                };
-                if sent.is_err() || eos {
-                    return;
+        match send_granted(&mut stream, &mut frames, ended) {
+            Err(_) => return,
+            Ok(true) if ended => return,
+            Ok(true) => match body.frame().await {
+                Some(Ok(frame)) => {
+                    ended = frame.is_trailers() || body.is_end_stream();
+                    frames.push_back(frame);
                 }
-            }
-            Some(Err(_)) => return stream.send_reset(h2::Reason::CANCEL),
-            None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
+                Some(Err(_)) => return stream.send_reset(h2::Reason::CANCEL),
+                None => {
+                    ended = true;
+                    frames.push_back(Frame::data(Bytes::new()));
+                }
+            },
+            Ok(false) => {
+                match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    // The stream was reset or closed: nothing more can be sent.
+                    Some(Err(_)) | None => return,
+                }
             }
         }
     }
