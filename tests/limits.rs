@@ -190,7 +190,8 @@ async fn flood(
 }
 
 /// The flood: four connections each holding 48 incomplete 16 MiB `PullImage` bodies, then
-/// the same with `CreateContainer` (whose cap is 16 MiB, so the global budget has to hold), keep a
+/// the same with `CreateContainer` announcing just under its 4 MiB cap (so the global budget has to
+/// hold), keep a
 /// real pullgate under 256 MiB of resident memory while `Version` keeps being answered, and every
 /// stalled call ends with a status that says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,8 +229,8 @@ async fn stalled_body_floods_stay_within_memory_and_version_is_answered() {
         );
     }
 
-    // CreateContainer: within its cap, so each reserves ~16 MiB of the 64 MiB budget; 2 MiB pushed.
-    let announced = (16 << 20) - 16;
+    // CreateContainer: within its cap, so each reserves ~4 MiB of the 64 MiB budget; 2 MiB pushed.
+    let announced = (4 << 20) - 16;
     let mut calls = flood(
         &pg.socket,
         4,
@@ -263,9 +264,9 @@ async fn stalled_body_floods_stay_within_memory_and_version_is_answered() {
             other => panic!("unexpected status {other}: {msg}"),
         }
     }
-    // Four 16 MiB messages fit in the budget; the rest waited 1 s and were refused.
+    // Sixteen 4 MiB messages fit in the budget; the rest waited 1 s and were refused.
     assert!(
-        (1..=16).contains(&timed_out),
+        (1..=32).contains(&timed_out),
         "{timed_out} timed out, {budget} refused"
     );
     assert_eq!(budget + timed_out, 4 * 48);
@@ -834,4 +835,38 @@ async fn the_body_budget_is_given_back_once_the_body_is_sent() {
         .unwrap();
     assert_eq!(resp.trailers.expect("trailers")["grpc-status"], "0");
     pg.stop().await;
+}
+
+/// A `CreateContainer` message announcing more than its cap (4 MiB by default, far above any real
+/// container config) is refused on its length prefix, before anything is reserved or read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_container_messages_over_their_cap_are_refused_on_the_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, _events) = FakeCri::new();
+    let upstream = fake.serve(&dir.path().join("cri.sock"));
+    let pg = InProcess::start(dir.path(), &upstream.path, Limits::default());
+    let client = h2_client(&pg.listen).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let ended = stalled_call(
+        client,
+        CREATE_CONTAINER,
+        (4 << 20) + 1,
+        0,
+        until,
+        Duration::from_secs(5),
+    )
+    .await;
+    let (code, msg) = ended.expect("answered at once");
+    assert_eq!(code, "8", "{msg}");
+    assert!(
+        msg.contains("server.limits.max_create_container_message"),
+        "{msg}"
+    );
+    let text = pg.metrics.render(0, None, true);
+    assert!(
+        text.contains("pullgate_request_body_bytes_reserved 0\n"),
+        "{text}"
+    );
+    pg.stop().await;
+    upstream.stop().await;
 }

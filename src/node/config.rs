@@ -129,6 +129,7 @@ pub struct RawLimits {
     pub body_budget_wait: Option<String>,
     pub body_read_timeout: Option<String>,
     pub max_pull_image_message: Option<String>,
+    pub max_create_container_message: Option<String>,
     pub max_small_message: Option<String>,
 }
 
@@ -271,6 +272,8 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Largest `PullImage` request message.
     pub max_pull_image_message: usize,
+    /// Largest `CreateContainer` request message.
+    pub max_create_container_message: usize,
     /// Largest request message of the intercepted methods whose messages are always small
     /// (`ImageStatus`, `RemoveImage`, `ListImages`, `RemovePodSandbox`).
     pub max_small_message: usize,
@@ -288,6 +291,7 @@ impl Default for Limits {
             body_budget_wait: Duration::from_secs(1),
             body_read_timeout: Duration::from_secs(10),
             max_pull_image_message: 4 * MIB as usize,
+            max_create_container_message: 4 * MIB as usize,
             max_small_message: MIB as usize,
         }
     }
@@ -731,7 +735,7 @@ impl Limits {
                 raw.body_budget,
                 d.body_budget,
                 16 * MIB..=1024 * MIB,
-                "a size from 16MiB (one CreateContainer message at kubelet's 16 MiB limit) to 1GiB, such as \"64MiB\"",
+                "a size from 16MiB (one message at kubelet's 16 MiB limit, the largest any cap allows) to 1GiB, such as \"64MiB\"",
             )?,
             body_budget_wait: duration(
                 "server.limits.body_budget_wait",
@@ -751,6 +755,13 @@ impl Limits {
                 "server.limits.max_pull_image_message",
                 raw.max_pull_image_message,
                 d.max_pull_image_message as u64,
+                64 * 1024..=16 * MIB,
+                "a size from 64KiB to 16MiB, such as \"4MiB\"",
+            )? as usize,
+            max_create_container_message: size(
+                "server.limits.max_create_container_message",
+                raw.max_create_container_message,
+                d.max_create_container_message as u64,
                 64 * 1024..=16 * MIB,
                 "a size from 64KiB to 16MiB, such as \"4MiB\"",
             )? as usize,
@@ -1039,6 +1050,7 @@ mod tests {
             body_budget_wait = "0s"
             body_read_timeout = "500ms"
             max_pull_image_message = "2MiB"
+            max_create_container_message = "8MiB"
             max_small_message = "256KiB"
             [policy]
             max_bundle_size = "100MiB"
@@ -1055,6 +1067,7 @@ mod tests {
         assert_eq!(l.body_budget_wait, Duration::ZERO);
         assert_eq!(l.body_read_timeout, Duration::from_millis(500));
         assert_eq!(l.max_pull_image_message, 2 << 20);
+        assert_eq!(l.max_create_container_message, 8 << 20);
         assert_eq!(l.max_small_message, 256 << 10);
         assert_eq!(c.policy.max_bundle_size, 100 << 20);
         let d = Config::default();
