@@ -166,7 +166,7 @@ pub fn server_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     b.initial_stream_window_size(CLIENT_STREAM_WINDOW)
         .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
         .max_concurrent_streams(limits.max_streams_per_connection)
-        .max_header_list_size(1024 * 1024)
+        .max_header_list_size(super::h2fix::LIMITS.max_header_list_size as u32)
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         .timer(TokioTimer::new())

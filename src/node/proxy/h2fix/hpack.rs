@@ -29,8 +29,12 @@ pub struct Inspection {
     pub fault: Option<Refusal>,
     /// The decoded header list size (RFC 9113 §6.5.2: names + values + 32 per field).
     pub list_size: usize,
-    /// The list was larger than the limit: the re-encoded copy is incomplete and must not be used.
+    /// The list was larger than the limit: the re-encoded copy is incomplete and must not be used,
+    /// and `list_size` counts only up to the field that crossed the limit.
     pub overflow: bool,
+    /// The re-encoded copy holds every field (a lazy decode stops copying once it cannot be
+    /// needed).
+    pub copied: bool,
 }
 
 /// Why a header block cannot be decoded.
@@ -178,44 +182,45 @@ impl Decoder {
 
     /// Decodes `block`, inspecting every field and appending its re-encoding (literals without
     /// indexing, authorities fixed) to `copy` while the list stays within `max_list`. `request` says
-    /// whether this block opens a stream (request headers) rather than carrying trailers.
+    /// whether this block opens a stream (request headers) rather than carrying trailers. With
+    /// `lazy`, the copy stops at the first regular field if no `:authority` needed fixing by then
+    /// (pseudo-header fields come first, so the copy cannot be needed any more); whether it is
+    /// complete is in [`Inspection::copied`].
+    ///
+    /// Once the list is over `max_list` the block is only walked to keep the table in step: no
+    /// field is inspected or copied, and strings that do not enter the table are skipped without
+    /// being decoded. A block of one-byte references to a large table entry therefore costs one
+    /// table lookup per byte, not one header check per field.
     pub fn decode(
         &mut self,
         block: &[u8],
         request: bool,
         max_list: usize,
+        lazy: bool,
         copy: &mut Vec<u8>,
     ) -> Result<Inspection, DecodeError> {
-        let mut seen = Seen::default();
-        let mut insp = Inspection::default();
-        let mut on_field = |name: &[u8], value: &[u8]| {
-            insp.list_size += name.len() + value.len() + ENTRY_OVERHEAD;
-            let replace = seen.field(name, value, request, &mut insp);
-            if insp.list_size > max_list {
-                insp.overflow = true;
-            } else {
-                put_literal(
-                    copy,
-                    name,
-                    if replace {
-                        REPLACEMENT_AUTHORITY
-                    } else {
-                        value
-                    },
-                );
-            }
+        let mut fields = Fields {
+            seen: Seen::default(),
+            insp: Inspection {
+                copied: true,
+                ..Inspection::default()
+            },
+            request,
+            max_list,
+            lazy,
+            copy,
         };
         let mut pos = 0;
-        let mut fields = false;
+        let mut any = false;
         while let Some(&first) = block.get(pos) {
             if first & 0x80 != 0 {
                 // Indexed field (§6.1).
                 let (n, v) = self.get(int(block, &mut pos, 7)?)?;
-                on_field(n, v);
+                fields.field(n, v);
             } else if first & 0xe0 == 0x20 {
                 // Dynamic table size update (§6.3).
                 let size = int(block, &mut pos, 5)?;
-                if fields {
+                if any {
                     return Err(DecodeError::LateSizeUpdate);
                 }
                 if size > self.allowed {
@@ -228,26 +233,76 @@ impl Decoder {
                 // Literal with incremental indexing (§6.2.1), without indexing or never indexed.
                 let indexing = first & 0xc0 == 0x40;
                 let index = int(block, &mut pos, if indexing { 6 } else { 4 })?;
+                if fields.insp.overflow && !indexing {
+                    // Nothing more is looked at and this field does not enter the table.
+                    if index == 0 {
+                        skip_string(block, &mut pos)?;
+                    } else {
+                        self.get(index)?;
+                    }
+                    skip_string(block, &mut pos)?;
+                    any = true;
+                    continue;
+                }
                 let name = match index {
                     0 => string(block, &mut pos)?,
                     i => Cow::Borrowed(self.get(i)?.0),
                 };
                 let value = string(block, &mut pos)?;
-                on_field(&name, &value);
+                fields.field(&name, &value);
                 if indexing {
                     let (name, value) = (name.into_owned(), value.into_owned());
                     self.insert(name, value);
                 }
             }
-            fields = true;
+            any = true;
         }
+        let mut insp = fields.insp;
         if request && insp.fault.is_none() {
-            insp.fault = seen.missing();
+            insp.fault = fields.seen.missing();
         }
-        if insp.fault.is_none() && insp.list_size > max_list {
+        if insp.overflow {
+            // Over the limit, the rest of the block was not inspected: that is the reason.
             insp.fault = Some(Refusal::HeaderListTooLarge);
         }
         Ok(insp)
+    }
+}
+
+/// The per-field side of decoding one block: the size count, the inspection and the copy.
+struct Fields<'c> {
+    seen: Seen,
+    insp: Inspection,
+    request: bool,
+    max_list: usize,
+    lazy: bool,
+    copy: &'c mut Vec<u8>,
+}
+
+impl Fields<'_> {
+    fn field(&mut self, name: &[u8], value: &[u8]) {
+        if self.insp.overflow {
+            return;
+        }
+        self.insp.list_size += name.len() + value.len() + ENTRY_OVERHEAD;
+        if self.insp.list_size > self.max_list {
+            // Checked before any work on the field; nothing after it is looked at.
+            self.insp.overflow = true;
+            return;
+        }
+        let regular = !name.starts_with(b":");
+        if self.lazy && regular && !self.insp.bad_authority {
+            self.insp.copied = false;
+        }
+        let replace = self.seen.field(name, value, self.request, &mut self.insp);
+        if self.insp.copied {
+            let value = if replace {
+                REPLACEMENT_AUTHORITY
+            } else {
+                value
+            };
+            put_literal(self.copy, name, value);
+        }
     }
 }
 
@@ -286,6 +341,16 @@ fn string<'b>(buf: &'b [u8], pos: &mut usize) -> Result<Cow<'b, [u8]>, DecodeErr
     httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
         .map_err(|_| DecodeError::Huffman)?;
     Ok(Cow::Owned(out))
+}
+
+/// Skips a string literal at `pos` without decoding it.
+fn skip_string(buf: &[u8], pos: &mut usize) -> Result<(), DecodeError> {
+    let len = int(buf, pos, 7)?;
+    if buf.len() - *pos < len {
+        return Err(DecodeError::Truncated);
+    }
+    *pos += len;
+    Ok(())
 }
 
 /// Pseudo-headers seen so far in one block, for spotting what `h2` refuses.
@@ -443,7 +508,8 @@ mod tests {
         d.max = table_size;
         for (i, (encoded, want, table)) in blocks.iter().enumerate() {
             let mut copy = Vec::new();
-            d.decode(&hex(encoded), false, 1 << 20, &mut copy).unwrap();
+            d.decode(&hex(encoded), false, 1 << 20, false, &mut copy)
+                .unwrap();
             assert_eq!(literals(&copy), pairs(want), "block {}", i + 1);
             let got: Vec<(Vec<u8>, Vec<u8>)> = d.dynamic.iter().cloned().collect();
             assert_eq!(got, pairs(table), "table after block {}", i + 1);
@@ -617,17 +683,17 @@ mod tests {
         let mut over = Vec::new();
         put_size_update(&mut over, 4097);
         over.extend_from_slice(&[0x82]);
-        assert!(d.decode(&over, true, 1 << 20, &mut copy).is_err());
+        assert!(d.decode(&over, true, 1 << 20, false, &mut copy).is_err());
         let mut ok = Vec::new();
         put_size_update(&mut ok, 100);
         ok.extend_from_slice(&[0x82]);
         let mut d = Decoder::new(4096);
-        assert!(d.decode(&ok, false, 1 << 20, &mut copy).is_ok());
+        assert!(d.decode(&ok, false, 1 << 20, false, &mut copy).is_ok());
         assert_eq!(d.max, 100);
         // Only at the start of a block, as `h2` requires.
         let late = [0x82, 0x20];
         assert_eq!(
-            Decoder::new(4096).decode(&late, false, 1 << 20, &mut copy),
+            Decoder::new(4096).decode(&late, false, 1 << 20, false, &mut copy),
             Err(DecodeError::LateSizeUpdate)
         );
     }
@@ -645,7 +711,8 @@ mod tests {
             put_int(&mut block, 0, 7, value.len());
             block.extend_from_slice(value.as_bytes());
         }
-        d.decode(&block, false, 1 << 20, &mut Vec::new()).unwrap();
+        d.decode(&block, false, 1 << 20, false, &mut Vec::new())
+            .unwrap();
         assert!(d.dynamic.is_empty());
         assert_eq!(d.size, 0);
         assert_eq!(d.get(62), Err(DecodeError::Index(62)));
@@ -679,7 +746,7 @@ mod tests {
             ];
             let block = client.encode(fields.iter().copied());
             let mut copy = Vec::new();
-            let insp = d.decode(&block, true, 1 << 20, &mut copy).unwrap();
+            let insp = d.decode(&block, true, 1 << 20, false, &mut copy).unwrap();
             assert_eq!(insp.bad_authority, bad, "{authority:?}");
             assert_eq!(insp.fault, None, "{authority:?}");
             let mut want: Vec<(Vec<u8>, Vec<u8>)> = fields
@@ -799,7 +866,7 @@ mod tests {
             let mut client = loona_hpack::Encoder::new();
             let block = client.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
             let insp = Decoder::new(4096)
-                .decode(&block, *request, 1 << 20, &mut Vec::new())
+                .decode(&block, *request, 1 << 20, false, &mut Vec::new())
                 .unwrap();
             assert_eq!(insp.fault, *want, "{fields:?}");
         }
@@ -819,11 +886,94 @@ mod tests {
         let block = client.encode(fields.iter().copied());
         let mut copy = Vec::new();
         let insp = Decoder::new(4096)
-            .decode(&block, true, 4000, &mut copy)
+            .decode(&block, true, 4000, false, &mut copy)
             .unwrap();
         assert!(insp.overflow);
         assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
         assert!(copy.len() < 4000);
+    }
+
+    #[test]
+    fn fields_past_the_list_limit_are_not_inspected() {
+        let mut client = loona_hpack::Encoder::new();
+        let big = "v".repeat(3000);
+        // The invalid name comes after the limit was crossed: it is never looked at, and the
+        // refusal is named for the size.
+        let fields = [
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", b"/a/b"),
+            (b"x-big", big.as_bytes()),
+            (b"x-big2", big.as_bytes()),
+            (b"Upper", b"x"),
+        ];
+        let block = client.encode(fields.iter().copied());
+        let insp = Decoder::new(4096)
+            .decode(&block, true, 4000, false, &mut Vec::new())
+            .unwrap();
+        assert!(insp.overflow);
+        assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
+    }
+
+    #[test]
+    fn references_to_a_large_entry_stop_counting_at_the_limit_and_keep_the_table() {
+        // One 4000-byte entry in the table, then 60,000 one-byte references to it: 240 MB of
+        // header list from 60 KB of block.
+        let mut block = Vec::new();
+        block.push(0x40);
+        put_int(&mut block, 0, 7, 5);
+        block.extend_from_slice(b"x-big");
+        put_int(&mut block, 0, 7, 3950);
+        block.extend_from_slice(&[b'v'; 3950]);
+        block.extend(std::iter::repeat_n(0xbe, 60_000));
+        // After the limit: a literal that enters the table (it must, to stay in step with the
+        // client), and one that does not (skipped undecoded).
+        block.push(0x40);
+        put_int(&mut block, 0, 7, 5);
+        block.extend_from_slice(b"x-new");
+        put_int(&mut block, 0, 7, 3);
+        block.extend_from_slice(b"abc");
+        block.push(0x00);
+        put_int(&mut block, 0, 7, 1);
+        block.push(b'y');
+        put_int(&mut block, 0, 7, 1);
+        block.push(b'z');
+        let mut d = Decoder::new(4096);
+        let mut copy = Vec::new();
+        let insp = d
+            .decode(&block, false, 64 * 1024, false, &mut copy)
+            .unwrap();
+        assert!(insp.overflow);
+        assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
+        // Counting stopped at the field that crossed the limit.
+        assert!(insp.list_size <= 64 * 1024 + 4000, "{}", insp.list_size);
+        assert!(copy.len() <= 64 * 1024, "{}", copy.len());
+        assert_eq!(
+            d.get(62).unwrap(),
+            (&b"x-new"[..], &b"abc"[..]),
+            "the table follows the client's"
+        );
+    }
+
+    #[test]
+    fn a_lazy_copy_stops_at_the_first_regular_field_unless_an_authority_was_fixed() {
+        let mut client = loona_hpack::Encoder::new();
+        for (authority, copied) in [(&b"localhost"[..], false), (b"/run/x.sock", true)] {
+            let fields: Vec<(&[u8], &[u8])> = vec![
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", b"/a/b"),
+                (b":authority", authority),
+                (b"content-type", b"application/grpc"),
+            ];
+            let block = client.encode(fields.iter().copied());
+            let mut copy = Vec::new();
+            let insp = Decoder::new(4096)
+                .decode(&block, true, 1 << 20, true, &mut copy)
+                .unwrap();
+            assert_eq!(insp.copied, copied, "{authority:?}");
+            assert_eq!(literals(&copy).len(), if copied { 5 } else { 4 });
+        }
     }
 
     #[test]

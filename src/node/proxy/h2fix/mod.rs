@@ -49,10 +49,15 @@ use reader::{Reader, Step};
 
 /// The limits of pullgate's HTTP/2 server ([`super::conn::server_builder`]): it advertises no
 /// SETTINGS_HEADER_TABLE_SIZE, so clients may use the default 4096 bytes, and its header list
-/// limit is 1 MiB. A test compares them with the settings the server really sends.
+/// limit is 64 KiB. A test compares them with the settings the server really sends.
+///
+/// Why 64 KiB: a CRI request's headers are a few hundred bytes (pseudo-headers, content-type, te,
+/// user-agent, grpc-timeout, perhaps a trace header), and gRPC C-core servers refuse metadata
+/// over 8 KiB by default (`GRPC_ARG_MAX_METADATA_SIZE`), so clients do not rely on more. The limit
+/// bounds what one header block costs the layer (and the server) to hold and decode.
 pub const LIMITS: Limits = Limits {
     header_table_size: 4096,
-    max_header_list_size: 1024 * 1024,
+    max_header_list_size: 64 * 1024,
 };
 
 /// Buffers larger than this are released once empty, so an idle connection stays small.

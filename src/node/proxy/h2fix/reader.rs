@@ -20,6 +20,8 @@ pub const PRIORITY: u8 = 0x20;
 pub const MIN_MAX_FRAME_SIZE: usize = 16_384;
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE_LEN: usize = 24;
+/// The re-encoded copy's buffer is released after a block larger than this.
+const KEEP_COPY: usize = 16 * 1024;
 /// Stream faults remembered for naming the server's resets; the oldest are forgotten first.
 const FAULTS_KEPT: usize = 64;
 
@@ -319,15 +321,21 @@ impl Reader {
         if request {
             self.last_stream = stream;
         }
+        // The copy starts with a slot for the table size update that the first re-encoded block
+        // carries, so that block needs no second buffer.
         self.copy.clear();
-        let insp: Inspection = match self.decoder.decode(
+        hpack::put_size_update(&mut self.copy, 0);
+        let transparent = self.mode == Mode::Transparent;
+        let decoded = self.decoder.decode(
             fragment,
             request,
             self.limits.max_header_list_size,
+            transparent,
             &mut self.copy,
-        ) {
+        );
+        let insp: Inspection = match decoded {
             Ok(i) => i,
-            Err(e) if self.mode == Mode::Transparent => {
+            Err(e) if transparent => {
                 // The server decodes this block itself and will most likely close the connection;
                 // if it does not, the layer no longer knows the client's table: stop interpreting.
                 tracing::debug!(stream, error = %e, "cannot decode a header block; handing it on as sent");
@@ -347,20 +355,21 @@ impl Reader {
         if let Some(f) = insp.fault {
             self.remember(stream, f);
         }
-        if self.mode == Mode::Transparent && !insp.bad_authority {
+        // Unchanged: nothing to fix, or a block the server refuses anyway (an `:authority` after a
+        // regular field, which is also where a lazy copy stops).
+        if transparent && (!insp.bad_authority || !insp.copied) {
             return Ok(true);
         }
         if insp.overflow {
             return Err(Violation {
                 reason: Refusal::HeaderListTooLarge,
                 what: format!(
-                    "a header list of {} bytes on stream {stream}, over the {}-byte limit",
-                    insp.list_size, self.limits.max_header_list_size
+                    "a header list over the {}-byte limit on stream {stream}",
+                    self.limits.max_header_list_size
                 ),
             });
         }
-        let mut block = std::mem::take(&mut self.copy);
-        if self.mode == Mode::Transparent {
+        if transparent {
             tracing::debug!(
                 stream,
                 "the client sends an :authority the HTTP/2 server refuses; replacing it, re-encoding \
@@ -368,15 +377,14 @@ impl Reader {
             );
             self.mode = Mode::Reencode;
             // Empty the server's table, which the client's indexed references no longer reach.
-            let mut first = Vec::with_capacity(block.len() + 1);
-            hpack::put_size_update(&mut first, 0);
-            first.extend_from_slice(&block);
-            put_frames(out, stream, end_stream, priority, &first);
+            put_frames(out, stream, end_stream, priority, &self.copy);
         } else {
-            put_frames(out, stream, end_stream, priority, &block);
+            put_frames(out, stream, end_stream, priority, &self.copy[1..]);
         }
-        block.clear();
-        self.copy = block;
+        if self.copy.capacity() > KEEP_COPY {
+            // A large block: do not keep its buffer for the small ones that follow.
+            self.copy = Vec::new();
+        }
         Ok(false)
     }
 
