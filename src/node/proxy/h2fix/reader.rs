@@ -445,3 +445,68 @@ fn put_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
     out.push(flags);
     out.extend_from_slice(&stream.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A HEADERS frame (or frames) carrying `fields` as literals, END_HEADERS on the last.
+    fn block_frames(stream: u32, fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let mut block = Vec::new();
+        for (n, v) in fields {
+            hpack::put_literal(&mut block, n, v);
+        }
+        let mut out = Vec::new();
+        put_frames(&mut out, stream, true, None, &block);
+        out
+    }
+
+    /// Runs `input` through `reader` to the end, as the layer would.
+    fn run(reader: &mut Reader, mut input: &[u8], out: &mut Vec<u8>) {
+        while !input.is_empty() {
+            match reader.step(input, out).expect("accepted") {
+                Step::Pass(n) => {
+                    reader.passed(n);
+                    input = &input[n..];
+                }
+                Step::Took(n) => input = &input[n..],
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_copy_buffer_is_released_after_a_large_block() {
+        let limits = Limits {
+            header_table_size: 4096,
+            max_header_list_size: 64 * 1024,
+        };
+        let mut reader = Reader::new(limits);
+        let mut out = Vec::new();
+        run(&mut reader, &[0; PREFACE_LEN], &mut out);
+        let big = vec![b'p'; 40_000];
+        let request = |stream, pad: &[u8]| {
+            block_frames(
+                stream,
+                &[
+                    (b":method", b"POST"),
+                    (b":scheme", b"http"),
+                    (b":path", b"/a/b"),
+                    (b":authority", b"/run/x.sock"),
+                    (b"x-pad", pad),
+                ],
+            )
+        };
+        run(&mut reader, &request(1, &big), &mut out);
+        assert_eq!(reader.mode(), Mode::Reencode);
+        assert!(out.len() > 40_000);
+        assert!(
+            reader.copy.capacity() <= KEEP_COPY,
+            "a {}-byte copy buffer kept after the large block",
+            reader.copy.capacity()
+        );
+        out.clear();
+        run(&mut reader, &request(3, b"small"), &mut out);
+        assert!(reader.copy.capacity() <= KEEP_COPY);
+    }
+}
