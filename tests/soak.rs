@@ -46,8 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
-    ContainerState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    StopPodSandboxRequest,
+    ContainerState, PodSandboxStatusRequest, RemovePodSandboxRequest, StopPodSandboxRequest,
 };
 use serde_json::Value;
 use support::cri::host_pod_config;
@@ -369,23 +368,18 @@ async fn relist(mut cri: Cri, shared: Arc<Shared>, mut stop: watch::Receiver<boo
             .await
             .map(|r| r.items)
             .unwrap_or_default();
-        if let Some(p) = pods.iter().find(|p| gone.contains(&p.id)) {
-            log.judge(failed(
-                None,
-                format!("lists pod {} after its status was NotFound", p.id),
-            ));
-        }
+        not_relisted(&mut log, "pod", pods.iter().map(|p| p.id.as_str()), &gone);
         let containers = log
             .call("ListContainers", cri.list_containers())
             .await
             .map(|r| r.containers)
             .unwrap_or_default();
-        if let Some(c) = containers.iter().find(|c| gone.contains(&c.id)) {
-            log.judge(failed(
-                None,
-                format!("lists container {} after its status was NotFound", c.id),
-            ));
-        }
+        not_relisted(
+            &mut log,
+            "container",
+            containers.iter().map(|c| c.id.as_str()),
+            &gone,
+        );
         gone.clear();
         for pod in &pods {
             let req = PodSandboxStatusRequest {
@@ -420,6 +414,21 @@ async fn relist(mut cri: Cri, shared: Arc<Shared>, mut stop: watch::Receiver<boo
         shared.progress.add("relist", 0);
     }
     log
+}
+
+/// Judges the last call, a list, failed if it lists one of the objects a status call found gone.
+fn not_relisted<'a>(
+    log: &mut Log,
+    what: &str,
+    mut listed: impl Iterator<Item = &'a str>,
+    gone: &HashSet<String>,
+) {
+    if let Some(id) = listed.find(|id| gone.contains(*id)) {
+        log.judge(failed(
+            None,
+            format!("lists {what} {id} after its status was NotFound"),
+        ));
+    }
 }
 
 /// The puller: every reference of the plan in turn, four a second, each answer judged.
@@ -600,15 +609,7 @@ async fn teardown(log: &mut Log, cri: &mut Cri, pod: &str, container: Option<&st
                 .await
                 .map(drop),
             1 => match container {
-                Some(c) => log
-                    .call(
-                        "RemoveContainer",
-                        cri.rt.remove_container(RemoveContainerRequest {
-                            container_id: c.to_string(),
-                        }),
-                    )
-                    .await
-                    .map(drop),
+                Some(c) => log.call("RemoveContainer", cri.remove_container(c)).await,
                 None => Ok(()),
             },
             _ => log
