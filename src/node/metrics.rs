@@ -214,6 +214,8 @@ pub struct Metrics {
     upstream_latency: Vec<Histogram>,
     decisions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     installs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Clients refused at the protocol level, by reason: rare, so a mutex is fine.
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
     audit_errors: AtomicU64,
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
@@ -254,6 +256,7 @@ impl Default for Metrics {
             upstream_latency: (0..=OTHER).map(|_| Histogram::new()).collect(),
             decisions: Mutex::default(),
             installs: Mutex::default(),
+            refusals: Mutex::default(),
             audit_errors: AtomicU64::new(0),
             sandbox_image_approved: AtomicI64::new(-1),
             body_refusals: Default::default(),
@@ -297,9 +300,6 @@ impl Metrics {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
     }
 
-    /// A decision made for CRI `method`: counted by result and reason; a container start of a
-    /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
-    /// remembered for `pullgate status`.
     /// Remembers a container start from a deprecated, soon-to-sunset or excepted image (the
     /// decision itself is counted by [`Metrics::decision`]).
     pub fn lifecycle_start(&self, method: &str, d: &Decision) {
@@ -356,6 +356,11 @@ impl Metrics {
 
     pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
         *lock(&self.installs).entry((result, reason)).or_default() += 1;
+    }
+
+    /// A request or connection refused at the protocol level (see `proxy::refusal` for the reasons).
+    pub fn protocol_refusal(&self, reason: &'static str) {
+        *lock(&self.refusals).entry(reason).or_default() += 1;
     }
 
     pub fn audit_error(&self) {
@@ -514,6 +519,14 @@ impl Metrics {
             let _ = writeln!(
                 o,
                 "pullgate_bundle_installs_total{{result=\"{result}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+        o.push_str("# HELP pullgate_protocol_refusals_total Requests and connections refused at the protocol level (before any CRI handling), by reason.\n");
+        o.push_str("# TYPE pullgate_protocol_refusals_total counter\n");
+        for (reason, n) in lock(&self.refusals).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_protocol_refusals_total{{reason=\"{reason}\"}} {n}"
             );
         }
         o.push_str("# HELP pullgate_bundle_version Version of the bundle in force (0: none).\n");
@@ -735,6 +748,8 @@ mod tests {
         m.upstream_latency(0, Duration::from_micros(300));
         m.decision("deny", "not_in_bundle");
         m.bundle_install("rejected", "rollback");
+        m.protocol_refusal("http1");
+        m.protocol_refusal("http1");
         m.body_refused(BodyRefusal::Budget);
         m.body_bytes_reserved(5000);
         m.body_bytes_reserved(-904);
@@ -757,6 +772,7 @@ mod tests {
             "pullgate_upstream_latency_seconds_count{method=\"Version\"} 1",
             "pullgate_decisions_total{result=\"deny\",reason=\"not_in_bundle\"} 1",
             "pullgate_bundle_installs_total{result=\"rejected\",reason=\"rollback\"} 1",
+            "pullgate_protocol_refusals_total{reason=\"http1\"} 2",
             "pullgate_bundle_version 7",
             "pullgate_bundle_age_seconds 1000",
             "pullgate_bundle_expiry_seconds 3000",

@@ -11,6 +11,7 @@
 //! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
 //!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
 //! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
 //!

@@ -3,7 +3,10 @@
 //! The first bytes are peeked (not consumed) before hyper sees them. A client that sends an HTTP/1
 //! request gets a plain `505` answer explaining what the socket speaks; any other bytes get an HTTP/2
 //! `GOAWAY(PROTOCOL_ERROR)` with a reason. Neither reaches the HTTP/2 server, and neither affects any
-//! other connection.
+//! other connection; both are counted and logged as protocol refusals.
+//!
+//! An HTTP/2 connection is served by hyper through the [`super::h2fix`] layer, which lets every
+//! `:authority` through and reports what the server refuses.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -17,6 +20,8 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Proxy;
+use super::h2fix::{self, H2Fix};
+use super::refusal::Refusal;
 use super::track::{Conn, Tracked};
 use crate::node::config::Limits;
 
@@ -197,7 +202,10 @@ pub async fn serve(
     match preface {
         Preface::Http2 => {}
         Preface::Http1 => {
-            tracing::info!("rejected an HTTP/1 request on the CRI socket");
+            let what = "answered 505 to an HTTP/1 request on the CRI socket";
+            proxy
+                .refusals()
+                .refuse(Refusal::Http1, format_args!("{what}"));
             let answer = format!(
                 "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{HTTP1_ANSWER}",
                 HTTP1_ANSWER.len()
@@ -206,13 +214,18 @@ pub async fn serve(
             return;
         }
         Preface::Garbage => {
-            tracing::info!("rejected a connection that did not start with the HTTP/2 preface");
+            let what = "answered GOAWAY to a connection that did not start with the HTTP/2 preface";
+            proxy
+                .refusals()
+                .refuse(Refusal::BadPreface, format_args!("{what}"));
             let frame = goaway(b"pullgate: expected the HTTP/2 connection preface (gRPC over h2c)");
             answer_and_close(stream, &frame).await;
             return;
         }
         Preface::Closed => return,
     }
+    let refusals = proxy.refusals().clone();
+    let (stream, fixes) = H2Fix::new(stream, h2fix::LIMITS, refusals.clone());
     let state = tracked.state().clone();
     let service = service_fn(move |req| {
         // Counted from here until the response body ends or is dropped.
@@ -237,12 +250,7 @@ pub async fn serve(
         let busy = tracked.state().open_streams() > 0;
         let far = tokio::time::Instant::now() + Duration::from_secs(86400);
         tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-                return;
-            }
+            res = conn.as_mut() => return fixes.connection_ended(res, &refusals),
             changed = shutdown.changed(), if !draining => {
                 if changed.is_err() || *shutdown.borrow() {
                     draining = true;

@@ -11,13 +11,18 @@
 //! - [`intercept`]: the intercept table and the handler interface.
 //! - [`budget`]: bounds on intercepted request bodies (per-method caps, global byte budget, timeout).
 //! - [`conn`]: accepting a kubelet connection: preface check, HTTP/2 server, graceful shutdown.
+//! - [`h2fix`]: the HTTP/2 layer in front of hyper that lets every `:authority` through and sees the
+//!   server's stream resets.
+//! - [`refusal`]: refusals at the protocol level, counted and logged (rate limited).
 //! - [`track`]: open connections and their streams: idle closing, the connection cap.
 
 pub mod body;
 pub mod budget;
 pub mod conn;
 pub mod grpc;
+pub mod h2fix;
 pub mod intercept;
+pub mod refusal;
 pub mod track;
 pub mod upstream;
 
@@ -37,6 +42,7 @@ pub use body::{CallRecord, RequestBody, ResponseBody};
 use budget::{BodyBudget, BodyLimits, Reservation};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
+use refusal::{Refusal, Refusals};
 pub use upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// Which method paths are forwarded at all.
@@ -83,6 +89,7 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     intercepts: InterceptTable,
     metrics: Arc<Metrics>,
+    refusals: Arc<Refusals>,
     reach: Reach,
     body_limits: BodyLimits,
     /// Bytes of intercepted request bodies buffered at once, over every connection.
@@ -119,6 +126,7 @@ impl Proxy {
         Arc::new(Proxy {
             upstream,
             intercepts,
+            refusals: Arc::new(Refusals::new(metrics.clone())),
             budget: BodyBudget::from_config(limits, metrics.clone()),
             body_limits: BodyLimits::from_config(limits),
             metrics,
@@ -134,6 +142,11 @@ impl Proxy {
         &self.upstream
     }
 
+    /// Where refusals at the protocol level are counted and logged.
+    pub fn refusals(&self) -> &Arc<Refusals> {
+        &self.refusals
+    }
+
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
     pub async fn handle(
         &self,
@@ -143,6 +156,13 @@ impl Proxy {
         let method = metrics::method_index(path);
         let mut record = CallRecord::new(self.metrics.clone(), method);
         if !well_formed_method(path) {
+            let shown: String = path.chars().take(200).collect();
+            self.refusals.refuse(
+                Refusal::BadMethodPath,
+                format_args!(
+                    "answered UNIMPLEMENTED to a call on {shown:?}, not a gRPC method path"
+                ),
+            );
             let status = Status::new(
                 Code::Unimplemented,
                 format!("pullgate: {path:?} is not a gRPC method path (/package.Service/Method)"),
