@@ -358,14 +358,17 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     .await;
     assert_eq!(resp.body.len(), big.len() + 5);
     assert!(resp.body[5..] == big[..], "16 MiB body corrupted");
-    // The same size on an intercepted method that keeps kubelet's 16 MiB limit is read whole and
-    // forwarded.
-    let msg = cri::CreateContainerRequest {
-        pod_sandbox_id: "x".repeat(16 * 1024 * 1024 - 16),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    assert!(msg.len() <= 16 * 1024 * 1024);
+    // An intercepted method reads its message whole and forwards it: CreateContainer up to its
+    // 4 MiB cap; past it, refused on the length prefix.
+    let create = |len: usize| {
+        cri::CreateContainerRequest {
+            pod_sandbox_id: "x".repeat(len),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let msg = create(4 * 1024 * 1024 - 16);
+    assert!(msg.len() <= 4 * 1024 * 1024);
     let resp = raw_call(
         &pg.listen,
         "http://localhost/runtime.v1.RuntimeService/CreateContainer",
@@ -375,6 +378,19 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     .await;
     assert_eq!(resp.trailers.unwrap()["grpc-status"], "0");
     assert_eq!(resp.body, frame(&msg));
+    let resp = raw_call(
+        &pg.listen,
+        "http://localhost/runtime.v1.RuntimeService/CreateContainer",
+        grpc_headers(),
+        frame(&create(16 * 1024 * 1024 - 16)),
+    )
+    .await;
+    assert_eq!(resp.headers["grpc-status"], "8", "{:?}", resp.headers);
+    let why = resp.headers["grpc-message"].to_str().unwrap();
+    assert!(
+        why.contains("server.limits.max_create_container_message"),
+        "{why}"
+    );
     // An image lookup is never that large: refused on its length prefix.
     let msg = cri::ImageStatusRequest {
         image: image_spec(&"x".repeat(2 * 1024 * 1024)),

@@ -9,11 +9,12 @@
 //! is forwarded as the client sent it (the fix-up layer in front of the server has already replaced
 //! those `h2` cannot parse with `localhost`).
 //!
-//! Request data goes to containerd no faster than its flow-control window allows: a frame is taken
-//! from the client's body only once the previous one was sent, so a runtime that reads slowly
-//! slows the client down (through the client's own window) instead of filling pullgate's memory.
-//! A complete body pullgate holds is handed over as the window grants, and its reservation in the
-//! body budget ends as soon as its last byte is handed to the connection.
+//! Request data goes to containerd no faster than its flow-control window allows: beyond the first
+//! 64 KiB, which leave with the headers, a frame is taken from the client's body only once the
+//! previous one was sent within the window, so a runtime that reads slowly slows the client down
+//! (through the client's own window) instead of filling pullgate's memory. A complete body pullgate
+//! holds is handed over the same way, and its reservation in the body budget ends as soon as its
+//! last byte is handed to the connection.
 //!
 //! Every call clones the cached `SendRequest` handle; HTTP/2 multiplexes all calls over the one
 //! connection. When the connection is found closed, one caller reconnects while the others wait for it
@@ -210,8 +211,8 @@ impl Upstream {
         };
         if !headers_end {
             let mut frames = VecDeque::from(ready.frames);
-            let all_sent = send_granted(&mut stream, &mut frames, ready.ended).map_err(call_err)?;
-            if all_sent && ready.ended {
+            send_eager(&mut stream, &mut frames, ready.ended).map_err(call_err)?;
+            if frames.is_empty() && ready.ended {
                 // Everything was handed to the connection: a reservation the body holds ends now,
                 // not when the call is answered.
                 drop(body);
@@ -359,6 +360,42 @@ async fn ready_frames(body: &mut RequestBody) -> Result<ReadyFrames, hyper::Erro
         }
     }
     Ok(ReadyFrames { frames, ended })
+}
+
+/// Request data sent with the headers without waiting for flow-control capacity: `h2` assigns a
+/// new stream capacity only once the connection task has opened it, so waiting would split every
+/// small request into two writes (and two wake-ups of containerd). HTTP/2's default initial stream
+/// window is 65,535 bytes; what a peer with a smaller window does not take at once waits in `h2`'s
+/// buffer, bounded by this per call (and by the client's own window, which this data came through).
+const EAGER_BYTES: usize = 64 * 1024;
+
+/// Hands the frames at the front of `frames` that fit in [`EAGER_BYTES`] to the connection at once,
+/// in order; the rest is left for [`pump`].
+fn send_eager(
+    stream: &mut h2::SendStream<Bytes>,
+    frames: &mut VecDeque<Frame<Bytes>>,
+    ended: bool,
+) -> Result<(), h2::Error> {
+    let mut room = EAGER_BYTES;
+    while let Some(frame) = frames.front() {
+        let len = frame.data_ref().map_or(0, Bytes::len);
+        if len > room {
+            return Ok(());
+        }
+        room -= len;
+        let frame = frames.pop_front().expect("checked");
+        let last = ended && frames.is_empty();
+        match frame.into_data() {
+            Ok(data) if data.is_empty() && !last => {}
+            Ok(data) => stream.send_data(data, last)?,
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    stream.send_trailers(trailers)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hands the front of `frames` to the connection as far as the stream's send capacity allows:
