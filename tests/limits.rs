@@ -710,6 +710,15 @@ async fn push_until_stalled(body: &mut h2::SendStream<Bytes>, total: usize) -> u
     sent
 }
 
+/// A streaming call's request head (a forwarded method).
+fn attach_request() -> http::Request<()> {
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Attach")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    req
+}
+
 /// Flow control carries a slow peer's back-pressure through pullgate in both directions: a client
 /// streaming a request to a runtime that does not read can send only what the windows on the way
 /// hold, not 32 MiB into pullgate's memory; and a runtime streaming an answer to a client that
@@ -725,10 +734,7 @@ async fn a_slow_peer_holds_back_the_other_side_in_both_directions() {
     let slow = SlowUpstream::serve(&upstream_path, Slowness::NeverReads);
     let pg = InProcess::start(dir.path(), &upstream_path, Limits::default());
     let mut client = h2_client(&pg.listen).await.ready().await.unwrap();
-    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Attach")
-        .body(())
-        .unwrap();
-    *req.headers_mut() = grpc_headers();
+    let req = attach_request();
     let (_resp, mut body) = client.send_request(req, false).unwrap();
     let sent = push_until_stalled(&mut body, TOTAL).await;
     assert!(
@@ -744,10 +750,7 @@ async fn a_slow_peer_holds_back_the_other_side_in_both_directions() {
     let flood = SlowUpstream::serve(&upstream_path, Slowness::FloodsTheAnswer);
     let pg = InProcess::start(dir.path(), &upstream_path, Limits::default());
     let mut client = h2_client(&pg.listen).await.ready().await.unwrap();
-    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/Attach")
-        .body(())
-        .unwrap();
-    *req.headers_mut() = grpc_headers();
+    let req = attach_request();
     let (resp, _body) = client.send_request(req, true).unwrap();
     let resp = resp.await.expect("response headers");
     // The client never reads the body; wait (bounded) until the upstream stops making progress.
