@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::node::Node;
+use support::cri::run_as_kubelet;
+use support::node::{Node, PAYMENTS_NS, standard_bundle};
 use support::pullgate::{Pullgate, cli};
 use support::stack::{Stack, sbin_path};
 use support::{Cri, e2e_enabled, loud};
@@ -121,6 +122,11 @@ fn image_names(node: &Node) -> Vec<String> {
 
 /// Builds a fresh image and imports it past pullgate as `name` (`ctr images import`).
 fn import(node: &Node, name: &str, marker: &str) {
+    import_archive(node, &archive(node, name, marker));
+}
+
+/// Builds a fresh image and writes it as an archive to import as `name`; returns its path.
+fn archive(node: &Node, name: &str, marker: &str) -> String {
     let tag = node.stack.images.build_image(marker);
     let tar = node
         .stack
@@ -128,13 +134,17 @@ fn import(node: &Node, name: &str, marker: &str) {
         .path()
         .join(format!("{}.tar", marker.replace(' ', "-")));
     node.stack.images.export_docker_archive(&tag, &tar, name);
+    tar.to_string_lossy().into_owned()
+}
+
+/// `ctr images import` of an [`archive`].
+fn import_archive(node: &Node, tar: &str) {
     let snapshotter = node.stack.containerd.snapshotter.clone();
-    let tar = tar.to_string_lossy().into_owned();
     let (ok, out) = ctr(
         node,
-        &["images", "import", "--snapshotter", &snapshotter, &tar],
+        &["images", "import", "--snapshotter", &snapshotter, tar],
     );
-    loud(&format!("ctr import {name}: ok={ok} {}", out.trim()));
+    loud(&format!("ctr import {tar}: ok={ok} {}", out.trim()));
 }
 
 fn wait_watching(node: &Node) {
@@ -385,6 +395,116 @@ async fn out_of_band_images_are_removed_unless_in_use_and_classified_at_start() 
         metric(&m, "pullgate_out_of_band_removals_total{result=\"in_use\"}"),
         Some(1.0),
         "{m}"
+    );
+}
+
+/// The watcher has no pod, so an image is approved for it when the bundle approves it for any
+/// scope (which pod may run it is decided at the start): a first-party prefix of one program and a
+/// public image of that program, pulled through pullgate, are neither reported nor removed, and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_approved_for_one_scope_are_approved_for_the_watcher() {
+    if !e2e_enabled("images_approved_for_one_scope_are_approved_for_the_watcher") {
+        return;
+    }
+    let node = Node::start_with("ld-scoped", "enforce", |s| {
+        lockdown_section(s) + "remove_out_of_band = true\n"
+    });
+    wait_watching(&node);
+    let prefix = format!("{}/apps/payments/", node.private());
+    let mut v2 = standard_bundle(&node.stack, &node.fx, 2);
+    v2.first_party
+        .push((prefix.clone(), "corp/payments".to_string()));
+    let out = node.install(&node.keys.sign(&v2, "first-party-v2"));
+    assert!(out.success(), "{out}");
+    node.wait_for_bundle(2);
+    node.stack
+        .images
+        .push_image(&node.stack.private, "apps/payments/api:1", "first party");
+    let api = format!("{prefix}api:1");
+    let paytool = "docker.io/acme/payments-tool:1.0";
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    for image in [api.as_str(), paytool] {
+        cri.pull(image, PAYMENTS_NS)
+            .await
+            .unwrap_or_else(|s| panic!("pull {image} through pullgate: {s:?}"));
+    }
+    within(
+        "both pulls classified approved",
+        Duration::from_secs(10),
+        || (series(&node, "pullgate_node_images{class=\"approved\"}") >= 2.0).then_some(()),
+    );
+    assert_eq!(
+        series(&node, "pullgate_node_images{class=\"unapproved\"}"),
+        0.0
+    );
+    assert!(
+        records(&node, "out_of_band_image").is_empty(),
+        "{:?}",
+        records(&node, "out_of_band_image")
+    );
+    let names = image_names(&node);
+    assert!(
+        names.contains(&api) && names.contains(&node.mirror_ref(&node.fx.paytool)),
+        "{names:?}"
+    );
+    for (pod, image) in [("api", api.as_str()), ("paytool", paytool)] {
+        let code = run_as_kubelet(&mut cri, pod, PAYMENTS_NS, image, &["/bin/true"]).await;
+        assert_eq!(code.unwrap_or_else(|s| panic!("run {image}: {s:?}")), 0);
+    }
+}
+
+/// A pull through pullgate explains the content containerd pulled, not the name: other content
+/// imported under the name of a recent (warn-mode) pull is reported; the pull itself, its
+/// `repo@digest` name and CRI's ID alias are not. Content reported, then deleted, and imported again
+/// is reported again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recent_pull_does_not_explain_other_content_under_its_name() {
+    if !e2e_enabled("a_recent_pull_does_not_explain_other_content_under_its_name") {
+        return;
+    }
+    let node = Node::start_with("ld-name-reuse", "warn", lockdown_section);
+    wait_watching(&node);
+    let name = "docker.io/library/nginx:1.25";
+    // Made first, so the import follows the pull closely.
+    let tar = archive(&node, name, "lockdown reused name");
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    cri.pull("nginx:1.25", "default")
+        .await
+        .unwrap_or_else(|s| panic!("warn-mode pull through pullgate: {s:?}"));
+    within(
+        "the warned pull classified",
+        Duration::from_secs(10),
+        || (series(&node, "pullgate_node_images{class=\"unapproved\"}") >= 1.0).then_some(()),
+    );
+    assert!(
+        records(&node, "out_of_band_image").is_empty(),
+        "a warn-mode pull was reported past its warn decision: {:?}",
+        records(&node, "out_of_band_image")
+    );
+
+    import_archive(&node, &tar);
+    let r = within("the import under the pull's name reported", WITHIN, || {
+        record_for(&node, "out_of_band_image", name)
+    });
+    assert_eq!(r["class"], "unapproved", "{r}");
+    assert_ne!(r["digests"][0], node.fx.nginx.digest.as_str(), "{r}");
+    assert_eq!(records(&node, "out_of_band_image").len(), 1);
+
+    // Gone, then back: a new arrival.
+    let unapproved = || series(&node, "pullgate_node_images{class=\"unapproved\"}");
+    let before = within("the import counted", WITHIN, || {
+        let n = unapproved();
+        (n >= 2.0).then_some(n)
+    });
+    ctr_ok(&node, &["images", "rm", name]);
+    within("the watcher saw it go", Duration::from_secs(10), || {
+        (unapproved() == before - 1.0).then_some(())
+    });
+    import_archive(&node, &tar);
+    within(
+        "the same content imported again reported again",
+        WITHIN,
+        || (records(&node, "out_of_band_image").len() == 2).then_some(()),
     );
 }
 
