@@ -4,13 +4,18 @@
 //! image that is created or re-pointed, decides a class:
 //!
 //! - `unapproved`: its target digest (the manifest or index containerd resolves the image to —
-//!   content-addressed, unlike its name) is not approved by the bundle in force, or containerd's
-//!   content store does not even hold it;
+//!   content-addressed, unlike its name) is not approved by the bundle in force for any scope (no
+//!   pod is attached to an image in the store; the start decides which pod may run it), or
+//!   containerd's content store does not even hold it;
 //! - `out_of_band`: approved content that did not come through a pull pullgate forwarded (the
 //!   enforcer notes every forwarded pull in the [`PullLedger`]): `ctr pull`, `ctr import`,
 //!   `nerdctl`, a CRI client talking to containerd's own socket, another namespace;
 //! - `approved`: approved content pulled through pullgate (or containerd's own pull of its
-//!   configured sandbox image).
+//!   configured sandbox image). A pull explains the content it brought, not its name (see
+//!   [`PullLedger::explain`]).
+//!
+//! A name re-pointed at other content is classified again; content whose last name is deleted is
+//! forgotten, so it is a new arrival, reported again, if it comes back.
 //!
 //! An image that is not approved and was not a pull pullgate forwarded in warn mode (already
 //! audited as a `warn` decision) gets an `out_of_band_image` audit record, a count in
