@@ -456,7 +456,7 @@ async fn images_approved_for_one_scope_are_approved_for_the_watcher() {
 /// A pull through pullgate explains the content containerd pulled, not the name: other content
 /// imported under the name of a recent (warn-mode) pull is reported; the pull itself, its
 /// `repo@digest` name and CRI's ID alias are not. Content reported, then deleted, and imported again
-/// is reported again.
+/// is reported again. A pull that failed explains nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recent_pull_does_not_explain_other_content_under_its_name() {
     if !e2e_enabled("a_recent_pull_does_not_explain_other_content_under_its_name") {
@@ -506,6 +506,18 @@ async fn a_recent_pull_does_not_explain_other_content_under_its_name() {
         WITHIN,
         || (records(&node, "out_of_band_image").len() == 2).then_some(()),
     );
+
+    // A pull that failed brought nothing: it explains nothing stored under its name afterwards.
+    let missing = "docker.io/library/nginx:0.0-missing";
+    let failed = cri.pull("nginx:0.0-missing", "default").await;
+    assert!(failed.is_err(), "{failed:?}");
+    import(&node, missing, "lockdown failed pull");
+    let r = within(
+        "the import under a failed pull's name reported",
+        WITHIN,
+        || record_for(&node, "out_of_band_image", missing),
+    );
+    assert_eq!(r["class"], "unapproved", "{r}");
 }
 
 /// A `hosts.toml` for `dir/name`.

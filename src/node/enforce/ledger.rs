@@ -10,12 +10,13 @@
 //! pull was forwarded. The pull's `repo@digest` name and CRI's ID alias are explained by the same
 //! content; other content under any of these names is not.
 //!
-//! The enforcer notes every pull it forwards, before containerd sees it; the watcher asks when an
-//! image appears. Entries expire after [`PULL_MEMORY`] (a pull that takes longer than that is
+//! The enforcer notes every pull it forwards, before containerd sees it, and forgets it again when
+//! containerd answers with an error (a failed pull brought nothing); the watcher asks when an image
+//! appears. Entries expire after [`PULL_MEMORY`] (a pull that takes longer than that is
 //! reported as out of band — loudly, never silently), and the ledger holds at most [`MAX_ENTRIES`].
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::policy::Reference;
@@ -28,6 +29,8 @@ pub const MAX_ENTRIES: usize = 4096;
 /// One pull pullgate forwarded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ForwardedPull {
+    /// Which note this is (for [`PullLedger::forget`]).
+    pub id: u64,
     /// The reference containerd was asked to pull, normalised (`docker.io/library/busybox:1`).
     pub reference: String,
     /// Its repository (`docker.io/library/busybox`).
@@ -44,6 +47,7 @@ pub struct ForwardedPull {
 #[derive(Debug, Default)]
 pub struct PullLedger {
     pulls: Mutex<VecDeque<ForwardedPull>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 /// `sha256:<64 hex>`: the name CRI gives every image it pulls (its config digest, the image ID).
@@ -52,10 +56,14 @@ pub fn is_id_alias(name: &str) -> bool {
 }
 
 impl PullLedger {
-    /// Notes that `reference` is being pulled through pullgate now.
-    pub fn note(&self, reference: &str, allowed: bool) {
+    /// Notes that `reference` is being pulled through pullgate now; returns the note's id.
+    fn note(&self, reference: &str, allowed: bool) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let parsed = Reference::parse(reference).ok();
         let entry = ForwardedPull {
+            id,
             reference: parsed
                 .as_ref()
                 .map_or_else(|| reference.to_string(), |r| r.to_string()),
@@ -71,6 +79,16 @@ impl PullLedger {
             pulls.pop_front();
         }
         pulls.push_back(entry);
+        id
+    }
+
+    /// Forgets note `id`: the pull failed, so it explains nothing (not even content stored under its
+    /// name later).
+    pub fn forget(&self, id: u64) {
+        self.pulls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p.id != id);
     }
 
     /// The most recent forwarded pull that explains an image named `name` (as containerd stores
@@ -112,6 +130,34 @@ impl PullLedger {
         })?;
         found.digest.get_or_insert_with(|| target.to_string());
         Some(found.clone())
+    }
+}
+
+/// A note for a pull in flight: forgotten when dropped before [`Noted::pulled`] (the pull failed,
+/// or its caller went away).
+pub struct Noted {
+    ledger: Arc<PullLedger>,
+    id: Option<u64>,
+}
+
+impl Noted {
+    /// Notes that `reference` is being pulled through pullgate now (see [`PullLedger::note`]).
+    pub fn new(ledger: Arc<PullLedger>, reference: &str, allowed: bool) -> Noted {
+        let id = Some(ledger.note(reference, allowed));
+        Noted { ledger, id }
+    }
+
+    /// containerd answered the pull with success: the note stays.
+    pub fn pulled(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Noted {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.ledger.forget(id);
+        }
     }
 }
 
@@ -194,6 +240,21 @@ mod tests {
         assert!(
             l.explain("docker.io/library/busybox:1.36", E).is_some(),
             "the first pull's"
+        );
+    }
+
+    #[test]
+    fn a_failed_pull_explains_nothing() {
+        let l = Arc::new(PullLedger::default());
+        let failed = Noted::new(l.clone(), "busybox:1.36", false);
+        let ok = Noted::new(l.clone(), "busybox:1.35", false);
+        let other = ok.id;
+        drop(failed);
+        assert!(l.explain("docker.io/library/busybox:1.36", E).is_none());
+        ok.pulled();
+        assert_eq!(
+            l.explain("docker.io/library/busybox:1.35", E).map(|p| p.id),
+            other
         );
     }
 
