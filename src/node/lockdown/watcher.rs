@@ -524,7 +524,10 @@ impl Watcher {
     async fn classify_all(&mut self, api: &Api, detected: Detected) -> Result<(), tonic::Status> {
         let mut present = HashSet::new();
         for ns in api.namespaces().await? {
-            for img in api.images(&ns).await? {
+            let mut images = api.images(&ns).await?;
+            // CRI's ID aliases last: an alias is as approved as the other names of its content.
+            images.sort_by_key(|i| is_id_alias(&i.name));
+            for img in images {
                 let Some(target) = img.target.as_ref().map(|t| t.digest.clone()) else {
                     continue;
                 };
