@@ -85,6 +85,20 @@ fn record_for(node: &Node, kind: &str, name: &str) -> Option<Value> {
     records(node, kind).into_iter().find(|r| r["name"] == name)
 }
 
+/// Waits (up to 10 s) until `pullgate_node_images{class}` counts at least `n` images.
+fn wait_class_count(node: &Node, what: &str, class: &str, n: f64) {
+    let s = format!("pullgate_node_images{{class=\"{class}\"}}");
+    within(what, Duration::from_secs(10), || {
+        (series(node, &s) >= n).then_some(())
+    });
+}
+
+/// Asserts that no image was reported as out of band.
+fn assert_none_reported(node: &Node, what: &str) {
+    let r = records(node, "out_of_band_image");
+    assert!(r.is_empty(), "{what} was reported: {r:?}");
+}
+
 /// `ctr -n k8s.io ARGS` against the stack's containerd; returns whether it succeeded and its output
 /// (an import may lose a race with pullgate removing the image it creates).
 fn ctr(node: &Node, args: &[&str]) -> (bool, String) {
@@ -180,16 +194,13 @@ async fn out_of_band_images_and_snapshots_are_reported_within_a_second() {
     }
     // Through pullgate: approved, never reported.
     let (mut node, pinned) = node_with_a_pull("ld-detect", "").await;
-    within(
+    wait_class_count(
+        &node,
         "the pull through pullgate classified approved",
-        Duration::from_secs(10),
-        || (series(&node, "pullgate_node_images{class=\"approved\"}") >= 1.0).then_some(()),
+        "approved",
+        1.0,
     );
-    assert!(
-        records(&node, "out_of_band_image").is_empty(),
-        "a pull through pullgate was reported: {:?}",
-        records(&node, "out_of_band_image")
-    );
+    assert_none_reported(&node, "a pull through pullgate");
     assert_eq!(
         series(&node, "pullgate_out_of_band_total{kind=\"image\"}"),
         0.0
@@ -428,20 +439,12 @@ async fn images_approved_for_one_scope_are_approved_for_the_watcher() {
             .await
             .unwrap_or_else(|s| panic!("pull {image} through pullgate: {s:?}"));
     }
-    within(
-        "both pulls classified approved",
-        Duration::from_secs(10),
-        || (series(&node, "pullgate_node_images{class=\"approved\"}") >= 2.0).then_some(()),
-    );
+    wait_class_count(&node, "both pulls classified approved", "approved", 2.0);
     assert_eq!(
         series(&node, "pullgate_node_images{class=\"unapproved\"}"),
         0.0
     );
-    assert!(
-        records(&node, "out_of_band_image").is_empty(),
-        "{:?}",
-        records(&node, "out_of_band_image")
-    );
+    assert_none_reported(&node, "an image approved for one scope");
     let names = image_names(&node);
     assert!(
         names.contains(&api) && names.contains(&node.mirror_ref(&node.fx.paytool)),
@@ -471,16 +474,8 @@ async fn a_recent_pull_does_not_explain_other_content_under_its_name() {
     cri.pull("nginx:1.25", "default")
         .await
         .unwrap_or_else(|s| panic!("warn-mode pull through pullgate: {s:?}"));
-    within(
-        "the warned pull classified",
-        Duration::from_secs(10),
-        || (series(&node, "pullgate_node_images{class=\"unapproved\"}") >= 1.0).then_some(()),
-    );
-    assert!(
-        records(&node, "out_of_band_image").is_empty(),
-        "a warn-mode pull was reported past its warn decision: {:?}",
-        records(&node, "out_of_band_image")
-    );
+    wait_class_count(&node, "the warned pull classified", "unapproved", 1.0);
+    assert_none_reported(&node, "a warn-mode pull (past its warn decision)");
 
     import_archive(&node, &tar);
     let r = within("the import under the pull's name reported", WITHIN, || {
