@@ -672,25 +672,28 @@ impl Watcher {
         // First-party images allowed by a prefix are approved by name in the private registry. There
         // is no pod here: approved for any scope is approved (the start decides which pod may run it).
         // CRI's ID alias names no repository: it is as approved as the other names of its content.
-        let by_rule = if is_id_alias(name) {
-            self.known.iter().any(|((n, _), k)| {
-                n == ns && k.target == target && !k.alias && k.class != Class::Unapproved
-            })
-        } else {
-            Reference::parse(name).is_ok_and(|r| {
-                let rd = format!("{}/{}@{target}", r.domain(), r.path());
-                policy::decide_for_any_scope(
-                    &ImageRequest::RepoDigests {
-                        image: name,
-                        repo_digests: std::slice::from_ref(&rd),
-                    },
-                    &b,
-                    now,
-                )
-                .is_some()
-            })
+        let by_rule = || {
+            if is_id_alias(name) {
+                self.known.iter().any(|((n, _), k)| {
+                    n == ns && k.target == target && !k.alias && k.class != Class::Unapproved
+                })
+            } else {
+                Reference::parse(name).is_ok_and(|r| {
+                    let rd = format!("{}/{}@{target}", r.domain(), r.path());
+                    policy::decide_for_any_scope(
+                        &ImageRequest::RepoDigests {
+                            image: name,
+                            repo_digests: std::slice::from_ref(&rd),
+                        },
+                        &b,
+                        now,
+                    )
+                    .is_some()
+                })
+            }
         };
-        if by_digest || by_rule {
+        // One decision per scope: only asked when the digest is not approved anyway.
+        if by_digest || by_rule() {
             Ok(Ok(b.version))
         } else {
             Ok(Err(format!(
