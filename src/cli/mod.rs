@@ -7,6 +7,7 @@ mod admin;
 mod bundle;
 mod explain;
 mod node;
+mod watch;
 mod whatif;
 
 use std::path::PathBuf;
@@ -37,8 +38,10 @@ pub enum Command {
     Bundle(bundle::BundleCommand),
     /// Show the decision pullgate would make for an image, and why.
     Explain(explain::ExplainArgs),
-    /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
+    /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts, sync.
     Status(StatusArgs),
+    /// Follow the running daemon's decisions as they are made (through its admin socket).
+    Watch(watch::WatchArgs),
     /// Commands about this node: `node check` proves its lockdown.
     #[command(subcommand)]
     Node(node::NodeCommand),
@@ -107,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
+        Command::Watch(args) => watch::run(&args),
         Command::Node(cmd) => node::run(cmd),
         Command::Catalog(cmd) => admin::catalog(cmd),
         Command::Approve(args) => admin::approve(args),

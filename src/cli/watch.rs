@@ -1,0 +1,167 @@
+//! `pullgate watch`: the running daemon's decisions as they are made (admin API `WatchDecisions`),
+//! one line each (or one JSON object each with `--json`), until interrupted.
+//!
+//! Argument parsing and output only. Exit status: 2 when the daemon cannot be asked, 1 when the
+//! stream breaks (the daemon stopped).
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use crate::node::api::{AdminClient, pb};
+
+const EXIT_UNASKED: u8 = 2;
+
+/// Arguments of `pullgate watch`.
+#[derive(Debug, clap::Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub config: super::ConfigArg,
+    /// Only denials (and warn-mode would-be denials).
+    #[arg(long)]
+    pub deny_only: bool,
+    /// Only decisions about pods in this namespace.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// Only this CRI method (PullImage, CreateContainer, ImageStatus, …); repeatable.
+    #[arg(long = "method", value_name = "METHOD")]
+    pub methods: Vec<String>,
+    /// One JSON object per decision (the audit record's fields).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `pullgate watch`.
+pub fn run(args: &WatchArgs) -> ExitCode {
+    let config = match crate::node::config::Config::load(&args.config.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pullgate: {e}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    let Some(socket) = config.admin.socket else {
+        eprintln!(
+            "pullgate watch: the admin API is off (admin.socket = \"off\" in {}); read the audit log instead",
+            args.config.config.display()
+        );
+        return ExitCode::from(EXIT_UNASKED);
+    };
+    let runtime = match crate::node::daemon::admin::client_runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullgate watch: {e}");
+            return ExitCode::from(EXIT_UNASKED);
+        }
+    };
+    let req = pb::WatchDecisionsRequest {
+        deny_only: args.deny_only,
+        namespace: args.namespace.clone().unwrap_or_default(),
+        methods: args.methods.clone(),
+    };
+    runtime.block_on(async {
+        let mut client = match AdminClient::connect(&socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("pullgate watch: {e}");
+                return ExitCode::from(EXIT_UNASKED);
+            }
+        };
+        let mut stream = match client.watch_decisions(req).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("pullgate watch: {e}");
+                return ExitCode::from(EXIT_UNASKED);
+            }
+        };
+        if !args.json {
+            eprintln!(
+                "watching decisions of the daemon at {} (Ctrl-C stops)",
+                socket.display()
+            );
+        }
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    let line = match m.event {
+                        Some(pb::watch_decisions_response::Event::Decision(d)) => {
+                            if args.json {
+                                decision_json(&d).to_string()
+                            } else {
+                                decision_line(&d)
+                            }
+                        }
+                        Some(pb::watch_decisions_response::Event::Lagged(l)) => {
+                            if args.json {
+                                serde_json::json!({"lagged": l.missed}).to_string()
+                            } else {
+                                format!(
+                                    "… {} decision(s) missed: this watcher fell behind",
+                                    l.missed
+                                )
+                            }
+                        }
+                        None => continue,
+                    };
+                    let mut out = std::io::stdout().lock();
+                    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                        return ExitCode::SUCCESS; // the reader went away (a closed pipe)
+                    }
+                }
+                Ok(None) => {
+                    eprintln!("pullgate watch: the daemon ended the stream (stopped?)");
+                    return ExitCode::from(super::EXIT_FAILURE);
+                }
+                Err(status) => {
+                    eprintln!("pullgate watch: {}", client.stream_error(status));
+                    return ExitCode::from(super::EXIT_FAILURE);
+                }
+            }
+        }
+    })
+}
+
+fn decision_line(d: &pb::Decision) -> String {
+    let pod = match (d.pod_namespace.as_str(), d.pod_name.as_str()) {
+        ("", "") => "-".to_owned(),
+        (ns, "") => format!("{ns}/-"),
+        (ns, name) => format!("{ns}/{name}"),
+    };
+    format!(
+        "{} {:5} {:<15} {:<28} {} [{}] {}",
+        d.time,
+        d.verdict.to_uppercase(),
+        d.method,
+        pod,
+        d.image,
+        d.reason,
+        if d.verdict == "allow" {
+            if d.pulled.is_empty() {
+                String::new()
+            } else {
+                format!("→ {}", d.pulled)
+            }
+        } else {
+            d.message.clone()
+        }
+    )
+}
+
+fn decision_json(d: &pb::Decision) -> serde_json::Value {
+    let opt = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    serde_json::json!({
+        "time": d.time,
+        "method": d.method,
+        "pod_namespace": opt(&d.pod_namespace),
+        "pod_name": opt(&d.pod_name),
+        "image": d.image,
+        "normalized": opt(&d.normalized),
+        "pulled": opt(&d.pulled),
+        "digest": opt(&d.digest),
+        "decision": d.verdict,
+        "reason": d.reason,
+        "message": d.message,
+        "scope": opt(&d.scope),
+        "bundle_version": (d.bundle_version > 0).then_some(d.bundle_version),
+        "latency_us": d.latency_us,
+    })
+}
