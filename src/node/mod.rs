@@ -12,9 +12,12 @@
 //!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
+//! - [`api`]: the local admin API's protocol, caller check and client (the CLI's way to the daemon).
+//! - [`sync`]: bundles taken from a channel in the private registry, staged by rollout waves.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
+pub mod api;
 pub mod audit;
 pub mod config;
 pub mod daemon;
@@ -22,5 +25,6 @@ pub mod enforce;
 pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
+pub mod sync;
 pub mod whatif;
 pub mod wire;

@@ -169,6 +169,40 @@ impl Registry {
     pub fn stop(&mut self) {
         self.proc.stop();
     }
+
+    /// Starts the registry again after [`Registry::stop`]: same port, same storage.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&self.config);
+        self.proc = Proc::spawn(
+            &format!("registry {}", self.name),
+            cmd,
+            &self.access_log,
+            &self.log,
+        );
+        let port = self.port;
+        let up = poll(Duration::from_secs(15), || {
+            http_get_status(port, "/v2/").filter(|&s| s == 200)
+        });
+        assert!(
+            up.is_some(),
+            "registry {} did not come back on port {port}; its log:\n{}",
+            self.name,
+            tail(&self.log, 20)
+        );
+    }
+
+    /// Where the registry stores the content of blob `digest` (`sha256:…`), for tests that tamper
+    /// with what it serves.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
 }
 
 /// How to configure a [`Containerd`].
