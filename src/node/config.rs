@@ -1128,6 +1128,105 @@ mod tests {
     }
 
     #[test]
+    fn sync_and_admin_sections() {
+        assert_eq!(Config::default().sync, None, "no sync unless configured");
+        assert_eq!(
+            Config::default().admin.socket.as_deref(),
+            Some(Path::new("/run/pullgate/admin.sock"))
+        );
+        let c = parse(
+            r#"
+            [server]
+            listen = "/run/pg/cri.sock"
+            [admin]
+            allowed_uids = [998]
+            [sync]
+            source = "registry.corp:5000/pullgate/bundles:prod"
+            interval = "30s"
+            auth_file = "/etc/pg/auth.json"
+            ca_file = "/etc/pg/ca.pem"
+            plain_http = ["registry.corp:5000"]
+            timeout = "5s"
+            max_size = "8MiB"
+            max_staleness = "2h"
+            max_backoff = "5m"
+            seed = "node-1"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.socket.as_deref(),
+            Some(Path::new("/run/pg/admin.sock"))
+        );
+        assert_eq!(c.admin.allowed_uids, [998]);
+        let s = c.sync.unwrap();
+        assert_eq!(
+            s.source.to_string(),
+            "registry.corp:5000/pullgate/bundles:prod"
+        );
+        assert_eq!(s.interval, Duration::from_secs(30));
+        assert_eq!(s.max_size, 8 << 20);
+        assert_eq!(s.max_staleness, Duration::from_secs(7200));
+        assert_eq!(s.max_backoff, Duration::from_secs(300));
+        assert_eq!(s.timeout, Duration::from_secs(5));
+        assert_eq!(s.seed, SeedSource::Value("node-1".into()));
+        let d = parse("[sync]\nsource = \"r.corp/b:prod\"")
+            .unwrap()
+            .sync
+            .unwrap();
+        assert_eq!(d.interval, Duration::from_secs(60));
+        assert_eq!(d.max_staleness, Duration::from_secs(3600));
+        assert_eq!(d.seed, SeedSource::File(PathBuf::from(DEFAULT_SEED_FILE)));
+        assert_eq!(
+            parse("[admin]\nsocket = \"off\"").unwrap().admin.socket,
+            None
+        );
+        for (text, key) in [
+            ("[sync]\ninterval = \"1m\"", "sync.source"),
+            ("[sync]\nsource = \"pullgate/bundles:prod\"", "sync.source"),
+            ("[sync]\nsource = \"r.corp/b\"", "sync.source"),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"0s\"",
+                "sync.interval",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"1m\"\nmax_staleness = \"1m\"",
+                "sync.max_staleness",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"1m\"\nmax_backoff = \"30s\"",
+                "sync.max_backoff",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nmax_size = \"1KiB\"",
+                "sync.max_size",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nauth_file = \"auth.json\"",
+                "sync.auth_file",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nplain_http = [\"http://r.corp\"]",
+                "sync.plain_http",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nseed = \"a\"\nseed_file = \"/x\"",
+                "sync.seed",
+            ),
+            ("[sync]\nsource = \"r.corp/b:p\"\nseed = \" \"", "sync.seed"),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nchannel = \"x\"",
+                "channel",
+            ),
+            ("[admin]\nsocket = \"admin.sock\"", "admin.socket"),
+            ("[admin]\nallowed_uids = [-1]", "admin.allowed_uids"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
         let c = Config::load(&path).expect("config.example.toml must parse");

@@ -174,9 +174,89 @@ pub fn seed_at(range: std::ops::Range<u8>) -> String {
         .expect("a seed in range")
 }
 
+/// An in-memory bundle store: the same verification as [`BundleStore::verify_new`] (signatures,
+/// content, validity, newer than the installed version) without the disk writes, so thousands of
+/// simulated nodes sharing one disk measure distribution rather than fsync. The sync's own state file
+/// still goes to `dir`.
+pub struct MemTarget {
+    dir: PathBuf,
+    trust: Arc<Trust>,
+    installed: std::sync::Mutex<Option<(u64, pullgate::policy::Digest)>>,
+}
+
+impl MemTarget {
+    pub fn new(dir: &Path, trust: Arc<Trust>) -> MemTarget {
+        MemTarget {
+            dir: dir.to_path_buf(),
+            trust,
+            installed: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn version(&self) -> Option<u64> {
+        self.installed.lock().unwrap().as_ref().map(|(v, _)| *v)
+    }
+}
+
+impl SyncTarget for MemTarget {
+    fn verify(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        now: OffsetDateTime,
+        origin: &str,
+    ) -> Result<pullgate::policy::VerifiedBundle, pullgate::node::enforce::store::StoreError> {
+        use pullgate::node::enforce::store::StoreError;
+        let sigs = SignatureFile::parse(signatures).map_err(|source| StoreError::Signatures {
+            path: origin.into(),
+            source,
+        })?;
+        pullgate::policy::verify_bundle(bundle, &sigs, &self.trust, self.version(), now).map_err(
+            |source| StoreError::Rejected {
+                path: origin.into(),
+                source,
+            },
+        )
+    }
+
+    fn install(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        now: OffsetDateTime,
+        origin: &str,
+    ) -> Result<Arc<pullgate::policy::VerifiedBundle>, pullgate::node::enforce::store::StoreError>
+    {
+        let b = self.verify(bundle, signatures, now, origin)?;
+        *self.installed.lock().unwrap() =
+            Some((b.version, pullgate::policy::Digest::sha256_of(bundle)));
+        Ok(Arc::new(b))
+    }
+
+    fn installed_digest(&self) -> Option<pullgate::policy::Digest> {
+        self.installed
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(_, d)| d.clone())
+    }
+
+    fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Where a simulated node keeps its bundles.
+pub enum SimStore {
+    /// The daemon's bundle store in the node's directory.
+    Disk(BundleStore),
+    /// [`MemTarget`].
+    Memory(Arc<MemTarget>),
+}
+
 /// One simulated node: the real sync over a bundle store of its own.
 pub struct SimNode {
-    pub store: BundleStore,
+    pub store: SimStore,
     pub counters: Arc<FetchCounters>,
 }
 
@@ -206,8 +286,8 @@ impl SimSettings {
 }
 
 impl SimNode {
-    /// A node with state in `dir`, rollout `seed`, counting its requests into `counters` and its
-    /// rounds into `metrics`; returns it and its syncer.
+    /// A node with state in `dir` (a bundle store there), rollout `seed`, counting its requests into
+    /// `counters` and its rounds into `metrics`; returns it and its syncer.
     pub fn new(
         dir: &Path,
         seed: &str,
@@ -217,12 +297,33 @@ impl SimNode {
         counters: Arc<FetchCounters>,
         metrics: Arc<SyncMetrics>,
     ) -> (SimNode, Syncer) {
+        Self::with_store(dir, seed, trust, s, clock, counters, metrics, false)
+    }
+
+    /// [`SimNode::new`], with the bundles in memory ([`MemTarget`]) if `in_memory`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_store(
+        dir: &Path,
+        seed: &str,
+        trust: Arc<Trust>,
+        s: &SimSettings,
+        clock: Arc<dyn Clock>,
+        counters: Arc<FetchCounters>,
+        metrics: Arc<SyncMetrics>,
+        in_memory: bool,
+    ) -> (SimNode, Syncer) {
         std::fs::create_dir_all(dir).expect("node dir");
-        let store = BundleStore::new(dir);
-        let target: Arc<dyn SyncTarget> = Arc::new(StoreTarget {
-            store: store.clone(),
-            trust,
-        });
+        let (store, target): (SimStore, Arc<dyn SyncTarget>) = if in_memory {
+            let m = Arc::new(MemTarget::new(dir, trust));
+            (SimStore::Memory(m.clone()), m)
+        } else {
+            let store = BundleStore::new(dir);
+            let target = Arc::new(StoreTarget {
+                store: store.clone(),
+                trust,
+            });
+            (SimStore::Disk(store), target)
+        };
         let fetcher = Fetcher::new(
             FetchOptions {
                 plain_http: vec![s.registry_host.clone()],
@@ -244,8 +345,11 @@ impl SimNode {
         (SimNode { store, counters }, syncer)
     }
 
-    /// The version installed in the node's store.
+    /// The version the node has installed.
     pub fn version(&self) -> Option<u64> {
-        self.store.installed_version().ok().flatten()
+        match &self.store {
+            SimStore::Disk(s) => s.installed_version().ok().flatten(),
+            SimStore::Memory(m) => m.version(),
+        }
     }
 }

@@ -170,6 +170,11 @@ impl Registry {
         self.proc.stop();
     }
 
+    /// The registry process's PID (e.g. to read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
     /// Starts the registry again after [`Registry::stop`]: same port, same storage.
     pub fn restart(&mut self) {
         self.proc.stop();

@@ -541,25 +541,40 @@ impl Syncer {
     }
 
     /// Runs rounds until `stop` resolves. The first round comes after a random part of one interval
-    /// (at most a second when no bundle is installed), so nodes started together do not ask together.
+    /// (at most a second when nothing was ever in sync here), so nodes started together do not ask
+    /// together.
+    ///
+    /// After a round that reached the registry, the next one is due an interval (± 10 %) after this
+    /// one was *due*, not after it ended: rounds a busy registry slowed down together do not stay
+    /// together. A round that ended past its successor's time waits a random half to whole interval
+    /// from its end instead. After a failure the backoff, and while a bundle waits for this node's
+    /// wave the time until it opens, count from the end of the round.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
-        let first = if self.target.installed_digest().is_some() {
+        use tokio::time::Instant as Tick;
+        let first = if self.synced.is_some() {
             self.settings.interval
         } else {
             self.settings.interval.min(Duration::from_secs(1))
         };
-        let mut delay = first.mul_f64(self.rng.unit());
+        let mut due = Tick::now() + first.mul_f64(self.rng.unit());
         tokio::pin!(stop);
         loop {
-            let at = self.clock.now() + delay;
+            let at = self.clock.now() + due.saturating_duration_since(Tick::now());
             self.handle.update(|s| s.next_round_at = Some(at));
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.handle.wake.notified() => {}
+                _ = tokio::time::sleep_until(due) => {}
+                _ = self.handle.wake.notified() => due = Tick::now(),
             }
             let round = self.round().await;
-            delay = self.delay_after(&round);
+            let delay = self.delay_after(&round);
+            let now = Tick::now();
+            due = match round {
+                // Backoff, or the wait for a wave to open: from now.
+                Round::Failed { .. } | Round::Pending { .. } => now + delay,
+                _ if due + delay > now => due + delay,
+                _ => now + self.settings.interval.mul_f64(0.5 + 0.5 * self.rng.unit()),
+            };
         }
     }
 
@@ -575,6 +590,11 @@ impl Syncer {
             _ => None,
         };
         self.metrics.round(round.label(), failure);
+        if matches!(round, Round::Failed { .. }) {
+            self.failures = self.failures.saturating_add(1);
+        } else {
+            self.failures = 0;
+        }
         if round.succeeded() {
             self.unsuccessful = 0;
             self.metrics.set_last_success(now.unix_timestamp());
@@ -625,7 +645,12 @@ impl Syncer {
     /// A new digest: manifest, layers, verification, then install or wait for the wave.
     async fn download(&mut self, source: &Reference, digest: &Digest) -> Result<Round, SyncError> {
         let artifact = get_artifact(&self.fetcher, source, digest, self.settings.max_size).await?;
-        if self.target.installed_digest().as_ref() == Some(&artifact.bundle.digest) {
+        // Hashing the installed bundle is file work: off the async threads.
+        let target = self.target.clone();
+        let installed = tokio::task::spawn_blocking(move || target.installed_digest())
+            .await
+            .map_err(|e| SyncError::Task(format!("the hashing task failed: {e}")))?;
+        if installed.as_ref() == Some(&artifact.bundle.digest) {
             self.note_synced(digest, artifact.claimed_version());
             self.pending = None;
             return Ok(Round::InSync {
@@ -768,7 +793,6 @@ impl Syncer {
         let jittered = interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * self.rng.unit());
         let mut delay = match round {
             Round::Failed { retry_after, .. } => {
-                self.failures = self.failures.saturating_add(1);
                 let factor = 1u32 << self.failures.min(16);
                 let ceiling = interval
                     .saturating_mul(factor)
@@ -781,17 +805,13 @@ impl Syncer {
                     None => backoff,
                 }
             }
-            _ => {
-                self.failures = 0;
-                jittered
-            }
+            _ => jittered,
         };
+        // Wake when a pending bundle's wave opens (its install needs one HEAD: is it still the
+        // channel's?). A wave already open changes nothing: this round just tried.
         if let Some(p) = &self.pending {
-            let until = p.opens_at - self.clock.now();
-            if let Ok(until) = Duration::try_from(until) {
+            if let Ok(until) = Duration::try_from(p.opens_at - self.clock.now()) {
                 delay = delay.min(until + Duration::from_millis(10));
-            } else {
-                delay = delay.min(Duration::from_millis(10));
             }
         }
         delay
@@ -817,7 +837,7 @@ impl Syncer {
                 tracing::error!(%source, reason, error = %error, "bundle sync: rejected the channel's bundle; the bundle in force is unchanged")
             }
             Round::Failed { error, reason, .. } => {
-                tracing::warn!(%source, reason, error = %error, failures = self.failures + 1, "bundle sync: round failed; the bundle in force is unchanged")
+                tracing::warn!(%source, reason, error = %error, failures = self.failures, "bundle sync: round failed; the bundle in force is unchanged")
             }
         }
         if self
@@ -869,7 +889,7 @@ impl Syncer {
                 s.last_error = Some((reason, error.clone()));
             }
             s.consecutive_failures = unsuccessful;
-            s.backing_off = failures > 0 || matches!(round, Round::Failed { .. });
+            s.backing_off = failures > 0;
             s.synced_digest = synced.as_ref().map(|x| x.digest.clone());
             s.synced_version = synced.as_ref().and_then(|x| x.version);
             s.pending = pending;
