@@ -505,6 +505,23 @@ impl Fetcher {
             url.host_str().unwrap_or(""),
             url.path()
         );
+        let realm_host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or("")),
+            None => url.host_str().unwrap_or("").to_owned(),
+        };
+        if url.scheme() == "http"
+            && *credential != Credential::Anonymous
+            && !self.plain_http.contains(&realm_host)
+        {
+            return Err(FetchError::Protocol {
+                url: shown,
+                detail: format!(
+                    "the registry's token service is on plain HTTP and the credentials are not \
+                     sent in clear text; list {realm_host} among the plain-HTTP hosts if that is \
+                     intended"
+                ),
+            });
+        }
         let mut req = self.http.get(url);
         if let Credential::Basic { username, password } = credential {
             req = req.basic_auth(username, Some(password));
@@ -791,6 +808,160 @@ fn parse_params(s: &str) -> HashMap<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const DIGEST: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000001";
+
+    /// A loopback HTTP/1.1 server that wants `want` in the Authorization header of registry
+    /// requests: without it, 401 with `challenge` (`{port}` is replaced by its own port); `/token`
+    /// answers a bearer token to alice's basic credentials. Returns its port and the request lines
+    /// it saw.
+    async fn guarded(
+        challenge: &'static str,
+        want: &'static str,
+    ) -> (u16, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 2048];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match c.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                        buf.drain(..end);
+                        let line = head.lines().next().unwrap_or("").to_owned();
+                        log.lock().unwrap().push(line.clone());
+                        let auth = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("authorization: ")
+                                    .or_else(|| l.strip_prefix("Authorization: "))
+                            })
+                            .unwrap_or("");
+                        let resp = if line.starts_with("GET /token") && auth == "Basic YWxpY2U6cHc="
+                        {
+                            let body = r#"{"token":"tok-1","expires_in":300}"#;
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else if auth == want {
+                            format!(
+                                "HTTP/1.1 200 OK\r\nDocker-Content-Digest: {DIGEST}\r\nContent-Length: 0\r\n\r\n"
+                            )
+                        } else {
+                            let ch = challenge.replace("{port}", &port.to_string());
+                            format!(
+                                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: {ch}\r\nContent-Length: 0\r\n\r\n"
+                            )
+                        };
+                        if c.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (port, seen)
+    }
+
+    fn fetcher(host: &str, auth: &str) -> Fetcher {
+        let auth = AuthFile::parse(auth.as_bytes(), Path::new("auth.json")).unwrap();
+        Fetcher::new(
+            FetchOptions {
+                plain_http: vec![host.to_owned()],
+                auth,
+                ..Default::default()
+            },
+            Arc::default(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn credentials_only_when_challenged_and_then_without_a_second_request() {
+        // Basic: the first round is challenged once; later rounds are one request each.
+        let (port, seen) = guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=").await;
+        let host = format!("127.0.0.1:{port}");
+        let f = fetcher(
+            &host,
+            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
+        );
+        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        for _ in 0..3 {
+            assert_eq!(
+                f.head_manifest(&r).await.unwrap().digest.to_string(),
+                DIGEST
+            );
+        }
+        assert_eq!(seen.lock().unwrap().len(), 4, "{:?}", seen.lock().unwrap());
+        assert_eq!(f.counters().requests(), 4);
+
+        // Bearer: 401, a token from the realm (with the basic credentials), then the token is kept.
+        let (port, seen) = guarded(
+            r#"Bearer realm="http://127.0.0.1:{port}/token",service="registry""#,
+            "Bearer tok-1",
+        )
+        .await;
+        let host = format!("127.0.0.1:{port}");
+        let f = fetcher(
+            &host,
+            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
+        );
+        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        for _ in 0..3 {
+            f.head_manifest(&r).await.unwrap();
+        }
+        let lines = seen.lock().unwrap().clone();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert!(
+            lines[1].starts_with(
+                "GET /token?service=registry&scope=repository%3Apullgate%2Fbundles%3Apull"
+            ),
+            "{lines:?}"
+        );
+
+        // A token service on plain HTTP that is not listed as such gets no credentials.
+        let (port, seen) = guarded(
+            r#"Bearer realm="http://localhost:{port}/token",service="registry""#,
+            "Bearer tok-1",
+        )
+        .await;
+        let host = format!("127.0.0.1:{port}");
+        let f = fetcher(
+            &host,
+            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
+        );
+        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        let e = f.head_manifest(&r).await.unwrap_err();
+        assert_eq!(e.reason(), "protocol", "{e}");
+        assert!(e.to_string().contains("plain HTTP"), "{e}");
+        assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
+
+        // No credentials for a registry that asks for them: refused, with a clear message.
+        let (port, _) = guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=").await;
+        let host = format!("127.0.0.1:{port}");
+        let f = fetcher(&host, r#"{"auths": {}}"#);
+        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        let e = f.head_manifest(&r).await.unwrap_err();
+        assert_eq!(e.reason(), "unauthorized");
+        assert!(e.to_string().contains("has none for this registry"), "{e}");
+        assert!(!e.to_string().contains("pw"));
+    }
 
     #[test]
     fn retry_after_in_seconds_or_as_a_date_and_capped() {

@@ -159,7 +159,7 @@ impl pb::admin_server::Admin for AdminService {
 fn wanted(f: &pb::WatchDecisionsRequest, rec: &AuditRecord) -> bool {
     (!f.deny_only || rec.decision != Verdict::Allow.as_str())
         && (f.namespace.is_empty() || rec.pod_namespace.as_deref() == Some(f.namespace.as_str()))
-        && (f.methods.is_empty() || f.methods.iter().any(|m| *m == rec.method))
+        && (f.methods.is_empty() || f.methods.contains(&rec.method))
 }
 
 fn decision(rec: &AuditRecord) -> pb::Decision {
