@@ -11,6 +11,7 @@
 //! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
 //!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
 //! - [`api`]: the local admin API's protocol, caller check and client (the CLI's way to the daemon).
 //! - [`sync`]: bundles taken from a channel in the private registry, staged by rollout waves.
@@ -25,6 +26,7 @@ pub mod enforce;
 pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod sync;
 pub mod whatif;
 pub mod wire;
