@@ -792,19 +792,13 @@ impl Syncer {
         let interval = self.settings.interval;
         let jittered = interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * self.rng.unit());
         let mut delay = match round {
-            Round::Failed { retry_after, .. } => {
-                let factor = 1u32 << self.failures.min(16);
-                let ceiling = interval
-                    .saturating_mul(factor)
-                    .min(self.settings.max_backoff)
-                    .max(interval);
-                // "Equal jitter": half fixed, half random.
-                let backoff = ceiling / 2 + (ceiling / 2).mul_f64(self.rng.unit());
-                match retry_after {
-                    Some(ra) => backoff.max(ra.mul_f64(1.0 + 2.0 * JITTER * self.rng.unit())),
-                    None => backoff,
-                }
-            }
+            Round::Failed { retry_after, .. } => backoff(
+                interval,
+                self.settings.max_backoff,
+                self.failures,
+                *retry_after,
+                [self.rng.unit(), self.rng.unit()],
+            ),
             _ => jittered,
         };
         // Wake when a pending bundle's wave opens (its install needs one HEAD: is it still the
@@ -898,6 +892,28 @@ impl Syncer {
     }
 }
 
+/// The wait after `failures` registry failures in a row: exponential from `interval`, capped at
+/// `max_backoff`, with "equal jitter" (half fixed, half random by `unit[0]` in [0, 1)); at least
+/// `retry_after` plus up to 20 % (by `unit[1]`) so that throttled nodes do not return together.
+fn backoff(
+    interval: Duration,
+    max_backoff: Duration,
+    failures: u32,
+    retry_after: Option<Duration>,
+    unit: [f64; 2],
+) -> Duration {
+    let factor = 1u32 << failures.min(16);
+    let ceiling = interval
+        .saturating_mul(factor)
+        .min(max_backoff)
+        .max(interval);
+    let wait = ceiling / 2 + (ceiling / 2).mul_f64(unit[0]);
+    match retry_after {
+        Some(ra) => wait.max(ra.mul_f64(1.0 + 2.0 * JITTER * unit[1])),
+        None => wait,
+    }
+}
+
 fn failed(e: SyncError) -> Round {
     Round::Failed {
         retry_after: match &e {
@@ -950,6 +966,76 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.02, "{mean}");
         let low = xs.iter().filter(|x| **x < 0.1).count();
         assert!((800..1200).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_honours_retry_after() {
+        let (i, max) = (Duration::from_secs(60), Duration::from_secs(900));
+        let b = |failures, ra, u| backoff(i, max, failures, ra, [u, 0.0]);
+        // Between half and all of interval × 2^failures, capped.
+        assert_eq!(b(1, None, 0.0), Duration::from_secs(60));
+        assert_eq!(b(1, None, 0.5), Duration::from_secs(90));
+        assert_eq!(b(2, None, 0.0), Duration::from_secs(120));
+        assert_eq!(b(3, None, 0.75), Duration::from_secs(420));
+        assert_eq!(b(5, None, 0.0), Duration::from_secs(450));
+        assert_eq!(b(40, None, 0.75), Duration::from_millis(787_500));
+        // Never below half an interval, whatever max_backoff says.
+        assert_eq!(
+            backoff(i, Duration::from_secs(1), 3, None, [0.0, 0.0]),
+            Duration::from_secs(30)
+        );
+        // Retry-After is a floor (plus up to 20 %), never shortened by the backoff.
+        let ra = Some(Duration::from_secs(600));
+        assert_eq!(b(1, ra, 0.0), Duration::from_secs(600));
+        assert_eq!(backoff(i, max, 1, ra, [0.0, 0.5]), Duration::from_secs(660));
+        assert_eq!(
+            b(5, Some(Duration::from_secs(10)), 0.0),
+            Duration::from_secs(450)
+        );
+        // Spread: nodes failing together come back at different times.
+        let mut r = SplitMix(7);
+        let waits: std::collections::BTreeSet<Duration> = (0..100)
+            .map(|_| backoff(i, max, 2, None, [r.unit(), r.unit()]))
+            .collect();
+        assert!(waits.len() > 90, "{}", waits.len());
+    }
+
+    #[test]
+    fn the_seed_from_the_config_or_the_first_line_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |seed| SyncConfig {
+            source: Reference::parse("registry.corp/pullgate/bundles:prod").unwrap(),
+            interval: Duration::from_secs(60),
+            auth_file: None,
+            ca_file: None,
+            plain_http: Vec::new(),
+            timeout: Duration::from_secs(30),
+            max_size: 1 << 20,
+            max_staleness: Duration::from_secs(3600),
+            max_backoff: Duration::from_secs(900),
+            seed,
+        };
+        let seed_of = |seed| SyncSettings::from_config(&config(seed)).map(|(s, _)| s.seed);
+        let id = dir.path().join("machine-id");
+        std::fs::write(&id, "4c4c4544004a\nsecond line\n").unwrap();
+        assert_eq!(
+            seed_of(SeedSource::File(id.clone())).unwrap(),
+            b"4c4c4544004a"
+        );
+        assert_eq!(
+            seed_of(SeedSource::Value(" node-7 ".into())).unwrap(),
+            b"node-7"
+        );
+        std::fs::write(&id, "\n").unwrap();
+        let e = seed_of(SeedSource::File(id.clone())).unwrap_err();
+        assert!(matches!(e, SetupError::EmptySeed { .. }), "{e}");
+        assert!(
+            e.to_string().contains("set sync.seed or sync.seed_file"),
+            "{e}"
+        );
+        let e = seed_of(SeedSource::File(dir.path().join("missing"))).unwrap_err();
+        assert!(matches!(e, SetupError::Seed { .. }), "{e}");
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 
     #[test]
