@@ -190,61 +190,70 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
 
 /// The registry sync part of `pullgate status`.
 fn print_sync_status(y: &serde_json::Value) {
+    for line in sync_status_lines(y) {
+        println!("{line}");
+    }
+}
+
+/// The lines of the registry sync part of `pullgate status`, from the `sync` object of `/status`.
+fn sync_status_lines(y: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
     if !y.is_object() {
-        return;
+        return out;
     }
     let t = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
-    println!(
+    out.push(format!(
         "sync:      {} from {}; last success {}, next round {}",
         t(&y["state"]).to_uppercase(),
         t(&y["source"]),
         y["last_success_at"].as_str().unwrap_or("never"),
         t(&y["next_round_at"]),
-    );
+    ));
     if let Some(synced) = y["synced"].as_object() {
-        println!(
+        out.push(format!(
             "           in step with {} (v{})",
             t(&synced["digest"]),
             synced["version"]
-        );
+        ));
     }
     if let Some(p) = y["position"].as_u64() {
-        println!(
+        out.push(format!(
             "           this node's rollout position: {p} of 0..99 (waves take nodes below their percent)"
-        );
+       ));
     }
     if let Some(p) = y["pending"].as_object() {
-        println!(
+        out.push(format!(
             "           PENDING v{}: verified, taken up when this node's wave opens at {} (step {}, {}% of nodes; position {})",
             p["version"],
             t(&p["wave_opens_at"]),
             p["wave_step"],
             p["wave_percent"],
             p["position"]
-        );
+       ));
     }
     if y["stale"] == true {
-        println!(
+        out.push(format!(
             "           STALE: no round has succeeded for longer than {}s — this node's bundle is frozen",
             y["max_staleness_seconds"]
-        );
+       ));
     }
     if let Some(e) = y["last_error"].as_object() {
-        println!(
+        out.push(format!(
             "           last error ({}, {} in a row): {}",
             t(&e["reason"]),
             y["consecutive_failures"],
             t(&e["message"])
-        );
+        ));
     }
     for r in y["rejected"].as_array().into_iter().flatten() {
-        println!(
+        out.push(format!(
             "           rejected {} ({}), not downloaded again before {}",
             t(&r["digest"]),
             t(&r["reason"]),
             t(&r["retry_after"])
-        );
+        ));
     }
+    out
 }
 
 /// The exceptions and lifecycle starts of `pullgate status`.
@@ -417,5 +426,81 @@ fn print_install_answer(r: pb::InstallBundleResponse, bundle: &Path) -> ExitCode
             eprintln!("pullgate bundle install: the daemon sent an empty answer; check its log");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use time::macros::datetime;
+
+    use super::sync_status_lines;
+    use crate::node::sync::{PendingView, SyncStatus};
+
+    #[test]
+    fn status_shows_the_sync_state_this_nodes_wave_and_when_it_takes_a_pending_bundle() {
+        let now = datetime!(2026-05-01 12:00 UTC);
+        let mut s = SyncStatus {
+            source: "registry.corp/pullgate/bundles:prod".into(),
+            interval: Duration::from_secs(60),
+            max_staleness: Duration::from_secs(3600),
+            started_at: now - time::Duration::minutes(10),
+            last_round_at: Some(now - time::Duration::seconds(20)),
+            last_result: "pending",
+            last_success_at: Some(now - time::Duration::seconds(20)),
+            last_error: None,
+            consecutive_failures: 0,
+            backing_off: false,
+            next_round_at: Some(now + time::Duration::seconds(40)),
+            channel_digest: Some("sha256:bb".into()),
+            synced_digest: Some("sha256:aa".into()),
+            synced_version: Some(6),
+            pending: Some(PendingView {
+                version: 7,
+                digest: "sha256:bb".into(),
+                issuer: "platform-security".into(),
+                wave_opens_at: now + time::Duration::hours(5),
+                position: 42,
+                step: Some((2, 100)),
+            }),
+            rejected: Vec::new(),
+        };
+        let text = sync_status_lines(&s.to_json(now, Some(42))).join("\n");
+        assert!(
+            text.starts_with(
+                "sync:      WAITING_FOR_WAVE from registry.corp/pullgate/bundles:prod"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("in step with sha256:aa (v6)"), "{text}");
+        assert!(text.contains("rollout position: 42 of 0..99"), "{text}");
+        assert!(
+            text.contains(
+                "PENDING v7: verified, taken up when this node's wave opens at 2026-05-01T17:00:00Z (step 3, 100% of nodes; position 42)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("STALE"), "{text}");
+
+        // Two hours without a successful round: frozen, said so, with the last error.
+        s.pending = None;
+        s.last_result = "failed";
+        s.backing_off = true;
+        s.consecutive_failures = 9;
+        s.last_error = Some(("unreachable", "connection refused".into()));
+        let later = now + time::Duration::hours(2);
+        let text = sync_status_lines(&s.to_json(later, None)).join("\n");
+        assert!(text.starts_with("sync:      STALE from"), "{text}");
+        assert!(
+            text.contains("STALE: no round has succeeded for longer than 3600s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last error (unreachable, 9 in a row): connection refused"),
+            "{text}"
+        );
+        assert!(!text.contains("PENDING"), "{text}");
+        assert!(sync_status_lines(&serde_json::Value::Null).is_empty());
     }
 }
