@@ -230,3 +230,64 @@ pub fn start(node: &Arc<Node>) -> Result<(), ListenError> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(method: &str, namespace: Option<&str>, verdict: &str) -> AuditRecord {
+        AuditRecord {
+            method: method.into(),
+            pod_namespace: namespace.map(str::to_owned),
+            image: "busybox:1.36".into(),
+            decision: verdict.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn watch_filters_deny_only_namespace_and_methods() {
+        let all = pb::WatchDecisionsRequest::default();
+        let allow = rec("PullImage", Some("default"), "allow");
+        let deny = rec("PullImage", Some("default"), "deny");
+        let warn = rec("CreateContainer", Some("kube-system"), "warn");
+        let no_pod = rec("ImageStatus", None, "deny");
+        for r in [&allow, &deny, &warn, &no_pod] {
+            assert!(wanted(&all, r), "{r:?}");
+        }
+        let deny_only = pb::WatchDecisionsRequest {
+            deny_only: true,
+            ..Default::default()
+        };
+        assert!(!wanted(&deny_only, &allow));
+        assert!(wanted(&deny_only, &deny) && wanted(&deny_only, &warn));
+        let ns = pb::WatchDecisionsRequest {
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        assert!(wanted(&ns, &allow) && wanted(&ns, &deny));
+        assert!(!wanted(&ns, &warn) && !wanted(&ns, &no_pod));
+        let methods = pb::WatchDecisionsRequest {
+            methods: vec!["CreateContainer".into(), "ImageStatus".into()],
+            ..Default::default()
+        };
+        assert!(!wanted(&methods, &allow));
+        assert!(wanted(&methods, &warn) && wanted(&methods, &no_pod));
+        let both = pb::WatchDecisionsRequest {
+            deny_only: true,
+            namespace: "kube-system".into(),
+            methods: vec!["CreateContainer".into()],
+        };
+        assert!(wanted(&both, &warn) && !wanted(&both, &deny));
+        let d = decision(&warn);
+        assert_eq!(
+            (
+                d.method.as_str(),
+                d.pod_namespace.as_str(),
+                d.verdict.as_str()
+            ),
+            ("CreateContainer", "kube-system", "warn")
+        );
+        assert_eq!((d.pod_name.as_str(), d.bundle_version), ("", 0));
+    }
+}
