@@ -165,3 +165,53 @@ fn decision_json(d: &pb::Decision) -> serde_json::Value {
         "latency_us": d.latency_us,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_as_a_line_and_as_json() {
+        let deny = pb::Decision {
+            time: "2026-05-01T12:00:00Z".into(),
+            method: "PullImage".into(),
+            pod_namespace: "default".into(),
+            pod_name: "web-1".into(),
+            image: "quay.io/acme/tools:2.0".into(),
+            verdict: "deny".into(),
+            reason: "not_in_bundle".into(),
+            message: "not approved".into(),
+            bundle_version: 3,
+            ..Default::default()
+        };
+        let line = decision_line(&deny);
+        assert!(
+            line.starts_with("2026-05-01T12:00:00Z DENY  PullImage       default/web-1"),
+            "{line}"
+        );
+        assert!(
+            line.ends_with("quay.io/acme/tools:2.0 [not_in_bundle] not approved"),
+            "{line}"
+        );
+        let allow = pb::Decision {
+            verdict: "allow".into(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+            pulled: "registry.corp/quay.io/acme/tools@sha256:ab".into(),
+            ..deny.clone()
+        };
+        let line = decision_line(&allow);
+        assert!(line.contains("ALLOW PullImage       - "), "{line}");
+        assert!(
+            line.ends_with("→ registry.corp/quay.io/acme/tools@sha256:ab"),
+            "{line}"
+        );
+        // JSON: the audit record's field names; empty fields are null.
+        let j = decision_json(&deny);
+        assert_eq!(j["decision"], "deny");
+        assert_eq!(j["pod_name"], "web-1");
+        assert_eq!(j["bundle_version"], 3);
+        assert!(j["pulled"].is_null() && j["digest"].is_null(), "{j}");
+        assert!(decision_json(&pb::Decision::default())["bundle_version"].is_null());
+    }
+}
