@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use support::distribution::{
     ISSUER, Signed, Signer, SimNode, SimSettings, bundle_json, push_raw, registry_client, seed_at,
 };
+use support::process::wait_for_async;
 use support::pullgate::{cli, cli_ok};
+use support::stack::http_get;
 use support::{Registry as Distribution, TestDir, e2e_enabled};
 use time::OffsetDateTime;
 
@@ -375,21 +377,6 @@ async fn sync_installs_new_bundles_and_remembers_what_it_rejects() {
     installed(&sync.round().await, 6);
 }
 
-/// Waits (bounded) until `f` holds, polling every 100 ms.
-async fn until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recovers() {
     if !e2e_enabled("registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recovers") {
@@ -416,7 +403,7 @@ async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recove
     let task = tokio::spawn(sync.run(async {
         let _ = stop_rx.await;
     }));
-    until("v1 installed", Duration::from_secs(10), || {
+    wait_for_async("v1 installed", Duration::from_secs(10), || {
         (node.version() == Some(1)).then_some(())
     })
     .await;
@@ -424,7 +411,7 @@ async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recove
     env.registry.stop();
     let down = Instant::now();
     // Failures back off: after two failures in a row the wait is past the interval (1 s ± 10 %).
-    let gap = until("two failed rounds", Duration::from_secs(15), || {
+    let gap = wait_for_async("two failed rounds", Duration::from_secs(15), || {
         let s = handle.status();
         (s.consecutive_failures >= 2).then(|| s.next_round_at.unwrap() - s.last_round_at.unwrap())
     })
@@ -448,7 +435,7 @@ async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recove
     );
 
     // No round succeeds for max_staleness: stale, loudly.
-    let stale = until("stale", Duration::from_secs(15), || {
+    let stale = wait_for_async("stale", Duration::from_secs(15), || {
         let reason = handle.status().stale_reason(now())?;
         metrics.stale(now().unix_timestamp()).then_some(reason)
     })
@@ -477,7 +464,7 @@ async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recove
     // The registry comes back with a newer bundle: the node takes it up within the backoff limit.
     env.registry.restart();
     assert!(env.publish(&env.signed(2, 2, None), "v2", repo).success());
-    let s = until(
+    let s = wait_for_async(
         "v2 installed after the registry returned",
         Duration::from_secs(12),
         || {
@@ -572,13 +559,15 @@ async fn throttled_by_the_registry_the_node_honours_retry_after() {
     );
     let handle = sync.handle();
     let task = tokio::spawn(sync.run(std::future::pending()));
-    until(
+    // The round's end (its status), not the store's write in the middle of it.
+    wait_for_async(
         "v1 installed through the throttling proxy",
         Duration::from_secs(20),
-        || (node.version() == Some(1)).then_some(()),
+        || (handle.status().last_result == "installed").then_some(()),
     )
     .await;
     task.abort();
+    assert_eq!(node.version(), Some(1));
     let seen = log.lock().unwrap().clone();
     assert!(
         seen.len() >= 3 && seen[0].1 && seen[1].1 && !seen[2].1,
@@ -673,22 +662,6 @@ fn cli_as_nobody(args: &[&std::ffi::OsStr]) -> std::process::Output {
         .gid(65534)
         .output()
         .expect("run pullgate as nobody")
-}
-
-/// A plain HTTP/1.0 GET on loopback: (status, body).
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_owned())
 }
 
 #[tokio::test]
