@@ -102,21 +102,11 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
 
 /// `pullgate explain --live`: the daemon decides.
 fn live(args: &ExplainArgs) -> ExitCode {
-    const EXIT_UNASKED: u8 = 2;
-    let config = match crate::node::config::Config::load(&args.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pullgate: {e}");
-            return ExitCode::from(super::EXIT_CONFIG);
-        }
-    };
-    let Some(socket) = config.admin.socket else {
-        eprintln!(
-            "pullgate explain --live: the admin API is off (admin.socket = \"off\" in {}); use --bundle and --trust",
-            args.config.display()
-        );
-        return ExitCode::from(EXIT_UNASKED);
-    };
+    let socket =
+        match super::admin_socket(&args.config, "explain --live", "use --bundle and --trust") {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
     let req = pb::ExplainRequest {
         image: args.image.clone(),
         namespace: args.namespace.clone().unwrap_or_default(),
@@ -134,7 +124,7 @@ fn live(args: &ExplainArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pullgate explain --live: {e}");
-            return ExitCode::from(EXIT_UNASKED);
+            return ExitCode::from(super::EXIT_UNASKED);
         }
     };
     if args.json {

@@ -61,6 +61,25 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// Exit status of a command that needs the running daemon and could not ask it.
+const EXIT_UNASKED: u8 = 2;
+
+/// The admin API socket of the configuration at `path`, for `command`; when the configuration is
+/// invalid or the API is off, says so (and what to do `instead`) and gives the exit status.
+fn admin_socket(path: &std::path::Path, command: &str, instead: &str) -> Result<PathBuf, ExitCode> {
+    let config = crate::node::config::Config::load(path).map_err(|e| {
+        eprintln!("pullgate: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    config.admin.socket.ok_or_else(|| {
+        eprintln!(
+            "pullgate {command}: the admin API is off (admin.socket = \"off\" in {}); {instead}",
+            path.display()
+        );
+        ExitCode::from(EXIT_UNASKED)
+    })
+}
+
 #[derive(Debug, Args)]
 pub struct ConfigArg {
     /// Path of the TOML configuration file.

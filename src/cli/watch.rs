@@ -9,8 +9,6 @@ use std::process::ExitCode;
 
 use crate::node::api::{AdminClient, pb};
 
-const EXIT_UNASKED: u8 = 2;
-
 /// Arguments of `pullgate watch`.
 #[derive(Debug, clap::Args)]
 pub struct WatchArgs {
@@ -32,25 +30,16 @@ pub struct WatchArgs {
 
 /// Runs `pullgate watch`.
 pub fn run(args: &WatchArgs) -> ExitCode {
-    let config = match crate::node::config::Config::load(&args.config.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("pullgate: {e}");
-            return ExitCode::from(super::EXIT_CONFIG);
-        }
-    };
-    let Some(socket) = config.admin.socket else {
-        eprintln!(
-            "pullgate watch: the admin API is off (admin.socket = \"off\" in {}); read the audit log instead",
-            args.config.config.display()
-        );
-        return ExitCode::from(EXIT_UNASKED);
-    };
+    let socket =
+        match super::admin_socket(&args.config.config, "watch", "read the audit log instead") {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
     let runtime = match crate::node::daemon::admin::client_runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("pullgate watch: {e}");
-            return ExitCode::from(EXIT_UNASKED);
+            return ExitCode::from(super::EXIT_UNASKED);
         }
     };
     let req = pb::WatchDecisionsRequest {
@@ -63,14 +52,14 @@ pub fn run(args: &WatchArgs) -> ExitCode {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("pullgate watch: {e}");
-                return ExitCode::from(EXIT_UNASKED);
+                return ExitCode::from(super::EXIT_UNASKED);
             }
         };
         let mut stream = match client.watch_decisions(req).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("pullgate watch: {e}");
-                return ExitCode::from(EXIT_UNASKED);
+                return ExitCode::from(super::EXIT_UNASKED);
             }
         };
         if !args.json {
