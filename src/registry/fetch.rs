@@ -879,29 +879,38 @@ mod tests {
         (port, seen)
     }
 
-    fn fetcher(host: &str, auth: &str) -> Fetcher {
-        let auth = AuthFile::parse(auth.as_bytes(), Path::new("auth.json")).unwrap();
-        Fetcher::new(
+    /// A [`guarded`] server and a client of it for the bundles channel, with alice's credentials
+    /// for it in the auth file if `alice`; returns the client, the reference and the request lines.
+    async fn client_of_guarded(
+        challenge: &'static str,
+        want: &'static str,
+        alice: bool,
+    ) -> (Fetcher, Reference, Arc<Mutex<Vec<String>>>) {
+        let (port, seen) = guarded(challenge, want).await;
+        let host = format!("127.0.0.1:{port}");
+        let auth = if alice {
+            format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#)
+        } else {
+            r#"{"auths": {}}"#.to_owned()
+        };
+        let fetcher = Fetcher::new(
             FetchOptions {
-                plain_http: vec![host.to_owned()],
-                auth,
+                plain_http: vec![host.clone()],
+                auth: AuthFile::parse(auth.as_bytes(), Path::new("auth.json")).unwrap(),
                 ..Default::default()
             },
             Arc::default(),
         )
-        .unwrap()
+        .unwrap();
+        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        (fetcher, r, seen)
     }
 
     #[tokio::test]
     async fn credentials_only_when_challenged_and_then_without_a_second_request() {
         // Basic: the first round is challenged once; later rounds are one request each.
-        let (port, seen) = guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=").await;
-        let host = format!("127.0.0.1:{port}");
-        let f = fetcher(
-            &host,
-            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
-        );
-        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        let (f, r, seen) =
+            client_of_guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=", true).await;
         for _ in 0..3 {
             assert_eq!(
                 f.head_manifest(&r).await.unwrap().digest.to_string(),
@@ -912,17 +921,12 @@ mod tests {
         assert_eq!(f.counters().requests(), 4);
 
         // Bearer: 401, a token from the realm (with the basic credentials), then the token is kept.
-        let (port, seen) = guarded(
+        let (f, r, seen) = client_of_guarded(
             r#"Bearer realm="http://127.0.0.1:{port}/token",service="registry""#,
             "Bearer tok-1",
+            true,
         )
         .await;
-        let host = format!("127.0.0.1:{port}");
-        let f = fetcher(
-            &host,
-            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
-        );
-        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
         for _ in 0..3 {
             f.head_manifest(&r).await.unwrap();
         }
@@ -936,27 +940,19 @@ mod tests {
         );
 
         // A token service on plain HTTP that is not listed as such gets no credentials.
-        let (port, seen) = guarded(
+        let (f, r, seen) = client_of_guarded(
             r#"Bearer realm="http://localhost:{port}/token",service="registry""#,
             "Bearer tok-1",
+            true,
         )
         .await;
-        let host = format!("127.0.0.1:{port}");
-        let f = fetcher(
-            &host,
-            &format!(r#"{{"auths": {{"{host}": {{"username": "alice", "password": "pw"}}}}}}"#),
-        );
-        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
         let e = f.head_manifest(&r).await.unwrap_err();
         assert_eq!(e.reason(), "protocol", "{e}");
         assert!(e.to_string().contains("plain HTTP"), "{e}");
         assert_eq!(seen.lock().unwrap().len(), 1, "{:?}", seen.lock().unwrap());
 
         // No credentials for a registry that asks for them: refused, with a clear message.
-        let (port, _) = guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=").await;
-        let host = format!("127.0.0.1:{port}");
-        let f = fetcher(&host, r#"{"auths": {}}"#);
-        let r = Reference::parse(&format!("{host}/pullgate/bundles:prod")).unwrap();
+        let (f, r, _) = client_of_guarded(r#"Basic realm="r""#, "Basic YWxpY2U6cHc=", false).await;
         let e = f.head_manifest(&r).await.unwrap_err();
         assert_eq!(e.reason(), "unauthorized");
         assert!(e.to_string().contains("has none for this registry"), "{e}");
