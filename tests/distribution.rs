@@ -879,4 +879,9 @@ async fn the_daemon_syncs_from_the_registry_and_answers_its_admin_api() {
         metrics.contains("pullgate_bundle_sync_stale 1"),
         "{metrics}"
     );
+    let log = node.pullgate_log();
+    assert!(log.contains("BUNDLE SYNC IS STALE"), "{log}");
+    // Frozen, not open: the bundle in force still refuses what it does not approve.
+    let denied = cri.pull("quay.io/acme/tools:2.0", "default").await;
+    assert!(denied.is_err(), "{denied:?}");
 }
