@@ -96,6 +96,24 @@ impl Env {
         settings: SimSettings,
         clock: Arc<dyn pullgate::node::sync::Clock>,
     ) -> (SimNode, pullgate::node::sync::Syncer) {
+        self.node_with(
+            name,
+            seed,
+            settings,
+            clock,
+            Arc::new(SyncMetrics::default()),
+        )
+    }
+
+    /// [`Env::node`], counting its rounds into `metrics`.
+    fn node_with(
+        &self,
+        name: &str,
+        seed: &str,
+        settings: SimSettings,
+        clock: Arc<dyn pullgate::node::sync::Clock>,
+        metrics: Arc<SyncMetrics>,
+    ) -> (SimNode, pullgate::node::sync::Syncer) {
         SimNode::new(
             &self.dir.path().join("nodes").join(name),
             seed,
@@ -103,7 +121,7 @@ impl Env {
             &settings,
             clock,
             Arc::new(FetchCounters::default()),
-            Arc::new(SyncMetrics::default()),
+            metrics,
         )
     }
 }
@@ -389,15 +407,7 @@ async fn registry_down_the_node_keeps_its_bundle_backs_off_goes_stale_and_recove
     settings.max_backoff = Duration::from_secs(4);
     settings.max_staleness = Duration::from_secs(5);
     let metrics = Arc::new(SyncMetrics::default());
-    let (node, sync) = SimNode::new(
-        &env.dir.path().join("node"),
-        "n",
-        Arc::new(env.signer.trust()),
-        &settings,
-        Arc::new(SystemClock),
-        Arc::new(FetchCounters::default()),
-        metrics.clone(),
-    );
+    let (node, sync) = env.node_with("n", "n", settings, Arc::new(SystemClock), metrics.clone());
     let handle = sync.handle();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(sync.run(async {
@@ -548,15 +558,7 @@ async fn throttled_by_the_registry_the_node_honours_retry_after() {
     // Without Retry-After the backoff alone would come back within 2 s (max_backoff).
     let mut settings = SimSettings::new(&proxy, repo);
     settings.max_backoff = Duration::from_secs(2);
-    let (node, sync) = SimNode::new(
-        &env.dir.path().join("node"),
-        "n",
-        Arc::new(env.signer.trust()),
-        &settings,
-        Arc::new(SystemClock),
-        Arc::new(FetchCounters::default()),
-        Arc::new(SyncMetrics::default()),
-    );
+    let (node, sync) = env.node("n", "n", settings, Arc::new(SystemClock));
     let handle = sync.handle();
     let task = tokio::spawn(sync.run(std::future::pending()));
     // The round's end (its status), not the store's write in the middle of it.
