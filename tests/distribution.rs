@@ -692,28 +692,34 @@ async fn the_daemon_syncs_from_the_registry_and_answers_its_admin_api() {
     );
 
     // Published to the channel: the daemon takes it up, audits and counts it.
+    let publish = |bundle: &std::path::Path| {
+        cli_ok([
+            "bundle".as_ref(),
+            "publish".as_ref(),
+            bundle.as_os_str(),
+            "--to".as_ref(),
+            channel.as_ref(),
+            "--trust".as_ref(),
+            node.keys.trust.as_os_str(),
+            "--plain-http".as_ref(),
+            private.as_ref(),
+        ])
+    };
+    let from_channel = |r: &Value| {
+        r["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{private}/pullgate/bundles@sha256:")))
+    };
     let v2 = node
         .keys
         .sign(&standard_bundle(&node.stack, &node.fx, 2), "bundle-v2");
-    cli_ok([
-        "bundle".as_ref(),
-        "publish".as_ref(),
-        v2.as_os_str(),
-        "--to".as_ref(),
-        channel.as_ref(),
-        "--trust".as_ref(),
-        node.keys.trust.as_os_str(),
-        "--plain-http".as_ref(),
-        private.as_ref(),
-    ]);
+    publish(&v2);
     node.wait_for_bundle(2);
     let audit = node.audit();
     assert!(
-        audit.iter().any(|r| r["kind"] == "bundle_installed"
-            && r["version"] == 2
-            && r["source"]
-                .as_str()
-                .is_some_and(|s| s.starts_with(&format!("{private}/pullgate/bundles@sha256:")))),
+        audit
+            .iter()
+            .any(|r| r["kind"] == "bundle_installed" && r["version"] == 2 && from_channel(r)),
         "no audit record of the synced install: {audit:?}"
     );
     let s = node.status_json();
@@ -749,6 +755,30 @@ async fn the_daemon_syncs_from_the_registry_and_answers_its_admin_api() {
     assert!(node.audit().iter().any(|r| r["kind"] == "bundle_rejected"
         && r["reason"] == "rollback"
         && r["source"] == "admin API"));
+
+    // The channel moves to another v3: newer than the channel's v2, not than the installed v3. The
+    // sync rejects it (rollback), audits it with the channel and digest, counts it, and v3 stays.
+    let mut other = standard_bundle(&node.stack, &node.fx, 3);
+    other.images.pop();
+    publish(&node.keys.sign(&other, "bundle-v3-other"));
+    support::process::wait_for(
+        "the sync's rejection in the audit log",
+        Duration::from_secs(15),
+        || {
+            node.audit()
+                .iter()
+                .any(|r| {
+                    r["kind"] == "bundle_rejected" && r["reason"] == "rollback" && from_channel(r)
+                })
+                .then_some(())
+        },
+    );
+    let (_, metrics) = http_get(node.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("pullgate_bundle_sync_rounds_total{result=\"rejected\"}"),
+        "{metrics}"
+    );
+    assert_eq!(node.status_json()["bundle"]["version"], 3);
 
     // Explain against the live bundle and mode.
     let ok = cli([
