@@ -559,18 +559,8 @@ pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
 
 /// `GET path` on 127.0.0.1:port, read to the end: (status, body). Panics if nothing answers.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).expect("read the answer");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, body.to_owned())
+    pullgate::node::daemon::admin::http_get(([127, 0, 0, 1], port).into(), path)
+        .unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"))
 }
 
 fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {

@@ -30,8 +30,8 @@ pub fn pid_file(config: &Config) -> PathBuf {
         .join("pullgate.pid")
 }
 
-/// A minimal HTTP/1.0 GET against the loopback endpoint.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+/// A minimal HTTP/1.0 GET against the loopback endpoint: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
