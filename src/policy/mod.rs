@@ -35,9 +35,12 @@
 //! - [`license`]: SPDX licence expressions: strict parsing and evaluation.
 //! - [`rollout`]: rollout waves (format 2) and whether a node's wave is open.
 //! - [`decision`]: [`decide`], [`decide_without_bundle`], [`Decision`].
+//! - [`artifact`]: a bundle as an OCI artifact in a registry (the manifest `publish` writes and the
+//!   node's sync reads).
 //! - [`load`]: reading bundle, signature and trust files (CLI and daemon reload only).
 //! - [`diff`]: comparing two bundles (`pullgate bundle diff`).
 
+pub mod artifact;
 pub mod bundle;
 pub mod decision;
 pub mod diff;

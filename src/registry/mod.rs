@@ -3,11 +3,14 @@
 //!
 //! This module owns [`Registry`] (one client for every registry an operation touches, with the
 //! credentials of a Docker-style auth file and the list of registries reached over plain HTTP),
-//! [`Manifest`] (a parsed image manifest or index, with the exact bytes it was received as) and
-//! [`copy`] (copy by digest: index, manifests, config and layer blobs, streamed and verified).
+//! [`Manifest`] (a parsed image manifest or index, with the exact bytes it was received as),
+//! [`copy`] (copy by digest: index, manifests, config and layer blobs, streamed and verified),
+//! [`artifact`] (push an artifact's blobs and manifest under a tag; which digest a tag points at) and
+//! [`fetch`] (the lean client of the node's bundle sync: HEAD and GET by digest straight over HTTP,
+//! verified, size-capped, one request per round; see there why it does not use `oci-client`).
 //!
-//! It knows nothing of catalogs, bundles or nodes: the administrators' tooling uses it to approve and
-//! mirror images, and the node's bundle sync can use it to fetch bundles.
+//! It knows nothing of catalogs, bundles or nodes: the administrators' tooling uses it to approve,
+//! mirror and publish, and the node's bundle sync uses [`fetch`] to fetch bundles.
 //!
 //! - Every manifest's digest is computed from the bytes received and compared with the digest asked
 //!   for and with the registry's `Docker-Content-Digest` header; any difference is
@@ -16,8 +19,10 @@
 //!   [`RegistryOptions::plain_http`].
 //! - Credentials never reach a log or an error message.
 
+pub mod artifact;
 pub mod auth;
 pub mod copy;
+pub mod fetch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +35,7 @@ use crate::policy::{Digest, Reference};
 
 pub use auth::{AuthError, AuthFile, Credential};
 pub use copy::{CopyEvent, CopyReport, copy};
+pub use fetch::{FetchCounters, FetchError, FetchOptions, Fetcher};
 
 /// OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
