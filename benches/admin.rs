@@ -242,7 +242,7 @@ fn bench_build(rounds: usize) {
         let t = Instant::now();
         let catalog = Catalog::load(&dir).expect("catalog loads");
         let loaded_at = t.elapsed();
-        let bytes = build::render(&catalog, 1, 7 + r as u64, time::OffsetDateTime::now_utc());
+        let bytes = build::render(&catalog, 2, 7 + r as u64, time::OffsetDateTime::now_utc());
         std::fs::write(&bundle_path, &bytes).unwrap();
         let b = t.elapsed();
         println!(
