@@ -1672,7 +1672,8 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
             )));
         }
     }
-    images.sort_unstable_by(|a, b| {
+    // Stable: several entries of one repository and scope (format 2) keep the bundle's order.
+    images.sort_by(|a, b| {
         a.source
             .cmp(&b.source)
             .then_with(|| a.scope_path.cmp(&b.scope_path))
@@ -1684,7 +1685,7 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
         while end < images.len() && images[end].source == images[start].source {
             end += 1;
         }
-        check_repository(&images[start..end], &scopes)?;
+        check_repository(&images[start..end], &scopes, format)?;
         repos.insert(images[start].source.clone(), (start as u32, end as u32));
         start = end;
     }
@@ -1855,10 +1856,15 @@ fn build_exceptions(
     Ok(out)
 }
 
-/// Checks the entries of one repository: one entry per scope, each tag bound to a single digest, and
-/// every lifecycle `replacement` an approved tag of the repository available wherever the retiring
-/// image is, other than itself and not retiring before it.
-fn check_repository(entries: &[ImageEntry], scopes: &Scopes) -> Result<(), BundleError> {
+/// Checks the entries of one repository: one entry per scope in format 1 (in format 2 several, each
+/// with its own provenance, but no tag or bare digest approved twice for one scope), each tag bound to
+/// a single digest, and every lifecycle `replacement` an approved tag of the repository available
+/// wherever the retiring image is, other than itself and not retiring before it.
+fn check_repository(
+    entries: &[ImageEntry],
+    scopes: &Scopes,
+    format: u32,
+) -> Result<(), BundleError> {
     for e in entries {
         for (tag, digest, life) in e.lifecycles() {
             let Some(r) = &life.replacement else { continue };
@@ -1895,11 +1901,43 @@ fn check_repository(entries: &[ImageEntry], scopes: &Scopes) -> Result<(), Bundl
         }
     }
     for w in entries.windows(2) {
-        if w[0].scope_path == w[1].scope_path {
+        if w[0].scope_path == w[1].scope_path && format < 2 {
             return Err(BundleError::Duplicate(format!(
-                "image {} is listed twice for scope {}",
+                "image {} is listed twice for scope {} (format 2 allows one entry per provenance)",
                 w[0].source, w[0].scope_path
             )));
+        }
+    }
+    if format >= 2 {
+        // Entries are sorted by scope: compare the approvals of each run of one scope.
+        let mut start = 0;
+        while start < entries.len() {
+            let scope = &entries[start].scope_path;
+            let end = start + entries[start..].partition_point(|e| &e.scope_path == scope);
+            if end - start > 1 {
+                // A tag, or a bare digest.
+                let mut seen: HashSet<(Option<&str>, Option<&Digest>)> = HashSet::new();
+                for e in &entries[start..end] {
+                    let tags = e.tags.iter().map(|(t, _)| (Some(&**t), None));
+                    let bare = e.digests.iter().map(|d| (None, Some(d)));
+                    for route in tags.chain(bare) {
+                        if !seen.insert(route) {
+                            let what = match route {
+                                (Some(t), _) => format!("tag {t}"),
+                                (None, d) => format!(
+                                    "digest {}",
+                                    d.map(ToString::to_string).unwrap_or_default()
+                                ),
+                            };
+                            return Err(BundleError::Duplicate(format!(
+                                "image {}: {what} is approved by two entries for scope {scope}; keep it in one",
+                                e.source
+                            )));
+                        }
+                    }
+                }
+            }
+            start = end;
         }
     }
     if entries.len() > 1 {
@@ -2675,6 +2713,60 @@ pub(crate) mod tests {
         let invalid = example_json().replacen("\"version\": 42", "\"version\": 0", 1);
         let e = stream(invalid.as_bytes(), &sign(invalid.as_bytes(), &[1, 2])).unwrap_err();
         assert_eq!(e.code(), "invalid", "{e}");
+    }
+
+    /// Format 2: one repository may have several entries for one scope (one per provenance), as long
+    /// as no tag or bare digest is in two of them; format 1 keeps one entry per scope.
+    #[test]
+    fn format_2_entries_of_one_scope_split_by_provenance() {
+        let v2 = || serde_json::from_str::<serde_json::Value>(EXAMPLE_V2).unwrap();
+        let mut v = v2();
+        let mut second = v["images"][1].clone();
+        second["tags"] = serde_json::json!({"3.10": digest(0x31).to_string()});
+        second["provenance"]["license"] = serde_json::json!("MIT");
+        second["provenance"]["scans"]
+            .as_array_mut()
+            .unwrap()
+            .truncate(1);
+        v["images"].as_array_mut().unwrap().push(second.clone());
+        let b = parse_bundle(v.to_string().as_bytes()).unwrap();
+        let pause = b.entries("registry.k8s.io/pause");
+        assert_eq!(pause.len(), 2);
+        assert_eq!(
+            pause[0].tag("3.9"),
+            Some(&digest(3)),
+            "the bundle's order is kept"
+        );
+        assert_eq!(pause[1].provenance().license.as_ref(), "MIT");
+
+        for (what, edit) in [
+            ("tag 3.9", serde_json::json!({"3.9": digest(3).to_string()})),
+            ("digest", serde_json::json!({})),
+        ] {
+            let mut v = v2();
+            let mut dup = second.clone();
+            dup["tags"] = edit;
+            if what == "digest" {
+                v["images"][1]["digests"] = serde_json::json!([digest(0x32).to_string()]);
+                dup["digests"] = serde_json::json!([digest(0x32).to_string()]);
+            }
+            v["images"].as_array_mut().unwrap().push(dup);
+            let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "duplicate", "{e}");
+            assert!(
+                e.to_string().contains(what)
+                    && e.to_string().contains("two entries for scope corp"),
+                "{e}"
+            );
+        }
+
+        let mut v: serde_json::Value = serde_json::from_str(&example_json()).unwrap();
+        let mut second = v["images"][1].clone();
+        second["tags"] = serde_json::json!({"1.27": digest(0x31).to_string()});
+        v["images"].as_array_mut().unwrap().push(second);
+        let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.code(), "duplicate", "{e}");
+        assert!(e.to_string().contains("listed twice for scope corp"), "{e}");
     }
 
     #[test]
