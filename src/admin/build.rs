@@ -383,7 +383,12 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
             Vec::new()
         },
     };
-    let mut bytes = serde_json::to_vec_pretty(&out).unwrap_or_default();
+    // Sized up front (a built entry takes about 800 bytes): a large bundle is not copied again and
+    // again as the buffer grows.
+    let mut bytes = Vec::with_capacity(4096 + out.images.len() * 800);
+    if serde_json::to_writer_pretty(&mut bytes, &out).is_err() {
+        bytes.clear();
+    }
     bytes.push(b'\n');
     bytes
 }
@@ -477,11 +482,11 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+    use crate::admin::catalog;
     use crate::admin::catalog::tests::copy_fixture;
-    use crate::admin::catalog::{self, NewScan, NewVersion};
     use crate::policy::{
-        ImageRequest, PodContext, PrivateKey, ReasonCode, Severity, SignatureFile, Trust,
-        VerifiedBundle, decide, trust::TrustedKey, verify_bundle,
+        ImageRequest, PodContext, PrivateKey, ReasonCode, SignatureFile, Trust, VerifiedBundle,
+        decide, trust::TrustedKey, verify_bundle,
     };
 
     /// Signs `bytes` with two keys and verifies them as a node does, at `now`.
@@ -533,25 +538,8 @@ mod tests {
         let c = Catalog::load(dir).unwrap();
         let repo = c.repository("docker.io/library/nginx").unwrap();
         let sunset = now + time::Duration::try_from(c.rules("corp").unwrap().sunset_after).unwrap();
-        let text = catalog::insert_lifecycle(repo, "1.26", "corp", now, sunset, "1.27").unwrap();
-        let scan = |scanner: &str, n: u8| NewScan {
-            scanner: scanner.into(),
-            version: "1".into(),
-            report: Digest::Sha256([n; 32]),
-            worst_severity: Severity::Low,
-            scanned_at: now,
-        };
-        let new = NewVersion {
-            scope: "corp".into(),
-            tag: Some("1.27".into()),
-            digest: Digest::Sha256([0x27; 32]),
-            platforms: vec![],
-            license: "MIT".into(),
-            approved_by: "bab14e60b2c4df72".into(),
-            approved_at: now,
-            scans: vec![scan("trivy", 0x71), scan("grype", 0x72)],
-        };
-        std::fs::write(dir.join(&repo.file), text + &catalog::render_version(&new)).unwrap();
+        let text = catalog::tests::replace_nginx_126(repo, now, sunset);
+        std::fs::write(dir.join(&repo.file), text).unwrap();
     }
 
     #[test]
@@ -600,6 +588,21 @@ mod tests {
             reason(&b, "redis:7.4", Some("checkout"), now),
             ReasonCode::Exception
         );
+
+        // The rule approve applies at every scope is the rule the node enforces there.
+        for (path, rules) in &catalog.scopes {
+            let id = b
+                .scopes()
+                .lookup(path)
+                .expect("every catalog scope is in the bundle");
+            let node = b
+                .scopes()
+                .node(id)
+                .rules
+                .as_deref()
+                .expect("format 2 rules");
+            assert_eq!(node.summary(), rules.bundle.summary(), "{path}");
+        }
 
         // Format 1: no lifecycle, rules or exceptions; what is already sunset is left out.
         let bytes = render(&catalog, 1, 5, issued);

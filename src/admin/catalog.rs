@@ -1738,39 +1738,69 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn times_read_and_written_as_rfc3339_says() {
+        #[derive(Deserialize)]
+        struct T {
+            t: Time,
+        }
+        for text in [
+            "2026-01-10T09:30:00Z",
+            "2026-01-10T11:30:00+02:00",
+            "2026-01-10T05:00:00.25-04:30",
+            "1998-12-31T23:59:60Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let got: T = toml::from_str(&format!("t = {text}")).unwrap();
+            let want = OffsetDateTime::parse(text, &Rfc3339).unwrap();
+            assert_eq!(got.t.0, want, "{text}");
+            let utc = want
+                .to_offset(time::UtcOffset::UTC)
+                .replace_nanosecond(0)
+                .unwrap();
+            assert_eq!(rfc3339(want), utc.format(&Rfc3339).unwrap(), "{text}");
+        }
+        for bad in ["2026-02-30T00:00:00Z", "2026-01-10T09:30:00", "2026-01-10"] {
+            assert!(toml::from_str::<T>(&format!("t = {bad}")).is_err(), "{bad}");
+        }
+    }
+
+    /// The text `approve --replace 1.26` of `nginx:1.27` (licence MIT, a trivy and a grype scan) makes
+    /// of the example's nginx file, at `now`, with 1.26 sunset at `sunset`.
+    pub(crate) fn replace_nginx_126(
+        repo: &Repository,
+        now: OffsetDateTime,
+        sunset: OffsetDateTime,
+    ) -> String {
+        let text = insert_lifecycle(repo, "1.26", "corp", now, sunset, "1.27").unwrap();
+        let scan = |scanner: &str, n: u8| NewScan {
+            scanner: scanner.into(),
+            version: "1".into(),
+            report: Digest::Sha256([n; 32]),
+            worst_severity: Severity::Low,
+            scanned_at: now,
+        };
+        let new = NewVersion {
+            scope: "corp".into(),
+            tag: Some("1.27".into()),
+            digest: Digest::Sha256([0x27; 32]),
+            platforms: vec![],
+            license: "MIT".into(),
+            approved_by: "bab14e60b2c4df72".into(),
+            approved_at: now,
+            scans: vec![scan("trivy", 0x71), scan("grype", 0x72)],
+        };
+        text + &render_version(&new)
+    }
+
+    #[test]
     fn approve_edits_keep_the_file_valid_and_its_comments() {
         let c = Catalog::load(Path::new(FIXTURE)).unwrap();
         let repo = c.repository("docker.io/library/nginx").unwrap();
         let now = time::macros::datetime!(2026-05-01 10:00 UTC);
         let e = insert_lifecycle(repo, "1.25", "corp", now, now, "1.26").unwrap_err();
         assert!(e.contains("already has a lifecycle"), "{e}");
-        let text = insert_lifecycle(
-            repo,
-            "1.26",
-            "corp",
-            now,
-            now + time::Duration::days(30),
-            "1.27",
-        )
-        .unwrap();
+        let text = replace_nginx_126(repo, now, now + time::Duration::days(30));
         assert!(text.starts_with("# Approved versions"), "comments kept");
-        let new = NewVersion {
-            scope: "corp".into(),
-            tag: Some("1.27".into()),
-            digest: Digest::Sha256([7; 32]),
-            platforms: vec![],
-            license: "BSD-2-Clause".into(),
-            approved_by: "bab14e60b2c4df72".into(),
-            approved_at: now,
-            scans: vec![NewScan {
-                scanner: "trivy".into(),
-                version: "0.58.1".into(),
-                report: Digest::Sha256([8; 32]),
-                worst_severity: Severity::Low,
-                scanned_at: now,
-            }],
-        };
-        let text = text + &render_version(&new);
         let parsed: RepositoryFile = toml::from_str(&text).unwrap();
         let v126 = parsed
             .approved
@@ -1781,7 +1811,10 @@ pub(crate) mod tests {
         assert_eq!(v126.replacement.as_ref().unwrap().get_ref(), "1.27");
         assert_eq!(v126.scans.len(), 2, "the scans stay with their entry");
         let v127 = parsed.approved.last().unwrap();
-        assert_eq!(v127.digest.get_ref(), &Digest::Sha256([7; 32]).to_string());
+        assert_eq!(
+            v127.digest.get_ref(),
+            &Digest::Sha256([0x27; 32]).to_string()
+        );
         assert_eq!(v127.scans[0].worst_severity, Severity::Low);
         assert!(insert_lifecycle(repo, "9.9", "corp", now, now, "1.26").is_err());
     }
