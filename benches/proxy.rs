@@ -14,13 +14,17 @@
 //! (`ImageStatus` + `Content.Read` lookups), and the first start in a new pod — its sandbox looked up
 //! with `PodSandboxStatus` — with the image decision cached (the usual new pod of a deployment) and not.
 //!
+//! A raw HTTP/2 client (sequential `Version` calls) measures the two modes of pullgate's HTTP/2
+//! fix-up layer: with `localhost` as `:authority` header blocks are handed on as sent, with the socket
+//! path (what kubelet before 1.30 sends) every block is re-encoded.
+//!
 //! Run: `cargo bench --bench proxy` (env: `BENCH_CALLS` per round, default 2000; `BENCH_ROUNDS`,
 //! default 5; `BENCH_SECS` per throughput round, default 2). With `BENCH_UPSTREAM=/path/to/socket`
 //! (e.g. a real containerd's CRI socket) the passthrough part runs against that upstream instead of
 //! the fake, and the enforcement part is skipped. `BENCH_PULLGATE_BIN=/path/to/pullgate` measures
 //! another build (e.g. an earlier commit) in the same conditions; `BENCH_BASELINE_BIN=/path/to/pullgate`
-//! runs the enforcement part through that build too, in the same run, calls interleaved, and prints
-//! what this build adds over it.
+//! runs that build too, in the same run, calls interleaved — as a fourth path in the passthrough part
+//! and beside this build in the enforcement part — and prints this build's figures against it.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -319,6 +323,120 @@ fn install_big_bundle(state: &Path, trust: &Path) -> usize {
     b.len()
 }
 
+/// A minimal HTTP/2 client that sends any `:authority` bytes (tonic and `h2` send only valid URI
+/// authorities): sequential unary calls, header blocks as HPACK literals without indexing. With the
+/// socket path as authority it drives pullgate's HTTP/2 layer into its re-encoding mode, as kubelet
+/// before 1.30 and grpc-java do.
+struct RawClient {
+    io: tokio::io::BufReader<tokio::net::UnixStream>,
+    next_stream: u32,
+    authority: Vec<u8>,
+    /// The server's response headers are decoded to check each call succeeded.
+    decoder: loona_hpack::Decoder<'static>,
+}
+
+fn raw_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+fn raw_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    // Literal without indexing, new name; lengths below 127 fit the 7-bit prefix.
+    assert!(name.len() < 127 && value.len() < 127);
+    out.push(0);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.push(value.len() as u8);
+    out.extend_from_slice(value);
+}
+
+impl RawClient {
+    async fn connect(path: &Path, authority: &[u8]) -> RawClient {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect");
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS_INITIAL_WINDOW_SIZE = 2^31-1, and the connection window to match.
+        raw_frame(&mut hello, 0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]);
+        raw_frame(
+            &mut hello,
+            0x8,
+            0,
+            0,
+            &(0x7fff_ffffu32 - 65_535).to_be_bytes(),
+        );
+        s.write_all(&hello).await.unwrap();
+        RawClient {
+            io: tokio::io::BufReader::new(s),
+            next_stream: 1,
+            authority: authority.to_vec(),
+            decoder: loona_hpack::Decoder::new(),
+        }
+    }
+
+    async fn version(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = self.next_stream;
+        self.next_stream += 2;
+        let mut block = Vec::with_capacity(160);
+        raw_literal(&mut block, b":method", b"POST");
+        raw_literal(&mut block, b":scheme", b"http");
+        raw_literal(&mut block, b":path", b"/runtime.v1.RuntimeService/Version");
+        raw_literal(&mut block, b":authority", &self.authority);
+        raw_literal(&mut block, b"content-type", b"application/grpc");
+        raw_literal(&mut block, b"te", b"trailers");
+        let msg = prost::Message::encode_to_vec(&cri::VersionRequest {
+            version: "v1".into(),
+        });
+        let mut out = Vec::with_capacity(256);
+        raw_frame(&mut out, 0x1, 0x4, stream, &block);
+        raw_frame(&mut out, 0x0, 0x1, stream, &frame(&msg));
+        self.io.get_mut().write_all(&out).await.unwrap();
+        let mut ok = false;
+        loop {
+            let mut head = [0u8; 9];
+            self.io.read_exact(&mut head).await.expect("response");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let sid = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+            let mut payload = vec![0u8; len];
+            self.io.read_exact(&mut payload).await.unwrap();
+            let mut reply = Vec::new();
+            match kind {
+                0x4 if flags & 1 == 0 => raw_frame(&mut reply, 0x4, 1, 0, &[]),
+                0x6 if flags & 1 == 0 => raw_frame(&mut reply, 0x6, 1, 0, &payload),
+                0x3 | 0x7 => panic!("the server reset or closed: frame type {kind}"),
+                0x1 => {
+                    assert_eq!(flags & 0x4, 0x4, "small answers fit one HEADERS frame");
+                    for (n, v) in self.decoder.decode(&payload).expect("HPACK") {
+                        ok |= n == b"grpc-status" && v == b"0";
+                    }
+                    if sid == stream && flags & 0x1 != 0 {
+                        assert!(ok, "Version failed through the raw client");
+                        return;
+                    }
+                }
+                _ => {}
+            }
+            if !reply.is_empty() {
+                self.io.get_mut().write_all(&reply).await.unwrap();
+            }
+        }
+    }
+}
+
+async fn raw_latencies(c: &mut RawClient, n: u64, out: &mut Vec<Duration>) {
+    for _ in 0..n {
+        let t = Instant::now();
+        c.version().await;
+        out.push(t.elapsed());
+    }
+}
+
 async fn latencies(ch: &Channel, m: Method, n: u64, out: &mut Vec<Duration>) {
     for _ in 0..n {
         let t = Instant::now();
@@ -468,11 +586,30 @@ fn main() {
 
     let (relay, relay_listen) = start_relay(dir.path(), &upstream_path);
     let relay_pid = relay.0.id();
+    let baseline = std::env::var_os("BENCH_BASELINE_BIN")
+        .filter(|b| !b.is_empty())
+        .map(|b| {
+            println!(
+                "baseline build (BENCH_BASELINE_BIN): {}\n",
+                Path::new(&b).display()
+            );
+            start_pullgate_bin(
+                Path::new(&b),
+                dir.path(),
+                &upstream_path,
+                workers,
+                "baseline",
+            )
+        });
 
     rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
         let null = cri_channel(&relay_listen).await;
         let via = cri_channel(&listen).await;
+        let base = match &baseline {
+            Some((p, l)) => Some((p.0.id(), cri_channel(l).await)),
+            None => None,
+        };
         let passthrough = [
             ("Version (forwarded)", Method::Version),
             ("ImageStatus (intercepted)", Method::ImageStatus),
@@ -480,16 +617,25 @@ fn main() {
         for (label, m) in passthrough {
             // Warm up every path.
             let mut sink = Vec::new();
-            for ch in [&direct, &null, &via] {
+            for ch in [&direct, &null, &via]
+                .into_iter()
+                .chain(base.as_ref().map(|(_, c)| c))
+            {
                 latencies(ch, m, calls / 4, &mut sink).await;
             }
-            let (mut d, mut r, mut v) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut relay_cpu, mut pg_cpu) = (Duration::ZERO, Duration::ZERO);
+            let (mut d, mut r, mut v, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut relay_cpu, mut pg_cpu, mut base_cpu) =
+                (Duration::ZERO, Duration::ZERO, Duration::ZERO);
             for _ in 0..rounds {
                 latencies(&direct, m, calls, &mut d).await;
                 let cpu0 = cpu_time(relay_pid);
                 latencies(&null, m, calls, &mut r).await;
                 relay_cpu += cpu_time(relay_pid) - cpu0;
+                if let Some((pid, ch)) = &base {
+                    let cpu0 = cpu_time(*pid);
+                    latencies(ch, m, calls, &mut b).await;
+                    base_cpu += cpu_time(*pid) - cpu0;
+                }
                 let cpu0 = cpu_time(pg_pid);
                 latencies(&via, m, calls, &mut v).await;
                 pg_cpu += cpu_time(pg_pid) - cpu0;
@@ -504,6 +650,7 @@ fn main() {
             let (mut dt, mut rt_, mut vt) = (0.0, 0.0, 0.0);
             let (mut relay_calls, mut relay_cpu) = (0u64, Duration::ZERO);
             let (mut via_calls, mut via_cpu) = (0u64, Duration::ZERO);
+            let (mut bt, mut base_calls, mut base_tcpu) = (0.0, 0u64, Duration::ZERO);
             for _ in 0..throughput_rounds {
                 dt += throughput(&direct, m, 16, secs).await.0;
                 let cpu0 = cpu_time(relay_pid);
@@ -511,6 +658,13 @@ fn main() {
                 relay_cpu += cpu_time(relay_pid) - cpu0;
                 relay_calls += n;
                 rt_ += rate;
+                if let Some((pid, ch)) = &base {
+                    let cpu0 = cpu_time(*pid);
+                    let (rate, n) = throughput(ch, m, 16, secs).await;
+                    base_tcpu += cpu_time(*pid) - cpu0;
+                    base_calls += n;
+                    bt += rate;
+                }
                 let cpu0 = cpu_time(pg_pid);
                 let (rate, n) = throughput(&via, m, 16, secs).await;
                 via_cpu += cpu_time(pg_pid) - cpu0;
@@ -553,13 +707,69 @@ fn main() {
                 per_call(relay_cpu, relay_calls),
                 per_call(via_cpu, via_calls)
             );
+            if base.is_some() {
+                let (b50, b99) = (pct(&mut b, 0.5), pct(&mut b, 0.99));
+                let bt = bt / n;
+                println!(
+                    "  vs the baseline build: latency median {b50:7.1} -> {:7.1} µs (ratio {:.3}), p99 {b99:7.1} -> {:7.1} µs, throughput x16 {bt:7.0} -> {vt:7.0} /s (ratio {:.3})",
+                    seq.via.0,
+                    seq.via.0 / b50,
+                    seq.via.1,
+                    vt / bt
+                );
+                println!(
+                    "  CPU per call, baseline -> this build: {:.1} -> {pg_seq_cpu:.1} µs sequential, {:.1} -> {:.1} µs under load",
+                    per_call(base_cpu, calls * rounds),
+                    per_call(base_tcpu, base_calls),
+                    per_call(via_cpu, via_calls)
+                );
+            }
             println!();
         }
+        // The HTTP/2 layer's two modes, with the same raw client: an authority the server accepts
+        // (header blocks handed on as sent) and the socket path (every block re-encoded).
+        let path = listen.to_str().unwrap().as_bytes().to_vec();
+        let mut plain = RawClient::connect(&listen, b"localhost").await;
+        let mut fixed = RawClient::connect(&listen, &path).await;
+        let mut base_plain = match &baseline {
+            Some((_, l)) => Some(RawClient::connect(l, b"localhost").await),
+            None => None,
+        };
+        let mut sink = Vec::new();
+        raw_latencies(&mut plain, calls / 4, &mut sink).await;
+        raw_latencies(&mut fixed, calls / 4, &mut sink).await;
+        let (mut p, mut f, mut b) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            if let Some(c) = &mut base_plain {
+                raw_latencies(c, calls, &mut b).await;
+            }
+            raw_latencies(&mut plain, calls, &mut p).await;
+            raw_latencies(&mut fixed, calls, &mut f).await;
+        }
+        let (p50, f50) = (pct(&mut p, 0.5), pct(&mut f, 0.5));
+        println!("Version (forwarded), raw HTTP/2 client, by :authority");
+        println!(
+            "  latency median: localhost {p50:7.1} µs | the socket path (re-encoded) {f50:7.1} µs (ratio {:.3})",
+            f50 / p50
+        );
+        println!(
+            "  latency p99:    localhost {:7.1} µs | the socket path (re-encoded) {:7.1} µs",
+            pct(&mut p, 0.99),
+            pct(&mut f, 0.99)
+        );
+        if !b.is_empty() {
+            println!(
+                "  baseline build, localhost: median {:7.1} µs (the socket path is refused there)",
+                pct(&mut b, 0.5)
+            );
+        }
+        println!();
     });
     println!(
         "targets: added median <= 50 µs (ratio <= 1.25), added p99 <= 150 µs, throughput ratio >= 0.8"
     );
     drop(relay);
+    drop(baseline);
     drop(pg);
     if real_upstream.is_some() {
         return;

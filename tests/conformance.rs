@@ -12,7 +12,8 @@
 //!   user.
 //! - A pod's scope is its sandbox's: a `sandbox_config` claiming a warn-mode namespace for a pod of an
 //!   enforce-mode namespace is refused and audited with the real namespace; unknown and removed
-//!   sandboxes are refused.
+//!   sandboxes are refused, and so is a sandbox named by an ID prefix (which containerd 1.6 itself
+//!   resolves, checked directly in the same test).
 //! - The sandbox (pause) image is checked again after every `pullgate bundle install`.
 //!
 //! Each test runs one node (registries, containerd, pullgate) for all of its checks: a containerd
@@ -412,6 +413,55 @@ async fn the_pod_scope_is_the_sandboxs_and_the_sandbox_image_follows_the_bundle(
         (&last["decision"], &last["pod_namespace"]),
         (&"warn".into(), &WARN_NS.into()),
         "{last}"
+    );
+    // containerd resolves a unique prefix of a sandbox ID, in PodSandboxStatus and CreateContainer
+    // alike; a prefix can name another sandbox later, so pullgate refuses it.
+    let prefix = &warn_pod[..12];
+    let resolved = must(
+        "direct PodSandboxStatus by prefix",
+        direct
+            .rt
+            .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: prefix.to_string(),
+                verbose: false,
+            })
+            .await
+            .map(|r| r.into_inner()),
+    );
+    assert_eq!(resolved.status.map(|s| s.id).as_deref(), Some(&*warn_pod));
+    must(
+        "direct CreateContainer by prefix",
+        direct
+            .create_container_as_kubelet(
+                prefix,
+                &warn_cfg,
+                "by-prefix",
+                &nginx,
+                "nginx:1.25",
+                &["/bin/true"],
+            )
+            .await,
+    );
+    let e = cri
+        .create_container_as_kubelet(
+            prefix,
+            &warn_cfg,
+            "c2",
+            &nginx,
+            "nginx:1.25",
+            &["/bin/true"],
+        )
+        .await
+        .expect_err("a sandbox named by an ID prefix");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("abbreviation") && e.message().contains(&*warn_pod),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        node.audit().last().unwrap()["reason"],
+        "sandbox_id_abbreviated"
     );
     // Unknown sandboxes, and removed ones, are refused.
     let e = cri

@@ -1075,6 +1075,91 @@ async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
     env.stop().await;
 }
 
+/// containerd resolves a unique prefix of a sandbox ID (the fake does too). A prefix names whichever
+/// sandbox it is unique to at the time, so pullgate takes only full IDs: a start naming a prefix is
+/// refused, whichever scope it would land in, and a removal by prefix forgets the sandbox it named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_are_named_by_their_full_id_only() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let imported = put_image(
+        &env.fake,
+        0xc1,
+        &[format!("docker.io/library/miner@{}", digest(8))],
+        &[],
+    );
+    let (warn_id, enforce_id) = (
+        "ab".to_string() + &"1".repeat(62),
+        "ab".to_string() + &"2".repeat(62),
+    );
+    env.fake.add_sandbox(&warn_id, &pod_config("ledger", &[]));
+    let mut rt = env.runtime().await;
+    let creates = || env.fake.observed.creates.lock().unwrap().len();
+
+    // The warn-mode pod by a prefix of its ID: containerd would take it; pullgate does not.
+    let e = rt
+        .create_container(create_in("ab", &imported, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("abbreviation") && e.message().contains(&warn_id),
+        "{}",
+        e.message()
+    );
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(
+        (&last["decision"], &last["reason"]),
+        (&"deny".into(), &"sandbox_id_abbreviated".into())
+    );
+    assert_eq!(creates(), 0);
+    // By its full ID it is a warn-mode start.
+    rt.create_container(create_in(&warn_id, &imported, None))
+        .await
+        .unwrap();
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "warn");
+
+    // The warn-mode pod goes, an enforce-mode pod whose ID has the same prefix comes: the prefix is
+    // still refused (never decided for the pod it used to name), the full ID decides for the new pod.
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: warn_id.clone(),
+    })
+    .await
+    .unwrap();
+    env.fake
+        .add_sandbox(&enforce_id, &pod_config("checkout", &[]));
+    let e = rt
+        .create_container(create_in("ab", &imported, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = rt
+        .create_container(create_in(&enforce_id, &imported, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(creates(), 1);
+
+    // A removal by prefix forgets the sandbox it removed: the next start by its full ID is looked up
+    // again, and containerd no longer knows it.
+    let payments_only = put_image(&env.fake, 0xc2, &[pinned("nginx", &digest(3))], &[]);
+    rt.create_container(create_in(&enforce_id, &payments_only, None))
+        .await
+        .unwrap();
+    assert_eq!(creates(), 2);
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: "ab2".into(),
+    })
+    .await
+    .unwrap();
+    let e = rt
+        .create_container(create_in(&enforce_id, &payments_only, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(creates(), 2);
+    env.stop().await;
+}
+
 /// A node whose fake containerd holds only the images put there, among them busybox:1.36 as pullgate
 /// pulls it (the pinned mirror name), and a sandbox `sb` in namespace `checkout`. Returns the image ID.
 async fn env_with_pulled_busybox() -> (Env, String) {
@@ -1384,6 +1469,36 @@ async fn rejected_bundles_change_nothing() {
         .await
         .unwrap();
     assert_eq!(env.pulled().last().unwrap(), &pinned("busybox", &digest(1)));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_dropped_bundles_are_refused_unread() {
+    let limit = bundle_json(1, &digest(1), time::Duration::days(30)).len() as u64 + 64;
+    let env = Env::start(true, NodeMode::Enforce, move |c, _| {
+        c.policy.max_bundle_size = limit
+    })
+    .await;
+    assert_eq!(env.node.state.current().unwrap().version, 1);
+    // Validly signed, but 100 bytes of trailing whitespace over the limit.
+    let big = format!(
+        "{}{}",
+        bundle_json(2, &digest(5), time::Duration::days(30)),
+        " ".repeat(100)
+    );
+    let k = &env.keys;
+    drop_bundle(&env.dir, "big", &big, &k.sign(&big, &[&k.alice, &k.bob]));
+    assert_eq!(env.node.poll_drop_dir(), 0);
+    let reason =
+        std::fs::read_to_string(env.dir.join("incoming/big.json.rejected.reason")).unwrap();
+    assert!(reason.contains("policy.max_bundle_size"), "{reason}");
+    let metrics = env.node.metrics_text(0);
+    assert!(
+        metrics
+            .contains("pullgate_bundle_installs_total{result=\"rejected\",reason=\"too_large\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(env.node.state.current().unwrap().version, 1);
     env.stop().await;
 }
 

@@ -57,9 +57,12 @@ fn start_pullgate(dir: &Path, upstream: &Path) -> (PathBuf, mpsc::Sender<Control
     (cfg.listen, tx)
 }
 
+/// C-core client. With a 4th argument, the channel option `grpc.default_authority` makes C-core
+/// send it as `:authority` (what C-core >= 1.57 does by itself with a %-encoded socket path).
 const PY_CLIENT: &str = r#"
 import grpc, sys
-ch = grpc.insecure_channel("unix:" + sys.argv[1])
+options = [("grpc.default_authority", sys.argv[4])] if len(sys.argv) > 4 else []
+ch = grpc.insecure_channel("unix:" + sys.argv[1], options=options)
 version = ch.unary_unary("/runtime.v1.RuntimeService/Version")
 print("version", version(bytes.fromhex(sys.argv[2]), timeout=10).hex(), flush=True)
 remove = ch.unary_unary("/runtime.v1.RuntimeService/RemoveContainer")
@@ -79,6 +82,23 @@ for i, m in enumerate(events(b"", timeout=10)):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_core_client_through_pullgate_to_tonic() {
+    c_core_session(None).await;
+}
+
+/// C-core sending the socket path and the %-encoded socket path as `:authority` (grpc C-core
+/// >= 1.57 sends the latter for `unix:` targets, grpc-java and older kubelets the former): both
+/// get through, and containerd's side sees a valid authority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_core_client_sending_path_authorities() {
+    for encoded in [false, true] {
+        c_core_session(Some(encoded)).await;
+    }
+}
+
+/// One C-core client session through pullgate: Version (forwarded), an error with metadata,
+/// PullImage (intercepted), and a server stream. `authority`: `None` lets C-core choose (it sends
+/// `localhost`), `Some(encoded)` sends the listening socket's path, %-encoded or not.
+async fn c_core_session(authority: Option<bool>) {
     let python = python_grpc();
     let dir = tempfile::tempdir().unwrap();
     let (fake, events) = FakeCri::new();
@@ -106,6 +126,14 @@ async fn c_core_client_through_pullgate_to_tonic() {
         .arg(&listen)
         .arg(hex::encode(version.encode_to_vec()))
         .arg(hex::encode(pull.encode_to_vec()));
+    if let Some(encoded) = authority {
+        let path = listen.to_str().unwrap();
+        cmd.arg(if encoded {
+            path.replace('/', "%2F")
+        } else {
+            path.to_string()
+        });
+    }
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .unwrap()
@@ -113,7 +141,7 @@ async fn c_core_client_through_pullgate_to_tonic() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "python client failed: {stdout}\n{}",
+        "python client ({authority:?}) failed: {stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let field = |key: &str| -> Vec<String> {
@@ -142,6 +170,12 @@ async fn c_core_client_through_pullgate_to_tonic() {
         })
         .collect();
     assert_eq!(evs, vec!["ev0", "ev1"]);
+    let seen = fake.observed.authorities.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert!(
+        seen.iter().all(|a| a.as_deref() == Some("localhost")),
+        "{authority:?}: {seen:?}"
+    );
     control.send(Control::Shutdown).await.unwrap();
     upstream.stop().await;
 }

@@ -358,13 +358,29 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
     .await;
     assert_eq!(resp.body.len(), big.len() + 5);
     assert!(resp.body[5..] == big[..], "16 MiB body corrupted");
-    // The same size on an intercepted method is read whole and forwarded.
-    let msg = cri::ImageStatusRequest {
-        image: image_spec(&"x".repeat(16 * 1024 * 1024 - 16)),
-        verbose: false,
+    // The same size on an intercepted method that keeps kubelet's 16 MiB limit is read whole and
+    // forwarded.
+    let msg = cri::CreateContainerRequest {
+        pod_sandbox_id: "x".repeat(16 * 1024 * 1024 - 16),
+        ..Default::default()
     }
     .encode_to_vec();
     assert!(msg.len() <= 16 * 1024 * 1024);
+    let resp = raw_call(
+        &pg.listen,
+        "http://localhost/runtime.v1.RuntimeService/CreateContainer",
+        grpc_headers(),
+        frame(&msg),
+    )
+    .await;
+    assert_eq!(resp.trailers.unwrap()["grpc-status"], "0");
+    assert_eq!(resp.body, frame(&msg));
+    // An image lookup is never that large: refused on its length prefix.
+    let msg = cri::ImageStatusRequest {
+        image: image_spec(&"x".repeat(2 * 1024 * 1024)),
+        verbose: false,
+    }
+    .encode_to_vec();
     let resp = raw_call(
         &pg.listen,
         "http://localhost/runtime.v1.ImageService/ImageStatus",
@@ -372,8 +388,9 @@ async fn trailers_only_answers_and_16_mib_messages_pass() {
         frame(&msg),
     )
     .await;
-    assert_eq!(resp.trailers.unwrap()["grpc-status"], "0");
-    assert_eq!(resp.body, frame(&msg));
+    assert_eq!(resp.headers["grpc-status"], "8", "{:?}", resp.headers);
+    let why = resp.headers["grpc-message"].to_str().unwrap();
+    assert!(why.contains("server.limits.max_small_message"), "{why}");
     pg.stop().await;
 }
 

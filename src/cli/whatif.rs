@@ -6,7 +6,7 @@
 //! [`crate::node::whatif`]. Exit status: 0 when nothing running would be denied, 1 when something
 //! would, 2 when it cannot check (configuration, trust file, NEW rejected, containerd unreachable).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -53,14 +53,14 @@ pub fn run(args: &WhatIfArgs) -> ExitCode {
         Err(e) => return cannot(e),
     };
     let now = time::OffsetDateTime::now_utc();
-    let store = BundleStore::new(&config.policy.state_dir);
-    let read = |what, p: &Path| load::read(what, p);
+    let max = config.policy.max_bundle_size;
+    let store = BundleStore::new(&config.policy.state_dir).with_max_bundle_size(max);
     let sig_path = args
         .signatures
         .clone()
         .unwrap_or_else(|| load::signature_path(&args.bundle));
-    let new = match read("bundle", &args.bundle)
-        .and_then(|b| Ok((b, read("signature file", &sig_path)?)))
+    let new = match load::read_bundle(&args.bundle, max)
+        .and_then(|b| Ok((b, load::read("signature file", &sig_path)?)))
     {
         Ok((bytes, sigs)) => match store.verify_new(&bytes, &sigs, &trust, now, &args.bundle) {
             Ok(b) => b,

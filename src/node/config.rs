@@ -19,6 +19,9 @@ pub const DEFAULT_UPSTREAM: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Socket permissions: owner and group may connect, nobody else.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+/// Largest bundle file read (`policy.max_bundle_size`): a 100,000-image bundle is about 40 MiB
+/// (`cargo bench --bench policy`), so the default leaves room for about 160,000 images.
+pub const DEFAULT_MAX_BUNDLE_SIZE: u64 = crate::policy::DEFAULT_MAX_BUNDLE_SIZE;
 
 /// A configuration error: which file, which key, and what is wrong with it.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,7 @@ pub struct RawPolicy {
     pub expiry_grace: Option<String>,
     pub sandbox_image: Option<String>,
     pub private_registry_auth: Option<PathBuf>,
+    pub max_bundle_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +112,24 @@ pub struct RawServer {
     pub drain_grace: Option<String>,
     pub worker_threads: Option<i64>,
     pub forward_non_cri: Option<bool>,
+    #[serde(default)]
+    pub limits: RawLimits,
+}
+
+/// `[server.limits]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<i64>,
+    pub max_streams_per_connection: Option<i64>,
+    pub idle_timeout: Option<String>,
+    pub keepalive_interval: Option<String>,
+    pub keepalive_timeout: Option<String>,
+    pub body_budget: Option<String>,
+    pub body_budget_wait: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub max_pull_image_message: Option<String>,
+    pub max_small_message: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +203,9 @@ pub struct PolicyConfig {
     /// Root-only TOML file with credentials for the private registry (`username`/`password` or
     /// `identity_token`), sent instead of the client's when a pull is redirected there.
     pub private_registry_auth: Option<PathBuf>,
+    /// Largest bundle file pullgate reads (drop directory, `bundle install`, the installed bundle);
+    /// a larger one is refused before anything in it is looked at.
+    pub max_bundle_size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +243,57 @@ pub struct ServerConfig {
     /// Runtime worker threads; 1 (the default) runs the proxy on a single-threaded runtime, which
     /// avoids cross-thread wake-ups (figures for 1 and 2 workers in the README's Performance section).
     pub worker_threads: usize,
+    /// Bounds on connections, streams and buffered request bodies (`[server.limits]`).
+    pub limits: Limits,
 }
+
+/// What one client may cost the daemon: connections, streams, buffered bytes and time
+/// (`[server.limits]`; the arithmetic behind the defaults is in docs/operations.md and the unit file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Client connections served at once. When it is reached, the connection idle for the longest
+    /// is closed to make room; only when none is idle is a newcomer refused.
+    pub max_connections: usize,
+    /// HTTP/2 streams (concurrent calls) one connection may have open; gRPC clients queue calls
+    /// beyond it rather than fail them.
+    pub max_streams_per_connection: u32,
+    /// A connection with no open call for this long is closed (GOAWAY; clients reconnect).
+    pub idle_timeout: Duration,
+    /// HTTP/2 PING interval that detects dead or hung peers; `None`: no pings.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a PING may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// Bytes of intercepted request bodies buffered at once, over all connections.
+    pub body_budget: u64,
+    /// How long a call waits for room in the body budget before RESOURCE_EXHAUSTED.
+    pub body_budget_wait: Duration,
+    /// How long an intercepted request body may take to arrive in full.
+    pub body_read_timeout: Duration,
+    /// Largest `PullImage` request message.
+    pub max_pull_image_message: usize,
+    /// Largest request message of the intercepted methods whose messages are always small
+    /// (`ImageStatus`, `RemoveImage`, `ListImages`, `RemovePodSandbox`).
+    pub max_small_message: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 128,
+            max_streams_per_connection: 256,
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
+            body_budget: 64 * MIB,
+            body_budget_wait: Duration::from_secs(1),
+            body_read_timeout: Duration::from_secs(10),
+            max_pull_image_message: 4 * MIB as usize,
+            max_small_message: MIB as usize,
+        }
+    }
+}
+
+const MIB: u64 = 1024 * 1024;
 
 /// The group of the listening socket: a name to look up, or a numeric gid.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,6 +328,7 @@ impl Default for Config {
                 drain_grace: DEFAULT_DRAIN_GRACE,
                 forward_non_cri: false,
                 worker_threads: 1,
+                limits: Limits::default(),
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -267,6 +343,7 @@ impl Default for Config {
                 expiry_grace: Duration::from_secs(72 * 3600),
                 sandbox_image: SandboxImageCheck::Warn,
                 private_registry_auth: None,
+                max_bundle_size: DEFAULT_MAX_BUNDLE_SIZE,
             },
             audit: AuditConfig {
                 path: PathBuf::from(DEFAULT_STATE_DIR).join("audit.log"),
@@ -395,6 +472,8 @@ impl Config {
             }
         };
 
+        let limits = Limits::from_raw(server.limits, &invalid)?;
+
         let format = match raw.log.format.as_deref() {
             None | Some("text") => LogFormat::Text,
             Some("json") => LogFormat::Json,
@@ -478,6 +557,18 @@ impl Config {
                     PathBuf::new(),
                 )?),
             },
+            max_bundle_size: match p.max_bundle_size {
+                None => defaults.policy.max_bundle_size,
+                Some(s) => parse_size(&s)
+                    .filter(|n| (MIB..=1024 * MIB).contains(n))
+                    .ok_or_else(|| {
+                        invalid(
+                            "policy.max_bundle_size",
+                            &s,
+                            "a size from 1MiB to 1GiB such as \"64MiB\" (a 100,000-image bundle is about 40MiB)",
+                        )
+                    })?,
+            },
         };
         let a = raw.audit;
         let audit = AuditConfig {
@@ -549,9 +640,129 @@ impl Config {
                 drain_grace,
                 forward_non_cri: server.forward_non_cri.unwrap_or(false),
                 worker_threads,
+                limits,
             },
             log: LogConfig { format, level },
         })
+    }
+}
+
+impl Limits {
+    /// Validates `[server.limits]`; `invalid` builds the error naming the file and key.
+    fn from_raw(
+        raw: RawLimits,
+        invalid: &dyn Fn(&'static str, &dyn fmt::Display, &'static str) -> ConfigError,
+    ) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let count = |key: &'static str,
+                     v: Option<i64>,
+                     default: u64,
+                     range: std::ops::RangeInclusive<u64>,
+                     expected: &'static str| match v {
+            None => Ok(default),
+            Some(n) => u64::try_from(n)
+                .ok()
+                .filter(|n| range.contains(n))
+                .ok_or_else(|| invalid(key, &n, expected)),
+        };
+        let duration = |key: &'static str,
+                        v: Option<String>,
+                        default: Duration,
+                        range: std::ops::RangeInclusive<Duration>,
+                        expected: &'static str| match v {
+            None => Ok(default),
+            Some(s) => humantime::parse_duration(s.trim())
+                .ok()
+                .filter(|d| range.contains(d))
+                .ok_or_else(|| invalid(key, &s, expected)),
+        };
+        let size = |key: &'static str,
+                    v: Option<String>,
+                    default: u64,
+                    range: std::ops::RangeInclusive<u64>,
+                    expected: &'static str| match v {
+            None => Ok(default),
+            Some(s) => parse_size(&s)
+                .filter(|n| range.contains(n))
+                .ok_or_else(|| invalid(key, &s, expected)),
+        };
+        let secs = Duration::from_secs;
+        let limits = Limits {
+            max_connections: count(
+                "server.limits.max_connections",
+                raw.max_connections,
+                d.max_connections as u64,
+                1..=65536,
+                "a whole number from 1 to 65536 (each connection holds a file descriptor: keep LimitNOFILE above it)",
+            )? as usize,
+            max_streams_per_connection: count(
+                "server.limits.max_streams_per_connection",
+                raw.max_streams_per_connection,
+                u64::from(d.max_streams_per_connection),
+                16..=4096,
+                "a whole number from 16 to 4096 (kubelet makes tens of calls at once on one connection)",
+            )? as u32,
+            idle_timeout: duration(
+                "server.limits.idle_timeout",
+                raw.idle_timeout,
+                d.idle_timeout,
+                secs(1)..=secs(24 * 3600),
+                "a duration from 1s to 24h, such as \"5m\"",
+            )?,
+            keepalive_interval: match raw.keepalive_interval.as_deref().map(str::trim) {
+                Some("off") => None,
+                _ => Some(duration(
+                    "server.limits.keepalive_interval",
+                    raw.keepalive_interval,
+                    d.keepalive_interval.unwrap_or(secs(60)),
+                    secs(1)..=secs(3600),
+                    "a duration from 1s to 1h such as \"60s\", or \"off\"",
+                )?),
+            },
+            keepalive_timeout: duration(
+                "server.limits.keepalive_timeout",
+                raw.keepalive_timeout,
+                d.keepalive_timeout,
+                secs(1)..=secs(600),
+                "a duration from 1s to 10m, such as \"20s\"",
+            )?,
+            body_budget: size(
+                "server.limits.body_budget",
+                raw.body_budget,
+                d.body_budget,
+                16 * MIB..=1024 * MIB,
+                "a size from 16MiB (one CreateContainer message at kubelet's 16 MiB limit) to 1GiB, such as \"64MiB\"",
+            )?,
+            body_budget_wait: duration(
+                "server.limits.body_budget_wait",
+                raw.body_budget_wait,
+                d.body_budget_wait,
+                Duration::ZERO..=secs(60),
+                "a duration of at most 1m, such as \"1s\" (\"0s\": refuse at once)",
+            )?,
+            body_read_timeout: duration(
+                "server.limits.body_read_timeout",
+                raw.body_read_timeout,
+                d.body_read_timeout,
+                Duration::from_millis(100)..=secs(600),
+                "a duration from 100ms to 10m, such as \"10s\"",
+            )?,
+            max_pull_image_message: size(
+                "server.limits.max_pull_image_message",
+                raw.max_pull_image_message,
+                d.max_pull_image_message as u64,
+                64 * 1024..=16 * MIB,
+                "a size from 64KiB to 16MiB, such as \"4MiB\"",
+            )? as usize,
+            max_small_message: size(
+                "server.limits.max_small_message",
+                raw.max_small_message,
+                d.max_small_message as u64,
+                64 * 1024..=16 * MIB,
+                "a size from 64KiB to 16MiB, such as \"1MiB\"",
+            )? as usize,
+        };
+        Ok(limits)
     }
 }
 
@@ -815,6 +1026,113 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_typed_and_bounded() {
+        let c = parse(
+            r#"
+            [server.limits]
+            max_connections = 5000
+            max_streams_per_connection = 64
+            idle_timeout = "30s"
+            keepalive_interval = "off"
+            keepalive_timeout = "5s"
+            body_budget = "128MiB"
+            body_budget_wait = "0s"
+            body_read_timeout = "500ms"
+            max_pull_image_message = "2MiB"
+            max_small_message = "256KiB"
+            [policy]
+            max_bundle_size = "100MiB"
+            "#,
+        )
+        .unwrap();
+        let l = &c.server.limits;
+        assert_eq!(l.max_connections, 5000);
+        assert_eq!(l.max_streams_per_connection, 64);
+        assert_eq!(l.idle_timeout, Duration::from_secs(30));
+        assert_eq!(l.keepalive_interval, None);
+        assert_eq!(l.keepalive_timeout, Duration::from_secs(5));
+        assert_eq!(l.body_budget, 128 << 20);
+        assert_eq!(l.body_budget_wait, Duration::ZERO);
+        assert_eq!(l.body_read_timeout, Duration::from_millis(500));
+        assert_eq!(l.max_pull_image_message, 2 << 20);
+        assert_eq!(l.max_small_message, 256 << 10);
+        assert_eq!(c.policy.max_bundle_size, 100 << 20);
+        let d = Config::default();
+        assert_eq!(d.server.limits, Limits::default());
+        assert_eq!(
+            d.server.limits.keepalive_interval,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(d.policy.max_bundle_size, 64 << 20);
+        assert_eq!(
+            parse("[server.limits]\nkeepalive_interval = \"15s\"")
+                .unwrap()
+                .server
+                .limits
+                .keepalive_interval,
+            Some(Duration::from_secs(15))
+        );
+        for (text, key, expected) in [
+            ("max_connections = 0", "max_connections", "1 to 65536"),
+            ("max_connections = 70000", "max_connections", "1 to 65536"),
+            ("max_connections = -1", "max_connections", "1 to 65536"),
+            (
+                "max_streams_per_connection = 8",
+                "max_streams_per_connection",
+                "16 to 4096",
+            ),
+            ("idle_timeout = \"0s\"", "idle_timeout", "1s to 24h"),
+            ("idle_timeout = \"forever\"", "idle_timeout", "1s to 24h"),
+            (
+                "keepalive_interval = \"2h\"",
+                "keepalive_interval",
+                "\"off\"",
+            ),
+            (
+                "keepalive_timeout = \"1h\"",
+                "keepalive_timeout",
+                "1s to 10m",
+            ),
+            ("body_budget = \"1MiB\"", "body_budget", "from 16MiB"),
+            ("body_budget = \"2GiB\"", "body_budget", "to 1GiB"),
+            ("body_budget = \"lots\"", "body_budget", "from 16MiB"),
+            (
+                "body_budget_wait = \"5m\"",
+                "body_budget_wait",
+                "at most 1m",
+            ),
+            (
+                "body_read_timeout = \"1ms\"",
+                "body_read_timeout",
+                "100ms to 10m",
+            ),
+            (
+                "max_pull_image_message = \"32MiB\"",
+                "max_pull_image_message",
+                "64KiB to 16MiB",
+            ),
+            (
+                "max_small_message = \"1KiB\"",
+                "max_small_message",
+                "64KiB to 16MiB",
+            ),
+        ] {
+            let text = format!("[server.limits]\n{text}");
+            let e = err(&text);
+            assert!(e.contains(&format!("server.limits.{key}")), "{text}: {e}");
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        for bad in ["\"512KiB\"", "\"2GiB\"", "\"big\""] {
+            let e = err(&format!("[policy]\nmax_bundle_size = {bad}"));
+            assert!(e.contains("policy.max_bundle_size"), "{bad}: {e}");
+            assert!(e.contains("1MiB to 1GiB"), "{bad}: {e}");
+        }
+        let e = err("[server.limits]\nmax_conections = 5");
+        assert!(e.contains("max_conections"), "{e}");
+        assert!(e.contains("server.limits"), "{e}");
+    }
+
+    #[test]
     fn lockdown_section() {
         let d = Config::default().lockdown;
         assert!(
@@ -882,5 +1200,8 @@ mod tests {
         let c = Config::load(&path).expect("config.example.toml must parse");
         assert_eq!(c.server.listen, Path::new(DEFAULT_LISTEN));
         assert_eq!(c.server.upstream, Path::new(DEFAULT_UPSTREAM));
+        // It says it shows the defaults.
+        assert_eq!(c.server.limits, Limits::default());
+        assert_eq!(c.policy.max_bundle_size, DEFAULT_MAX_BUNDLE_SIZE);
     }
 }

@@ -105,6 +105,61 @@ impl Histogram {
     }
 }
 
+/// Why pullgate refused an intercepted request body (`pullgate_request_body_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRefusal {
+    /// The announced message is over the method's cap.
+    MessageCap = 0,
+    /// No room in the global body budget within the wait.
+    Budget = 1,
+    /// The body did not arrive within the read timeout.
+    ReadTimeout = 2,
+}
+
+impl BodyRefusal {
+    const ALL: [BodyRefusal; 3] = [
+        BodyRefusal::MessageCap,
+        BodyRefusal::Budget,
+        BodyRefusal::ReadTimeout,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BodyRefusal::MessageCap => "message_cap",
+            BodyRefusal::Budget => "budget",
+            BodyRefusal::ReadTimeout => "read_timeout",
+        }
+    }
+}
+
+/// Why pullgate closed (or would not serve) a client connection
+/// (`pullgate_connections_closed_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnClose {
+    /// No open call for `server.limits.idle_timeout`.
+    IdleTimeout = 0,
+    /// Closed to make room for a new connection at `server.limits.max_connections`.
+    Evicted = 1,
+    /// A new connection refused: the cap was reached and no connection was idle.
+    Refused = 2,
+}
+
+impl ConnClose {
+    const ALL: [ConnClose; 3] = [
+        ConnClose::IdleTimeout,
+        ConnClose::Evicted,
+        ConnClose::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnClose::IdleTimeout => "idle_timeout",
+            ConnClose::Evicted => "evicted",
+            ConnClose::Refused => "refused",
+        }
+    }
+}
+
 /// The installed bundle as metrics see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BundleGauge {
@@ -159,9 +214,16 @@ pub struct Metrics {
     upstream_latency: Vec<Histogram>,
     decisions: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     installs: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Clients refused at the protocol level, by reason: rare, so a mutex is fine.
+    refusals: Mutex<BTreeMap<&'static str, u64>>,
     audit_errors: AtomicU64,
     /// 1 approved, 0 not approved, -1 not checked yet.
     sandbox_image_approved: AtomicI64,
+    body_refusals: [AtomicU64; 3],
+    body_bytes_reserved: AtomicI64,
+    accept_errors: AtomicU64,
+    connections_open: AtomicI64,
+    connections_closed: [AtomicU64; 3],
     lockdown: LockdownMetrics,
     deprecated_starts: AtomicU64,
     /// Most recent first.
@@ -194,8 +256,14 @@ impl Default for Metrics {
             upstream_latency: (0..=OTHER).map(|_| Histogram::new()).collect(),
             decisions: Mutex::default(),
             installs: Mutex::default(),
+            refusals: Mutex::default(),
             audit_errors: AtomicU64::new(0),
             sandbox_image_approved: AtomicI64::new(-1),
+            body_refusals: Default::default(),
+            body_bytes_reserved: AtomicI64::new(0),
+            accept_errors: AtomicU64::new(0),
+            connections_open: AtomicI64::new(0),
+            connections_closed: Default::default(),
             lockdown: LockdownMetrics {
                 images: Mutex::new(None),
                 out_of_band: Default::default(),
@@ -232,9 +300,6 @@ impl Metrics {
         *lock(&self.decisions).entry((result, reason)).or_default() += 1;
     }
 
-    /// A decision made for CRI `method`: counted by result and reason; a container start of a
-    /// deprecated image is counted apart, and starts of images with a lifecycle or an exception are
-    /// remembered for `pullgate status`.
     /// Remembers a container start from a deprecated, soon-to-sunset or excepted image (the
     /// decision itself is counted by [`Metrics::decision`]).
     pub fn lifecycle_start(&self, method: &str, d: &Decision) {
@@ -293,8 +358,35 @@ impl Metrics {
         *lock(&self.installs).entry((result, reason)).or_default() += 1;
     }
 
+    /// A request or connection refused at the protocol level (see `proxy::refusal` for the reasons).
+    pub fn protocol_refusal(&self, reason: &'static str) {
+        *lock(&self.refusals).entry(reason).or_default() += 1;
+    }
+
     pub fn audit_error(&self) {
         self.audit_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn body_refused(&self, why: BodyRefusal) {
+        self.body_refusals[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Bytes reserved for request bodies changed by `delta`.
+    pub fn body_bytes_reserved(&self, delta: i64) {
+        self.body_bytes_reserved.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn accept_error(&self) {
+        self.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Client connections being served changed by `delta`.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, why: ConnClose) {
+        self.connections_closed[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_sandbox_image_approved(&self, ok: bool) {
@@ -429,6 +521,14 @@ impl Metrics {
                 "pullgate_bundle_installs_total{{result=\"{result}\",reason=\"{reason}\"}} {n}"
             );
         }
+        o.push_str("# HELP pullgate_protocol_refusals_total Requests and connections refused at the protocol level (before any CRI handling), by reason.\n");
+        o.push_str("# TYPE pullgate_protocol_refusals_total counter\n");
+        for (reason, n) in lock(&self.refusals).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_protocol_refusals_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
         o.push_str("# HELP pullgate_bundle_version Version of the bundle in force (0: none).\n");
         o.push_str("# TYPE pullgate_bundle_version gauge\n");
         let _ = writeln!(
@@ -470,6 +570,46 @@ impl Metrics {
             o,
             "pullgate_sandbox_image_approved {}",
             self.sandbox_image_approved.load(Ordering::Relaxed)
+        );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as i64;
+        let refusals =
+            BodyRefusal::ALL.map(|w| (w.as_str(), load(&self.body_refusals[w as usize])));
+        write_metric(
+            &mut o,
+            "pullgate_request_body_refusals_total",
+            "counter",
+            "Intercepted calls refused while their request body was read, by the limit that refused them.",
+            &refusals,
+        );
+        write_metric(
+            &mut o,
+            "pullgate_request_body_bytes_reserved",
+            "gauge",
+            "Bytes of intercepted request bodies being buffered (reserved in server.limits.body_budget).",
+            &[("", self.body_bytes_reserved.load(Ordering::Relaxed))],
+        );
+        write_metric(
+            &mut o,
+            "pullgate_accept_errors_total",
+            "counter",
+            "Failed accept(2) calls on the CRI socket (such as EMFILE: out of file descriptors).",
+            &[("", load(&self.accept_errors))],
+        );
+        write_metric(
+            &mut o,
+            "pullgate_connections",
+            "gauge",
+            "Client connections open on the CRI socket.",
+            &[("", self.connections_open.load(Ordering::Relaxed))],
+        );
+        let closed =
+            ConnClose::ALL.map(|w| (w.as_str(), load(&self.connections_closed[w as usize])));
+        write_metric(
+            &mut o,
+            "pullgate_connections_closed_total",
+            "counter",
+            "Client connections pullgate closed or refused itself, by reason.",
+            &closed,
         );
         o.push_str("# HELP pullgate_upstream_up Whether the connection to containerd is open.\n");
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
@@ -562,6 +702,22 @@ impl Metrics {
     }
 }
 
+/// One metric in the text format: HELP, TYPE, and a sample per `(reason, value)`; an empty reason
+/// writes the sample without labels.
+fn write_metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, i64)]) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (reason, v) in samples {
+        match reason {
+            &"" => {
+                let _ = writeln!(o, "{name} {v}");
+            }
+            r => {
+                let _ = writeln!(o, "{name}{{reason=\"{r}\"}} {v}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,6 +748,15 @@ mod tests {
         m.upstream_latency(0, Duration::from_micros(300));
         m.decision("deny", "not_in_bundle");
         m.bundle_install("rejected", "rollback");
+        m.protocol_refusal("http1");
+        m.protocol_refusal("http1");
+        m.body_refused(BodyRefusal::Budget);
+        m.body_bytes_reserved(5000);
+        m.body_bytes_reserved(-904);
+        m.accept_error();
+        m.connections_open(3);
+        m.connections_open(-1);
+        m.connection_closed(ConnClose::Evicted);
         let bundle = Some(BundleGauge {
             version: 7,
             issued_unix: 1000,
@@ -607,10 +772,18 @@ mod tests {
             "pullgate_upstream_latency_seconds_count{method=\"Version\"} 1",
             "pullgate_decisions_total{result=\"deny\",reason=\"not_in_bundle\"} 1",
             "pullgate_bundle_installs_total{result=\"rejected\",reason=\"rollback\"} 1",
+            "pullgate_protocol_refusals_total{reason=\"http1\"} 2",
             "pullgate_bundle_version 7",
             "pullgate_bundle_age_seconds 1000",
             "pullgate_bundle_expiry_seconds 3000",
             "pullgate_sandbox_image_approved -1",
+            "pullgate_request_body_refusals_total{reason=\"budget\"} 1",
+            "pullgate_request_body_refusals_total{reason=\"read_timeout\"} 0",
+            "pullgate_request_body_bytes_reserved 4096",
+            "pullgate_accept_errors_total 1",
+            "pullgate_connections 2",
+            "pullgate_connections_closed_total{reason=\"evicted\"} 1",
+            "pullgate_connections_closed_total{reason=\"idle_timeout\"} 0",
             "pullgate_exception_expiry_seconds 600",
             "pullgate_deprecated_starts_total 0",
         ] {

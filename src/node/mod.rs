@@ -11,7 +11,9 @@
 //! - [`lockdown`]: the containerd event watcher (images and snapshots that arrive past pullgate)
 //!   and the node check (`pullgate node check`: containerd, sockets, kubelet, bundle).
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
+//! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
+//! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
@@ -22,5 +24,6 @@ pub mod enforce;
 pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod whatif;
 pub mod wire;

@@ -45,6 +45,9 @@ pub const SUPPORTED_FORMATS: &[u64] = &[1, 2];
 /// How far in the future `issued_at` may be before the bundle is rejected (clock skew between the
 /// signing workstation and the node).
 pub const MAX_CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
+/// Largest bundle read when the caller sets no other limit. A 100,000-image bundle is about 40 MiB
+/// (`cargo bench --bench policy`), so this leaves room for about 160,000 images.
+pub const DEFAULT_MAX_BUNDLE_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Why a bundle was rejected. Every variant names the problem and what to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +98,12 @@ pub enum BundleError {
         "bundle version {version} is not newer than the installed version {installed} (rollback refused); publish a bundle with a higher version"
     )]
     Rollback { version: u64, installed: u64 },
+    /// The bundle is larger than the size limit; nothing in it was parsed.
+    #[error(
+        "bundle is larger than the limit of {max} bytes ({} MiB) and was refused unread; publish a smaller bundle, or raise policy.max_bundle_size on the nodes if it is genuine",
+        max / (1024 * 1024)
+    )]
+    TooLarge { max: u64 },
     /// An exception lasts longer after `issued_at` than the node's trust file allows.
     #[error("bundle has an exception that lasts too long: {0}")]
     ExceptionTooLong(String),
@@ -121,6 +130,7 @@ impl BundleError {
             BundleError::Expired { .. } => "expired",
             BundleError::IssuedInFuture { .. } => "issued_in_future",
             BundleError::Rollback { .. } => "rollback",
+            BundleError::TooLarge { .. } => "too_large",
             BundleError::ExceptionTooLong(_) => "exception_too_long",
             BundleError::BelowTrustFloor(_) => "below_trust_floor",
         }
@@ -515,33 +525,102 @@ pub fn verify_bundle(
     check_times_and_version(bundle, signers, trust, installed_version, now)
 }
 
-/// [`verify_bundle`] for a bundle read from `reader` (e.g. the open bundle file), without holding the
-/// whole file in memory: the bytes are hashed for the signature check as they are parsed, in one pass.
+/// [`verify_bundle`] for a bundle read from `reader` (e.g. the open bundle file) of at most
+/// `max_size` bytes, without holding the whole file in memory.
+///
+/// Two passes: the first hashes the bytes and checks the k-of-n signatures before anything is parsed,
+/// so content whose signatures do not hold (or that is over `max_size`, which a seek to the end shows
+/// before any byte is read) costs at most one linear pass. The second parses while hashing again, and
+/// the result is kept only if both hashes match: what was parsed is what was signed, even if the file
+/// changed in between.
 ///
 /// The outcome is the same as [`verify_bundle`] over the same bytes: signature errors take precedence
-/// over everything else (the content is read to the end and hashed even when it does not parse), and
-/// nothing parsed from a bundle is returned unless its signatures verify. The outer error is an I/O
-/// error of `reader`.
+/// over everything else, and nothing parsed from a bundle is returned unless its signatures verify.
+/// The outer error is an I/O error of `reader` (or the file changing between the passes).
 ///
 /// One difference in error reporting only: when the JSON is malformed, the format number (to report
 /// `unsupported_format` instead of `malformed`) is known only if it appears before the error.
-pub fn verify_bundle_reader<R: std::io::Read>(
+pub fn verify_bundle_reader<R: std::io::Read + std::io::Seek>(
     mut reader: R,
     signatures: &SignatureFile,
     trust: &Trust,
     installed_version: Option<u64>,
     now: OffsetDateTime,
+    max_size: u64,
 ) -> std::io::Result<Result<VerifiedBundle, BundleError>> {
+    use std::io::{Read, SeekFrom};
+
+    // Pass 1: size, hash, signatures.
+    if reader.seek(SeekFrom::End(0))? > max_size {
+        return Ok(Err(BundleError::TooLarge { max: max_size }));
+    }
+    reader.seek(SeekFrom::Start(0))?;
+    let limited = (&mut reader).take(max_size.saturating_add(1));
+    let (read, signed, size) = hashed(limited, |r| {
+        // Large reads: fewer system calls and chunks for the hasher.
+        let mut chunk = vec![0u8; 256 * 1024];
+        while r.read(&mut chunk)? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })?;
+    read?;
+    if size > max_size {
+        return Ok(Err(BundleError::TooLarge { max: max_size }));
+    }
+    let signers = match verify_signatures_for_hash(&signed, signatures, trust) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    // Pass 2: parse, hashing again; never more than pass 1 accepted (plus one byte, to notice growth).
+    reader.seek(SeekFrom::Start(0))?;
+    SEEN_FORMAT.with(|f| f.set(None));
+    let limited = (&mut reader).take(max_size.saturating_add(1));
+    let (parsed, digest, _) = hashed(limited, |r| {
+        serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(1 << 17, r))
+    })?;
+    let parsed = match parsed {
+        Err(e) if e.is_io() => return Err(e.into()),
+        other => other,
+    };
+    if digest != signed {
+        return Err(std::io::Error::other(
+            "the bundle changed while it was being read (the bytes parsed are not the bytes whose signatures were checked); try again",
+        ));
+    }
+    let result = (|| {
+        let raw = parsed.map_err(|e| {
+            match SEEN_FORMAT
+                .with(|f| f.get())
+                .filter(|f| !SUPPORTED_FORMATS.contains(f))
+            {
+                Some(f) => BundleError::UnsupportedFormat(f),
+                None => BundleError::Malformed(e.to_string()),
+            }
+        })?;
+        let bundle = build_checked(raw)?;
+        check_times_and_version(bundle, signers, trust, installed_version, now)
+    })();
+    Ok(result)
+}
+
+/// Runs `consume` over `reader`, then reads the rest of `reader`, hashing every byte with SHA-512: on
+/// a thread of its own when one can be started (hashing then runs in parallel with `consume`),
+/// directly otherwise. Returns what `consume` returned, the digest and the number of bytes hashed;
+/// the error is an I/O error of `reader` while reading the rest.
+fn hashed<R: std::io::Read, T>(
+    mut reader: R,
+    consume: impl FnOnce(&mut dyn std::io::Read) -> T,
+) -> std::io::Result<(T, [u8; 64], u64)> {
     use sha2::Digest as _;
     use std::io::Read;
     use std::sync::mpsc;
 
-    /// Passes every byte read from the inner reader to the hash: to a hashing thread when there is one
-    /// (hashing then runs in parallel with parsing), or directly.
+    /// Passes every byte read from the inner reader to the hash: to the hashing thread when there
+    /// is one, or directly.
     struct Hashing<'a, R> {
         inner: &'a mut R,
         hash: &'a mut sha2::Sha512,
         to_thread: Option<mpsc::SyncSender<Vec<u8>>>,
+        count: u64,
     }
     impl<R: Read> Read for Hashing<'_, R> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -553,13 +632,13 @@ pub fn verify_bundle_reader<R: std::io::Read>(
                 Some(_) => {}
                 None => self.hash.update(&buf[..n]),
             }
+            self.count += n as u64;
             Ok(n)
         }
     }
 
-    SEEN_FORMAT.with(|f| f.set(None));
     let mut hash = sha2::Sha512::new();
-    let (parsed, thread_hash) = std::thread::scope(|scope| {
+    let (consumed, drained, count, thread_hash) = std::thread::scope(|scope| {
         // Bounded: at most a few chunks wait for the hasher, so memory stays small.
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
         let hasher = std::thread::Builder::new()
@@ -576,50 +655,24 @@ pub fn verify_bundle_reader<R: std::io::Read>(
             inner: &mut reader,
             hash: &mut hash,
             to_thread: hasher.as_ref().map(|_| tx),
+            count: 0,
         };
-        let parsed = serde_json::from_reader::<_, RawBundle>(std::io::BufReader::with_capacity(
-            1 << 17,
-            &mut hashing,
-        ));
-        // Hash whatever the parser did not read (all of it after an error), so the signatures are
-        // checked over the exact file.
-        let drained = match &parsed {
-            Err(e) if e.is_io() => Ok(0),
-            _ => std::io::copy(&mut hashing, &mut std::io::sink()),
-        };
+        let consumed = consume(&mut hashing);
+        // Hash whatever `consume` did not read (all of it after a parse error), so the digest is
+        // over the exact bytes.
+        let drained = std::io::copy(&mut hashing, &mut std::io::sink());
+        let count = hashing.count;
         drop(hashing);
-        let thread_hash = hasher.map(|h| h.join());
-        (parsed.map_err(|e| (e, drained.err())), thread_hash)
+        (consumed, drained, count, hasher.map(|h| h.join()))
     });
-    let parsed = match parsed {
-        Err((e, _)) if e.is_io() => return Err(e.into()),
-        Err((_, Some(io))) => return Err(io),
-        Err((e, None)) => Err(e),
-        Ok(raw) => Ok(raw),
-    };
     // Exactly one of them saw the bytes: the hashing thread if it started, `hash` otherwise.
     let hash = match thread_hash {
         Some(Ok(h)) => h,
         Some(Err(panic)) => std::panic::resume_unwind(panic),
         None => hash,
     };
-    let digest: [u8; 64] = hash.finalize().into();
-    let result = verify_signatures_for_hash(&digest, signatures, trust)
-        .map_err(BundleError::from)
-        .and_then(|signers| {
-            let raw = parsed.map_err(|e| {
-                match SEEN_FORMAT
-                    .with(|f| f.get())
-                    .filter(|f| !SUPPORTED_FORMATS.contains(f))
-                {
-                    Some(f) => BundleError::UnsupportedFormat(f),
-                    None => BundleError::Malformed(e.to_string()),
-                }
-            })?;
-            let bundle = build_checked(raw)?;
-            check_times_and_version(bundle, signers, trust, installed_version, now)
-        });
-    Ok(result)
+    drained?;
+    Ok((consumed, hash.finalize().into(), count))
 }
 
 /// Expiry, issue time, rollback and the node's trust-file limits ([`check_trust_limits`]) of a parsed
@@ -2640,9 +2693,16 @@ pub(crate) mod tests {
             verify_bundle(v1, &sign(v1, &[1, 2]), &trust_2_of_3(), None, example_now()).is_ok()
         );
         // The streaming path applies the same limits.
-        let e = verify_bundle_reader(v2, &sign(v2, &[1, 2]), &limits(19, None), None, now)
-            .unwrap()
-            .unwrap_err();
+        let e = verify_bundle_reader(
+            std::io::Cursor::new(v2),
+            &sign(v2, &[1, 2]),
+            &limits(19, None),
+            None,
+            now,
+            DEFAULT_MAX_BUNDLE_SIZE,
+        )
+        .unwrap()
+        .unwrap_err();
         assert_eq!(e.code(), "exception_too_long", "{e}");
     }
 
@@ -2681,7 +2741,15 @@ pub(crate) mod tests {
         let trust = trust_2_of_3();
         let now = example_now();
         let stream = |b: &[u8], sigs: &SignatureFile| {
-            verify_bundle_reader(b, sigs, &trust, None, now).unwrap()
+            verify_bundle_reader(
+                std::io::Cursor::new(b),
+                sigs,
+                &trust,
+                None,
+                now,
+                DEFAULT_MAX_BUNDLE_SIZE,
+            )
+            .unwrap()
         };
         let sigs = sign(&bytes, &[1, 2]);
         let a = verify_bundle(&bytes, &sigs, &trust, None, now).unwrap();
@@ -2767,6 +2835,144 @@ pub(crate) mod tests {
         let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
         assert_eq!(e.code(), "duplicate", "{e}");
         assert!(e.to_string().contains("listed twice for scope corp"), "{e}");
+    }
+
+    /// A reader that counts the bytes read through it.
+    struct Counting<'a> {
+        inner: std::io::Cursor<&'a [u8]>,
+        read: &'a std::cell::Cell<u64>,
+    }
+    impl std::io::Read for Counting<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.set(self.read.get() + n as u64);
+            Ok(n)
+        }
+    }
+    impl std::io::Seek for Counting<'_> {
+        fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+            self.inner.seek(to)
+        }
+    }
+
+    /// Verifies `bytes` with the streaming entry point; returns the outcome and how many bytes it read.
+    fn verify_counting(
+        bytes: &[u8],
+        sigs: &SignatureFile,
+        max: u64,
+    ) -> (Result<VerifiedBundle, BundleError>, u64) {
+        let read = std::cell::Cell::new(0);
+        let reader = Counting {
+            inner: std::io::Cursor::new(bytes),
+            read: &read,
+        };
+        let r = verify_bundle_reader(reader, sigs, &trust_2_of_3(), None, example_now(), max)
+            .expect("no I/O error");
+        (r, read.get())
+    }
+
+    #[test]
+    fn signatures_are_checked_before_any_parsing() {
+        // A document that would be refused by the parser if it were parsed at all (thousands of
+        // nested arrays, an unknown format): with bad signatures it is read exactly once, to hash
+        // it, and never reaches the parser.
+        let mut doc = String::from("{\"format\": 9, \"images\": ");
+        doc.push_str(&"[".repeat(100_000));
+        let bytes = doc.into_bytes();
+        SEEN_FORMAT.with(|f| f.set(None));
+        let (r, read) = verify_counting(&bytes, &sign(b"other bytes", &[1, 2]), u64::MAX);
+        assert_eq!(r.unwrap_err().code(), "bad_signature");
+        assert_eq!(
+            read,
+            bytes.len() as u64,
+            "one hashing pass, no parsing pass"
+        );
+        assert_eq!(
+            SEEN_FORMAT.with(|f| f.get()),
+            None,
+            "the parser never saw it"
+        );
+        // Signed by the trusted keys, the same document is parsed (and refused by the parser).
+        let (r, read) = verify_counting(&bytes, &sign(&bytes, &[1, 2]), u64::MAX);
+        assert_eq!(r.unwrap_err().code(), "unsupported_format");
+        assert!(read > bytes.len() as u64, "parsed in a second pass");
+        assert_eq!(SEEN_FORMAT.with(|f| f.get()), Some(9));
+        // Too few signatures: refused after the hash as well.
+        let (r, read) = verify_counting(&bytes, &sign(&bytes, &[1]), u64::MAX);
+        assert_eq!(r.unwrap_err().code(), "not_enough_signatures");
+        assert_eq!(read, bytes.len() as u64);
+    }
+
+    #[test]
+    fn oversize_bundles_are_refused_unread() {
+        let bytes = example_json().into_bytes();
+        let sigs = sign(&bytes, &[1, 2]);
+        let len = bytes.len() as u64;
+        let (r, read) = verify_counting(&bytes, &sigs, len - 1);
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), "too_large", "{e}");
+        assert!(e.to_string().contains("policy.max_bundle_size"), "{e}");
+        assert_eq!(
+            read, 0,
+            "the size is known from a seek, before any byte is read"
+        );
+        // Exactly at the limit it loads, in two passes over the bytes.
+        let (r, read) = verify_counting(&bytes, &sigs, len);
+        assert_eq!(r.expect("a valid bundle at the limit loads").version, 42);
+        assert_eq!(read, 2 * len);
+    }
+
+    #[test]
+    fn a_bundle_that_changes_between_the_passes_is_refused() {
+        /// Serves `first` until the first seek back to the start after reading, then `second`.
+        struct Swapping {
+            first: std::io::Cursor<Vec<u8>>,
+            second: std::io::Cursor<Vec<u8>>,
+            swapped: bool,
+            read_any: bool,
+        }
+        impl std::io::Read for Swapping {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                self.read_any = true;
+                match self.swapped {
+                    false => self.first.read(buf),
+                    true => self.second.read(buf),
+                }
+            }
+        }
+        impl std::io::Seek for Swapping {
+            fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+                if self.read_any && to == std::io::SeekFrom::Start(0) {
+                    self.swapped = true;
+                }
+                self.first.seek(to)?;
+                self.second.seek(to)
+            }
+        }
+        let good = example_json().into_bytes();
+        let evil = example_json()
+            .replacen("\"version\": 42", "\"version\": 43", 1)
+            .into_bytes();
+        assert_eq!(good.len(), evil.len());
+        let reader = Swapping {
+            first: std::io::Cursor::new(good.clone()),
+            second: std::io::Cursor::new(evil),
+            swapped: false,
+            read_any: false,
+        };
+        let e = verify_bundle_reader(
+            reader,
+            &sign(&good, &[1, 2]),
+            &trust_2_of_3(),
+            None,
+            example_now(),
+            DEFAULT_MAX_BUNDLE_SIZE,
+        )
+        .expect_err("a changed file is an error, never a bundle");
+        assert!(
+            e.to_string().contains("changed while it was being read"),
+            "{e}"
+        );
     }
 
     #[test]

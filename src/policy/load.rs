@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use super::bundle::{BundleError, VerifiedBundle, verify_bundle_reader};
+use super::bundle::{BundleError, DEFAULT_MAX_BUNDLE_SIZE, VerifiedBundle, verify_bundle_reader};
 use super::trust::{SignatureFile, Trust, TrustError};
 
 /// A file could not be read or is invalid.
@@ -54,6 +54,36 @@ pub fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, LoadError> {
     })
 }
 
+/// Reads all of an open file if it holds at most `max` bytes; `Ok(None)` (after reading at most
+/// `max + 1` bytes, and none if its size already says so) if it holds more.
+pub fn read_at_most(file: &mut std::fs::File, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let len = file.metadata()?.len();
+    if len > max {
+        return Ok(None);
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    file.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= max).then_some(buf))
+}
+
+/// Reads a bundle file of at most `max` bytes whole (for `bundle install`); a larger one is
+/// [`BundleError::TooLarge`] and is not read.
+pub fn read_bundle(path: &Path, max: u64) -> Result<Vec<u8>, LoadError> {
+    let read_error = |source| LoadError::Read {
+        what: "bundle",
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    read_at_most(&mut file, max)
+        .map_err(read_error)?
+        .ok_or_else(|| LoadError::Bundle {
+            path: path.to_owned(),
+            source: BundleError::TooLarge { max },
+        })
+}
+
 /// Reads and parses a trust file.
 pub fn read_trust(path: &Path) -> Result<Trust, LoadError> {
     let bytes = read("trust file", path)?;
@@ -80,7 +110,9 @@ pub fn read_signatures(path: &Path) -> Result<SignatureFile, LoadError> {
     }
 }
 
-/// Reads a bundle and its signatures (`signatures` or `BUNDLE.sig`) and verifies them against `trust`.
+/// Reads a bundle of at most [`DEFAULT_MAX_BUNDLE_SIZE`] bytes and its signatures (`signatures` or
+/// `BUNDLE.sig`) and verifies them against `trust`, signatures before content
+/// ([`verify_bundle_reader`]).
 pub fn load_bundle(
     bundle: &Path,
     signatures: Option<&Path>,
@@ -93,17 +125,24 @@ pub fn load_bundle(
         path: bundle.to_owned(),
         source,
     };
-    // The bundle is streamed (hashed and parsed in one pass) rather than read whole, so a large bundle
-    // is never in memory twice (file bytes and index).
+    // The bundle is streamed (hashed, then parsed while hashed again) rather than read whole, so a
+    // large bundle is never in memory twice (file bytes and index).
     let file = std::fs::File::open(bundle).map_err(read_error)?;
     let sig_path = signatures
         .map(Path::to_owned)
         .unwrap_or_else(|| signature_path(bundle));
     let sigs = read_signatures(&sig_path)?;
-    verify_bundle_reader(file, &sigs, trust, installed_version, now)
-        .map_err(read_error)?
-        .map_err(|source| LoadError::Bundle {
-            path: bundle.to_owned(),
-            source,
-        })
+    verify_bundle_reader(
+        file,
+        &sigs,
+        trust,
+        installed_version,
+        now,
+        DEFAULT_MAX_BUNDLE_SIZE,
+    )
+    .map_err(read_error)?
+    .map_err(|source| LoadError::Bundle {
+        path: bundle.to_owned(),
+        source,
+    })
 }

@@ -50,8 +50,8 @@ pub mod scope;
 pub mod trust;
 
 pub use bundle::{
-    Bundle, BundleError, Exception, ImageEntry, Lifecycle, LifecycleState, Provenance, Scan,
-    Severity, VerifiedBundle, parse_bundle, verify_bundle, verify_bundle_reader,
+    Bundle, BundleError, DEFAULT_MAX_BUNDLE_SIZE, Exception, ImageEntry, Lifecycle, LifecycleState,
+    Provenance, Scan, Severity, VerifiedBundle, parse_bundle, verify_bundle, verify_bundle_reader,
 };
 pub use decision::{
     Decision, ExceptionInfo, ImageRequest, LifecycleInfo, Matched, PodContext, ReasonCode, Verdict,

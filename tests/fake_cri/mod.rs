@@ -1,9 +1,9 @@
 //! Fake CRI upstreams for in-process tests and benchmarks.
 //!
 //! - [`FakeCri`]: a real tonic server of `k8s-cri`'s `RuntimeService` and `ImageService` on a unix
-//!   socket, with scripted behaviour: recorded pulls, pod sandboxes ([`FakeCri::add_sandbox`],
-//!   `PodSandboxStatus`, `RemovePodSandbox`), a controllable event stream, slow calls, errors with
-//!   metadata.
+//!   socket, with scripted behaviour: recorded pulls and request authorities, pod sandboxes
+//!   ([`FakeCri::add_sandbox`], `PodSandboxStatus`, `RemovePodSandbox`), a controllable event
+//!   stream, slow calls, errors with metadata.
 //! - [`RawUpstream`]: a bare HTTP/2 server that records every request exactly (path, headers, body
 //!   bytes, trailers) and answers with scripted raw bytes, for byte-for-byte checks that typed
 //!   bindings cannot make (they drop unknown fields).
@@ -48,17 +48,38 @@ pub struct Observed {
     pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Namespaces `Content.Read` was asked in.
     pub content_namespaces: Mutex<Vec<String>>,
-    /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID.
+    /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID. Like containerd's,
+    /// the fake resolves a unique ID prefix to its sandbox ([`Observed::sandbox`]).
     pub sandboxes: Mutex<std::collections::HashMap<String, cri::PodSandboxStatus>>,
     /// Sandbox IDs asked for by `PodSandboxStatus`, in order.
     pub sandbox_statuses: Mutex<Vec<String>>,
     /// Sandbox IDs `RemovePodSandbox` was called with, in order.
     pub sandbox_removals: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
+    /// The `:authority` of every request that reached the server (`None`: the request had none).
+    pub authorities: Mutex<Vec<Option<String>>>,
     /// Set when a slow call's handler was dropped before finishing (client cancel / deadline).
     pub cancelled: AtomicBool,
     /// Set when a slow call ran to completion.
     pub completed: AtomicBool,
+}
+
+impl Observed {
+    /// The full ID of the sandbox `id` names, as containerd's truncated-ID index resolves it: the
+    /// sandbox with exactly that ID, else the one sandbox whose ID starts with it.
+    pub fn sandbox(&self, id: &str) -> Option<String> {
+        let sandboxes = self.sandboxes.lock().unwrap();
+        if sandboxes.contains_key(id) {
+            return Some(id.to_string());
+        }
+        let mut matching = sandboxes
+            .keys()
+            .filter(|k| !id.is_empty() && k.starts_with(id));
+        match (matching.next(), matching.next()) {
+            (Some(k), None) => Some(k.clone()),
+            _ => None,
+        }
+    }
 }
 
 /// Scripted CRI runtime + image service.
@@ -122,8 +143,17 @@ impl FakeCri {
         let listener = UnixListener::bind(path).expect("bind fake CRI socket");
         let (stop_tx, stop_rx) = oneshot::channel();
         let svc = self.clone();
+        let observed = self.observed.clone();
+        let record = tower::ServiceBuilder::new().map_request(move |req: http::Request<_>| {
+            let authority = req.uri().authority().map(|a| a.to_string());
+            observed.authorities.lock().unwrap().push(authority);
+            req
+        });
         let task = tokio::spawn(async move {
+            // containerd (grpc-go) accepts header lists of up to 16 MiB; tonic's default is 16 KiB.
             let _ = tonic::transport::Server::builder()
+                .http2_max_header_list_size(1 << 20)
+                .layer(record)
                 .add_service(
                     RuntimeServiceServer::new(svc.clone())
                         .max_decoding_message_size(16 << 20)
@@ -251,12 +281,16 @@ impl RuntimeService for FakeCri {
         &self,
         _r: TReq<cri::GetEventsRequest>,
     ) -> Res<Self::GetContainerEventsStream> {
-        let rx = self
-            .events
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| Status::resource_exhausted("fake: one event subscriber only"))?;
+        // The first subscriber gets the scripted events; later ones two canned events and the end.
+        let Some(rx) = self.events.lock().unwrap().take() else {
+            let canned = (0..2).map(|i| {
+                Ok(cri::ContainerEventResponse {
+                    container_id: format!("canned-{i}"),
+                    ..Default::default()
+                })
+            });
+            return Ok(TResp::new(Box::pin(tokio_stream::iter(canned))));
+        };
         let s = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(TResp::new(Box::pin(tokio_stream::StreamExt::map(s, Ok))))
     }
@@ -279,7 +313,9 @@ impl RuntimeService for FakeCri {
         r: TReq<cri::RemovePodSandboxRequest>,
     ) -> Res<cri::RemovePodSandboxResponse> {
         let id = r.into_inner().pod_sandbox_id;
-        self.observed.sandboxes.lock().unwrap().remove(&id);
+        if let Some(full) = self.observed.sandbox(&id) {
+            self.observed.sandboxes.lock().unwrap().remove(&full);
+        }
         self.observed.sandbox_removals.lock().unwrap().push(id);
         Ok(TResp::new(cri::RemovePodSandboxResponse {}))
     }
@@ -295,7 +331,10 @@ impl RuntimeService for FakeCri {
             .lock()
             .unwrap()
             .push(id.clone());
-        let status = self.observed.sandboxes.lock().unwrap().get(&id).cloned();
+        let status = self
+            .observed
+            .sandbox(&id)
+            .and_then(|full| self.observed.sandboxes.lock().unwrap().get(&full).cloned());
         match status {
             Some(status) => Ok(TResp::new(cri::PodSandboxStatusResponse {
                 status: Some(status),

@@ -225,9 +225,9 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         Ok(t) => t,
         Err(e) => return fail(e.to_string()),
     };
-    let bytes = match load::read("bundle", bundle) {
+    let bytes = match load::read_bundle(bundle, config.policy.max_bundle_size) {
         Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(format!("rejected, nothing changed: {e}")),
     };
     let sig_path = signatures
         .map(Path::to_path_buf)
@@ -236,7 +236,8 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
-    let store = BundleStore::new(&config.policy.state_dir);
+    let store = BundleStore::new(&config.policy.state_dir)
+        .with_max_bundle_size(config.policy.max_bundle_size);
     let installed = match store.install(
         &bytes,
         &sigs,

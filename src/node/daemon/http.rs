@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -73,18 +74,33 @@ async fn route(
     })
 }
 
+/// Clients served at once (scrapers, `pullgate status`); more wait in the listen backlog. Any local
+/// process can connect to loopback, so this keeps them from holding the daemon's file descriptors.
+const MAX_CLIENTS: usize = 16;
+/// How long one client connection may stay open.
+const CLIENT_TIME: Duration = Duration::from_secs(30);
+
 /// Serves the endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, node: Arc<Node>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of file descriptors or similar: back off rather than spin.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let node = node.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| route(node.clone(), req));
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CLIENT_TIME, conn).await;
+            drop(slot);
         });
     }
 }

@@ -28,9 +28,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
-use crate::node::config::{Config, LogFormat, SandboxImageCheck, ServerConfig};
-use crate::node::metrics::Metrics;
+use crate::node::config::{Config, Limits, LogFormat, SandboxImageCheck, ServerConfig};
+use crate::node::metrics::{ConnClose, Metrics};
+use crate::node::proxy::track::Registry;
 use crate::node::proxy::{InterceptTable, Proxy, Reach, Upstream, conn};
+use crate::node::ratelimit::LogLimiter;
 use listener::{ListenError, SocketGuard};
 
 /// What the server is told to do while it runs.
@@ -59,17 +61,23 @@ pub struct Server {
     proxy: Arc<Proxy>,
     socket: SocketGuard,
     drain_grace: Duration,
+    limits: Limits,
     reload: Option<ReloadHook>,
 }
+
+/// How often a repeating accept error or connection refusal is logged at most.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Server {
     /// Binds the listening socket with a proxy of its own (no shared state); containerd is not
     /// contacted yet.
     pub fn bind(cfg: &ServerConfig, intercepts: InterceptTable) -> Result<Server, ListenError> {
-        let proxy = Proxy::new(
+        let proxy = Proxy::configured(
             Arc::new(Upstream::new(&cfg.upstream)),
             intercepts,
             Arc::new(Metrics::default()),
+            Reach::Cri,
+            &cfg.limits,
         );
         Server::bind_with(cfg, proxy)
     }
@@ -81,6 +89,7 @@ impl Server {
             proxy,
             socket,
             drain_grace: cfg.drain_grace,
+            limits: cfg.limits.clone(),
             reload: None,
         })
     }
@@ -105,21 +114,42 @@ impl Server {
             proxy,
             socket,
             drain_grace,
+            limits,
             reload,
         } = self;
-        let builder = Arc::new(conn::server_builder());
+        let builder = Arc::new(conn::server_builder(&limits));
+        let metrics = proxy.metrics().clone();
+        let registry = Registry::new(&limits, metrics.clone());
+        let log_limiter = LogLimiter::new(LOG_INTERVAL);
+        check_fd_limit(limits.max_connections);
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         tracing::info!(listen = %socket.path().display(), upstream = %proxy.upstream().path().display(), "serving");
         loop {
             tokio::select! {
                 accepted = socket.listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        conns.spawn(conn::serve(proxy.clone(), builder.clone(), stream, stop_rx.clone()));
-                    }
+                    Ok((stream, _)) => match registry.admit() {
+                        Ok(tracked) => {
+                            conns.spawn(conn::serve(proxy.clone(), builder.clone(), stream, tracked, stop_rx.clone()));
+                        }
+                        Err(refused) => {
+                            metrics.connection_closed(ConnClose::Refused);
+                            if let Some(suppressed) = log_limiter.check("refused") {
+                                tracing::warn!(reason = %refused, suppressed, "refused a new client connection");
+                            }
+                            conn::refuse(stream, &refused.to_string());
+                        }
+                    },
                     Err(e) => {
-                        // EMFILE and friends: back off briefly rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
+                        metrics.accept_error();
+                        if let Some(suppressed) = log_limiter.check("accept") {
+                            tracing::warn!(error = %e, suppressed, connections = registry.len(), "accept failed on the CRI socket");
+                        }
+                        // Out of file descriptors: free one held by an idle client.
+                        if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                            registry.evict_oldest_idle();
+                        }
+                        // Back off briefly rather than spin.
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
@@ -168,6 +198,37 @@ impl Server {
     }
 }
 
+/// Warns when the open-file limit cannot hold `max_connections` client sockets (plus those still
+/// closing, and the daemon's own files), after raising the soft limit to the hard one.
+fn check_fd_limit(max_connections: usize) {
+    let needed = (max_connections + Registry::reserve_for(max_connections) + 64) as u64;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < needed && lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max.min(needed.max(lim.rlim_cur)),
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = raised.rlim_cur;
+        }
+    }
+    if lim.rlim_cur < needed {
+        tracing::warn!(
+            open_file_limit = lim.rlim_cur,
+            needed,
+            max_connections,
+            "the open-file limit is below what server.limits.max_connections needs; raise LimitNOFILE (systemctl edit pullgate) or lower max_connections"
+        );
+    }
+}
+
 /// `pullgate check-config`: validate and report.
 pub fn check_config_command(path: &Path) -> ExitCode {
     match Config::load(path) {
@@ -192,6 +253,9 @@ pub struct ServeOptions {
     pub upstream: Option<std::path::PathBuf>,
 }
 
+/// Threads of the runtime's blocking pool (drop-directory polls, reloads).
+const MAX_BLOCKING_THREADS: usize = 8;
+
 /// `pullgate serve`: load the configuration, apply flag overrides, run until a stop signal.
 pub fn serve_command(args: ServeOptions) -> ExitCode {
     let mut config = match Config::load(&args.config) {
@@ -208,13 +272,17 @@ pub fn serve_command(args: ServeOptions) -> ExitCode {
         config.server.upstream = upstream;
     }
     init_logging(&config);
+    // Blocking work is the drop-directory poll and reloads, one at a time: a few threads suffice,
+    // and the unit's TasksMax counts on it.
     let runtime = if config.server.worker_threads == 1 {
         tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
             .enable_all()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.server.worker_threads)
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
             .enable_all()
             .build()
     };
@@ -261,11 +329,12 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
     } else {
         Reach::Cri
     };
-    let proxy = Proxy::with_reach(
+    let proxy = Proxy::configured(
         node.upstream.clone(),
         node.enforcer.intercept_table(),
         node.metrics.clone(),
         reach,
+        &config.server.limits,
     );
     let reload_node = node.clone();
     let server = match Server::bind_with(&config.server, proxy) {

@@ -94,7 +94,7 @@ impl Node {
             enforcer.set_registry_auth(Some(RegistryAuth::load(p)?));
         }
         let node = Arc::new(Node {
-            store: BundleStore::new(state_dir),
+            store: BundleStore::new(state_dir).with_max_bundle_size(config.policy.max_bundle_size),
             config,
             metrics,
             upstream,
@@ -261,8 +261,23 @@ impl Node {
             if !std::fs::symlink_metadata(&sig).is_ok_and(|m| m.file_type().is_file()) {
                 continue; // signatures arrive first; wait for them
             }
-            let result = match (read_no_follow(&path), read_no_follow(&sig)) {
-                (Ok(b), Ok(s)) => match self.trust() {
+            let max = self.store.max_bundle_size();
+            let result = match (
+                read_no_follow(&path, max),
+                read_no_follow(&sig, SIGNATURES_MAX),
+            ) {
+                (Ok(None), _) => Err(StoreError::Rejected {
+                    path: path.clone(),
+                    source: crate::policy::BundleError::TooLarge { max },
+                }),
+                (_, Ok(None)) => Err(StoreError::Io {
+                    what: "refused the oversize signature file",
+                    path: sig.clone(),
+                    source: std::io::Error::other(
+                        "it is larger than 1 MiB, which no signature file needs",
+                    ),
+                }),
+                (Ok(Some(b)), Ok(Some(s))) => match self.trust() {
                     Some(t) => self
                         .store
                         .install(&b, &s, &t, OffsetDateTime::now_utc(), &path),
@@ -421,15 +436,17 @@ fn set_aside(path: &Path, sig: &Path, reason: &str) {
     }
 }
 
-/// Reads a file without following a symbolic link at its final component.
-fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+/// Largest signature file read from the drop directory: a signature is about 150 bytes.
+const SIGNATURES_MAX: u64 = 1024 * 1024;
+
+/// Reads a file of at most `max` bytes without following a symbolic link at its final component;
+/// `Ok(None)` if it is larger (it is then not read).
+fn read_no_follow(path: &Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
-    let mut buf = Vec::new();
-    std::io::Read::read_to_end(&mut f, &mut buf)?;
-    Ok(buf)
+    load::read_at_most(&mut f, max)
 }
 
 /// A drop directory others could write into would let them plant files (or links) that root then

@@ -365,6 +365,7 @@ impl Enforcer {
         pulled: Option<&str>,
         started: Instant,
     ) {
+        self.metrics.lifecycle_start(method, d);
         self.write_record(
             method,
             &Outcome {
@@ -400,6 +401,13 @@ impl Enforcer {
         self.metrics.decision(o.verdict.as_str(), o.reason);
         let latency_us = started.elapsed().as_micros() as u64;
         match o.verdict {
+            // Deprecated images and exceptions are allowed, but worth an operator's attention.
+            PolicyVerdict::Allow
+                if o.reason == ReasonCode::Deprecated.as_str()
+                    || o.reason == ReasonCode::Exception.as_str() =>
+            {
+                tracing::info!(method, image = ?o.image, pulled = ?pulled, reason = o.reason, message = ?o.message, "allowed")
+            }
             PolicyVerdict::Allow => {
                 tracing::debug!(method, image = ?o.image, pulled = ?pulled, reason = o.reason, "allowed")
             }

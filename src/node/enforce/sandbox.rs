@@ -8,6 +8,12 @@
 //! changes. [`SandboxCache`] keeps them per sandbox ID (bounded; dropped on `RemovePodSandbox`), and
 //! [`disagreement`] says where a claim contradicts the record.
 //!
+//! containerd's CRI plugin resolves a sandbox ID through a truncated-ID index: any unique prefix of a
+//! sandbox's ID names it, in `PodSandboxStatus`, `CreateContainer` and `RemovePodSandbox` alike. A
+//! prefix names different sandboxes over time (whichever one it is unique to), so the cache holds
+//! full IDs only — a start is accepted only when containerd's record has exactly the ID the request
+//! names — and a removal drops every entry the removed ID could name.
+//!
 //! Which parts of the claim are compared: namespace, name and uid, which Kubernetes never changes for
 //! a pod, and the governance application label, the one label that selects a scope. Other labels are
 //! not compared: kubelet builds `sandbox_config` afresh from the pod object for every container start,
@@ -49,8 +55,14 @@ impl SandboxCache {
         pods.insert(id.to_string(), pod);
     }
 
+    /// Forgets the sandbox `RemovePodSandbox` named: `id` itself, and every sandbox `id` is a
+    /// prefix of (containerd removes the one sandbox a unique prefix names; which one that was is
+    /// not known here, so all of them are looked up again when next needed). An empty ID names none.
     pub fn remove(&self, id: &str) {
-        self.lock().remove(id);
+        if id.is_empty() {
+            return;
+        }
+        self.lock().retain(|k, _| !k.starts_with(id));
     }
 
     pub fn len(&self) -> usize {
@@ -220,5 +232,19 @@ mod tests {
         cache.remove(&last);
         assert!(cache.get(&last).is_none());
         assert_eq!(cache.len(), MAX_SANDBOXES - 1);
+    }
+
+    #[test]
+    fn a_removal_by_prefix_forgets_every_sandbox_it_could_name() {
+        let cache = SandboxCache::default();
+        let pod = Arc::new(recorded("checkout", &[]));
+        for id in ["ab12", "ab34", "ac56"] {
+            cache.insert(id, pod.clone());
+        }
+        cache.remove("");
+        assert_eq!(cache.len(), 3, "an empty ID names no sandbox");
+        cache.remove("ab");
+        assert!(cache.get("ab12").is_none() && cache.get("ab34").is_none());
+        assert!(cache.get("ac56").is_some());
     }
 }

@@ -3,8 +3,10 @@
 //! 1. **The pod.** Its scope comes from containerd's record of the sandbox the request names
 //!    (`pod_sandbox_id`, CRI `PodSandboxStatus`, cached per sandbox), never from the `sandbox_config`
 //!    the caller sends along: a start in a sandbox containerd does not know is refused
-//!    (`sandbox_not_found`), and one whose `sandbox_config` contradicts the record is refused
-//!    (`sandbox_mismatch`; logged and allowed with the recorded pod in node warn mode).
+//!    (`sandbox_not_found`), and so is one that names its sandbox by an abbreviation containerd
+//!    would resolve (`sandbox_id_abbreviated`: only full IDs are cached, see [`sandbox`]); one whose
+//!    `sandbox_config` contradicts the record is refused (`sandbox_mismatch`; logged and allowed
+//!    with the recorded pod in node warn mode).
 //! 2. **The images.** The container's image and every image volume (`mounts[].image`) are looked up
 //!    in containerd — a name through the bundle first ([`names::resolve`]), exactly as `ImageStatus`
 //!    does, so `crictl create` with `busybox:1.36` finds the pinned mirror image pullgate pulled —
@@ -104,6 +106,8 @@ impl StartCache {
 enum SandboxProblem {
     /// containerd does not know the sandbox (or the request names none).
     Missing,
+    /// The request names the sandbox by a prefix of its ID (the full ID).
+    Abbreviated(String),
     /// containerd did not answer.
     Unavailable(Status),
 }
@@ -236,6 +240,8 @@ impl Enforcer {
             return Err(SandboxProblem::Missing);
         }
         match lookup::pod_sandbox_status(&self.upstream, id).await {
+            // containerd resolves unique ID prefixes; a prefix is never cached (nor accepted).
+            Ok(Some(status)) if status.id != id => Err(SandboxProblem::Abbreviated(status.id)),
             Ok(Some(status)) => {
                 let pod = Arc::new(sandbox::recorded_pod(&status));
                 self.sandboxes.insert(id, pod.clone());
@@ -246,8 +252,8 @@ impl Enforcer {
         }
     }
 
-    /// Refuses a start whose pod could not be established; a missing sandbox is audited (with the pod
-    /// the request claims: there is no other).
+    /// Refuses a start whose pod could not be established; a missing or abbreviated sandbox is
+    /// audited (with the pod the request claims).
     fn sandbox_refusal(
         &self,
         req: &cri::CreateContainerRequest,
@@ -256,7 +262,7 @@ impl Enforcer {
         started: Instant,
     ) -> Verdict {
         let id = &req.pod_sandbox_id;
-        let status = match problem {
+        let (reason, status) = match problem {
             SandboxProblem::Unavailable(s) => {
                 tracing::warn!(sandbox = ?id, error = %s.message, "cannot look the pod sandbox up");
                 return Verdict::Respond(Status::new(
@@ -267,23 +273,38 @@ impl Enforcer {
                     ),
                 ));
             }
-            SandboxProblem::Missing if id.is_empty() => Status::new(
-                Code::InvalidArgument,
-                format!(
-                    "pullgate: container image {shown}: the request names no pod sandbox (pod_sandbox_id is empty); create the pod sandbox first (RunPodSandbox) and name it"
+            SandboxProblem::Missing if id.is_empty() => (
+                "sandbox_not_found",
+                Status::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "pullgate: container image {shown}: the request names no pod sandbox (pod_sandbox_id is empty); create the pod sandbox first (RunPodSandbox) and name it"
+                    ),
                 ),
             ),
-            SandboxProblem::Missing => Status::new(
-                Code::NotFound,
-                format!(
-                    "pullgate: container image {shown}: containerd has no pod sandbox {id:?}; create the pod sandbox first (RunPodSandbox)"
+            SandboxProblem::Missing => (
+                "sandbox_not_found",
+                Status::new(
+                    Code::NotFound,
+                    format!(
+                        "pullgate: container image {shown}: containerd has no pod sandbox {id:?}; create the pod sandbox first (RunPodSandbox)"
+                    ),
+                ),
+            ),
+            SandboxProblem::Abbreviated(full) => (
+                "sandbox_id_abbreviated",
+                Status::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "pullgate: container image {shown}: pod sandbox {id:?} is an abbreviation of sandbox ID {full}; pullgate accepts full sandbox IDs only (kubelet always sends them), because a prefix can name another sandbox later: name the pod sandbox by its full ID"
+                    ),
                 ),
             ),
         };
         let claimed = sandbox::claimed_pod(req.sandbox_config.as_ref());
         self.record_refusal(
             PolicyVerdict::Deny,
-            "sandbox_not_found",
+            reason,
             &status.message,
             shown,
             &claimed,

@@ -79,13 +79,26 @@ struct Installed {
 #[derive(Debug, Clone)]
 pub struct BundleStore {
     dir: PathBuf,
+    /// Largest bundle file read or installed (`policy.max_bundle_size`).
+    max_bundle_size: u64,
 }
 
 impl BundleStore {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         BundleStore {
             dir: state_dir.into(),
+            max_bundle_size: crate::policy::DEFAULT_MAX_BUNDLE_SIZE,
         }
+    }
+
+    /// The same store with another bundle size limit.
+    pub fn with_max_bundle_size(mut self, max: u64) -> Self {
+        self.max_bundle_size = max;
+        self
+    }
+
+    pub fn max_bundle_size(&self) -> u64 {
+        self.max_bundle_size
     }
 
     pub fn dir(&self) -> &Path {
@@ -106,7 +119,16 @@ impl BundleStore {
         let Some(path) = self.current_bundle_path() else {
             return Ok(None);
         };
-        let bytes = std::fs::read(&path).map_err(io("cannot read installed bundle", &path))?;
+        let mut file =
+            std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
+        let bytes = crate::policy::load::read_at_most(&mut file, self.max_bundle_size)
+            .map_err(io("cannot read installed bundle", &path))?
+            .ok_or_else(|| StoreError::Rejected {
+                path: path.clone(),
+                source: BundleError::TooLarge {
+                    max: self.max_bundle_size,
+                },
+            })?;
         Ok(Some(Installed { bytes, path }))
     }
 
@@ -136,8 +158,9 @@ impl BundleStore {
         Ok(current.max(highest))
     }
 
-    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`.
-    /// The file is hashed and parsed as it is read, so it is never held in memory whole.
+    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`
+    /// before parsing it. The file is streamed (hashed, then parsed while hashed again), so it is
+    /// never held in memory whole.
     ///
     /// It was fresh when installed; an expired one is still returned (the caller decides how long to
     /// keep enforcing with it): it is then verified as of the last second of its validity.
@@ -159,7 +182,7 @@ impl BundleStore {
         let verify_at = |at: OffsetDateTime| {
             let file =
                 std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
-            verify_bundle_reader(file, &sigs, trust, None, at)
+            verify_bundle_reader(file, &sigs, trust, None, at, self.max_bundle_size)
                 .map_err(io("cannot read installed bundle", &path))?
                 .map_err(|source| StoreError::Rejected {
                     path: path.clone(),
@@ -186,8 +209,9 @@ impl BundleStore {
         }
     }
 
-    /// Verifies `bundle` + `signatures` exactly as [`BundleStore::install`] does (newer than the
-    /// installed one, fresh, k-of-n signed, within the trust file's limits), without installing it.
+    /// Verifies `bundle` + `signatures` exactly as [`BundleStore::install`] does (at most the size
+    /// limit, k-of-n signed before it is parsed, newer than the installed one, fresh, within the
+    /// trust file's limits), without installing it.
     pub fn verify_new(
         &self,
         bundle: &[u8],
@@ -196,6 +220,14 @@ impl BundleStore {
         now: OffsetDateTime,
         origin: &Path,
     ) -> Result<VerifiedBundle, StoreError> {
+        if bundle.len() as u64 > self.max_bundle_size {
+            return Err(StoreError::Rejected {
+                path: origin.to_path_buf(),
+                source: BundleError::TooLarge {
+                    max: self.max_bundle_size,
+                },
+            });
+        }
         let sigs = SignatureFile::parse(signatures).map_err(|source| StoreError::Signatures {
             path: crate::policy::load::signature_path(origin),
             source,
@@ -287,5 +319,69 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 fn sync_dir(dir: &Path) {
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testutil::*;
+
+    #[test]
+    fn oversize_bundles_are_refused_before_anything_is_written_or_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = EXAMPLE.as_bytes();
+        let sigs = sign(bytes, &[1, 2]).to_json();
+        let len = bytes.len() as u64;
+        let install = |store: &BundleStore| {
+            store.install(
+                bytes,
+                sigs.as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                Path::new("/incoming/v42.json"),
+            )
+        };
+        let store = BundleStore::new(dir.path()).with_max_bundle_size(len - 1);
+        let e = install(&store).unwrap_err();
+        assert_eq!(e.reason(), "too_large", "{e}");
+        assert!(e.to_string().contains("policy.max_bundle_size"), "{e}");
+        assert!(store.current_bundle_path().is_none());
+        assert!(!dir.path().join("bundles").exists(), "nothing written");
+        // At the limit it installs and loads back.
+        let store = store.with_max_bundle_size(len);
+        install(&store).unwrap();
+        let loaded = store.load_current(&trust_2_of_3(), example_now()).unwrap();
+        assert_eq!(loaded.unwrap().version, 42);
+        // With a lower limit the installed file is refused unread.
+        let smaller = BundleStore::new(dir.path()).with_max_bundle_size(100);
+        let e = smaller
+            .load_current(&trust_2_of_3(), example_now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "too_large", "{e}");
+    }
+
+    #[test]
+    fn an_installed_bundle_whose_signatures_fail_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = EXAMPLE.as_bytes();
+        let sigs = sign(bytes, &[1, 2]).to_json();
+        let store = BundleStore::new(dir.path());
+        store
+            .install(
+                bytes,
+                sigs.as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                Path::new("/incoming/v42.json"),
+            )
+            .unwrap();
+        // Replaced on disk by something that is not even JSON: the signature check refuses it (a
+        // parse would have said "malformed").
+        std::fs::write(store.current_bundle_path().unwrap(), b"{{{{ not json").unwrap();
+        let e = store
+            .load_current(&trust_2_of_3(), example_now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_signature", "{e}");
     }
 }

@@ -3,7 +3,10 @@
 //! The first bytes are peeked (not consumed) before hyper sees them. A client that sends an HTTP/1
 //! request gets a plain `505` answer explaining what the socket speaks; any other bytes get an HTTP/2
 //! `GOAWAY(PROTOCOL_ERROR)` with a reason. Neither reaches the HTTP/2 server, and neither affects any
-//! other connection.
+//! other connection; both are counted and logged as protocol refusals.
+//!
+//! An HTTP/2 connection is served by hyper through the [`super::h2fix`] layer, which lets every
+//! `:authority` through and reports what the server refuses.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -11,13 +14,16 @@ use std::time::Duration;
 
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Proxy;
-use super::upstream::{CONNECTION_WINDOW, STREAM_WINDOW};
+use super::h2fix::{self, H2Fix};
+use super::refusal::Refusal;
+use super::track::{Conn, Tracked};
+use crate::node::config::Limits;
 
 /// The HTTP/2 client connection preface every gRPC client sends first.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -103,6 +109,11 @@ such as kubelet or crictl; HTTP/1 requests are not served.\n";
 
 /// A GOAWAY frame (last stream 0, PROTOCOL_ERROR) whose debug data says why.
 fn goaway(reason: &[u8]) -> Vec<u8> {
+    goaway_with(1, reason)
+}
+
+/// A GOAWAY frame (last stream 0) with an error code and debug data.
+fn goaway_with(code: u32, reason: &[u8]) -> Vec<u8> {
     let len = 8 + reason.len();
     let mut f = Vec::with_capacity(9 + len);
     f.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
@@ -110,7 +121,7 @@ fn goaway(reason: &[u8]) -> Vec<u8> {
     f.push(0); // flags
     f.extend_from_slice(&0u32.to_be_bytes()); // stream 0
     f.extend_from_slice(&0u32.to_be_bytes()); // last stream id
-    f.extend_from_slice(&1u32.to_be_bytes()); // PROTOCOL_ERROR
+    f.extend_from_slice(&code.to_be_bytes());
     f.extend_from_slice(reason);
     f
 }
@@ -137,29 +148,64 @@ async fn answer_and_close(mut stream: UnixStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
+/// How much request data one call may send before pullgate reads it (HTTP/2 stream window).
+/// pullgate reads request bodies as they come, so this only matters while a call waits (for room in
+/// the body budget, or for containerd to take a forwarded body); with the connection window it
+/// bounds what one connection can make pullgate hold that way.
+pub const CLIENT_STREAM_WINDOW: u32 = 512 * 1024;
+/// The same for all calls of one connection together: four stalled calls' worth, so a few calls
+/// that wait never block the connection's other calls.
+pub const CLIENT_CONNECTION_WINDOW: u32 = 4 * CLIENT_STREAM_WINDOW;
+/// After pullgate starts closing a connection itself (idle, evicted, stopping), how long the client
+/// has to acknowledge the GOAWAY; past it, a connection with no open call is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
 /// Builds the HTTP/2 server settings shared by every kubelet connection.
-pub fn server_builder() -> http2::Builder<TokioExecutor> {
+pub fn server_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
-    b.initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_concurrent_streams(4096)
+    b.initial_stream_window_size(CLIENT_STREAM_WINDOW)
+        .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
+        .max_concurrent_streams(limits.max_streams_per_connection)
         .max_header_list_size(1024 * 1024)
+        .keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .timer(TokioTimer::new())
         .auto_date_header(false);
     b
 }
 
+/// Refuses a connection pullgate will not serve: a GOAWAY saying why, written if the socket takes
+/// it at once, then closed (it holds no file descriptor for longer).
+pub fn refuse(stream: UnixStream, reason: &str) {
+    let frame = goaway_with(0xb, format!("pullgate: {reason}").as_bytes()); // ENHANCE_YOUR_CALM
+    let _ = stream.try_write(&frame);
+}
+
 /// Serves one accepted connection until the client closes it or `shutdown` turns true, after which
 /// it sends GOAWAY and lets in-flight calls finish (the caller bounds how long).
+///
+/// pullgate closes the connection itself, the same graceful way, when it has had no open call for
+/// the idle timeout or when the registry evicts it to make room; a client that does not take the
+/// GOAWAY is disconnected [`CLOSE_GRACE`] later unless a call is still open.
 pub async fn serve(
     proxy: Arc<Proxy>,
     builder: Arc<http2::Builder<TokioExecutor>>,
     stream: UnixStream,
+    tracked: Conn,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    match peek_preface(&stream).await {
+    // A connection evicted while it has not even sent the preface goes at once.
+    let preface = tokio::select! {
+        p = peek_preface(&stream) => p,
+        _ = tracked.close_requested() => return,
+    };
+    match preface {
         Preface::Http2 => {}
         Preface::Http1 => {
-            tracing::info!("rejected an HTTP/1 request on the CRI socket");
+            let what = "answered 505 to an HTTP/1 request on the CRI socket";
+            proxy
+                .refusals()
+                .refuse(Refusal::Http1, format_args!("{what}"));
             let answer = format!(
                 "HTTP/1.1 505 HTTP Version Not Supported\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{HTTP1_ANSWER}",
                 HTTP1_ANSWER.len()
@@ -168,36 +214,70 @@ pub async fn serve(
             return;
         }
         Preface::Garbage => {
-            tracing::info!("rejected a connection that did not start with the HTTP/2 preface");
+            let what = "answered GOAWAY to a connection that did not start with the HTTP/2 preface";
+            proxy
+                .refusals()
+                .refuse(Refusal::BadPreface, format_args!("{what}"));
             let frame = goaway(b"pullgate: expected the HTTP/2 connection preface (gRPC over h2c)");
             answer_and_close(stream, &frame).await;
             return;
         }
         Preface::Closed => return,
     }
+    let refusals = proxy.refusals().clone();
+    let (stream, fixes) = H2Fix::new(stream, h2fix::LIMITS, refusals.clone());
+    let state = tracked.state().clone();
     let service = service_fn(move |req| {
+        // Counted from here until the response body ends or is dropped.
+        let guard = state.open_stream();
         let proxy = proxy.clone();
-        async move { proxy.handle(req).await }
+        async move {
+            let resp = proxy.handle(req).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut draining = *shutdown.borrow();
+    // When pullgate started closing this connection (GOAWAY sent).
+    let mut closing: Option<tokio::time::Instant> = None;
     if draining {
         conn.as_mut().graceful_shutdown();
+        closing = Some(tokio::time::Instant::now());
     }
     loop {
+        let idle_deadline = tracked.idle_deadline().filter(|_| closing.is_none());
+        let busy = tracked.state().open_streams() > 0;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86400);
         tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    tracing::debug!(error = %e, "client connection ended with an error");
-                }
-                return;
-            }
+            res = conn.as_mut() => return fixes.connection_ended(res, &refusals),
             changed = shutdown.changed(), if !draining => {
                 if changed.is_err() || *shutdown.borrow() {
                     draining = true;
                     conn.as_mut().graceful_shutdown();
+                    closing.get_or_insert_with(tokio::time::Instant::now);
                 }
+            }
+            _ = tracked.close_requested(), if closing.is_none() => {
+                conn.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+            }
+            _ = tokio::time::sleep_until(idle_deadline.unwrap_or(far)), if idle_deadline.is_some() => {
+                // Re-checked: a call may have opened and ended since the deadline was computed.
+                if tracked.idle_deadline().is_some_and(|d| d <= tokio::time::Instant::now()) && tracked.close_idle() {
+                    tracing::debug!(idle_timeout = ?tracked.idle_timeout(), "closing an idle client connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(tokio::time::Instant::now());
+                }
+            }
+            _ = tracked.became_idle(), if busy && closing.is_none() => {}
+            _ = tokio::time::sleep_until(closing.map_or(far, |t| t + CLOSE_GRACE)), if closing.is_some() => {
+                if tracked.state().open_streams() == 0 {
+                    // The client did not finish the GOAWAY exchange and has nothing open: drop it.
+                    return;
+                }
+                // A call is still open: it finishes first (the drain bounds it on stop).
+                closing = Some(tokio::time::Instant::now());
             }
         }
     }

@@ -9,12 +9,21 @@
 //! - [`body`]: the request/response body types on the path.
 //! - [`upstream`]: the lazily (re)connected HTTP/2 client for containerd's socket.
 //! - [`intercept`]: the intercept table and the handler interface.
+//! - [`budget`]: bounds on intercepted request bodies (per-method caps, global byte budget, timeout).
 //! - [`conn`]: accepting a kubelet connection: preface check, HTTP/2 server, graceful shutdown.
+//! - [`h2fix`]: the HTTP/2 layer in front of hyper that lets every `:authority` through and sees the
+//!   server's stream resets.
+//! - [`refusal`]: refusals at the protocol level, counted and logged (rate limited).
+//! - [`track`]: open connections and their streams: idle closing, the connection cap.
 
 pub mod body;
+pub mod budget;
 pub mod conn;
 pub mod grpc;
+pub mod h2fix;
 pub mod intercept;
+pub mod refusal;
+pub mod track;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -26,11 +35,14 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::node::metrics::{self, Metrics};
+use crate::node::config::Limits;
+use crate::node::metrics::{self, BodyRefusal, Metrics};
 
 pub use body::{CallRecord, RequestBody, ResponseBody};
+use budget::{BodyBudget, BodyLimits, Reservation};
 use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
+use refusal::{Refusal, Refusals};
 pub use upstream::{Upstream, UpstreamBody, UpstreamError};
 
 /// Which method paths are forwarded at all.
@@ -77,7 +89,11 @@ pub struct Proxy {
     upstream: Arc<Upstream>,
     intercepts: InterceptTable,
     metrics: Arc<Metrics>,
+    refusals: Arc<Refusals>,
     reach: Reach,
+    body_limits: BodyLimits,
+    /// Bytes of intercepted request bodies buffered at once, over every connection.
+    budget: BodyBudget,
 }
 
 impl Proxy {
@@ -96,16 +112,39 @@ impl Proxy {
         metrics: Arc<Metrics>,
         reach: Reach,
     ) -> Arc<Self> {
+        Proxy::configured(upstream, intercepts, metrics, reach, &Limits::default())
+    }
+
+    /// A proxy with the request-body limits of `limits` (`[server.limits]`).
+    pub fn configured(
+        upstream: Arc<Upstream>,
+        intercepts: InterceptTable,
+        metrics: Arc<Metrics>,
+        reach: Reach,
+        limits: &Limits,
+    ) -> Arc<Self> {
         Arc::new(Proxy {
             upstream,
             intercepts,
+            refusals: Arc::new(Refusals::new(metrics.clone())),
+            budget: BodyBudget::from_config(limits, metrics.clone()),
+            body_limits: BodyLimits::from_config(limits),
             metrics,
             reach,
         })
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
+    }
+
+    /// Where refusals at the protocol level are counted and logged.
+    pub fn refusals(&self) -> &Arc<Refusals> {
+        &self.refusals
     }
 
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
@@ -117,6 +156,13 @@ impl Proxy {
         let method = metrics::method_index(path);
         let mut record = CallRecord::new(self.metrics.clone(), method);
         if !well_formed_method(path) {
+            let shown: String = path.chars().take(200).collect();
+            self.refusals.refuse(
+                Refusal::BadMethodPath,
+                format_args!(
+                    "answered UNIMPLEMENTED to a call on {shown:?}, not a gRPC method path"
+                ),
+            );
             let status = Status::new(
                 Code::Unimplemented,
                 format!("pullgate: {path:?} is not a gRPC method path (/package.Service/Method)"),
@@ -192,9 +238,17 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let (parts, body) = req.into_parts();
         let method = parts.uri.path();
-        let raw = match read_body(body, method).await {
+        // Held until the call is answered: the bytes it counts live in `raw` and in what is
+        // forwarded from it.
+        let (raw, _reservation) = match self.read_body(body, method).await {
             Ok(b) => b,
-            Err(status) => return answer(status, &mut record),
+            Err((status, reason)) => {
+                if let Some(reason) = reason {
+                    self.metrics.body_refused(reason);
+                }
+                tracing::info!(method, message = %status.message, "refused a request body");
+                return answer(status, &mut record);
+            }
         };
         let message = match grpc::single_message(&raw) {
             Ok(m) => m,
@@ -300,41 +354,159 @@ fn answer(status: Status, record: &mut CallRecord) -> Response<ResponseBody> {
     resp
 }
 
-/// Reads a whole request body of at most one maximal gRPC message.
-async fn read_body(mut body: Incoming, method: &str) -> Result<Bytes, Status> {
-    const LIMIT: usize = MAX_MESSAGE_SIZE + FRAME_HEADER_LEN;
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            Status::new(
-                Code::Cancelled,
-                format!("pullgate: {method}: the request body could not be read: {e}"),
-            )
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue; // request trailers carry nothing pullgate forwards for unary calls
+/// Why reading a request body failed: the status for the client, and the limit that refused it.
+type BodyError = (Status, Option<BodyRefusal>);
+
+impl Proxy {
+    /// Reads the whole request body of an intercepted call: one gRPC message at most the method's
+    /// cap (checked on the length prefix, before more than one DATA frame is buffered), with the
+    /// announced length reserved in the body budget before the rest is read, all within the read
+    /// timeout. A body too short to hold a prefix comes back without a reservation (and is refused
+    /// by [`grpc::single_message`]).
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+        method: &str,
+    ) -> Result<(Bytes, Option<Reservation>), BodyError> {
+        let timeout = self.body_limits.read_timeout;
+        let mut deadline = tokio::time::Instant::now() + timeout;
+        let mut acc = Accumulated::default();
+        let stalled = |acc: &Accumulated, expected: Option<usize>| {
+            let sent = match expected {
+                Some(n) => format!("{} of its {n} bytes", acc.len),
+                None => format!("{} bytes", acc.len),
+            };
+            let status = Status::new(
+                Code::DeadlineExceeded,
+                format!(
+                    "pullgate: {method}: the request sent {sent} and then stopped; a request must arrive \
+                     whole within {} (server.limits.body_read_timeout)",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            (status, Some(BodyRefusal::ReadTimeout))
         };
-        let total = first.as_ref().map_or(0, Bytes::len) + buf.len() + data.len();
-        if total > LIMIT {
-            return Err(Status::new(
+        while acc.len < FRAME_HEADER_LEN {
+            match next_data(&mut body, deadline, method).await {
+                Ok(Some(data)) => acc.push(data, 0),
+                Ok(None) => return Ok((acc.finish(), None)),
+                Err(None) => return Err(stalled(&acc, None)),
+                Err(Some(broken)) => return Err((broken, None)),
+            }
+        }
+        let announced = acc.announced();
+        let (cap, key) = self.body_limits.cap(method);
+        if announced > cap {
+            let limit = match key {
+                Some(key) => format!("the {cap}-byte limit for this method ({key})"),
+                None => format!("the {cap}-byte gRPC message limit"),
+            };
+            let status = Status::new(
                 Code::ResourceExhausted,
                 format!(
-                    "pullgate: {method}: the request is over {total} bytes, above the {MAX_MESSAGE_SIZE}-byte message limit"
+                    "pullgate: {method}: the request message is {announced} bytes, above {limit}"
                 ),
-            ));
+            );
+            return Err((status, Some(BodyRefusal::MessageCap)));
         }
-        // The common case is one DATA frame: keep it without copying.
-        match first.take() {
-            None if buf.is_empty() => first = Some(data),
-            None => buf.extend_from_slice(&data),
-            Some(f) => {
-                buf.extend_from_slice(&f);
-                buf.extend_from_slice(&data);
+        let expected = FRAME_HEADER_LEN + announced;
+        let waiting = tokio::time::Instant::now();
+        let reservation = self.budget.reserve(expected).await.map_err(|e| {
+            let status = Status::new(
+                Code::ResourceExhausted,
+                format!(
+                    "pullgate: {method}: too many large requests at once: the {} bytes of this one do not fit \
+                     in the {}-byte budget for request bodies being read (server.limits.body_budget); retry later",
+                    e.wanted, e.total
+                ),
+            );
+            (status, Some(BodyRefusal::Budget))
+        })?;
+        // Time spent waiting for room is not the client's.
+        deadline += waiting.elapsed();
+        loop {
+            if acc.len > expected {
+                let e = grpc::FrameError::LengthMismatch {
+                    announced,
+                    actual: acc.len - FRAME_HEADER_LEN,
+                };
+                return Err((e.status(method), None));
+            }
+            match next_data(&mut body, deadline, method).await {
+                Ok(Some(data)) => acc.push(data, expected),
+                Ok(None) => break,
+                Err(None) => return Err(stalled(&acc, Some(expected))),
+                Err(Some(broken)) => return Err((broken, None)),
+            }
+        }
+        Ok((acc.finish(), Some(reservation)))
+    }
+}
+
+/// The next non-empty DATA frame of a request body (`None` at its end); request trailers are
+/// skipped (they carry nothing pullgate forwards for unary calls). `Err(None)`: `deadline` passed;
+/// `Err(Some(status))`: the stream broke.
+async fn next_data(
+    body: &mut Incoming,
+    deadline: tokio::time::Instant,
+    method: &str,
+) -> Result<Option<Bytes>, Option<Status>> {
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(None),
+            Err(_) => return Err(None),
+        };
+        let frame = frame.map_err(|e| {
+            Some(Status::new(
+                Code::Cancelled,
+                format!("pullgate: {method}: the request body could not be read: {e}"),
+            ))
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if !data.is_empty() {
+                return Ok(Some(data));
             }
         }
     }
-    Ok(first.unwrap_or_else(|| buf.freeze()))
+}
+
+/// A request body as it arrives: the first DATA frame as is (the common case is one frame, kept
+/// without copying), copied into one buffer once a second frame comes.
+#[derive(Default)]
+struct Accumulated {
+    first: Option<Bytes>,
+    buf: BytesMut,
+    len: usize,
+}
+
+impl Accumulated {
+    /// Adds a frame; `expected` (the announced body length, once known) sizes the buffer once.
+    fn push(&mut self, data: Bytes, expected: usize) {
+        self.len += data.len();
+        match self.first.take() {
+            None if self.buf.is_empty() => self.first = Some(data),
+            None => self.buf.extend_from_slice(&data),
+            Some(f) => {
+                self.buf.reserve(expected.max(self.len));
+                self.buf.extend_from_slice(&f);
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// The message length in the gRPC prefix; at least [`FRAME_HEADER_LEN`] bytes have arrived.
+    fn announced(&self) -> usize {
+        let p = match &self.first {
+            Some(f) => &f[..FRAME_HEADER_LEN],
+            None => &self.buf[..FRAME_HEADER_LEN],
+        };
+        u32::from_be_bytes([p[1], p[2], p[3], p[4]]) as usize
+    }
+
+    fn finish(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.buf.freeze())
+    }
 }
 
 #[cfg(test)]

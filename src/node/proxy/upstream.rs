@@ -5,6 +5,10 @@
 //! one small message, and `h2` lets pullgate queue its HEADERS and DATA frames together so they leave
 //! in one write — containerd is woken once per call, not twice — without a dispatch task per request.
 //!
+//! A request that arrived without `:authority` leaves with `http://localhost`; any other authority
+//! is forwarded as the client sent it (the fix-up layer in front of the server has already replaced
+//! those `h2` cannot parse with `localhost`).
+//!
 //! Every call clones the cached `SendRequest` handle; HTTP/2 multiplexes all calls over the one
 //! connection. When the connection is found closed, one caller reconnects while the others wait for it
 //! (single flight), and a request that never left because the connection had just died is retried
@@ -164,7 +168,10 @@ impl Upstream {
         &self,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        let (parts, mut body) = req.into_parts();
+        let (mut parts, mut body) = req.into_parts();
+        if parts.uri.authority().is_none() {
+            parts.uri = with_default_authority(parts.uri);
+        }
         // A CRI request is one small message, normally already here in full — often as a DATA frame
         // followed by an empty DATA frame that only carries END_STREAM. Take what is buffered now so
         // it leaves in the same write as the headers, with END_STREAM on it, and no task is needed
@@ -299,6 +306,20 @@ impl Upstream {
         tracing::info!(upstream = %self.name, "connected to upstream runtime");
         Ok(Conn { sender, alive })
     }
+}
+
+/// The URI of a request that came without `:authority` (which HTTP/2 allows), completed so that
+/// the HTTP/2 client can send it: `h2` refuses to send a request without scheme and authority, and
+/// containerd, like any gRPC server, expects both. `localhost` is what gRPC clients send over unix
+/// sockets by default.
+fn with_default_authority(uri: http::Uri) -> http::Uri {
+    let mut parts = uri.into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(http::uri::Authority::from_static("localhost"));
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    http::Uri::from_parts(parts).expect("scheme, authority and path make a valid URI")
 }
 
 /// The request frames that were already buffered when the call was forwarded.
