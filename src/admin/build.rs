@@ -206,6 +206,9 @@ struct OutRollout<'a> {
     percent: u32,
 }
 
+/// What format 2 keeps apart in separate entries of one repository and scope: licence and scans.
+type Provenance<'a> = (&'a str, Vec<OutScan<'a>>);
+
 /// Renders the bundle of `catalog` (format 1 or 2) with `version`, issued at `issued_at`.
 pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDateTime) -> Vec<u8> {
     let v2 = format >= 2;
@@ -229,8 +232,7 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
     // the node): one entry per repository and scope, with the provenances merged.
     let mut images = Vec::new();
     for repo in &catalog.repositories {
-        let mut groups: BTreeMap<(&str, Option<(&str, Vec<OutScan>)>), Vec<&Version>> =
-            BTreeMap::new();
+        let mut groups: BTreeMap<(&str, Option<Provenance>), Vec<&Version>> = BTreeMap::new();
         for v in &repo.content.approved {
             if !v2 && v.sunset_at.is_some_and(|s| s.0 <= issued_at) {
                 continue;
