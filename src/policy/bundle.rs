@@ -1962,35 +1962,35 @@ fn check_repository(
         }
     }
     if format >= 2 {
-        // Entries are sorted by scope: compare the approvals of each run of one scope.
-        let mut start = 0;
-        while start < entries.len() {
-            let scope = &entries[start].scope_path;
-            let end = start + entries[start..].partition_point(|e| &e.scope_path == scope);
-            if end - start > 1 {
-                // A tag, or a bare digest.
-                let mut seen: HashSet<(Option<&str>, Option<&Digest>)> = HashSet::new();
-                for e in &entries[start..end] {
-                    let tags = e.tags.iter().map(|(t, _)| (Some(&**t), None));
-                    let bare = e.digests.iter().map(|d| (None, Some(d)));
-                    for route in tags.chain(bare) {
-                        if !seen.insert(route) {
-                            let what = match route {
-                                (Some(t), _) => format!("tag {t}"),
-                                (None, d) => format!(
-                                    "digest {}",
-                                    d.map(ToString::to_string).unwrap_or_default()
-                                ),
-                            };
-                            return Err(BundleError::Duplicate(format!(
-                                "image {}: {what} is approved by two entries for scope {scope}; keep it in one",
-                                e.source
-                            )));
-                        }
-                    }
+        // Entries are sorted by scope: the entries of one scope are held to the rule one entry is
+        // held to when it is read (no tag twice, no digest twice, no digest both bare and tagged), so
+        // that every approval of a scope has one provenance and one lifecycle.
+        for run in entries
+            .chunk_by(|a, b| a.scope_path == b.scope_path)
+            .filter(|run| run.len() > 1)
+        {
+            let twice = |what: String, how: &str| {
+                BundleError::Duplicate(format!(
+                    "image {}: {what} is approved by two entries for scope {}{how}; keep it in one",
+                    run[0].source, run[0].scope_path
+                ))
+            };
+            let (mut tags, mut bare) = (HashSet::new(), HashSet::new());
+            for e in run {
+                if let Some((t, _)) = e.tags.iter().find(|(t, _)| !tags.insert(&**t)) {
+                    return Err(twice(format!("tag {t}"), ""));
+                }
+                if let Some(d) = e.digests.iter().find(|d| !bare.insert(*d)) {
+                    return Err(twice(format!("digest {d}"), ""));
                 }
             }
-            start = end;
+            let tagged = run.iter().flat_map(|e| e.tags.iter());
+            if let Some((t, d)) = tagged.into_iter().find(|(_, d)| bare.contains(d)) {
+                return Err(twice(
+                    format!("digest {d}"),
+                    &format!(" (bare in one, through tag {t} in the other)"),
+                ));
+            }
         }
     }
     if entries.len() > 1 {
@@ -2810,6 +2810,7 @@ pub(crate) mod tests {
         for (what, edit) in [
             ("tag 3.9", serde_json::json!({"3.9": digest(3).to_string()})),
             ("digest", serde_json::json!({})),
+            ("through tag 3.9", serde_json::json!({})),
         ] {
             let mut v = v2();
             let mut dup = second.clone();
@@ -2817,6 +2818,10 @@ pub(crate) mod tests {
             if what == "digest" {
                 v["images"][1]["digests"] = serde_json::json!([digest(0x32).to_string()]);
                 dup["digests"] = serde_json::json!([digest(0x32).to_string()]);
+            }
+            if what == "through tag 3.9" {
+                // The digest tag 3.9 is bound to, approved bare by another entry of the scope.
+                dup["digests"] = serde_json::json!([digest(3).to_string()]);
             }
             v["images"].as_array_mut().unwrap().push(dup);
             let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
