@@ -369,10 +369,33 @@ async fn approve_mirrors_by_digest_records_provenance_and_is_idempotent() {
         env.writes_since(mark)
     );
     let (rule, msg) = refused_rule(
-        approve::approve(&env.request("docker.io/library/busybox:1.36", "corp", reports)).await,
+        approve::approve(&env.request("docker.io/library/busybox:1.36", "corp", reports.clone()))
+            .await,
     );
     assert_eq!(rule, "versions");
     assert!(msg.contains("already approved"), "{msg}");
+    // So is approving its digest without a tag: the node would have two approvals of one digest.
+    let before = std::fs::read_to_string(env.catalog.join(&repo.file)).unwrap();
+    let (rule, msg) = refused_rule(
+        approve::approve(&env.request(
+            &format!("docker.io/library/busybox@{digest}"),
+            "corp",
+            reports,
+        ))
+        .await,
+    );
+    assert_eq!(rule, "versions");
+    assert!(
+        msg.contains(&format!(
+            "busybox@{digest} is already approved for corp as tag 1.36"
+        )),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.catalog.join(&repo.file)).unwrap(),
+        before
+    );
+    assert!(env.writes_since(mark).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

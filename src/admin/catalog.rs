@@ -923,6 +923,8 @@ impl Catalog {
             }
             let mut tags: BTreeMap<&str, &str> = BTreeMap::new();
             let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+            // (digest, scope) → the tag of the first entry approving it there.
+            let mut routes: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
             let all_tags: BTreeSet<&str> = repo
                 .content
                 .approved
@@ -954,6 +956,21 @@ impl Catalog {
                         "scope",
                         format!(
                             "{key} is approved twice for {}; keep one entry",
+                            v.scope.get_ref()
+                        ),
+                    ));
+                }
+                let tag = v.tag.as_ref().map(|t| t.get_ref().as_str());
+                let first = *routes
+                    .entry((v.digest.get_ref(), v.scope.get_ref()))
+                    .or_insert(tag);
+                if let (Some(t), None) | (None, Some(t)) = (first, tag) {
+                    problems.push(at(
+                        v.digest.span(),
+                        "digest",
+                        format!(
+                            "{} is approved for {} both without a tag and as tag {t}; keep one entry",
+                            v.digest.get_ref(),
                             v.scope.get_ref()
                         ),
                     ));
@@ -1666,6 +1683,38 @@ pub(crate) mod tests {
                 p.join("\n")
             );
         }
+    }
+
+    /// One digest may carry several tags in a scope, but not also be approved there without one: the
+    /// node would have two approvals of it, each with its own provenance and lifecycle.
+    #[test]
+    fn a_digest_is_approved_bare_or_through_tags_not_both() {
+        let t = copy_fixture();
+        let d = t.path();
+        let nginx = "images/docker.io/library/nginx.toml";
+        let text = std::fs::read_to_string(d.join(nginx)).unwrap();
+        let v126 = &text[text
+            .find("[[approved]]\nscope = \"corp\"\ntag = \"1.26\"")
+            .unwrap()..];
+        let latest = v126.replacen("tag = \"1.26\"", "tag = \"latest\"", 1);
+        std::fs::write(d.join(nginx), format!("{text}\n{latest}")).unwrap();
+        let c = Catalog::load(d).expect("two tags of one digest are fine");
+        let bundle =
+            crate::admin::build::render(&c, 2, 1, time::macros::datetime!(2026-04-02 0:00 UTC));
+        crate::policy::parse_bundle(&bundle).expect("and the node takes them");
+
+        let bare = v126.replacen("tag = \"1.26\"\n", "", 1);
+        std::fs::write(d.join(nginx), format!("{text}\n{bare}")).unwrap();
+        let p = problems(d);
+        assert_eq!(p.len(), 1, "{}", p.join("\n"));
+        assert!(
+            p[0].starts_with(&format!("{nginx}:55: approved.digest: sha256:0202"))
+                && p[0].ends_with(
+                    "is approved for corp both without a tag and as tag 1.26; keep one entry"
+                ),
+            "{}",
+            p[0]
+        );
     }
 
     /// docs/catalog.md shows the fixture directory unchanged, file by file, and nothing else.
