@@ -661,7 +661,8 @@ impl Catalog {
                 .collect();
             workers
                 .into_iter()
-                .map(|w| w.join().unwrap_or_default())
+                // A worker that panicked would lose its files' approvals: pass the panic on.
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
         for r in parsed.into_iter().flatten() {
