@@ -4,7 +4,7 @@
 //! 1. `approve`'s mirror copy ([`pullgate::registry::copy`]) of a ~100 MiB multi-layer image between two
 //!    loopback Distribution registries, against `skopeo copy` of the same image (throughput, MiB/s).
 //! 2. `bundle build` (catalog load + render) from a 100,000-image catalog (one file per repository),
-//!    against the node's load of the resulting signed bundle (`policy::load::load_bundle`).
+//!    against the node's load of the resulting signed bundle (`policy::verify_bundle_reader`, as the daemon loads its installed bundle).
 //! 3. `--check-mirror` of 10,000 approved manifests against a loopback registry (requests/s, total).
 //!
 //! Settings: `BENCH_ROUNDS` (default 3), `BENCH_LAYERS` (6) and `BENCH_LAYER_MIB` (16) for the copied
@@ -270,13 +270,17 @@ fn bench_build(rounds: usize) {
         std::fs::write(load::signature_path(&bundle_path), sigs.to_json()).unwrap();
         let c = cpu_time();
         let t = Instant::now();
-        let loaded = load::load_bundle(
-            &bundle_path,
-            None,
+        // As the daemon loads its bundle (streamed, signatures first), with policy.max_bundle_size
+        // raised to fit: a 100,000-image bundle is above the default 64 MiB.
+        let loaded = pullgate::policy::verify_bundle_reader(
+            std::fs::File::open(&bundle_path).unwrap(),
+            &load::read_signatures(&load::signature_path(&bundle_path)).unwrap(),
             &trust,
             None,
             time::OffsetDateTime::now_utc(),
+            u64::MAX,
         )
+        .unwrap()
         .expect("the node loads the built bundle");
         let l = t.elapsed();
         let lc = cpu_time() - c;
