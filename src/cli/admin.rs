@@ -348,6 +348,13 @@ pub fn build(args: BuildArgs) -> ExitCode {
         args.out.display(),
         args.out.display()
     );
+    if bytes.len() as u64 > crate::policy::DEFAULT_MAX_BUNDLE_SIZE {
+        eprintln!(
+            "warning: the bundle is {} MiB, above the {} MiB nodes accept unless configured otherwise: raise policy.max_bundle_size on the nodes before distributing it",
+            bytes.len() >> 20,
+            crate::policy::DEFAULT_MAX_BUNDLE_SIZE >> 20
+        );
+    }
     ExitCode::SUCCESS
 }
 

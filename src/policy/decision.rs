@@ -837,12 +837,12 @@ impl Ctx<'_> {
         entries: &[ImageEntry],
     ) -> Outcome {
         let mut scopes: Vec<&str> = vec![&**e.scope_path()];
-        scopes.extend(
-            entries
-                .iter()
-                .map(|x| &**x.scope_path())
-                .filter(|s| *s != &**e.scope_path()),
-        );
+        // Entries are sorted by scope; one scope may have several (one per provenance).
+        for s in entries.iter().map(|x| &**x.scope_path()) {
+            if !scopes.contains(&s) {
+                scopes.push(s);
+            }
+        }
         Outcome::deny(
             ReasonCode::OutOfScope,
             format!(
