@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The pullgate demo, on one machine, offline, as root:
+# The pullgate demo, on one machine, offline, as root — the whole way from an approval to a node that
+# enforces it:
 #   1. installs the system dependencies and builds pullgate and the tiny CRI client (examples/cri.rs);
 #   2. starts two loopback registries ("public": what docker.io, registry.k8s.io, gcr.io, quay.io and
-#      ghcr.io resolve to here; "private": the approved mirror, which also serves the pause image),
-#      builds busybox images offline and pushes them;
-#   3. generates two administrators' keys (pullgate keygen), a 2-of-2 trust file, and a bundle that
-#      approves busybox:1.36 and the pause image (pinned by digest), signed by both (pullgate bundle sign);
+#      ghcr.io resolve to here; "private": the approved mirror and the bundle channel), builds
+#      busybox images offline and pushes them to the public one;
+#   3. the administrators: two keys (pullgate keygen), a 2-of-2 trust file, a catalog, and
+#      `pullgate approve` of busybox:1.36 and the pause image (two scanner reports each, licence,
+#      mirrored by digest into the private registry) → `pullgate bundle build` → `bundle sign` by both
+#      → `pullgate bundle publish` to the channel registry/pullgate/bundles:prod;
 #   4. starts a private containerd 1.6 (sandbox image: the approved pause copy, pinned by digest) and
-#      pullgate in front of it, all under $PULLGATE_DEMO_DIR (default /tmp/pullgate-demo);
+#      pullgate in front of it with no bundle but a [sync] section: it takes the published bundle up
+#      from the channel by itself, all under $PULLGATE_DEMO_DIR (default /tmp/pullgate-demo);
 #   5. makes CRI calls through pullgate like kubelet would: an approved short-name pull rewritten and
-#      pinned, a public image blocked, a pod running the approved image; then `pullgate status` and
-#      the audit log;
+#      pinned, a public image blocked, a pod running the approved image; then `pullgate status` (with
+#      the sync), a decision explained by the live daemon, and the audit log;
 #   6. leaves everything running; scripts/demo-stop.sh stops exactly what this started.
 #
 # Options: --release  build with the release profile (slower to build; default: debug)
@@ -26,7 +30,7 @@ for arg in "$@"; do
   case $arg in
     --release) PROFILE=release ;;
     --no-build) BUILD=0 ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown option: $arg" >&2; exit 2 ;;
   esac
 done
@@ -79,16 +83,14 @@ build_image busybox "demo busybox"
 BUSYBOX_DIGEST=$(push_image busybox "$PUBLIC" library/busybox:1.36)
 build_image tools "demo tools"
 TOOLS_DIGEST=$(push_image tools "$PUBLIC" acme/tools:2.0)
-copy_by_digest "$PUBLIC" pause "$PAUSE_DIGEST" "$PRIVATE" approved-k8s/pause
-copy_by_digest "$PUBLIC" library/busybox "$BUSYBOX_DIGEST" "$PRIVATE" approved/library/busybox
 say "public:  registry.k8s.io/pause:3.9       $PAUSE_DIGEST"
 say "public:  docker.io/library/busybox:1.36  $BUSYBOX_DIGEST"
-say "public:  quay.io/acme/tools:2.0          $TOOLS_DIGEST   (public only)"
-say "private: approved-k8s/pause and approved/library/busybox, copied by digest"
+say "public:  quay.io/acme/tools:2.0          $TOOLS_DIGEST   (never approved)"
 
-bold "3. Keys, trust file and a signed bundle (pullgate's own commands)"
+bold "3. The administrators: keys, a catalog, approve → build → sign → publish"
 KEYS=$STACK_DIR/keys
-mkdir -p "$KEYS" "$STACK_DIR/bundle"
+CATALOG=$STACK_DIR/catalog
+mkdir -p "$KEYS" "$CATALOG/reports" "$STACK_DIR/bundle"
 "$PULLGATE" keygen --out "$KEYS/alice" >/dev/null
 "$PULLGATE" keygen --out "$KEYS/bob" >/dev/null
 cat >"$KEYS/trust.toml" <<TOML
@@ -103,42 +105,77 @@ public_key = "$(cat "$KEYS/alice.pub")"
 name = "bob"
 public_key = "$(cat "$KEYS/bob.pub")"
 TOML
-BUNDLE=$STACK_DIR/bundle/bundle.json
-provenance() { # provenance N: the provenance object of image N
-  printf '{"license": "GPL-2.0-only", "scans": [{"scanner": "trivy", "version": "0.58.1", "report": "sha256:%064d", "worst_severity": "none"}], "approved_by": "alice@corp.example", "approved_at": "%s"}' \
-    "$1" "$(date -u +%FT%TZ)"
-}
-cat >"$BUNDLE" <<JSON
-{
-  "format": 1,
-  "version": 1,
-  "issued_at": "$(date -u -d '-1 minute' +%FT%TZ)",
-  "expires_at": "$(date -u -d '+30 days' +%FT%TZ)",
-  "issuer": "platform-security@corp.example",
-  "private_registry": "$PRIVATE",
-  "mirrors": [
-    {"source": "docker.io", "target": "approved"},
-    {"source": "registry.k8s.io", "target": "approved-k8s"}
-  ],
-  "governance": {
-    "organization": "corp",
-    "application_label": "corp.example/application",
-    "mode": "enforce",
-    "programs": [
-      {"name": "payments", "projects": [{"name": "checkout", "namespaces": ["checkout"]}]}
-    ]
-  },
-  "images": [
-    {"source": "docker.io/library/busybox", "tags": {"1.36": "$BUSYBOX_DIGEST"}, "scope": "corp",
-     "provenance": $(provenance 1)},
-    {"source": "registry.k8s.io/pause", "tags": {"3.9": "$PAUSE_DIGEST"}, "scope": "corp",
-     "provenance": $(provenance 2)}
-  ]
-}
+cp "$KEYS/trust.toml" "$CATALOG/trust.toml"
+cat >"$CATALOG/catalog.toml" <<TOML
+# The demo's catalog (docs/catalog.md): the private registry is the approved mirror; the public
+# registries are reached at the loopback "public" registry.
+issuer = "platform-security@corp.example"
+private_registry = "$PRIVATE"
+validity = "30d"
+plain_http = ["$PUBLIC", "$PRIVATE"]
+trust = "trust.toml"
+
+[endpoints]
+"docker.io" = "$PUBLIC"
+"registry.k8s.io" = "$PUBLIC"
+
+[[mirrors]]
+source = "docker.io"
+target = "approved"
+
+[[mirrors]]
+source = "registry.k8s.io"
+target = "approved-k8s"
+TOML
+cat >"$CATALOG/governance.toml" <<TOML
+organization = "corp"
+application_label = "corp.example/application"
+mode = "enforce"
+
+[rules]
+min_scanners = 2
+max_severity = "high"
+
+[rules.licenses]
+allow = ["MIT", "Apache-2.0", "GPL-2.0-only"]
+
+[[programs]]
+name = "payments"
+
+[[programs.projects]]
+name = "checkout"
+namespaces = ["checkout"]
+TOML
+reports() { # reports NAME REPO DIGEST: a clean Trivy and Grype report about REPO@DIGEST, made an hour ago
+  local at
+  at=$(date -u -d '-1 hour' +%FT%TZ)
+  cat >"$CATALOG/reports/$1-trivy.json" <<JSON
+{"SchemaVersion": 2, "Trivy": {"Version": "0.58.1"}, "CreatedAt": "$at", "ArtifactName": "$2@$3",
+ "ArtifactType": "container_image",
+ "Metadata": {"ImageID": "", "RepoDigests": ["$2@$3"], "RepoTags": [], "DiffIDs": []},
+ "Results": [{"Target": "$2@$3", "Class": "os-pkgs", "Type": "busybox", "Vulnerabilities": []}]}
 JSON
+  cat >"$CATALOG/reports/$1-grype.json" <<JSON
+{"matches": [],
+ "source": {"type": "image", "target": {"userInput": "$2@$3", "imageID": "", "manifestDigest": "$3",
+            "repoDigests": ["$2@$3"], "tags": []}},
+ "descriptor": {"name": "grype", "version": "0.86.0", "timestamp": "$at"}}
+JSON
+}
+reports busybox docker.io/library/busybox "$BUSYBOX_DIGEST"
+reports pause registry.k8s.io/pause "$PAUSE_DIGEST"
+show "$PULLGATE" approve docker.io/library/busybox:1.36 --catalog "$CATALOG" --scope corp \
+  --license GPL-2.0-only --report "$CATALOG/reports/busybox-trivy.json" \
+  --report "$CATALOG/reports/busybox-grype.json" --key "$KEYS/alice.key"
+show "$PULLGATE" approve registry.k8s.io/pause:3.9 --catalog "$CATALOG" --scope corp \
+  --license Apache-2.0 --report "$CATALOG/reports/pause-trivy.json" \
+  --report "$CATALOG/reports/pause-grype.json" --key "$KEYS/alice.key"
+BUNDLE=$STACK_DIR/bundle/bundle.json
+show "$PULLGATE" bundle build --catalog "$CATALOG" --out "$BUNDLE"
 show "$PULLGATE" bundle sign --key "$KEYS/alice.key" "$BUNDLE"
 show "$PULLGATE" bundle sign --key "$KEYS/bob.key" "$BUNDLE"
-show "$PULLGATE" bundle verify --trust "$KEYS/trust.toml" "$BUNDLE"
+CHANNEL=$PRIVATE/pullgate/bundles:prod
+show "$PULLGATE" bundle publish "$BUNDLE" --to "$CHANNEL" --trust "$KEYS/trust.toml" --plain-http "$PRIVATE"
 
 bold "4. containerd and pullgate"
 SANDBOX="$PRIVATE/approved-k8s/pause@$PAUSE_DIGEST"
@@ -169,14 +206,29 @@ state_dir = "$PG/state"
 path = "$PG/audit.log"
 
 [metrics]
-# A fixed port (picked free now): \`pullgate status\` and \`bundle install\` read it from this file.
+# A fixed port (picked free now), for /metrics, /readyz and /status.
 listen = "127.0.0.1:$METRICS_PORT"
+
+[admin]
+# pullgate status, bundle install, explain --live and watch talk to the daemon here (0600, root only).
+socket = "$PG/admin.sock"
+
+[sync]
+# Bundles come from the channel in the private registry; a short interval for the demo.
+source = "$CHANNEL"
+interval = "2s"
+plain_http = ["$PRIVATE"]
+seed = "demo-node"
 TOML
-show "$PULLGATE" bundle install --config "$CONFIG" "$BUNDLE"
 start_pullgate "$PULLGATE" "$CONFIG"
 PG_SOCK=$PG/pullgate.sock
-say "pullgate:   $PG_SOCK"
+say "pullgate:   $PG_SOCK (started without a bundle)"
 say "            log $PG/pullgate.log, audit $PG/audit.log, status http://127.0.0.1:$METRICS_PORT/status"
+say "waiting for the sync to take the published bundle up from $CHANNEL …"
+synced() { "$PULLGATE" status --config "$CONFIG" --json 2>/dev/null | grep -q '"bundle":{'; }
+wait_until 30 "the bundle sync" synced || stack_die "pullgate did not take the bundle up: $(tail -20 "$PG/pullgate.log")"
+grep -F 'bundle sync: installed' "$PG/pullgate.log" | tail -n 1 | sed 's/^/      /'
+show tail -n 1 "$PG/audit.log"
 
 # A small environment file so people can keep poking at the stack.
 cat >"$STACK_DIR/env" <<ENV
@@ -217,8 +269,9 @@ bold "7. A pod running the approved image (host network), started the way kubele
 show cri run busybox:1.36 --namespace demo --name hello -- \
   /bin/sh -c 'grep -qx "demo busybox" /etc/pullgate-fixture'
 
-bold "8. pullgate status"
+bold "8. pullgate status (through the admin socket), and a decision explained by the live daemon"
 show "$PULLGATE" status --config "$CONFIG"
+show "$PULLGATE" explain --live --config "$CONFIG" quay.io/acme/tools:2.0 || say "(exit status $?: denied)"
 
 bold "9. The audit log (one JSON object per decision)"
 show tail -n 4 "$PG/audit.log"
@@ -227,9 +280,10 @@ bold "The stack is still running. Try:"
 cat <<EOF
     source $STACK_DIR/env        # CRI_SOCKET, pullgate on PATH, and an alias for the CRI client
     pullgate explain busybox:1.36 --bundle $BUNDLE --trust $KEYS/trust.toml
-    pullgate explain busybox:1.35 --bundle $BUNDLE --trust $KEYS/trust.toml
-    pullgate explain quay.io/acme/tools:2.0 --bundle $BUNDLE --trust $KEYS/trust.toml --namespace checkout --json
+    pullgate explain --live --config $CONFIG busybox:1.35
+    pullgate watch --config $CONFIG          # decisions as they happen (another terminal: cri pull …)
     pullgate status --config $CONFIG
+    pullgate bundle fetch $CHANNEL --out /tmp/fetched --plain-http $PRIVATE
     pullgate bundle inspect $BUNDLE
     cri images                   # through pullgate (note the source tags it adds)
     cri --socket $STACK_DIR/containerd/containerd.sock images   # straight to containerd

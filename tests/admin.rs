@@ -1,7 +1,8 @@
 //! The administrators' side against real loopback Distribution registries: `approve` (every refusal
 //! path copies and writes nothing), mirroring by digest (idempotent, resumable, multi-platform index),
 //! a registry that lies about a digest, `bundle build` with its mirror check, and the whole way to a
-//! node: approve → build → sign twice → install → a pod runs from the mirror by digest.
+//! node: approve (and approve --replace) → build (format 2) → sign twice → verify as a node does →
+//! install → pods run from the mirror by digest, the replaced tag deprecated until its sunset.
 
 mod support;
 
@@ -368,10 +369,33 @@ async fn approve_mirrors_by_digest_records_provenance_and_is_idempotent() {
         env.writes_since(mark)
     );
     let (rule, msg) = refused_rule(
-        approve::approve(&env.request("docker.io/library/busybox:1.36", "corp", reports)).await,
+        approve::approve(&env.request("docker.io/library/busybox:1.36", "corp", reports.clone()))
+            .await,
     );
     assert_eq!(rule, "versions");
     assert!(msg.contains("already approved"), "{msg}");
+    // So is approving its digest without a tag: the node would have two approvals of one digest.
+    let before = std::fs::read_to_string(env.catalog.join(&repo.file)).unwrap();
+    let (rule, msg) = refused_rule(
+        approve::approve(&env.request(
+            &format!("docker.io/library/busybox@{digest}"),
+            "corp",
+            reports,
+        ))
+        .await,
+    );
+    assert_eq!(rule, "versions");
+    assert!(
+        msg.contains(&format!(
+            "busybox@{digest} is already approved for corp as tag 1.36"
+        )),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(env.catalog.join(&repo.file)).unwrap(),
+        before
+    );
+    assert!(env.writes_since(mark).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -857,8 +881,29 @@ async fn build_refuses_images_missing_from_the_mirror_and_is_deterministic() {
         ..Default::default()
     };
     approve::merge_catalog_settings(&mut opts, &catalog);
-    let client = Registry::new(opts).unwrap();
+    let client = Registry::new(opts.clone()).unwrap();
     assert_eq!(build::check_mirror(&catalog, &client, 8).await.unwrap(), 1);
+
+    // A registry that needs no credentials is pinged once per client, then asked one HEAD per
+    // manifest (oci-client alone pings /v2/ again before each request).
+    let fresh = Registry::new(opts).unwrap();
+    let (host, path) = (env.private.host(), "approved/library/busybox");
+    let missing = Digest::Sha256([0x66; 32]);
+    let mark = env.private.mark();
+    for d in [&digest, &digest, &missing] {
+        let there = fresh.manifest_exists(&host, path, d).await.unwrap();
+        assert_eq!(there, *d == digest);
+    }
+    let head = |d: &Digest| format!("HEAD /v2/{path}/manifests/{d}");
+    assert_eq!(
+        env.private.requests_since(mark),
+        [
+            "GET /v2/".to_owned(),
+            head(&digest),
+            head(&digest),
+            head(&missing)
+        ]
+    );
 
     let t = OffsetDateTime::now_utc();
     let a = build::render(&catalog, 2, 7, t);
@@ -912,7 +957,7 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
     std::fs::copy(&node.keys.trust, dir.join("trust.toml")).unwrap();
     let reports = dir.join("reports");
     std::fs::create_dir_all(&reports).unwrap();
-    let approve = |source: &str, digest: &str| {
+    let approve = |source: &str, digest: &str, extra: &[&str]| {
         let d = Digest::parse(digest).unwrap();
         let created = OffsetDateTime::now_utc() - time::Duration::hours(1);
         let mut files = Vec::new();
@@ -946,16 +991,28 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
             args.push("--report".into());
             args.push(f.into());
         }
+        args.extend(extra.iter().map(Into::into));
         let out = cli_ok(args);
         assert!(out.stdout.contains("APPROVED"), "{out}");
     };
-    // nginx:1.25 exists only in the "public" registry and is not in the node's bundle v1.
+    // nginx:1.25 exists only in the "public" registry and is not in the node's bundle v1; then 1.26
+    // is approved to replace it (deprecated now, sunset after the catalog's sunset_after of 30 days).
     let nginx = node.fx.nginx.clone();
-    approve("docker.io/library/nginx:1.25", &nginx.digest);
-    approve("registry.k8s.io/pause:3.9", &node.stack.pause_digest);
+    approve("docker.io/library/nginx:1.25", &nginx.digest, &[]);
+    approve("registry.k8s.io/pause:3.9", &node.stack.pause_digest, &[]);
+    let nginx_126 = node
+        .stack
+        .images
+        .push_image(public, "library/nginx:1.26", "fixture");
+    approve(
+        "docker.io/library/nginx:1.26",
+        &nginx_126,
+        &["--replace", "1.25"],
+    );
+    let approved_at = OffsetDateTime::now_utc();
     cli_ok(["catalog".as_ref(), "check".as_ref(), dir.as_os_str()]);
 
-    // Build (format 1: the node reads format 1), sign by both administrators, install.
+    // Build (format 2), sign by both administrators, verify with the node's verifier, install.
     let bundle = dir.join("bundle-v2.json");
     let out = cli_ok([
         "bundle".as_ref(),
@@ -966,11 +1023,10 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
         node.bundle_v1.as_os_str(),
         "--out".as_ref(),
         bundle.as_os_str(),
-        "--format".as_ref(),
-        "1".as_ref(),
     ]);
     assert!(
-        out.stdout.contains("built bundle v2") && out.stdout.contains("mirror check: all 2"),
+        out.stdout.contains("built bundle v2 (format 2)")
+            && out.stdout.contains("mirror check: all 3"),
         "{out}"
     );
     for key in [&node.keys.alice, &node.keys.bob] {
@@ -989,6 +1045,32 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
         node.keys.trust.as_os_str(),
         bundle.as_os_str(),
     ]);
+    let trust =
+        pullgate::policy::Trust::from_toml(&std::fs::read_to_string(&node.keys.trust).unwrap())
+            .unwrap();
+    let verified = pullgate::policy::load::load_bundle(
+        &bundle,
+        None,
+        &trust,
+        Some(1),
+        OffsetDateTime::now_utc(),
+    )
+    .unwrap_or_else(|e| panic!("the node's verifier rejects the built bundle: {e}"));
+    assert_eq!(verified.format, 2);
+    let life = verified
+        .entries("docker.io/library/nginx")
+        .iter()
+        .find_map(|e| e.tag_lifecycle("1.25"))
+        .expect("1.25 carries the lifecycle --replace wrote")
+        .clone();
+    assert_eq!(life.replacement.as_deref(), Some("1.26"));
+    let sunset = life.sunset_at.expect("a sunset");
+    let after = sunset - approved_at;
+    assert!(
+        after > time::Duration::days(30) - time::Duration::minutes(5)
+            && after <= time::Duration::days(30),
+        "sunset {after} after the approval, the catalog says 30d"
+    );
     let out = node.install(&bundle);
     assert!(out.success(), "{out}");
     node.wait_for_bundle(2);
@@ -1013,6 +1095,56 @@ async fn approve_build_sign_install_and_a_pod_runs_from_the_mirror() {
         public.log_lines_since(pub_mark).is_empty(),
         "the public registry was contacted"
     );
+    let recs = node.audit_for("PullImage", "nginx:1.25");
+    assert!(
+        recs.iter().any(|r| r["reason"] == "deprecated"),
+        "nginx:1.25 is deprecated by the replace: {recs:?}"
+    );
+
+    // Its replacement runs too, from the mirror by digest.
+    cri.pull("nginx:1.26", "default").await.unwrap();
+    let check = [
+        "/bin/sh",
+        "-c",
+        "grep -q 'library/nginx:1.26' /etc/pullgate-fixture",
+    ];
+    let code =
+        support::cri::run_as_kubelet(&mut cri, "nginx-126-pod", "default", "nginx:1.26", &check)
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{}", node.stack.logs());
+    let recs = node.audit_for("PullImage", "nginx:1.26");
+    assert!(recs.iter().any(|r| r["reason"] == "approved"), "{recs:?}");
+
+    // The node's decision over time (explain --at): deprecated until the sunset, then denied,
+    // naming the replacement.
+    let explain = |at: OffsetDateTime| {
+        let at = at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        let out = support::pullgate::cli([
+            "explain",
+            "nginx:1.25",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--trust",
+            node.keys.trust.to_str().unwrap(),
+            "--at",
+            &at,
+            "--json",
+        ]);
+        serde_json::from_str::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("explain --json: {e}: {out}"))
+    };
+    let v = explain(sunset - time::Duration::minutes(1));
+    assert_eq!(v["reason"], "deprecated", "{v}");
+    let v = explain(sunset);
+    assert_eq!(
+        (&v["decision"], &v["reason"]),
+        (&"deny".into(), &"sunset".into()),
+        "{v}"
+    );
+    assert!(v["message"].as_str().unwrap().contains("nginx:1.26"), "{v}");
 }
 
 /// `pullgate catalog init` and `catalog check` from the command line: exit 0 on the documented example,

@@ -247,6 +247,40 @@ pub async fn approve_with(
             ));
         }
     }
+    // A digest is approved in a scope either without a tag or through tags, never both, and without
+    // a tag once.
+    if let Some(repo) = repo {
+        let digest_text = digest.to_string();
+        let same = repo
+            .content
+            .approved
+            .iter()
+            .filter(|v| v.scope.get_ref() == &req.scope && v.digest.get_ref() == &digest_text);
+        for v in same {
+            let (was, hint) = match (&tag, &v.tag) {
+                (Some(_), Some(_)) => continue,
+                (None, None) => ("without a tag".to_owned(), "nothing to do".to_owned()),
+                (None, Some(t)) => (
+                    format!("as tag {}", t.get_ref()),
+                    "a digest is approved without a tag or through tags, not both".to_owned(),
+                ),
+                (Some(t), None) => (
+                    "without a tag".to_owned(),
+                    format!(
+                        "to approve it as tag {t}, remove that entry first (a digest is approved without a tag or through tags, not both)"
+                    ),
+                ),
+            };
+            return Err(refuse(
+                "versions",
+                format!(
+                    "{repo_name}@{digest} is already approved for {} {was} ({}); {hint}",
+                    req.scope,
+                    repo.file.display()
+                ),
+            ));
+        }
+    }
     let mut targets = Vec::new();
     let mut platforms = Vec::new();
     match &manifest.kind {

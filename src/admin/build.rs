@@ -5,10 +5,12 @@
 //! Format 2 (the default) carries lifecycle, rules, exceptions and rollout; format 1 is for nodes that
 //! do not read format 2 yet: it leaves those out, and leaves out tags and digests already sunset.
 //!
-//! One bundle entry per repository and scope: its tags and digests are the catalog's approvals for
-//! that scope, and its provenance merges theirs — every scan of every approval (each one passed the
-//! rule when it was approved), the licences joined with `AND` when they differ (a node must permit
-//! all of them), and the approver and time of the latest approval.
+//! Format 2: one bundle entry per repository, scope and provenance (licence and scans), so a node
+//! judges every approval on its own scans and licence, exactly as `approve` did — merged, one tag's
+//! scanners could make up another tag's missing ones, and one tag's licence or severity could deny
+//! another. Approvals with the same provenance share an entry (the approver and time of the latest
+//! are recorded). Format 1 (whose nodes check no rules) keeps one entry per repository and scope,
+//! with every scan and the licences joined with `AND`.
 //!
 //! [`check_mirror`] asks the private registry (concurrent HEAD requests) for every approved manifest and
 //! every exception's, and names the missing ones.
@@ -177,7 +179,12 @@ struct OutScan<'a> {
     scanner: &'a str,
     version: &'a str,
     report: &'a str,
-    worst_severity: String,
+    #[serde(serialize_with = "display")]
+    worst_severity: crate::policy::Severity,
+}
+
+fn display<T: std::fmt::Display, S: serde::Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
 }
 
 #[derive(Serialize)]
@@ -199,6 +206,9 @@ struct OutRollout<'a> {
     percent: u32,
 }
 
+/// What format 2 keeps apart in separate entries of one repository and scope: licence and scans.
+type Provenance<'a> = (&'a str, Vec<OutScan<'a>>);
+
 /// Renders the bundle of `catalog` (format 1 or 2) with `version`, issued at `issued_at`.
 pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDateTime) -> Vec<u8> {
     let v2 = format >= 2;
@@ -216,17 +226,24 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
     };
     let mode = |m: Option<crate::policy::Mode>| m.map(|m| m.to_string());
 
-    // One entry per (source, scope); sources sorted by the catalog.
+    // Format 2: one entry per repository, scope and provenance, so each tag keeps its own scans and
+    // licence (a node judges an entry's provenance against the pod's rule; merged, one tag's scans
+    // could satisfy a rule for another, and one tag's licence deny another). Format 1 (no rules on
+    // the node): one entry per repository and scope, with the provenances merged.
     let mut images = Vec::new();
     for repo in &catalog.repositories {
-        let mut by_scope: BTreeMap<&str, Vec<&Version>> = BTreeMap::new();
+        let mut groups: BTreeMap<(&str, Option<Provenance>), Vec<&Version>> = BTreeMap::new();
         for v in &repo.content.approved {
             if !v2 && v.sunset_at.is_some_and(|s| s.0 <= issued_at) {
                 continue;
             }
-            by_scope.entry(v.scope.get_ref()).or_default().push(v);
+            let provenance = v2.then(|| (v.license.get_ref().as_str(), out_scans([v])));
+            groups
+                .entry((v.scope.get_ref(), provenance))
+                .or_default()
+                .push(v);
         }
-        for (scope, versions) in by_scope {
+        for ((scope, _), versions) in groups {
             let mut tags = BTreeMap::new();
             let mut digests = Vec::new();
             for v in &versions {
@@ -263,18 +280,6 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
                     .collect::<Vec<_>>()
                     .join(" AND ")
             };
-            let mut scans: Vec<OutScan> = versions
-                .iter()
-                .flat_map(|v| v.scans.iter())
-                .map(|s| OutScan {
-                    scanner: &s.scanner,
-                    version: &s.version,
-                    report: s.report.get_ref(),
-                    worst_severity: s.worst_severity.to_string(),
-                })
-                .collect();
-            scans.sort();
-            scans.dedup();
             let latest = versions
                 .iter()
                 .max_by_key(|v| (v.approved_at, v.digest.get_ref()))
@@ -287,7 +292,7 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
                 scope,
                 provenance: OutProvenance {
                     license,
-                    scans,
+                    scans: out_scans(versions.iter().copied()),
                     approved_by: &latest.approved_by,
                     approved_at: rfc3339(latest.approved_at.0),
                 },
@@ -380,9 +385,31 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
             Vec::new()
         },
     };
-    let mut bytes = serde_json::to_vec_pretty(&out).unwrap_or_default();
+    // Sized up front (a built entry takes about 800 bytes): a large bundle is not copied again and
+    // again as the buffer grows.
+    let mut bytes = Vec::with_capacity(4096 + out.images.len() * 800);
+    if serde_json::to_writer_pretty(&mut bytes, &out).is_err() {
+        bytes.clear();
+    }
     bytes.push(b'\n');
     bytes
+}
+
+/// The scans of `versions`, sorted, each once.
+fn out_scans<'a>(versions: impl IntoIterator<Item = &'a Version>) -> Vec<OutScan<'a>> {
+    let mut scans: Vec<OutScan> = versions
+        .into_iter()
+        .flat_map(|v| v.scans.iter())
+        .map(|s| OutScan {
+            scanner: &s.scanner,
+            version: &s.version,
+            report: s.report.get_ref(),
+            worst_severity: s.worst_severity,
+        })
+        .collect();
+    scans.sort();
+    scans.dedup();
+    scans
 }
 
 /// Every manifest the bundle points nodes at: (`private/mirror/path`, digest), deduplicated, sorted.
@@ -446,5 +473,205 @@ pub async fn check_mirror(
         Ok(checked)
     } else {
         Err(BuildError::MissingFromMirror { missing })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use time::macros::datetime;
+
+    use super::*;
+    use crate::admin::catalog;
+    use crate::admin::catalog::tests::copy_fixture;
+    use crate::policy::{
+        ImageRequest, PodContext, PrivateKey, ReasonCode, SignatureFile, Trust, VerifiedBundle,
+        decide, trust::TrustedKey, verify_bundle,
+    };
+
+    /// Signs `bytes` with two keys and verifies them as a node does, at `now`.
+    fn verify_on_a_node(bytes: &[u8], now: OffsetDateTime) -> VerifiedBundle {
+        let keys = [
+            PrivateKey::from_seed([1; 32]),
+            PrivateKey::from_seed([2; 32]),
+        ];
+        let trust = Trust::new(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| TrustedKey {
+                    name: format!("admin{i}"),
+                    key: k.public(),
+                })
+                .collect(),
+            2,
+        )
+        .unwrap();
+        let mut sigs = SignatureFile::new();
+        for k in &keys {
+            sigs.add(k.sign_bundle(bytes));
+        }
+        let b = verify_bundle(bytes, &sigs, &trust, None, now).unwrap_or_else(|e| {
+            panic!(
+                "the node rejects the built bundle: {e}\n{}",
+                String::from_utf8_lossy(bytes)
+            )
+        });
+        crate::policy::bundle::check_trust_limits(&b, &trust).unwrap();
+        b
+    }
+
+    fn pod(namespace: Option<&str>) -> PodContext {
+        PodContext {
+            namespace: namespace.map(str::to_owned),
+            name: Some("p".into()),
+            uid: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn reason(b: &VerifiedBundle, image: &str, ns: Option<&str>, at: OffsetDateTime) -> ReasonCode {
+        decide(&ImageRequest::Reference(image), b, &pod(ns), at).reason
+    }
+
+    /// What `approve --replace 1.26` of `nginx:1.27` writes, at `now`.
+    fn replace_nginx_126(dir: &Path, now: OffsetDateTime) {
+        let c = Catalog::load(dir).unwrap();
+        let repo = c.repository("docker.io/library/nginx").unwrap();
+        let sunset = now + time::Duration::try_from(c.rules("corp").unwrap().sunset_after).unwrap();
+        let text = catalog::tests::replace_nginx_126(repo, now, sunset);
+        std::fs::write(dir.join(&repo.file), text).unwrap();
+    }
+
+    #[test]
+    fn every_bundle_built_from_the_example_catalog_verifies_on_a_node() {
+        // The example's exception expires 2099-03-21: build three weeks before, so that it is in the
+        // bundle and within the node's default 30-day limit.
+        let issued = datetime!(2099-03-01 00:00 UTC);
+        let now = issued + time::Duration::hours(1);
+        let t = copy_fixture();
+        replace_nginx_126(t.path(), issued);
+        let catalog = Catalog::load(t.path()).unwrap();
+
+        let bytes = render(&catalog, 2, 5, issued);
+        let b = verify_on_a_node(&bytes, now);
+        assert_eq!(b.format, 2);
+        assert_eq!(b.exceptions().len(), 1, "the exception is carried");
+        assert!(
+            b.scopes().node(crate::policy::scope::ORG).rules.is_some(),
+            "rules are carried"
+        );
+        let nginx = b.entries("docker.io/library/nginx");
+        let life = nginx
+            .iter()
+            .find_map(|e| e.tag_lifecycle("1.26"))
+            .expect("1.26 has the lifecycle --replace wrote");
+        assert_eq!(life.replacement.as_deref(), Some("1.27"));
+        // Deprecated from the replace, sunset 30 days later (the catalog's sunset_after).
+        assert_eq!(reason(&b, "nginx:1.26", None, now), ReasonCode::Deprecated);
+        let sunset = issued + time::Duration::days(30);
+        assert_eq!(
+            reason(&b, "nginx:1.26", None, sunset - time::Duration::seconds(1)),
+            ReasonCode::Deprecated
+        );
+        let d = decide(
+            &ImageRequest::Reference("nginx:1.26"),
+            &b,
+            &pod(None),
+            sunset,
+        );
+        assert_eq!(d.reason, ReasonCode::Sunset);
+        assert!(d.message.contains("nginx:1.27"), "{}", d.message);
+        assert_eq!(reason(&b, "nginx:1.27", None, sunset), ReasonCode::Approved);
+        assert_eq!(reason(&b, "nginx:1.25", None, now), ReasonCode::Sunset);
+        // The exception: redis 7.4 for checkout only.
+        assert_eq!(
+            reason(&b, "redis:7.4", Some("checkout"), now),
+            ReasonCode::Exception
+        );
+
+        // The rule approve applies at every scope is the rule the node enforces there.
+        for (path, rules) in &catalog.scopes {
+            let id = b
+                .scopes()
+                .lookup(path)
+                .expect("every catalog scope is in the bundle");
+            let node = b
+                .scopes()
+                .node(id)
+                .rules
+                .as_deref()
+                .expect("format 2 rules");
+            assert_eq!(node.summary(), rules.bundle.summary(), "{path}");
+        }
+
+        // Format 1: no lifecycle, rules or exceptions; what is already sunset is left out.
+        let bytes = render(&catalog, 1, 5, issued);
+        let b = verify_on_a_node(&bytes, now);
+        assert_eq!(b.format, 1);
+        assert!(b.exceptions().is_empty());
+        let tags: Vec<&str> = b
+            .entries("docker.io/library/nginx")
+            .iter()
+            .flat_map(|e| e.tags().iter().map(|(t, _)| &**t))
+            .collect();
+        assert_eq!(tags, ["1.26", "1.27"], "1.25 is sunset by then");
+    }
+
+    /// A repository with three tags for one scope, each with its own scans and licence: the node must
+    /// judge each tag on its own provenance, as `approve` did.
+    #[test]
+    fn each_tag_keeps_its_own_provenance_on_the_node() {
+        let t = copy_fixture();
+        let approval = |tag: &str, n: u8, license: &str, scans: &[(&str, &str)]| {
+            let mut s = format!(
+                "\n[[approved]]\nscope = \"corp\"\ntag = \"{tag}\"\ndigest = \"{}\"\nlicense = \"{license}\"\napproved_by = \"bab14e60b2c4df72\"\napproved_at = 2026-01-10T09:30:00Z\n",
+                Digest::Sha256([n; 32])
+            );
+            for (i, (scanner, severity)) in scans.iter().enumerate() {
+                s += &format!(
+                    "\n[[approved.scans]]\nscanner = \"{scanner}\"\nversion = \"1\"\nreport = \"{}\"\nworst_severity = \"{severity}\"\nscanned_at = 2026-01-10T09:00:00Z\n",
+                    Digest::Sha256([n + i as u8 + 1; 32])
+                );
+            }
+            s
+        };
+        let file = String::from("source = \"docker.io/library/redis\"\n")
+            + &approval("7.2", 0x10, "MIT", &[("trivy", "low"), ("grype", "none")])
+            + &approval(
+                "7.0",
+                0x20,
+                "GPL-2.0-only",
+                &[("trivy", "high"), ("grype", "low")],
+            )
+            + &approval("6.2", 0x30, "MIT", &[("trivy", "none")]);
+        std::fs::write(t.path().join("images/docker.io/library/redis.toml"), file).unwrap();
+        let catalog = Catalog::load(t.path()).unwrap();
+        let issued = datetime!(2099-03-01 00:00 UTC);
+        let now = issued + time::Duration::hours(1);
+        let b = verify_on_a_node(&render(&catalog, 2, 5, issued), now);
+        let entries = b.entries("docker.io/library/redis");
+        assert_eq!(entries.len(), 3, "one entry per provenance");
+
+        // checkout denies GPL-2.0-only and allows at most medium (payments): 7.2 passes on its own.
+        assert_eq!(
+            reason(&b, "redis:7.2", Some("checkout"), now),
+            ReasonCode::Approved
+        );
+        assert_eq!(
+            reason(&b, "redis:7.0", Some("checkout"), now),
+            ReasonCode::SeverityExceeded
+        );
+        // One scanner is one scanner, whatever the other tags had.
+        assert_eq!(
+            reason(&b, "redis:6.2", None, now),
+            ReasonCode::InsufficientScans
+        );
+        assert_eq!(reason(&b, "redis:7.0", None, now), ReasonCode::Approved);
+        assert_eq!(
+            reason(&b, "redis:7.2", Some("search-index"), now),
+            ReasonCode::Approved
+        );
     }
 }

@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -149,14 +150,40 @@ pub struct Time(pub OffsetDateTime);
 impl<'de> Deserialize<'de> for Time {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Time, D::Error> {
         let dt = toml::value::Datetime::deserialize(d)?;
-        if dt.offset.is_none() || dt.date.is_none() || dt.time.is_none() {
+        let (Some(date), Some(clock), Some(offset)) = (dt.date, dt.time, dt.offset) else {
             return Err(serde::de::Error::custom(format!(
                 "{dt} is not a full date-time with an offset; write e.g. 2026-01-01T00:00:00Z"
             )));
+        };
+        // Built from the parsed parts (a catalog has three times per approval: formatting each one
+        // and parsing it again cost a tenth of a large catalog's load); a leap second goes through
+        // the RFC 3339 parser, which knows what to do with it.
+        let minutes = match offset {
+            toml::value::Offset::Z => 0,
+            toml::value::Offset::Custom { minutes } => i32::from(minutes),
+        };
+        let direct = (clock.second < 60)
+            .then(|| {
+                let month = time::Month::try_from(date.month).ok()?;
+                let d =
+                    time::Date::from_calendar_date(i32::from(date.year), month, date.day).ok()?;
+                let t = time::Time::from_hms_nano(
+                    clock.hour,
+                    clock.minute,
+                    clock.second,
+                    clock.nanosecond,
+                )
+                .ok()?;
+                let o = time::UtcOffset::from_whole_seconds(minutes * 60).ok()?;
+                Some(d.with_time(t).assume_offset(o))
+            })
+            .flatten();
+        match direct {
+            Some(t) => Ok(Time(t)),
+            None => OffsetDateTime::parse(&dt.to_string(), &Rfc3339)
+                .map(Time)
+                .map_err(|e| serde::de::Error::custom(format!("{dt}: {e}"))),
         }
-        OffsetDateTime::parse(&dt.to_string(), &Rfc3339)
-            .map(Time)
-            .map_err(|e| serde::de::Error::custom(format!("{dt}: {e}")))
     }
 }
 
@@ -172,6 +199,21 @@ pub fn rfc3339(t: OffsetDateTime) -> String {
         .to_offset(time::UtcOffset::UTC)
         .replace_nanosecond(0)
         .unwrap_or(t);
+    // Written directly: a bundle build formats one or more times per approval.
+    if (0..=9999).contains(&t.year()) {
+        let mut s = String::with_capacity(20);
+        let _ = write!(
+            s,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        return s;
+    }
     t.format(&Rfc3339).unwrap_or_default()
 }
 
@@ -609,12 +651,18 @@ impl Catalog {
             let workers: Vec<_> = files
                 .chunks(chunk)
                 .map(|part| {
-                    scope.spawn(move || part.iter().map(|rel| read_repository(dir, rel)).collect())
+                    scope.spawn(move || {
+                        let mut buf = Vec::new();
+                        part.iter()
+                            .map(|rel| read_repository(dir, rel, &mut buf))
+                            .collect()
+                    })
                 })
                 .collect();
             workers
                 .into_iter()
-                .map(|w| w.join().unwrap_or_default())
+                // A worker that panicked would lose its files' approvals: pass the panic on.
+                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
                 .collect()
         });
         for r in parsed.into_iter().flatten() {
@@ -846,6 +894,7 @@ impl Catalog {
 
         // Images.
         let mut sources: BTreeMap<&str, &Path> = BTreeMap::new();
+        let mut licenses: HashMap<&str, Option<String>> = HashMap::new();
         for repo in &self.repositories {
             let src = Source {
                 file: &repo.file,
@@ -874,7 +923,9 @@ impl Catalog {
                 }
             }
             let mut tags: BTreeMap<&str, &str> = BTreeMap::new();
-            let mut seen: BTreeSet<(String, String)> = BTreeSet::new();
+            let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+            // (digest, scope) → the tag of the first entry approving it there.
+            let mut routes: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
             let all_tags: BTreeSet<&str> = repo
                 .content
                 .approved
@@ -898,14 +949,29 @@ impl Catalog {
                 let key = v
                     .tag
                     .as_ref()
-                    .map(|t| t.get_ref().clone())
-                    .unwrap_or_else(|| v.digest.get_ref().clone());
-                if !seen.insert((key.clone(), v.scope.get_ref().clone())) {
+                    .map_or(v.digest.get_ref(), |t| t.get_ref())
+                    .as_str();
+                if !seen.insert((key, v.scope.get_ref())) {
                     problems.push(at(
                         v.scope.span(),
                         "scope",
                         format!(
                             "{key} is approved twice for {}; keep one entry",
+                            v.scope.get_ref()
+                        ),
+                    ));
+                }
+                let tag = v.tag.as_ref().map(|t| t.get_ref().as_str());
+                let first = *routes
+                    .entry((v.digest.get_ref(), v.scope.get_ref()))
+                    .or_insert(tag);
+                if let (Some(t), None) | (None, Some(t)) = (first, tag) {
+                    problems.push(at(
+                        v.digest.span(),
+                        "digest",
+                        format!(
+                            "{} is approved for {} both without a tag and as tag {t}; keep one entry",
+                            v.digest.get_ref(),
                             v.scope.get_ref()
                         ),
                     ));
@@ -920,7 +986,11 @@ impl Catalog {
                         }
                     }
                 }
-                if let Err(e) = LicenseExpression::parse(v.license.get_ref()) {
+                // A catalog has few distinct licence texts: each is parsed once.
+                let license = licenses
+                    .entry(v.license.get_ref())
+                    .or_insert_with_key(|l| LicenseExpression::parse(l).err());
+                if let Some(e) = license {
                     problems.push(at(
                         v.license.span(),
                         "license",
@@ -1126,8 +1196,8 @@ fn placeholder_trust() -> Trust {
 }
 
 /// Reads and parses one repository file (`rel`, relative to the catalog `dir`).
-fn read_repository(dir: &Path, rel: &Path) -> Result<Repository, Problem> {
-    let text = std::fs::read_to_string(dir.join(rel)).map_err(|e| Problem {
+fn read_repository(dir: &Path, rel: &Path, buf: &mut Vec<u8>) -> Result<Repository, Problem> {
+    let text = read_small(&dir.join(rel), buf).map_err(|e| Problem {
         file: rel.to_owned(),
         line: 0,
         key: String::new(),
@@ -1152,6 +1222,33 @@ fn read_repository(dir: &Path, rel: &Path) -> Result<Repository, Problem> {
     })
 }
 
+/// Reads a small text file with open, read until the end, close: no size query first
+/// (`std::fs::read_to_string` asks for the size and position, two more system calls per file, which a
+/// catalog of 100,000 repository files notices). `buf` is reused between files.
+fn read_small(path: &Path, buf: &mut Vec<u8>) -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    buf.clear();
+    loop {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(buf.capacity().max(8192));
+        }
+        let start = buf.len();
+        let spare = buf.capacity() - start;
+        buf.resize(start + spare, 0);
+        let read = f.read(&mut buf[start..]);
+        buf.truncate(start + *read.as_ref().unwrap_or(&0));
+        match read {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(buf.clone())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// Every `*.toml` below `dir` (relative paths under `rel`), sorted.
 fn collect_toml(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>, problems: &mut Vec<Problem>) {
     let entries = match std::fs::read_dir(dir) {
@@ -1172,7 +1269,13 @@ fn collect_toml(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>, problems: &mut V
     for e in names {
         let path = e.path();
         let r = rel.join(e.file_name());
-        if path.is_dir() {
+        // The entry's type comes with the directory listing; only a symbolic link needs a stat.
+        let dir = match e.file_type() {
+            Ok(t) if t.is_symlink() => path.is_dir(),
+            Ok(t) => t.is_dir(),
+            Err(_) => path.is_dir(),
+        };
+        if dir {
             collect_toml(&path, &r, out, problems);
         } else if path.extension().is_some_and(|x| x == "toml") {
             out.push(r);
@@ -1454,12 +1557,13 @@ pub fn init(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/catalog");
 
-    fn copy_fixture() -> tempfile::TempDir {
+    /// A copy of the documented example catalog, to edit.
+    pub(crate) fn copy_fixture() -> tempfile::TempDir {
         fn copy(from: &Path, to: &Path) {
             std::fs::create_dir_all(to).unwrap();
             for e in std::fs::read_dir(from).unwrap() {
@@ -1582,6 +1686,38 @@ mod tests {
         }
     }
 
+    /// One digest may carry several tags in a scope, but not also be approved there without one: the
+    /// node would have two approvals of it, each with its own provenance and lifecycle.
+    #[test]
+    fn a_digest_is_approved_bare_or_through_tags_not_both() {
+        let t = copy_fixture();
+        let d = t.path();
+        let nginx = "images/docker.io/library/nginx.toml";
+        let text = std::fs::read_to_string(d.join(nginx)).unwrap();
+        let v126 = &text[text
+            .find("[[approved]]\nscope = \"corp\"\ntag = \"1.26\"")
+            .unwrap()..];
+        let latest = v126.replacen("tag = \"1.26\"", "tag = \"latest\"", 1);
+        std::fs::write(d.join(nginx), format!("{text}\n{latest}")).unwrap();
+        let c = Catalog::load(d).expect("two tags of one digest are fine");
+        let bundle =
+            crate::admin::build::render(&c, 2, 1, time::macros::datetime!(2026-04-02 0:00 UTC));
+        crate::policy::parse_bundle(&bundle).expect("and the node takes them");
+
+        let bare = v126.replacen("tag = \"1.26\"\n", "", 1);
+        std::fs::write(d.join(nginx), format!("{text}\n{bare}")).unwrap();
+        let p = problems(d);
+        assert_eq!(p.len(), 1, "{}", p.join("\n"));
+        assert!(
+            p[0].starts_with(&format!("{nginx}:55: approved.digest: sha256:0202"))
+                && p[0].ends_with(
+                    "is approved for corp both without a tag and as tag 1.26; keep one entry"
+                ),
+            "{}",
+            p[0]
+        );
+    }
+
     /// docs/catalog.md shows the fixture directory unchanged, file by file, and nothing else.
     #[test]
     fn the_documented_example_is_the_fixture() {
@@ -1652,39 +1788,69 @@ mod tests {
     }
 
     #[test]
+    fn times_read_and_written_as_rfc3339_says() {
+        #[derive(Deserialize)]
+        struct T {
+            t: Time,
+        }
+        for text in [
+            "2026-01-10T09:30:00Z",
+            "2026-01-10T11:30:00+02:00",
+            "2026-01-10T05:00:00.25-04:30",
+            "1998-12-31T23:59:60Z",
+            "0001-01-01T00:00:00Z",
+        ] {
+            let got: T = toml::from_str(&format!("t = {text}")).unwrap();
+            let want = OffsetDateTime::parse(text, &Rfc3339).unwrap();
+            assert_eq!(got.t.0, want, "{text}");
+            let utc = want
+                .to_offset(time::UtcOffset::UTC)
+                .replace_nanosecond(0)
+                .unwrap();
+            assert_eq!(rfc3339(want), utc.format(&Rfc3339).unwrap(), "{text}");
+        }
+        for bad in ["2026-02-30T00:00:00Z", "2026-01-10T09:30:00", "2026-01-10"] {
+            assert!(toml::from_str::<T>(&format!("t = {bad}")).is_err(), "{bad}");
+        }
+    }
+
+    /// The text `approve --replace 1.26` of `nginx:1.27` (licence MIT, a trivy and a grype scan) makes
+    /// of the example's nginx file, at `now`, with 1.26 sunset at `sunset`.
+    pub(crate) fn replace_nginx_126(
+        repo: &Repository,
+        now: OffsetDateTime,
+        sunset: OffsetDateTime,
+    ) -> String {
+        let text = insert_lifecycle(repo, "1.26", "corp", now, sunset, "1.27").unwrap();
+        let scan = |scanner: &str, n: u8| NewScan {
+            scanner: scanner.into(),
+            version: "1".into(),
+            report: Digest::Sha256([n; 32]),
+            worst_severity: Severity::Low,
+            scanned_at: now,
+        };
+        let new = NewVersion {
+            scope: "corp".into(),
+            tag: Some("1.27".into()),
+            digest: Digest::Sha256([0x27; 32]),
+            platforms: vec![],
+            license: "MIT".into(),
+            approved_by: "bab14e60b2c4df72".into(),
+            approved_at: now,
+            scans: vec![scan("trivy", 0x71), scan("grype", 0x72)],
+        };
+        text + &render_version(&new)
+    }
+
+    #[test]
     fn approve_edits_keep_the_file_valid_and_its_comments() {
         let c = Catalog::load(Path::new(FIXTURE)).unwrap();
         let repo = c.repository("docker.io/library/nginx").unwrap();
         let now = time::macros::datetime!(2026-05-01 10:00 UTC);
         let e = insert_lifecycle(repo, "1.25", "corp", now, now, "1.26").unwrap_err();
         assert!(e.contains("already has a lifecycle"), "{e}");
-        let text = insert_lifecycle(
-            repo,
-            "1.26",
-            "corp",
-            now,
-            now + time::Duration::days(30),
-            "1.27",
-        )
-        .unwrap();
+        let text = replace_nginx_126(repo, now, now + time::Duration::days(30));
         assert!(text.starts_with("# Approved versions"), "comments kept");
-        let new = NewVersion {
-            scope: "corp".into(),
-            tag: Some("1.27".into()),
-            digest: Digest::Sha256([7; 32]),
-            platforms: vec![],
-            license: "BSD-2-Clause".into(),
-            approved_by: "bab14e60b2c4df72".into(),
-            approved_at: now,
-            scans: vec![NewScan {
-                scanner: "trivy".into(),
-                version: "0.58.1".into(),
-                report: Digest::Sha256([8; 32]),
-                worst_severity: Severity::Low,
-                scanned_at: now,
-            }],
-        };
-        let text = text + &render_version(&new);
         let parsed: RepositoryFile = toml::from_str(&text).unwrap();
         let v126 = parsed
             .approved
@@ -1695,7 +1861,10 @@ mod tests {
         assert_eq!(v126.replacement.as_ref().unwrap().get_ref(), "1.27");
         assert_eq!(v126.scans.len(), 2, "the scans stay with their entry");
         let v127 = parsed.approved.last().unwrap();
-        assert_eq!(v127.digest.get_ref(), &Digest::Sha256([7; 32]).to_string());
+        assert_eq!(
+            v127.digest.get_ref(),
+            &Digest::Sha256([0x27; 32]).to_string()
+        );
         assert_eq!(v127.scans[0].worst_severity, Severity::Low);
         assert!(insert_lifecycle(repo, "9.9", "corp", now, now, "1.26").is_err());
     }

@@ -8,6 +8,7 @@
 //! - [`approve`]: the pipeline of checks (resolve, reports, licence, versions), then the mirror copy by
 //!   digest and the catalog entry.
 //! - [`build`]: catalog → the next bundle (format 2), with the mirror check.
+//! - [`publish`]: a signed bundle pushed to a channel of the private registry as an OCI artifact.
 //!
 //! It uses the policy core ([`crate::policy`]: references, digests, rules, licences, bundle format) and
 //! the shared registry client ([`crate::registry`]); never the node daemon.
@@ -15,4 +16,5 @@
 pub mod approve;
 pub mod build;
 pub mod catalog;
+pub mod publish;
 pub mod reports;

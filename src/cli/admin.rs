@@ -1,11 +1,12 @@
-//! `pullgate catalog init|check`, `pullgate approve` and `pullgate bundle build`: the administrators'
-//! commands. Argument parsing and output only; the work is done by [`crate::admin`].
+//! `pullgate catalog init|check`, `pullgate approve`, `pullgate bundle build|publish|fetch`: the
+//! administrators' commands. Argument parsing and output only; the work is done by [`crate::admin`]
+//! (and, for `fetch`, by the node's sync client, so it gets exactly what a node would).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::admin::{approve, build, catalog::Catalog};
-use crate::registry::{AuthFile, Registry, RegistryOptions};
+use crate::admin::{approve, build, catalog::Catalog, publish};
+use crate::registry::{AuthFile, FetchOptions, Fetcher, Registry, RegistryOptions};
 
 /// Catalog subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -129,6 +130,59 @@ pub struct BuildArgs {
     pub check_mirror: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+/// Arguments of `pullgate bundle publish`.
+#[derive(Debug, clap::Args)]
+pub struct PublishArgs {
+    /// The signed bundle file.
+    pub bundle: PathBuf,
+    /// The channel: REGISTRY/REPOSITORY:CHANNEL, e.g. registry.corp/pullgate/bundles:prod.
+    #[arg(long, value_name = "REF")]
+    pub to: String,
+    /// The administrators' trust file the bundle must verify against.
+    #[arg(long, value_name = "TRUST")]
+    pub trust: PathBuf,
+    /// Signature file (default: BUNDLE.sig).
+    #[arg(long, value_name = "PATH")]
+    pub signatures: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Arguments of `pullgate bundle fetch`.
+#[derive(Debug, clap::Args)]
+pub struct FetchArgs {
+    /// The channel (REGISTRY/REPOSITORY:CHANNEL) or one artifact (REGISTRY/REPOSITORY@sha256:…).
+    pub reference: String,
+    /// The directory to write bundle.json and bundle.json.sig into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// PEM file of CA certificates to trust besides the system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The largest artifact to download (bundle and signatures), e.g. 64MiB.
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_size: u64,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        _ => return Err(format!("\"{s}\" is not a size such as 64MiB")),
+    };
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("\"{s}\" is not a size such as 64MiB"))
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -293,6 +347,139 @@ pub fn build(args: BuildArgs) -> ExitCode {
         bytes.len(),
         args.out.display(),
         args.out.display()
+    );
+    if bytes.len() as u64 > crate::policy::DEFAULT_MAX_BUNDLE_SIZE {
+        eprintln!(
+            "warning: the bundle is {} MiB, above the {} MiB nodes accept unless configured otherwise: raise policy.max_bundle_size on the nodes before distributing it",
+            bytes.len() >> 20,
+            crate::policy::DEFAULT_MAX_BUNDLE_SIZE >> 20
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `pullgate bundle publish`.
+pub fn publish(args: PublishArgs) -> ExitCode {
+    let options = match args.registry.options() {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let read = |what, path: &std::path::Path| {
+        crate::policy::load::read(what, path).map_err(|e| e.to_string())
+    };
+    let sig_path = args
+        .signatures
+        .clone()
+        .unwrap_or_else(|| crate::policy::load::signature_path(&args.bundle));
+    let inputs = read("bundle", &args.bundle).and_then(|b| {
+        let s = read("signature file", &sig_path)?;
+        let t = crate::policy::load::read_trust(&args.trust).map_err(|e| e.to_string())?;
+        Ok((b, s, t))
+    });
+    let (bundle, sigs, trust) = match inputs {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let published = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let registry = Registry::new(options).map_err(|e| e.to_string())?;
+            publish::publish(
+                &registry,
+                &bundle,
+                &sigs,
+                &trust,
+                &args.to,
+                time::OffsetDateTime::now_utc(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+        })
+    });
+    match published {
+        Ok(p) if p.unchanged => {
+            println!(
+                "{} already holds bundle v{} ({}); nothing pushed",
+                p.channel, p.version, p.digest
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            println!(
+                "published bundle v{} to {} ({}; {} blob(s) uploaded){}",
+                p.version,
+                p.channel,
+                p.digest,
+                p.blobs_pushed,
+                p.previous
+                    .map(|v| format!("; the channel held v{v}"))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("bundle publish {}: {e}", args.bundle.display())),
+    }
+}
+
+/// `pullgate bundle fetch`.
+pub fn fetch(args: FetchArgs) -> ExitCode {
+    let Some(reference) = crate::policy::artifact::parse_channel(&args.reference) else {
+        return fail(format!(
+            "bundle fetch {}: name a channel as REGISTRY/REPOSITORY:CHANNEL (or REGISTRY/REPOSITORY@sha256:…)",
+            args.reference
+        ));
+    };
+    let options = match args.registry.options() {
+        Ok(o) => FetchOptions {
+            plain_http: o.plain_http,
+            auth: o.auth,
+            endpoints: o.endpoints,
+            ca_file: args.ca_file.clone(),
+            timeout: std::time::Duration::from_secs(300),
+        },
+        Err(e) => return fail(e),
+    };
+    let fetched = runtime().map_err(|e| e.to_string()).and_then(|rt| {
+        rt.block_on(async {
+            let fetcher = Fetcher::new(options, Default::default()).map_err(|e| e.to_string())?;
+            crate::node::sync::fetch_bundle(&fetcher, &reference, args.max_size)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    });
+    let f = match fetched {
+        Ok(f) => f,
+        Err(e) => return fail(format!("bundle fetch {}: {e}", args.reference)),
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(format!("cannot create {}: {e}", args.out.display()));
+    }
+    let (b, s) = (
+        args.out.join("bundle.json"),
+        args.out.join("bundle.json.sig"),
+    );
+    for (path, bytes) in [(&s, &f.signatures), (&b, &f.bundle)] {
+        if let Err(e) = approve::write_atomically(path, bytes) {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    println!(
+        "fetched {}@{} (bundle v{}, issued by {}): {} ({} bytes) and {}",
+        reference.name(),
+        f.digest,
+        f.artifact
+            .claimed_version()
+            .map_or("?".to_owned(), |v| v.to_string()),
+        f.artifact
+            .annotations
+            .get(crate::policy::artifact::ANNOTATION_ISSUER)
+            .map_or("?", String::as_str),
+        b.display(),
+        f.bundle.len(),
+        s.display()
+    );
+    println!(
+        "every digest was verified; verify the signatures with: pullgate bundle verify --trust TRUST {}",
+        b.display()
     );
     ExitCode::SUCCESS
 }

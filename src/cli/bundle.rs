@@ -62,6 +62,13 @@ pub enum BundleCommand {
     /// Build the next bundle from the administrators' catalog (checks the mirror first).
     #[command(disable_version_flag = true)]
     Build(super::admin::BuildArgs),
+    /// Push a signed bundle to a channel of the private registry (REGISTRY/REPOSITORY:CHANNEL) as an
+    /// OCI artifact, where nodes' sync takes it from; only if it verifies and is newer than the
+    /// channel's.
+    Publish(super::admin::PublishArgs),
+    /// Download the bundle a channel (or digest) holds into DIR (bundle.json, bundle.json.sig),
+    /// every digest verified: what a node's sync would get.
+    Fetch(super::admin::FetchArgs),
     /// Show what a new bundle would do to the containers running on this node: for each, its decision
     /// under the installed bundle and under NEW (exit 0: nothing running would be denied; 1: something
     /// would; 2: cannot check).
@@ -161,6 +168,8 @@ pub fn run(cmd: BundleCommand) -> ExitCode {
         BundleCommand::Diff { old, new } => diff(&old, &new),
         BundleCommand::WhatIf(args) => super::whatif::run(&args),
         BundleCommand::Build(args) => super::admin::build(args),
+        BundleCommand::Publish(args) => super::admin::publish(args),
+        BundleCommand::Fetch(args) => super::admin::fetch(args),
     }
 }
 

@@ -1,12 +1,15 @@
 //! `pullgate explain IMAGE`: the decision pullgate would make for an image and a pod, and why.
 //!
-//! Argument parsing and output only; the decision is [`crate::policy::decide`]. Exit status: 0 when the
-//! image may run (allow or warn), 1 when it is denied (including when the bundle is not valid).
+//! Argument parsing and output only; the decision is [`crate::policy::decide`] over a bundle file, or
+//! with `--live` the running daemon's own (its bundle in force and its mode, through the admin API).
+//! Exit status: 0 when the image may run (allow or warn), 1 when it is denied (including when the
+//! bundle is not valid), 2 with `--live` when the daemon cannot be asked.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::node::api::{AdminClient, pb};
 use crate::policy::{self, ImageRequest, PodContext, load};
 
 /// Arguments of `pullgate explain`.
@@ -14,15 +17,28 @@ use crate::policy::{self, ImageRequest, PodContext, load};
 pub struct ExplainArgs {
     /// Image reference to explain.
     pub image: String,
+    /// Ask the running daemon (its bundle in force and mode) through its admin socket, instead of
+    /// deciding over --bundle and --trust.
+    #[arg(long, conflicts_with_all = ["bundle", "signatures", "trust", "at"])]
+    pub live: bool,
+    /// pullgate's configuration file (with --live: where the admin socket is).
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "PATH",
+        default_value = "/etc/pullgate/config.toml",
+        requires = "live"
+    )]
+    pub config: PathBuf,
     /// The bundle file.
-    #[arg(long, value_name = "BUNDLE")]
-    pub bundle: PathBuf,
+    #[arg(long, value_name = "BUNDLE", required_unless_present = "live")]
+    pub bundle: Option<PathBuf>,
     /// Signature file (default: BUNDLE.sig).
     #[arg(long, value_name = "PATH")]
     pub signatures: Option<PathBuf>,
     /// Trust file.
-    #[arg(long, value_name = "TRUST")]
-    pub trust: PathBuf,
+    #[arg(long, value_name = "TRUST", required_unless_present = "live")]
+    pub trust: Option<PathBuf>,
     /// The pod's namespace.
     #[arg(long, value_name = "NS")]
     pub namespace: Option<String>,
@@ -56,6 +72,13 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 /// Runs `pullgate explain`.
 pub fn run(args: &ExplainArgs) -> ExitCode {
+    if args.live {
+        return live(args);
+    }
+    let (Some(bundle), Some(trust)) = (&args.bundle, &args.trust) else {
+        eprintln!("pullgate explain: --bundle and --trust are required without --live");
+        return ExitCode::from(super::EXIT_CONFIG);
+    };
     let pod = PodContext {
         namespace: args.namespace.clone(),
         name: args.pod.clone(),
@@ -64,9 +87,8 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
     };
     let request = ImageRequest::Reference(&args.image);
     let now = time::OffsetDateTime::now_utc();
-    let loaded = load::read_trust(&args.trust).and_then(|trust| {
-        load::load_bundle(&args.bundle, args.signatures.as_deref(), &trust, None, now)
-    });
+    let loaded = load::read_trust(trust)
+        .and_then(|trust| load::load_bundle(bundle, args.signatures.as_deref(), &trust, None, now));
     let decision = match &loaded {
         Ok(b) => policy::decide(&request, b, &pod, args.at.unwrap_or(now)),
         Err(e) => {
@@ -75,7 +97,73 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
             policy::decide_without_bundle(&request, Some(&e.to_string()))
         }
     };
+    print(&decision, args.json, args.at)
+}
+
+/// `pullgate explain --live`: the daemon decides.
+fn live(args: &ExplainArgs) -> ExitCode {
+    let socket =
+        match super::admin_socket(&args.config, "explain --live", "use --bundle and --trust") {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+    let req = pb::ExplainRequest {
+        image: args.image.clone(),
+        namespace: args.namespace.clone().unwrap_or_default(),
+        pod: args.pod.clone().unwrap_or_default(),
+        labels: args.labels.iter().cloned().collect(),
+    };
+    let answer = crate::node::daemon::admin::client_runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut c = AdminClient::connect(&socket).await?;
+            c.explain(req).await
+        })
+        .map_err(|e| e.to_string())
+    });
+    let r = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("pullgate explain --live: {e}");
+            return ExitCode::from(super::EXIT_UNASKED);
+        }
+    };
     if args.json {
+        println!("{}", r.json);
+    } else {
+        let dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        println!("image:       {}", args.image);
+        println!(
+            "decision:    {} (the daemon's bundle and mode, now)",
+            r.verdict
+        );
+        println!("reason:      {}", r.reason);
+        println!("pull ref:    {}", dash(&r.pull_ref));
+        println!("digest:      {}", dash(&r.digest));
+        println!(
+            "bundle:      {}",
+            if r.bundle_version == 0 {
+                "-".to_owned()
+            } else {
+                format!("version {}", r.bundle_version)
+            }
+        );
+        println!("message:     {}", r.message);
+    }
+    if r.verdict == "deny" {
+        ExitCode::from(super::EXIT_FAILURE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn print(decision: &policy::Decision, json: bool, at: Option<time::OffsetDateTime>) -> ExitCode {
+    if json {
         println!("{}", decision.to_json());
     } else {
         let none = || "-".to_owned();
@@ -130,7 +218,7 @@ pub fn run(args: &ExplainArgs) -> ExitCode {
                 x.exception.summary()
             );
         }
-        if let Some(at) = args.at {
+        if let Some(at) = at {
             println!("decided at:  {}", policy::bundle::rfc3339(at));
         }
         println!("message:     {}", decision.message);

@@ -7,6 +7,7 @@ mod admin;
 mod bundle;
 mod explain;
 mod node;
+mod watch;
 mod whatif;
 
 use std::path::PathBuf;
@@ -37,8 +38,10 @@ pub enum Command {
     Bundle(bundle::BundleCommand),
     /// Show the decision pullgate would make for an image, and why.
     Explain(explain::ExplainArgs),
-    /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts.
+    /// Show what the running daemon enforces: bundle, mode, upstream state, decision counts, sync.
     Status(StatusArgs),
+    /// Follow the running daemon's decisions as they are made (through its admin socket).
+    Watch(watch::WatchArgs),
     /// Commands about this node: `node check` proves its lockdown.
     #[command(subcommand)]
     Node(node::NodeCommand),
@@ -56,6 +59,25 @@ pub struct StatusArgs {
     /// Print the daemon's status object as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Exit status of a command that needs the running daemon and could not ask it.
+const EXIT_UNASKED: u8 = 2;
+
+/// The admin API socket of the configuration at `path`, for `command`; when the configuration is
+/// invalid or the API is off, says so (and what to do `instead`) and gives the exit status.
+fn admin_socket(path: &std::path::Path, command: &str, instead: &str) -> Result<PathBuf, ExitCode> {
+    let config = crate::node::config::Config::load(path).map_err(|e| {
+        eprintln!("pullgate: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })?;
+    config.admin.socket.ok_or_else(|| {
+        eprintln!(
+            "pullgate {command}: the admin API is off (admin.socket = \"off\" in {}); {instead}",
+            path.display()
+        );
+        ExitCode::from(EXIT_UNASKED)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => {
             crate::node::daemon::admin::status_command(&args.config.config, args.json)
         }
+        Command::Watch(args) => watch::run(&args),
         Command::Node(cmd) => node::run(cmd),
         Command::Catalog(cmd) => admin::catalog(cmd),
         Command::Approve(args) => admin::approve(args),

@@ -6,6 +6,8 @@
 //!
 //! The lockdown watcher writes [`LockdownRecord`]s to the same log: they carry a `kind`
 //! (`out_of_band_image`, `out_of_band_snapshot`, `event_gap`) where decision lines carry a `method`.
+//! Bundles taken from the registry or the admin API are recorded as [`BundleRecord`]s (`kind`
+//! `bundle_installed` or `bundle_rejected`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -87,6 +89,23 @@ pub struct LockdownRecord {
     pub bundle_version: Option<u64>,
 }
 
+/// A bundle installed or rejected by the registry sync or the admin API, as written to the audit log.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BundleRecord {
+    /// RFC 3339 UTC time.
+    pub time: String,
+    /// `bundle_installed` or `bundle_rejected`.
+    pub kind: &'static str,
+    /// Where it came from: `registry.corp/pullgate/bundles:prod@sha256:…`, or `admin API`.
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Stable reason code of a rejection (`bad_signature`, `rollback`, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub message: String,
+}
+
 /// Why the audit log could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot open audit log {}: {source}", path.display())]
@@ -150,6 +169,11 @@ impl AuditLog {
 
     /// Appends a lockdown record, like [`AuditLog::record`].
     pub fn record_lockdown(&self, rec: &LockdownRecord) -> io::Result<()> {
+        self.append(rec)
+    }
+
+    /// Appends a bundle record, like [`AuditLog::record`].
+    pub fn record_bundle(&self, rec: &BundleRecord) -> io::Result<()> {
         self.append(rec)
     }
 

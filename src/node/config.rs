@@ -62,6 +62,33 @@ pub struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub lockdown: RawLockdown,
+    /// Absent: no bundle sync.
+    pub sync: Option<RawSync>,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    pub source: Option<String>,
+    pub interval: Option<String>,
+    pub auth_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub plain_http: Option<Vec<String>>,
+    pub timeout: Option<String>,
+    pub max_size: Option<String>,
+    pub max_staleness: Option<String>,
+    pub max_backoff: Option<String>,
+    pub seed: Option<String>,
+    pub seed_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub socket: Option<String>,
+    pub allowed_uids: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +176,54 @@ pub struct Config {
     pub audit: AuditConfig,
     pub metrics: MetricsConfig,
     pub lockdown: LockdownConfig,
+    /// The bundle sync from a registry, if configured.
+    pub sync: Option<SyncConfig>,
+    pub admin: AdminConfig,
+}
+
+/// Where the node takes bundles from, and how often (docs/operations.md, *Bundles from the registry*).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncConfig {
+    /// The channel: `REGISTRY/REPOSITORY:TAG` (or `@sha256:…` to pin one artifact).
+    pub source: crate::policy::Reference,
+    /// Time between rounds (each one ±10 % at random).
+    pub interval: Duration,
+    /// Docker-style `config.json` with credentials for the registry.
+    pub auth_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Registries (`host[:port]`) reached over plain HTTP.
+    pub plain_http: Vec<String>,
+    /// Timeout of each request.
+    pub timeout: Duration,
+    /// Largest artifact (bundle + signatures) the node downloads.
+    pub max_size: u64,
+    /// No successful round for this long: the node says loudly that its bundle is frozen.
+    pub max_staleness: Duration,
+    /// Longest wait between rounds after failures.
+    pub max_backoff: Duration,
+    /// The node's rollout seed: `seed` as configured, else read from `seed_file`.
+    pub seed: SeedSource,
+}
+
+/// Where the node's rollout seed comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SeedSource {
+    /// Configured (`sync.seed`).
+    Value(String),
+    /// The first line of a file (`sync.seed_file`, default `/etc/machine-id`).
+    File(PathBuf),
+}
+
+pub const DEFAULT_SEED_FILE: &str = "/etc/machine-id";
+
+/// The local admin API (gRPC on a unix socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The socket (mode 0600, owned by the daemon's user); `None`: no admin API.
+    pub socket: Option<PathBuf>,
+    /// Further uids allowed besides root and the daemon's own user.
+    pub allowed_uids: Vec<u32>,
 }
 
 /// The node's lockdown: the containerd event watcher and the node check.
@@ -368,8 +443,21 @@ impl Default for Config {
                 kubelet_config: PathBuf::from(DEFAULT_KUBELET_CONFIG),
                 admin_sockets: Vec::new(),
             },
+            sync: None,
+            admin: AdminConfig {
+                socket: Some(default_admin_socket(Path::new(DEFAULT_LISTEN))),
+                allowed_uids: Vec::new(),
+            },
         }
     }
+}
+
+/// The admin socket next to the CRI socket: `/run/pullgate/admin.sock` by default.
+pub fn default_admin_socket(listen: &Path) -> PathBuf {
+    listen
+        .parent()
+        .unwrap_or(Path::new("/run/pullgate"))
+        .join("admin.sock")
 }
 
 impl Config {
@@ -631,11 +719,49 @@ impl Config {
                 .collect::<Result<_, _>>()?,
         };
 
+        let sync = match raw.sync {
+            None => None,
+            Some(raw) => Some(sync_section(path, raw)?),
+        };
+        let admin = AdminConfig {
+            socket: match raw.admin.socket.as_deref() {
+                None => Some(default_admin_socket(&listen)),
+                Some("off") => None,
+                Some(p) if Path::new(p).is_absolute() && Path::new(p).file_name().is_some() => {
+                    Some(PathBuf::from(p))
+                }
+                Some(p) => {
+                    return Err(invalid(
+                        "admin.socket",
+                        &p,
+                        "an absolute path to a unix socket, such as /run/pullgate/admin.sock, or \"off\"",
+                    ));
+                }
+            },
+            allowed_uids: raw
+                .admin
+                .allowed_uids
+                .unwrap_or_default()
+                .into_iter()
+                .map(|u| {
+                    u32::try_from(u).map_err(|_| {
+                        invalid(
+                            "admin.allowed_uids",
+                            &u,
+                            "a list of numeric user ids (0 to 4294967295)",
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+
         Ok(Config {
             policy,
             audit,
             metrics,
             lockdown,
+            sync,
+            admin,
             server: ServerConfig {
                 listen,
                 upstream,
@@ -649,6 +775,131 @@ impl Config {
             log: LogConfig { format, level },
         })
     }
+}
+
+/// Validates the `[sync]` section.
+fn sync_section(path: &Path, raw: RawSync) -> Result<SyncConfig, ConfigError> {
+    let invalid = |key: &'static str, found: &dyn fmt::Display, expected: &'static str| {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            found: found.to_string(),
+            expected,
+        }
+    };
+    let source = match raw.source {
+        None => {
+            return Err(invalid(
+                "sync.source",
+                &"nothing",
+                "the channel to take bundles from, such as \"registry.corp/pullgate/bundles:prod\" (or remove the [sync] section)",
+            ));
+        }
+        Some(s) => crate::policy::artifact::parse_channel(&s).ok_or_else(|| {
+            invalid(
+                "sync.source",
+                &s,
+                "REGISTRY/REPOSITORY:CHANNEL with the registry written out, such as \"registry.corp/pullgate/bundles:prod\"",
+            )
+        })?,
+    };
+    let duration = |key: &'static str,
+                    v: Option<String>,
+                    default: Duration,
+                    min: Duration,
+                    max: Duration,
+                    expected: &'static str| match v {
+        None => Ok(default),
+        Some(s) => humantime::parse_duration(&s)
+            .ok()
+            .filter(|d| *d >= min && *d <= max)
+            .ok_or_else(|| invalid(key, &s, expected)),
+    };
+    let secs = Duration::from_secs;
+    let interval = duration(
+        "sync.interval",
+        raw.interval,
+        secs(60),
+        secs(1),
+        secs(86400),
+        "a duration from 1s to 24h, such as \"60s\"",
+    )?;
+    let max_staleness = duration(
+        "sync.max_staleness",
+        raw.max_staleness,
+        secs(3600).max(interval * 3),
+        interval * 2,
+        secs(30 * 86400),
+        "a duration of at least twice sync.interval and at most 30 days, such as \"1h\"",
+    )?;
+    let max_backoff = duration(
+        "sync.max_backoff",
+        raw.max_backoff,
+        secs(900).max(interval),
+        interval,
+        secs(86400),
+        "a duration of at least sync.interval and at most 24h, such as \"15m\"",
+    )?;
+    let timeout = duration(
+        "sync.timeout",
+        raw.timeout,
+        secs(30),
+        secs(1),
+        secs(600),
+        "a duration from 1s to 10m, such as \"30s\"",
+    )?;
+    let max_size = match raw.max_size {
+        None => 64 * 1024 * 1024,
+        Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
+            invalid(
+                "sync.max_size",
+                &s,
+                "a size of at least 4KiB such as \"64MiB\"",
+            )
+        })?,
+    };
+    let abs = |key: &'static str, p: Option<PathBuf>| match p {
+        None => Ok(None),
+        Some(p) if p.is_absolute() => Ok(Some(p)),
+        Some(p) => Err(invalid(key, &p.display(), "an absolute path")),
+    };
+    let plain_http = raw.plain_http.unwrap_or_default();
+    if let Some(h) = plain_http
+        .iter()
+        .find(|h| h.is_empty() || h.contains(['/', ' ']))
+    {
+        return Err(invalid(
+            "sync.plain_http",
+            h,
+            "a list of registry hosts such as [\"registry.corp:5000\"] (no scheme, no path)",
+        ));
+    }
+    let seed = match (raw.seed, abs("sync.seed_file", raw.seed_file)?) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "sync.seed",
+                &"both seed and seed_file",
+                "one of them: seed (a value) or seed_file (a file holding it)",
+            ));
+        }
+        (Some(s), None) if s.trim().is_empty() => {
+            return Err(invalid("sync.seed", &s, "a non-empty string"));
+        }
+        (Some(s), None) => SeedSource::Value(s),
+        (None, f) => SeedSource::File(f.unwrap_or_else(|| PathBuf::from(DEFAULT_SEED_FILE))),
+    };
+    Ok(SyncConfig {
+        source,
+        interval,
+        auth_file: abs("sync.auth_file", raw.auth_file)?,
+        ca_file: abs("sync.ca_file", raw.ca_file)?,
+        plain_http,
+        timeout,
+        max_size,
+        max_staleness,
+        max_backoff,
+        seed,
+    })
 }
 
 impl Limits {
@@ -1205,6 +1456,105 @@ mod tests {
     fn missing_file_names_the_path() {
         let e = Config::load(Path::new("/nonexistent/pullgate.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/pullgate.toml"));
+    }
+
+    #[test]
+    fn sync_and_admin_sections() {
+        assert_eq!(Config::default().sync, None, "no sync unless configured");
+        assert_eq!(
+            Config::default().admin.socket.as_deref(),
+            Some(Path::new("/run/pullgate/admin.sock"))
+        );
+        let c = parse(
+            r#"
+            [server]
+            listen = "/run/pg/cri.sock"
+            [admin]
+            allowed_uids = [998]
+            [sync]
+            source = "registry.corp:5000/pullgate/bundles:prod"
+            interval = "30s"
+            auth_file = "/etc/pg/auth.json"
+            ca_file = "/etc/pg/ca.pem"
+            plain_http = ["registry.corp:5000"]
+            timeout = "5s"
+            max_size = "8MiB"
+            max_staleness = "2h"
+            max_backoff = "5m"
+            seed = "node-1"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.admin.socket.as_deref(),
+            Some(Path::new("/run/pg/admin.sock"))
+        );
+        assert_eq!(c.admin.allowed_uids, [998]);
+        let s = c.sync.unwrap();
+        assert_eq!(
+            s.source.to_string(),
+            "registry.corp:5000/pullgate/bundles:prod"
+        );
+        assert_eq!(s.interval, Duration::from_secs(30));
+        assert_eq!(s.max_size, 8 << 20);
+        assert_eq!(s.max_staleness, Duration::from_secs(7200));
+        assert_eq!(s.max_backoff, Duration::from_secs(300));
+        assert_eq!(s.timeout, Duration::from_secs(5));
+        assert_eq!(s.seed, SeedSource::Value("node-1".into()));
+        let d = parse("[sync]\nsource = \"r.corp/b:prod\"")
+            .unwrap()
+            .sync
+            .unwrap();
+        assert_eq!(d.interval, Duration::from_secs(60));
+        assert_eq!(d.max_staleness, Duration::from_secs(3600));
+        assert_eq!(d.seed, SeedSource::File(PathBuf::from(DEFAULT_SEED_FILE)));
+        assert_eq!(
+            parse("[admin]\nsocket = \"off\"").unwrap().admin.socket,
+            None
+        );
+        for (text, key) in [
+            ("[sync]\ninterval = \"1m\"", "sync.source"),
+            ("[sync]\nsource = \"pullgate/bundles:prod\"", "sync.source"),
+            ("[sync]\nsource = \"r.corp/b\"", "sync.source"),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"0s\"",
+                "sync.interval",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"1m\"\nmax_staleness = \"1m\"",
+                "sync.max_staleness",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\ninterval = \"1m\"\nmax_backoff = \"30s\"",
+                "sync.max_backoff",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nmax_size = \"1KiB\"",
+                "sync.max_size",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nauth_file = \"auth.json\"",
+                "sync.auth_file",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nplain_http = [\"http://r.corp\"]",
+                "sync.plain_http",
+            ),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nseed = \"a\"\nseed_file = \"/x\"",
+                "sync.seed",
+            ),
+            ("[sync]\nsource = \"r.corp/b:p\"\nseed = \" \"", "sync.seed"),
+            (
+                "[sync]\nsource = \"r.corp/b:p\"\nchannel = \"x\"",
+                "channel",
+            ),
+            ("[admin]\nsocket = \"admin.sock\"", "admin.socket"),
+            ("[admin]\nallowed_uids = [-1]", "admin.allowed_uids"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

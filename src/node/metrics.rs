@@ -8,11 +8,12 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::policy::{Decision, ReasonCode, VerifiedBundle};
+use crate::registry::FetchCounters;
 use time::OffsetDateTime;
 
 /// How many distinct recent lifecycle starts `pullgate status` can show.
@@ -228,6 +229,167 @@ pub struct Metrics {
     deprecated_starts: AtomicU64,
     /// Most recent first.
     lifecycle_starts: Mutex<VecDeque<LifecycleStart>>,
+    /// The bundle sync's series (rendered once the sync runs).
+    pub sync: Arc<SyncMetrics>,
+}
+
+/// The bundle sync's series (see [`crate::node::sync`]). Shared by many simulated nodes in the fleet
+/// benchmark, so it holds counters only, no per-node state beyond the gauges.
+#[derive(Debug, Default)]
+pub struct SyncMetrics {
+    /// Set when a sync runs: the series are rendered from then on.
+    enabled: AtomicBool,
+    /// Rounds by result: `unchanged`, `installed`, `pending`, `rejected`, `failed`.
+    rounds: Mutex<BTreeMap<&'static str, u64>>,
+    /// Failed and rejected rounds by reason.
+    failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Requests made and bytes received by the sync's registry client.
+    pub requests: Arc<FetchCounters>,
+    /// Unix time of the last successful round (0: none yet), of the start, and the staleness limit.
+    last_success_unix: AtomicI64,
+    started_unix: AtomicI64,
+    max_staleness_secs: AtomicI64,
+    /// The version waiting for this node's rollout wave (0: none).
+    pending_version: AtomicU64,
+}
+
+impl SyncMetrics {
+    /// The sync started at `now_unix`; it is stale once no round succeeded for `max_staleness`.
+    pub fn start(&self, now_unix: i64, max_staleness: Duration) {
+        self.started_unix.store(now_unix, Ordering::Relaxed);
+        self.max_staleness_secs
+            .store(max_staleness.as_secs() as i64, Ordering::Relaxed);
+        self.enabled.store(true, Ordering::Relaxed);
+    }
+
+    /// One round's result, and its failure reason if it failed.
+    pub fn round(&self, result: &'static str, failure: Option<&'static str>) {
+        *lock(&self.rounds).entry(result).or_default() += 1;
+        if let Some(reason) = failure {
+            *lock(&self.failures).entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn set_last_success(&self, unix: i64) {
+        self.last_success_unix.store(unix, Ordering::Relaxed);
+    }
+
+    pub fn set_pending_version(&self, version: Option<u64>) {
+        self.pending_version
+            .store(version.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Rounds so far by result.
+    pub fn rounds(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.rounds).clone()
+    }
+
+    /// Failed and rejected rounds so far by reason.
+    pub fn failures(&self) -> BTreeMap<&'static str, u64> {
+        lock(&self.failures).clone()
+    }
+
+    /// Whether no round has succeeded for the staleness limit at `now_unix`.
+    pub fn stale(&self, now_unix: i64) -> bool {
+        let since = self
+            .last_success_unix
+            .load(Ordering::Relaxed)
+            .max(self.started_unix.load(Ordering::Relaxed));
+        self.enabled.load(Ordering::Relaxed)
+            && now_unix - since > self.max_staleness_secs.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, o: &mut String, now_unix: i64) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(
+            o,
+            "pullgate_bundle_sync_rounds_total",
+            "counter",
+            "Bundle sync rounds, by result: unchanged, installed, pending (waiting for this node's rollout wave), rejected, failed.",
+        );
+        for (result, n) in lock(&self.rounds).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_bundle_sync_rounds_total{{result=\"{result}\"}} {n}"
+            );
+        }
+        head(
+            o,
+            "pullgate_bundle_sync_failures_total",
+            "counter",
+            "Bundle sync rounds that failed or found a bundle to reject, by reason.",
+        );
+        for (reason, n) in lock(&self.failures).iter() {
+            let _ = writeln!(
+                o,
+                "pullgate_bundle_sync_failures_total{{reason=\"{reason}\"}} {n}"
+            );
+        }
+        head(
+            o,
+            "pullgate_bundle_sync_requests_total",
+            "counter",
+            "HTTP requests the bundle sync made to the registry, by method.",
+        );
+        let r = &self.requests;
+        let _ = writeln!(
+            o,
+            "pullgate_bundle_sync_requests_total{{method=\"HEAD\"}} {}\npullgate_bundle_sync_requests_total{{method=\"GET\"}} {}",
+            r.heads.load(Ordering::Relaxed),
+            r.gets.load(Ordering::Relaxed)
+        );
+        head(
+            o,
+            "pullgate_bundle_sync_received_bytes_total",
+            "counter",
+            "Bytes the bundle sync received from the registry.",
+        );
+        let _ = writeln!(
+            o,
+            "pullgate_bundle_sync_received_bytes_total {}",
+            r.bytes.load(Ordering::Relaxed)
+        );
+        let last = self.last_success_unix.load(Ordering::Relaxed);
+        if last > 0 {
+            head(
+                o,
+                "pullgate_bundle_sync_last_success_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful bundle sync round.",
+            );
+            let _ = writeln!(
+                o,
+                "pullgate_bundle_sync_last_success_timestamp_seconds {last}"
+            );
+        }
+        head(
+            o,
+            "pullgate_bundle_sync_stale",
+            "gauge",
+            "1 when no bundle sync round has succeeded for sync.max_staleness: the node's bundle is frozen.",
+        );
+        let _ = writeln!(
+            o,
+            "pullgate_bundle_sync_stale {}",
+            i64::from(self.stale(now_unix))
+        );
+        head(
+            o,
+            "pullgate_bundle_sync_pending_version",
+            "gauge",
+            "Version of a verified bundle waiting for this node's rollout wave (0: none).",
+        );
+        let _ = writeln!(
+            o,
+            "pullgate_bundle_sync_pending_version {}",
+            self.pending_version.load(Ordering::Relaxed)
+        );
+    }
 }
 
 /// The lockdown watcher's and the node check's series (see [`crate::node::lockdown`]).
@@ -274,6 +436,7 @@ impl Default for Metrics {
             },
             deprecated_starts: AtomicU64::new(0),
             lifecycle_starts: Mutex::default(),
+            sync: Arc::default(),
         }
     }
 }
@@ -615,6 +778,7 @@ impl Metrics {
         o.push_str("# TYPE pullgate_upstream_up gauge\n");
         let _ = writeln!(o, "pullgate_upstream_up {}", i64::from(upstream_up));
         self.render_lockdown(&mut o);
+        self.sync.render(&mut o, now_unix);
         o
     }
 

@@ -13,10 +13,12 @@
 //! - [`config`], [`audit`], [`metrics`]: the node's configuration file, audit log and metrics.
 //! - [`ratelimit`]: rate limiting for log lines a client can cause at any rate.
 //! - [`whatif`]: what a new bundle would do to the containers running on the node.
-//! - [`ratelimit`]: at most one log line per event and interval, for faults that repeat fast.
+//! - [`api`]: the local admin API's protocol, caller check and client (the CLI's way to the daemon).
+//! - [`sync`]: bundles taken from a channel in the private registry, staged by rollout waves.
 //!
 //! The node imports the shared [`crate::policy`] core, never the administrators' tooling or the CLI.
 
+pub mod api;
 pub mod audit;
 pub mod config;
 pub mod daemon;
@@ -25,5 +27,6 @@ pub mod lockdown;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod sync;
 pub mod whatif;
 pub mod wire;

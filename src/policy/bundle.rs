@@ -1725,7 +1725,8 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
             )));
         }
     }
-    images.sort_unstable_by(|a, b| {
+    // Stable: several entries of one repository and scope (format 2) keep the bundle's order.
+    images.sort_by(|a, b| {
         a.source
             .cmp(&b.source)
             .then_with(|| a.scope_path.cmp(&b.scope_path))
@@ -1737,7 +1738,7 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
         while end < images.len() && images[end].source == images[start].source {
             end += 1;
         }
-        check_repository(&images[start..end], &scopes)?;
+        check_repository(&images[start..end], &scopes, format)?;
         repos.insert(images[start].source.clone(), (start as u32, end as u32));
         start = end;
     }
@@ -1908,10 +1909,15 @@ fn build_exceptions(
     Ok(out)
 }
 
-/// Checks the entries of one repository: one entry per scope, each tag bound to a single digest, and
-/// every lifecycle `replacement` an approved tag of the repository available wherever the retiring
-/// image is, other than itself and not retiring before it.
-fn check_repository(entries: &[ImageEntry], scopes: &Scopes) -> Result<(), BundleError> {
+/// Checks the entries of one repository: one entry per scope in format 1 (in format 2 several, each
+/// with its own provenance, but no tag or bare digest approved twice for one scope), each tag bound to
+/// a single digest, and every lifecycle `replacement` an approved tag of the repository available
+/// wherever the retiring image is, other than itself and not retiring before it.
+fn check_repository(
+    entries: &[ImageEntry],
+    scopes: &Scopes,
+    format: u32,
+) -> Result<(), BundleError> {
     for e in entries {
         for (tag, digest, life) in e.lifecycles() {
             let Some(r) = &life.replacement else { continue };
@@ -1948,11 +1954,43 @@ fn check_repository(entries: &[ImageEntry], scopes: &Scopes) -> Result<(), Bundl
         }
     }
     for w in entries.windows(2) {
-        if w[0].scope_path == w[1].scope_path {
+        if w[0].scope_path == w[1].scope_path && format < 2 {
             return Err(BundleError::Duplicate(format!(
-                "image {} is listed twice for scope {}",
+                "image {} is listed twice for scope {} (format 2 allows one entry per provenance)",
                 w[0].source, w[0].scope_path
             )));
+        }
+    }
+    if format >= 2 {
+        // Entries are sorted by scope: the entries of one scope are held to the rule one entry is
+        // held to when it is read (no tag twice, no digest twice, no digest both bare and tagged), so
+        // that every approval of a scope has one provenance and one lifecycle.
+        for run in entries
+            .chunk_by(|a, b| a.scope_path == b.scope_path)
+            .filter(|run| run.len() > 1)
+        {
+            let twice = |what: String, how: &str| {
+                BundleError::Duplicate(format!(
+                    "image {}: {what} is approved by two entries for scope {}{how}; keep it in one",
+                    run[0].source, run[0].scope_path
+                ))
+            };
+            let (mut tags, mut bare) = (HashSet::new(), HashSet::new());
+            for e in run {
+                if let Some((t, _)) = e.tags.iter().find(|(t, _)| !tags.insert(&**t)) {
+                    return Err(twice(format!("tag {t}"), ""));
+                }
+                if let Some(d) = e.digests.iter().find(|d| !bare.insert(*d)) {
+                    return Err(twice(format!("digest {d}"), ""));
+                }
+            }
+            let tagged = run.iter().flat_map(|e| e.tags.iter());
+            if let Some((t, d)) = tagged.into_iter().find(|(_, d)| bare.contains(d)) {
+                return Err(twice(
+                    format!("digest {d}"),
+                    &format!(" (bare in one, through tag {t} in the other)"),
+                ));
+            }
         }
     }
     if entries.len() > 1 {
@@ -2743,6 +2781,65 @@ pub(crate) mod tests {
         let invalid = example_json().replacen("\"version\": 42", "\"version\": 0", 1);
         let e = stream(invalid.as_bytes(), &sign(invalid.as_bytes(), &[1, 2])).unwrap_err();
         assert_eq!(e.code(), "invalid", "{e}");
+    }
+
+    /// Format 2: one repository may have several entries for one scope (one per provenance), as long
+    /// as no tag or bare digest is in two of them; format 1 keeps one entry per scope.
+    #[test]
+    fn format_2_entries_of_one_scope_split_by_provenance() {
+        let v2 = || serde_json::from_str::<serde_json::Value>(EXAMPLE_V2).unwrap();
+        let mut v = v2();
+        let mut second = v["images"][1].clone();
+        second["tags"] = serde_json::json!({"3.10": digest(0x31).to_string()});
+        second["provenance"]["license"] = serde_json::json!("MIT");
+        second["provenance"]["scans"]
+            .as_array_mut()
+            .unwrap()
+            .truncate(1);
+        v["images"].as_array_mut().unwrap().push(second.clone());
+        let b = parse_bundle(v.to_string().as_bytes()).unwrap();
+        let pause = b.entries("registry.k8s.io/pause");
+        assert_eq!(pause.len(), 2);
+        assert_eq!(
+            pause[0].tag("3.9"),
+            Some(&digest(3)),
+            "the bundle's order is kept"
+        );
+        assert_eq!(pause[1].provenance().license.as_ref(), "MIT");
+
+        for (what, edit) in [
+            ("tag 3.9", serde_json::json!({"3.9": digest(3).to_string()})),
+            ("digest", serde_json::json!({})),
+            ("through tag 3.9", serde_json::json!({})),
+        ] {
+            let mut v = v2();
+            let mut dup = second.clone();
+            dup["tags"] = edit;
+            if what == "digest" {
+                v["images"][1]["digests"] = serde_json::json!([digest(0x32).to_string()]);
+                dup["digests"] = serde_json::json!([digest(0x32).to_string()]);
+            }
+            if what == "through tag 3.9" {
+                // The digest tag 3.9 is bound to, approved bare by another entry of the scope.
+                dup["digests"] = serde_json::json!([digest(3).to_string()]);
+            }
+            v["images"].as_array_mut().unwrap().push(dup);
+            let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "duplicate", "{e}");
+            assert!(
+                e.to_string().contains(what)
+                    && e.to_string().contains("two entries for scope corp"),
+                "{e}"
+            );
+        }
+
+        let mut v: serde_json::Value = serde_json::from_str(&example_json()).unwrap();
+        let mut second = v["images"][1].clone();
+        second["tags"] = serde_json::json!({"1.27": digest(0x31).to_string()});
+        v["images"].as_array_mut().unwrap().push(second);
+        let e = parse_bundle(v.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.code(), "duplicate", "{e}");
+        assert!(e.to_string().contains("listed twice for scope corp"), "{e}");
     }
 
     /// A reader that counts the bytes read through it.

@@ -159,45 +159,49 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
         ));
     }
 
-    let images = |b: &Bundle| -> BTreeMap<(String, String), ImageEntry> {
-        b.images()
-            .iter()
-            .map(|e| {
-                (
-                    (e.source().to_owned(), e.scope_path().to_string()),
-                    e.clone(),
-                )
-            })
-            .collect()
+    // Keyed by repository and scope; in format 2 one key may have several entries (one per
+    // provenance), compared as one set of tags and digests with a provenance per tag or digest.
+    let images = |b: &Bundle| -> BTreeMap<(String, String), Vec<ImageEntry>> {
+        let mut m: BTreeMap<(String, String), Vec<ImageEntry>> = BTreeMap::new();
+        for e in b.images() {
+            m.entry((e.source().to_owned(), e.scope_path().to_string()))
+                .or_default()
+                .push(e.clone());
+        }
+        m
     };
     let (oi, ni) = (images(old), images(new));
-    for (key, e) in &oi {
+    for (key, es) in &oi {
         if !ni.contains_key(key) {
-            out.push(format!(
-                "- image {} for {} (tags: {})",
-                key.0,
-                key.1,
-                tag_list(e)
-            ));
+            for e in es {
+                out.push(format!(
+                    "- image {} for {} (tags: {})",
+                    key.0,
+                    key.1,
+                    tag_list(e)
+                ));
+            }
         }
     }
-    for (key, e) in &ni {
-        let Some(o) = oi.get(key) else {
-            out.push(format!(
-                "+ image {} for {} (tags: {}; {})",
-                key.0,
-                key.1,
-                tag_list(e),
-                provenance_summary(e.provenance())
-            ));
+    for (key, es) in &ni {
+        let Some(os) = oi.get(key) else {
+            for e in es {
+                out.push(format!(
+                    "+ image {} for {} (tags: {}; {})",
+                    key.0,
+                    key.1,
+                    tag_list(e),
+                    provenance_summary(e.provenance())
+                ));
+            }
             continue;
         };
         let at = format!("{} for {}", key.0, key.1);
         let mut tags = BTreeMap::new();
-        for (k, v) in tag_map(o) {
+        for (k, v) in os.iter().flat_map(tag_map) {
             tags.insert(k.to_owned(), (Some(v), None));
         }
-        for (k, v) in tag_map(e) {
+        for (k, v) in es.iter().flat_map(tag_map) {
             tags.entry(k.to_owned()).or_insert((None, None)).1 = Some(v);
         }
         for (tag, (a, b)) in tags {
@@ -208,35 +212,69 @@ pub fn diff(old: &Bundle, new: &Bundle) -> Vec<String> {
                 _ => {}
             }
         }
-        for d in o.digests().iter().filter(|d| !e.digests().contains(d)) {
+        let digests = |x: &[ImageEntry]| -> Vec<String> {
+            let mut v: Vec<String> = x
+                .iter()
+                .flat_map(|e| e.digests().iter().map(ToString::to_string))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let (od, nd) = (digests(os), digests(es));
+        for d in od.iter().filter(|d| !nd.contains(d)) {
             out.push(format!("- digest {at}: {d}"));
         }
-        for d in e.digests().iter().filter(|d| !o.digests().contains(d)) {
+        for d in nd.iter().filter(|d| !od.contains(d)) {
             out.push(format!("+ digest {at}: {d}"));
         }
-        let lifecycles = |x: &ImageEntry| -> BTreeMap<String, String> {
-            x.lifecycles()
-                .map(|(t, d, l)| {
-                    let key = match t {
-                        Some(t) => format!("tag {t}"),
-                        None => format!("digest {d}"),
-                    };
-                    (key, l.summary())
+        let lifecycles = |x: &[ImageEntry]| -> BTreeMap<String, String> {
+            x.iter()
+                .flat_map(|e| {
+                    e.lifecycles().map(|(t, d, l)| {
+                        let key = match t {
+                            Some(t) => format!("tag {t}"),
+                            None => format!("digest {d}"),
+                        };
+                        (key, l.summary())
+                    })
                 })
                 .collect()
         };
         diff_maps(
             &mut out,
             &format!("lifecycle {at}:"),
-            &lifecycles(o),
-            &lifecycles(e),
+            &lifecycles(os),
+            &lifecycles(es),
         );
-        if o.provenance() != e.provenance() {
-            out.push(format!(
-                "~ provenance {at}: {} -> {}",
-                provenance_summary(o.provenance()),
-                provenance_summary(e.provenance())
-            ));
+        match (&os[..], &es[..]) {
+            ([o], [e]) => {
+                if o.provenance() != e.provenance() {
+                    out.push(format!(
+                        "~ provenance {at}: {} -> {}",
+                        provenance_summary(o.provenance()),
+                        provenance_summary(e.provenance())
+                    ));
+                }
+            }
+            _ => {
+                let provenances = |x: &[ImageEntry]| -> BTreeMap<String, String> {
+                    x.iter()
+                        .flat_map(|e| {
+                            let p = provenance_summary(e.provenance());
+                            let tags = e.tags().iter().map(|(t, _)| format!("tag {t}"));
+                            let bare = e.digests().iter().map(|d| format!("digest {d}"));
+                            tags.chain(bare).map(move |k| (k, p.clone()))
+                        })
+                        .collect()
+                };
+                diff_maps(
+                    &mut out,
+                    &format!("provenance {at}:"),
+                    &provenances(os),
+                    &provenances(es),
+                );
+            }
         }
     }
     out
@@ -329,6 +367,23 @@ mod tests {
         ] {
             assert!(d.contains(want), "diff should contain {want:?}:\n{d}");
         }
+        // A repository with two entries for one scope (one per provenance): tags and provenance per
+        // tag, as one set.
+        let mut v: serde_json::Value = serde_json::from_str(EXAMPLE_V2).unwrap();
+        let mut pause = v["images"][1].clone();
+        pause["tags"] = serde_json::json!({"3.10": digest(31).to_string()});
+        pause["provenance"]["license"] = "MIT".into();
+        v["images"].as_array_mut().unwrap().push(pause);
+        let split = parse_bundle(serde_json::to_string(&v).unwrap().as_bytes()).unwrap();
+        let d = diff(&old, &split).join("\n");
+        for want in [
+            "+ tag registry.k8s.io/pause for corp: 3.10",
+            "+ provenance registry.k8s.io/pause for corp: tag 3.10 (licence MIT",
+        ] {
+            assert!(d.contains(want), "diff should contain {want:?}:\n{d}");
+        }
+        assert!(!d.contains("image registry.k8s.io/pause"), "{d}");
+        assert!(diff(&split, &split).is_empty());
         let f1 = parse_bundle(EXAMPLE.as_bytes()).unwrap();
         let d = diff(&f1, &old).join("\n");
         assert!(

@@ -35,9 +35,12 @@
 //! - [`license`]: SPDX licence expressions: strict parsing and evaluation.
 //! - [`rollout`]: rollout waves (format 2) and whether a node's wave is open.
 //! - [`decision`]: [`decide`], [`decide_without_bundle`], [`Decision`].
+//! - [`artifact`]: a bundle as an OCI artifact in a registry (the manifest `publish` writes and the
+//!   node's sync reads).
 //! - [`load`]: reading bundle, signature and trust files (CLI and daemon reload only).
 //! - [`diff`]: comparing two bundles (`pullgate bundle diff`).
 
+pub mod artifact;
 pub mod bundle;
 pub mod decision;
 pub mod diff;
@@ -55,7 +58,7 @@ pub use bundle::{
 };
 pub use decision::{
     Decision, ExceptionInfo, ImageRequest, LifecycleInfo, Matched, PodContext, ReasonCode, Verdict,
-    decide, decide_without_bundle,
+    decide, decide_for_any_scope, decide_without_bundle,
 };
 pub use reference::{Digest, Reference, ReferenceError};
 pub use scope::Mode;

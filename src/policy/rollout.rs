@@ -120,24 +120,28 @@ pub fn position(issuer: &str, seed: &[u8]) -> u8 {
     (u64::from_be_bytes(first) % 100) as u8
 }
 
+/// The step (index and step) of `bundle`'s rollout the node with `seed` belongs to, and when it
+/// opens; `None` for a bundle without `rollout`.
+pub fn node_step(bundle: &Bundle, seed: &[u8]) -> Option<(usize, Step, OffsetDateTime)> {
+    let steps = bundle.rollout()?;
+    let pos = position(&bundle.issuer, seed);
+    // The last step is 100%, above every position, so a step is always found.
+    let index = steps
+        .iter()
+        .position(|s| s.percent > pos)
+        .unwrap_or(steps.len() - 1);
+    let step = steps[index];
+    let opens =
+        bundle.issued_at + time::Duration::try_from(step.after).unwrap_or(time::Duration::MAX);
+    Some((index, step, opens))
+}
+
 /// Whether the node with `seed` takes `bundle` up at `now`, or when it will. A bundle without
 /// `rollout` is open to every node.
 pub fn wave(bundle: &Bundle, seed: &[u8], now: OffsetDateTime) -> Wave {
-    let Some(steps) = bundle.rollout() else {
-        return Wave::Open;
-    };
-    let pos = position(&bundle.issuer, seed);
-    // The last step is 100%, above every position, so a step is always found.
-    let step = steps
-        .iter()
-        .find(|s| s.percent > pos)
-        .unwrap_or(&steps[steps.len() - 1]);
-    let opens =
-        bundle.issued_at + time::Duration::try_from(step.after).unwrap_or(time::Duration::MAX);
-    if now >= opens {
-        Wave::Open
-    } else {
-        Wave::OpensAt(opens)
+    match node_step(bundle, seed) {
+        Some((_, _, opens)) if now < opens => Wave::OpensAt(opens),
+        _ => Wave::Open,
     }
 }
 

@@ -3,11 +3,14 @@
 //!
 //! This module owns [`Registry`] (one client for every registry an operation touches, with the
 //! credentials of a Docker-style auth file and the list of registries reached over plain HTTP),
-//! [`Manifest`] (a parsed image manifest or index, with the exact bytes it was received as) and
-//! [`copy`] (copy by digest: index, manifests, config and layer blobs, streamed and verified).
+//! [`Manifest`] (a parsed image manifest or index, with the exact bytes it was received as),
+//! [`copy`] (copy by digest: index, manifests, config and layer blobs, streamed and verified),
+//! [`artifact`] (push an artifact's blobs and manifest under a tag; which digest a tag points at) and
+//! [`fetch`] (the lean client of the node's bundle sync: HEAD and GET by digest straight over HTTP,
+//! verified, size-capped, one request per round; see there why it does not use `oci-client`).
 //!
-//! It knows nothing of catalogs, bundles or nodes: the administrators' tooling uses it to approve and
-//! mirror images, and the node's bundle sync can use it to fetch bundles.
+//! It knows nothing of catalogs, bundles or nodes: the administrators' tooling uses it to approve,
+//! mirror and publish, and the node's bundle sync uses [`fetch`] to fetch bundles.
 //!
 //! - Every manifest's digest is computed from the bytes received and compared with the digest asked
 //!   for and with the registry's `Docker-Content-Digest` header; any difference is
@@ -16,8 +19,11 @@
 //!   [`RegistryOptions::plain_http`].
 //! - Credentials never reach a log or an error message.
 
+pub mod artifact;
 pub mod auth;
 pub mod copy;
+pub mod fetch;
+mod head;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -30,6 +36,7 @@ use crate::policy::{Digest, Reference};
 
 pub use auth::{AuthError, AuthFile, Credential};
 pub use copy::{CopyEvent, CopyReport, copy};
+pub use fetch::{FetchCounters, FetchError, FetchOptions, Fetcher};
 
 /// OCI image index.
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -107,6 +114,8 @@ pub struct Registry {
     endpoints: Arc<BTreeMap<String, String>>,
     /// Registries whose credentials were handed to the client.
     stored: Arc<Mutex<HashSet<String>>>,
+    /// Manifest HEADs without a ping before each (registries that need no token).
+    heads: Arc<head::Heads>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -265,13 +274,24 @@ impl Registry {
         // reqwest is built without a default TLS provider; use ring (no OpenSSL, no C toolchain beyond
         // what ring needs). Installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let (connect_timeout, read_timeout) = (
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(300),
+        );
+        let user_agent = concat!("pullgate/", env!("CARGO_PKG_VERSION"));
+        let heads = head::Heads::new(
+            options.plain_http.clone(),
+            user_agent,
+            connect_timeout,
+            read_timeout,
+        )?;
         let config = oci_client::client::ClientConfig {
             protocol: oci_client::client::ClientProtocol::HttpsExcept(options.plain_http.clone()),
             // One PUT with the streamed body (POST + PUT), instead of 4 MiB PATCH requests.
             use_monolithic_push: true,
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
-            read_timeout: Some(std::time::Duration::from_secs(300)),
-            user_agent: concat!("pullgate/", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Some(connect_timeout),
+            read_timeout: Some(read_timeout),
+            user_agent,
             ..Default::default()
         };
         let client = oci_client::Client::try_from(config)
@@ -282,6 +302,7 @@ impl Registry {
             concurrency: options.concurrency.max(1),
             endpoints: Arc::new(options.endpoints),
             stored: Arc::default(),
+            heads: Arc::new(heads),
         })
     }
 
@@ -340,7 +361,8 @@ impl Registry {
         Manifest::parse(&shown, bytes, digest)
     }
 
-    /// Whether the manifest `repository@digest` exists in `host` (a HEAD request).
+    /// Whether the manifest `repository@digest` exists in `host` (a HEAD request: sent directly to a
+    /// registry that needs no token, see [`head`]; through `oci-client` otherwise).
     pub async fn manifest_exists(
         &self,
         host: &str,
@@ -352,8 +374,29 @@ impl Registry {
             repository.to_owned(),
             digest.to_string(),
         );
-        let auth = self.authenticate(&r).await;
         let shown = format!("{host}/{repository}@{digest}");
+        let access = self.heads.access(r.resolve_registry()).await;
+        if access != head::Access::Client {
+            let credential = self.auth.credential(r.registry());
+            let path = r.repository();
+            match self
+                .heads
+                .head(
+                    access,
+                    credential,
+                    r.resolve_registry(),
+                    path,
+                    digest,
+                    &shown,
+                )
+                .await?
+            {
+                head::Head::Present => return Ok(true),
+                head::Head::Missing => return Ok(false),
+                head::Head::Ask => {}
+            }
+        }
+        let auth = self.authenticate(&r).await;
         match self.client.fetch_manifest_digest(&r, &auth).await {
             Ok(_) => Ok(true),
             Err(e) => match self.error(&shown, "checking the manifest", host, e) {

@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod cri;
+pub mod distribution;
 pub mod images;
 pub mod node;
 pub mod process;

@@ -169,6 +169,45 @@ impl Registry {
     pub fn stop(&mut self) {
         self.proc.stop();
     }
+
+    /// The registry process's PID (e.g. to read its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Starts the registry again after [`Registry::stop`]: same port, same storage.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve").arg(&self.config);
+        self.proc = Proc::spawn(
+            &format!("registry {}", self.name),
+            cmd,
+            &self.access_log,
+            &self.log,
+        );
+        let port = self.port;
+        let up = poll(Duration::from_secs(15), || {
+            http_get_status(port, "/v2/").filter(|&s| s == 200)
+        });
+        assert!(
+            up.is_some(),
+            "registry {} did not come back on port {port}; its log:\n{}",
+            self.name,
+            tail(&self.log, 20)
+        );
+    }
+
+    /// Where the registry stores the content of blob `digest` (`sha256:…`), for tests that tamper
+    /// with what it serves.
+    pub fn blob_data(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self.dir
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
 }
 
 /// How to configure a [`Containerd`].
@@ -516,6 +555,12 @@ pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
     let n = s.read(&mut buf).ok()?;
     let head = String::from_utf8_lossy(&buf[..n]);
     head.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `GET path` on 127.0.0.1:port, read to the end: (status, body). Panics if nothing answers.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    pullgate::node::daemon::admin::http_get(([127, 0, 0, 1], port).into(), path)
+        .unwrap_or_else(|e| panic!("GET {path} on 127.0.0.1:{port}: {e}"))
 }
 
 fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {

@@ -1,6 +1,12 @@
-//! Commands that act on an installed node: `pullgate status` (asks the running daemon over its
-//! loopback endpoint) and `pullgate bundle install` (verifies and installs into the state directory,
-//! then tells the daemon with SIGHUP).
+//! Commands that act on an installed node: `pullgate status` and `pullgate bundle install`.
+//!
+//! Both speak to the running daemon through its admin API (`admin.socket`, [`crate::node::api`]):
+//! `status` asks for the status object, `install` hands the bundle over and gets the daemon's own
+//! answer (installed version, or the rejection reason). When no daemon listens on the socket (or
+//! `admin.socket = "off"`), they fall back to what works without the API: `status` reads the
+//! loopback `/status` endpoint, `install` verifies and installs into the state directory itself
+//! (the daemon takes it up at start, or at once through SIGHUP if it runs with the API off). A
+//! caller the socket refuses gets an error, never the fallback.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,6 +15,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
+use crate::node::api::{AdminClient, ApiError, pb};
 use crate::node::config::Config;
 use crate::node::enforce::store::BundleStore;
 use crate::policy::load;
@@ -23,8 +30,8 @@ pub fn pid_file(config: &Config) -> PathBuf {
         .join("pullgate.pid")
 }
 
-/// A minimal HTTP/1.0 GET against the loopback endpoint.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+/// A minimal HTTP/1.0 GET against the loopback endpoint: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
@@ -39,7 +46,35 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
+/// A current-thread runtime for one admin API exchange.
+pub fn client_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// The daemon's status object: through the admin API, or (no daemon on the socket, or the API off)
+/// from the loopback endpoint.
 fn daemon_status(config: &Config) -> Result<serde_json::Value, String> {
+    if let Some(socket) = &config.admin.socket {
+        let asked = client_runtime()?.block_on(async {
+            let mut c = AdminClient::connect(socket).await?;
+            c.status().await
+        });
+        match asked {
+            Ok(r) => {
+                return serde_json::from_str(&r.json)
+                    .map_err(|e| format!("the daemon sent an invalid status object: {e}"));
+            }
+            Err(ApiError::NotRunning { .. }) if config.metrics.listen.is_some() => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    http_status(config)
+}
+
+fn http_status(config: &Config) -> Result<serde_json::Value, String> {
     let addr = config
         .metrics
         .listen
@@ -148,8 +183,77 @@ pub fn status_command(config_path: &Path, json: bool) -> ExitCode {
         );
     }
     print_lifecycle_status(&s);
+    print_sync_status(&s["sync"]);
     println!("audit log: {}", s["audit_log"].as_str().unwrap_or("?"));
     ExitCode::SUCCESS
+}
+
+/// The registry sync part of `pullgate status`.
+fn print_sync_status(y: &serde_json::Value) {
+    for line in sync_status_lines(y) {
+        println!("{line}");
+    }
+}
+
+/// The lines of the registry sync part of `pullgate status`, from the `sync` object of `/status`.
+fn sync_status_lines(y: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    if !y.is_object() {
+        return out;
+    }
+    let t = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    out.push(format!(
+        "sync:      {} from {}; last success {}, next round {}",
+        t(&y["state"]).to_uppercase(),
+        t(&y["source"]),
+        y["last_success_at"].as_str().unwrap_or("never"),
+        t(&y["next_round_at"]),
+    ));
+    if let Some(synced) = y["synced"].as_object() {
+        out.push(format!(
+            "           in step with {} (v{})",
+            t(&synced["digest"]),
+            synced["version"]
+        ));
+    }
+    if let Some(p) = y["position"].as_u64() {
+        out.push(format!(
+            "           this node's rollout position: {p} of 0..99 (waves take nodes below their percent)"
+       ));
+    }
+    if let Some(p) = y["pending"].as_object() {
+        out.push(format!(
+            "           PENDING v{}: verified, taken up when this node's wave opens at {} (step {}, {}% of nodes; position {})",
+            p["version"],
+            t(&p["wave_opens_at"]),
+            p["wave_step"],
+            p["wave_percent"],
+            p["position"]
+       ));
+    }
+    if y["stale"] == true {
+        out.push(format!(
+            "           STALE: no round has succeeded for longer than {}s — this node's bundle is frozen",
+            y["max_staleness_seconds"]
+       ));
+    }
+    if let Some(e) = y["last_error"].as_object() {
+        out.push(format!(
+            "           last error ({}, {} in a row): {}",
+            t(&e["reason"]),
+            y["consecutive_failures"],
+            t(&e["message"])
+        ));
+    }
+    for r in y["rejected"].as_array().into_iter().flatten() {
+        out.push(format!(
+            "           rejected {} ({}), not downloaded again before {}",
+            t(&r["digest"]),
+            t(&r["reason"]),
+            t(&r["retry_after"])
+        ));
+    }
+    out
 }
 
 /// The exceptions and lifecycle starts of `pullgate status`.
@@ -236,6 +340,22 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         Ok(s) => s,
         Err(e) => return fail(e.to_string()),
     };
+    if let Some(socket) = &config.admin.socket {
+        let runtime = match client_runtime() {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let answer = runtime.block_on(async {
+            let mut c = AdminClient::connect(socket).await?;
+            c.install_bundle(bytes.clone(), sigs.clone()).await
+        });
+        match answer {
+            Ok(r) => return print_install_answer(r, bundle),
+            // No daemon: install into the state directory (below); it is read at start.
+            Err(ApiError::NotRunning { .. }) => {}
+            Err(e) => return fail(e.to_string()),
+        }
+    }
     let store = BundleStore::new(&config.policy.state_dir)
         .with_max_bundle_size(config.policy.max_bundle_size);
     let installed = match store.install(
@@ -281,4 +401,106 @@ pub fn install_command(config_path: &Path, bundle: &Path, signatures: Option<&Pa
         "installed, but the daemon (pid {pid}) did not report v{} within 10s; check its log",
         installed.version
     ))
+}
+
+/// What the daemon answered to `InstallBundle`.
+fn print_install_answer(r: pb::InstallBundleResponse, bundle: &Path) -> ExitCode {
+    match r.result {
+        Some(pb::install_bundle_response::Result::Installed(i)) => {
+            println!(
+                "installed bundle v{} ({} images, expires {}); the daemon now enforces v{}",
+                i.version, i.images, i.expires_at, i.version
+            );
+            ExitCode::SUCCESS
+        }
+        Some(pb::install_bundle_response::Result::Rejected(r)) => {
+            eprintln!(
+                "pullgate bundle install: {}: rejected by the daemon ({}), nothing changed: {}",
+                bundle.display(),
+                r.reason,
+                r.message
+            );
+            ExitCode::from(EXIT_FAILURE)
+        }
+        None => {
+            eprintln!("pullgate bundle install: the daemon sent an empty answer; check its log");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use time::macros::datetime;
+
+    use super::sync_status_lines;
+    use crate::node::sync::{PendingView, SyncStatus};
+
+    #[test]
+    fn status_shows_the_sync_state_this_nodes_wave_and_when_it_takes_a_pending_bundle() {
+        let now = datetime!(2026-05-01 12:00 UTC);
+        let mut s = SyncStatus {
+            source: "registry.corp/pullgate/bundles:prod".into(),
+            interval: Duration::from_secs(60),
+            max_staleness: Duration::from_secs(3600),
+            started_at: now - time::Duration::minutes(10),
+            last_round_at: Some(now - time::Duration::seconds(20)),
+            last_result: "pending",
+            last_success_at: Some(now - time::Duration::seconds(20)),
+            last_error: None,
+            consecutive_failures: 0,
+            backing_off: false,
+            next_round_at: Some(now + time::Duration::seconds(40)),
+            channel_digest: Some("sha256:bb".into()),
+            synced_digest: Some("sha256:aa".into()),
+            synced_version: Some(6),
+            pending: Some(PendingView {
+                version: 7,
+                digest: "sha256:bb".into(),
+                issuer: "platform-security".into(),
+                wave_opens_at: now + time::Duration::hours(5),
+                position: 42,
+                step: Some((2, 100)),
+            }),
+            rejected: Vec::new(),
+        };
+        let text = sync_status_lines(&s.to_json(now, Some(42))).join("\n");
+        assert!(
+            text.starts_with(
+                "sync:      WAITING_FOR_WAVE from registry.corp/pullgate/bundles:prod"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("in step with sha256:aa (v6)"), "{text}");
+        assert!(text.contains("rollout position: 42 of 0..99"), "{text}");
+        assert!(
+            text.contains(
+                "PENDING v7: verified, taken up when this node's wave opens at 2026-05-01T17:00:00Z (step 3, 100% of nodes; position 42)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("STALE"), "{text}");
+
+        // Two hours without a successful round: frozen, said so, with the last error.
+        s.pending = None;
+        s.last_result = "failed";
+        s.backing_off = true;
+        s.consecutive_failures = 9;
+        s.last_error = Some(("unreachable", "connection refused".into()));
+        let later = now + time::Duration::hours(2);
+        let text = sync_status_lines(&s.to_json(later, None)).join("\n");
+        assert!(text.starts_with("sync:      STALE from"), "{text}");
+        assert!(
+            text.contains("STALE: no round has succeeded for longer than 3600s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("last error (unreachable, 9 in a row): connection refused"),
+            "{text}"
+        );
+        assert!(!text.contains("PENDING"), "{text}");
+        assert!(sync_status_lines(&serde_json::Value::Null).is_empty());
+    }
 }

@@ -11,13 +11,17 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/status` on loopback.
 //! - [`admin`]: `pullgate status` and `pullgate bundle install` against a running node.
 //! - [`lockdown`]: the containerd watcher task and the node check at start and on reload.
+//! - [`sync`]: the registry sync task, with the node as the place bundles are installed.
+//! - [`api`]: the local admin API (gRPC on a root-only unix socket).
 
 pub mod admin;
+pub mod api;
 pub mod http;
 pub mod listener;
 pub mod lockdown;
 pub mod node;
 pub mod notify;
+pub mod sync;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -28,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::exit::{EXIT_CONFIG, EXIT_FAILURE};
-use crate::node::config::{Config, Limits, LogFormat, SandboxImageCheck, ServerConfig};
+use crate::node::config::{self, Config, Limits, LogFormat, SandboxImageCheck, ServerConfig};
 use crate::node::metrics::{ConnClose, Metrics};
 use crate::node::proxy::track::Registry;
 use crate::node::proxy::{InterceptTable, Proxy, Reach, Upstream, conn};
@@ -266,6 +270,12 @@ pub fn serve_command(args: ServeOptions) -> ExitCode {
         }
     };
     if let Some(listen) = args.listen {
+        // The admin socket sits next to the CRI socket unless it was configured elsewhere.
+        if config.admin.socket.as_deref()
+            == Some(config::default_admin_socket(&config.server.listen).as_path())
+        {
+            config.admin.socket = Some(config::default_admin_socket(&listen));
+        }
         config.server.listen = listen;
     }
     if let Some(upstream) = args.upstream {
@@ -361,6 +371,12 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
     }
     node.spawn_background(sandbox_checked);
     lockdown::start(&node);
+    if let Err(e) = sync::start(&node) {
+        return fail(EXIT_CONFIG, &e);
+    }
+    if let Err(e) = api::start(&node) {
+        return fail(EXIT_FAILURE, &format!("admin.socket: {e}"));
+    }
     let pid_path = admin::pid_file(&config);
     let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     let (tx, rx) = mpsc::channel(4);

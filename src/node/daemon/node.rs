@@ -1,7 +1,8 @@
 //! The daemon's policy side: everything enforcement needs at run time, and its lifecycle — the first
 //! load of the installed bundle, reloads (SIGHUP, `pullgate bundle install`), the drop directory that
 //! fleet tooling fills, the sandbox-image check (at start and again after every bundle change), and
-//! the status report.
+//! the status report. Bundles from the registry sync ([`crate::node::sync`], wired in
+//! [`super::sync`]) and the admin API come through [`Node::install_bytes`].
 //!
 //! A bundle is swapped in with one atomic pointer store ([`PolicyState::set`]); a rejected one
 //! changes nothing and is logged, counted and (from the drop directory) set aside with its reason.
@@ -54,6 +55,10 @@ pub struct Node {
     pub lockdown: Arc<Lockdown>,
     /// Woken when a bundle is swapped in, so the background task re-checks the sandbox image at once.
     bundle_changed: tokio::sync::Notify,
+    /// The audit log, for bundle records (decisions are written by the enforcer).
+    audit: Arc<AuditLog>,
+    /// The registry sync, once started.
+    pub(super) sync: std::sync::OnceLock<Arc<crate::node::sync::SyncHandle>>,
 }
 
 impl Node {
@@ -88,7 +93,7 @@ impl Node {
             state.clone(),
             upstream.clone(),
             metrics.clone(),
-            Some(audit),
+            Some(audit.clone()),
         );
         if let Some(p) = &config.policy.private_registry_auth {
             enforcer.set_registry_auth(Some(RegistryAuth::load(p)?));
@@ -105,6 +110,8 @@ impl Node {
             bundle_changed: tokio::sync::Notify::new(),
             config_path: Mutex::new(None),
             lockdown,
+            audit,
+            sync: std::sync::OnceLock::new(),
         });
         node.load_policy();
         Ok(node)
@@ -115,7 +122,7 @@ impl Node {
         *self.config_path.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
     }
 
-    fn trust(&self) -> Option<Arc<Trust>> {
+    pub(super) fn trust(&self) -> Option<Arc<Trust>> {
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -125,6 +132,10 @@ impl Node {
     pub fn reload(&self) {
         self.reload_settings();
         self.load_policy();
+        if let Some(sync) = self.sync.get() {
+            // The trust file may have changed: give rejected digests another chance, now.
+            sync.reset();
+        }
     }
 
     /// `policy.mode` from the configuration file, and the private registry credentials.
@@ -170,7 +181,7 @@ impl Node {
         }
         let Some(trust) = self.trust() else { return };
         match self.store.load_current(&trust, OffsetDateTime::now_utc()) {
-            Ok(Some(b)) => self.offer(b, "state directory"),
+            Ok(Some(b)) => self.offer(Arc::new(b), "state directory"),
             Ok(None) => {
                 if self.state.current().is_none() {
                     self.state.set_problem(format!(
@@ -194,7 +205,7 @@ impl Node {
     }
 
     /// Swaps in `b` unless it is older than the bundle in force (rollback).
-    fn offer(&self, b: VerifiedBundle, source: &str) {
+    fn offer(&self, b: Arc<VerifiedBundle>, source: &str) {
         let current = self.state.current().map(|c| c.version);
         if current == Some(b.version) {
             return;
@@ -217,7 +228,7 @@ impl Node {
             source,
             "bundle in force"
         );
-        self.state.set(Arc::new(b));
+        self.state.set(b);
         self.metrics.bundle_install("installed", "ok");
         self.bundle_changed.notify_one();
     }
@@ -228,6 +239,80 @@ impl Node {
         if self.state.current().is_none() {
             self.state
                 .set_problem(format!("the installed bundle was rejected: {e}"));
+        }
+    }
+
+    /// Verifies `bundle` + `signatures` as `pullgate bundle install` does, installs them atomically and
+    /// puts them in force; `source` says where they came from (the registry sync, the admin API).
+    /// Counted, logged and audited either way; a rejection changes nothing.
+    pub fn install_bytes(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        now: OffsetDateTime,
+        source: &str,
+    ) -> Result<Arc<VerifiedBundle>, StoreError> {
+        let result = match self.trust() {
+            Some(t) => self
+                .store
+                .install(bundle, signatures, &t, now, Path::new(source))
+                .map(Arc::new),
+            None => Err(StoreError::Io {
+                what: "no usable trust file to verify",
+                path: self.config.policy.trust.clone(),
+                source: std::io::Error::other("trust file missing or invalid"),
+            }),
+        };
+        match &result {
+            Ok(b) => {
+                self.offer(b.clone(), source);
+                self.audit_bundle(
+                    "bundle_installed",
+                    source,
+                    Some(b.version),
+                    None,
+                    format!(
+                        "bundle v{} issued by {} installed and in force",
+                        b.version, b.issuer
+                    ),
+                );
+            }
+            Err(e) => self.reject_bundle(source, e),
+        }
+        result
+    }
+
+    /// Counts, logs and audits a bundle from `source` that was rejected.
+    pub(super) fn reject_bundle(&self, source: &str, e: &StoreError) {
+        self.rejected(e, source);
+        self.audit_bundle(
+            "bundle_rejected",
+            source,
+            None,
+            Some(e.reason()),
+            e.to_string(),
+        );
+    }
+
+    fn audit_bundle(
+        &self,
+        kind: &'static str,
+        source: &str,
+        version: Option<u64>,
+        reason: Option<&str>,
+        message: String,
+    ) {
+        let rec = crate::node::audit::BundleRecord {
+            time: crate::policy::bundle::rfc3339(OffsetDateTime::now_utc()),
+            kind,
+            source: source.to_owned(),
+            version,
+            reason: reason.map(str::to_owned),
+            message,
+        };
+        if let Err(e) = self.audit.record_bundle(&rec) {
+            self.metrics.audit_error();
+            tracing::error!(path = %self.audit.path().display(), error = %e, "cannot write the audit log");
         }
     }
 
@@ -297,7 +382,7 @@ impl Node {
                 Ok(b) => {
                     let _ = std::fs::remove_file(&path);
                     let _ = std::fs::remove_file(&sig);
-                    self.offer(b, "drop directory");
+                    self.offer(Arc::new(b), "drop directory");
                     installed += 1;
                 }
                 Err(e) => {
@@ -328,10 +413,16 @@ impl Node {
         r
     }
 
-    /// Ready: containerd answers and a valid bundle is in force.
+    /// Ready: containerd answers, a valid bundle is in force, and the registry sync (if any) is not
+    /// stale.
     pub async fn ready(&self) -> Result<(), String> {
         self.upstream.connect().await.map_err(|e| e.to_string())?;
-        self.state.usable(OffsetDateTime::now_utc()).map(|_| ())
+        let now = OffsetDateTime::now_utc();
+        self.state.usable(now)?;
+        match self.sync.get().and_then(|s| s.status().stale_reason(now)) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     /// The Prometheus text of `/metrics`, with the bundle and upstream gauges as they are now.
@@ -370,6 +461,12 @@ impl Node {
             "lockdown": self.lockdown.status_json(),
             "exceptions": self.state.current().map(|b| exceptions_json(&b, now)),
             "lifecycle_starts": lifecycle_starts_json(&self.metrics, now),
+            "sync": self.sync.get().map(|s| {
+                let position = self.state.current().map(|b| {
+                    crate::policy::rollout::position(&b.issuer, s.seed())
+                });
+                s.status().to_json(now, position)
+            }),
         })
     }
 

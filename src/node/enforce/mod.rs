@@ -18,7 +18,9 @@
 //!   image IDs that were checked.
 //! - `RemovePodSandbox`: forwarded; the sandbox is forgotten.
 //!
-//! Every decision is counted, logged, and written to the audit log before the call is answered.
+//! Every decision is counted, logged, and written to the audit log before the call is answered; the
+//! same record goes to watchers of the admin API ([`Enforcer::watch_decisions`]) through a bounded
+//! broadcast channel (a watcher that falls behind is told how many it missed; calls never wait).
 //!
 //! - [`store`]: the installed bundle on disk (atomic installs, last-known-good).
 //! - [`names`]: user references ↔ pinned mirror references, and the names an image shows.
@@ -313,7 +315,12 @@ pub struct Enforcer {
     sandboxes: sandbox::SandboxCache,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
     pub pulls: Arc<ledger::PullLedger>,
+    /// Decision records for watchers (admin API `WatchDecisions`).
+    decisions: tokio::sync::broadcast::Sender<Arc<AuditRecord>>,
 }
+
+/// Decision records buffered per watcher before it is told it lagged.
+pub const WATCH_BUFFER: usize = 1024;
 
 impl Enforcer {
     pub fn new(
@@ -331,7 +338,13 @@ impl Enforcer {
             allowed_starts: start::StartCache::default(),
             sandboxes: sandbox::SandboxCache::default(),
             pulls: Arc::default(),
+            decisions: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
         })
+    }
+
+    /// A stream of decision records from now on (each one as the audit log gets it).
+    pub fn watch_decisions(&self) -> tokio::sync::broadcast::Receiver<Arc<AuditRecord>> {
+        self.decisions.subscribe()
     }
 
     /// Sets (or clears) the credentials sent to the private registry on redirected pulls.
@@ -418,7 +431,10 @@ impl Enforcer {
                 tracing::warn!(method, image = ?o.image, reason = o.reason, message = ?o.message, "denied")
             }
         }
-        let Some(audit) = &self.audit else { return };
+        let watched = self.decisions.receiver_count() > 0;
+        if self.audit.is_none() && !watched {
+            return;
+        }
         let rec = AuditRecord {
             time: OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
@@ -438,9 +454,15 @@ impl Enforcer {
             bundle_version: o.bundle_version,
             latency_us,
         };
-        if let Err(e) = audit.record(&rec) {
-            self.metrics.audit_error();
-            tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
+        if let Some(audit) = &self.audit {
+            if let Err(e) = audit.record(&rec) {
+                self.metrics.audit_error();
+                tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
+            }
+        }
+        if watched {
+            // No watcher left in between is fine: nobody to tell.
+            let _ = self.decisions.send(Arc::new(rec));
         }
     }
 
@@ -475,10 +497,24 @@ impl Enforcer {
             }
         };
         self.record("PullImage", &d, &pod, pulled, started);
-        if let Some(p) = pulled {
-            self.pulls.note(p, d.verdict == PolicyVerdict::Allow);
+        let Some(p) = pulled else {
+            return verdict;
+        };
+        // A failed pull is forgotten: the response edit runs only on success, and is dropped
+        // unrun otherwise.
+        let noted = ledger::Noted::new(self.pulls.clone(), p, d.verdict == PolicyVerdict::Allow);
+        let request = match verdict {
+            Verdict::Forward => None,
+            Verdict::Replace(new) => Some(new),
+            other => return other,
+        };
+        Verdict::Rewrite {
+            request,
+            response: Box::new(move |_| {
+                noted.pulled();
+                None
+            }),
         }
-        verdict
     }
 
     /// Points the pull at `target`, and keeps credentials with the registry they were meant for.

@@ -428,6 +428,19 @@ fn sockets(i: &Inputs<'_>, ctd: Option<&ContainerdConfig>) -> Outcome {
         )),
     }
     checked.push(i.config.server.listen.clone());
+    if let Some(admin) = &i.config.admin.socket {
+        // SAFETY: getegid has no preconditions.
+        let my_gid = unsafe { libc::getegid() };
+        findings.extend(socket_findings(
+            "pullgate admin API",
+            admin,
+            me,
+            my_gid,
+            Some(0o600),
+            true,
+        ));
+        checked.push(admin.clone());
+    }
     for s in &i.config.lockdown.admin_sockets {
         findings.extend(socket_findings("admin socket", s, 0, 0, None, true));
         checked.push(s.clone());
