@@ -449,7 +449,7 @@ fn main() {
     ))
     .unwrap();
     for state in ["state-bundle", "state-bundle-plain"] {
-        pullgate::node::enforce::store::BundleStore::new(&dir.join(state))
+        pullgate::node::enforce::store::BundleStore::new(dir.join(state))
             .install(
                 &bundle_bytes,
                 &sigs,
