@@ -15,7 +15,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::node::Node;
+use support::cri::run_as_kubelet;
+use support::node::{Node, PAYMENTS_NS, standard_bundle};
 use support::pullgate::{Pullgate, cli};
 use support::stack::{Stack, sbin_path};
 use support::{Cri, e2e_enabled, loud};
@@ -84,6 +85,20 @@ fn record_for(node: &Node, kind: &str, name: &str) -> Option<Value> {
     records(node, kind).into_iter().find(|r| r["name"] == name)
 }
 
+/// Waits (up to 10 s) until `pullgate_node_images{class}` counts at least `n` images.
+fn wait_class_count(node: &Node, what: &str, class: &str, n: f64) {
+    let s = format!("pullgate_node_images{{class=\"{class}\"}}");
+    within(what, Duration::from_secs(10), || {
+        (series(node, &s) >= n).then_some(())
+    });
+}
+
+/// Asserts that no image was reported as out of band.
+fn assert_none_reported(node: &Node, what: &str) {
+    let r = records(node, "out_of_band_image");
+    assert!(r.is_empty(), "{what} was reported: {r:?}");
+}
+
 /// `ctr -n k8s.io ARGS` against the stack's containerd; returns whether it succeeded and its output
 /// (an import may lose a race with pullgate removing the image it creates).
 fn ctr(node: &Node, args: &[&str]) -> (bool, String) {
@@ -121,6 +136,11 @@ fn image_names(node: &Node) -> Vec<String> {
 
 /// Builds a fresh image and imports it past pullgate as `name` (`ctr images import`).
 fn import(node: &Node, name: &str, marker: &str) {
+    import_archive(node, &archive(node, name, marker));
+}
+
+/// Builds a fresh image and writes it as an archive to import as `name`; returns its path.
+fn archive(node: &Node, name: &str, marker: &str) -> String {
     let tag = node.stack.images.build_image(marker);
     let tar = node
         .stack
@@ -128,13 +148,17 @@ fn import(node: &Node, name: &str, marker: &str) {
         .path()
         .join(format!("{}.tar", marker.replace(' ', "-")));
     node.stack.images.export_docker_archive(&tag, &tar, name);
+    tar.to_string_lossy().into_owned()
+}
+
+/// `ctr images import` of an [`archive`].
+fn import_archive(node: &Node, tar: &str) {
     let snapshotter = node.stack.containerd.snapshotter.clone();
-    let tar = tar.to_string_lossy().into_owned();
     let (ok, out) = ctr(
         node,
-        &["images", "import", "--snapshotter", &snapshotter, &tar],
+        &["images", "import", "--snapshotter", &snapshotter, tar],
     );
-    loud(&format!("ctr import {name}: ok={ok} {}", out.trim()));
+    loud(&format!("ctr import {tar}: ok={ok} {}", out.trim()));
 }
 
 fn wait_watching(node: &Node) {
@@ -170,16 +194,13 @@ async fn out_of_band_images_and_snapshots_are_reported_within_a_second() {
     }
     // Through pullgate: approved, never reported.
     let (mut node, pinned) = node_with_a_pull("ld-detect", "").await;
-    within(
+    wait_class_count(
+        &node,
         "the pull through pullgate classified approved",
-        Duration::from_secs(10),
-        || (series(&node, "pullgate_node_images{class=\"approved\"}") >= 1.0).then_some(()),
+        "approved",
+        1.0,
     );
-    assert!(
-        records(&node, "out_of_band_image").is_empty(),
-        "a pull through pullgate was reported: {:?}",
-        records(&node, "out_of_band_image")
-    );
+    assert_none_reported(&node, "a pull through pullgate");
     assert_eq!(
         series(&node, "pullgate_out_of_band_total{kind=\"image\"}"),
         0.0
@@ -386,6 +407,112 @@ async fn out_of_band_images_are_removed_unless_in_use_and_classified_at_start() 
         Some(1.0),
         "{m}"
     );
+}
+
+/// The watcher has no pod, so an image is approved for it when the bundle approves it for any
+/// scope (which pod may run it is decided at the start): a first-party prefix of one program and a
+/// public image of that program, pulled through pullgate, are neither reported nor removed, and run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_approved_for_one_scope_are_approved_for_the_watcher() {
+    if !e2e_enabled("images_approved_for_one_scope_are_approved_for_the_watcher") {
+        return;
+    }
+    let node = Node::start_with("ld-scoped", "enforce", |s| {
+        lockdown_section(s) + "remove_out_of_band = true\n"
+    });
+    wait_watching(&node);
+    let prefix = format!("{}/apps/payments/", node.private());
+    let mut v2 = standard_bundle(&node.stack, &node.fx, 2);
+    v2.first_party
+        .push((prefix.clone(), "corp/payments".to_string()));
+    let out = node.install(&node.keys.sign(&v2, "first-party-v2"));
+    assert!(out.success(), "{out}");
+    node.wait_for_bundle(2);
+    node.stack
+        .images
+        .push_image(&node.stack.private, "apps/payments/api:1", "first party");
+    let api = format!("{prefix}api:1");
+    let paytool = "docker.io/acme/payments-tool:1.0";
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    for image in [api.as_str(), paytool] {
+        cri.pull(image, PAYMENTS_NS)
+            .await
+            .unwrap_or_else(|s| panic!("pull {image} through pullgate: {s:?}"));
+    }
+    wait_class_count(&node, "both pulls classified approved", "approved", 2.0);
+    assert_eq!(
+        series(&node, "pullgate_node_images{class=\"unapproved\"}"),
+        0.0
+    );
+    assert_none_reported(&node, "an image approved for one scope");
+    let names = image_names(&node);
+    assert!(
+        names.contains(&api) && names.contains(&node.mirror_ref(&node.fx.paytool)),
+        "{names:?}"
+    );
+    for (pod, image) in [("api", api.as_str()), ("paytool", paytool)] {
+        let code = run_as_kubelet(&mut cri, pod, PAYMENTS_NS, image, &["/bin/true"]).await;
+        assert_eq!(code.unwrap_or_else(|s| panic!("run {image}: {s:?}")), 0);
+    }
+}
+
+/// A pull through pullgate explains the content containerd pulled, not the name: other content
+/// imported under the name of a recent (warn-mode) pull is reported; the pull itself, its
+/// `repo@digest` name and CRI's ID alias are not. Content reported, then deleted, and imported again
+/// is reported again. A pull that failed explains nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recent_pull_does_not_explain_other_content_under_its_name() {
+    if !e2e_enabled("a_recent_pull_does_not_explain_other_content_under_its_name") {
+        return;
+    }
+    let node = Node::start_with("ld-name-reuse", "warn", lockdown_section);
+    wait_watching(&node);
+    let name = "docker.io/library/nginx:1.25";
+    // Made first, so the import follows the pull closely.
+    let tar = archive(&node, name, "lockdown reused name");
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    cri.pull("nginx:1.25", "default")
+        .await
+        .unwrap_or_else(|s| panic!("warn-mode pull through pullgate: {s:?}"));
+    wait_class_count(&node, "the warned pull classified", "unapproved", 1.0);
+    assert_none_reported(&node, "a warn-mode pull (past its warn decision)");
+
+    import_archive(&node, &tar);
+    let r = within("the import under the pull's name reported", WITHIN, || {
+        record_for(&node, "out_of_band_image", name)
+    });
+    assert_eq!(r["class"], "unapproved", "{r}");
+    assert_ne!(r["digests"][0], node.fx.nginx.digest.as_str(), "{r}");
+    assert_eq!(records(&node, "out_of_band_image").len(), 1);
+
+    // Gone, then back: a new arrival.
+    let unapproved = || series(&node, "pullgate_node_images{class=\"unapproved\"}");
+    let before = within("the import counted", WITHIN, || {
+        let n = unapproved();
+        (n >= 2.0).then_some(n)
+    });
+    ctr_ok(&node, &["images", "rm", name]);
+    within("the watcher saw it go", Duration::from_secs(10), || {
+        (unapproved() == before - 1.0).then_some(())
+    });
+    import_archive(&node, &tar);
+    within(
+        "the same content imported again reported again",
+        WITHIN,
+        || (records(&node, "out_of_band_image").len() == 2).then_some(()),
+    );
+
+    // A pull that failed brought nothing: it explains nothing stored under its name afterwards.
+    let missing = "docker.io/library/nginx:0.0-missing";
+    let failed = cri.pull("nginx:0.0-missing", "default").await;
+    assert!(failed.is_err(), "{failed:?}");
+    import(&node, missing, "lockdown failed pull");
+    let r = within(
+        "the import under a failed pull's name reported",
+        WITHIN,
+        || record_for(&node, "out_of_band_image", missing),
+    );
+    assert_eq!(r["class"], "unapproved", "{r}");
 }
 
 /// A `hosts.toml` for `dir/name`.

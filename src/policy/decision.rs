@@ -1,6 +1,6 @@
 //! Decisions: may this pod run this image, and from where?
 //!
-//! This module owns [`decide`] and its inputs and outputs ([`ImageRequest`], [`PodContext`],
+//! This module owns [`decide`] (and [`decide_for_any_scope`], for callers without a pod) and its inputs and outputs ([`ImageRequest`], [`PodContext`],
 //! [`Decision`], [`Verdict`], [`ReasonCode`]). A decision is a value, never an error; it is computed from
 //! the request, an in-memory [`VerifiedBundle`], the pod's context and the time the caller passes (no
 //! I/O, no clock read, no network: a tag is resolved from the bundle alone).
@@ -313,30 +313,54 @@ pub fn decide(
     now: OffsetDateTime,
 ) -> Decision {
     let b: &Bundle = bundle;
-    let scopes = b.scopes();
-    let pod_scope = scopes.pod_scope(pod.namespace.as_deref(), |k| {
+    let pod_scope = b.scopes().pod_scope(pod.namespace.as_deref(), |k| {
         pod.labels.get(k).map(String::as_str)
     });
-    let node = scopes.node(pod_scope);
-    let ctx = Ctx {
-        b,
-        pod_scope,
-        mode: node.mode,
-        rules: node.rules.as_deref(),
-        now,
-    };
-    match request {
-        ImageRequest::Reference(image) => match Reference::parse(image) {
-            Ok(r) => {
-                let o = ctx.evaluate(&r);
-                ctx.finish(image, Some(&r), o)
-            }
-            Err(e) => ctx.finish(image, None, invalid(image, &e.kind.to_string(), b.version)),
-        },
-        ImageRequest::RepoDigests {
-            image,
-            repo_digests,
-        } => ctx.decide_present(image, repo_digests),
+    Ctx::new(b, pod_scope, now).decide(request)
+}
+
+/// Decides `request` as a pod of each scope of the bundle would ask it, and returns the first
+/// allowed decision: `Some` when some pod may run the image. For callers that have no pod (the
+/// node's lockdown watcher, which sees images arrive in the image store); which pod may run it is
+/// still decided when a container starts.
+pub fn decide_for_any_scope(
+    request: &ImageRequest<'_>,
+    bundle: &VerifiedBundle,
+    now: OffsetDateTime,
+) -> Option<Decision> {
+    let b: &Bundle = bundle;
+    (0..b.scopes().nodes().len())
+        .map(|id| Ctx::new(b, id as ScopeId, now).decide(request))
+        .find(|d| d.verdict == Verdict::Allow)
+}
+
+impl<'b> Ctx<'b> {
+    fn new(b: &'b Bundle, pod_scope: ScopeId, now: OffsetDateTime) -> Ctx<'b> {
+        let node = b.scopes().node(pod_scope);
+        Ctx {
+            b,
+            pod_scope,
+            mode: node.mode,
+            rules: node.rules.as_deref(),
+            now,
+        }
+    }
+
+    fn decide(&self, request: &ImageRequest<'_>) -> Decision {
+        let (b, ctx) = (self.b, self);
+        match request {
+            ImageRequest::Reference(image) => match Reference::parse(image) {
+                Ok(r) => {
+                    let o = ctx.evaluate(&r);
+                    ctx.finish(image, Some(&r), o)
+                }
+                Err(e) => ctx.finish(image, None, invalid(image, &e.kind.to_string(), b.version)),
+            },
+            ImageRequest::RepoDigests {
+                image,
+                repo_digests,
+            } => ctx.decide_present(image, repo_digests),
+        }
     }
 }
 
@@ -1048,6 +1072,57 @@ mod tests {
 
     fn d(n: u8) -> String {
         digest(n).to_string()
+    }
+
+    #[test]
+    fn an_image_approved_for_one_scope_is_approved_for_some_scope() {
+        let b = example_bundle();
+        let any = |image: &str| {
+            decide_for_any_scope(&ImageRequest::Reference(image), &b, example_now())
+                .map(|d| (d.reason, d.pod_scope.map(|s| s.to_string())))
+        };
+        // A first-party prefix of one program, and a digest approved for one application only:
+        // denied to a pod of no namespace, approved for the scope that has them.
+        let api = format!("registry.corp/apps/payments/api@{}", d(10));
+        let redis = format!("redis@{}", d(5));
+        for image in [&api, &redis] {
+            let org = decide(
+                &ImageRequest::Reference(image),
+                &b,
+                &PodContext::default(),
+                example_now(),
+            );
+            assert_eq!(
+                org.reason,
+                ReasonCode::OutOfScope,
+                "{image}: {}",
+                org.message
+            );
+        }
+        let (reason, scope) = any(&api).expect("approved for corp/payments");
+        assert_eq!(reason, ReasonCode::FirstParty);
+        assert!(scope.unwrap().starts_with("corp/payments"));
+        let (reason, scope) = any(&redis).expect("approved for an application");
+        assert_eq!(reason, ReasonCode::Approved);
+        assert_eq!(scope.as_deref(), Some("corp/payments/checkout/web"));
+        // Present images are judged by their repo digests the same way.
+        let present = decide_for_any_scope(
+            &ImageRequest::RepoDigests {
+                image: "registry.corp/apps/payments/api:1.0",
+                repo_digests: std::slice::from_ref(&api),
+            },
+            &b,
+            example_now(),
+        );
+        assert!(present.is_some());
+        // Approved for no scope: none.
+        assert_eq!(
+            any("registry.corp/apps/payments/api:1.0"),
+            None,
+            "digest required"
+        );
+        assert_eq!(any(&format!("registry.corp/apps/other@{}", d(10))), None);
+        assert_eq!(any(&format!("redis@{}", d(99))), None);
     }
 
     #[test]

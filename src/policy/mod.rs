@@ -55,7 +55,7 @@ pub use bundle::{
 };
 pub use decision::{
     Decision, ExceptionInfo, ImageRequest, LifecycleInfo, Matched, PodContext, ReasonCode, Verdict,
-    decide, decide_without_bundle,
+    decide, decide_for_any_scope, decide_without_bundle,
 };
 pub use reference::{Digest, Reference, ReferenceError};
 pub use scope::Mode;

@@ -82,6 +82,8 @@ pub struct BundleSpec {
     /// `127.0.0.1:PORT` of the private registry.
     pub private_registry: String,
     pub images: Vec<Approval>,
+    /// First-party prefixes and their scopes: (`127.0.0.1:PORT/apps/payments/`, `corp/payments`).
+    pub first_party: Vec<(String, String)>,
 }
 
 impl BundleSpec {
@@ -148,6 +150,9 @@ impl BundleSpec {
                     ]}
                 ]
             },
+            "first_party": self.first_party.iter().map(|(prefix, scope)| json!({
+                "prefix": prefix, "scope": scope, "require_digest": false
+            })).collect::<Vec<_>>(),
             "images": images
         })
     }
@@ -393,6 +398,7 @@ pub fn standard_bundle(stack: &Stack, fx: &Fixtures, version: u64) -> BundleSpec
                 "corp/payments",
             ),
         ],
+        first_party: vec![],
     }
 }
 

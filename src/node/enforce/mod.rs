@@ -475,10 +475,24 @@ impl Enforcer {
             }
         };
         self.record("PullImage", &d, &pod, pulled, started);
-        if let Some(p) = pulled {
-            self.pulls.note(p, d.verdict == PolicyVerdict::Allow);
+        let Some(p) = pulled else {
+            return verdict;
+        };
+        // A failed pull is forgotten: the response edit runs only on success, and is dropped
+        // unrun otherwise.
+        let noted = ledger::Noted::new(self.pulls.clone(), p, d.verdict == PolicyVerdict::Allow);
+        let request = match verdict {
+            Verdict::Forward => None,
+            Verdict::Replace(new) => Some(new),
+            other => return other,
+        };
+        Verdict::Rewrite {
+            request,
+            response: Box::new(move |_| {
+                noted.pulled();
+                None
+            }),
         }
-        verdict
     }
 
     /// Points the pull at `target`, and keeps credentials with the registry they were meant for.

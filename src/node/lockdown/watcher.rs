@@ -4,13 +4,18 @@
 //! image that is created or re-pointed, decides a class:
 //!
 //! - `unapproved`: its target digest (the manifest or index containerd resolves the image to —
-//!   content-addressed, unlike its name) is not approved by the bundle in force, or containerd's
-//!   content store does not even hold it;
+//!   content-addressed, unlike its name) is not approved by the bundle in force for any scope (no
+//!   pod is attached to an image in the store; the start decides which pod may run it), or
+//!   containerd's content store does not even hold it;
 //! - `out_of_band`: approved content that did not come through a pull pullgate forwarded (the
 //!   enforcer notes every forwarded pull in the [`PullLedger`]): `ctr pull`, `ctr import`,
 //!   `nerdctl`, a CRI client talking to containerd's own socket, another namespace;
 //! - `approved`: approved content pulled through pullgate (or containerd's own pull of its
-//!   configured sandbox image).
+//!   configured sandbox image). A pull explains the content it brought, not its name (see
+//!   [`PullLedger::explain`]).
+//!
+//! A name re-pointed at other content is classified again; content whose last name is deleted is
+//! forgotten, so it is a new arrival, reported again, if it comes back.
 //!
 //! An image that is not approved and was not a pull pullgate forwarded in warn mode (already
 //! audited as a `warn` decision) gets an `out_of_band_image` audit record, a count in
@@ -47,10 +52,10 @@ use time::OffsetDateTime;
 use crate::node::audit::{AuditLog, LockdownRecord};
 use crate::node::config::NodeMode;
 use crate::node::enforce::PolicyState;
-use crate::node::enforce::ledger::PullLedger;
+use crate::node::enforce::ledger::{PullLedger, is_id_alias};
 use crate::node::enforce::lookup::CRI_NAMESPACE;
 use crate::node::metrics::Metrics;
-use crate::policy::{self, Digest, ImageRequest, PodContext, Reference, Verdict, VerifiedBundle};
+use crate::policy::{self, Digest, ImageRequest, Reference, VerifiedBundle};
 
 /// Topic of the marker event the watcher publishes to prove its subscription is live.
 const MARKER_TOPIC: &str = "/pullgate/watch";
@@ -194,12 +199,6 @@ fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
-}
-
-/// `sha256:<64 hex>`: the name CRI gives every image (its config digest, the image ID).
-fn is_id_alias(name: &str) -> bool {
-    name.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Whether a committed snapshot looks like an unpack: containerd 1.6's unpacker (CRI's and ctr's
@@ -525,7 +524,10 @@ impl Watcher {
     async fn classify_all(&mut self, api: &Api, detected: Detected) -> Result<(), tonic::Status> {
         let mut present = HashSet::new();
         for ns in api.namespaces().await? {
-            for img in api.images(&ns).await? {
+            let mut images = api.images(&ns).await?;
+            // CRI's ID aliases last: an alias is as approved as the other names of its content.
+            images.sort_by_key(|i| is_id_alias(&i.name));
+            for img in images {
                 let Some(target) = img.target.as_ref().map(|t| t.digest.clone()) else {
                     continue;
                 };
@@ -533,7 +535,15 @@ impl Watcher {
                 self.image(api, &ns, &img.name, target, detected).await?;
             }
         }
-        self.known.retain(|k, _| present.contains(k));
+        let gone: Vec<(String, String)> = self
+            .known
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for (ns, name) in gone {
+            self.forget(&ns, &name);
+        }
         self.publish_counts();
         Ok(())
     }
@@ -558,7 +568,7 @@ impl Watcher {
                         }
                     }
                     None => {
-                        self.known.remove(&(ns, name));
+                        self.forget(&ns, &name);
                     }
                 }
                 self.publish_counts();
@@ -567,7 +577,7 @@ impl Watcher {
                 let name = api::ImageDelete::decode(value.as_slice())
                     .map(|e| e.name)
                     .unwrap_or_default();
-                self.known.remove(&(ns, name));
+                self.forget(&ns, &name);
                 self.publish_counts();
             }
             "/snapshot/commit" => {
@@ -659,23 +669,31 @@ impl Watcher {
             )));
         }
         let by_digest = Digest::parse(target).is_ok_and(|d| self.approved_set(&b).contains(&d));
-        // First-party images allowed by a prefix are approved by name in the private registry.
-        let by_rule = !is_id_alias(name)
-            && Reference::parse(name).is_ok_and(|r| {
-                let rd = format!("{}/{}@{target}", r.domain(), r.path());
-                policy::decide(
-                    &ImageRequest::RepoDigests {
-                        image: name,
-                        repo_digests: std::slice::from_ref(&rd),
-                    },
-                    &b,
-                    &PodContext::default(),
-                    now,
-                )
-                .verdict
-                    == Verdict::Allow
-            });
-        if by_digest || by_rule {
+        // First-party images allowed by a prefix are approved by name in the private registry. There
+        // is no pod here: approved for any scope is approved (the start decides which pod may run it).
+        // CRI's ID alias names no repository: it is as approved as the other names of its content.
+        let by_rule = || {
+            if is_id_alias(name) {
+                self.known.iter().any(|((n, _), k)| {
+                    n == ns && k.target == target && !k.alias && k.class != Class::Unapproved
+                })
+            } else {
+                Reference::parse(name).is_ok_and(|r| {
+                    let rd = format!("{}/{}@{target}", r.domain(), r.path());
+                    policy::decide_for_any_scope(
+                        &ImageRequest::RepoDigests {
+                            image: name,
+                            repo_digests: std::slice::from_ref(&rd),
+                        },
+                        &b,
+                        now,
+                    )
+                    .is_some()
+                })
+            }
+        };
+        // One decision per scope: only asked when the digest is not approved anyway.
+        if by_digest || by_rule() {
             Ok(Ok(b.version))
         } else {
             Ok(Err(format!(
@@ -695,17 +713,21 @@ impl Watcher {
         detected: Detected,
     ) -> Result<(), tonic::Status> {
         let key = (ns.to_string(), name.to_string());
-        if self.known.get(&key).is_some_and(|k| k.target == target) {
-            return Ok(());
-        }
-        let alias = ns == CRI_NAMESPACE && is_id_alias(name);
-        let target_key = (ns.to_string(), target.clone());
-        let approval = self.approval(api, ns, name, &target).await?;
+        // Asked on every event, so a pull by tag is bound to the content it brought even when it
+        // changed nothing (a re-pull of the same content).
         let forwarded = if ns == CRI_NAMESPACE {
-            self.w.pulls.find(name, &target)
+            self.w.pulls.explain(name, &target)
         } else {
             None
         };
+        let previous = match self.known.get(&key) {
+            Some(k) if k.target == target => return Ok(()),
+            Some(k) => Some(k.target.clone()),
+            None => None,
+        };
+        let alias = ns == CRI_NAMESPACE && is_id_alias(name);
+        let target_key = (ns.to_string(), target.clone());
+        let approval = self.approval(api, ns, name, &target).await?;
         let (class, why) = match &approval {
             Err(why) => (Class::Unapproved, why.clone()),
             Ok(_) if alias || forwarded.is_some() => (Class::Approved, String::new()),
@@ -736,6 +758,9 @@ impl Watcher {
                 alias,
             },
         );
+        if let Some(previous) = previous {
+            self.forget_if_unnamed(ns, &previous);
+        }
         // A pull pullgate forwarded in warn mode was audited as a `warn` decision already.
         let warned_pull = forwarded.as_ref().is_some_and(|p| !p.allowed);
         if class == Class::Approved || warned_pull {
@@ -789,6 +814,28 @@ impl Watcher {
         Ok(())
     }
 
+    /// Forgets an image name that is gone.
+    fn forget(&mut self, ns: &str, name: &str) {
+        if let Some(k) = self.known.remove(&(ns.to_string(), name.to_string())) {
+            self.forget_if_unnamed(ns, &k.target);
+        }
+    }
+
+    /// Once no name is left for `target`, it is gone from the namespace: the next time it arrives
+    /// it is a new arrival, reported again. Content the watcher removed itself stays remembered
+    /// (CRI may re-create a name of it right after; it is removed again).
+    fn forget_if_unnamed(&mut self, ns: &str, target: &str) {
+        let key = (ns.to_string(), target.to_string());
+        if !self.removed.contains(&key)
+            && !self
+                .known
+                .iter()
+                .any(|((n, _), k)| n == ns && k.target == target)
+        {
+            self.reported.remove(&key);
+        }
+    }
+
     fn in_private_registry(&self, name: &str) -> bool {
         let Some(b) = self.w.state.current() else {
             return false;
@@ -836,7 +883,7 @@ impl Watcher {
         match api.delete_image(ns, name).await {
             Ok(()) => {
                 self.removed.insert((ns.to_string(), target.to_string()));
-                self.known.remove(&(ns.to_string(), name.to_string()));
+                self.forget(ns, name);
                 self.remove_rest(api, ns, target).await;
                 self.w.metrics.out_of_band_removal("removed");
                 "removed"
@@ -862,7 +909,7 @@ impl Watcher {
         }
         for (name, _) in names {
             if api.delete_image(ns, &name).await.is_ok() {
-                self.known.remove(&(ns.to_string(), name));
+                self.forget(ns, &name);
             }
         }
     }
@@ -911,15 +958,6 @@ mod tests {
             "sha256:other"
         ));
         assert!(!looks_unpacked("extract-1-x planted", "planted"));
-    }
-
-    #[test]
-    fn id_aliases_are_told_from_names() {
-        assert!(is_id_alias(
-            "sha256:06f5f10645966cac5fa3daa13ed0e6634c6dbdc1086a5290b390cc593c9d2490"
-        ));
-        assert!(!is_id_alias("sha256:06f5"));
-        assert!(!is_id_alias("docker.io/library/busybox:1"));
     }
 
     #[test]
