@@ -271,7 +271,7 @@ fn bench_build(rounds: usize) {
         let c = cpu_time();
         let t = Instant::now();
         // As the daemon loads its bundle (streamed, signatures first), with policy.max_bundle_size
-        // raised to fit: a 100,000-image bundle is above the default 64 MiB.
+        // raised to fit: the default (128 MiB) is only a default.
         let loaded = pullgate::policy::verify_bundle_reader(
             std::fs::File::open(&bundle_path).unwrap(),
             &load::read_signatures(&load::signature_path(&bundle_path)).unwrap(),

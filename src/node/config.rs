@@ -19,8 +19,7 @@ pub const DEFAULT_UPSTREAM: &str = "/run/containerd/containerd.sock";
 pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Socket permissions: owner and group may connect, nobody else.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
-/// Largest bundle file read (`policy.max_bundle_size`): a 100,000-image bundle is about 40 MiB
-/// (`cargo bench --bench policy`), so the default leaves room for about 160,000 images.
+/// Largest bundle file read (`policy.max_bundle_size`): see [`crate::policy::DEFAULT_MAX_BUNDLE_SIZE`].
 pub const DEFAULT_MAX_BUNDLE_SIZE: u64 = crate::policy::DEFAULT_MAX_BUNDLE_SIZE;
 
 /// A configuration error: which file, which key, and what is wrong with it.
@@ -849,7 +848,7 @@ fn sync_section(path: &Path, raw: RawSync) -> Result<SyncConfig, ConfigError> {
         "a duration from 1s to 10m, such as \"30s\"",
     )?;
     let max_size = match raw.max_size {
-        None => 64 * 1024 * 1024,
+        None => DEFAULT_MAX_BUNDLE_SIZE,
         Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
             invalid(
                 "sync.max_size",
@@ -1327,7 +1326,7 @@ mod tests {
             d.server.limits.keepalive_interval,
             Some(Duration::from_secs(60))
         );
-        assert_eq!(d.policy.max_bundle_size, 64 << 20);
+        assert_eq!(d.policy.max_bundle_size, 128 << 20);
         assert_eq!(
             parse("[server.limits]\nkeepalive_interval = \"15s\"")
                 .unwrap()
