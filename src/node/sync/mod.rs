@@ -442,7 +442,7 @@ enum Held {
     /// Downloaded and verified; its signed schedule said wait.
     Verified { bundle: Bytes, signatures: Bytes },
     /// The manifest only: its hint said this node's download waits.
-    Manifest(BundleArtifact),
+    Manifest(Box<BundleArtifact>),
 }
 
 /// A digest whose content was rejected.
@@ -699,7 +699,7 @@ impl Syncer {
                     issuer: hint.issuer,
                     opens_at,
                     step: step.map(|(i, s, _)| (i, s.percent)),
-                    held: Held::Manifest(artifact),
+                    held: Held::Manifest(Box::new(artifact)),
                 });
                 return Ok(Round::Pending {
                     version: hint.version,
