@@ -679,16 +679,15 @@ async fn rollout_waves_with_an_injected_clock() {
     // An artifact without the announcement (published before it existed): downloaded and verified
     // at once, kept in memory, installed without another download when the signed wave opens.
     let registry = registry_client(&env.host());
-    let v3 = Signed::new(
-        &env.signer,
-        bundle_json(
-            3,
-            issued,
-            &env.host(),
-            2,
-            Some(json!([{"after": "0s", "percent": 50}, {"after": "2h", "percent": 100}])),
-        ),
-    );
+    // Half the nodes at once, the rest `after` issued_at.
+    let halves = |version, after: &str| {
+        let rollout = json!([{"after": "0s", "percent": 50}, {"after": after, "percent": 100}]);
+        Signed::new(
+            &env.signer,
+            bundle_json(version, issued, &env.host(), 2, Some(rollout)),
+        )
+    };
+    let v3 = halves(3, "2h");
     push_annotated(&registry, &env.host(), repo, &v3, |a| {
         a.remove(pullgate::policy::artifact::ANNOTATION_ROLLOUT);
     })
@@ -709,16 +708,7 @@ async fn rollout_waves_with_an_injected_clock() {
 
     // A registry that lies in the hint ("everyone now") only makes the late node download early:
     // the signed schedule still holds the install back.
-    let v4 = Signed::new(
-        &env.signer,
-        bundle_json(
-            4,
-            issued,
-            &env.host(),
-            2,
-            Some(json!([{"after": "0s", "percent": 50}, {"after": "3h", "percent": 100}])),
-        ),
-    );
+    let v4 = halves(4, "3h");
     push_annotated(&registry, &env.host(), repo, &v4, |a| {
         a.insert(
             pullgate::policy::artifact::ANNOTATION_ROLLOUT.into(),
