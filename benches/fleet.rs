@@ -6,12 +6,15 @@
 //! Measured, each against a baseline from the same run:
 //!
 //! - steady state: requests/s and bytes/s the registry serves, against the ideal of one `HEAD` per
-//!   node per interval; peak versus mean request rate per 100 ms bucket (no thundering herd: ≤ 2×);
+//!   node per interval; peak versus mean request rate, in 100 ms and in 1 s buckets (no thundering
+//!   herd: ≤ 2×);
 //!   the registry's CPU per 1,000 requests (its capacity per core);
 //! - a new bundle without a rollout schedule: time until 50 %, 99 % and 100 % of the nodes installed
 //!   it (against the interval), requests and bytes served meanwhile (against one artifact per node);
-//! - a new bundle with a compressed schedule (10 % at once, 50 % after 5 s, 100 % after 10 s): the
-//!   same times, against the schedule;
+//! - a new bundle with a compressed schedule (10 % at once, 50 % after 5 intervals, 100 % after 10
+//!   intervals): the same times, against the schedule, and the bytes served in each wave (downloads
+//!   follow the waves: a node reads the schedule the manifest announces and downloads when its wave
+//!   opens);
 //! - failed rounds; and the requests one round costs with this client against `oci-client`'s HEAD.
 //!
 //! Settings: `BENCH_NODES` (default 1000; 10000 works), `BENCH_INTERVAL_MS` (the sync interval,
@@ -76,22 +79,43 @@ fn snapshot(c: &FetchCounters) -> (u64, u64) {
     (c.requests(), c.bytes.load(Ordering::Relaxed))
 }
 
-/// Requests per 100 ms bucket over `secs` seconds: (mean/s, peak/s, bytes/s).
-fn sample(c: &FetchCounters, secs: usize) -> (f64, f64, f64) {
+/// The request rate over a stretch of steady state.
+struct Sample {
+    /// Requests/s over the whole stretch.
+    mean: f64,
+    /// Requests/s in the busiest 100 ms bucket.
+    peak_100ms: f64,
+    /// Requests/s in the busiest 1 s bucket (ten 100 ms buckets, back to back).
+    peak_1s: f64,
+    /// Body bytes/s.
+    bytes: f64,
+}
+
+/// Requests counted in 100 ms buckets over `secs` seconds.
+fn sample(c: &FetchCounters, secs: usize) -> Sample {
     let bucket = Duration::from_millis(100);
-    let (mut peak, start, (r0, b0)) = (0f64, Instant::now(), snapshot(c));
+    let (start, (r0, b0)) = (Instant::now(), snapshot(c));
     let mut last = (Instant::now(), r0);
     let mut next = Instant::now() + bucket;
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
     while start.elapsed() < Duration::from_secs(secs as u64) {
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         next += bucket;
         let (t, (r, _)) = (Instant::now(), snapshot(c));
-        peak = peak.max((r - last.1) as f64 / (t - last.0).as_secs_f64());
+        buckets.push(((t - last.0).as_secs_f64(), r - last.1));
         last = (t, r);
     }
     let (r1, b1) = snapshot(c);
     let secs = start.elapsed().as_secs_f64();
-    ((r1 - r0) as f64 / secs, peak, (b1 - b0) as f64 / secs)
+    let rate = |b: &[(f64, u64)]| {
+        b.iter().map(|x| x.1).sum::<u64>() as f64 / b.iter().map(|x| x.0).sum::<f64>().max(1e-9)
+    };
+    Sample {
+        mean: (r1 - r0) as f64 / secs,
+        peak_100ms: buckets.chunks(1).map(rate).fold(0.0, f64::max),
+        peak_1s: buckets.chunks_exact(10).map(rate).fold(0.0, f64::max),
+        bytes: (b1 - b0) as f64 / secs,
+    }
 }
 
 /// What a rollout took.
@@ -102,14 +126,18 @@ struct Rollout {
     requests: u64,
     bytes: u64,
     installed: usize,
+    /// Body bytes received between consecutive `marks` (and from the last one to the end).
+    bytes_between: Vec<u64>,
 }
 
-/// Runs `publish`, then waits (at most `limit`) until every node installed `version`.
+/// Runs `publish`, then waits (at most `limit`) until every node installed `version`, noting the
+/// bytes received at each of `marks` (times after the publish).
 fn rollout(
     nodes: &[SimNode],
     version: u64,
     counters: &FetchCounters,
     limit: Duration,
+    marks: &[Duration],
     publish: impl FnOnce(),
 ) -> Rollout {
     let (r0, b0) = snapshot(counters);
@@ -117,7 +145,11 @@ fn rollout(
     publish();
     let mut done: Vec<Option<Duration>> = vec![None; nodes.len()];
     let mut left = nodes.len();
+    let mut at_marks = vec![b0];
     while left > 0 && t0.elapsed() < limit {
+        while at_marks.len() <= marks.len() && t0.elapsed() >= marks[at_marks.len() - 1] {
+            at_marks.push(snapshot(counters).1);
+        }
         for (i, n) in nodes.iter().enumerate() {
             if done[i].is_none() && n.version() >= Some(version) {
                 done[i] = Some(t0.elapsed());
@@ -127,6 +159,7 @@ fn rollout(
         std::thread::sleep(Duration::from_millis(20));
     }
     let (r1, b1) = snapshot(counters);
+    at_marks.push(b1);
     let mut times: Vec<Duration> = done.iter().flatten().copied().collect();
     times.sort();
     let at = |q: f64| {
@@ -144,6 +177,7 @@ fn rollout(
         requests: r1 - r0,
         bytes: b1 - b0,
         installed: times.len(),
+        bytes_between: at_marks.windows(2).map(|w| w[1] - w[0]).collect(),
     }
 }
 
@@ -245,7 +279,7 @@ fn main() {
             node
         })
         .collect();
-    let first = rollout(&nodes, 1, &counters, Duration::from_secs(120), || {});
+    let first = rollout(&nodes, 1, &counters, Duration::from_secs(120), &[], || {});
     println!(
         "start: {}/{n} nodes took v1 up {:.2} s after the first was started (first rounds spread over one interval)",
         first.installed,
@@ -257,7 +291,12 @@ fn main() {
     let mark = registry.mark();
     let (cpu0, own0) = (cpu_seconds(registry.pid()), own_cpu_seconds());
     let wall = Instant::now();
-    let (mean, peak, bytes) = sample(&counters, steady_secs);
+    let Sample {
+        mean,
+        peak_100ms,
+        peak_1s,
+        bytes,
+    } = sample(&counters, steady_secs);
     let cpu = cpu_seconds(registry.pid()) - cpu0;
     let own = own_cpu_seconds() - own0;
     let logged = registry.requests_since(mark).len() as f64;
@@ -270,8 +309,10 @@ fn main() {
         bytes / 1024.0
     );
     println!(
-        "  peak per 100 ms bucket {peak:.0}/s = {:.2}× the mean (no thundering herd: ≤ 2×)",
-        peak / mean
+        "  peak per 100 ms bucket {peak_100ms:.0}/s = {:.2}× the mean; per 1 s bucket {peak_1s:.0}/s = {:.2}× the mean \
+         (no thundering herd: ≤ 2×)",
+        peak_100ms / mean,
+        peak_1s / mean
     );
     println!(
         "  registry CPU: {cpu:.2} s over {secs:.1} s = {:.0}% of one core; {:.0} ms per 1,000 requests → about {:.0} requests/s per core",
@@ -288,7 +329,7 @@ fn main() {
     // A new bundle without a schedule.
     let limit = Duration::from_secs(120).max(interval * 40);
     let cpu0 = cpu_seconds(registry.pid());
-    let a = rollout(&nodes, 2, &counters, limit, || {
+    let a = rollout(&nodes, 2, &counters, limit, &[], || {
         publish(2, None);
     });
     let cpu_a = cpu_seconds(registry.pid()) - cpu0;
@@ -319,20 +360,38 @@ fn main() {
         1000.0 * cpu_a / (a.bytes as f64 / (1 << 20) as f64).max(1e-9)
     );
 
-    // A new bundle with a compressed schedule.
+    // A new bundle with a compressed schedule: waves 5 intervals apart.
+    let waves = [interval * 5, interval * 10];
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
     let schedule = serde_json::json!([
         {"after": "0s", "percent": 10},
-        {"after": "5s", "percent": 50},
-        {"after": "10s", "percent": 100}
+        {"after": ms(waves[0]), "percent": 50},
+        {"after": ms(waves[1]), "percent": 100}
     ]);
-    let b = rollout(&nodes, 3, &counters, limit, || {
+    let b = rollout(&nodes, 3, &counters, limit, &waves, || {
         publish(3, Some(schedule));
     });
+    let (w1, w2) = (waves[0].as_secs_f64(), waves[1].as_secs_f64());
     report(
-        "new bundle, schedule 10 % at 0 s, 50 % at 5 s, 100 % at 10 s",
+        &format!("new bundle, schedule 10 % at 0 s, 50 % at {w1:.0} s, 100 % at {w2:.0} s"),
         &b,
-        "schedule: 50 % at 5 s, 100 % at 10 s, after issued_at",
+        &format!("schedule: 50 % at {w1:.0} s, 100 % at {w2:.0} s, after issued_at"),
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let windows = [
+        (0.0, w1, 0.1),
+        (w1, w2, 0.4),
+        (w2, b.t100.as_secs_f64().max(w2 + 1e-3), 0.5),
+    ];
+    for ((from, to, share), got) in windows.iter().zip(&b.bytes_between) {
+        println!(
+            "  downloads {from:.0}–{to:.1} s: {:.1} MiB ({:.2}× {:.0} % of the nodes' artifacts), {:.2} MiB/s",
+            mib(*got),
+            *got as f64 / (share * (n as u64 * artifact) as f64),
+            share * 100.0,
+            mib(*got) / (to - from)
+        );
+    }
 
     let _ = stop_tx.send(true);
     let rounds = metrics.rounds();

@@ -15,7 +15,8 @@ use pullgate::node::sync::{Clock, OffsetClock, Round, SystemClock};
 use pullgate::registry::FetchCounters;
 use serde_json::{Value, json};
 use support::distribution::{
-    ISSUER, Signed, Signer, SimNode, SimSettings, bundle_json, push_raw, registry_client, seed_at,
+    ISSUER, Signed, Signer, SimNode, SimSettings, bundle_json, push_annotated, push_raw,
+    registry_client, seed_at,
 };
 use support::process::wait_for_async;
 use support::pullgate::{cli, cli_ok};
@@ -624,34 +625,110 @@ async fn rollout_waves_with_an_injected_clock() {
     );
     assert!(env.publish(&v2, "v2", repo).success());
     installed(&early_sync.round().await, 2);
+    // The manifest announces the schedule: the late node reads the manifest and defers the
+    // download of the blobs until its wave opens.
+    let (mark, g) = (env.registry.mark(), gets(&late));
     let r = late_sync.round().await;
     let opens = issued + time::Duration::hours(1);
     assert!(
         matches!(r, Round::Pending { version: 2, opens_at } if opens_at == opens),
         "{r:?}"
     );
+    assert_eq!(
+        gets(&late) - g,
+        1,
+        "outside the open wave: the manifest only"
+    );
+    let blobs = "/v2/pullgate/bundles/blobs/";
+    assert_eq!(
+        env.registry.requests_under(mark, blobs),
+        Vec::<String>::new()
+    );
     assert_eq!(late.version(), Some(1), "outside the open wave: waits");
     let s = late_sync.handle().status();
     let p = s.pending.as_ref().expect("pending shown in the status");
     assert_eq!(
-        (p.version, p.wave_opens_at, p.step.map(|x| x.1)),
-        (2, opens, Some(100))
+        (
+            p.downloaded,
+            p.version,
+            p.wave_opens_at,
+            p.step.map(|x| x.1)
+        ),
+        (false, 2, opens, Some(100))
     );
     assert!(p.position >= 50);
     assert_eq!(s.state(clock.now()), "waiting_for_wave");
-    // Waiting costs one HEAD per round: the verified bundle is kept, not downloaded again.
-    let g = gets(&late);
+    // Waiting costs one HEAD per round: nothing is downloaded, not even the manifest again.
+    let (g, h) = (gets(&late), heads(&late));
     for _ in 0..3 {
         assert!(matches!(late_sync.round().await, Round::Pending { .. }));
     }
-    assert_eq!(gets(&late), g);
+    assert_eq!((gets(&late) - g, heads(&late) - h), (0, 3));
+    assert_eq!(
+        env.registry.requests_under(mark, blobs),
+        Vec::<String>::new()
+    );
 
-    // An hour later (time travel) the wave is open: installed without another download.
+    // An hour later (time travel) the wave is open: downloaded (both layers) and installed.
     clock.advance(time::Duration::hours(1));
     installed(&late_sync.round().await, 2);
-    assert_eq!(gets(&late), g);
+    assert_eq!(gets(&late) - g, 2);
     assert_eq!(early.version(), Some(2));
     assert!(late_sync.handle().status().pending.is_none());
+
+    // An artifact without the announcement (published before it existed): downloaded and verified
+    // at once, kept in memory, installed without another download when the signed wave opens.
+    let registry = registry_client(&env.host());
+    // Half the nodes at once, the rest `after` issued_at.
+    let halves = |version, after: &str| {
+        let rollout = json!([{"after": "0s", "percent": 50}, {"after": after, "percent": 100}]);
+        Signed::new(
+            &env.signer,
+            bundle_json(version, issued, &env.host(), 2, Some(rollout)),
+        )
+    };
+    let v3 = halves(3, "2h");
+    push_annotated(&registry, &env.host(), repo, &v3, |a| {
+        a.remove(pullgate::policy::artifact::ANNOTATION_ROLLOUT);
+    })
+    .await;
+    let g = gets(&late);
+    assert!(matches!(
+        late_sync.round().await,
+        Round::Pending { version: 3, .. }
+    ));
+    assert_eq!(gets(&late) - g, 3, "manifest and both layers");
+    assert_eq!(
+        late_sync.handle().status().pending.map(|p| p.downloaded),
+        Some(true)
+    );
+    clock.advance(time::Duration::hours(1));
+    installed(&late_sync.round().await, 3);
+    assert_eq!(gets(&late) - g, 3, "installed from memory");
+
+    // A registry that lies in the hint ("everyone now") only makes the late node download early:
+    // the signed schedule still holds the install back.
+    let v4 = halves(4, "3h");
+    push_annotated(&registry, &env.host(), repo, &v4, |a| {
+        a.insert(
+            pullgate::policy::artifact::ANNOTATION_ROLLOUT.into(),
+            r#"[{"after": "0s", "percent": 100}]"#.into(),
+        );
+    })
+    .await;
+    let g = gets(&late);
+    let r = late_sync.round().await;
+    let signed_opens = issued + time::Duration::hours(3);
+    assert!(
+        matches!(r, Round::Pending { version: 4, opens_at } if opens_at == signed_opens),
+        "{r:?}"
+    );
+    assert_eq!(gets(&late) - g, 3);
+    assert_eq!(
+        late.version(),
+        Some(3),
+        "the signed schedule decides the install"
+    );
 }
 
 /// `pullgate ARGS` run as uid/gid 65534 (nobody).

@@ -185,7 +185,7 @@ pub struct Config {
 pub struct SyncConfig {
     /// The channel: `REGISTRY/REPOSITORY:TAG` (or `@sha256:…` to pin one artifact).
     pub source: crate::policy::Reference,
-    /// Time between rounds (each one ±10 % at random).
+    /// Time between rounds (each node's at a seed-derived point of the interval, ±1 %).
     pub interval: Duration,
     /// Docker-style `config.json` with credentials for the registry.
     pub auth_file: Option<PathBuf>,

@@ -6,12 +6,15 @@
 //!   config  application/vnd.oci.empty.v1+json  ({}, 2 bytes)
 //!   layers  application/vnd.pullgate.bundle.layer.v1+json       the bundle, byte for byte
 //!           application/vnd.pullgate.signatures.layer.v1+json   its detached signature file
-//!   annotations  org.pullgate.bundle.{version,issued_at,expires_at,issuer}, org.opencontainers.image.created
+//!   annotations  org.pullgate.bundle.{version,issued_at,expires_at,issuer}, org.opencontainers.image.created,
+//!                org.pullgate.bundle.rollout (the bundle's rollout schedule as JSON, if it has one)
 //! ```
 //!
-//! The annotations are for people and registry UIs only: they are not signed, and nothing decides on
-//! them except `publish`'s guard against overwriting a channel with an older bundle. What a node
-//! takes up is decided from the signed bundle itself.
+//! The annotations are not signed. Two things read them: `publish`'s guard against overwriting a
+//! channel with an older bundle, and the node's sync, which takes the rollout schedule as a hint of
+//! when to *download* ([`BundleArtifact::rollout_hint`]) so that a staged rollout also stages the
+//! registry's load. What a node *installs*, and when, is decided from the signed bundle itself: a
+//! false hint can only make a node download early or late.
 //!
 //! Pure: building and parsing the manifest JSON, no I/O.
 
@@ -19,8 +22,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use time::OffsetDateTime;
+
 use super::bundle::{Bundle, rfc3339};
 use super::reference::{Digest, Reference};
+use super::rollout::{self, RawStep, Step, Wave};
 
 /// The `artifactType` of a bundle artifact.
 pub const ARTIFACT_TYPE: &str = "application/vnd.pullgate.bundle.v1+json";
@@ -39,6 +45,8 @@ pub const ANNOTATION_VERSION: &str = "org.pullgate.bundle.version";
 pub const ANNOTATION_ISSUED_AT: &str = "org.pullgate.bundle.issued_at";
 pub const ANNOTATION_EXPIRES_AT: &str = "org.pullgate.bundle.expires_at";
 pub const ANNOTATION_ISSUER: &str = "org.pullgate.bundle.issuer";
+/// The bundle's rollout schedule, as the bundle writes it (JSON); absent without one.
+pub const ANNOTATION_ROLLOUT: &str = "org.pullgate.bundle.rollout";
 const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 
@@ -141,17 +149,25 @@ impl BundleArtifact {
     /// The artifact of `bundle_bytes` (parsed as `meta`) and its signature file.
     pub fn new(bundle_bytes: &[u8], signatures: &[u8], meta: &Bundle) -> BundleArtifact {
         let issued = rfc3339(meta.issued_at);
+        let mut annotations = BTreeMap::from([
+            (ANNOTATION_VERSION.to_owned(), meta.version.to_string()),
+            (ANNOTATION_ISSUED_AT.to_owned(), issued.clone()),
+            (ANNOTATION_EXPIRES_AT.to_owned(), rfc3339(meta.expires_at)),
+            (ANNOTATION_ISSUER.to_owned(), meta.issuer.clone()),
+            (ANNOTATION_CREATED.to_owned(), issued),
+        ]);
+        if let Some(steps) = meta.rollout() {
+            let raw: Vec<RawStep> = steps.iter().map(RawStep::of).collect();
+            annotations.insert(
+                ANNOTATION_ROLLOUT.to_owned(),
+                serde_json::to_string(&raw).expect("steps always serialise"),
+            );
+        }
         BundleArtifact {
             config: Descriptor::of(EMPTY_CONFIG_MEDIA_TYPE, EMPTY_CONFIG, None),
             bundle: Descriptor::of(BUNDLE_LAYER, bundle_bytes, Some("bundle.json")),
             signatures: Descriptor::of(SIGNATURES_LAYER, signatures, Some("bundle.json.sig")),
-            annotations: BTreeMap::from([
-                (ANNOTATION_VERSION.to_owned(), meta.version.to_string()),
-                (ANNOTATION_ISSUED_AT.to_owned(), issued.clone()),
-                (ANNOTATION_EXPIRES_AT.to_owned(), rfc3339(meta.expires_at)),
-                (ANNOTATION_ISSUER.to_owned(), meta.issuer.clone()),
-                (ANNOTATION_CREATED.to_owned(), issued),
-            ]),
+            annotations,
         }
     }
 
@@ -224,9 +240,51 @@ impl BundleArtifact {
         self.annotations.get(ANNOTATION_VERSION)?.parse().ok()
     }
 
+    /// The rollout schedule the annotations announce, with the version, issuer and `issued_at` it
+    /// is relative to; `None` when they do not all parse (an artifact without a schedule, or
+    /// published before schedules were annotated), in which case a node downloads at once.
+    /// Unsigned: a hint of when to download, never of when to install.
+    pub fn rollout_hint(&self) -> Option<RolloutHint> {
+        let a = |key| self.annotations.get(key).map(String::as_str);
+        let issued_at = OffsetDateTime::parse(
+            a(ANNOTATION_ISSUED_AT)?,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()?;
+        let raw: Vec<RawStep> = serde_json::from_str(a(ANNOTATION_ROLLOUT)?).ok()?;
+        Some(RolloutHint {
+            version: self.claimed_version()?,
+            issuer: a(ANNOTATION_ISSUER)?.to_owned(),
+            issued_at,
+            steps: rollout::parse(raw, time::Duration::MAX).ok()?,
+        })
+    }
+
     /// The bytes to fetch: the bundle and signature layers.
     pub fn total_size(&self) -> u64 {
         self.bundle.size.saturating_add(self.signatures.size)
+    }
+}
+
+/// A rollout schedule as a manifest's (unsigned) annotations announce it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutHint {
+    pub version: u64,
+    pub issuer: String,
+    pub issued_at: OffsetDateTime,
+    pub steps: Box<[Step]>,
+}
+
+impl RolloutHint {
+    /// The step (index and step) the node with `seed` belongs to and when it opens, as the signed
+    /// schedule would place it if the hint is true.
+    pub fn node_step(&self, seed: &[u8]) -> Option<(usize, Step, OffsetDateTime)> {
+        rollout::step_in(&self.steps, &self.issuer, self.issued_at, seed)
+    }
+
+    /// Whether the node with `seed` downloads the bundle at `now`, or when it will.
+    pub fn download_wave(&self, seed: &[u8], now: OffsetDateTime) -> Wave {
+        rollout::wave_of(self.node_step(seed), now)
     }
 }
 
@@ -266,6 +324,66 @@ mod tests {
         let back = BundleArtifact::parse(&m).unwrap();
         assert_eq!(back, a);
         assert_eq!(back.claimed_version(), Some(b.version));
+    }
+
+    #[test]
+    fn the_rollout_schedule_is_announced_and_read_back_as_a_download_hint() {
+        let (bytes, b) = bundle();
+        let a = BundleArtifact::new(&bytes, b"{}", &b);
+        let v: serde_json::Value = serde_json::from_slice(&a.manifest()).unwrap();
+        let raw = v["annotations"][ANNOTATION_ROLLOUT].as_str().unwrap();
+        assert!(raw.contains(r#""after":"1h""#), "{raw}");
+        let hint = BundleArtifact::parse(&a.manifest())
+            .unwrap()
+            .rollout_hint()
+            .unwrap();
+        assert_eq!(&*hint.steps, b.rollout().unwrap());
+        assert_eq!(
+            (hint.version, hint.issuer.as_str(), hint.issued_at),
+            (b.version, b.issuer.as_str(), b.issued_at)
+        );
+        // A true hint places every node exactly where the signed schedule does.
+        for i in 0..200u32 {
+            let seed = i.to_be_bytes();
+            assert_eq!(hint.node_step(&seed), rollout::node_step(&b, &seed), "{i}");
+        }
+    }
+
+    #[test]
+    fn the_download_waits_for_the_hinted_wave_and_no_hint_means_now() {
+        let (bytes, b) = bundle();
+        let a = BundleArtifact::new(&bytes, b"{}", &b);
+        let hint = a.rollout_hint().unwrap();
+        // The fixture's schedule: 1 % at 0 s, 10 % at 1 h, ...; a node past the first step waits.
+        let late = (0..1000u32)
+            .map(|i| i.to_be_bytes())
+            .find(|s| rollout::position(&b.issuer, s) >= 10)
+            .unwrap();
+        let (_, _, opens) = hint.node_step(&late).unwrap();
+        assert!(opens > b.issued_at);
+        let before = opens - time::Duration::seconds(1);
+        assert_eq!(hint.download_wave(&late, before), Wave::OpensAt(opens));
+        assert_eq!(hint.download_wave(&late, opens), Wave::Open);
+        // Older artifacts (no schedule annotated) and unreadable hints: download at once.
+        for (key, value) in [
+            (ANNOTATION_ROLLOUT, None),
+            (ANNOTATION_ROLLOUT, Some("soon")),
+            (
+                ANNOTATION_ROLLOUT,
+                Some(r#"[{"after": "1h", "percent": 50}]"#),
+            ),
+            (ANNOTATION_ISSUED_AT, Some("yesterday")),
+            (ANNOTATION_ISSUER, None),
+            (ANNOTATION_VERSION, None),
+        ] {
+            let mut other = a.clone();
+            match value {
+                Some(v) => other.annotations.insert(key.to_owned(), v.to_owned()),
+                None => other.annotations.remove(key),
+            };
+            let back = BundleArtifact::parse(&other.manifest()).unwrap();
+            assert_eq!(back.rollout_hint(), None, "{key}={value:?}");
+        }
     }
 
     #[test]

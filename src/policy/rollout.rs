@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 use time::OffsetDateTime;
 
@@ -20,7 +20,7 @@ use super::bundle::Bundle;
 const CONTEXT: &[u8] = b"pullgate-rollout-v1\0";
 
 /// One step as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawStep {
     after: String,
@@ -43,6 +43,16 @@ pub enum Wave {
     Open,
     /// Not yet: the node's wave opens at this time.
     OpensAt(OffsetDateTime),
+}
+
+impl RawStep {
+    /// `step` as written in a bundle (and in a bundle artifact's annotations).
+    pub(crate) fn of(step: &Step) -> RawStep {
+        RawStep {
+            after: humantime::format_duration(step.after).to_string(),
+            percent: u32::from(step.percent),
+        }
+    }
 }
 
 /// Validates `rollout`: at least one step, `after` strictly increasing, `percent` 1..=100 strictly
@@ -124,22 +134,39 @@ pub fn position(issuer: &str, seed: &[u8]) -> u8 {
 /// opens; `None` for a bundle without `rollout`.
 pub fn node_step(bundle: &Bundle, seed: &[u8]) -> Option<(usize, Step, OffsetDateTime)> {
     let steps = bundle.rollout()?;
-    let pos = position(&bundle.issuer, seed);
-    // The last step is 100%, above every position, so a step is always found.
+    step_in(steps, &bundle.issuer, bundle.issued_at, seed)
+}
+
+/// The step (index and step) of `steps`, a schedule of `issuer` relative to `issued_at`, the node
+/// with `seed` belongs to, and when it opens; `None` for an empty schedule.
+pub fn step_in(
+    steps: &[Step],
+    issuer: &str,
+    issued_at: OffsetDateTime,
+    seed: &[u8],
+) -> Option<(usize, Step, OffsetDateTime)> {
+    let pos = position(issuer, seed);
+    // A validated schedule ends at 100%, above every position, so a step is always found.
     let index = steps
         .iter()
         .position(|s| s.percent > pos)
-        .unwrap_or(steps.len() - 1);
+        .unwrap_or(steps.len().checked_sub(1)?);
     let step = steps[index];
-    let opens =
-        bundle.issued_at + time::Duration::try_from(step.after).unwrap_or(time::Duration::MAX);
+    let opens = issued_at
+        .checked_add(time::Duration::try_from(step.after).unwrap_or(time::Duration::MAX))
+        .unwrap_or(time::PrimitiveDateTime::MAX.assume_utc());
     Some((index, step, opens))
 }
 
 /// Whether the node with `seed` takes `bundle` up at `now`, or when it will. A bundle without
 /// `rollout` is open to every node.
 pub fn wave(bundle: &Bundle, seed: &[u8], now: OffsetDateTime) -> Wave {
-    match node_step(bundle, seed) {
+    wave_of(node_step(bundle, seed), now)
+}
+
+/// Whether a node whose step is `step` ([`node_step`], [`step_in`]) is in an open wave at `now`.
+pub fn wave_of(step: Option<(usize, Step, OffsetDateTime)>, now: OffsetDateTime) -> Wave {
+    match step {
         Some((_, _, opens)) if now < opens => Wave::OpensAt(opens),
         _ => Wave::Open,
     }

@@ -143,9 +143,21 @@ pub fn registry_client(host: &str) -> Registry {
 /// Pushes `signed` to `host/repo:tag` as a bundle artifact without any of publish's checks (what a
 /// compromised registry, or a careless tool, could serve). Returns the manifest digest.
 pub async fn push_raw(registry: &Registry, host: &str, repo_tag: &str, signed: &Signed) -> String {
+    push_annotated(registry, host, repo_tag, signed, |_| {}).await
+}
+
+/// [`push_raw`] with the manifest's (unsigned) annotations changed by `edit`.
+pub async fn push_annotated(
+    registry: &Registry,
+    host: &str,
+    repo_tag: &str,
+    signed: &Signed,
+    edit: impl FnOnce(&mut std::collections::BTreeMap<String, String>),
+) -> String {
     let (repo, tag) = repo_tag.split_once(':').expect("repo:tag");
     let meta = parse_bundle(&signed.bundle).expect("bundle parses");
-    let artifact = BundleArtifact::new(&signed.bundle, &signed.signatures, &meta);
+    let mut artifact = BundleArtifact::new(&signed.bundle, &signed.signatures, &meta);
+    edit(&mut artifact.annotations);
     let blobs = [
         Bytes::from_static(EMPTY_CONFIG),
         Bytes::from(signed.bundle.clone()),

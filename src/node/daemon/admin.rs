@@ -222,8 +222,13 @@ fn sync_status_lines(y: &serde_json::Value) -> Vec<String> {
        ));
     }
     if let Some(p) = y["pending"].as_object() {
+        let what = if p["downloaded"] == false {
+            "announced (not downloaded yet), downloaded"
+        } else {
+            "verified, taken up"
+        };
         out.push(format!(
-            "           PENDING v{}: verified, taken up when this node's wave opens at {} (step {}, {}% of nodes; position {})",
+            "           PENDING v{}: {what} when this node's wave opens at {} (step {}, {}% of nodes; position {})",
             p["version"],
             t(&p["wave_opens_at"]),
             p["wave_step"],
@@ -457,6 +462,7 @@ mod tests {
             synced_digest: Some("sha256:aa".into()),
             synced_version: Some(6),
             pending: Some(PendingView {
+                downloaded: true,
                 version: 7,
                 digest: "sha256:bb".into(),
                 issuer: "platform-security".into(),

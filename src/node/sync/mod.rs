@@ -7,13 +7,23 @@
 //!    sync: unchanged is the usual round, one request.
 //! 2. On a new digest: `GET` the manifest by digest (verified), check it is a bundle artifact
 //!    ([`crate::policy::artifact`]) no larger than `sync.max_size`; if its bundle layer is the bundle
-//!    already installed, note the digest and stop there. Else `GET` both layers (digests and sizes
-//!    verified, capped).
+//!    already installed, note the digest and stop there. If the manifest's annotations announce a
+//!    rollout schedule ([`BundleArtifact::rollout_hint`], unsigned) whose wave for this node is not
+//!    open yet, keep the manifest as pending and download nothing until a round finds that wave
+//!    open: a staged rollout stages the registry's load too. Else `GET` both layers (digests and
+//!    sizes verified, capped).
 //! 3. Verify exactly as `pullgate bundle install` does ([`SyncTarget::verify`]: the
 //!    [`crate::node::enforce::store::BundleStore`]'s signatures, version and expiry checks).
-//! 4. Staged rollout: if this node's wave ([`crate::policy::rollout::wave`]) is open, install
-//!    ([`SyncTarget::install`], the same store path, atomic); otherwise keep the verified bytes in
-//!    memory as pending and install them when the wave opens — the registry is not asked again.
+//! 4. Staged rollout: if this node's wave in the *signed* schedule ([`crate::policy::rollout::wave`])
+//!    is open, install ([`SyncTarget::install`], the same store path, atomic); otherwise keep the
+//!    verified bytes in memory as pending and install them when the wave opens — the registry is not
+//!    asked again. A hint that lied can thus make this node download early or late, never install
+//!    early.
+//!
+//! Rounds keep a stable phase: each node's rounds fall on a grid of one interval, offset by a
+//! fraction of the interval derived from its seed ([`phase`]), with a small jitter that does not
+//! accumulate, so a fleet's requests stay spread evenly over the interval instead of drifting into
+//! random bunches.
 //!
 //! A digest whose content was rejected (bad signature, rollback, tampered or oversize blob, not a
 //! bundle) is remembered for [`REJECTION_MEMORY`] and not downloaded again meanwhile; a reload
@@ -53,8 +63,12 @@ const MANIFEST_LIMIT: u64 = 256 * 1024;
 pub const REJECTION_MEMORY: Duration = Duration::from_secs(3600);
 /// Rejected digests remembered at most.
 const REJECTIONS_KEPT: usize = 16;
-/// Each wait between rounds is the interval ± this fraction, at random.
+/// Backoff and `Retry-After` waits are stretched by up to twice this fraction, at random.
 const JITTER: f64 = 0.1;
+/// Each round falls on its node's grid point ± this fraction of the interval, at random.
+const PHASE_JITTER: f64 = 0.01;
+/// Domain separation of the round phase hash.
+const PHASE_CONTEXT: &[u8] = b"pullgate-sync-phase-v1\0";
 
 /// Why the sync cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -412,15 +426,23 @@ impl Round {
     }
 }
 
-/// A verified bundle waiting for this node's wave.
+/// A bundle waiting for this node's wave.
 struct Pending {
     digest: Digest,
+    /// Signed, or (not downloaded yet) as the annotations claim.
     version: u64,
     issuer: String,
     opens_at: OffsetDateTime,
     step: Option<(usize, u8)>,
-    bundle: Bytes,
-    signatures: Bytes,
+    held: Held,
+}
+
+/// What a pending bundle holds.
+enum Held {
+    /// Downloaded and verified; its signed schedule said wait.
+    Verified { bundle: Bytes, signatures: Bytes },
+    /// The manifest only: its hint said this node's download waits.
+    Manifest(Box<BundleArtifact>),
 }
 
 /// A digest whose content was rejected.
@@ -540,23 +562,27 @@ impl Syncer {
         self.handle.clone()
     }
 
-    /// Runs rounds until `stop` resolves. The first round comes after a random part of one interval
-    /// (at most a second when nothing was ever in sync here), so nodes started together do not ask
-    /// together.
+    /// Runs rounds until `stop` resolves.
     ///
-    /// After a round that reached the registry, the next one is due an interval (± 10 %) after this
-    /// one was *due*, not after it ended: rounds a busy registry slowed down together do not stay
-    /// together. A round that ended past its successor's time waits a random half to whole interval
-    /// from its end instead. After a failure the backoff, and while a bundle waits for this node's
-    /// wave the time until it opens, count from the end of the round.
+    /// Rounds fall on this node's grid: `start + phase × interval + k × interval`, each ± 1 % of the
+    /// interval at random, where `phase` ([`phase`]) comes from the node's seed. Nodes started
+    /// together therefore ask at seed-spread points of the interval and keep doing so: the jitter
+    /// does not accumulate, and rounds a busy registry slowed down return to their own grid points
+    /// (the next one at least half an interval away). The first round comes at the first grid point
+    /// — within the first second, scaled the same way, when nothing was ever in sync here. After a
+    /// failure the backoff counts from the end of the round, and a verified bundle waiting for this
+    /// node's wave wakes the sync when the wave opens; then the grid resumes.
     pub async fn run(mut self, stop: impl std::future::Future<Output = ()>) {
         use tokio::time::Instant as Tick;
-        let first = if self.synced.is_some() {
-            self.settings.interval
+        let interval = self.settings.interval;
+        let unit = phase(&self.settings.seed);
+        let offset = interval.mul_f64(unit);
+        let origin = Tick::now();
+        let mut due = if self.synced.is_some() {
+            origin + offset
         } else {
-            self.settings.interval.min(Duration::from_secs(1))
+            origin + interval.min(Duration::from_secs(1)).mul_f64(unit)
         };
-        let mut due = Tick::now() + first.mul_f64(self.rng.unit());
         tokio::pin!(stop);
         loop {
             let at = self.clock.now() + due.saturating_duration_since(Tick::now());
@@ -564,17 +590,24 @@ impl Syncer {
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep_until(due) => {}
-                _ = self.handle.wake.notified() => due = Tick::now(),
+                _ = self.handle.wake.notified() => {}
             }
             let round = self.round().await;
-            let delay = self.delay_after(&round);
             let now = Tick::now();
-            due = match round {
-                // Backoff, or the wait for a wave to open: from now.
-                Round::Failed { .. } | Round::Pending { .. } => now + delay,
-                _ if due + delay > now => due + delay,
-                _ => now + self.settings.interval.mul_f64(0.5 + 0.5 * self.rng.unit()),
+            due = match &round {
+                Round::Failed { retry_after, .. } => now + self.backoff_after(*retry_after),
+                _ => {
+                    // The next grid point at least half an interval away, ± PHASE_JITTER.
+                    let slot = origin + next_slot(now - origin + interval / 2, offset, interval);
+                    let jitter = interval.mul_f64(PHASE_JITTER * 2.0 * self.rng.unit());
+                    (slot + jitter)
+                        .checked_sub(interval.mul_f64(PHASE_JITTER))
+                        .unwrap_or(slot)
+                }
             };
+            if let Some(until) = self.verified_wave_wait() {
+                due = due.min(now + until);
+            }
         }
     }
 
@@ -634,7 +667,7 @@ impl Syncer {
             };
         }
         if self.pending.as_ref().is_some_and(|p| p.digest == digest) {
-            return self.take_pending().await;
+            return self.take_pending(&source).await;
         }
         match self.download(&source, &digest).await {
             Ok(r) => r,
@@ -657,8 +690,35 @@ impl Syncer {
                 version: artifact.claimed_version(),
             });
         }
+        if let Some(hint) = artifact.rollout_hint() {
+            let step = hint.node_step(&self.settings.seed);
+            if let Wave::OpensAt(opens_at) = rollout::wave_of(step, self.clock.now()) {
+                self.pending = Some(Pending {
+                    digest: digest.clone(),
+                    version: hint.version,
+                    issuer: hint.issuer,
+                    opens_at,
+                    step: step.map(|(i, s, _)| (i, s.percent)),
+                    held: Held::Manifest(Box::new(artifact)),
+                });
+                return Ok(Round::Pending {
+                    version: hint.version,
+                    opens_at,
+                });
+            }
+        }
+        self.take_up(source, digest, &artifact).await
+    }
+
+    /// Downloads `artifact`'s layers, verifies them, then installs or waits for the signed wave.
+    async fn take_up(
+        &mut self,
+        source: &Reference,
+        digest: &Digest,
+        artifact: &BundleArtifact,
+    ) -> Result<Round, SyncError> {
         let (bundle, signatures) =
-            get_layers(&self.fetcher, source, &artifact, self.settings.max_size).await?;
+            get_layers(&self.fetcher, source, artifact, self.settings.max_size).await?;
         let origin = format!("{}@{digest}", source.name());
         let now = self.clock.now();
         let verified = {
@@ -685,16 +745,16 @@ impl Syncer {
                     issuer,
                     opens_at,
                     step,
-                    bundle,
-                    signatures,
+                    held: Held::Verified { bundle, signatures },
                 });
                 Ok(Round::Pending { version, opens_at })
             }
         }
     }
 
-    /// The channel still holds the pending bundle: install it once the wave is open.
-    async fn take_pending(&mut self) -> Round {
+    /// The channel still holds the pending bundle: once the wave is open, install it, or download
+    /// it first if only its manifest is held.
+    async fn take_pending(&mut self, source: &Reference) -> Round {
         let Some(p) = &self.pending else {
             return Round::Unchanged;
         };
@@ -704,15 +764,22 @@ impl Syncer {
                 opens_at: p.opens_at,
             };
         }
-        let Some(p) = self.pending.take() else {
-            return Round::Unchanged;
+        let digest = p.digest.clone();
+        let result = match &p.held {
+            // Kept until the download succeeds: a registry failure retries next round.
+            Held::Manifest(artifact) => {
+                let artifact = artifact.clone();
+                self.take_up(source, &digest, &artifact).await
+            }
+            Held::Verified { bundle, signatures } => {
+                let (bundle, signatures, version) = (bundle.clone(), signatures.clone(), p.version);
+                self.pending = None;
+                self.install(&digest, bundle, signatures, version).await
+            }
         };
-        match self
-            .install(&p.digest, p.bundle.clone(), p.signatures.clone(), p.version)
-            .await
-        {
+        match result {
             Ok(r) => r,
-            Err(e) => self.reject_or_fail(&p.digest, e),
+            Err(e) => self.reject_or_fail(&digest, e),
         }
     }
 
@@ -785,30 +852,30 @@ impl Syncer {
         self.synced = Some(synced);
     }
 
-    /// How long to wait after `round`: the interval ± 10 % after a success or a rejection;
-    /// exponential backoff with jitter (at least `Retry-After`) after a registry failure; never past
-    /// the opening of a pending bundle's wave.
-    fn delay_after(&mut self, round: &Round) -> Duration {
-        let interval = self.settings.interval;
-        let jittered = interval.mul_f64(1.0 - JITTER + 2.0 * JITTER * self.rng.unit());
-        let mut delay = match round {
-            Round::Failed { retry_after, .. } => backoff(
-                interval,
-                self.settings.max_backoff,
-                self.failures,
-                *retry_after,
-                [self.rng.unit(), self.rng.unit()],
-            ),
-            _ => jittered,
-        };
-        // Wake when a pending bundle's wave opens (its install needs one HEAD: is it still the
-        // channel's?). A wave already open changes nothing: this round just tried.
-        if let Some(p) = &self.pending {
-            if let Ok(until) = Duration::try_from(p.opens_at - self.clock.now()) {
-                delay = delay.min(until + Duration::from_millis(10));
-            }
+    /// The wait after a registry failure: exponential backoff with jitter, at least `Retry-After`.
+    fn backoff_after(&mut self, retry_after: Option<Duration>) -> Duration {
+        backoff(
+            self.settings.interval,
+            self.settings.max_backoff,
+            self.failures,
+            retry_after,
+            [self.rng.unit(), self.rng.unit()],
+        )
+    }
+
+    /// How long until the wave of a verified pending bundle opens: the sync wakes then (its install
+    /// needs one HEAD: is it still the channel's?). A bundle only announced by its manifest does
+    /// not wake it: its download waits for the node's next grid point past the opening, so the
+    /// nodes of a wave download spread over an interval, not all at the opening. A wave already
+    /// open changes nothing: this round just tried.
+    fn verified_wave_wait(&self) -> Option<Duration> {
+        let p = self.pending.as_ref()?;
+        if !matches!(p.held, Held::Verified { .. }) {
+            return None;
         }
-        delay
+        Duration::try_from(p.opens_at - self.clock.now())
+            .ok()
+            .map(|until| until + Duration::from_millis(10))
     }
 
     fn log(&self, round: &Round, now: OffsetDateTime) {
@@ -851,6 +918,7 @@ impl Syncer {
 
     fn publish_status(&self, round: &Round, now: OffsetDateTime) {
         let pending = self.pending.as_ref().map(|p| PendingView {
+            downloaded: matches!(p.held, Held::Verified { .. }),
             version: p.version,
             digest: p.digest.to_string(),
             issuer: p.issuer.clone(),
@@ -890,6 +958,31 @@ impl Syncer {
             s.rejected = rejected;
         });
     }
+}
+
+/// Where in each interval the rounds of the node with `seed` fall: a fraction in [0, 1) from the
+/// first 53 bits of SHA-256(`pullgate-sync-phase-v1\0` ‖ seed). Stable across restarts, and
+/// independent of the node's rollout position.
+pub fn phase(seed: &[u8]) -> f64 {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(PHASE_CONTEXT);
+    h.update(seed);
+    let d = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&d[..8]);
+    (u64::from_be_bytes(first) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The first point of the grid `offset + k × interval` (k ≥ 0) after `elapsed`.
+fn next_slot(elapsed: Duration, offset: Duration, interval: Duration) -> Duration {
+    if elapsed < offset {
+        return offset;
+    }
+    let step = interval.as_nanos().max(1);
+    let k = (elapsed - offset).as_nanos() / step + 1;
+    let at = offset.as_nanos().saturating_add(k.saturating_mul(step));
+    Duration::from_nanos(u64::try_from(at).unwrap_or(u64::MAX))
 }
 
 /// The wait after `failures` registry failures in a row: exponential from `interval`, capped at
@@ -966,6 +1059,28 @@ mod tests {
         assert!((mean - 0.5).abs() < 0.02, "{mean}");
         let low = xs.iter().filter(|x| **x < 0.1).count();
         assert!((800..1200).contains(&low), "{low}");
+    }
+
+    #[test]
+    fn rounds_keep_a_stable_seed_derived_phase_on_the_interval_grid() {
+        let (i, ms) = (Duration::from_secs(5), Duration::from_millis);
+        let off = ms(1200);
+        assert_eq!(next_slot(ms(0), off, i), off);
+        assert_eq!(next_slot(ms(1199), off, i), off);
+        assert_eq!(next_slot(ms(1200), off, i), ms(6200));
+        assert_eq!(next_slot(ms(6199), off, i), ms(6200));
+        assert_eq!(next_slot(ms(123_456), off, i), ms(126_200));
+        // A round that ran late (or early) does not move the grid.
+        assert_eq!(next_slot(ms(6200 + 2600), off, i), ms(11_200));
+        assert_eq!(phase(b"node-1"), phase(b"node-1"));
+        // 1,000 seeds over 50 slices of the interval: every slice used, none crowded.
+        let mut counts = [0u32; 50];
+        for n in 0..1000u32 {
+            let p = phase(format!("node-{n}").as_bytes());
+            assert!((0.0..1.0).contains(&p));
+            counts[(p * 50.0) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| (5..=40).contains(&c)), "{counts:?}");
     }
 
     #[test]

@@ -7,9 +7,12 @@ use time::OffsetDateTime;
 use super::{SyncSettings, Synced};
 use crate::policy::bundle::rfc3339;
 
-/// A verified bundle waiting for this node's rollout wave.
+/// A bundle waiting for this node's rollout wave: downloaded and verified (its signed schedule
+/// says wait), or not downloaded yet (its manifest's unsigned hint says wait; `version`, `issuer`
+/// and the wave are then as the manifest claims them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingView {
+    pub downloaded: bool,
     pub version: u64,
     pub digest: String,
     pub issuer: String,
@@ -150,6 +153,7 @@ impl SyncStatus {
             "position": position,
             "pending": self.pending.as_ref().map(|p| serde_json::json!({
                 "version": p.version,
+                "downloaded": p.downloaded,
                 "digest": p.digest,
                 "issuer": p.issuer,
                 "wave_opens_at": rfc3339(p.wave_opens_at),
