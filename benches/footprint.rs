@@ -26,11 +26,13 @@ mod fake_cri;
 #[path = "support/malloc.rs"]
 #[allow(dead_code)] // `run_as_deployed` is for benchmarks that measure in their own process
 mod malloc;
+#[path = "support/procs.rs"]
+mod procs;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -38,66 +40,10 @@ use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_cri::v1 as cri;
+use procs::{Proc, pullgate_bin, relay_if_asked, serve, setting, start_relay};
 
 const PODS: usize = 100;
 const IMAGES: usize = 100_000;
-/// Environment variable that turns this binary into the null relay: `LISTEN_SOCKET:UPSTREAM_SOCKET`.
-const RELAY: &str = "PULLGATE_FOOTPRINT_RELAY";
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A child process, stopped (SIGTERM) and reaped when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // SAFETY: signals our own child, which has not been reaped yet.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    /// User + system CPU time so far, from /proc/PID/stat (clock ticks).
-    fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap();
-        let fields: Vec<u64> = stat
-            .rsplit_once(')')
-            .map_or("", |(_, rest)| rest)
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_micros(fields.iter().sum::<u64>() * 1_000_000 / hz)
-    }
-
-    /// A `kB` line of /proc/PID/status, in MiB.
-    fn status_mib(&self, key: &str) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-            .map_or(f64::NAN, |kib| kib / 1024.0)
-    }
-}
-
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not start listening");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// `pullgate serve` with its state in `dir/state-NAME` (a bundle installed there beforehand is
 /// loaded at start), listening on `dir/NAME.sock`.
 fn start_pullgate(
@@ -105,11 +51,7 @@ fn start_pullgate(
     upstream: &Path,
     name: &str,
     tunables: Option<&str>,
-) -> (Running, PathBuf) {
-    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
-        .filter(|b| !b.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
+) -> (Proc, PathBuf) {
     let listen = dir.join(format!("{name}.sock"));
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -121,61 +63,13 @@ fn start_pullgate(
         ),
     )
     .unwrap();
-    let mut command = Command::new(bin);
+    let mut command = Command::new(pullgate_bin());
     match tunables {
         Some(t) => command.env("GLIBC_TUNABLES", t),
         None => command.env_remove("GLIBC_TUNABLES"),
     };
-    let child = Running(
-        command
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(&listen)
-            .arg("--upstream")
-            .arg(upstream)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start pullgate serve"),
-    );
-    wait_for(&listen, "pullgate");
+    let child = serve(command, &config, &listen, upstream);
     (child, listen)
-}
-
-fn start_relay(dir: &Path, upstream: &Path) -> (Running, PathBuf) {
-    let listen = dir.join("relay.sock");
-    let child = Running(
-        Command::new(std::env::current_exe().unwrap())
-            .env(
-                RELAY,
-                format!("{}:{}", listen.display(), upstream.display()),
-            )
-            .spawn()
-            .expect("start the null relay"),
-    );
-    wait_for(&listen, "the null relay");
-    (child, listen)
-}
-
-/// The null relay: one thread, one event loop, each connection's bytes copied both ways unread.
-fn relay(spec: &str) {
-    let (listen, upstream) = spec.split_once(':').expect("LISTEN:UPSTREAM");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let listener = tokio::net::UnixListener::bind(listen).unwrap();
-        while let Ok((mut client, _)) = listener.accept().await {
-            let upstream = upstream.to_owned();
-            tokio::spawn(async move {
-                if let Ok(mut up) = tokio::net::UnixStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
-                }
-            });
-        }
-    });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -413,7 +307,7 @@ async fn relist(ch: &tonic::transport::Channel) {
 
 /// Relists once a second for `secs` seconds through `socket`; returns the CPU `process` used
 /// meanwhile as a share of one core, and the wall time of the slowest relist.
-async fn relist_load(socket: &Path, process: &Running, secs: u64) -> (f64, Duration) {
+async fn relist_load(socket: &Path, process: &Proc, secs: u64) -> (f64, Duration) {
     let ch = fake_cri::cri_channel(socket).await;
     relist(&ch).await; // connection and caches warm
     let (cpu, start) = (process.cpu(), Instant::now());
@@ -434,10 +328,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn main() {
-    if let Ok(spec) = std::env::var(RELAY) {
-        relay(&spec);
-        return;
-    }
+    relay_if_asked();
     let secs = setting("BENCH_SECS", 10).max(1);
     let rounds = setting("BENCH_ROUNDS", 2).max(1);
     println!("footprint benchmark (release build)");

@@ -28,104 +28,23 @@
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
+#[path = "support/procs.rs"]
+mod procs;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fake_cri::*;
 use k8s_cri::v1 as cri;
+use procs::{Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_relay};
 use pullgate::node::enforce::store::BundleStore;
 use pullgate::policy::{PrivateKey, SignatureFile};
 use tonic::transport::Channel;
 
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-struct Proc(Child);
-
-/// CPU time (user + system) a process has used so far, from /proc/PID/stat.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after_comm.split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are the 12th and 13th after the command name.
-    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
-impl Drop for Proc {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Environment variable that turns this binary into the null relay: `LISTEN_SOCKET:UPSTREAM_SOCKET`.
-const RELAY_ENV: &str = "PULLGATE_BENCH_RELAY";
-
-/// The null relay's body: one thread, one tokio runtime, bytes copied both ways per connection.
-fn run_relay(spec: &str) -> ! {
-    let (listen, upstream) = spec.split_once(':').expect("LISTEN:UPSTREAM");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let listener = tokio::net::UnixListener::bind(listen).expect("relay binds");
-        loop {
-            let (mut down, _) = listener.accept().await.expect("relay accepts");
-            let upstream = upstream.to_owned();
-            tokio::spawn(async move {
-                let mut up = tokio::net::UnixStream::connect(&upstream)
-                    .await
-                    .expect("relay connects upstream");
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
-            });
-        }
-    });
-    unreachable!("the relay runs until killed")
-}
-
-fn start_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
-    let listen = dir.join("null-relay.sock");
-    // A relay started before (and stopped) leaves its socket file behind.
-    let _ = std::fs::remove_file(&listen);
-    let child = Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .env(
-                RELAY_ENV,
-                format!("{}:{}", listen.display(), upstream.display()),
-            )
-            .spawn()
-            .expect("spawn the null relay"),
-    );
-    wait_for_socket(&listen, "the null relay");
-    (child, listen)
-}
-
-/// Waits for a socket to appear: up to a minute (a debug build verifies the 100,000-image bundle
-/// slowly on a loaded machine).
-fn wait_for_socket(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Proc, PathBuf) {
     // BENCH_PULLGATE_BIN compares another build (e.g. an earlier commit) in the same conditions.
-    let bin = std::env::var_os("BENCH_PULLGATE_BIN")
-        .filter(|b| !b.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_pullgate")));
-    start_pullgate_bin(&bin, dir, upstream, workers, name)
+    start_pullgate_bin(&pullgate_bin(), dir, upstream, workers, name)
 }
 
 /// `bin serve` with state in `dir/state-NAME`, listening on `dir/pullgate-NAME.sock`.
@@ -147,21 +66,7 @@ fn start_pullgate_bin(
         ),
     )
     .unwrap();
-    // Owned by a `Proc` before waiting, so a failed start does not leave it running.
-    let child = Proc(
-        Command::new(bin)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .arg("--listen")
-            .arg(&listen)
-            .arg("--upstream")
-            .arg(upstream)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn pullgate"),
-    );
-    wait_for_socket(&listen, "pullgate");
+    let child = serve(Command::new(bin), &config, &listen, upstream);
     (child, listen)
 }
 
@@ -567,18 +472,16 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
 }
 
 fn main() {
-    if let Ok(spec) = std::env::var(RELAY_ENV) {
-        run_relay(&spec);
-    }
+    relay_if_asked();
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing special: run briefly then.
     let quick = !std::env::args().any(|a| a == "--bench");
     let calls = if quick {
         200
     } else {
-        env_num("BENCH_CALLS", 2000)
+        setting("BENCH_CALLS", 2000)
     };
-    let rounds = if quick { 1 } else { env_num("BENCH_ROUNDS", 5) };
-    let secs = if quick { 1 } else { env_num("BENCH_SECS", 2) };
+    let rounds = if quick { 1 } else { setting("BENCH_ROUNDS", 5) };
+    let secs = if quick { 1 } else { setting("BENCH_SECS", 2) };
 
     let dir = tempfile::tempdir().unwrap();
     let real_upstream = std::env::var_os("BENCH_UPSTREAM").map(PathBuf::from);
@@ -604,7 +507,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let workers = env_num("BENCH_PULLGATE_WORKERS", 1) as u32;
+    let workers = setting("BENCH_PULLGATE_WORKERS", 1) as u32;
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "load average at start: {}",
