@@ -241,7 +241,7 @@ check "kubelet drop-in points the runtime endpoint at pullgate's socket" \
 check "kubelet drop-in points the image endpoint at pullgate's socket" \
     grep -q -- '--image-service-endpoint=unix:///run/pullgate/pullgate.sock' "$dropin"
 check "kubelet drop-in orders kubelet after pullgate" grep -qx 'After=pullgate.service' "$dropin"
-# Settings the issue requires, read from the installed unit.
+# Settings the unit must carry, read from the installed unit.
 unit_has() { check "pullgate.service: $1" grep -qx -- "$1" "$unit"; }
 unit_has 'Type=notify'
 unit_has 'After=containerd.service'
