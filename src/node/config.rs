@@ -6,6 +6,7 @@
 //! pre-start gate (`ExecStartPre=`) and its message read straight from the journal.
 
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -537,19 +538,15 @@ impl Config {
             }),
         };
 
-        let drain_grace = match server.drain_grace {
-            None => DEFAULT_DRAIN_GRACE,
-            Some(s) => humantime::parse_duration(&s)
-                .ok()
-                .filter(|d| *d <= Duration::from_secs(3600))
-                .ok_or_else(|| {
-                    invalid(
-                        "server.drain_grace",
-                        &s,
-                        "a duration of at most 1h, such as \"10s\" or \"1m 30s\"",
-                    )
-                })?,
-        };
+        let drain_grace = bounded(
+            &invalid,
+            "server.drain_grace",
+            server.drain_grace,
+            parse_duration,
+            DEFAULT_DRAIN_GRACE,
+            Duration::ZERO..=Duration::from_secs(3600),
+            "a duration of at most 1h, such as \"10s\" or \"1m 30s\"",
+        )?;
 
         let worker_threads = match server.worker_threads {
             None => defaults.server.worker_threads,
@@ -590,16 +587,10 @@ impl Config {
             Some(v) if v.is_absolute() => Ok(v),
             Some(v) => Err(invalid(key, &v.display(), "an absolute path")),
         };
-        let duration = |key: &'static str,
-                        v: Option<String>,
-                        default: Duration,
-                        max: Duration,
-                        expected: &'static str| match v {
-            None => Ok(default),
-            Some(s) => humantime::parse_duration(&s)
-                .ok()
-                .filter(|d| !d.is_zero() && *d <= max)
-                .ok_or_else(|| invalid(key, &s, expected)),
+        // Non-zero and at most `max`.
+        let duration = |key, v, default, max, expected| {
+            let range = Duration::from_nanos(1)..=max;
+            bounded(&invalid, key, v, parse_duration, default, range, expected)
         };
         let policy = PolicyConfig {
             mode: match p.mode.as_deref() {
@@ -648,32 +639,28 @@ impl Config {
                     PathBuf::new(),
                 )?),
             },
-            max_bundle_size: match p.max_bundle_size {
-                None => defaults.policy.max_bundle_size,
-                Some(s) => parse_size(&s)
-                    .filter(|n| (MIB..=1024 * MIB).contains(n))
-                    .ok_or_else(|| {
-                        invalid(
-                            "policy.max_bundle_size",
-                            &s,
-                            "a size from 1MiB to 1GiB such as \"64MiB\" (a 100,000-image bundle is about 40MiB)",
-                        )
-                    })?,
-            },
+            max_bundle_size: bounded(
+                &invalid,
+                "policy.max_bundle_size",
+                p.max_bundle_size,
+                parse_size,
+                defaults.policy.max_bundle_size,
+                MIB..=1024 * MIB,
+                "a size from 1MiB to 1GiB such as \"64MiB\" (a 100,000-image bundle is about 40MiB)",
+            )?,
         };
         let a = raw.audit;
         let audit = AuditConfig {
             path: abs_path("audit.path", a.path, policy.state_dir.join("audit.log"))?,
-            max_bytes: match a.max_size {
-                None => defaults.audit.max_bytes,
-                Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
-                    invalid(
-                        "audit.max_size",
-                        &s,
-                        "a size of at least 4KiB such as \"64MiB\" or \"500KiB\"",
-                    )
-                })?,
-            },
+            max_bytes: bounded(
+                &invalid,
+                "audit.max_size",
+                a.max_size,
+                parse_size,
+                defaults.audit.max_bytes,
+                4096..=u64::MAX,
+                "a size of at least 4KiB such as \"64MiB\" or \"500KiB\"",
+            )?,
             keep: match a.keep {
                 None => defaults.audit.keep,
                 Some(n @ 1..=100) => n as u32,
@@ -802,61 +789,47 @@ fn sync_section(path: &Path, raw: RawSync) -> Result<SyncConfig, ConfigError> {
             )
         })?,
     };
-    let duration = |key: &'static str,
-                    v: Option<String>,
-                    default: Duration,
-                    min: Duration,
-                    max: Duration,
-                    expected: &'static str| match v {
-        None => Ok(default),
-        Some(s) => humantime::parse_duration(&s)
-            .ok()
-            .filter(|d| *d >= min && *d <= max)
-            .ok_or_else(|| invalid(key, &s, expected)),
+    let duration = |key, v, default, range, expected| {
+        bounded(&invalid, key, v, parse_duration, default, range, expected)
     };
     let secs = Duration::from_secs;
     let interval = duration(
         "sync.interval",
         raw.interval,
         secs(60),
-        secs(1),
-        secs(86400),
+        secs(1)..=secs(86400),
         "a duration from 1s to 24h, such as \"60s\"",
     )?;
     let max_staleness = duration(
         "sync.max_staleness",
         raw.max_staleness,
         secs(3600).max(interval * 3),
-        interval * 2,
-        secs(30 * 86400),
+        interval * 2..=secs(30 * 86400),
         "a duration of at least twice sync.interval and at most 30 days, such as \"1h\"",
     )?;
     let max_backoff = duration(
         "sync.max_backoff",
         raw.max_backoff,
         secs(900).max(interval),
-        interval,
-        secs(86400),
+        interval..=secs(86400),
         "a duration of at least sync.interval and at most 24h, such as \"15m\"",
     )?;
     let timeout = duration(
         "sync.timeout",
         raw.timeout,
         secs(30),
-        secs(1),
-        secs(600),
+        secs(1)..=secs(600),
         "a duration from 1s to 10m, such as \"30s\"",
     )?;
-    let max_size = match raw.max_size {
-        None => DEFAULT_MAX_BUNDLE_SIZE,
-        Some(s) => parse_size(&s).filter(|n| *n >= 4096).ok_or_else(|| {
-            invalid(
-                "sync.max_size",
-                &s,
-                "a size of at least 4KiB such as \"64MiB\"",
-            )
-        })?,
-    };
+    let max_size = bounded(
+        &invalid,
+        "sync.max_size",
+        raw.max_size,
+        parse_size,
+        DEFAULT_MAX_BUNDLE_SIZE,
+        4096..=u64::MAX,
+        "a size of at least 4KiB such as \"64MiB\"",
+    )?;
     let abs = |key: &'static str, p: Option<PathBuf>| match p {
         None => Ok(None),
         Some(p) if p.is_absolute() => Ok(Some(p)),
@@ -903,15 +876,12 @@ fn sync_section(path: &Path, raw: RawSync) -> Result<SyncConfig, ConfigError> {
 
 impl Limits {
     /// Validates `[server.limits]`; `invalid` builds the error naming the file and key.
-    fn from_raw(
-        raw: RawLimits,
-        invalid: &dyn Fn(&'static str, &dyn fmt::Display, &'static str) -> ConfigError,
-    ) -> Result<Limits, ConfigError> {
+    fn from_raw(raw: RawLimits, invalid: &Invalid) -> Result<Limits, ConfigError> {
         let d = Limits::default();
         let count = |key: &'static str,
                      v: Option<i64>,
                      default: u64,
-                     range: std::ops::RangeInclusive<u64>,
+                     range: RangeInclusive<u64>,
                      expected: &'static str| match v {
             None => Ok(default),
             Some(n) => u64::try_from(n)
@@ -919,26 +889,11 @@ impl Limits {
                 .filter(|n| range.contains(n))
                 .ok_or_else(|| invalid(key, &n, expected)),
         };
-        let duration = |key: &'static str,
-                        v: Option<String>,
-                        default: Duration,
-                        range: std::ops::RangeInclusive<Duration>,
-                        expected: &'static str| match v {
-            None => Ok(default),
-            Some(s) => humantime::parse_duration(s.trim())
-                .ok()
-                .filter(|d| range.contains(d))
-                .ok_or_else(|| invalid(key, &s, expected)),
+        let duration = |key, v, default, range, expected| {
+            bounded(invalid, key, v, parse_duration, default, range, expected)
         };
-        let size = |key: &'static str,
-                    v: Option<String>,
-                    default: u64,
-                    range: std::ops::RangeInclusive<u64>,
-                    expected: &'static str| match v {
-            None => Ok(default),
-            Some(s) => parse_size(&s)
-                .filter(|n| range.contains(n))
-                .ok_or_else(|| invalid(key, &s, expected)),
+        let size = |key, v, default, range, expected| {
+            bounded(invalid, key, v, parse_size, default, range, expected)
         };
         let secs = Duration::from_secs;
         let limits = Limits {
@@ -1025,6 +980,32 @@ impl Limits {
         };
         Ok(limits)
     }
+}
+
+/// Builds the error naming the file, the key, what was found and what is expected.
+type Invalid<'a> = dyn Fn(&'static str, &dyn fmt::Display, &'static str) -> ConfigError + 'a;
+
+/// An optional key read by `parse` and kept within `range`; absent, `default`.
+fn bounded<T: PartialOrd>(
+    invalid: &Invalid,
+    key: &'static str,
+    value: Option<String>,
+    parse: fn(&str) -> Option<T>,
+    default: T,
+    range: RangeInclusive<T>,
+    expected: &'static str,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(s) => parse(&s)
+            .filter(|v| range.contains(v))
+            .ok_or_else(|| invalid(key, &s, expected)),
+    }
+}
+
+/// Parses a duration such as "1m 30s" (surrounding blanks allowed).
+fn parse_duration(s: &str) -> Option<Duration> {
+    humantime::parse_duration(s).ok()
 }
 
 /// Parses a byte size: a whole number with an optional unit (B, KiB, MiB, GiB; KB/MB/GB too).
