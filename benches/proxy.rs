@@ -375,7 +375,7 @@ async fn throughput(ch: &Channel, m: Method, callers: usize, secs: u64) -> (f64,
 }
 
 /// One row of the closing summary: what pullgate adds to a call's median over direct, against what
-/// the null relay adds to a forwarded call measured in the same run, and the target ratio.
+/// the null relay adds to a forwarded call measured in the same run, and the target ratio.
 struct Row {
     label: &'static str,
     pullgate_added: f64,

@@ -189,7 +189,7 @@ async fn flood(
     calls
 }
 
-/// The flood: four connections each holding 48 incomplete 16 MiB `PullImage` bodies, then
+/// A memory flood: four connections each holding 48 incomplete 16 MiB `PullImage` bodies, then
 /// the same with `CreateContainer` announcing just under its 4 MiB cap (so the global budget has to
 /// hold), keep a
 /// real pullgate under 256 MiB of resident memory while `Version` keeps being answered, and every
