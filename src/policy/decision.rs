@@ -1,9 +1,10 @@
 //! Decisions: may this pod run this image, and from where?
 //!
-//! This module owns [`decide`] (and [`decide_for_any_scope`], for callers without a pod) and its inputs and outputs ([`ImageRequest`], [`PodContext`],
-//! [`Decision`], [`Verdict`], [`ReasonCode`]). A decision is a value, never an error; it is computed from
-//! the request, an in-memory [`VerifiedBundle`], the pod's context and the time the caller passes (no
-//! I/O, no clock read, no network: a tag is resolved from the bundle alone).
+//! This module owns [`decide`] (and [`decide_for_any_scope`], for callers without a pod) and its
+//! inputs and outputs ([`ImageRequest`], [`PodContext`], [`Decision`], [`Verdict`], [`ReasonCode`]).
+//! A decision is a value, never an error; it is computed from the request, an in-memory
+//! [`VerifiedBundle`], the pod's context and the time the caller passes (no I/O, no clock read, no
+//! network: a tag is resolved from the bundle alone).
 //!
 //! Rules, in order:
 //! 1. An unparsable reference is denied (`invalid_reference`).
@@ -347,19 +348,18 @@ impl<'b> Ctx<'b> {
     }
 
     fn decide(&self, request: &ImageRequest<'_>) -> Decision {
-        let (b, ctx) = (self.b, self);
         match request {
             ImageRequest::Reference(image) => match Reference::parse(image) {
-                Ok(r) => {
-                    let o = ctx.evaluate(&r);
-                    ctx.finish(image, Some(&r), o)
+                Ok(r) => self.finish(image, Some(&r), self.evaluate(&r)),
+                Err(e) => {
+                    let o = invalid(image, &e.kind.to_string(), self.b.version);
+                    self.finish(image, None, o)
                 }
-                Err(e) => ctx.finish(image, None, invalid(image, &e.kind.to_string(), b.version)),
             },
             ImageRequest::RepoDigests {
                 image,
                 repo_digests,
-            } => ctx.decide_present(image, repo_digests),
+            } => self.decide_present(image, repo_digests),
         }
     }
 }
