@@ -859,6 +859,17 @@ fn put_image(fake: &FakeCri, id: u8, repo_digests: &[String], names: &[String]) 
     digest(id)
 }
 
+/// An image in the fake store known only by its ID and an unapproved repo digest (an imported
+/// image no bundle approves). Returns the ID.
+fn put_unapproved(fake: &FakeCri, id: u8) -> String {
+    put_image(
+        fake,
+        id,
+        &[format!("docker.io/library/miner@{}", digest(8))],
+        &[],
+    )
+}
+
 fn create_in(
     sandbox: &str,
     image: &str,
@@ -883,12 +894,7 @@ fn create_in(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    let imported = put_image(
-        &env.fake,
-        0xc1,
-        &[format!("docker.io/library/miner@{}", digest(8))],
-        &[],
-    );
+    let imported = put_unapproved(&env.fake, 0xc1);
     let payments_only = put_image(&env.fake, 0xc2, &[pinned("nginx", &digest(3))], &[]);
     let web = [("app", "web")];
     env.fake
@@ -1029,12 +1035,7 @@ async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
 
     // Node warn mode blocks nothing: the contradiction is reported, the recorded pod decides.
     let env = Env::start(true, NodeMode::Warn, |_, _| {}).await;
-    let imported = put_image(
-        &env.fake,
-        0xc1,
-        &[format!("docker.io/library/miner@{}", digest(8))],
-        &[],
-    );
+    let imported = put_unapproved(&env.fake, 0xc1);
     env.fake
         .add_sandbox("sb-checkout", &pod_config("checkout", &web));
     let mut rt = env.runtime().await;
@@ -1081,12 +1082,7 @@ async fn a_pods_scope_comes_from_its_sandbox_never_from_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_are_named_by_their_full_id_only() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    let imported = put_image(
-        &env.fake,
-        0xc1,
-        &[format!("docker.io/library/miner@{}", digest(8))],
-        &[],
-    );
+    let imported = put_unapproved(&env.fake, 0xc1);
     let (warn_id, enforce_id) = (
         "ab".to_string() + &"1".repeat(62),
         "ab".to_string() + &"2".repeat(62),
@@ -1236,12 +1232,7 @@ async fn containers_created_by_image_name_resolve_through_the_bundle() {
 async fn image_volumes_are_checked_and_pinned() {
     let (env, approved) = env_with_pulled_busybox().await;
     let other = put_image(&env.fake, 0xe2, &[pinned("busybox", &digest(2))], &[]);
-    let imported = put_image(
-        &env.fake,
-        0xe3,
-        &[format!("docker.io/library/miner@{}", digest(8))],
-        &[],
-    );
+    let imported = put_unapproved(&env.fake, 0xe3);
     let volume = |path: &str, image: &str| cri::Mount {
         container_path: path.into(),
         image: Some(cri::ImageSpec {

@@ -1,9 +1,10 @@
 //! Decisions: may this pod run this image, and from where?
 //!
-//! This module owns [`decide`] (and [`decide_for_any_scope`], for callers without a pod) and its inputs and outputs ([`ImageRequest`], [`PodContext`],
-//! [`Decision`], [`Verdict`], [`ReasonCode`]). A decision is a value, never an error; it is computed from
-//! the request, an in-memory [`VerifiedBundle`], the pod's context and the time the caller passes (no
-//! I/O, no clock read, no network: a tag is resolved from the bundle alone).
+//! This module owns [`decide`] (and [`decide_for_any_scope`], for callers without a pod) and its
+//! inputs and outputs ([`ImageRequest`], [`PodContext`], [`Decision`], [`Verdict`], [`ReasonCode`]).
+//! A decision is a value, never an error; it is computed from the request, an in-memory
+//! [`VerifiedBundle`], the pod's context and the time the caller passes (no I/O, no clock read, no
+//! network: a tag is resolved from the bundle alone).
 //!
 //! Rules, in order:
 //! 1. An unparsable reference is denied (`invalid_reference`).
@@ -329,9 +330,12 @@ pub fn decide_for_any_scope(
     now: OffsetDateTime,
 ) -> Option<Decision> {
     let b: &Bundle = bundle;
-    (0..b.scopes().nodes().len())
-        .map(|id| Ctx::new(b, id as ScopeId, now).decide(request))
-        .find(|d| d.verdict == Verdict::Allow)
+    // Only the allowing scope's decision is worded.
+    (0..b.scopes().nodes().len()).find_map(|id| {
+        let ctx = Ctx::new(b, id as ScopeId, now);
+        let (r, o) = ctx.outcome(request);
+        matches!(o, Outcome::Allow { .. }).then(|| ctx.finish(request.image(), r.as_ref(), o))
+    })
 }
 
 impl<'b> Ctx<'b> {
@@ -347,19 +351,24 @@ impl<'b> Ctx<'b> {
     }
 
     fn decide(&self, request: &ImageRequest<'_>) -> Decision {
-        let (b, ctx) = (self.b, self);
+        let (r, o) = self.outcome(request);
+        self.finish(request.image(), r.as_ref(), o)
+    }
+
+    /// The outcome for `request`, with the reference it was decided by, before it is worded.
+    fn outcome(&self, request: &ImageRequest<'_>) -> (Option<Reference>, Outcome) {
         match request {
             ImageRequest::Reference(image) => match Reference::parse(image) {
                 Ok(r) => {
-                    let o = ctx.evaluate(&r);
-                    ctx.finish(image, Some(&r), o)
+                    let o = self.evaluate(&r);
+                    (Some(r), o)
                 }
-                Err(e) => ctx.finish(image, None, invalid(image, &e.kind.to_string(), b.version)),
+                Err(e) => (None, invalid(image, &e.kind.to_string(), self.b.version)),
             },
             ImageRequest::RepoDigests {
                 image,
                 repo_digests,
-            } => ctx.decide_present(image, repo_digests),
+            } => self.present(image, repo_digests),
         }
     }
 }
@@ -1014,7 +1023,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn decide_present(&self, image: &str, repo_digests: &[String]) -> Decision {
+    fn present(&self, image: &str, repo_digests: &[String]) -> (Option<Reference>, Outcome) {
         // The best outcome over the image's repo digests (an image can be approved under one name and
         // deprecated, or only excepted, under another).
         let mut best: Option<(Reference, Outcome)> = None;
@@ -1027,28 +1036,25 @@ impl Ctx<'_> {
             }
             let o = self.evaluate(&r);
             if o.rank() == 0 && matches!(o, Outcome::Allow { .. }) {
-                return self.finish(image, Some(&r), o);
+                return (Some(r), o);
             }
             if best.as_ref().is_none_or(|(_, b)| o.rank() < b.rank()) {
                 best = Some((r, o));
             }
         }
         if let Some((r, o)) = best {
-            return self.finish(image, Some(&r), o);
+            return (Some(r), o);
         }
         // No usable repo digest. The image's name is not evidence of its content (anyone with access
         // to the image store can name anything anything), so there is nothing to approve.
-        self.finish(
-            image,
-            None,
-            Outcome::deny(
-                ReasonCode::DigestNotApproved,
-                format!(
-                    "image {image} denied: the node's image store has no verifiable repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
-                    self.b.version
-                ),
+        let o = Outcome::deny(
+            ReasonCode::DigestNotApproved,
+            format!(
+                "image {image} denied: the node's image store has no verifiable repo digest for it, so it cannot be matched to an approved digest (bundle v{}); pull it through pullgate first",
+                self.b.version
             ),
-        )
+        );
+        (None, o)
     }
 }
 
