@@ -67,6 +67,18 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem about the whole of `file` (no line, no key).
+    fn whole_file(file: impl Into<PathBuf>, message: String) -> Problem {
+        Problem {
+            file: file.into(),
+            line: 0,
+            key: String::new(),
+            message,
+        }
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
@@ -646,14 +658,12 @@ impl Catalog {
                 Ok(t) => match Trust::from_toml(&t) {
                     Ok(trust) => Some(trust),
                     Err(e) => {
-                        problems.push(Problem {
-                            file: rel.into(),
-                            line: 0,
-                            key: String::new(),
-                            message: format!(
+                        problems.push(Problem::whole_file(
+                            rel,
+                            format!(
                                 "{e}; list every administrator's public key (`pullgate keygen`)"
                             ),
-                        });
+                        ));
                         None
                     }
                 },
@@ -1174,11 +1184,9 @@ fn read_toml<T: serde::de::DeserializeOwned>(
         Ok(t) => t,
         Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => {
-            problems.push(Problem {
-                file: rel.into(),
-                line: 0,
-                key: String::new(),
-                message: format!(
+            problems.push(Problem::whole_file(
+                rel,
+                format!(
                     "cannot read {}: {e}{}",
                     dir.join(rel).display(),
                     if e.kind() == std::io::ErrorKind::NotFound {
@@ -1187,7 +1195,7 @@ fn read_toml<T: serde::de::DeserializeOwned>(
                         ""
                     }
                 ),
-            });
+            ));
             return (None, None);
         }
     };
@@ -1208,12 +1216,7 @@ fn read_repository(
     let text = opener
         .open(&path)
         .and_then(|f| read_small(f, buf))
-        .map_err(|e| Problem {
-            file: rel.to_owned(),
-            line: 0,
-            key: String::new(),
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
+        .map_err(|e| Problem::whole_file(rel, format!("cannot read {}: {e}", path.display())))?;
     // Nearly every file of a large catalog is valid: the fast path reads it; anything it does not
     // take goes through serde, which words the problem.
     let content = match fast::repository(&text) {
@@ -1439,12 +1442,10 @@ fn collect_toml(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>, problems: &mut V
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
-            problems.push(Problem {
-                file: rel.to_owned(),
-                line: 0,
-                key: String::new(),
-                message: format!("cannot read the directory: {e}"),
-            });
+            problems.push(Problem::whole_file(
+                rel,
+                format!("cannot read the directory: {e}"),
+            ));
             return;
         }
     };
