@@ -67,6 +67,18 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// A problem about the whole of `file` (no line, no key).
+    fn whole_file(file: impl Into<PathBuf>, message: String) -> Problem {
+        Problem {
+            file: file.into(),
+            line: 0,
+            key: String::new(),
+            message,
+        }
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
@@ -589,56 +601,12 @@ impl Catalog {
     /// Reads, parses and checks the catalog in `dir`. Every problem is reported, not just the first.
     pub fn load(dir: &Path) -> Result<Catalog, Problems> {
         let mut problems = Vec::new();
-        let read = |rel: &str, problems: &mut Vec<Problem>, required: bool| -> Option<String> {
-            match std::fs::read_to_string(dir.join(rel)) {
-                Ok(t) => Some(t),
-                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                    Some(String::new())
-                }
-                Err(e) => {
-                    problems.push(Problem {
-                        file: rel.into(),
-                        line: 0,
-                        key: String::new(),
-                        message: format!(
-                            "cannot read {}: {e}{}",
-                            dir.join(rel).display(),
-                            if e.kind() == std::io::ErrorKind::NotFound {
-                                "; create a catalog with `pullgate catalog init DIR`"
-                            } else {
-                                ""
-                            }
-                        ),
-                    });
-                    None
-                }
-            }
-        };
-        fn parse<T: serde::de::DeserializeOwned>(
-            rel: &str,
-            text: &str,
-            problems: &mut Vec<Problem>,
-        ) -> Option<T> {
-            parse_toml(Path::new(rel), text)
-                .map_err(|p| problems.push(p))
-                .ok()
-        }
-        let header_text = read(CATALOG_FILE, &mut problems, true);
-        let header: Option<Header> = header_text
-            .as_deref()
-            .and_then(|t| parse(CATALOG_FILE, t, &mut problems));
-        let gov_text = read(GOVERNANCE_FILE, &mut problems, true);
-        let governance: Option<GovernanceEntry> = gov_text
-            .as_deref()
-            .and_then(|t| parse(GOVERNANCE_FILE, t, &mut problems));
-        let exc_text = read(EXCEPTIONS_FILE, &mut problems, false);
-        let exceptions: Option<ExceptionsFile> = exc_text
-            .as_deref()
-            .and_then(|t| parse(EXCEPTIONS_FILE, t, &mut problems));
-        let ign_text = read(IGNORE_FILE, &mut problems, false);
-        let ignore: Option<IgnoreFile> = ign_text
-            .as_deref()
-            .and_then(|t| parse(IGNORE_FILE, t, &mut problems));
+        let (header_text, header) = read_toml::<Header>(dir, CATALOG_FILE, true, &mut problems);
+        let (gov_text, governance) =
+            read_toml::<GovernanceEntry>(dir, GOVERNANCE_FILE, true, &mut problems);
+        let (exc_text, exceptions) =
+            read_toml::<ExceptionsFile>(dir, EXCEPTIONS_FILE, false, &mut problems);
+        let (_, ignore) = read_toml::<IgnoreFile>(dir, IGNORE_FILE, false, &mut problems);
 
         let mut repositories = Vec::new();
         let mut files = Vec::new();
@@ -690,14 +658,12 @@ impl Catalog {
                 Ok(t) => match Trust::from_toml(&t) {
                     Ok(trust) => Some(trust),
                     Err(e) => {
-                        problems.push(Problem {
-                            file: rel.into(),
-                            line: 0,
-                            key: String::new(),
-                            message: format!(
+                        problems.push(Problem::whole_file(
+                            rel,
+                            format!(
                                 "{e}; list every administrator's public key (`pullgate keygen`)"
                             ),
-                        });
+                        ));
                         None
                     }
                 },
@@ -1206,6 +1172,39 @@ fn placeholder_trust() -> Trust {
     .unwrap_or_else(|_| unreachable!())
 }
 
+/// Reads and parses one of the catalog's fixed files (`rel`, relative to `dir`): its text (empty when
+/// an optional file is missing) and its content, each `None` after a problem (added to `problems`).
+fn read_toml<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    rel: &str,
+    required: bool,
+    problems: &mut Vec<Problem>,
+) -> (Option<String>, Option<T>) {
+    let text = match std::fs::read_to_string(dir.join(rel)) {
+        Ok(t) => t,
+        Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            problems.push(Problem::whole_file(
+                rel,
+                format!(
+                    "cannot read {}: {e}{}",
+                    dir.join(rel).display(),
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        "; create a catalog with `pullgate catalog init DIR`"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+            return (None, None);
+        }
+    };
+    let content = parse_toml(Path::new(rel), &text)
+        .map_err(|p| problems.push(p))
+        .ok();
+    (Some(text), content)
+}
+
 /// Reads and parses one repository file (`rel`, relative to the catalog `dir`).
 fn read_repository(
     dir: &Path,
@@ -1217,12 +1216,7 @@ fn read_repository(
     let text = opener
         .open(&path)
         .and_then(|f| read_small(f, buf))
-        .map_err(|e| Problem {
-            file: rel.to_owned(),
-            line: 0,
-            key: String::new(),
-            message: format!("cannot read {}: {e}", path.display()),
-        })?;
+        .map_err(|e| Problem::whole_file(rel, format!("cannot read {}: {e}", path.display())))?;
     // Nearly every file of a large catalog is valid: the fast path reads it; anything it does not
     // take goes through serde, which words the problem.
     let content = match fast::repository(&text) {
@@ -1448,12 +1442,10 @@ fn collect_toml(dir: &Path, rel: &Path, out: &mut Vec<PathBuf>, problems: &mut V
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
         Err(e) => {
-            problems.push(Problem {
-                file: rel.to_owned(),
-                line: 0,
-                key: String::new(),
-                message: format!("cannot read the directory: {e}"),
-            });
+            problems.push(Problem::whole_file(
+                rel,
+                format!("cannot read the directory: {e}"),
+            ));
             return;
         }
     };

@@ -159,7 +159,7 @@ pub struct ManifestHead {
 
 /// How a host wants to be authenticated, learnt from its first challenge.
 #[derive(Debug, Clone)]
-enum HostAuth {
+pub(super) enum HostAuth {
     /// HTTP basic credentials on every request.
     Basic,
     /// Bearer tokens from `realm`, per scope.
@@ -758,7 +758,7 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
 
 /// Parses a `WWW-Authenticate` challenge: `Basic realm="…"` or
 /// `Bearer realm="…",service="…",scope="…"`.
-fn parse_challenge(value: &str) -> Option<HostAuth> {
+pub(super) fn parse_challenge(value: &str) -> Option<HostAuth> {
     let v = value.trim();
     let (scheme, rest) = v.split_once(' ').unwrap_or((v, ""));
     if scheme.eq_ignore_ascii_case("basic") {

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::OnceCell;
 
+use super::fetch::{HostAuth, parse_challenge};
 use super::{ACCEPTED_MANIFESTS, Credential, RegistryError};
 use crate::policy::Digest;
 
@@ -89,11 +90,10 @@ impl Heads {
                 let challenge = res
                     .headers()
                     .get(reqwest::header::WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|v| v.trim_start().to_ascii_lowercase());
+                    .map(|v| v.to_str().ok().and_then(parse_challenge));
                 match (res.status().as_u16(), challenge) {
                     (200..=299, None) => Access::Open,
-                    (401, Some(c)) if c.starts_with("basic") => Access::Basic,
+                    (401, Some(Some(HostAuth::Basic))) => Access::Basic,
                     _ => Access::Client,
                 }
             })
