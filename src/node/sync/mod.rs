@@ -596,8 +596,9 @@ impl Syncer {
         }
         self.metrics
             .set_pending_version(self.pending.as_ref().map(|p| p.version));
-        self.log(&round, now);
+        // The status first: the log's staleness check reads it, this round included.
         self.publish_status(&round, now);
+        self.log(&round, now);
         round
     }
 
@@ -861,12 +862,9 @@ impl Syncer {
                 tracing::warn!(%source, reason, error = %error, failures = self.failures, "bundle sync: round failed; the bundle in force is unchanged")
             }
         }
-        if self
-            .handle
-            .status()
-            .stale_at(now, self.settings.max_staleness)
-        {
-            let since = self.handle.status().last_success_at;
+        let status = self.handle.status();
+        if status.stale_at(now, self.settings.max_staleness) {
+            let since = status.last_success_at;
             tracing::error!(
                 %source,
                 last_success = since.map(crate::policy::bundle::rfc3339).unwrap_or_else(|| "never".into()),
