@@ -587,6 +587,55 @@ async fn throttled_by_the_registry_the_node_honours_retry_after() {
     assert_eq!(s.consecutive_failures, 0, "{s:?}");
 }
 
+/// Log lines written to a buffer.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_round_that_ends_staleness_does_not_log_it() {
+    if !e2e_enabled("a_round_that_ends_staleness_does_not_log_it") {
+        return;
+    }
+    let env = Env::start("dist-stale-log");
+    let repo = "pullgate/bundles:prod";
+    assert!(env.publish(&env.signed(1, 2, None), "v1", repo).success());
+    let mut settings = SimSettings::new(&env.host(), repo);
+    settings.max_staleness = Duration::from_secs(5);
+    let clock = Arc::new(OffsetClock::default());
+    let (_node, mut sync) = env.node("n", "n", settings, clock.clone());
+    installed(&sync.round().await, 1);
+    // Past max_staleness since the last success: this round succeeds, so the sync is not stale.
+    clock.advance(time::Duration::seconds(60));
+    let log = LogBuffer::default();
+    let sink = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let round = {
+        let _guard = tracing::subscriber::set_default(subscriber);
+        sync.round().await
+    };
+    assert!(round.succeeded(), "{round:?}");
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("bundle sync: unchanged"),
+        "the round's log: {text}"
+    );
+    assert!(!text.contains("STALE"), "{text}");
+}
+
 #[tokio::test]
 async fn rollout_waves_with_an_injected_clock() {
     if !e2e_enabled("rollout_waves_with_an_injected_clock") {

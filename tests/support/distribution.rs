@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pullgate::node::enforce::store::BundleStore;
+use pullgate::node::enforce::store::{BundleStore, StoreError};
 use pullgate::node::metrics::SyncMetrics;
-use pullgate::node::sync::{Clock, StoreTarget, SyncSettings, SyncTarget, Syncer};
+use pullgate::node::sync::{self, Clock, SyncSettings, SyncTarget, Syncer};
 use pullgate::policy::artifact::{BundleArtifact, EMPTY_CONFIG, MANIFEST_MEDIA_TYPE};
-use pullgate::policy::{PrivateKey, Reference, SignatureFile, Trust, parse_bundle};
+use pullgate::policy::{
+    Digest, PrivateKey, Reference, SignatureFile, Trust, VerifiedBundle, parse_bundle,
+};
 use pullgate::registry::{FetchCounters, FetchOptions, Fetcher, Registry, RegistryOptions};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -184,6 +186,46 @@ pub fn seed_at(range: std::ops::Range<u8>) -> String {
         .map(|i| format!("node-{i}"))
         .find(|s| range.contains(&pullgate::policy::rollout::position(ISSUER, s.as_bytes())))
         .expect("a seed in range")
+}
+
+/// The daemon's bundle store in a directory, verified against a trust file, without the daemon's
+/// policy state and audit log.
+pub struct StoreTarget {
+    pub store: BundleStore,
+    pub trust: Arc<Trust>,
+}
+
+impl SyncTarget for StoreTarget {
+    fn verify(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        now: OffsetDateTime,
+        origin: &str,
+    ) -> Result<VerifiedBundle, StoreError> {
+        self.store
+            .verify_new(bundle, signatures, &self.trust, now, Path::new(origin))
+    }
+
+    fn install(
+        &self,
+        bundle: &[u8],
+        signatures: &[u8],
+        now: OffsetDateTime,
+        origin: &str,
+    ) -> Result<Arc<VerifiedBundle>, StoreError> {
+        self.store
+            .install(bundle, signatures, &self.trust, now, Path::new(origin))
+            .map(Arc::new)
+    }
+
+    fn installed_digest(&self) -> Option<Digest> {
+        sync::installed_digest(&self.store)
+    }
+
+    fn state_dir(&self) -> &Path {
+        self.store.dir()
+    }
 }
 
 /// An in-memory bundle store: the same verification as [`BundleStore::verify_new`] (signatures,

@@ -33,8 +33,7 @@
 //! `pullgate_bundle_sync_stale`, and `pullgate status`.
 //!
 //! The wall clock is a [`Clock`] so tests can travel in time; sleeping uses tokio's timer.
-//! [`SyncTarget`] is what the daemon implements with its bundle store, audit log and policy state;
-//! [`StoreTarget`] is a bare bundle store in a directory (the fleet benchmark runs thousands).
+//! [`SyncTarget`] is what the daemon implements with its bundle store, audit log and policy state.
 
 mod status;
 
@@ -52,7 +51,7 @@ use crate::node::enforce::store::{BundleStore, StoreError};
 use crate::node::metrics::SyncMetrics;
 use crate::policy::artifact::{ArtifactError, BundleArtifact};
 use crate::policy::rollout::{self, Wave};
-use crate::policy::{Digest, Reference, Trust, VerifiedBundle};
+use crate::policy::{Digest, Reference, VerifiedBundle};
 use crate::registry::{AuthFile, FetchError, FetchOptions, Fetcher};
 
 pub use status::{PendingView, RejectedView, SyncStatus};
@@ -176,7 +175,7 @@ impl Clock for OffsetClock {
 }
 
 /// Where synced bundles go. The daemon implements it with its bundle store, policy state and audit
-/// log; [`StoreTarget`] is a bare store.
+/// log.
 pub trait SyncTarget: Send + Sync + 'static {
     /// Verifies `bundle` + `signatures` exactly as an install would, without installing.
     fn verify(
@@ -200,45 +199,6 @@ pub trait SyncTarget: Send + Sync + 'static {
     fn state_dir(&self) -> &Path;
     /// A downloaded bundle was rejected by verification (count and audit it).
     fn rejected(&self, _origin: &str, _error: &StoreError) {}
-}
-
-/// A bare bundle store in a directory, verified against a trust file.
-pub struct StoreTarget {
-    pub store: BundleStore,
-    pub trust: Arc<Trust>,
-}
-
-impl SyncTarget for StoreTarget {
-    fn verify(
-        &self,
-        bundle: &[u8],
-        signatures: &[u8],
-        now: OffsetDateTime,
-        origin: &str,
-    ) -> Result<VerifiedBundle, StoreError> {
-        self.store
-            .verify_new(bundle, signatures, &self.trust, now, Path::new(origin))
-    }
-
-    fn install(
-        &self,
-        bundle: &[u8],
-        signatures: &[u8],
-        now: OffsetDateTime,
-        origin: &str,
-    ) -> Result<Arc<VerifiedBundle>, StoreError> {
-        self.store
-            .install(bundle, signatures, &self.trust, now, Path::new(origin))
-            .map(Arc::new)
-    }
-
-    fn installed_digest(&self) -> Option<Digest> {
-        installed_digest(&self.store)
-    }
-
-    fn state_dir(&self) -> &Path {
-        self.store.dir()
-    }
 }
 
 /// The SHA-256 of `store`'s installed bundle file.
@@ -636,8 +596,9 @@ impl Syncer {
         }
         self.metrics
             .set_pending_version(self.pending.as_ref().map(|p| p.version));
-        self.log(&round, now);
+        // The status first: the log's staleness check reads it, this round included.
         self.publish_status(&round, now);
+        self.log(&round, now);
         round
     }
 
@@ -901,12 +862,9 @@ impl Syncer {
                 tracing::warn!(%source, reason, error = %error, failures = self.failures, "bundle sync: round failed; the bundle in force is unchanged")
             }
         }
-        if self
-            .handle
-            .status()
-            .stale_at(now, self.settings.max_staleness)
-        {
-            let since = self.handle.status().last_success_at;
+        let status = self.handle.status();
+        if status.stale_at(now, self.settings.max_staleness) {
+            let since = status.last_success_at;
             tracing::error!(
                 %source,
                 last_success = since.map(crate::policy::bundle::rfc3339).unwrap_or_else(|| "never".into()),
