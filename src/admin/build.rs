@@ -213,6 +213,37 @@ type Provenance<'a> = (&'a str, Vec<OutScan<'a>>);
 pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDateTime) -> Vec<u8> {
     let v2 = format >= 2;
     let issued_at = issued_at.replace_nanosecond(0).unwrap_or(issued_at);
+    // The entries of each repository are independent of the others': rendered on every core, each part
+    // into its own bytes, joined in order.
+    let parts = super::parallel::in_parts(&catalog.repositories, |_, repos| {
+        let mut part = Entries::default();
+        for repo in repos {
+            for image in repository_entries(repo, v2, issued_at) {
+                part.push(&image);
+            }
+        }
+        part
+    });
+    let mut head = Vec::with_capacity(4096);
+    if serde_json::to_writer_pretty(
+        &mut head,
+        &bundle_without_images(catalog, v2, version, issued_at),
+    )
+    .is_err()
+    {
+        return b"\n".to_vec();
+    }
+    splice_images(head, parts)
+}
+
+/// Everything of the bundle but its entries (`images` is left empty), `issued_at` without its
+/// fraction of a second.
+fn bundle_without_images(
+    catalog: &Catalog,
+    v2: bool,
+    version: u64,
+    issued_at: OffsetDateTime,
+) -> Out<'_> {
     let expires_at = issued_at
         + time::Duration::try_from(catalog.header.validity.0).unwrap_or(time::Duration::MAX);
     let h = &catalog.header;
@@ -225,80 +256,6 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
         }
     };
     let mode = |m: Option<crate::policy::Mode>| m.map(|m| m.to_string());
-
-    // Format 2: one entry per repository, scope and provenance, so each tag keeps its own scans and
-    // licence (a node judges an entry's provenance against the pod's rule; merged, one tag's scans
-    // could satisfy a rule for another, and one tag's licence deny another). Format 1 (no rules on
-    // the node): one entry per repository and scope, with the provenances merged.
-    let mut images = Vec::new();
-    for repo in &catalog.repositories {
-        let mut groups: BTreeMap<(&str, Option<Provenance>), Vec<&Version>> = BTreeMap::new();
-        for v in &repo.content.approved {
-            if !v2 && v.sunset_at.is_some_and(|s| s.0 <= issued_at) {
-                continue;
-            }
-            let provenance = v2.then(|| (v.license.get_ref().as_str(), out_scans([v])));
-            groups
-                .entry((v.scope.get_ref(), provenance))
-                .or_default()
-                .push(v);
-        }
-        for ((scope, _), versions) in groups {
-            let mut tags = BTreeMap::new();
-            let mut digests = Vec::new();
-            for v in &versions {
-                let r = if v2 && (v.deprecated_at.is_some() || v.sunset_at.is_some()) {
-                    OutRef::Lifecycle {
-                        digest: v.digest.get_ref(),
-                        deprecated_at: v.deprecated_at.map(|t| rfc3339(t.0)),
-                        sunset_at: v.sunset_at.map(|t| rfc3339(t.0)),
-                        replacement: v.replacement.as_ref().map(|r| r.get_ref().as_str()),
-                    }
-                } else {
-                    OutRef::Plain(v.digest.get_ref())
-                };
-                match &v.tag {
-                    Some(t) => {
-                        tags.insert(t.get_ref().as_str(), r);
-                    }
-                    None => digests.push((v.digest.get_ref().as_str(), r)),
-                }
-            }
-            digests.sort_by(|a, b| a.0.cmp(b.0));
-            let mut licences: Vec<&str> = versions
-                .iter()
-                .map(|v| v.license.get_ref().as_str())
-                .collect();
-            licences.sort_unstable();
-            licences.dedup();
-            let license = if licences.len() == 1 {
-                licences[0].to_owned()
-            } else {
-                licences
-                    .iter()
-                    .map(|l| format!("({l})"))
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
-            };
-            let latest = versions
-                .iter()
-                .max_by_key(|v| (v.approved_at, v.digest.get_ref()))
-                .copied();
-            let Some(latest) = latest else { continue };
-            images.push(OutImage {
-                source: &repo.source,
-                tags,
-                digests: digests.into_iter().map(|(_, r)| r).collect(),
-                scope,
-                provenance: OutProvenance {
-                    license,
-                    scans: out_scans(versions.iter().copied()),
-                    approved_by: &latest.approved_by,
-                    approved_at: rfc3339(latest.approved_at.0),
-                },
-            });
-        }
-    }
 
     let mut exceptions: Vec<OutException> = if v2 {
         catalog
@@ -321,7 +278,7 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
     };
     exceptions.sort_by(|a, b| (a.source, a.scope, a.digest).cmp(&(b.source, b.scope, b.digest)));
 
-    let out = Out {
+    Out {
         format: if v2 { 2 } else { 1 },
         version,
         issued_at: rfc3339(issued_at),
@@ -371,7 +328,7 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
                 require_digest: f.require_digest,
             })
             .collect(),
-        images,
+        images: Vec::new(),
         exceptions,
         rollout: if v2 {
             h.rollout
@@ -384,15 +341,226 @@ pub fn render(catalog: &Catalog, format: u32, version: u64, issued_at: OffsetDat
         } else {
             Vec::new()
         },
-    };
-    // Sized up front (a built entry takes about 800 bytes): a large bundle is not copied again and
-    // again as the buffer grows.
-    let mut bytes = Vec::with_capacity(4096 + out.images.len() * 800);
-    if serde_json::to_writer_pretty(&mut bytes, &out).is_err() {
-        bytes.clear();
     }
+}
+
+/// The pretty-printed bundle with its (empty) `images` array replaced by the rendered entries.
+///
+/// The top-level key is found by its bytes — a newline, two spaces, `"images": []` — which can only be
+/// that key: JSON strings hold no raw newline, and only the top-level object's keys are indented by
+/// two spaces.
+fn splice_images(head: Vec<u8>, parts: Vec<Entries>) -> Vec<u8> {
+    const EMPTY: &[u8] = b"\n  \"images\": []";
+    let count: usize = parts.iter().map(|p| p.count).sum();
+    let Some(at) = head.windows(EMPTY.len()).position(|w| w == EMPTY) else {
+        // `Out` always has the key: this would be a change to it that forgot this function.
+        unreachable!("the rendered bundle has no images key");
+    };
+    let open = at + EMPTY.len() - 1;
+    let len: usize = parts.iter().map(|p| p.bytes.len()).sum();
+    let mut bytes = Vec::with_capacity(head.len() + len + 8);
+    bytes.extend_from_slice(&head[..open]);
+    let mut first = true;
+    for part in &parts {
+        if part.count == 0 {
+            continue;
+        }
+        // Each part's entries start with the separator of a following entry (`,`); the very first
+        // entry of the array has none.
+        bytes.extend_from_slice(if first { &part.bytes[1..] } else { &part.bytes });
+        first = false;
+    }
+    if count > 0 {
+        bytes.extend_from_slice(b"\n  ");
+    }
+    bytes.extend_from_slice(&head[open..]);
     bytes.push(b'\n');
     bytes
+}
+
+/// Bundle entries rendered as the `images` array's elements are printed (two levels deep), each
+/// preceded by `,` and its line break.
+#[derive(Default)]
+struct Entries {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl Entries {
+    fn push(&mut self, image: &OutImage) {
+        self.bytes.extend_from_slice(b",\n    ");
+        let mut ser = serde_json::Serializer::with_formatter(&mut self.bytes, Indented::at(2));
+        // Serializing borrowed strings into memory cannot fail.
+        image
+            .serialize(&mut ser)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        self.count += 1;
+    }
+}
+
+/// serde_json's pretty layout (two spaces per level) starting `base` levels deep, for values printed
+/// apart and put inside a document.
+struct Indented {
+    level: usize,
+    has_value: bool,
+}
+
+impl Indented {
+    fn at(base: usize) -> Indented {
+        Indented {
+            level: base,
+            has_value: false,
+        }
+    }
+
+    fn newline<W: ?Sized + std::io::Write>(&self, w: &mut W) -> std::io::Result<()> {
+        const SPACES: &[u8] = &[b' '; 64];
+        w.write_all(b"\n")?;
+        let mut n = self.level * 2;
+        while n > 0 {
+            let k = n.min(SPACES.len());
+            w.write_all(&SPACES[..k])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + std::io::Write>(&mut self, w: &mut W, c: &[u8]) -> std::io::Result<()> {
+        self.level += 1;
+        self.has_value = false;
+        w.write_all(c)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(&mut self, w: &mut W, c: &[u8]) -> std::io::Result<()> {
+        self.level -= 1;
+        if self.has_value {
+            self.newline(w)?;
+        }
+        w.write_all(c)
+    }
+
+    fn item<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+}
+
+impl serde_json::ser::Formatter for Indented {
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"[")
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"]")
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.open(w, b"{")
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.close(w, b"}")
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.item(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
+        self.has_value = true;
+        Ok(())
+    }
+}
+
+/// The bundle entries of one repository (see the module docs for how approvals are grouped).
+fn repository_entries(
+    repo: &catalog::Repository,
+    v2: bool,
+    issued_at: OffsetDateTime,
+) -> Vec<OutImage<'_>> {
+    let mut images = Vec::new();
+    let mut groups: BTreeMap<(&str, Option<Provenance>), Vec<&Version>> = BTreeMap::new();
+    for v in &repo.content.approved {
+        if !v2 && v.sunset_at.is_some_and(|s| s.0 <= issued_at) {
+            continue;
+        }
+        let provenance = v2.then(|| (v.license.get_ref().as_str(), out_scans([v])));
+        groups
+            .entry((v.scope.get_ref(), provenance))
+            .or_default()
+            .push(v);
+    }
+    for ((scope, _), versions) in groups {
+        let mut tags = BTreeMap::new();
+        let mut digests = Vec::new();
+        for v in &versions {
+            let r = if v2 && (v.deprecated_at.is_some() || v.sunset_at.is_some()) {
+                OutRef::Lifecycle {
+                    digest: v.digest.get_ref(),
+                    deprecated_at: v.deprecated_at.map(|t| rfc3339(t.0)),
+                    sunset_at: v.sunset_at.map(|t| rfc3339(t.0)),
+                    replacement: v.replacement.as_ref().map(|r| r.get_ref().as_str()),
+                }
+            } else {
+                OutRef::Plain(v.digest.get_ref())
+            };
+            match &v.tag {
+                Some(t) => {
+                    tags.insert(t.get_ref().as_str(), r);
+                }
+                None => digests.push((v.digest.get_ref().as_str(), r)),
+            }
+        }
+        digests.sort_by(|a, b| a.0.cmp(b.0));
+        let mut licences: Vec<&str> = versions
+            .iter()
+            .map(|v| v.license.get_ref().as_str())
+            .collect();
+        licences.sort_unstable();
+        licences.dedup();
+        let license = if licences.len() == 1 {
+            licences[0].to_owned()
+        } else {
+            licences
+                .iter()
+                .map(|l| format!("({l})"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let latest = versions
+            .iter()
+            .max_by_key(|v| (v.approved_at, v.digest.get_ref()))
+            .copied();
+        let Some(latest) = latest else { continue };
+        images.push(OutImage {
+            source: &repo.source,
+            tags,
+            digests: digests.into_iter().map(|(_, r)| r).collect(),
+            scope,
+            provenance: OutProvenance {
+                license,
+                scans: out_scans(versions.iter().copied()),
+                approved_by: &latest.approved_by,
+                approved_at: rfc3339(latest.approved_at.0),
+            },
+        });
+    }
+    images
 }
 
 /// The scans of `versions`, sorted, each once.
@@ -520,6 +688,69 @@ mod tests {
         });
         crate::policy::bundle::check_trust_limits(&b, &trust).unwrap();
         b
+    }
+
+    /// The example catalog with `extra` more repositories (copies of its `pause` file).
+    fn catalog_with(extra: usize) -> (tempfile::TempDir, Catalog) {
+        let t = copy_fixture();
+        let pause = t.path().join("images/registry.k8s.io/pause.toml");
+        let text = std::fs::read_to_string(&pause).unwrap();
+        for i in 0..extra {
+            let copy = text.replace(
+                "registry.k8s.io/pause\"",
+                &format!("registry.k8s.io/pause{i}\""),
+            );
+            std::fs::write(pause.with_file_name(format!("pause{i}.toml")), copy).unwrap();
+        }
+        let catalog = Catalog::load(t.path()).unwrap();
+        assert_eq!(catalog.repositories.len(), 2 + extra);
+        (t, catalog)
+    }
+
+    #[test]
+    fn entries_rendered_in_parts_are_laid_out_as_one_pretty_print() {
+        let issued = datetime!(2026-04-01 10:00:00.5 UTC);
+        for extra in [0, 1, 41] {
+            let (_t, catalog) = catalog_with(extra);
+            for format in [1, 2] {
+                let v2 = format == 2;
+                let mut whole = bundle_without_images(&catalog, v2, 9, issued);
+                whole.images = catalog
+                    .repositories
+                    .iter()
+                    .flat_map(|r| repository_entries(r, v2, issued.replace_nanosecond(0).unwrap()))
+                    .collect();
+                assert!(whole.images.len() > extra);
+                let mut want = serde_json::to_vec_pretty(&whole).unwrap();
+                want.push(b'\n');
+                let got = render(&catalog, format, 9, issued);
+                assert!(
+                    got == want,
+                    "format {format}, {extra} more repositories:\n{}",
+                    String::from_utf8_lossy(&got)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_catalog_without_images_renders_an_empty_list() {
+        let t = copy_fixture();
+        std::fs::remove_dir_all(t.path().join("images")).unwrap();
+        let catalog = Catalog::load(t.path()).unwrap();
+        let got = render(&catalog, 2, 3, datetime!(2026-04-01 10:00 UTC));
+        let mut want = serde_json::to_vec_pretty(&bundle_without_images(
+            &catalog,
+            true,
+            3,
+            datetime!(2026-04-01 10:00 UTC),
+        ))
+        .unwrap();
+        want.push(b'\n');
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap()
+        );
     }
 
     fn pod(namespace: Option<&str>) -> PodContext {

@@ -617,27 +617,11 @@ impl Catalog {
             &mut problems,
         );
         // Repository files are read and parsed on every core (a large catalog has one per image).
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(8);
-        let chunk = files.len().div_ceil(threads).max(1);
-        let parsed: Vec<Vec<Result<Repository, Problem>>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = files
-                .chunks(chunk)
-                .map(|part| {
-                    scope.spawn(move || {
-                        let (mut buf, mut opener) = (Vec::new(), Opener::default());
-                        part.iter()
-                            .map(|rel| read_repository(dir, rel, &mut opener, &mut buf))
-                            .collect()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                // A worker that panicked would lose its files' approvals: pass the panic on.
-                .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                .collect()
+        let parsed = super::parallel::in_parts(&files, |_, part| {
+            let (mut buf, mut opener) = (Vec::new(), Opener::default());
+            part.iter()
+                .map(|rel| read_repository(dir, rel, &mut opener, &mut buf))
+                .collect::<Vec<_>>()
         });
         for r in parsed.into_iter().flatten() {
             match r {
@@ -864,161 +848,22 @@ impl Catalog {
             }
         }
 
-        // Images.
-        let mut licenses: HashMap<&str, Option<String>> = HashMap::new();
-        // The repositories are sorted by source: a second file of a source follows the one before.
-        let mut previous: Option<&Repository> = None;
-        for repo in &self.repositories {
-            let src = Source {
-                file: &repo.file,
-                text: &repo.text,
-            };
-            let other = previous
-                .filter(|p| p.source == repo.source)
-                .map(|p| &p.file);
-            previous = Some(repo);
-            if let Some(other) = other {
-                problems.push(src.at(
-                    &repo.content.source.span(),
-                    "source",
-                    format!(
-                        "{} is also described by {}; keep one file per repository",
-                        repo.source,
-                        other.display()
-                    ),
-                ));
+        // Images: every repository file on its own, on every core (a large catalog has one per image).
+        let repos = &self.repositories;
+        let this = &*self;
+        let found = super::parallel::in_parts(repos, |start, part| {
+            let mut found = Vec::new();
+            // A catalog has few distinct licence texts: each is parsed once per part.
+            let mut licenses = HashMap::new();
+            for (i, repo) in part.iter().enumerate() {
+                // The repositories are sorted by source: a second file of a source follows the one
+                // before (which may be the last of the part before).
+                let previous = (start + i).checked_sub(1).map(|p| &repos[p]);
+                this.check_repository(repo, previous, &scope_known, &mut licenses, &mut found);
             }
-            if let Ok(r) = Reference::parse(&repo.source) {
-                if r.domain() == h.private_registry.get_ref() {
-                    problems.push(src.at(&repo.content.source.span(), "source", "is in the private registry; list first-party images under first_party in catalog.toml"));
-                } else if self.mirror_path(&r).is_none() {
-                    problems.push(src.at(
-                        &repo.content.source.span(),
-                        "source",
-                        format!("no mirror in catalog.toml covers {}; add one", r.domain()),
-                    ));
-                }
-            }
-            let mut tags: BTreeMap<&str, &str> = BTreeMap::new();
-            let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
-            // (digest, scope) → the tag of the first entry approving it there.
-            let mut routes: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
-            let all_tags: BTreeSet<&str> = repo
-                .content
-                .approved
-                .iter()
-                .filter_map(|v| v.tag.as_ref().map(|t| t.get_ref().as_str()))
-                .collect();
-            for v in &repo.content.approved {
-                let at = |span: std::ops::Range<usize>, key: &str, msg: String| {
-                    src.at(&span, format!("approved.{key}"), msg)
-                };
-                if !scope_known(v.scope.get_ref()) {
-                    problems.push(at(
-                        v.scope.span(),
-                        "scope",
-                        unknown_scope(v.scope.get_ref()),
-                    ));
-                }
-                if let Err(e) = Digest::parse(v.digest.get_ref()) {
-                    problems.push(at(v.digest.span(), "digest", e.to_string()));
-                }
-                let key = v
-                    .tag
-                    .as_ref()
-                    .map_or(v.digest.get_ref(), |t| t.get_ref())
-                    .as_str();
-                if !seen.insert((key, v.scope.get_ref())) {
-                    problems.push(at(
-                        v.scope.span(),
-                        "scope",
-                        format!(
-                            "{key} is approved twice for {}; keep one entry",
-                            v.scope.get_ref()
-                        ),
-                    ));
-                }
-                let tag = v.tag.as_ref().map(|t| t.get_ref().as_str());
-                let first = *routes
-                    .entry((v.digest.get_ref(), v.scope.get_ref()))
-                    .or_insert(tag);
-                if let (Some(t), None) | (None, Some(t)) = (first, tag) {
-                    problems.push(at(
-                        v.digest.span(),
-                        "digest",
-                        format!(
-                            "{} is approved for {} both without a tag and as tag {t}; keep one entry",
-                            v.digest.get_ref(),
-                            v.scope.get_ref()
-                        ),
-                    ));
-                }
-                if let Some(t) = &v.tag {
-                    if let Err(e) = Reference::parse(&format!("{}:{}", repo.source, t.get_ref())) {
-                        problems.push(at(t.span(), "tag", e.kind.to_string()));
-                    }
-                    if let Some(other) = tags.insert(t.get_ref(), v.digest.get_ref()) {
-                        if other != v.digest.get_ref() {
-                            problems.push(at(t.span(), "tag", format!("tag {} is bound to {} here and to {other} in another entry; a tag means one digest", t.get_ref(), v.digest.get_ref())));
-                        }
-                    }
-                }
-                // A catalog has few distinct licence texts: each is parsed once.
-                let license = licenses
-                    .entry(v.license.get_ref())
-                    .or_insert_with_key(|l| LicenseExpression::parse(l).err());
-                if let Some(e) = license {
-                    problems.push(at(
-                        v.license.span(),
-                        "license",
-                        format!("\"{}\": {e}", v.license.get_ref()),
-                    ));
-                }
-                if v.scans.is_empty() {
-                    problems.push(at(
-                        v.digest.span(),
-                        "scans",
-                        "no scanner results; approve images with `pullgate approve`".into(),
-                    ));
-                }
-                for s in &v.scans {
-                    if let Err(e) = Digest::parse(s.report.get_ref()) {
-                        problems.push(at(s.report.span(), "scans.report", e.to_string()));
-                    }
-                }
-                if let (Some(d), Some(s)) = (v.deprecated_at, v.sunset_at) {
-                    if d >= s {
-                        problems.push(at(
-                            v.digest.span(),
-                            "deprecated_at",
-                            format!("{d} is not before sunset_at {s}"),
-                        ));
-                    }
-                }
-                if let Some(r) = &v.replacement {
-                    if v.deprecated_at.is_none() && v.sunset_at.is_none() {
-                        problems.push(at(
-                            r.span(),
-                            "replacement",
-                            "needs deprecated_at or sunset_at".into(),
-                        ));
-                    }
-                    if Some(r.get_ref()) == v.tag.as_ref().map(|t| t.get_ref()) {
-                        problems.push(at(r.span(), "replacement", "is the tag itself".into()));
-                    } else if !all_tags.contains(r.get_ref().as_str()) {
-                        problems.push(at(
-                            r.span(),
-                            "replacement",
-                            format!(
-                                "{} is not an approved tag of {}; approve it first",
-                                r.get_ref(),
-                                repo.source
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
+            found
+        });
+        problems.extend(found.into_iter().flatten());
 
         for e in &self.exceptions {
             if !scope_known(e.scope.get_ref()) {
@@ -1061,6 +906,168 @@ impl Catalog {
             }
         }
         self.scopes = scopes;
+    }
+
+    /// Checks one repository file: its source, and each approval's scope, digest, tag, licence, scans
+    /// and lifecycle. `previous` is the repository file sorted before it (a second file of the same
+    /// source is a problem).
+    fn check_repository<'c>(
+        &'c self,
+        repo: &'c Repository,
+        previous: Option<&Repository>,
+        scope_known: &(dyn Fn(&str) -> bool + Sync),
+        licenses: &mut HashMap<&'c str, Option<String>>,
+        problems: &mut Vec<Problem>,
+    ) {
+        let h = &self.header;
+        let src = Source {
+            file: &repo.file,
+            text: &repo.text,
+        };
+        let other = previous
+            .filter(|p| p.source == repo.source)
+            .map(|p| &p.file);
+        if let Some(other) = other {
+            problems.push(src.at(
+                &repo.content.source.span(),
+                "source",
+                format!(
+                    "{} is also described by {}; keep one file per repository",
+                    repo.source,
+                    other.display()
+                ),
+            ));
+        }
+        if let Ok(r) = Reference::parse(&repo.source) {
+            if r.domain() == h.private_registry.get_ref() {
+                problems.push(src.at(&repo.content.source.span(), "source", "is in the private registry; list first-party images under first_party in catalog.toml"));
+            } else if self.mirror_path(&r).is_none() {
+                problems.push(src.at(
+                    &repo.content.source.span(),
+                    "source",
+                    format!("no mirror in catalog.toml covers {}; add one", r.domain()),
+                ));
+            }
+        }
+        let mut tags: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut seen: BTreeSet<(&str, &str)> = BTreeSet::new();
+        // (digest, scope) → the tag of the first entry approving it there.
+        let mut routes: BTreeMap<(&str, &str), Option<&str>> = BTreeMap::new();
+        let all_tags: BTreeSet<&str> = repo
+            .content
+            .approved
+            .iter()
+            .filter_map(|v| v.tag.as_ref().map(|t| t.get_ref().as_str()))
+            .collect();
+        for v in &repo.content.approved {
+            let at = |span: std::ops::Range<usize>, key: &str, msg: String| {
+                src.at(&span, format!("approved.{key}"), msg)
+            };
+            if !scope_known(v.scope.get_ref()) {
+                problems.push(at(
+                    v.scope.span(),
+                    "scope",
+                    unknown_scope(v.scope.get_ref()),
+                ));
+            }
+            if let Err(e) = Digest::parse(v.digest.get_ref()) {
+                problems.push(at(v.digest.span(), "digest", e.to_string()));
+            }
+            let key = v
+                .tag
+                .as_ref()
+                .map_or(v.digest.get_ref(), |t| t.get_ref())
+                .as_str();
+            if !seen.insert((key, v.scope.get_ref())) {
+                problems.push(at(
+                    v.scope.span(),
+                    "scope",
+                    format!(
+                        "{key} is approved twice for {}; keep one entry",
+                        v.scope.get_ref()
+                    ),
+                ));
+            }
+            let tag = v.tag.as_ref().map(|t| t.get_ref().as_str());
+            let first = *routes
+                .entry((v.digest.get_ref(), v.scope.get_ref()))
+                .or_insert(tag);
+            if let (Some(t), None) | (None, Some(t)) = (first, tag) {
+                problems.push(at(
+                    v.digest.span(),
+                    "digest",
+                    format!(
+                        "{} is approved for {} both without a tag and as tag {t}; keep one entry",
+                        v.digest.get_ref(),
+                        v.scope.get_ref()
+                    ),
+                ));
+            }
+            if let Some(t) = &v.tag {
+                if let Err(e) = Reference::parse(&format!("{}:{}", repo.source, t.get_ref())) {
+                    problems.push(at(t.span(), "tag", e.kind.to_string()));
+                }
+                if let Some(other) = tags.insert(t.get_ref(), v.digest.get_ref()) {
+                    if other != v.digest.get_ref() {
+                        problems.push(at(t.span(), "tag", format!("tag {} is bound to {} here and to {other} in another entry; a tag means one digest", t.get_ref(), v.digest.get_ref())));
+                    }
+                }
+            }
+            // A catalog has few distinct licence texts: each is parsed once.
+            let license = licenses
+                .entry(v.license.get_ref())
+                .or_insert_with_key(|l| LicenseExpression::parse(l).err());
+            if let Some(e) = license {
+                problems.push(at(
+                    v.license.span(),
+                    "license",
+                    format!("\"{}\": {e}", v.license.get_ref()),
+                ));
+            }
+            if v.scans.is_empty() {
+                problems.push(at(
+                    v.digest.span(),
+                    "scans",
+                    "no scanner results; approve images with `pullgate approve`".into(),
+                ));
+            }
+            for s in &v.scans {
+                if let Err(e) = Digest::parse(s.report.get_ref()) {
+                    problems.push(at(s.report.span(), "scans.report", e.to_string()));
+                }
+            }
+            if let (Some(d), Some(s)) = (v.deprecated_at, v.sunset_at) {
+                if d >= s {
+                    problems.push(at(
+                        v.digest.span(),
+                        "deprecated_at",
+                        format!("{d} is not before sunset_at {s}"),
+                    ));
+                }
+            }
+            if let Some(r) = &v.replacement {
+                if v.deprecated_at.is_none() && v.sunset_at.is_none() {
+                    problems.push(at(
+                        r.span(),
+                        "replacement",
+                        "needs deprecated_at or sunset_at".into(),
+                    ));
+                }
+                if Some(r.get_ref()) == v.tag.as_ref().map(|t| t.get_ref()) {
+                    problems.push(at(r.span(), "replacement", "is the tag itself".into()));
+                } else if !all_tags.contains(r.get_ref().as_str()) {
+                    problems.push(at(
+                        r.span(),
+                        "replacement",
+                        format!(
+                            "{} is not an approved tag of {}; approve it first",
+                            r.get_ref(),
+                            repo.source
+                        ),
+                    ));
+                }
+            }
+        }
     }
 
     /// The rules of one governance level, from its parent's (reported as problems when invalid).
@@ -1997,6 +2004,28 @@ pub(crate) mod tests {
         for bad in ["2026-02-30T00:00:00Z", "2026-01-10T09:30:00", "2026-01-10"] {
             assert!(toml::from_str::<T>(&format!("t = {bad}")).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn every_second_file_of_a_source_is_found_in_a_large_catalog() {
+        // Enough files for the check to run in several parts: the second file of a source may be the
+        // first of a part.
+        let t = copy_fixture();
+        let d = t.path().join("images/registry.k8s.io");
+        let text = std::fs::read_to_string(d.join("pause.toml")).unwrap();
+        let mut want = Vec::new();
+        for i in 0..60 {
+            let source = format!("registry.k8s.io/pause{:02}", i / 2 * 2);
+            let copy = text.replace("registry.k8s.io/pause\"", &format!("{source}\""));
+            std::fs::write(d.join(format!("pause{i:02}.toml")), copy).unwrap();
+            if i % 2 == 1 {
+                want.push(format!(
+                    "images/registry.k8s.io/pause{i:02}.toml:1: source: {source} is also described by images/registry.k8s.io/pause{:02}.toml; keep one file per repository",
+                    i - 1
+                ));
+            }
+        }
+        assert_eq!(problems(t.path()), want);
     }
 
     #[test]

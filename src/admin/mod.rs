@@ -9,6 +9,7 @@
 //!   digest and the catalog entry.
 //! - [`build`]: catalog → the next bundle (format 2), with the mirror check.
 //! - [`publish`]: a signed bundle pushed to a channel of the private registry as an OCI artifact.
+//! - `parallel`: large catalogs' files, checks and bundle entries split across the cores.
 //!
 //! It uses the policy core ([`crate::policy`]: references, digests, rules, licences, bundle format) and
 //! the shared registry client ([`crate::registry`]); never the node daemon.
@@ -16,5 +17,6 @@
 pub mod approve;
 pub mod build;
 pub mod catalog;
+mod parallel;
 pub mod publish;
 pub mod reports;
