@@ -150,9 +150,13 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
         // checkout denies GPL-2.0-only, the licence the organisation approved busybox under.
         v["governance"]["programs"][0]["projects"][0]["rules"] =
             json!({"licenses": {"deny": ["GPL-2.0-only"]}});
+        // 1.34 names the same image through an exception alone (no approval binds that tag).
         v["exceptions"] = json!([{
             "source": "docker.io/library/busybox", "digest": fx.busybox_old.digest, "tag": "1.35",
             "scope": "corp/search/index", "expires_at": t(expires), "ticket": "SEC-77",
+            "reason": "second scan pending", "approved_by": "alice@corp.example"}, {
+            "source": "docker.io/library/busybox", "digest": fx.busybox_old.digest, "tag": "1.34",
+            "scope": "corp/search", "expires_at": t(expires), "ticket": "SEC-77",
             "reason": "second scan pending", "approved_by": "alice@corp.example"}]);
     });
     let path = node.keys.sign_json(&v2, "bundle-v2");
@@ -172,6 +176,27 @@ async fn deprecation_sunset_exception_and_licence_on_a_real_node() {
     );
     assert!(!c.is_empty());
     audited(&node, "CreateContainer", "busybox:1.35", "exception");
+    // A tag allowed only through the exception names the image it pulled, as an approved tag does:
+    // kubelet's `ImageStatus` finds it (and does not pull it again for every pod).
+    must(
+        "pull busybox:1.34 by exception",
+        cri.pull("busybox:1.34", SEARCH_NS).await,
+    );
+    let found = must(
+        "ImageStatus busybox:1.34",
+        cri.image_status("busybox:1.34").await,
+    );
+    let image = found
+        .image
+        .expect("busybox:1.34 is found by its exception's tag");
+    assert!(
+        image
+            .repo_tags
+            .iter()
+            .any(|t| t == "docker.io/library/busybox:1.34"),
+        "{:?}",
+        image.repo_tags
+    );
     // Outside the exception's scope it stays denied for its scan rule.
     assert_status(
         "busybox:1.35 in checkout",

@@ -14,10 +14,11 @@
 //! One image shows the same `repo_tags` and `repo_digests` however it is asked for (tag, `repo@digest`,
 //! image ID, short or mirror name) and in `ListImages`: for every repo digest `MIRROR@D` that
 //! containerd reports, where `MIRROR` is a mirror path whose source repository `SOURCE` the bundle
-//! approves `D` for (as a digest or through a tag),
+//! approves `D` for (as a digest or through a tag) or names in an exception,
 //!
 //! - `MIRROR@D` is shown as `SOURCE@D` (the same manifest: mirrors are copies by digest), and
-//! - every tag `T` the bundle binds to `D` adds `SOURCE:T` to `repo_tags`.
+//! - every tag `T` the bundle binds to `D`, through an approval or an exception, adds `SOURCE:T` to
+//!   `repo_tags`.
 //!
 //! Every other name containerd reports is shown as it is. So an image pulled through pullgate looks
 //! as it would had containerd pulled the source names itself, and every name shown resolves back to
@@ -45,7 +46,7 @@ pub struct Resolved {
 }
 
 /// Resolves a public (or mirror-location) reference to its pinned mirror reference, when the bundle
-/// approves that tag or digest for some scope. `None` for anything else (first-party images, unknown
+/// approves that tag or digest for some scope or names it in an exception. `None` for anything else (first-party images, unknown
 /// repositories, unapproved tags): those are left as the user wrote them.
 pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
     let r = Reference::parse(image).ok()?;
@@ -59,10 +60,9 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
             bundle.mirror_path(m, r.path()),
         )
     };
-    let entries = bundle.entries(&source);
     let digest: Digest = match (r.digest(), r.tag()) {
-        (Some(d), _) => entries.iter().any(|e| e.has_digest(d)).then(|| d.clone())?,
-        (None, Some(tag)) => entries.iter().find_map(|e| e.tag(tag)).cloned()?,
+        (Some(d), _) => names_digest(&source, d, bundle).then(|| d.clone())?,
+        (None, Some(tag)) => tag_digest(&source, tag, bundle)?.clone(),
         (None, None) => return None,
     };
     Some(Resolved {
@@ -75,7 +75,7 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
 /// (`registry.corp/approved/library/busybox@sha256:…`): the source repo digest
 /// (`docker.io/library/busybox@sha256:…`) and the source tags bound to that digest
 /// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is a mirror path whose source the
-/// bundle approves this digest for.
+/// bundle approves this digest for or names it in an exception.
 fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<String>)> {
     let r = Reference::parse(repo_digest).ok()?;
     let digest = r.digest()?;
@@ -83,19 +83,53 @@ fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<Strin
         return None;
     }
     let (_, source) = bundle.source_of_mirror_path(r.path())?;
-    let entries = bundle.entries(&source);
-    if !entries.iter().any(|e| e.has_digest(digest)) {
+    if !names_digest(&source, digest, bundle) {
         return None;
     }
-    let mut tags: Vec<String> = entries
+    let entry_tags = bundle
+        .entries(&source)
         .iter()
         .flat_map(|e| e.tags().iter())
         .filter(|(_, d)| d == digest)
-        .map(|(t, _)| format!("{source}:{t}"))
+        .map(|(t, _)| &**t);
+    let exception_tags = bundle
+        .exceptions_for(&source)
+        .iter()
+        .filter(|x| &x.digest == digest)
+        .filter_map(|x| x.tag.as_deref());
+    let mut tags: Vec<String> = entry_tags
+        .chain(exception_tags)
+        .map(|t| format!("{source}:{t}"))
         .collect();
     tags.sort();
     tags.dedup();
     Some((format!("{source}@{digest}"), tags))
+}
+
+/// Whether the bundle names `digest` of `source` at all: an approval (as a digest or through a tag)
+/// or an exception for it, in any scope and at any time (names ignore both).
+fn names_digest(source: &str, digest: &Digest, bundle: &Bundle) -> bool {
+    bundle.entries(source).iter().any(|e| e.has_digest(digest))
+        || bundle
+            .exceptions_for(source)
+            .iter()
+            .any(|x| &x.digest == digest)
+}
+
+/// The digest the bundle binds tag `tag` of `source` to, through an approval or an exception (a
+/// verified bundle binds a tag to one digest across both).
+fn tag_digest<'b>(source: &str, tag: &str, bundle: &'b Bundle) -> Option<&'b Digest> {
+    bundle
+        .entries(source)
+        .iter()
+        .find_map(|e| e.tag(tag))
+        .or_else(|| {
+            bundle
+                .exceptions_for(source)
+                .iter()
+                .find(|x| x.tag.as_deref() == Some(tag))
+                .map(|x| &x.digest)
+        })
 }
 
 /// The `repo_tags` and `repo_digests` a CRI client sees for an image containerd reports with these
@@ -177,6 +211,48 @@ mod tests {
             assert!(tags.is_empty(), "{other}: {tags:?}");
             assert_eq!(digests, std::slice::from_ref(&other));
         }
+    }
+
+    #[test]
+    fn tags_and_digests_of_exceptions_are_named_like_approvals() {
+        use crate::policy::testutil::v2_bundle_with;
+        let mirror = |n: u8| format!("registry.corp/approved/library/redis@{}", d(n));
+        // The format 2 example: redis:7.4 (digest 09) is allowed only through an exception.
+        let b = v2_bundle_with(|_| {});
+        for name in ["redis:7.4", &format!("docker.io/library/redis@{}", d(9))] {
+            assert_eq!(
+                resolve(name, &b).map(|r| r.pull_ref),
+                Some(mirror(9)),
+                "{name}"
+            );
+        }
+        let (tags, digests) = shown_names([], [mirror(9).as_str()], &b);
+        assert_eq!(tags, ["docker.io/library/redis:7.4"]);
+        assert_eq!(digests, [format!("docker.io/library/redis@{}", d(9))]);
+        for name in tags.iter().chain(&digests) {
+            assert_eq!(
+                resolve(name, &b).map(|r| r.pull_ref),
+                Some(mirror(9)),
+                "{name}"
+            );
+        }
+
+        // A repository the bundle has no approval for at all, only an exception.
+        let b = v2_bundle_with(|v| {
+            let mut x = v["exceptions"][0].clone();
+            x["source"] = "docker.io/library/memcached".into();
+            x["digest"] = d(10).into();
+            x["tag"] = "1.6".into();
+            v["exceptions"].as_array_mut().unwrap().push(x);
+        });
+        let pinned = format!("registry.corp/approved/library/memcached@{}", d(10));
+        assert_eq!(
+            resolve("memcached:1.6", &b).map(|r| r.pull_ref),
+            Some(pinned.clone())
+        );
+        assert_eq!(resolve("memcached:1.5", &b), None);
+        let (tags, _) = shown_names([], [pinned.as_str()], &b);
+        assert_eq!(tags, ["docker.io/library/memcached:1.6"]);
     }
 
     #[test]
