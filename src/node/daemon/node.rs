@@ -126,6 +126,15 @@ impl Node {
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The trust file in force, or the error a bundle to verify gets without one.
+    pub(super) fn trust_to_verify(&self) -> Result<Arc<Trust>, StoreError> {
+        self.trust().ok_or_else(|| StoreError::Io {
+            what: "no usable trust file to verify",
+            path: self.config.policy.trust.clone(),
+            source: std::io::Error::other("trust file missing or invalid"),
+        })
+    }
+
     /// Re-reads the configuration's run-time settings, the private registry credentials, the trust
     /// file and the installed bundle, and swaps in the bundle if it is a newer valid one. Problems are
     /// logged and leave what is in force.
@@ -252,17 +261,11 @@ impl Node {
         now: OffsetDateTime,
         source: &str,
     ) -> Result<Arc<VerifiedBundle>, StoreError> {
-        let result = match self.trust() {
-            Some(t) => self
-                .store
+        let result = self.trust_to_verify().and_then(|t| {
+            self.store
                 .install(bundle, signatures, &t, now, Path::new(source))
-                .map(Arc::new),
-            None => Err(StoreError::Io {
-                what: "no usable trust file to verify",
-                path: self.config.policy.trust.clone(),
-                source: std::io::Error::other("trust file missing or invalid"),
-            }),
-        };
+                .map(Arc::new)
+        });
         match &result {
             Ok(b) => {
                 self.offer(b.clone(), source);

@@ -20,16 +20,9 @@ impl SyncTarget for Node {
         now: OffsetDateTime,
         origin: &str,
     ) -> Result<VerifiedBundle, StoreError> {
-        match self.trust() {
-            Some(t) => self
-                .store
-                .verify_new(bundle, signatures, &t, now, Path::new(origin)),
-            None => Err(StoreError::Io {
-                what: "no usable trust file to verify",
-                path: self.config.policy.trust.clone(),
-                source: std::io::Error::other("trust file missing or invalid"),
-            }),
-        }
+        let t = self.trust_to_verify()?;
+        self.store
+            .verify_new(bundle, signatures, &t, now, Path::new(origin))
     }
 
     fn install(
