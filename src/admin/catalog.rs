@@ -2384,6 +2384,79 @@ pub(crate) mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+        /// Whatever the line reader takes from an edited repository file, toml takes too, with the
+        /// same values and spans: TOML's corners (quotes, escapes, comments, date-times, headers,
+        /// repeated keys, control characters) go to toml's document or serde, never a reading of
+        /// their own.
+        #[test]
+        fn the_layout_reader_takes_no_file_that_toml_reads_otherwise(
+            lines in proptest::collection::vec(
+                (proptest::prelude::any::<proptest::sample::Index>(), 0..3_usize),
+                0..2,
+            ),
+            edits in proptest::collection::vec(
+                (
+                    proptest::prelude::any::<proptest::sample::Index>(),
+                    0..3_usize,
+                    0..4_usize,
+                    proptest::sample::select(&[
+                        " ", "\t", "#", "\"", "'", "\\", "[", "]", ",", "=", ".", "\n", "\r",
+                        "\u{feff}", "\u{7f}", "\u{85}", "T", "t", "Z", "z", ":", "-", "+", "0",
+                        "60", ".5", "+01:00", " 09:30:00", "\"\"\"", "\"\"", "{", "}", "é", "x",
+                        "_", "\\u0041", "[[approved]]\n", "[[approved.scans]]\n", "[approved]\n",
+                        "scans = []\n", "tag = \"x\"\n", "source = \"a/b\"\n",
+                        "platforms = [\"a\"]\n", "approved_at",
+                    ][..]),
+                ),
+                0..3,
+            ),
+        ) {
+            let nginx = std::fs::read_to_string(
+                Path::new(FIXTURE).join("images/docker.io/library/nginx.toml"),
+            )
+            .unwrap();
+            // Lines swapped, repeated or dropped, then pieces put in, over or out.
+            let mut text: Vec<&str> = nginx.split_inclusive('\n').collect();
+            for (at, op) in lines {
+                let a = at.index(text.len());
+                let b = (a + 1) % text.len();
+                match op {
+                    0 => text.swap(a, b),
+                    1 => text.insert(a, text[b]),
+                    _ => drop(text.remove(a)),
+                }
+            }
+            let mut text = text.concat();
+            for (at, op, len, piece) in edits {
+                let start = (0..=at.index(text.len() + 1))
+                    .rev()
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(0);
+                let end = (start + len..=text.len())
+                    .find(|&i| text.is_char_boundary(i))
+                    .unwrap_or(text.len());
+                match op {
+                    0 => text.insert_str(start, piece),
+                    1 => text.replace_range(start..end, piece),
+                    _ => text.replace_range(start..end, ""),
+                }
+            }
+            if let Some(line) = fast::layout::repository(&text) {
+                let by_toml = toml::from_str::<RepositoryFile>(&text);
+                proptest::prop_assert!(by_toml.is_ok(), "{text:?}: {by_toml:?}");
+                proptest::prop_assert_eq!(
+                    format!("{line:?}"),
+                    format!("{:?}", by_toml.unwrap()),
+                    "{:?}",
+                    text
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_repository_described_by_two_files_is_a_problem() {
         let t = copy_fixture();
