@@ -4,7 +4,8 @@
 //! entries to render; each item is independent of the others, so every core takes a contiguous part
 //! and the parts' results are joined in order (the output is the same as one pass would give).
 
-/// At most this many threads: beyond it, a catalog's work is bound by the file system, not the CPU.
+/// At most this many threads: an administrator's workstation or CI runner is shared, and a catalog's
+/// reads stop scaling with threads once the file system is the bound.
 const MAX_THREADS: usize = 8;
 
 /// Calls `work` on contiguous parts of `items`, one per core (at most [`MAX_THREADS`]), each with the
