@@ -1439,47 +1439,53 @@ mod fast {
             ("scanned_at", Kind::Time),
         ];
 
+        /// A value read: a string with its span, an array of strings, or a date-time.
+        enum Value<'t> {
+            String(Range<usize>, &'t str),
+            Strings(Vec<String>),
+            Time(Time),
+        }
+
         /// One table being read: its keys (each one of `keys`, with a value of its kind, once).
         struct Table<'t> {
             keys: &'static [(&'static str, Kind)],
-            strings: Vec<(&'t str, Range<usize>, &'t str)>,
-            arrays: Vec<(&'t str, Vec<String>)>,
-            times: Vec<(&'t str, Time)>,
+            values: Vec<(&'t str, Value<'t>)>,
         }
 
         impl<'t> Table<'t> {
             fn new(keys: &'static [(&'static str, Kind)]) -> Table<'t> {
                 Table {
                     keys,
-                    strings: Vec::new(),
-                    arrays: Vec::new(),
-                    times: Vec::new(),
+                    values: Vec::new(),
                 }
             }
             /// `key` may be added with a value of `kind`: it is one of the table's, and new.
             fn takes(&self, key: &str, kind: Kind) -> bool {
-                self.keys.contains(&(key, kind))
-                    && !self.strings.iter().any(|(k, ..)| *k == key)
-                    && !self.arrays.iter().any(|(k, _)| *k == key)
-                    && !self.times.iter().any(|(k, _)| *k == key)
+                self.keys.contains(&(key, kind)) && self.values.iter().all(|(k, _)| *k != key)
+            }
+            fn get(&self, key: &str) -> Option<&Value<'t>> {
+                self.values.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
             }
             fn spanned(&self, key: &str) -> Option<Spanned<String>> {
-                self.strings
-                    .iter()
-                    .find(|(k, ..)| *k == key)
-                    .map(|(_, span, v)| Spanned::new(span.clone(), (*v).to_owned()))
+                match self.get(key)? {
+                    Value::String(span, v) => Some(Spanned::new(span.clone(), (*v).to_owned())),
+                    _ => None,
+                }
             }
             fn string(&self, key: &str) -> Option<String> {
                 self.spanned(key).map(Spanned::into_inner)
             }
-            fn strings(&self, key: &str) -> Option<Vec<String>> {
-                self.arrays
-                    .iter()
-                    .find(|(k, _)| *k == key)
-                    .map(|(_, a)| a.clone())
+            fn take_strings(&mut self, key: &str) -> Option<Vec<String>> {
+                self.values.iter_mut().find_map(|(k, v)| match v {
+                    Value::Strings(a) if *k == key => Some(std::mem::take(a)),
+                    _ => None,
+                })
             }
             fn time(&self, key: &str) -> Option<Time> {
-                self.times.iter().find(|(k, _)| *k == key).map(|(_, t)| *t)
+                match self.get(key)? {
+                    Value::Time(t) => Some(*t),
+                    _ => None,
+                }
             }
         }
 
@@ -1519,8 +1525,8 @@ mod fast {
                 key_value(rest, start + (body.len() - rest.len()), table)?;
             }
             let approved = versions
-                .iter()
-                .map(|(v, scans)| version(v, scans))
+                .into_iter()
+                .map(|(v, scans)| version(v, &scans))
                 .collect::<Option<Vec<_>>>()?;
             Some(RepositoryFile {
                 source: top.spanned("source")?,
@@ -1528,12 +1534,12 @@ mod fast {
             })
         }
 
-        fn version(v: &Table, scans: &[Table]) -> Option<Version> {
+        fn version(mut v: Table, scans: &[Table]) -> Option<Version> {
             Some(Version {
                 scope: v.spanned("scope")?,
                 tag: v.spanned("tag"),
                 digest: v.spanned("digest")?,
-                platforms: v.strings("platforms").unwrap_or_default(),
+                platforms: v.take_strings("platforms").unwrap_or_default(),
                 license: v.spanned("license")?,
                 approved_by: v.string("approved_by")?,
                 approved_at: v.time("approved_at")?,
@@ -1568,7 +1574,7 @@ mod fast {
                 b'"' if table.takes(key, Kind::String) => {
                     let (s, rest) = basic_string(value)?;
                     let end = value_at + (value.len() - rest.len());
-                    table.strings.push((key, value_at..end, s));
+                    table.values.push((key, Value::String(value_at..end, s)));
                     rest
                 }
                 b'[' if table.takes(key, Kind::Strings) => {
@@ -1587,7 +1593,7 @@ mod fast {
                             None => return None,
                         };
                     };
-                    table.arrays.push((key, items));
+                    table.values.push((key, Value::Strings(items)));
                     rest
                 }
                 b'0'..=b'9' if table.takes(key, Kind::Time) => {
@@ -1596,7 +1602,9 @@ mod fast {
                         .take_while(|b| !matches!(b, b' ' | b'\t' | b'#'))
                         .count();
                     let dt: toml::value::Datetime = value[..len].parse().ok()?;
-                    table.times.push((key, Time::from_toml(dt).ok()?));
+                    table
+                        .values
+                        .push((key, Value::Time(Time::from_toml(dt).ok()?)));
                     &value[len..]
                 }
                 _ => return None,
