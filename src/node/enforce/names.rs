@@ -6,8 +6,8 @@
 //! [`resolve`] turns a user reference into the pinned mirror reference (so `ImageStatus("busybox:1.36")`
 //! finds the image pullgate pulled, and misses it as soon as the bundle moves the tag), and
 //! [`shown_names`] turns the names containerd reports for an image into the names a CRI client sees.
-//! Both are pure and ignore scopes: they only name things; the scope check happens where images are
-//! pulled and started.
+//! Both are pure and ignore scopes and times: they only name things; scopes and times are checked
+//! where images are pulled and started.
 //!
 //! # The rule for the names an image shows
 //!
@@ -46,8 +46,8 @@ pub struct Resolved {
 }
 
 /// Resolves a public (or mirror-location) reference to its pinned mirror reference, when the bundle
-/// approves that tag or digest for some scope or names it in an exception. `None` for anything else (first-party images, unknown
-/// repositories, unapproved tags): those are left as the user wrote them.
+/// approves that tag or digest for some scope or names it in an exception. `None` for anything else
+/// (first-party images, unknown repositories, unapproved tags): those are left as the user wrote them.
 pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
     let r = Reference::parse(image).ok()?;
     let (source, target_path) = if r.domain() == bundle.private_registry {
@@ -74,8 +74,8 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
 /// The source names of a repo digest of an image in containerd
 /// (`registry.corp/approved/library/busybox@sha256:…`): the source repo digest
 /// (`docker.io/library/busybox@sha256:…`) and the source tags bound to that digest
-/// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is a mirror path whose source the
-/// bundle approves this digest for or names it in an exception.
+/// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is a mirror path and the bundle
+/// approves this digest for its source or names it in an exception for it.
 fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<String>)> {
     let r = Reference::parse(repo_digest).ok()?;
     let digest = r.digest()?;
