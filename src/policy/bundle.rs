@@ -2599,6 +2599,17 @@ pub(crate) mod tests {
                 Box::new(|v| v["exceptions"][0]["tag"] = json!("7.2")),
             ),
             (
+                "conflict",
+                "but the exception with ticket SEC-1234 binds it to",
+                Box::new(|v| {
+                    // Another scope's exception binding the same tag to another digest.
+                    let mut x = v["exceptions"][0].clone();
+                    x["digest"] = json!(digest(10).to_string());
+                    x["scope"] = json!("corp/search");
+                    v["exceptions"].as_array_mut().unwrap().push(x);
+                }),
+            ),
+            (
                 "duplicate",
                 "already listed",
                 Box::new(|v| {

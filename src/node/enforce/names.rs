@@ -6,15 +6,16 @@
 //! [`resolve`] turns a user reference into the pinned mirror reference (so `ImageStatus("busybox:1.36")`
 //! finds the image pullgate pulled, and misses it as soon as the bundle moves the tag), and
 //! [`shown_names`] turns the names containerd reports for an image into the names a CRI client sees.
-//! Both are pure and ignore scopes: they only name things; the scope check happens where images are
-//! pulled and started.
+//! Both are pure and ignore scopes and times: they only name things; scopes and times are checked
+//! where images are pulled and started.
 //!
 //! # The rule for the names an image shows
 //!
 //! One image shows the same `repo_tags` and `repo_digests` however it is asked for (tag, `repo@digest`,
 //! image ID, short or mirror name) and in `ListImages`: for every repo digest `MIRROR@D` that
-//! containerd reports, where `MIRROR` is a mirror path whose source repository `SOURCE` the bundle
-//! approves `D` for (as a digest or through a tag) or names in an exception,
+//! containerd reports, where `MIRROR` is where the bundle's mirrors copy a source repository
+//! `SOURCE` and the bundle approves `D` for `SOURCE` (as a digest or through a tag) or names it in an
+//! exception,
 //!
 //! - `MIRROR@D` is shown as `SOURCE@D` (the same manifest: mirrors are copies by digest), and
 //! - every tag `T` the bundle binds to `D`, through an approval or an exception, adds `SOURCE:T` to
@@ -46,8 +47,8 @@ pub struct Resolved {
 }
 
 /// Resolves a public (or mirror-location) reference to its pinned mirror reference, when the bundle
-/// approves that tag or digest for some scope or names it in an exception. `None` for anything else (first-party images, unknown
-/// repositories, unapproved tags): those are left as the user wrote them.
+/// approves that tag or digest for some scope or names it in an exception. `None` for anything else
+/// (first-party images, unknown repositories, unapproved tags): those are left as the user wrote them.
 pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
     let r = Reference::parse(image).ok()?;
     let (source, target_path) = if r.domain() == bundle.private_registry {
@@ -74,16 +75,20 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
 /// The source names of a repo digest of an image in containerd
 /// (`registry.corp/approved/library/busybox@sha256:…`): the source repo digest
 /// (`docker.io/library/busybox@sha256:…`) and the source tags bound to that digest
-/// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is a mirror path whose source the
-/// bundle approves this digest for or names it in an exception.
+/// (`docker.io/library/busybox:1.36`), sorted. `None` unless it is where the bundle copies its
+/// source to and the bundle approves this digest for that source or names it in an exception.
 fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<String>)> {
     let r = Reference::parse(repo_digest).ok()?;
     let digest = r.digest()?;
     if r.domain() != bundle.private_registry {
         return None;
     }
-    let (_, source) = bundle.source_of_mirror_path(r.path())?;
-    if !names_digest(&source, digest, bundle) {
+    let (mirror, source) = bundle.source_of_mirror_path(r.path())?;
+    // Only the location the bundle copies `source` to: a shorter mirror source's target can hold the
+    // same path too (an image pulled before the bundle added a longer mirror source), and `source`'s
+    // names resolve to the other location.
+    let (domain, path) = source.split_once('/')?;
+    if bundle.mirror_for(domain, path) != Some(mirror) || !names_digest(&source, digest, bundle) {
         return None;
     }
     let entry_tags = bundle
@@ -253,6 +258,26 @@ mod tests {
         assert_eq!(resolve("memcached:1.5", &b), None);
         let (tags, _) = shown_names([], [pinned.as_str()], &b);
         assert_eq!(tags, ["docker.io/library/memcached:1.6"]);
+    }
+
+    #[test]
+    fn a_mirror_path_its_source_is_no_longer_copied_to_is_shown_as_it_is() {
+        // docker.io/library/nginx is copied under `approved/` until a longer mirror source moves it.
+        let b = crate::policy::testutil::v2_bundle_with(|v| {
+            let moved = serde_json::json!({"source": "docker.io/library", "target": "library"});
+            v["mirrors"].as_array_mut().unwrap().push(moved);
+        });
+        let held = format!("registry.corp/approved/library/nginx@{}", d(1));
+        let (tags, digests) = shown_names([], [held.as_str()], &b);
+        assert!(tags.is_empty(), "{tags:?}");
+        assert_eq!(digests, std::slice::from_ref(&held));
+        // Where the bundle copies it now, it shows its source names, and they resolve back to it.
+        let now = format!("registry.corp/library/nginx@{}", d(1));
+        let (tags, digests) = shown_names([], [now.as_str()], &b);
+        assert_eq!(tags, ["docker.io/library/nginx:1.25"]);
+        for name in tags.iter().chain(&digests) {
+            assert_eq!(resolve(name, &b).map(|r| r.pull_ref), Some(now.clone()));
+        }
     }
 
     #[test]
