@@ -873,3 +873,50 @@ async fn create_container_messages_over_their_cap_are_refused_on_the_prefix() {
     pg.stop().await;
     upstream.stop().await;
 }
+
+/// The admin API reads an `InstallBundle` only up to the largest bundle the node installs
+/// (`policy.max_bundle_size`) and the room its signatures need: a larger message is refused on its
+/// length, before it is held in memory, and the daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_over_the_bundle_size_limit_is_refused_on_its_length() {
+    use pullgate::node::api::pb::install_bundle_response::Result as Installed;
+    use pullgate::node::api::{AdminClient, ApiError};
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, _events) = FakeCri::new();
+    let upstream = fake.serve(&tmp.path().join("cri.sock"));
+    let dir = tmp.path().join("pullgate");
+    let pg = Pullgate::start(
+        tmp.path(),
+        &upstream.path,
+        &format!(
+            "[policy]\nstate_dir = \"{}\"\ntrust = \"{}\"\nmax_bundle_size = \"1MiB\"\n",
+            dir.join("state").display(),
+            dir.join("trust.toml").display()
+        ),
+    );
+    let mut admin = AdminClient::connect(&dir.join("admin.sock")).await.unwrap();
+    // A bundle of the largest size reaches the daemon, which judges it (here: no trust file).
+    let at_limit = admin
+        .install_bundle(vec![b' '; 1 << 20], Vec::new())
+        .await
+        .expect("a bundle of policy.max_bundle_size is read");
+    assert!(
+        matches!(at_limit.result, Some(Installed::Rejected(_))),
+        "{at_limit:?}"
+    );
+    // Three times that is refused on its length prefix.
+    match admin.install_bundle(vec![b' '; 3 << 20], Vec::new()).await {
+        Err(ApiError::Call { status, .. }) => assert!(
+            matches!(
+                status.code(),
+                tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+            ),
+            "{status:?}"
+        ),
+        other => panic!("a 3 MiB install with a 1 MiB limit: {other:?}"),
+    }
+    admin.status().await.expect("the daemon still answers");
+    let mut pg = pg;
+    pg.stop();
+    upstream.stop().await;
+}

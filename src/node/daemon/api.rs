@@ -18,8 +18,18 @@ use crate::node::api::{Access, pb};
 use crate::node::audit::AuditRecord;
 use crate::policy::{ImageRequest, PodContext, Verdict};
 
-/// Largest message either way (an `InstallBundle` carries a whole bundle).
-pub const MAX_MESSAGE: usize = 512 * 1024 * 1024;
+/// Room in an `InstallBundle` message beside the bundle: its signatures (a few hundred bytes per
+/// administrator) and the message's own framing.
+const INSTALL_ALLOWANCE: usize = 1024 * 1024;
+
+/// Largest message either way: an `InstallBundle` of the largest bundle the node installs
+/// (`policy.max_bundle_size`, fixed at start like the bundle store's), so a larger one is refused on
+/// its length prefix instead of being read into memory first.
+pub fn max_message(max_bundle_size: u64) -> usize {
+    usize::try_from(max_bundle_size)
+        .unwrap_or(usize::MAX)
+        .saturating_add(INSTALL_ALLOWANCE)
+}
 
 /// The service over a running node.
 pub struct AdminService {
@@ -203,8 +213,8 @@ pub fn start(node: &Arc<Node>) -> Result<(), ListenError> {
         Ok(req)
     };
     let server = pb::admin_server::AdminServer::new(AdminService { node: node.clone() })
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+        .max_decoding_message_size(max_message(node.store.max_bundle_size()))
+        .max_encoding_message_size(max_message(node.store.max_bundle_size()));
     let service = tonic::service::interceptor::InterceptedService::new(server, check);
     let incoming = futures_util::stream::unfold(guard, |g: Arc<SocketGuard>| async move {
         loop {
