@@ -26,7 +26,7 @@
 //! the same image. Tags follow the bundle, not the history of pulls: all tags bound to the digest are
 //! shown, and a tag the bundle has moved to another digest is no longer shown for this one.
 
-use crate::policy::{Bundle, Digest, Reference};
+use crate::policy::{Bundle, Digest, Exception, ImageEntry, Reference};
 
 /// Whether `image` is an image ID (`sha256:<64 hex>` or bare 64 hex) rather than a reference.
 pub fn is_image_id(image: &str) -> bool {
@@ -61,9 +61,10 @@ pub fn resolve(image: &str, bundle: &Bundle) -> Option<Resolved> {
             bundle.mirror_path(m, r.path()),
         )
     };
+    let named = Named::of(&source, bundle);
     let digest: Digest = match (r.digest(), r.tag()) {
-        (Some(d), _) => names_digest(&source, d, bundle).then(|| d.clone())?,
-        (None, Some(tag)) => tag_digest(&source, tag, bundle)?.clone(),
+        (Some(d), _) => named.has_digest(d).then(|| d.clone())?,
+        (None, Some(tag)) => named.tag(tag)?.clone(),
         (None, None) => return None,
     };
     Some(Resolved {
@@ -88,17 +89,18 @@ fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<Strin
     // same path too (an image pulled before the bundle added a longer mirror source), and `source`'s
     // names resolve to the other location.
     let (domain, path) = source.split_once('/')?;
-    if bundle.mirror_for(domain, path) != Some(mirror) || !names_digest(&source, digest, bundle) {
+    let named = Named::of(&source, bundle);
+    if bundle.mirror_for(domain, path) != Some(mirror) || !named.has_digest(digest) {
         return None;
     }
-    let entry_tags = bundle
-        .entries(&source)
+    let entry_tags = named
+        .entries
         .iter()
         .flat_map(|e| e.tags().iter())
         .filter(|(_, d)| d == digest)
         .map(|(t, _)| &**t);
-    let exception_tags = bundle
-        .exceptions_for(&source)
+    let exception_tags = named
+        .exceptions
         .iter()
         .filter(|x| &x.digest == digest)
         .filter_map(|x| x.tag.as_deref());
@@ -111,30 +113,37 @@ fn source_names(repo_digest: &str, bundle: &Bundle) -> Option<(String, Vec<Strin
     Some((format!("{source}@{digest}"), tags))
 }
 
-/// Whether the bundle names `digest` of `source` at all: an approval (as a digest or through a tag)
-/// or an exception for it, in any scope and at any time (names ignore both).
-fn names_digest(source: &str, digest: &Digest, bundle: &Bundle) -> bool {
-    bundle.entries(source).iter().any(|e| e.has_digest(digest))
-        || bundle
-            .exceptions_for(source)
-            .iter()
-            .any(|x| &x.digest == digest)
+/// What the bundle says of one source repository, in any scope and at any time (names ignore both):
+/// its approvals and its exceptions, each looked up once.
+struct Named<'b> {
+    entries: &'b [ImageEntry],
+    exceptions: &'b [Exception],
 }
 
-/// The digest the bundle binds tag `tag` of `source` to, through an approval or an exception (a
-/// verified bundle binds a tag to one digest across both).
-fn tag_digest<'b>(source: &str, tag: &str, bundle: &'b Bundle) -> Option<&'b Digest> {
-    bundle
-        .entries(source)
-        .iter()
-        .find_map(|e| e.tag(tag))
-        .or_else(|| {
-            bundle
-                .exceptions_for(source)
+impl<'b> Named<'b> {
+    fn of(source: &str, bundle: &'b Bundle) -> Named<'b> {
+        Named {
+            entries: bundle.entries(source),
+            exceptions: bundle.exceptions_for(source),
+        }
+    }
+
+    /// Whether an approval (as a digest or through a tag) or an exception names `digest`.
+    fn has_digest(&self, digest: &Digest) -> bool {
+        self.entries.iter().any(|e| e.has_digest(digest))
+            || self.exceptions.iter().any(|x| &x.digest == digest)
+    }
+
+    /// The digest `tag` is bound to, through an approval or an exception (a verified bundle binds a
+    /// tag to one digest across both).
+    fn tag(&self, tag: &str) -> Option<&'b Digest> {
+        self.entries.iter().find_map(|e| e.tag(tag)).or_else(|| {
+            self.exceptions
                 .iter()
                 .find(|x| x.tag.as_deref() == Some(tag))
                 .map(|x| &x.digest)
         })
+    }
 }
 
 /// The `repo_tags` and `repo_digests` a CRI client sees for an image containerd reports with these
