@@ -212,9 +212,10 @@ pub fn start(node: &Arc<Node>) -> Result<(), ListenError> {
         })?;
         Ok(req)
     };
+    let limit = max_message(node.store.max_bundle_size());
     let server = pb::admin_server::AdminServer::new(AdminService { node: node.clone() })
-        .max_decoding_message_size(max_message(node.store.max_bundle_size()))
-        .max_encoding_message_size(max_message(node.store.max_bundle_size()));
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
     let service = tonic::service::interceptor::InterceptedService::new(server, check);
     let incoming = futures_util::stream::unfold(guard, |g: Arc<SocketGuard>| async move {
         loop {
