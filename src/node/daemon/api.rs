@@ -25,7 +25,7 @@ const INSTALL_ALLOWANCE: usize = 1024 * 1024;
 /// Largest message either way: an `InstallBundle` of the largest bundle the node installs
 /// (`policy.max_bundle_size`, fixed at start like the bundle store's), so a larger one is refused on
 /// its length prefix instead of being read into memory first.
-pub fn max_message(max_bundle_size: u64) -> usize {
+fn max_message(max_bundle_size: u64) -> usize {
     usize::try_from(max_bundle_size)
         .unwrap_or(usize::MAX)
         .saturating_add(INSTALL_ALLOWANCE)
