@@ -34,9 +34,9 @@ use super::reference::{
 };
 use super::rollout::{RawStep, Step};
 use super::scope::{RawGovernance, ScopeId, Scopes};
-use super::trust::{
-    SignatureError, SignatureFile, Trust, verify_signatures, verify_signatures_for_hash,
-};
+use super::trust::{SignatureError, SignatureFile, Trust, verify_signatures_for_hash};
+
+pub mod compiled;
 
 /// The newest bundle format this version reads (it reads every format in [`SUPPORTED_FORMATS`]).
 pub const BUNDLE_FORMAT: u32 = 2;
@@ -267,7 +267,7 @@ impl Lifecycle {
 }
 
 /// One approved image: a source repository approved for one scope.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageEntry {
     source: Arc<str>,
     scope_path: Arc<str>,
@@ -462,7 +462,7 @@ pub struct FirstParty {
 }
 
 /// A parsed, validated and indexed bundle (signatures not necessarily checked; see [`VerifiedBundle`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Bundle {
     /// Bundle format (1 or 2).
     pub format: u32,
@@ -494,6 +494,7 @@ pub struct Bundle {
 pub struct VerifiedBundle {
     bundle: Bundle,
     signers: Vec<String>,
+    signed: SignedBytes,
 }
 
 impl VerifiedBundle {
@@ -501,6 +502,19 @@ impl VerifiedBundle {
     pub fn signers(&self) -> &[String] {
         &self.signers
     }
+
+    /// The signed bytes this bundle was read from (what its signatures cover).
+    pub fn signed(&self) -> &SignedBytes {
+        &self.signed
+    }
+}
+
+/// What identifies the exact bytes of a signed bundle: their SHA-512 (what the signatures cover) and
+/// their length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedBytes {
+    pub sha512: [u8; 64],
+    pub len: u64,
 }
 
 impl Deref for VerifiedBundle {
@@ -522,9 +536,36 @@ pub fn verify_bundle(
     installed_version: Option<u64>,
     now: OffsetDateTime,
 ) -> Result<VerifiedBundle, BundleError> {
-    let signers = verify_signatures(bundle_bytes, signatures, trust)?;
+    use sha2::Digest as _;
+    let signed = SignedBytes {
+        sha512: sha2::Sha512::digest(bundle_bytes).into(),
+        len: bundle_bytes.len() as u64,
+    };
+    let signers = verify_signatures_for_hash(&signed.sha512, signatures, trust)?;
     let bundle = parse_bundle(bundle_bytes)?;
-    check_times_and_version(bundle, signers, trust, installed_version, now)
+    check_times_and_version(bundle, signers, signed, trust, installed_version, now)
+}
+
+/// [`verify_bundle`] for a bundle read back from its compiled form ([`compiled::open`]): the
+/// signatures are checked against the SHA-512 the compiled form records, then times and version.
+/// The caller vouches that the compiled form was written from a bundle whose bytes have that
+/// SHA-512 (the node's state directory is trusted like its trust file).
+pub fn verify_compiled(
+    compiled: compiled::Compiled,
+    signatures: &SignatureFile,
+    trust: &Trust,
+    installed_version: Option<u64>,
+    now: OffsetDateTime,
+) -> Result<VerifiedBundle, BundleError> {
+    let signers = verify_signatures_for_hash(&compiled.signed.sha512, signatures, trust)?;
+    check_times_and_version(
+        compiled.bundle,
+        signers,
+        compiled.signed,
+        trust,
+        installed_version,
+        now,
+    )
 }
 
 /// [`verify_bundle`] for a bundle read from `reader` (e.g. the open bundle file) of at most
@@ -618,7 +659,11 @@ pub fn verify_bundle_reader<R: std::io::Read + std::io::Seek>(
             }
         })?;
         let bundle = build_checked(raw)?;
-        check_times_and_version(bundle, signers, trust, installed_version, now)
+        let signed = SignedBytes {
+            sha512: signed,
+            len: size,
+        };
+        check_times_and_version(bundle, signers, signed, trust, installed_version, now)
     })();
     Ok(result)
 }
@@ -716,6 +761,7 @@ fn hashed<R: std::io::Read, T>(
 fn check_times_and_version(
     bundle: Bundle,
     signers: Vec<String>,
+    signed: SignedBytes,
     trust: &Trust,
     installed_version: Option<u64>,
     now: OffsetDateTime,
@@ -745,7 +791,11 @@ fn check_times_and_version(
             installed,
         });
     }
-    Ok(VerifiedBundle { bundle, signers })
+    Ok(VerifiedBundle {
+        bundle,
+        signers,
+        signed,
+    })
 }
 
 /// The limits a node's trust file puts on bundles: the floor of the organisation's `min_scanners`
@@ -1767,17 +1817,10 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
             .cmp(&b.source)
             .then_with(|| a.scope_path.cmp(&b.scope_path))
     });
-    let mut repos: HashMap<Arc<str>, (u32, u32)> = HashMap::with_capacity(images.len());
-    let mut start = 0usize;
-    while start < images.len() {
-        let mut end = start + 1;
-        while end < images.len() && images[end].source == images[start].source {
-            end += 1;
-        }
-        check_repository(&images[start..end], &scopes, format)?;
-        repos.insert(images[start].source.clone(), (start as u32, end as u32));
-        start = end;
+    for run in repository_runs(&images) {
+        check_repository(&images[run], &scopes, format)?;
     }
+    let repos = index_repositories(&images).expect("sorted above");
     // Format 2: every licence expression strictly against the SPDX list, parsed once per distinct text.
     let mut licenses: HashMap<Arc<str>, LicenseExpression> = HashMap::new();
     if format >= 2 {
@@ -1829,6 +1872,42 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
         images,
         repos,
     })
+}
+
+/// The runs of entries of one repository in `images`, in order.
+fn repository_runs(images: &[ImageEntry]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0usize;
+    std::iter::from_fn(move || {
+        if start >= images.len() {
+            return None;
+        }
+        let first = &images[start].source;
+        let end = images[start..]
+            .iter()
+            .position(|e| e.source != *first)
+            .map_or(images.len(), |n| start + n);
+        let run = start..end;
+        start = end;
+        Some(run)
+    })
+}
+
+/// Repository → its run of entries; `None` unless `images` is sorted by source, then scope path.
+fn index_repositories(images: &[ImageEntry]) -> Option<HashMap<Arc<str>, (u32, u32)>> {
+    let sorted = images
+        .windows(2)
+        .all(|w| (&w[0].source, &w[0].scope_path) <= (&w[1].source, &w[1].scope_path));
+    if !sorted {
+        return None;
+    }
+    let mut repos = HashMap::with_capacity(images.len());
+    for run in repository_runs(images) {
+        repos.insert(
+            images[run.start].source.clone(),
+            (run.start as u32, run.end as u32),
+        );
+    }
+    Some(repos)
 }
 
 fn unknown_scope(what: &str, scope: &str) -> BundleError {

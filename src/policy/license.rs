@@ -15,7 +15,7 @@ use std::fmt;
 use spdx::{Expression, LicenseItem, LicenseReq, ParseMode};
 
 /// A licence expression that parsed strictly.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LicenseExpression(Expression);
 
 impl LicenseExpression {

@@ -91,7 +91,7 @@ struct RawProject {
 }
 
 /// One node of the scope tree.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ScopeNode {
     /// The full scope path, e.g. `corp/payments/checkout`.
     pub path: Arc<str>,
@@ -105,8 +105,32 @@ pub struct ScopeNode {
     apps: Box<[(Box<str>, ScopeId)]>,
 }
 
+impl ScopeNode {
+    /// A node as the compiled bundle stores it.
+    pub(crate) fn new(
+        path: Arc<str>,
+        parent: Option<ScopeId>,
+        mode: Mode,
+        rules: Option<Arc<Rules>>,
+        apps: Box<[(Box<str>, ScopeId)]>,
+    ) -> ScopeNode {
+        ScopeNode {
+            path,
+            parent,
+            mode,
+            rules,
+            apps,
+        }
+    }
+
+    /// Applications of a project (ids), sorted by name.
+    pub(crate) fn apps(&self) -> &[(Box<str>, ScopeId)] {
+        &self.apps
+    }
+}
+
 /// The scope tree of a bundle, with namespace bindings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scopes {
     nodes: Vec<ScopeNode>,
     by_path: HashMap<Arc<str>, ScopeId>,
@@ -282,6 +306,32 @@ impl Scopes {
             apps: Box::new([]),
         });
         Ok(id)
+    }
+
+    /// What the compiled bundle stores: the nodes (in id order), the namespace bindings and the
+    /// application label.
+    pub(crate) fn parts(&self) -> (&[ScopeNode], &HashMap<Box<str>, ScopeId>, &str) {
+        (&self.nodes, &self.namespaces, &self.application_label)
+    }
+
+    /// The tree from [`Scopes::parts`] again; `None` if two nodes have the same path.
+    pub(crate) fn from_parts(
+        nodes: Vec<ScopeNode>,
+        namespaces: HashMap<Box<str>, ScopeId>,
+        application_label: String,
+    ) -> Option<Scopes> {
+        let mut by_path = HashMap::with_capacity(nodes.len());
+        for (id, n) in nodes.iter().enumerate() {
+            if by_path.insert(n.path.clone(), id as ScopeId).is_some() {
+                return None;
+            }
+        }
+        Some(Scopes {
+            nodes,
+            by_path,
+            namespaces,
+            application_label,
+        })
     }
 
     /// Looks up a scope by its path (`corp/payments`).

@@ -189,7 +189,10 @@ impl Node {
             }
         }
         let Some(trust) = self.trust() else { return };
-        match self.store.load_current(&trust, OffsetDateTime::now_utc()) {
+        match self
+            .store
+            .load_current_compiling(&trust, OffsetDateTime::now_utc())
+        {
             Ok(Some(b)) => self.offer(Arc::new(b), "state directory"),
             Ok(None) => {
                 if self.state.current().is_none() {

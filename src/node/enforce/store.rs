@@ -6,12 +6,21 @@
 //! ```text
 //! bundles/<version>/bundle.json        the exact signed bytes
 //! bundles/<version>/bundle.json.sig    the detached signatures
+//! bundles/<version>/bundle.idx         the bundle compiled for this pullgate build (see below)
 //! current -> bundles/<version>         symlink, replaced by rename(2): the commit point of an install
 //! ```
 //!
 //! An install verifies signatures, times and that the version is greater than the installed one
 //! *before* anything is written; a half-written install is never `current`. The three most recent
 //! versions are kept so an operator can see what was in force before.
+//!
+//! The compiled form ([`crate::policy::bundle::compiled`]) is what a start reads: the bundle already
+//! parsed, validated and indexed, bound to the signed JSON by the SHA-512 its signatures cover. The
+//! signatures are still checked against the trust file at every start, and so are expiry and the
+//! trust file's limits; only the JSON is not read again. The state directory is trusted for that
+//! like the trust file: only root writes either. Any doubt about the compiled form (missing, damaged,
+//! written by another pullgate version, compiled from a `bundle.json` of another length, or not
+//! verifying) sends the load to the JSON, and the daemon then writes the compiled form again.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -19,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use time::OffsetDateTime;
 
-use crate::policy::bundle::verify_bundle_reader;
+use crate::policy::bundle::{compiled, verify_bundle_reader, verify_compiled};
 use crate::policy::{
     BundleError, SignatureFile, Trust, TrustError, VerifiedBundle, parse_bundle, verify_bundle,
 };
@@ -158,9 +167,10 @@ impl BundleStore {
         Ok(current.max(highest))
     }
 
-    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`
-    /// before parsing it. The file is streamed (hashed, then parsed while hashed again), so it is
-    /// never held in memory whole.
+    /// Loads the installed (last-known-good) bundle, re-verifying its signatures against `trust`:
+    /// from its compiled form when that is usable, from the JSON otherwise (signatures checked
+    /// before it is parsed; the file is streamed, hashed and then parsed while hashed again, so it is
+    /// never held in memory whole). Writes nothing (see [`BundleStore::load_current_compiling`]).
     ///
     /// It was fresh when installed; an expired one is still returned (the caller decides how long to
     /// keep enforcing with it): it is then verified as of the last second of its validity.
@@ -168,6 +178,25 @@ impl BundleStore {
         &self,
         trust: &Trust,
         now: OffsetDateTime,
+    ) -> Result<Option<VerifiedBundle>, StoreError> {
+        self.load(trust, now, false)
+    }
+
+    /// [`BundleStore::load_current`], and when the bundle had to be read from its JSON, writes its
+    /// compiled form so the next start is fast (the daemon's load; a failure to write is logged).
+    pub fn load_current_compiling(
+        &self,
+        trust: &Trust,
+        now: OffsetDateTime,
+    ) -> Result<Option<VerifiedBundle>, StoreError> {
+        self.load(trust, now, true)
+    }
+
+    fn load(
+        &self,
+        trust: &Trust,
+        now: OffsetDateTime,
+        compile: bool,
     ) -> Result<Option<VerifiedBundle>, StoreError> {
         let Some(path) = self.current_bundle_path() else {
             return Ok(None);
@@ -179,6 +208,12 @@ impl BundleStore {
             path: sig_path,
             source,
         })?;
+        match self.load_compiled(&path, &sigs, trust, now) {
+            Ok(b) => return Ok(Some(b)),
+            Err(why) => {
+                tracing::info!(bundle = %path.display(), "reading the signed bundle: its compiled form {why}")
+            }
+        }
         let verify_at = |at: OffsetDateTime| {
             let file =
                 std::fs::File::open(&path).map_err(io("cannot read installed bundle", &path))?;
@@ -203,10 +238,63 @@ impl BundleStore {
                     path: path.clone(),
                     source: std::io::Error::other(e),
                 })?;
-                verify_at(expired - time::Duration::seconds(1)).map(Some)
+                verify_at(expired - time::Duration::seconds(1))
             }
-            other => other.map(Some),
+            other => other,
         }
+        .inspect(|b| {
+            if compile {
+                if let Err(e) = write_compiled(&path, b) {
+                    tracing::warn!(error = %e, "cannot write the compiled form of the installed bundle; the next start reads the JSON again");
+                }
+            }
+        })
+        .map(Some)
+    }
+
+    /// The installed bundle from its compiled form (`bundle.idx` beside `bundle_path`), verified
+    /// like the JSON would be; `Err` says why it is not usable (the JSON is then read instead).
+    fn load_compiled(
+        &self,
+        bundle_path: &Path,
+        sigs: &SignatureFile,
+        trust: &Trust,
+        now: OffsetDateTime,
+    ) -> Result<VerifiedBundle, String> {
+        let path = compiled_path(bundle_path);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err("is not there yet".into());
+            }
+            Err(e) => return Err(format!("cannot be opened: {e}")),
+        };
+        let bytes = crate::policy::load::read_at_most(&mut file, self.max_bundle_size)
+            .map_err(|e| format!("cannot be read: {e}"))?
+            .ok_or("is larger than policy.max_bundle_size")?;
+        let json_len = std::fs::metadata(bundle_path)
+            .map_err(|e| format!("has no bundle.json to go with: {e}"))?
+            .len();
+        if json_len > self.max_bundle_size {
+            return Err("belongs to a bundle larger than policy.max_bundle_size".into());
+        }
+        let compiled = compiled::open(&bytes).map_err(|e| format!("is unusable: {e}"))?;
+        drop(bytes);
+        if compiled.signed.len != json_len {
+            return Err(format!(
+                "was compiled from a bundle.json of {} bytes, and the file has {json_len}",
+                compiled.signed.len
+            ));
+        }
+        // Expired: verified as of the last second of its validity, as the JSON would be.
+        let expires_at = compiled.bundle.expires_at;
+        let at = if now >= expires_at {
+            expires_at - time::Duration::seconds(1)
+        } else {
+            now
+        };
+        verify_compiled(compiled, sigs, trust, None, at)
+            .map_err(|e| format!("does not verify ({e})"))
     }
 
     /// Verifies `bundle` + `signatures` exactly as [`BundleStore::install`] does (at most the size
@@ -265,6 +353,10 @@ impl BundleStore {
             .map_err(io("cannot create", &tmp))?;
         write_synced(&tmp.join("bundle.json"), bundle)?;
         write_synced(&tmp.join("bundle.json.sig"), signatures)?;
+        write_synced(
+            &compiled_path(&tmp.join("bundle.json")),
+            &compiled::compile(&verified, verified.signed()),
+        )?;
         let final_dir = bundles.join(version.to_string());
         let _ = std::fs::remove_dir_all(&final_dir);
         std::fs::rename(&tmp, &final_dir).map_err(io("cannot move into place", &final_dir))?;
@@ -303,6 +395,20 @@ impl BundleStore {
             let _ = std::fs::remove_dir_all(self.dir.join("bundles").join(v.to_string()));
         }
     }
+}
+
+/// The compiled form of the bundle at `bundle_path`: `bundle.idx` beside it.
+fn compiled_path(bundle_path: &Path) -> PathBuf {
+    bundle_path.with_file_name("bundle.idx")
+}
+
+/// Writes the compiled form of `bundle` (read from `bundle_path`) beside it, replacing any.
+fn write_compiled(bundle_path: &Path, bundle: &VerifiedBundle) -> Result<(), StoreError> {
+    let path = compiled_path(bundle_path);
+    let tmp = path.with_file_name(format!(".bundle.idx.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    write_synced(&tmp, &compiled::compile(bundle, bundle.signed()))?;
+    std::fs::rename(&tmp, &path).map_err(io("cannot move into place", &path))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -359,6 +465,98 @@ mod tests {
             .load_current(&trust_2_of_3(), example_now())
             .unwrap_err();
         assert_eq!(e.reason(), "too_large", "{e}");
+    }
+
+    fn installed(dir: &Path, bytes: &[u8]) -> BundleStore {
+        let store = BundleStore::new(dir);
+        store
+            .install(
+                bytes,
+                sign(bytes, &[1, 2]).to_json().as_bytes(),
+                &trust_2_of_3(),
+                example_now(),
+                Path::new("/incoming/bundle.json"),
+            )
+            .unwrap();
+        store
+    }
+
+    fn compiled_of(store: &BundleStore) -> PathBuf {
+        compiled_path(&store.current_bundle_path().unwrap())
+    }
+
+    #[test]
+    fn a_start_reads_the_compiled_form_and_checks_its_signatures_against_the_trust_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = installed(dir.path(), EXAMPLE.as_bytes());
+        let json = store.current_bundle_path().unwrap();
+        assert!(
+            compiled_of(&store).exists(),
+            "an install writes the compiled form"
+        );
+        let from_json = example_bundle();
+        // The JSON is not read again: the same length of anything else still loads the bundle.
+        std::fs::write(&json, vec![b' '; EXAMPLE.len()]).unwrap();
+        let loaded = store.load_current(&trust_2_of_3(), example_now()).unwrap();
+        assert!(*loaded.unwrap() == *from_json);
+        // The signatures are checked at every start: a trust file that no longer trusts the
+        // signers refuses the bundle (here from the JSON, which the compiled form defers to).
+        let one_of_them = Trust::new(trust_2_of_3().keys()[2..].to_vec(), 1).unwrap();
+        let e = store.load_current(&one_of_them, example_now()).unwrap_err();
+        assert_eq!(e.reason(), "not_enough_signatures", "{e}");
+    }
+
+    #[test]
+    fn a_compiled_form_in_doubt_sends_the_start_to_the_json_and_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = installed(dir.path(), EXAMPLE.as_bytes());
+        let idx = compiled_of(&store);
+        let good = std::fs::read(&idx).unwrap();
+        let load = |compiling: bool| {
+            let b = if compiling {
+                store.load_current_compiling(&trust_2_of_3(), example_now())
+            } else {
+                store.load_current(&trust_2_of_3(), example_now())
+            };
+            b.unwrap().unwrap()
+        };
+        let mut damaged = good.clone();
+        *damaged.last_mut().unwrap() ^= 1;
+        for (what, bytes) in [("damaged", damaged), ("cut", good[..100].to_vec())] {
+            std::fs::write(&idx, &bytes).unwrap();
+            assert!(*load(false) == *example_bundle(), "{what}");
+            assert_eq!(
+                std::fs::read(&idx).unwrap(),
+                bytes,
+                "{what}: the CLI's load writes nothing"
+            );
+            assert!(*load(true) == *example_bundle(), "{what}");
+            assert_eq!(std::fs::read(&idx).unwrap(), good, "{what}: written again");
+        }
+        std::fs::remove_file(&idx).unwrap();
+        load(true);
+        assert_eq!(std::fs::read(&idx).unwrap(), good, "written when missing");
+
+        // The compiled form of another bundle (here version 43's beside version 42's JSON) is not
+        // taken for it, even when its signatures verify.
+        let other = tempfile::tempdir().unwrap();
+        let v43 = EXAMPLE.replace("\"version\": 42", "\"version\": 43");
+        assert_ne!(v43, EXAMPLE);
+        let newer = installed(other.path(), v43.as_bytes());
+        std::fs::copy(compiled_of(&newer), &idx).unwrap();
+        assert_eq!(load(false).version, 42);
+    }
+
+    #[test]
+    fn an_expired_bundle_loads_from_its_compiled_form_as_from_its_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = installed(dir.path(), EXAMPLE.as_bytes());
+        let later = example_bundle().expires_at + time::Duration::days(3);
+        let compiled = store.load_current(&trust_2_of_3(), later).unwrap().unwrap();
+        std::fs::remove_file(compiled_of(&store)).unwrap();
+        let json = store.load_current(&trust_2_of_3(), later).unwrap().unwrap();
+        assert!(*compiled == *json);
+        assert_eq!(compiled.signers(), json.signers());
     }
 
     #[test]
