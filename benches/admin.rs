@@ -4,7 +4,9 @@
 //! 1. `approve`'s mirror copy ([`pullgate::registry::copy`]) of a ~100 MiB multi-layer image between two
 //!    loopback Distribution registries, against `skopeo copy` of the same image (throughput, MiB/s).
 //! 2. `bundle build` (catalog load + render) from a 100,000-image catalog (one file per repository),
-//!    against the node's load of the resulting signed bundle (`policy::verify_bundle_reader`, as the daemon loads its installed bundle).
+//!    against the node's load of the resulting signed bundle from its JSON
+//!    (`policy::verify_bundle_reader`: what a node does once per new bundle; its starts read the
+//!    compiled form).
 //! 3. `--check-mirror` of 10,000 approved manifests against a loopback registry (requests/s, total).
 //!
 //! Settings: `BENCH_ROUNDS` (default 3), `BENCH_LAYERS` (6) and `BENCH_LAYER_MIB` (16) for the copied
