@@ -14,13 +14,14 @@
 //! *before* anything is written; a half-written install is never `current`. The three most recent
 //! versions are kept so an operator can see what was in force before.
 //!
-//! The compiled form ([`crate::policy::bundle::compiled`]) is what a start reads: the bundle already
-//! parsed, validated and indexed, bound to the signed JSON by the SHA-512 its signatures cover. The
-//! signatures are still checked against the trust file at every start, and so are expiry and the
-//! trust file's limits; only the JSON is not read again. The state directory is trusted for that
-//! like the trust file: only root writes either. Any doubt about the compiled form (missing, damaged,
-//! written by another pullgate version, compiled from a `bundle.json` of another length, or not
-//! verifying) sends the load to the JSON, and the daemon then writes the compiled form again.
+//! The compiled form ([`crate::policy::bundle::compiled`]) is what a start reads instead of the JSON:
+//! the bundle already parsed, validated and indexed, bound to the signed JSON by the SHA-512 its
+//! signatures cover. At every start the signatures, expiry and the trust file's limits are checked
+//! against the trust file in force; only the JSON's hashing and parsing are saved. The state directory
+//! is trusted to hold what pullgate compiled, as the trust file is trusted: only root writes either.
+//! Any doubt about the compiled form (missing, damaged, written by another pullgate version, made from
+//! `bundle.json` before a change to its length or modification time, or not verifying) sends the load
+//! to the JSON, and the daemon then writes the compiled form again.
 
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -208,7 +209,11 @@ impl BundleStore {
             path: sig_path,
             source,
         })?;
-        match self.load_compiled(&path, &sigs, trust, now) {
+        // Before the JSON is read: a change made while it is read shows at the next start.
+        let modified = std::fs::metadata(&path)
+            .map(|m| modified_nanos(&m))
+            .map_err(io("cannot read installed bundle", &path))?;
+        match self.load_compiled(&path, modified, &sigs, trust, now) {
             Ok(b) => return Ok(Some(b)),
             Err(why) => {
                 tracing::info!(bundle = %path.display(), "reading the signed bundle: its compiled form {why}")
@@ -244,7 +249,7 @@ impl BundleStore {
         }
         .inspect(|b| {
             if compile {
-                if let Err(e) = write_compiled(&path, b) {
+                if let Err(e) = write_compiled(&path, b, modified) {
                     tracing::warn!(error = %e, "cannot write the compiled form of the installed bundle; the next start reads the JSON again");
                 }
             }
@@ -252,15 +257,23 @@ impl BundleStore {
         .map(Some)
     }
 
-    /// The installed bundle from its compiled form (`bundle.idx` beside `bundle_path`), verified
-    /// like the JSON would be; `Err` says why it is not usable (the JSON is then read instead).
+    /// The installed bundle from its compiled form (`bundle.idx` beside `bundle_path`, whose JSON
+    /// was last modified at `json_modified`), verified like the JSON would be; `Err` says why it is
+    /// not usable (the JSON is then read instead).
     fn load_compiled(
         &self,
         bundle_path: &Path,
+        json_modified: i128,
         sigs: &SignatureFile,
         trust: &Trust,
         now: OffsetDateTime,
     ) -> Result<VerifiedBundle, String> {
+        let json_len = std::fs::metadata(bundle_path)
+            .map_err(|e| format!("has no bundle.json to go with: {e}"))?
+            .len();
+        if json_len > self.max_bundle_size {
+            return Err("belongs to a bundle larger than policy.max_bundle_size".into());
+        }
         let path = compiled_path(bundle_path);
         let mut file = match std::fs::File::open(&path) {
             Ok(f) => f,
@@ -272,19 +285,10 @@ impl BundleStore {
         let bytes = crate::policy::load::read_at_most(&mut file, self.max_bundle_size)
             .map_err(|e| format!("cannot be read: {e}"))?
             .ok_or("is larger than policy.max_bundle_size")?;
-        let json_len = std::fs::metadata(bundle_path)
-            .map_err(|e| format!("has no bundle.json to go with: {e}"))?
-            .len();
-        if json_len > self.max_bundle_size {
-            return Err("belongs to a bundle larger than policy.max_bundle_size".into());
-        }
         let compiled = compiled::open(&bytes).map_err(|e| format!("is unusable: {e}"))?;
         drop(bytes);
-        if compiled.signed.len != json_len {
-            return Err(format!(
-                "was compiled from a bundle.json of {} bytes, and the file has {json_len}",
-                compiled.signed.len
-            ));
+        if compiled.signed.len != json_len || compiled.json_modified != json_modified {
+            return Err("was made from bundle.json as it was before a change".into());
         }
         // Expired: verified as of the last second of its validity, as the JSON would be.
         let expires_at = compiled.bundle.expires_at;
@@ -351,11 +355,15 @@ impl BundleStore {
             .mode(0o700)
             .create(&tmp)
             .map_err(io("cannot create", &tmp))?;
-        write_synced(&tmp.join("bundle.json"), bundle)?;
+        let json = tmp.join("bundle.json");
+        write_synced(&json, bundle)?;
         write_synced(&tmp.join("bundle.json.sig"), signatures)?;
+        let modified = std::fs::metadata(&json)
+            .map(|m| modified_nanos(&m))
+            .map_err(io("cannot read", &json))?;
         write_synced(
-            &compiled_path(&tmp.join("bundle.json")),
-            &compiled::compile(&verified, verified.signed()),
+            &compiled_path(&json),
+            &compiled::compile(&verified, verified.signed(), modified),
         )?;
         let final_dir = bundles.join(version.to_string());
         let _ = std::fs::remove_dir_all(&final_dir);
@@ -402,12 +410,23 @@ fn compiled_path(bundle_path: &Path) -> PathBuf {
     bundle_path.with_file_name("bundle.idx")
 }
 
-/// Writes the compiled form of `bundle` (read from `bundle_path`) beside it, replacing any.
-fn write_compiled(bundle_path: &Path, bundle: &VerifiedBundle) -> Result<(), StoreError> {
+/// A file's modification time, nanoseconds since the Unix epoch.
+fn modified_nanos(meta: &std::fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+/// Writes the compiled form of `bundle` (read from `bundle_path`, last modified at `modified`)
+/// beside it, replacing any.
+fn write_compiled(
+    bundle_path: &Path,
+    bundle: &VerifiedBundle,
+    modified: i128,
+) -> Result<(), StoreError> {
     let path = compiled_path(bundle_path);
     let tmp = path.with_file_name(format!(".bundle.idx.tmp-{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    write_synced(&tmp, &compiled::compile(bundle, bundle.signed()))?;
+    write_synced(&tmp, &compiled::compile(bundle, bundle.signed(), modified))?;
     std::fs::rename(&tmp, &path).map_err(io("cannot move into place", &path))
 }
 
@@ -431,6 +450,7 @@ fn sync_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Bundle;
     use crate::policy::testutil::*;
 
     #[test]
@@ -494,16 +514,38 @@ mod tests {
             compiled_of(&store).exists(),
             "an install writes the compiled form"
         );
-        let from_json = example_bundle();
-        // The JSON is not read again: the same length of anything else still loads the bundle.
-        std::fs::write(&json, vec![b' '; EXAMPLE.len()]).unwrap();
+        // What a start returns comes from the compiled form: here one made (as no install would)
+        // with another issuer, bound to the real JSON.
+        let real = example_bundle();
+        let mut marked: Bundle = (*real).clone();
+        marked.issuer = "from the compiled form".into();
+        let modified = modified_nanos(&std::fs::metadata(&json).unwrap());
+        std::fs::write(
+            compiled_of(&store),
+            compiled::compile(&marked, real.signed(), modified),
+        )
+        .unwrap();
         let loaded = store.load_current(&trust_2_of_3(), example_now()).unwrap();
-        assert!(*loaded.unwrap() == *from_json);
+        assert_eq!(loaded.unwrap().issuer, "from the compiled form");
         // The signatures are checked at every start: a trust file that no longer trusts the
-        // signers refuses the bundle (here from the JSON, which the compiled form defers to).
+        // signers refuses the bundle (from the JSON, which the compiled form then defers to).
         let one_of_them = Trust::new(trust_2_of_3().keys()[2..].to_vec(), 1).unwrap();
         let e = store.load_current(&one_of_them, example_now()).unwrap_err();
         assert_eq!(e.reason(), "not_enough_signatures", "{e}");
+        // A bundle.json changed since (here the same length of other bytes) sends the load to the
+        // JSON, which refuses it.
+        std::fs::write(&json, vec![b' '; EXAMPLE.len()]).unwrap();
+        // (Within one clock tick of the install the time could be the same: not here.)
+        std::fs::File::options()
+            .write(true)
+            .open(&json)
+            .unwrap()
+            .set_modified(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap();
+        let e = store
+            .load_current(&trust_2_of_3(), example_now())
+            .unwrap_err();
+        assert_eq!(e.reason(), "bad_signature", "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! build                       u8 length + bytes: the pullgate version that wrote it
 //! signed SHA-512              64 bytes: what the bundle's signatures cover
 //! signed length               u64 LE: length of the signed JSON
+//! JSON modified               i128 LE: the JSON file's modification time when compiled (ns)
 //! body length                 u64 LE
 //! checksum                    32 bytes: SHA-256 of everything before it and of the body
 //! body                        string table, then the bundle
@@ -63,16 +64,19 @@ pub enum CompiledError {
     Invalid { at: usize, what: &'static str },
 }
 
-/// A compiled bundle read back: the bundle and the signed bytes it was compiled from (not yet checked
-/// against any signature).
+/// A compiled bundle read back: the bundle, the signed bytes it was compiled from (not yet checked
+/// against any signature) and the JSON file's modification time then.
 #[derive(Debug)]
 pub struct Compiled {
     pub bundle: Bundle,
     pub signed: SignedBytes,
+    /// Nanoseconds since the Unix epoch.
+    pub json_modified: i128,
 }
 
-/// Compiles a bundle (whose signed JSON is described by `signed`) into its index form.
-pub fn compile(bundle: &Bundle, signed: &SignedBytes) -> Vec<u8> {
+/// Compiles a bundle (whose signed JSON is described by `signed`, in a file last modified at
+/// `json_modified`, nanoseconds since the Unix epoch) into its index form.
+pub fn compile(bundle: &Bundle, signed: &SignedBytes, json_modified: i128) -> Vec<u8> {
     let mut w = Writer::default();
     w.bundle(bundle);
     let mut body = Vec::with_capacity(w.out.len() + w.table.len() * 24 + 16);
@@ -90,6 +94,7 @@ pub fn compile(bundle: &Bundle, signed: &SignedBytes) -> Vec<u8> {
     out.extend_from_slice(BUILD.as_bytes());
     out.extend_from_slice(&signed.sha512);
     out.extend_from_slice(&signed.len.to_le_bytes());
+    out.extend_from_slice(&json_modified.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     let sum = checksum(&out, &body);
     out.extend_from_slice(&sum);
@@ -106,7 +111,7 @@ fn checksum(head: &[u8], body: &[u8]) -> [u8; 32] {
 
 /// Checks the header and the checksum and reads the bundle back.
 pub fn open(bytes: &[u8]) -> Result<Compiled, CompiledError> {
-    let (signed, rest) = header(bytes)?;
+    let (signed, json_modified, rest) = header(bytes)?;
     let head = &bytes[..bytes.len() - rest.len()];
     let (sum, body) = rest.split_at(32);
     if checksum(head, body) != sum {
@@ -127,12 +132,16 @@ pub fn open(bytes: &[u8]) -> Result<Compiled, CompiledError> {
     if r.pos != body.len() {
         return Err(r.invalid("bytes after the end of the bundle"));
     }
-    Ok(Compiled { bundle, signed })
+    Ok(Compiled {
+        bundle,
+        signed,
+        json_modified,
+    })
 }
 
-/// Splits off and checks the header (but not the checksum): the signed bytes, and the checksum
-/// followed by the body.
-fn header(bytes: &[u8]) -> Result<(SignedBytes, &[u8]), CompiledError> {
+/// Splits off and checks the header (but not the checksum): the signed bytes, the JSON's
+/// modification time, and the checksum followed by the body.
+fn header(bytes: &[u8]) -> Result<(SignedBytes, i128, &[u8]), CompiledError> {
     let rest = bytes
         .strip_prefix(MAGIC)
         .ok_or(CompiledError::NotCompiled)?;
@@ -156,6 +165,7 @@ fn header(bytes: &[u8]) -> Result<(SignedBytes, &[u8]), CompiledError> {
     }
     let sha512: [u8; 64] = take(&mut rest, 64)?.try_into().expect("64 bytes");
     let len = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes"));
+    let modified = i128::from_le_bytes(take(&mut rest, 16)?.try_into().expect("16 bytes"));
     let body_len = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes"));
     if rest.len() as u64 != body_len.saturating_add(32) {
         return Err(CompiledError::Invalid {
@@ -163,7 +173,7 @@ fn header(bytes: &[u8]) -> Result<(SignedBytes, &[u8]), CompiledError> {
             what: "the file is not as long as its header says",
         });
     }
-    Ok((SignedBytes { sha512, len }, rest))
+    Ok((SignedBytes { sha512, len }, modified, rest))
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -775,12 +785,13 @@ mod tests {
     #[test]
     fn a_compiled_bundle_reads_back_as_the_same_bundle() {
         for b in bundles() {
-            let bytes = compile(&b, b.signed());
+            let bytes = compile(&b, b.signed(), 7);
             let back = open(&bytes).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(back.signed, *b.signed());
+            assert_eq!(back.json_modified, 7);
             assert!(back.bundle == *b, "format {} differs", b.format);
             // The same bundle always compiles to the same bytes.
-            assert_eq!(compile(&back.bundle, &back.signed), bytes);
+            assert_eq!(compile(&back.bundle, &back.signed, 7), bytes);
         }
         let edited = &bundles()[2];
         assert_eq!(edited.issued_at.offset().whole_seconds(), 3600);
@@ -796,14 +807,14 @@ mod tests {
     #[test]
     fn a_damaged_or_cut_compiled_bundle_is_refused_without_a_panic() {
         let b = v2_bundle_with(|_| {});
-        let bytes = compile(&b, b.signed());
+        let bytes = compile(&b, b.signed(), 7);
         for len in 0..bytes.len() {
             assert!(open(&bytes[..len]).is_err(), "cut at {len}");
         }
         // Past the versions, every change is caught by the checksum (or, in the lengths, first by
         // the length check).
         let versions_end = MAGIC.len() + 4 + 1 + BUILD.len();
-        let lengths = versions_end + 64..versions_end + 64 + 16;
+        let lengths = versions_end + 64..versions_end + 64 + 8 + 16 + 8;
         for i in 0..bytes.len() {
             let mut damaged = bytes.clone();
             damaged[i] ^= 0x40;
@@ -818,7 +829,7 @@ mod tests {
     }
 
     fn body_len(bytes: &[u8]) -> usize {
-        let at = MAGIC.len() + 4 + 1 + BUILD.len() + 64 + 8;
+        let at = MAGIC.len() + 4 + 1 + BUILD.len() + 64 + 8 + 16;
         u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize
     }
 
@@ -827,7 +838,7 @@ mod tests {
     #[test]
     fn changed_content_with_a_matching_checksum_never_panics() {
         let b = v2_bundle_with(|_| {});
-        let bytes = compile(&b, b.signed());
+        let bytes = compile(&b, b.signed(), 7);
         let body_at = bytes.len() - body_len(&bytes);
         let mut refused = 0;
         for i in body_at..bytes.len() {
@@ -845,7 +856,7 @@ mod tests {
     #[test]
     fn a_compiled_bundle_of_another_version_is_not_read() {
         let b = example_bundle();
-        let bytes = compile(&b, b.signed());
+        let bytes = compile(&b, b.signed(), 7);
         let mut other_codec = bytes.clone();
         other_codec[MAGIC.len()] ^= 1;
         assert!(matches!(
