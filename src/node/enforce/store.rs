@@ -275,18 +275,22 @@ impl BundleStore {
             return Err("belongs to a bundle larger than policy.max_bundle_size".into());
         }
         let path = compiled_path(bundle_path);
-        let mut file = match std::fs::File::open(&path) {
+        let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err("is not there yet".into());
             }
             Err(e) => return Err(format!("cannot be opened: {e}")),
         };
-        let bytes = crate::policy::load::read_at_most(&mut file, self.max_bundle_size)
+        let size = file
+            .metadata()
             .map_err(|e| format!("cannot be read: {e}"))?
-            .ok_or("is larger than policy.max_bundle_size")?;
-        let compiled = compiled::open(&bytes).map_err(|e| format!("is unusable: {e}"))?;
-        drop(bytes);
+            .len();
+        if size > self.max_bundle_size {
+            return Err("is larger than policy.max_bundle_size".into());
+        }
+        let compiled = compiled::read(std::io::Read::take(file, size), self.max_bundle_size)
+            .map_err(|e| format!("is unusable: {e}"))?;
         if compiled.signed.len != json_len || compiled.json_modified != json_modified {
             return Err("was made from bundle.json as it was before a change".into());
         }

@@ -61,7 +61,9 @@ pub enum CompiledError {
     #[error("its checksum does not match its content (the file is damaged)")]
     Damaged,
     #[error("its content is invalid at byte {at}: {what}")]
-    Invalid { at: usize, what: &'static str },
+    Invalid { at: u64, what: &'static str },
+    #[error("it cannot be read: {0}")]
+    Io(String),
 }
 
 /// A compiled bundle read back: the bundle, the signed bytes it was compiled from (not yet checked
@@ -109,71 +111,54 @@ fn checksum(head: &[u8], body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Checks the header and the checksum and reads the bundle back.
+/// Reads a compiled bundle held in memory (see [`read`]).
 pub fn open(bytes: &[u8]) -> Result<Compiled, CompiledError> {
-    let (signed, json_modified, rest) = header(bytes)?;
-    let head = &bytes[..bytes.len() - rest.len()];
-    let (sum, body) = rest.split_at(32);
-    if checksum(head, body) != sum {
-        return Err(CompiledError::Damaged);
-    }
-    let mut r = Reader {
-        bytes: body,
-        pos: 0,
-        table: Vec::new(),
-    };
-    let n = r.len(1)?;
-    r.table.reserve(n);
-    for _ in 0..n {
-        let s: Arc<str> = r.str()?.into();
-        r.table.push(s);
-    }
-    let bundle = r.bundle()?;
-    if r.pos != body.len() {
-        return Err(r.invalid("bytes after the end of the bundle"));
-    }
-    Ok(Compiled {
-        bundle,
-        signed,
-        json_modified,
-    })
+    read(bytes, u64::MAX)
 }
 
-/// Splits off and checks the header (but not the checksum): the signed bytes, the JSON's
-/// modification time, and the checksum followed by the body.
-fn header(bytes: &[u8]) -> Result<(SignedBytes, i128, &[u8]), CompiledError> {
-    let rest = bytes
-        .strip_prefix(MAGIC)
-        .ok_or(CompiledError::NotCompiled)?;
-    let take = |rest: &mut &[u8], n: usize| -> Result<Vec<u8>, CompiledError> {
-        if rest.len() < n {
-            return Err(CompiledError::Invalid {
-                at: bytes.len(),
-                what: "the header is cut short",
-            });
-        }
-        let (a, b) = rest.split_at(n);
-        *rest = b;
-        Ok(a.to_vec())
-    };
-    let mut rest = rest;
-    let codec = u32::from_le_bytes(take(&mut rest, 4)?.try_into().expect("4 bytes"));
-    let build_len = take(&mut rest, 1)?[0] as usize;
-    let build = String::from_utf8_lossy(&take(&mut rest, build_len)?).into_owned();
+/// Reads a compiled bundle from `reader` (a body over `max` bytes is refused before it is read):
+/// checks the header, decodes the body while hashing it, and returns the bundle only if the checksum
+/// matches. The file is streamed, never held whole next to the bundle it becomes.
+pub fn read(reader: impl std::io::Read, max: u64) -> Result<Compiled, CompiledError> {
+    let mut r = Reader::new(reader);
+    let magic = r
+        .bytes(MAGIC.len())
+        .map_err(|_| CompiledError::NotCompiled)?;
+    if magic != MAGIC {
+        return Err(CompiledError::NotCompiled);
+    }
+    let codec = u32::from_le_bytes(r.array()?);
+    let build_len = r.u8()? as usize;
+    let build = String::from_utf8_lossy(r.bytes(build_len)?).into_owned();
     if codec != CODEC_VERSION || build != BUILD {
         return Err(CompiledError::OtherVersion { codec, build });
     }
-    let sha512: [u8; 64] = take(&mut rest, 64)?.try_into().expect("64 bytes");
-    let len = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes"));
-    let modified = i128::from_le_bytes(take(&mut rest, 16)?.try_into().expect("16 bytes"));
-    let body_len = u64::from_le_bytes(take(&mut rest, 8)?.try_into().expect("8 bytes"));
-    if rest.len() as u64 != body_len.saturating_add(32) {
-        return Err(CompiledError::Invalid {
-            at: bytes.len(),
-            what: "the file is not as long as its header says",
-        });
+    let sha512: [u8; 64] = r.array()?;
+    let len = u64::from_le_bytes(r.array()?);
+    let json_modified = i128::from_le_bytes(r.array()?);
+    let body_len = u64::from_le_bytes(r.array()?);
+    if body_len > max {
+        return Err(r.invalid("the body is larger than the limit"));
     }
-    Ok((SignedBytes { sha512, len }, modified, rest))
+    r.flush_hash();
+    let sum: [u8; 32] = r.array()?;
+    r.skip_hash();
+    r.end_of_body = r.offset() + body_len;
+
+    let decoded = r.body();
+    // Whatever the decoder did not read is hashed too, so that damage is reported as such.
+    let rest = r.drain();
+    let damaged = r.finish_hash() != sum;
+    match (decoded, rest) {
+        _ if damaged => Err(CompiledError::Damaged),
+        (Err(e), _) => Err(e),
+        (Ok(_), Err(e)) => Err(e),
+        (Ok(bundle), Ok(())) => Ok(Compiled {
+            bundle,
+            signed: SignedBytes { sha512, len },
+            json_modified,
+        }),
+    }
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -390,37 +375,123 @@ fn severity_code(s: Severity) -> u8 {
     SEVERITIES.iter().position(|x| *x == s).expect("listed") as u8
 }
 
-/// Decodes what [`Writer`] wrote. Every length is checked against the bytes left and every id
-/// against what it indexes, so damaged content is an error, never a panic or a huge allocation.
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// Decodes what [`Writer`] wrote, from a reader, through a buffer: every byte that leaves the buffer
+/// goes through the checksum's hash unless skipped. Every length is checked against the bytes left
+/// and every id against what it indexes, so damaged content is an error, never a panic or a huge
+/// allocation.
+struct Reader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    /// Unread bytes are `buf[pos..end]`; `buf[hashed..pos]` are read and not hashed yet.
     pos: usize,
+    end: usize,
+    hashed: usize,
+    /// Offset in the file of `buf[0]`.
+    base: u64,
+    /// Offset in the file where the body ends (the whole file until the header is read).
+    end_of_body: u64,
+    hash: sha2::Sha256,
     table: Vec<Arc<str>>,
 }
 
 type Read<T> = Result<T, CompiledError>;
 
-impl<'a> Reader<'a> {
+const CHUNK: usize = 256 * 1024;
+
+impl<R: std::io::Read> Reader<R> {
+    fn new(inner: R) -> Self {
+        Reader {
+            inner,
+            buf: vec![0; CHUNK],
+            pos: 0,
+            end: 0,
+            hashed: 0,
+            base: 0,
+            end_of_body: u64::MAX,
+            hash: sha2::Sha256::new(),
+            table: Vec::new(),
+        }
+    }
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
     fn invalid(&self, what: &'static str) -> CompiledError {
-        CompiledError::Invalid { at: self.pos, what }
+        CompiledError::Invalid {
+            at: self.offset(),
+            what,
+        }
+    }
+    fn flush_hash(&mut self) {
+        self.hash.update(&self.buf[self.hashed..self.pos]);
+        self.hashed = self.pos;
+    }
+    fn skip_hash(&mut self) {
+        self.hashed = self.pos;
+    }
+    fn finish_hash(&mut self) -> [u8; 32] {
+        self.flush_hash();
+        std::mem::take(&mut self.hash).finalize().into()
+    }
+    /// Makes `n` unread bytes available in the buffer, reading more; `false` at the end of the file.
+    fn fill(&mut self, n: usize) -> Read<bool> {
+        if self.end - self.pos >= n {
+            return Ok(true);
+        }
+        self.flush_hash();
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.base += self.pos as u64;
+        self.end -= self.pos;
+        self.pos = 0;
+        self.hashed = 0;
+        if self.buf.len() < n {
+            self.buf.resize(n.next_multiple_of(CHUNK), 0);
+        }
+        while self.end < n {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Ok(false),
+                Ok(k) => self.end += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(CompiledError::Io(e.to_string()));
+                }
+            }
+        }
+        Ok(true)
+    }
+    /// Reads (and hashes) everything left; an error if anything was left after the body.
+    fn drain(&mut self) -> Read<()> {
+        let at_end = self.offset() == self.end_of_body;
+        let mut extra = false;
+        loop {
+            self.pos = self.end;
+            if !self.fill(1)? {
+                break;
+            }
+            extra = true;
+        }
+        if extra || !at_end {
+            return Err(self.invalid("the file is not as long as its header says"));
+        }
+        Ok(())
+    }
+    fn bytes(&mut self, n: usize) -> Read<&[u8]> {
+        if n as u64 > self.end_of_body.saturating_sub(self.offset()) || !self.fill(n)? {
+            return Err(self.invalid("cut short"));
+        }
+        let b = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(b)
+    }
+    fn array<const N: usize>(&mut self) -> Read<[u8; N]> {
+        Ok(self.bytes(N)?.try_into().expect("N bytes"))
     }
     fn u8(&mut self) -> Read<u8> {
-        let b = *self
-            .bytes
-            .get(self.pos)
-            .ok_or_else(|| self.invalid("cut short"))?;
-        self.pos += 1;
-        Ok(b)
-    }
-    fn bytes(&mut self, n: usize) -> Read<&'a [u8]> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| self.invalid("cut short"))?;
-        let b = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(b)
+        if self.pos < self.end && self.offset() < self.end_of_body {
+            let b = self.buf[self.pos];
+            self.pos += 1;
+            return Ok(b);
+        }
+        Ok(self.bytes(1)?[0])
     }
     fn varint(&mut self) -> Read<u64> {
         let mut v = 0u64;
@@ -450,15 +521,20 @@ impl<'a> Reader<'a> {
     /// A count of items that take at least `min` bytes each: never more than the bytes left allow.
     fn len(&mut self, min: usize) -> Read<usize> {
         let n = self.varint()?;
-        if n > ((self.bytes.len() - self.pos) / min.max(1)) as u64 {
+        let left = self.end_of_body.saturating_sub(self.offset());
+        if n > left / min.max(1) as u64 {
             return Err(self.invalid("a count is larger than the bytes left"));
         }
         Ok(n as usize)
     }
-    fn str(&mut self) -> Read<&'a str> {
+    fn str(&mut self) -> Read<&str> {
         let n = self.len(1)?;
+        let at = self.offset();
         let b = self.bytes(n)?;
-        std::str::from_utf8(b).map_err(|_| self.invalid("a string is not UTF-8"))
+        std::str::from_utf8(b).map_err(|_| CompiledError::Invalid {
+            at,
+            what: "a string is not UTF-8",
+        })
     }
     fn shared(&mut self) -> Read<Arc<str>> {
         let i = self.varint()?;
@@ -497,12 +573,8 @@ impl<'a> Reader<'a> {
     }
     fn digest(&mut self) -> Read<Digest> {
         match self.u8()? {
-            0 => Ok(Digest::Sha256(
-                self.bytes(32)?.try_into().expect("32 bytes"),
-            )),
-            1 => Ok(Digest::Sha512(Box::new(
-                self.bytes(64)?.try_into().expect("64 bytes"),
-            ))),
+            0 => Ok(Digest::Sha256(self.array()?)),
+            1 => Ok(Digest::Sha512(Box::new(self.array()?))),
             _ => Err(self.invalid("unknown digest algorithm")),
         }
     }
@@ -512,6 +584,21 @@ impl<'a> Reader<'a> {
             .get(c as usize)
             .copied()
             .ok_or_else(|| self.invalid("unknown severity"))
+    }
+
+    /// The string table, then the bundle, up to the end of the body.
+    fn body(&mut self) -> Read<Bundle> {
+        let n = self.len(1)?;
+        self.table.reserve(n);
+        for _ in 0..n {
+            let s: Arc<str> = self.str()?.into();
+            self.table.push(s);
+        }
+        let bundle = self.bundle()?;
+        if self.offset() != self.end_of_body {
+            return Err(self.invalid("bytes after the end of the bundle"));
+        }
+        Ok(bundle)
     }
 
     fn bundle(&mut self) -> Read<Bundle> {
@@ -802,6 +889,41 @@ mod tests {
                 .iter()
                 .any(|e| e.digests().iter().any(|d| d.algorithm() == "sha512"))
         );
+    }
+
+    /// A reader that hands out at most `step` bytes per read.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.step.min(buf.len()).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_compiled_bundle_streamed_in_small_reads_reads_back_the_same() {
+        let b = v2_bundle_with(|_| {});
+        let bytes = compile(&b, b.signed(), 7);
+        for step in [1, 2, 7, 100, 4096] {
+            let back = read(
+                Trickle {
+                    bytes: &bytes,
+                    step,
+                },
+                bytes.len() as u64,
+            )
+            .unwrap_or_else(|e| panic!("step {step}: {e}"));
+            assert!(back.bundle == *b, "step {step}");
+        }
+        // The body over the limit is refused before it is read.
+        let e = read(&bytes[..], 10).unwrap_err();
+        assert!(e.to_string().contains("larger than the limit"), "{e}");
     }
 
     #[test]
