@@ -143,7 +143,7 @@ pub fn read(reader: impl std::io::Read, max: u64) -> Result<Compiled, CompiledEr
     r.flush_hash();
     let sum: [u8; 32] = r.array()?;
     r.skip_hash();
-    r.end_of_body = r.offset() + body_len;
+    r.set_end_of_body(r.offset() + body_len);
 
     let decoded = r.body();
     // Whatever the decoder did not read is hashed too, so that damage is reported as such.
@@ -385,6 +385,8 @@ struct Reader<R> {
     /// Unread bytes are `buf[pos..end]`; `buf[hashed..pos]` are read and not hashed yet.
     pos: usize,
     end: usize,
+    /// `end`, or where the body ends if that is sooner: below it a byte can be read without checks.
+    stop: usize,
     hashed: usize,
     /// Offset in the file of `buf[0]`.
     base: u64,
@@ -405,6 +407,7 @@ impl<R: std::io::Read> Reader<R> {
             buf: vec![0; CHUNK],
             pos: 0,
             end: 0,
+            stop: 0,
             hashed: 0,
             base: 0,
             end_of_body: u64::MAX,
@@ -414,6 +417,16 @@ impl<R: std::io::Read> Reader<R> {
     }
     fn offset(&self) -> u64 {
         self.base + self.pos as u64
+    }
+    fn set_end_of_body(&mut self, end: u64) {
+        self.end_of_body = end;
+        self.update_stop();
+    }
+    fn update_stop(&mut self) {
+        let body_left = self.end_of_body.saturating_sub(self.base);
+        self.stop = self
+            .end
+            .min(usize::try_from(body_left).unwrap_or(usize::MAX));
     }
     fn invalid(&self, what: &'static str) -> CompiledError {
         CompiledError::Invalid {
@@ -434,6 +447,11 @@ impl<R: std::io::Read> Reader<R> {
     }
     /// Makes `n` unread bytes available in the buffer, reading more; `false` at the end of the file.
     fn fill(&mut self, n: usize) -> Read<bool> {
+        let filled = self.fill_unchecked(n);
+        self.update_stop();
+        filled
+    }
+    fn fill_unchecked(&mut self, n: usize) -> Read<bool> {
         if self.end - self.pos >= n {
             return Ok(true);
         }
@@ -475,7 +493,9 @@ impl<R: std::io::Read> Reader<R> {
         Ok(())
     }
     fn bytes(&mut self, n: usize) -> Read<&[u8]> {
-        if n as u64 > self.end_of_body.saturating_sub(self.offset()) || !self.fill(n)? {
+        if self.stop.saturating_sub(self.pos) < n
+            && (n as u64 > self.end_of_body.saturating_sub(self.offset()) || !self.fill(n)?)
+        {
             return Err(self.invalid("cut short"));
         }
         let b = &self.buf[self.pos..self.pos + n];
@@ -486,7 +506,7 @@ impl<R: std::io::Read> Reader<R> {
         Ok(self.bytes(N)?.try_into().expect("N bytes"))
     }
     fn u8(&mut self) -> Read<u8> {
-        if self.pos < self.end && self.offset() < self.end_of_body {
+        if self.pos < self.stop {
             let b = self.buf[self.pos];
             self.pos += 1;
             return Ok(b);
