@@ -772,6 +772,89 @@ async fn container_starts_need_an_approved_repo_digest_in_scope() {
     env.stop().await;
 }
 
+/// An image pullgate pulled starts without a lookup: containerd's answer to the pinned pull proved
+/// its content. The proof decides only an allow; in a scope that may not run the image, the start is
+/// looked up and denied as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_pullgate_pulled_starts_without_a_lookup() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let image = digest(0xc1);
+    // nginx:1.25 (D3) is approved for the payments program only.
+    let pinned_nginx = format!("{PRIVATE}/approved/library/nginx@{}", digest(3));
+    put_manifest(&env.fake.observed, &digest(3), &image);
+    env.fake.observed.images.lock().unwrap().insert(
+        pinned_nginx.clone(),
+        cri::Image {
+            id: image.clone(),
+            repo_digests: vec![pinned_nginx.clone()],
+            ..Default::default()
+        },
+    );
+    env.fake.observed.images.lock().unwrap().insert(
+        image.clone(),
+        cri::Image {
+            id: image.clone(),
+            repo_digests: vec![pinned_nginx.clone()],
+            ..Default::default()
+        },
+    );
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    env.fake
+        .add_sandbox("sb-search", &pod_config("search", &[]));
+    let mut images = env.images().await;
+    let pulled = images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: "nginx:1.25".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod_config("checkout", &[])),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(pulled.image_ref, image);
+    let create = |sandbox: &str, ns: &str| cri::CreateContainerRequest {
+        pod_sandbox_id: sandbox.into(),
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                user_specified_image: "nginx:1.25".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod_config(ns, &[])),
+    };
+    let mut rt = env.runtime().await;
+    let lookups = env.fake.observed.image_statuses.lock().unwrap().len();
+    rt.create_container(create("sb-checkout", "checkout"))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake.observed.image_statuses.lock().unwrap().len(),
+        lookups,
+        "the pull proved the image: no lookup"
+    );
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["method"], "CreateContainer");
+    assert_eq!(last["decision"], "allow");
+    // Not approved for the search program: looked up, then denied.
+    let e = rt
+        .create_container(create("sb-search", "search"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        env.fake.observed.image_statuses.lock().unwrap().len() > lookups,
+        "decided from containerd's answer"
+    );
+    assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 1);
+    env.stop().await;
+}
+
 /// Cached start decisions are shared by pods of one scope whatever their other labels, and are not
 /// used once the bundle is past its expiry grace: a cached image then fails closed like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

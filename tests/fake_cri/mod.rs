@@ -520,8 +520,10 @@ impl ImageService for FakeCri {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         self.observed.pulls.lock().unwrap().push(r);
+        // The ID of an image the fake knows under the pulled name, as containerd answers.
+        let known = self.observed.images.lock().unwrap().get(&image).cloned();
         Ok(TResp::new(cri::PullImageResponse {
-            image_ref: format!("sha256:pulled-{image}"),
+            image_ref: known.map_or_else(|| format!("sha256:pulled-{image}"), |i| i.id),
         }))
     }
 

@@ -311,6 +311,8 @@ pub struct Enforcer {
     auth: ArcSwapOption<RegistryAuth>,
     /// Container starts already allowed, by (image ID, bundle version, pod scope).
     allowed_starts: start::StartCache,
+    /// What allowed pulls proved about image IDs.
+    pull_proofs: Arc<start::PullProofs>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
     sandboxes: sandbox::SandboxCache,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
@@ -336,6 +338,7 @@ impl Enforcer {
             audit,
             auth: ArcSwapOption::empty(),
             allowed_starts: start::StartCache::default(),
+            pull_proofs: Arc::default(),
             sandboxes: sandbox::SandboxCache::default(),
             pulls: Arc::default(),
             decisions: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
@@ -502,16 +505,25 @@ impl Enforcer {
         };
         // A failed pull is forgotten: the response edit runs only on success, and is dropped
         // unrun otherwise.
-        let noted = ledger::Noted::new(self.pulls.clone(), p, d.verdict == PolicyVerdict::Allow);
+        let allowed = d.verdict == PolicyVerdict::Allow;
+        let noted = ledger::Noted::new(self.pulls.clone(), p, allowed);
         let request = match verdict {
             Verdict::Forward => None,
             Verdict::Replace(new) => Some(new),
             other => return other,
         };
+        // An allowed pull is pinned to a digest: the image ID containerd answers with is proven to
+        // be that content.
+        let proof = allowed.then(|| (self.pull_proofs.clone(), p.to_string()));
         Verdict::Rewrite {
             request,
-            response: Box::new(move |_| {
+            response: Box::new(move |response| {
                 noted.pulled();
+                if let Some((proofs, pulled)) = proof {
+                    if let Ok(r) = cri::PullImageResponse::decode(response) {
+                        proofs.insert(&r.image_ref, &pulled);
+                    }
+                }
                 None
             }),
         }

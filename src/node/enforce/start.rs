@@ -15,6 +15,8 @@
 //!    two, not their sum — unless every image is one already allowed for some pod (the usual new pod
 //!    of a deployment): then the sandbox comes first, and the cached decision for its scope usually
 //!    makes the image lookups unnecessary.
+//!    An image pullgate itself pulled needs no lookup at all: containerd answered the pinned pull
+//!    of `repo@digest` with the image's ID, which proves that content ([`PullProofs`]).
 //! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
 //!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
 //!    name that was never approved is told so (and an approved one is told to be pulled first).
@@ -102,6 +104,39 @@ impl StartCache {
     }
 }
 
+/// Most pull proofs remembered.
+const PULL_PROOFS_MAX: usize = 4096;
+
+/// What allowed pulls proved, by image ID: the `repo@digest` it was pulled as. containerd answered
+/// the pull of `repo@D`, pinned by pullgate, with image ID `X`, so manifest `D` (or a manifest the
+/// index `D` lists) has config `X`: a fact about content, true for good, known without asking
+/// containerd for the image and its manifest again. A start of `X` is decided from it first, and only
+/// an allow is taken: anything else is decided from what containerd holds, as without it.
+#[derive(Default)]
+pub(super) struct PullProofs(Mutex<HashMap<String, String>>);
+
+impl PullProofs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes that the pull of `pulled` (`repo@digest`) gave image `id`.
+    pub(super) fn insert(&self, id: &str, pulled: &str) {
+        if !names::is_image_id(id) || !pulled.contains('@') {
+            return;
+        }
+        let mut proofs = self.lock();
+        if proofs.len() >= PULL_PROOFS_MAX {
+            proofs.clear();
+        }
+        proofs.insert(id.to_string(), pulled.to_string());
+    }
+
+    fn get(&self, id: &str) -> Option<String> {
+        self.lock().get(id).cloned()
+    }
+}
+
 /// Why the pod of a start could not be established.
 enum SandboxProblem {
     /// containerd does not know the sandbox (or the request names none).
@@ -133,9 +168,10 @@ impl Enforcer {
             Some(pod) => pod,
             None => {
                 let likely_cached = bundle.as_ref().is_some_and(|b| {
-                    targets
-                        .iter()
-                        .all(|t| self.allowed_starts.knows(&t.image, b.version))
+                    targets.iter().all(|t| {
+                        self.allowed_starts.knows(&t.image, b.version)
+                            || self.pull_proofs.get(&t.image).is_some()
+                    })
                 });
                 let pod = if likely_cached {
                     self.recorded_pod(sandbox_id).await
@@ -434,11 +470,12 @@ impl Enforcer {
         )
     }
 
-    /// A cached allow for a target named by image ID, for this pod's scope and this bundle. Only an
-    /// image ID names immutable content (its config fixes every layer), so only decisions about IDs
-    /// are cached; a name can be re-tagged to other content at any time. The cache is consulted only
-    /// while the bundle is usable, so an expired bundle fails closed here too, and only until the
-    /// decision's own `valid_until`.
+    /// A cached allow for a target named by image ID, for this pod's scope and this bundle, or one
+    /// decided from the pull that brought the image ([`PullProofs`]). Only an image ID names
+    /// immutable content (its config fixes every layer), so only decisions about IDs are cached; a
+    /// name can be re-tagged to other content at any time. The cache is consulted only while the
+    /// bundle is usable, so an expired bundle fails closed here too, and only until the decision's
+    /// own `valid_until`.
     fn cached_start(
         &self,
         t: &Target,
@@ -447,12 +484,29 @@ impl Enforcer {
         now: OffsetDateTime,
     ) -> Option<Decision> {
         let bundle = bundle.filter(|_| names::is_image_id(&t.image))?;
-        let mut d = self.allowed_starts.get(&start_key(&t.image, bundle, pod))?;
-        // An allow that only held until a time (an exception, a sunset) is decided afresh after it.
-        if d.valid_until.is_some_and(|until| now >= until) {
+        let cached = self
+            .allowed_starts
+            .get(&start_key(&t.image, bundle, pod))
+            // An allow that only held until a time (an exception, a sunset) is decided afresh
+            // after it.
+            .filter(|d| d.valid_until.is_none_or(|until| now < until));
+        if let Some(mut d) = cached {
+            d.image.clone_from(&t.shown);
+            return Some(d);
+        }
+        let pulled = self.pull_proofs.get(&t.image)?;
+        let d = self.state.decide(
+            &ImageRequest::RepoDigests {
+                image: &t.shown,
+                repo_digests: std::slice::from_ref(&pulled),
+            },
+            pod,
+            now,
+        );
+        if d.verdict != PolicyVerdict::Allow {
             return None;
         }
-        d.image.clone_from(&t.shown);
+        self.cache_start(Some(&t.image), Some(bundle), pod, &d);
         Some(d)
     }
 
