@@ -9,10 +9,12 @@
 //! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
 //! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
 //!
-//! The enforcement part measures `PullImage` and four kinds of `CreateContainer`: a start whose pod
+//! The enforcement part measures `PullImage` and five kinds of `CreateContainer`: a start whose pod
 //! sandbox and image decision are both known (the steady state), a start of an image not decided yet
-//! (`ImageStatus` + `Content.Read` lookups), and the first start in a new pod — its sandbox looked up
-//! with `PodSandboxStatus` — with the image decision cached (the usual new pod of a deployment) and not.
+//! (`ImageStatus` + `Content.Read` lookups), the first start in a new pod — its sandbox looked up
+//! with `PodSandboxStatus` — with the image decision cached (the usual new pod of a deployment) and
+//! not, and the first start in a new pod of an image pullgate pulled just before (kubelet's pull then
+//! start; the pull itself is not timed).
 //!
 //! A raw HTTP/2 client (sequential `Version` calls) measures the two modes of pullgate's HTTP/2
 //! fix-up layer: with `localhost` as `:authority` header blocks are handed on as sent, with the socket
@@ -102,23 +104,25 @@ async fn one_call(ch: &Channel, m: Method) {
                 .await
                 .expect("ImageStatus");
         }
-        Method::PullImage => {
-            image_client(ch.clone())
-                .pull_image(cri::PullImageRequest {
-                    image: Some(cri::ImageSpec {
-                        image: BENCH_IMAGE.into(),
-                        ..Default::default()
-                    }),
-                    auth: None,
-                    sandbox_config: Some(sandbox()),
-                })
-                .await
-                .expect("PullImage");
-        }
+        Method::PullImage => pull(ch, BENCH_IMAGE).await,
         Method::CreateContainer => {
             create(ch, BENCH_IMAGE_ID).await;
         }
     }
+}
+
+async fn pull(ch: &Channel, image: &str) {
+    image_client(ch.clone())
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: Some(sandbox()),
+        })
+        .await
+        .expect("PullImage");
 }
 
 async fn create(ch: &Channel, image: &str) {
@@ -753,25 +757,27 @@ fn main() {
             ..Default::default()
         };
         images.insert(BENCH_IMAGE_ID.into(), img);
-        // Images never started before: one set for starts in a known pod, one for new pods.
-        for i in 0..2 * calls as usize {
+        // Images never started before: one set for starts in a known pod, one for new pods, and one
+        // pulled through pullgate before their first start (known under the pinned pull's name too).
+        for i in 0..3 * calls as usize {
             let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
             put_manifest(&fake.observed, &app_digest(i), &id);
+            let pinned = format!("registry.corp/approved/library/app{i}@{}", app_digest(i));
             let img = cri::Image {
                 id: id.clone(),
-                repo_digests: vec![format!(
-                    "registry.corp/approved/library/app{i}@{}",
-                    app_digest(i)
-                )],
+                repo_digests: vec![pinned.clone()],
                 ..Default::default()
             };
+            if i >= 2 * calls as usize {
+                images.insert(pinned, img.clone());
+            }
             images.insert(id, img);
         }
     }
     // The pod sandboxes containerd knows: the steady-state pod, and one new pod per start for each of
-    // the two first-start rounds.
+    // the three first-start rounds.
     fake.add_sandbox("sandbox", &sandbox());
-    for i in 0..2 * calls as usize {
+    for i in 0..3 * calls as usize {
         fake.add_sandbox(&format!("new-pod-{i}"), &sandbox());
     }
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "enforce");
@@ -843,29 +849,46 @@ fn main() {
         // Starts that each pay a lookup once: every call a different image and/or a new pod.
         let id = |i: usize| format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
         let n = calls as usize;
-        // (label, the (sandbox, image) of each start)
-        let once: [(&'static str, Vec<(String, String)>); 3] = [
+        // (label, the (sandbox, image) of each start, the image pulled through pullgate first (not
+        // timed): its index)
+        type Start = (String, String, Option<usize>);
+        let once: [(&'static str, Vec<Start>); 4] = [
             (
                 "CreateContainer (image not decided yet: ImageStatus + Content.Read lookups)",
-                (0..n).map(|i| ("sandbox".to_string(), id(i))).collect(),
+                (0..n)
+                    .map(|i| ("sandbox".to_string(), id(i), None))
+                    .collect(),
             ),
             (
                 "CreateContainer (first start in a new pod, image decision cached: PodSandboxStatus)",
                 (0..n)
-                    .map(|i| (format!("new-pod-{i}"), BENCH_IMAGE_ID.to_string()))
+                    .map(|i| (format!("new-pod-{i}"), BENCH_IMAGE_ID.to_string(), None))
                     .collect(),
             ),
             (
                 "CreateContainer (first start in a new pod, image not decided yet: all three lookups)",
                 (n..2 * n)
-                    .map(|i| (format!("new-pod-{i}"), id(i)))
+                    .map(|i| (format!("new-pod-{i}"), id(i), None))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (first start in a new pod of an image pullgate just pulled: PodSandboxStatus)",
+                (2 * n..3 * n)
+                    .map(|i| (format!("new-pod-{i}"), id(i), Some(i)))
                     .collect(),
             ),
         ];
         // Every build sees each start for the first time (each has its own caches).
         for (label, starts) in once {
             let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, (pod, image)) in starts.iter().enumerate() {
+            for (i, (pod, image, pulled)) in starts.iter().enumerate() {
+                if let Some(app) = pulled {
+                    let name = format!("docker.io/library/app{app}:1.0");
+                    pull(&via, &name).await;
+                    if let Some(b) = &base {
+                        pull(b, &name).await;
+                    }
+                }
                 if i % 4 == 0 {
                     // The yardstick, interleaved here too.
                     latencies(&direct, Method::Version, 1, &mut dv).await;
