@@ -49,7 +49,8 @@ fn start_pullgate(dir: &Path, upstream: &Path, workers: u32, name: &str) -> (Pro
     start_pullgate_bin(&pullgate_bin(), dir, upstream, workers, name)
 }
 
-/// `bin serve` with state in `dir/state-NAME`, listening on `dir/pullgate-NAME.sock`.
+/// `bin serve` with state in `dir/state-NAME`, listening on `dir/pullgate-NAME.sock` (admin API on
+/// `dir/admin-NAME.sock`).
 fn start_pullgate_bin(
     bin: &Path,
     dir: &Path,
@@ -62,9 +63,12 @@ fn start_pullgate_bin(
     std::fs::write(
         &config,
         format!(
-            "[server]\nworker_threads = {workers}\n[log]\nlevel = \"error\"\n[policy]\nstate_dir = \"{}\"\ntrust = \"{}\"\n[metrics]\nlisten = \"off\"\n",
+            "[server]\nworker_threads = {workers}\n[log]\nlevel = \"error\"\n[policy]\nstate_dir = \"{}\"\ntrust = \"{}\"\n[metrics]\nlisten = \"off\"\n[admin]\nsocket = \"{}\"\n",
             dir.join(format!("state-{name}")).display(),
-            dir.join("trust.toml").display()
+            dir.join("trust.toml").display(),
+            // Each process its own admin socket: the default (next to the CRI socket) is shared
+            // by every process started in `dir`.
+            dir.join(format!("admin-{name}.sock")).display()
         ),
     )
     .unwrap();

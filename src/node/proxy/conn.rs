@@ -231,10 +231,13 @@ pub async fn serve(
         // Counted from here until the response body ends or is dropped.
         let guard = state.open_stream();
         let proxy = proxy.clone();
-        async move {
+        // Boxed: hyper hands each call's future to a task of its own, and the future (a few KiB:
+        // every path a call can take) was copied about seven times on the way into the task and
+        // back out of it; a box is allocated once and only its pointer moves.
+        Box::pin(async move {
             let resp = proxy.handle(req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
-        }
+        })
     });
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);

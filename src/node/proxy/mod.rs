@@ -73,13 +73,16 @@ pub fn well_formed_method(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    let Some((service, method)) = rest.split_once('/') else {
+    let Some(slash) = rest.bytes().position(|b| b == b'/') else {
         return false;
     };
-    let ident = |s: &str, dots: bool| {
+    let (service, method) = (&rest.as_bytes()[..slash], &rest.as_bytes()[slash + 1..]);
+    // Checked on every call: every byte, without a branch per byte.
+    let ident = |s: &[u8], dots: bool| {
         !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || (dots && b == b'.'))
+            && s.iter().fold(true, |ok, &b| {
+                ok & (b.is_ascii_alphanumeric() | (b == b'_') | (dots & (b == b'.')))
+            })
     };
     ident(service, true) && ident(method, false)
 }

@@ -131,6 +131,32 @@ pub struct Decoder {
     max: usize,
     /// SETTINGS_HEADER_TABLE_SIZE the server advertises: size updates above it are errors.
     allowed: usize,
+    /// The last `:path` and `:authority` values found acceptable.
+    accepted: Accepted,
+}
+
+/// The last `:path` and `:authority` values that `h2` was found to accept. A client sends the same
+/// few over and over, and comparing bytes costs less than parsing them again (with an allocation
+/// each) on every request. Only ever holds non-empty values that passed the full check.
+#[derive(Default)]
+struct Accepted {
+    path: Vec<u8>,
+    authority: Vec<u8>,
+}
+
+impl Accepted {
+    /// Whether `value` passes `check`, remembering it in `last` if it does.
+    fn check(last: &mut Vec<u8>, value: &[u8], check: impl FnOnce(&[u8]) -> bool) -> bool {
+        if !value.is_empty() && value == last.as_slice() {
+            return true;
+        }
+        let ok = check(value);
+        if ok && !value.is_empty() {
+            last.clear();
+            last.extend_from_slice(value);
+        }
+        ok
+    }
 }
 
 impl Decoder {
@@ -141,6 +167,7 @@ impl Decoder {
             size: 0,
             max: table_size,
             allowed: table_size,
+            accepted: Accepted::default(),
         }
     }
 
@@ -209,6 +236,7 @@ impl Decoder {
             max_list,
             lazy,
             copy,
+            accepted: std::mem::take(&mut self.accepted),
         };
         let mut pos = 0;
         let mut any = false;
@@ -257,6 +285,7 @@ impl Decoder {
             }
             any = true;
         }
+        self.accepted = fields.accepted;
         let mut insp = fields.insp;
         if request && insp.fault.is_none() {
             insp.fault = fields.seen.missing();
@@ -277,6 +306,7 @@ struct Fields<'c> {
     max_list: usize,
     lazy: bool,
     copy: &'c mut Vec<u8>,
+    accepted: Accepted,
 }
 
 impl Fields<'_> {
@@ -294,7 +324,13 @@ impl Fields<'_> {
         if self.lazy && regular && !self.insp.bad_authority {
             self.insp.copied = false;
         }
-        let replace = self.seen.field(name, value, self.request, &mut self.insp);
+        let replace = self.seen.field(
+            name,
+            value,
+            self.request,
+            &mut self.insp,
+            &mut self.accepted,
+        );
         if self.insp.copied {
             let value = if replace {
                 REPLACEMENT_AUTHORITY
@@ -365,13 +401,22 @@ struct Seen {
 
 impl Seen {
     /// Looks at one field; returns whether it is an `:authority` to replace.
-    fn field(&mut self, name: &[u8], value: &[u8], request: bool, insp: &mut Inspection) -> bool {
+    fn field(
+        &mut self,
+        name: &[u8],
+        value: &[u8],
+        request: bool,
+        insp: &mut Inspection,
+        accepted: &mut Accepted,
+    ) -> bool {
         let mut fault = None;
         let mut replace = false;
         if let Some(pseudo) = name.strip_prefix(b":") {
             let repeated = match pseudo {
                 b"authority" => {
-                    replace = Authority::try_from(value).is_err();
+                    replace = !Accepted::check(&mut accepted.authority, value, |v| {
+                        Authority::try_from(v).is_ok()
+                    });
                     insp.bad_authority |= replace;
                     std::mem::replace(&mut self.authority, true)
                 }
@@ -392,7 +437,9 @@ impl Seen {
                 b"path" => {
                     if value.is_empty() {
                         fault = Some(Refusal::MissingPseudoHeader);
-                    } else if http::uri::PathAndQuery::try_from(value).is_err() {
+                    } else if !Accepted::check(&mut accepted.path, value, |v| {
+                        http::uri::PathAndQuery::try_from(v).is_ok()
+                    }) {
                         fault = Some(Refusal::BadPseudoHeader);
                     }
                     std::mem::replace(&mut self.path, true)
@@ -439,19 +486,30 @@ impl Seen {
 /// Whether `h2` accepts `name` as a header name: a non-empty token in lower case (RFC 9110 §5.6.2,
 /// RFC 9113 §8.2.1).
 fn valid_name(name: &[u8]) -> bool {
-    !name.is_empty()
-        && name.iter().all(|&b| {
-            matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'!' | b'#' | b'$' | b'%' | b'&' | b'\''
-                | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
-        })
+    // Every byte looked up in a table, without an early exit: names are short, and a loop
+    // without branches costs less than one that stops at the first bad byte.
+    !name.is_empty() && name.iter().fold(true, |ok, &b| ok & NAME_BYTES[b as usize])
 }
+
+/// The bytes [`valid_name`] accepts.
+static NAME_BYTES: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = matches!(b as u8, b'a'..=b'z' | b'0'..=b'9' | b'!' | b'#' | b'$' | b'%' | b'&'
+            | b'\'' | b'*' | b'+' | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~');
+        b += 1;
+    }
+    t
+};
 
 /// Whether `h2` accepts `value` as a header value: visible bytes, spaces and tabs (no CR, LF, NUL
 /// or other control bytes).
 fn valid_value(value: &[u8]) -> bool {
-    value
-        .iter()
-        .all(|&b| (b >= 0x20 && b != 0x7f) || b == b'\t')
+    // Without an early exit, so that the compiler checks many bytes at once.
+    value.iter().fold(true, |ok, &b| {
+        ok & ((b >= 0x20 && b != 0x7f) | (b == b'\t'))
+    })
 }
 
 /// Appends an HPACK integer with an `n`-bit prefix whose high bits are `flags` (RFC 7541 §5.1).
@@ -879,6 +937,37 @@ mod tests {
                 .decode(&block, *request, 1 << 20, false, &mut Vec::new())
                 .unwrap();
             assert_eq!(insp.fault, *want, "{fields:?}");
+        }
+    }
+
+    #[test]
+    fn remembered_paths_and_authorities_never_let_a_bad_one_through() {
+        let mut d = Decoder::new(4096);
+        let mut client = loona_hpack::Encoder::new();
+        let mut block = |authority: &str, path: &str| {
+            let fields = [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", authority),
+                (":path", path),
+            ];
+            let block = client.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+            d.decode(&block, true, 1 << 20, false, &mut Vec::new())
+                .unwrap()
+        };
+        for _ in 0..2 {
+            // First, while nothing is remembered yet.
+            let empty = block("", "/a.B/C");
+            assert!(empty.bad_authority, "an empty :authority is refused by h2");
+            let good = block("localhost", "/a.B/C");
+            assert_eq!((good.bad_authority, good.fault), (false, None));
+            let bad_path = block("localhost", "/a.B/C\x7f");
+            assert_eq!(bad_path.fault, Some(Refusal::BadPseudoHeader));
+            let bad_authority = block("/run/containerd/containerd.sock", "/a.B/C");
+            assert_eq!(
+                (bad_authority.bad_authority, bad_authority.fault),
+                (true, None)
+            );
         }
     }
 
