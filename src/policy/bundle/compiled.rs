@@ -582,7 +582,8 @@ impl<R: std::io::Read> Reader<R> {
             .ok()
             .and_then(|o| UtcOffset::from_whole_seconds(o).ok())
             .ok_or_else(|| self.invalid("a time offset is out of range"))?;
-        Ok(t.to_offset(offset))
+        t.checked_to_offset(offset)
+            .ok_or_else(|| self.invalid("a time is out of range in its offset"))
     }
     fn opt_time(&mut self) -> Read<Option<OffsetDateTime>> {
         Ok(if self.bool()? {
@@ -993,6 +994,24 @@ mod tests {
             }
         }
         assert!(refused > 0, "no change was refused");
+    }
+
+    /// A reader over `w`'s output, as if it were the body.
+    fn reader_of(w: &Writer) -> Reader<&[u8]> {
+        let mut r = Reader::new(&w.out[..]);
+        r.set_end_of_body(w.out.len() as u64);
+        r
+    }
+
+    #[test]
+    fn a_time_that_its_offset_moves_out_of_range_is_refused_without_a_panic() {
+        let mut w = Writer::default();
+        let last = time::PrimitiveDateTime::MAX.assume_utc();
+        w.i64(last.unix_timestamp());
+        w.varint(0);
+        w.i64(3600);
+        let e = reader_of(&w).time().unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
     }
 
     #[test]
