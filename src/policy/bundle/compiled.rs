@@ -686,14 +686,7 @@ impl<R: std::io::Read> Reader<R> {
             let n = self.len(3)?;
             let mut steps = Vec::with_capacity(n);
             for _ in 0..n {
-                let secs = self.varint()?;
-                let nanos = self.u32()?;
-                let percent = u8::try_from(self.varint()?)
-                    .map_err(|_| self.invalid("a rollout percentage is out of range"))?;
-                steps.push(Step {
-                    after: Duration::new(secs, nanos),
-                    percent,
-                });
+                steps.push(self.step()?);
             }
             Some(steps.into_boxed_slice())
         } else {
@@ -722,6 +715,20 @@ impl<R: std::io::Read> Reader<R> {
             exceptions,
             rollout,
             licenses,
+        })
+    }
+
+    fn step(&mut self) -> Read<Step> {
+        let secs = self.varint()?;
+        let nanos = self.u32()?;
+        if nanos >= 1_000_000_000 {
+            return Err(self.invalid("a rollout delay's nanoseconds are a second or more"));
+        }
+        let percent = u8::try_from(self.varint()?)
+            .map_err(|_| self.invalid("a rollout percentage is out of range"))?;
+        Ok(Step {
+            after: Duration::new(secs, nanos),
+            percent,
         })
     }
 
@@ -1012,6 +1019,16 @@ mod tests {
         w.i64(3600);
         let e = reader_of(&w).time().unwrap_err();
         assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn a_rollout_delay_that_overflows_is_refused_without_a_panic() {
+        let mut w = Writer::default();
+        w.varint(u64::MAX);
+        w.varint(u32::MAX as u64);
+        w.varint(50);
+        let e = reader_of(&w).step().unwrap_err();
+        assert!(e.to_string().contains("nanoseconds"), "{e}");
     }
 
     #[test]
