@@ -735,6 +735,10 @@ impl<R: std::io::Read> Reader<R> {
     fn scopes(&mut self) -> Read<Scopes> {
         let label = self.str()?.to_owned();
         let n = self.len(4)?;
+        if n == 0 {
+            // Decisions take the organisation, scope 0, for any pod without a bound namespace.
+            return Err(self.invalid("the scope tree has no organisation"));
+        }
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let path = self.shared()?;
@@ -1029,6 +1033,16 @@ mod tests {
         w.varint(50);
         let e = reader_of(&w).step().unwrap_err();
         assert!(e.to_string().contains("nanoseconds"), "{e}");
+    }
+
+    #[test]
+    fn a_scope_tree_without_an_organisation_is_refused() {
+        let mut w = Writer::default();
+        w.str("app");
+        w.varint(0);
+        w.varint(0);
+        let e = reader_of(&w).scopes().unwrap_err();
+        assert!(e.to_string().contains("no organisation"), "{e}");
     }
 
     #[test]
