@@ -1007,42 +1007,56 @@ mod tests {
         assert!(refused > 0, "no change was refused");
     }
 
-    /// A reader over `w`'s output, as if it were the body.
-    fn reader_of(w: &Writer) -> Reader<&[u8]> {
+    /// What `read` says of the body `write` encodes (it must refuse it).
+    fn refusal<T: std::fmt::Debug>(
+        write: impl FnOnce(&mut Writer),
+        read: impl for<'a> FnOnce(&mut Reader<&'a [u8]>) -> Read<T>,
+    ) -> String {
+        let mut w = Writer::default();
+        write(&mut w);
         let mut r = Reader::new(&w.out[..]);
         r.set_end_of_body(w.out.len() as u64);
-        r
+        read(&mut r).expect_err("refused").to_string()
     }
 
     #[test]
     fn a_time_that_its_offset_moves_out_of_range_is_refused_without_a_panic() {
-        let mut w = Writer::default();
         let last = time::PrimitiveDateTime::MAX.assume_utc();
-        w.i64(last.unix_timestamp());
-        w.varint(0);
-        w.i64(3600);
-        let e = reader_of(&w).time().unwrap_err();
-        assert!(e.to_string().contains("out of range"), "{e}");
+        let e = refusal(
+            |w| {
+                w.i64(last.unix_timestamp());
+                w.varint(0);
+                w.i64(3600);
+            },
+            |r| r.time(),
+        );
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]
     fn a_rollout_delay_that_overflows_is_refused_without_a_panic() {
-        let mut w = Writer::default();
-        w.varint(u64::MAX);
-        w.varint(u32::MAX as u64);
-        w.varint(50);
-        let e = reader_of(&w).step().unwrap_err();
-        assert!(e.to_string().contains("nanoseconds"), "{e}");
+        let e = refusal(
+            |w| {
+                w.varint(u64::MAX);
+                w.varint(u32::MAX as u64);
+                w.varint(50);
+            },
+            |r| r.step(),
+        );
+        assert!(e.contains("nanoseconds"), "{e}");
     }
 
     #[test]
     fn a_scope_tree_without_an_organisation_is_refused() {
-        let mut w = Writer::default();
-        w.str("app");
-        w.varint(0);
-        w.varint(0);
-        let e = reader_of(&w).scopes().unwrap_err();
-        assert!(e.to_string().contains("no organisation"), "{e}");
+        let e = refusal(
+            |w| {
+                w.str("app");
+                w.varint(0);
+                w.varint(0);
+            },
+            |r| r.scopes(),
+        );
+        assert!(e.contains("no organisation"), "{e}");
     }
 
     #[test]
