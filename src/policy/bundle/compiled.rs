@@ -582,7 +582,8 @@ impl<R: std::io::Read> Reader<R> {
             .ok()
             .and_then(|o| UtcOffset::from_whole_seconds(o).ok())
             .ok_or_else(|| self.invalid("a time offset is out of range"))?;
-        Ok(t.to_offset(offset))
+        t.checked_to_offset(offset)
+            .ok_or_else(|| self.invalid("a time is out of range in its offset"))
     }
     fn opt_time(&mut self) -> Read<Option<OffsetDateTime>> {
         Ok(if self.bool()? {
@@ -685,14 +686,7 @@ impl<R: std::io::Read> Reader<R> {
             let n = self.len(3)?;
             let mut steps = Vec::with_capacity(n);
             for _ in 0..n {
-                let secs = self.varint()?;
-                let nanos = self.u32()?;
-                let percent = u8::try_from(self.varint()?)
-                    .map_err(|_| self.invalid("a rollout percentage is out of range"))?;
-                steps.push(Step {
-                    after: Duration::new(secs, nanos),
-                    percent,
-                });
+                steps.push(self.step()?);
             }
             Some(steps.into_boxed_slice())
         } else {
@@ -724,9 +718,27 @@ impl<R: std::io::Read> Reader<R> {
         })
     }
 
+    fn step(&mut self) -> Read<Step> {
+        let secs = self.varint()?;
+        let nanos = self.u32()?;
+        if nanos >= 1_000_000_000 {
+            return Err(self.invalid("a rollout delay's nanoseconds are a second or more"));
+        }
+        let percent = u8::try_from(self.varint()?)
+            .map_err(|_| self.invalid("a rollout percentage is out of range"))?;
+        Ok(Step {
+            after: Duration::new(secs, nanos),
+            percent,
+        })
+    }
+
     fn scopes(&mut self) -> Read<Scopes> {
         let label = self.str()?.to_owned();
         let n = self.len(4)?;
+        if n == 0 {
+            // Decisions take the organisation, scope 0, for any pod without a bound namespace.
+            return Err(self.invalid("the scope tree has no organisation"));
+        }
         let mut nodes = Vec::with_capacity(n);
         for i in 0..n {
             let path = self.shared()?;
@@ -993,6 +1005,58 @@ mod tests {
             }
         }
         assert!(refused > 0, "no change was refused");
+    }
+
+    /// What `read` says of the body `write` encodes (it must refuse it).
+    fn refusal<T: std::fmt::Debug>(
+        write: impl FnOnce(&mut Writer),
+        read: impl for<'a> FnOnce(&mut Reader<&'a [u8]>) -> Read<T>,
+    ) -> String {
+        let mut w = Writer::default();
+        write(&mut w);
+        let mut r = Reader::new(&w.out[..]);
+        r.set_end_of_body(w.out.len() as u64);
+        read(&mut r).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn a_time_that_its_offset_moves_out_of_range_is_refused_without_a_panic() {
+        let last = time::PrimitiveDateTime::MAX.assume_utc();
+        let e = refusal(
+            |w| {
+                w.i64(last.unix_timestamp());
+                w.varint(0);
+                w.i64(3600);
+            },
+            |r| r.time(),
+        );
+        assert!(e.contains("out of range"), "{e}");
+    }
+
+    #[test]
+    fn a_rollout_delay_that_overflows_is_refused_without_a_panic() {
+        let e = refusal(
+            |w| {
+                w.varint(u64::MAX);
+                w.varint(u32::MAX as u64);
+                w.varint(50);
+            },
+            |r| r.step(),
+        );
+        assert!(e.contains("nanoseconds"), "{e}");
+    }
+
+    #[test]
+    fn a_scope_tree_without_an_organisation_is_refused() {
+        let e = refusal(
+            |w| {
+                w.str("app");
+                w.varint(0);
+                w.varint(0);
+            },
+            |r| r.scopes(),
+        );
+        assert!(e.contains("no organisation"), "{e}");
     }
 
     #[test]
