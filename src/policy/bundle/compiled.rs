@@ -400,6 +400,15 @@ type Read<T> = Result<T, CompiledError>;
 
 const CHUNK: usize = 256 * 1024;
 
+/// The most items reserved for at once: counts are decoded before the checksum is known, so a
+/// damaged count may reserve no more than this (a collection that is really larger grows).
+const RESERVE_MAX: usize = 1 << 16;
+
+/// What to reserve for `n` items read from the file.
+fn reserve(n: usize) -> usize {
+    n.min(RESERVE_MAX)
+}
+
 impl<R: std::io::Read> Reader<R> {
     fn new(inner: R) -> Self {
         Reader {
@@ -476,17 +485,18 @@ impl<R: std::io::Read> Reader<R> {
         }
         Ok(true)
     }
-    /// Reads (and hashes) everything left; an error if anything was left after the body.
+    /// Reads (and hashes) the rest of the body, then makes sure nothing follows it. Reads at most
+    /// one buffer past the body, whatever the reader holds.
     fn drain(&mut self) -> Read<()> {
         let at_end = self.offset() == self.end_of_body;
-        let mut extra = false;
-        loop {
-            self.pos = self.end;
-            if !self.fill(1)? {
+        while self.offset() < self.end_of_body {
+            if self.pos == self.end && !self.fill(1)? {
                 break;
             }
-            extra = true;
+            let body_left = self.end_of_body - self.offset();
+            self.pos += ((self.end - self.pos) as u64).min(body_left) as usize;
         }
+        let extra = self.pos < self.end || self.fill(1)?;
         if extra || !at_end {
             return Err(self.invalid("the file is not as long as its header says"));
         }
@@ -610,7 +620,7 @@ impl<R: std::io::Read> Reader<R> {
     /// The string table, then the bundle, up to the end of the body.
     fn body(&mut self) -> Read<Bundle> {
         let n = self.len(1)?;
-        self.table.reserve(n);
+        self.table.reserve(reserve(n));
         for _ in 0..n {
             let s: Arc<str> = self.str()?.into();
             self.table.push(s);
@@ -630,7 +640,7 @@ impl<R: std::io::Read> Reader<R> {
         let issuer = self.str()?.to_owned();
         let private_registry = self.str()?.to_owned();
         let n = self.len(3)?;
-        let mut mirrors = Vec::with_capacity(n);
+        let mut mirrors = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             mirrors.push(Mirror {
                 source_domain: self.str()?.to_owned(),
@@ -641,7 +651,7 @@ impl<R: std::io::Read> Reader<R> {
         let scopes = self.scopes()?;
         let count = scopes.parts().0.len();
         let n = self.len(3)?;
-        let mut first_party = Vec::with_capacity(n);
+        let mut first_party = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             let path = self.str()?.to_owned();
             let scope = self.id(count)?;
@@ -653,14 +663,15 @@ impl<R: std::io::Read> Reader<R> {
             });
         }
         let n = self.len(8)?;
-        let mut images = Vec::with_capacity(n);
+        let mut images = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             images.push(self.image(&scopes)?);
         }
+        images.shrink_to_fit();
         let repos = super::index_repositories(&images)
             .ok_or_else(|| self.invalid("images are not sorted by source and scope"))?;
         let n = self.len(40)?;
-        let mut exceptions = Vec::with_capacity(n);
+        let mut exceptions = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             let source = self.shared()?;
             let digest = self.digest()?;
@@ -684,7 +695,7 @@ impl<R: std::io::Read> Reader<R> {
         }
         let rollout = if self.bool()? {
             let n = self.len(3)?;
-            let mut steps = Vec::with_capacity(n);
+            let mut steps = Vec::with_capacity(reserve(n));
             for _ in 0..n {
                 steps.push(self.step()?);
             }
@@ -693,7 +704,7 @@ impl<R: std::io::Read> Reader<R> {
             None
         };
         let n = self.len(1)?;
-        let mut licenses = HashMap::with_capacity(n);
+        let mut licenses = HashMap::with_capacity(reserve(n));
         for _ in 0..n {
             let l = self.shared()?;
             let parsed = LicenseExpression::parse(&l)
@@ -739,7 +750,7 @@ impl<R: std::io::Read> Reader<R> {
             // Decisions take the organisation, scope 0, for any pod without a bound namespace.
             return Err(self.invalid("the scope tree has no organisation"));
         }
-        let mut nodes = Vec::with_capacity(n);
+        let mut nodes = Vec::with_capacity(reserve(n));
         for i in 0..n {
             let path = self.shared()?;
             let parent = match self.u32()? {
@@ -758,7 +769,7 @@ impl<R: std::io::Read> Reader<R> {
                 None
             };
             let m = self.len(2)?;
-            let mut apps = Vec::with_capacity(m);
+            let mut apps = Vec::with_capacity(reserve(m));
             for _ in 0..m {
                 let name: Box<str> = self.str()?.into();
                 apps.push((name, self.id(n)?));
@@ -772,7 +783,7 @@ impl<R: std::io::Read> Reader<R> {
             ));
         }
         let m = self.len(2)?;
-        let mut namespaces = HashMap::with_capacity(m);
+        let mut namespaces = HashMap::with_capacity(reserve(m));
         for _ in 0..m {
             let ns: Box<str> = self.str()?.into();
             namespaces.insert(ns, self.id(n)?);
@@ -794,7 +805,7 @@ impl<R: std::io::Read> Reader<R> {
         for list in &mut lists {
             if self.bool()? {
                 let n = self.len(1)?;
-                let mut value = Vec::with_capacity(n);
+                let mut value = Vec::with_capacity(reserve(n));
                 for _ in 0..n {
                     value.push(self.str()?.to_owned());
                 }
@@ -817,18 +828,18 @@ impl<R: std::io::Read> Reader<R> {
         let source = self.shared()?;
         let scope = self.id(scopes.parts().0.len())?;
         let n = self.len(34)?;
-        let mut tags = Vec::with_capacity(n);
+        let mut tags = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             let t: Box<str> = self.str()?.into();
             tags.push((t, self.digest()?));
         }
         let n = self.len(33)?;
-        let mut digests = Vec::with_capacity(n);
+        let mut digests = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             digests.push(self.digest()?);
         }
         let n = self.len(4)?;
-        let mut lifecycles = Vec::with_capacity(n);
+        let mut lifecycles = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             let i = self.u32()?;
             if i as usize >= tags.len() + digests.len() {
@@ -852,7 +863,7 @@ impl<R: std::io::Read> Reader<R> {
         }
         let license = self.shared()?;
         let n = self.len(36)?;
-        let mut scans = Vec::with_capacity(n);
+        let mut scans = Vec::with_capacity(reserve(n));
         for _ in 0..n {
             scans.push(Scan {
                 scanner: self.shared()?,
