@@ -855,6 +855,58 @@ async fn an_image_pullgate_pulled_starts_without_a_lookup() {
     env.stop().await;
 }
 
+/// What a start proved of an image's content outlives the bundle: after a bundle update the next
+/// start of the image is decided for the new bundle without asking containerd again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proven_image_starts_without_a_lookup_after_a_bundle_update() {
+    let env = Env::start(false, NodeMode::Enforce, |_, _| {}).await;
+    let install = |version: u64| {
+        let b = bundle_json(version, &digest(1), time::Duration::hours(1));
+        let s = env.keys.sign(&b, &[&env.keys.alice, &env.keys.bob]);
+        drop_bundle(&env.dir, &format!("v{version}"), &b, &s);
+        env.node.poll_drop_dir();
+        assert_eq!(env.node.state.current().map(|b| b.version), Some(version));
+    };
+    install(1);
+    let image = digest(0xb2);
+    put_manifest(&env.fake.observed, &digest(1), &image);
+    env.fake.observed.images.lock().unwrap().insert(
+        image.clone(),
+        cri::Image {
+            id: image.clone(),
+            repo_digests: vec![pinned("busybox", &digest(1))],
+            ..Default::default()
+        },
+    );
+    env.fake.add_sandbox("sb-a", &pod_config("checkout", &[]));
+    let create = || cri::CreateContainerRequest {
+        pod_sandbox_id: "sb-a".into(),
+        config: Some(cri::ContainerConfig {
+            image: Some(cri::ImageSpec {
+                image: image.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        sandbox_config: Some(pod_config("checkout", &[])),
+    };
+    let mut rt = env.runtime().await;
+    rt.create_container(create()).await.unwrap();
+    let lookups = env.fake.observed.image_statuses.lock().unwrap().len();
+    assert!(lookups > 0, "the first start looks the image up");
+    install(2);
+    rt.create_container(create()).await.unwrap();
+    assert_eq!(
+        env.fake.observed.image_statuses.lock().unwrap().len(),
+        lookups,
+        "proven before: decided for bundle 2 without a lookup"
+    );
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(last["decision"], "allow");
+    assert_eq!(last["bundle_version"], 2, "{last}");
+    env.stop().await;
+}
+
 /// Cached start decisions are shared by pods of one scope whatever their other labels, and are not
 /// used once the bundle is past its expiry grace: a cached image then fails closed like any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -311,8 +311,8 @@ pub struct Enforcer {
     auth: ArcSwapOption<RegistryAuth>,
     /// Container starts already allowed, by (image ID, bundle version, pod scope).
     allowed_starts: start::StartCache,
-    /// What allowed pulls proved about image IDs.
-    pull_proofs: Arc<start::PullProofs>,
+    /// Repo digests proven to describe image IDs (by pulls and by starts).
+    proofs: Arc<start::ContentProofs>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
     sandboxes: sandbox::SandboxCache,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
@@ -338,7 +338,7 @@ impl Enforcer {
             audit,
             auth: ArcSwapOption::empty(),
             allowed_starts: start::StartCache::default(),
-            pull_proofs: Arc::default(),
+            proofs: Arc::default(),
             sandboxes: sandbox::SandboxCache::default(),
             pulls: Arc::default(),
             decisions: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
@@ -514,14 +514,14 @@ impl Enforcer {
         };
         // An allowed pull is pinned to a digest: the image ID containerd answers with is proven to
         // be that content.
-        let proof = allowed.then(|| (self.pull_proofs.clone(), p.to_string()));
+        let proof = allowed.then(|| (self.proofs.clone(), p.to_string()));
         Verdict::Rewrite {
             request,
             response: Box::new(move |response| {
                 noted.pulled();
                 if let Some((proofs, pulled)) = proof {
                     if let Ok(r) = cri::PullImageResponse::decode(response) {
-                        proofs.insert(&r.image_ref, &pulled);
+                        proofs.add(&r.image_ref, &pulled);
                     }
                 }
                 None

@@ -15,8 +15,8 @@
 //!    two, not their sum — unless every image is one already allowed for some pod (the usual new pod
 //!    of a deployment): then the sandbox comes first, and the cached decision for its scope usually
 //!    makes the image lookups unnecessary.
-//!    An image pullgate itself pulled needs no lookup at all: containerd answered the pinned pull
-//!    of `repo@digest` with the image's ID, which proves that content ([`PullProofs`]).
+//!    An image already proven needs no lookup at all: containerd answered pullgate's pinned pull of
+//!    `repo@digest` with the image's ID, or an earlier start read the manifest ([`ContentProofs`]).
 //! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
 //!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
 //!    name that was never approved is told so (and an approved one is told to be pulled first).
@@ -104,36 +104,47 @@ impl StartCache {
     }
 }
 
-/// Most pull proofs remembered.
-const PULL_PROOFS_MAX: usize = 4096;
+/// Most images whose content proofs are remembered.
+const PROOFS_MAX: usize = 4096;
+/// Most proven repo digests remembered per image.
+const PROOFS_PER_IMAGE: usize = 8;
 
-/// What allowed pulls proved, by image ID: the `repo@digest` it was pulled as. containerd answered
-/// the pull of `repo@D`, pinned by pullgate, with image ID `X`, so manifest `D` (or a manifest the
-/// index `D` lists) has config `X`: a fact about content, true for good, known without asking
-/// containerd for the image and its manifest again. A start of `X` is decided from it first, and only
-/// an allow is taken: anything else is decided from what containerd holds, as without it.
+/// Repo digests proven to describe an image, by image ID. A proof is a fact about content, true for
+/// good and whatever bundle is in force: containerd answered the pull of `repo@D`, pinned by
+/// pullgate, with image ID `X` (so manifest `D`, or a manifest the index `D` lists, has config `X`),
+/// or a start read `D` from containerd's content store and found `X` in it
+/// ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs first, without
+/// asking containerd for the image and its manifests again, and only an allow is taken: anything else
+/// is decided from what containerd holds, as without them.
 #[derive(Default)]
-pub(super) struct PullProofs(Mutex<HashMap<String, String>>);
+pub(super) struct ContentProofs(Mutex<HashMap<String, Vec<String>>>);
 
-impl PullProofs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+impl ContentProofs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Notes that the pull of `pulled` (`repo@digest`) gave image `id`.
-    pub(super) fn insert(&self, id: &str, pulled: &str) {
-        if !names::is_image_id(id) || !pulled.contains('@') {
+    /// Notes that `repo_digest` (`repo@digest`) is proven to describe image `id`.
+    pub(super) fn add(&self, id: &str, repo_digest: &str) {
+        if !names::is_image_id(id) || !repo_digest.contains('@') {
             return;
         }
         let mut proofs = self.lock();
-        if proofs.len() >= PULL_PROOFS_MAX {
+        if proofs.len() >= PROOFS_MAX && !proofs.contains_key(id) {
             proofs.clear();
         }
-        proofs.insert(id.to_string(), pulled.to_string());
+        let known = proofs.entry(id.to_string()).or_default();
+        if !known.iter().any(|k| k == repo_digest) && known.len() < PROOFS_PER_IMAGE {
+            known.push(repo_digest.to_string());
+        }
     }
 
-    fn get(&self, id: &str) -> Option<String> {
+    fn get(&self, id: &str) -> Option<Vec<String>> {
         self.lock().get(id).cloned()
+    }
+
+    fn knows(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
     }
 }
 
@@ -170,7 +181,7 @@ impl Enforcer {
                 let likely_cached = bundle.as_ref().is_some_and(|b| {
                     targets.iter().all(|t| {
                         self.allowed_starts.knows(&t.image, b.version)
-                            || self.pull_proofs.get(&t.image).is_some()
+                            || self.proofs.knows(&t.image)
                     })
                 });
                 let pod = if likely_cached {
@@ -216,6 +227,11 @@ impl Enforcer {
                 Some(d) => (d, Some(t.image.clone())),
                 None => {
                     let f = &found[i];
+                    if let Some(id) = &f.id {
+                        for rd in &f.verified {
+                            self.proofs.add(id, rd);
+                        }
+                    }
                     let d = self.decide_start(t, f, &pod, now);
                     if d.verdict == PolicyVerdict::Allow {
                         self.cache_start(f.id.as_deref(), bundle.as_deref(), &pod, &d);
@@ -471,7 +487,7 @@ impl Enforcer {
     }
 
     /// A cached allow for a target named by image ID, for this pod's scope and this bundle, or one
-    /// decided from the pull that brought the image ([`PullProofs`]). Only an image ID names
+    /// decided from what is proven of the image's content ([`ContentProofs`]). Only an image ID names
     /// immutable content (its config fixes every layer), so only decisions about IDs are cached; a
     /// name can be re-tagged to other content at any time. The cache is consulted only while the
     /// bundle is usable, so an expired bundle fails closed here too, and only until the decision's
@@ -494,11 +510,11 @@ impl Enforcer {
             d.image.clone_from(&t.shown);
             return Some(d);
         }
-        let pulled = self.pull_proofs.get(&t.image)?;
+        let proven = self.proofs.get(&t.image)?;
         let d = self.state.decide(
             &ImageRequest::RepoDigests {
                 image: &t.shown,
-                repo_digests: std::slice::from_ref(&pulled),
+                repo_digests: &proven,
             },
             pod,
             now,
