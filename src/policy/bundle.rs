@@ -546,7 +546,7 @@ pub fn verify_bundle(
     check_times_and_version(bundle, signers, signed, trust, installed_version, now)
 }
 
-/// [`verify_bundle`] for a bundle read back from its compiled form ([`compiled::open`]): the
+/// [`verify_bundle`] for a bundle read back from its compiled form ([`compiled::read`]): the
 /// signatures are checked against the SHA-512 the compiled form records, then times and version.
 /// The caller vouches that the compiled form was written from a bundle whose bytes have that
 /// SHA-512 (the node's state directory is trusted like its trust file).
@@ -1820,7 +1820,7 @@ fn build(raw: RawBundle) -> Result<Bundle, BundleError> {
     for run in repository_runs(&images) {
         check_repository(&images[run], &scopes, format)?;
     }
-    let repos = index_repositories(&images).expect("sorted above");
+    let repos = index_repositories(&images);
     // Format 2: every licence expression strictly against the SPDX list, parsed once per distinct text.
     let mut licenses: HashMap<Arc<str>, LicenseExpression> = HashMap::new();
     if format >= 2 {
@@ -1892,14 +1892,15 @@ fn repository_runs(images: &[ImageEntry]) -> impl Iterator<Item = std::ops::Rang
     })
 }
 
-/// Repository → its run of entries; `None` unless `images` is sorted by source, then scope path.
-fn index_repositories(images: &[ImageEntry]) -> Option<HashMap<Arc<str>, (u32, u32)>> {
-    let sorted = images
+/// Whether `images` is sorted as the index needs it: by source, then scope path.
+fn sorted_for_index(images: &[ImageEntry]) -> bool {
+    images
         .windows(2)
-        .all(|w| (&w[0].source, &w[0].scope_path) <= (&w[1].source, &w[1].scope_path));
-    if !sorted {
-        return None;
-    }
+        .all(|w| (&w[0].source, &w[0].scope_path) <= (&w[1].source, &w[1].scope_path))
+}
+
+/// Repository → its run of entries, for `images` sorted by source ([`sorted_for_index`]).
+fn index_repositories(images: &[ImageEntry]) -> HashMap<Arc<str>, (u32, u32)> {
     let mut repos = HashMap::with_capacity(images.len());
     for run in repository_runs(images) {
         repos.insert(
@@ -1907,7 +1908,7 @@ fn index_repositories(images: &[ImageEntry]) -> Option<HashMap<Arc<str>, (u32, u
             (run.start as u32, run.end as u32),
         );
     }
-    Some(repos)
+    repos
 }
 
 fn unknown_scope(what: &str, scope: &str) -> BundleError {

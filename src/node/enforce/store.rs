@@ -210,10 +210,9 @@ impl BundleStore {
             source,
         })?;
         // Before the JSON is read: a change made while it is read shows at the next start.
-        let modified = std::fs::metadata(&path)
-            .map(|m| modified_nanos(&m))
-            .map_err(io("cannot read installed bundle", &path))?;
-        match self.load_compiled(&path, modified, &sigs, trust, now) {
+        let json = std::fs::metadata(&path).map_err(io("cannot read installed bundle", &path))?;
+        let modified = modified_nanos(&json);
+        match self.load_compiled(&path, &json, &sigs, trust, now) {
             Ok(b) => return Ok(Some(b)),
             Err(why) => {
                 tracing::info!(bundle = %path.display(), "reading the signed bundle: its compiled form {why}")
@@ -257,21 +256,18 @@ impl BundleStore {
         .map(Some)
     }
 
-    /// The installed bundle from its compiled form (`bundle.idx` beside `bundle_path`, whose JSON
-    /// was last modified at `json_modified`), verified like the JSON would be; `Err` says why it is
-    /// not usable (the JSON is then read instead).
+    /// The installed bundle from its compiled form (`bundle.idx` beside `bundle_path`, whose JSON's
+    /// metadata is `json`), verified like the JSON would be; `Err` says why it is not usable (the
+    /// JSON is then read instead).
     fn load_compiled(
         &self,
         bundle_path: &Path,
-        json_modified: i128,
+        json: &std::fs::Metadata,
         sigs: &SignatureFile,
         trust: &Trust,
         now: OffsetDateTime,
     ) -> Result<VerifiedBundle, String> {
-        let json_len = std::fs::metadata(bundle_path)
-            .map_err(|e| format!("has no bundle.json to go with: {e}"))?
-            .len();
-        if json_len > self.max_bundle_size {
+        if json.len() > self.max_bundle_size {
             return Err("belongs to a bundle larger than policy.max_bundle_size".into());
         }
         let path = compiled_path(bundle_path);
@@ -291,7 +287,7 @@ impl BundleStore {
         }
         let compiled = compiled::read(std::io::Read::take(file, size), self.max_bundle_size)
             .map_err(|e| format!("is unusable: {e}"))?;
-        if compiled.signed.len != json_len || compiled.json_modified != json_modified {
+        if compiled.signed.len != json.len() || compiled.json_modified != modified_nanos(json) {
             return Err("was made from bundle.json as it was before a change".into());
         }
         // Expired: verified as of the last second of its validity, as the JSON would be.

@@ -111,11 +111,6 @@ fn checksum(head: &[u8], body: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
-/// Reads a compiled bundle held in memory (see [`read`]).
-pub fn open(bytes: &[u8]) -> Result<Compiled, CompiledError> {
-    read(bytes, u64::MAX)
-}
-
 /// Reads a compiled bundle from `reader` (a body over `max` bytes is refused before it is read):
 /// checks the header, decodes the body while hashing it, and returns the bundle only if the checksum
 /// matches. The file is streamed, never held whole next to the bundle it becomes.
@@ -668,8 +663,10 @@ impl<R: std::io::Read> Reader<R> {
             images.push(self.image(&scopes)?);
         }
         images.shrink_to_fit();
-        let repos = super::index_repositories(&images)
-            .ok_or_else(|| self.invalid("images are not sorted by source and scope"))?;
+        if !super::sorted_for_index(&images) {
+            return Err(self.invalid("images are not sorted by source and scope"));
+        }
+        let repos = super::index_repositories(&images);
         let n = self.len(40)?;
         let mut exceptions = Vec::with_capacity(reserve(n));
         for _ in 0..n {
@@ -894,6 +891,11 @@ impl<R: std::io::Read> Reader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads a compiled bundle held in memory.
+    fn open(bytes: &[u8]) -> Result<Compiled, CompiledError> {
+        read(bytes, u64::MAX)
+    }
     use crate::policy::VerifiedBundle;
     use crate::policy::testutil::*;
 
