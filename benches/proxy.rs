@@ -9,12 +9,14 @@
 //! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
 //! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
 //!
-//! The enforcement part measures `PullImage` and five kinds of `CreateContainer`: a start whose pod
-//! sandbox and image decision are both known (the steady state), a start of an image not decided yet
-//! (`ImageStatus` + `Content.Read` lookups), the first start in a new pod — its sandbox looked up
-//! with `PodSandboxStatus` — with the image decision cached (the usual new pod of a deployment) and
-//! not, and the first start in a new pod of an image pullgate pulled just before (kubelet's pull then
-//! start; the pull itself is not timed).
+//! The enforcement part measures `PullImage` and eight kinds of `CreateContainer`: a start whose pod
+//! sandbox and image decision are both known (the steady state), and starts that each meet something
+//! for the first time. pullgate learns the sandboxes and images containerd holds when it starts, and
+//! every sandbox created through it (`RunPodSandbox`, kubelet's path for every new pod; not timed), so
+//! the rows say where the pod and the image come from: created or pulled through pullgate, held by
+//! containerd before pullgate started, or arrived past pullgate since (the pod looked up with
+//! `PodSandboxStatus`, the image with `ImageStatus` + `Content.Read`). The benchmark waits until
+//! pullgate has learned what containerd held before it adds the rest.
 //!
 //! A raw HTTP/2 client (sequential `Version` calls) measures the two modes of pullgate's HTTP/2
 //! fix-up layer: with `localhost` as `:authority` header blocks are handed on as sent, with the socket
@@ -148,6 +150,19 @@ async fn create_in(ch: &Channel, pod_sandbox_id: &str, image: &str) {
         })
         .await
         .expect("CreateContainer");
+}
+
+/// Creates a pod sandbox (kubelet's `RunPodSandbox` for a new pod); returns its ID.
+async fn run_pod(ch: &Channel) -> String {
+    runtime_client(ch.clone())
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox")
+        .into_inner()
+        .pod_sandbox_id
 }
 
 fn sandbox() -> cri::PodSandboxConfig {
@@ -761,28 +776,32 @@ fn main() {
             ..Default::default()
         };
         images.insert(BENCH_IMAGE_ID.into(), img);
-        // Images never started before: one set for starts in a known pod, one for new pods, and one
-        // pulled through pullgate before their first start (known under the pinned pull's name too).
-        for i in 0..3 * calls as usize {
-            let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
-            put_manifest(&fake.observed, &app_digest(i), &id);
-            let pinned = format!("registry.corp/approved/library/app{i}@{}", app_digest(i));
-            let img = cri::Image {
-                id: id.clone(),
-                repo_digests: vec![pinned.clone()],
-                ..Default::default()
-            };
-            if i >= 2 * calls as usize {
-                images.insert(pinned, img.clone());
-            }
-            images.insert(id, img);
-        }
     }
-    // The pod sandboxes containerd knows: the steady-state pod, and one new pod per start for each of
-    // the three first-start rounds.
+    // Images containerd holds before pullgate starts (pre-pulled), never started: pullgate learns
+    // them at start. Images 0..4n arrive after that (see below).
+    let n = calls as usize;
+    let new_image = |i: usize| {
+        let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
+        put_manifest(&fake.observed, &app_digest(i), &id);
+        let pinned = format!("registry.corp/approved/library/app{i}@{}", app_digest(i));
+        let img = cri::Image {
+            id: id.clone(),
+            repo_digests: vec![pinned.clone()],
+            ..Default::default()
+        };
+        let mut images = fake.observed.images.lock().unwrap();
+        // Known under the pinned pull's name too, as after a pull of it.
+        images.insert(pinned, img.clone());
+        images.insert(id, img);
+    };
+    for i in 4 * n..5 * n {
+        new_image(i);
+    }
+    // The pod sandboxes containerd holds before pullgate starts: the steady-state pod, and one pod
+    // per start of the round that starts pre-pulled images in them.
     fake.add_sandbox("sandbox", &sandbox());
-    for i in 0..3 * calls as usize {
-        fake.add_sandbox(&format!("new-pod-{i}"), &sandbox());
+    for i in 0..n {
+        fake.add_sandbox(&format!("old-pod-{i}"), &sandbox());
     }
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "enforce");
     let pg_pid = pg.0.id();
@@ -806,6 +825,29 @@ fn main() {
         "\nenforcement: pullgate with a {IMAGES}-image bundle ({:.1} MiB), audit log on",
         bytes as f64 / 1048576.0
     );
+    // pullgate learns what containerd holds as soon as it answers: one Content.Read per image.
+    let held = n + 1;
+    let waited = Instant::now();
+    while fake.observed.content_namespaces.lock().unwrap().len() < held {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "pullgate did not learn the {held} images containerd held at its start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "  pullgate had proven the {held} images containerd held at its start (and listed its {} pod sandboxes) after {:.2} s more",
+        n + 1,
+        waited.elapsed().as_secs_f64()
+    );
+    // What arrives past pullgate after it started: images pre-pulled later, and pods created on
+    // containerd's own socket.
+    for i in 0..4 * n {
+        new_image(i);
+    }
+    for i in 0..2 * n {
+        fake.add_sandbox(&format!("new-pod-{i}"), &sandbox());
+    }
     // The null relay again, to measure what it adds to a forwarded call (Version) in the same
     // rounds as the intercepted calls: the yardstick of each row's ratio.
     let (relay, relay_listen) = start_relay(dir.path(), &upstream_path);
@@ -850,35 +892,57 @@ fn main() {
             print_added(label, &mut d, &mut v, Some(&mut bl));
             println!("  pullgate CPU per call: {cpu:.1} µs sequential");
         }
-        // Starts that each pay a lookup once: every call a different image and/or a new pod.
+        // Starts that each meet something for the first time: every call a different image and/or
+        // a new pod.
         let id = |i: usize| format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
-        let n = calls as usize;
-        // (label, the (sandbox, image) of each start, the image pulled through pullgate first (not
-        // timed): its index)
-        type Start = (String, String, Option<usize>);
-        let once: [(&'static str, Vec<Start>); 4] = [
+        // Where a start's pod comes from: created through the build measured (`RunPodSandbox`,
+        // kubelet's path for every new pod; not timed), or a sandbox containerd already has.
+        enum Pod {
+            Run,
+            Known(String),
+        }
+        // (the pod, the image, the image's index when it is pulled through the build first (not timed))
+        type Start = (Pod, String, Option<usize>);
+        let known = |p: String| Pod::Known(p);
+        let once: [(&'static str, Vec<Start>); 7] = [
+            // First, while the images pullgate learned at its start are all still remembered (at
+            // most 4,096 proven images are remembered; the rows below prove 4 × BENCH_CALLS more).
             (
-                "CreateContainer (image not decided yet: ImageStatus + Content.Read lookups)",
+                "CreateContainer (first start in a pod and of an image containerd held when pullgate started)",
+                (4 * n..5 * n)
+                    .map(|i| (known(format!("old-pod-{}", i - 4 * n)), id(i), None))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (image that arrived past pullgate: ImageStatus + Content.Read lookups)",
                 (0..n)
-                    .map(|i| ("sandbox".to_string(), id(i), None))
+                    .map(|i| (known("sandbox".into()), id(i), None))
                     .collect(),
             ),
             (
-                "CreateContainer (first start in a new pod, image decision cached: PodSandboxStatus)",
+                "CreateContainer (first start in a new pod, image decision cached)",
                 (0..n)
-                    .map(|i| (format!("new-pod-{i}"), BENCH_IMAGE_ID.to_string(), None))
+                    .map(|_| (Pod::Run, BENCH_IMAGE_ID.to_string(), None))
                     .collect(),
             ),
             (
-                "CreateContainer (first start in a new pod, image not decided yet: all three lookups)",
-                (n..2 * n)
-                    .map(|i| (format!("new-pod-{i}"), id(i), None))
+                "CreateContainer (first start in a new pod, image that arrived past pullgate: two lookups)",
+                (n..2 * n).map(|i| (Pod::Run, id(i), None)).collect(),
+            ),
+            (
+                "CreateContainer (first start in a new pod of an image pullgate just pulled)",
+                (2 * n..3 * n).map(|i| (Pod::Run, id(i), Some(i))).collect(),
+            ),
+            (
+                "CreateContainer (first start in a pod created past pullgate, decision cached: PodSandboxStatus)",
+                (0..n)
+                    .map(|i| (known(format!("new-pod-{i}")), BENCH_IMAGE_ID.to_string(), None))
                     .collect(),
             ),
             (
-                "CreateContainer (first start in a new pod of an image pullgate just pulled: PodSandboxStatus)",
-                (2 * n..3 * n)
-                    .map(|i| (format!("new-pod-{i}"), id(i), Some(i)))
+                "CreateContainer (first start in a pod and of an image, both past pullgate: all three lookups)",
+                (3 * n..4 * n)
+                    .map(|i| (known(format!("new-pod-{}", i - 2 * n)), id(i), None))
                     .collect(),
             ),
         ];
@@ -893,20 +957,30 @@ fn main() {
                         pull(b, &name).await;
                     }
                 }
+                let (pod_v, pod_b) = match pod {
+                    Pod::Known(p) => (p.clone(), p.clone()),
+                    Pod::Run => (
+                        run_pod(&via).await,
+                        match &base {
+                            Some(b) => run_pod(b).await,
+                            None => String::new(),
+                        },
+                    ),
+                };
                 if i % 4 == 0 {
                     // The yardstick, interleaved here too.
                     latencies(&direct, Method::Version, 1, &mut dv).await;
                     latencies(&null, Method::Version, 1, &mut rv).await;
                 }
                 let t = Instant::now();
-                create_in(&direct, pod, image).await;
+                create_in(&direct, &pod_v, image).await;
                 d.push(t.elapsed());
                 let t = Instant::now();
-                create_in(&via, pod, image).await;
+                create_in(&via, &pod_v, image).await;
                 v.push(t.elapsed());
                 if let Some(b) = &base {
                     let t = Instant::now();
-                    create_in(b, pod, image).await;
+                    create_in(b, &pod_b, image).await;
                     bl.push(t.elapsed());
                 }
             }
@@ -925,7 +999,7 @@ fn main() {
     let (measured, relay_added) = enforced;
     for (label, d50, v50) in measured {
         // Intercepted steady-state calls: 1.5; first starts (lookups in containerd): 3.
-        let target = if label.contains("first start") || label.contains("not decided") {
+        let target = if label.contains("first start") || label.contains("lookups") {
             3.0
         } else {
             1.5

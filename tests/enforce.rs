@@ -5,6 +5,7 @@ mod fake_cri;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fake_cri::*;
@@ -973,6 +974,142 @@ async fn cached_starts_are_per_scope_and_end_with_the_bundle() {
         e.message()
     );
     assert_eq!(env.fake.observed.creates.lock().unwrap().len(), 2);
+    env.stop().await;
+}
+
+/// kubelet creates every pod's sandbox through pullgate: the sandbox containerd answers with is
+/// remembered with the pod the request configured, so the pod's first start asks containerd nothing
+/// about it, and a claim that contradicts it is still refused. A refused `RunPodSandbox` teaches
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_created_through_pullgate_starts_without_a_sandbox_lookup() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let nginx = put_image(&env.fake, 0xc2, &[pinned("nginx", &digest(3))], &[]);
+    let mut rt = env.runtime().await;
+    let before = env.fake.observed.sandboxes_run.load(Ordering::Relaxed);
+    let e = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "containerd's own answer");
+    let checkout = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config("checkout", &[("app", "web")])),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    assert_eq!(
+        env.fake.observed.sandboxes_run.load(Ordering::Relaxed),
+        before + 1
+    );
+    let statuses = || env.fake.observed.sandbox_statuses.lock().unwrap().len();
+    rt.create_container(create_in(
+        &checkout,
+        &nginx,
+        Some(pod_config("checkout", &[("app", "web")])),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(statuses(), 0, "the sandbox was learned from RunPodSandbox");
+    let last = env.audit_lines().pop().unwrap();
+    assert_eq!(
+        (&last["decision"], &last["pod_namespace"], &last["pod_uid"]),
+        (&"allow".into(), &"checkout".into(), &"uid-checkout".into())
+    );
+    // The learned pod is the one the claim is held against.
+    let e = rt
+        .create_container(create_in(
+            &checkout,
+            &nginx,
+            Some(pod_config("search", &[("app", "web")])),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        env.audit_lines().pop().unwrap()["reason"],
+        "sandbox_mismatch"
+    );
+    // A pod of the search program, learned the same way: nginx is not approved for it.
+    let search = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config("search", &[])),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    let e = rt
+        .create_container(create_in(&search, &nginx, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(statuses(), 0);
+    // Removed: forgotten, so a start in it is looked up (and containerd no longer knows it).
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: checkout.clone(),
+    })
+    .await
+    .unwrap();
+    let e = rt
+        .create_container(create_in(&checkout, &nginx, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(statuses(), 1);
+    env.stop().await;
+}
+
+/// What containerd holds when pullgate starts is learned once: the first start of a pre-pulled
+/// image in a pod created before pullgate asks containerd nothing, while an image whose repo digest
+/// its content does not back is not learned, and its start is looked up and denied as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_containerd_holds_at_start_is_learned_before_any_start() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    let nginx = put_image(&env.fake, 0xc2, &[pinned("nginx", &digest(3))], &[]);
+    // Claims nginx's approved repo digest, but that manifest's config is nginx's, not this one's.
+    let forged = digest(0xc3);
+    env.fake.observed.images.lock().unwrap().insert(
+        forged.clone(),
+        cri::Image {
+            id: forged.clone(),
+            repo_digests: vec![pinned("nginx", &digest(3))],
+            ..Default::default()
+        },
+    );
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    let learned = env.node.enforcer.learn_node().await.unwrap();
+    assert_eq!(
+        learned,
+        pullgate::node::enforce::Learned {
+            sandboxes: 1,
+            images: 1
+        }
+    );
+    let lookups = || {
+        (
+            env.fake.observed.image_statuses.lock().unwrap().len(),
+            env.fake.observed.sandbox_statuses.lock().unwrap().len(),
+        )
+    };
+    let before = lookups();
+    let mut rt = env.runtime().await;
+    rt.create_container(create_in("sb-checkout", &nginx, None))
+        .await
+        .unwrap();
+    assert_eq!(lookups(), before, "sandbox and image were learned");
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    let e = rt
+        .create_container(create_in("sb-checkout", &forged, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(lookups().0, before.0 + 1, "the forged image was looked up");
     env.stop().await;
 }
 

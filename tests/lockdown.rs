@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::cri::run_as_kubelet;
+use support::cri::{host_pod_config, must};
 use support::node::{Node, PAYMENTS_NS, standard_bundle};
 use support::pullgate::{Pullgate, cli};
 use support::stack::{Stack, sbin_path};
@@ -324,6 +325,69 @@ async fn out_of_band_images_and_snapshots_are_reported_within_a_second() {
             .count(),
         1
     );
+}
+
+/// Approved content that reaches containerd past pullgate (here `ctr pull` of the mirror copy) is
+/// proven when the watcher sees CRI's plugin take it in, so its first start — in a pod created
+/// through pullgate, which pullgate learns from `RunPodSandbox` — asks containerd nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() {
+    if !e2e_enabled("an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup") {
+        return;
+    }
+    let node = Node::start_with("ld-learn", "enforce", lockdown_section);
+    wait_watching(&node);
+    let pinned = node.mirror_ref(&node.fx.busybox);
+    ctr_ok(&node, &["images", "pull", "--plain-http", &pinned]);
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let asked = Instant::now();
+    let id = loop {
+        let found = direct
+            .image_status(&pinned)
+            .await
+            .ok()
+            .and_then(|r| r.image);
+        if let Some(img) = found {
+            break img.id;
+        }
+        assert!(asked.elapsed() < WITHIN, "CRI never took {pinned} in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    within("the arrival proven", WITHIN, || {
+        node.pullgate_log()
+            .lines()
+            .any(|l| l.contains("proved an arrived image") && l.contains(&id))
+            .then_some(())
+    });
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let cfg = host_pod_config("learned", "default");
+    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+    must(
+        "CreateContainer",
+        cri.create_container_as_kubelet(&pod, &cfg, "c", &id, "busybox:1.36", &[])
+            .await,
+    );
+    assert_eq!(
+        (
+            series(&node, "pullgate_start_lookups_total{kind=\"sandbox\"}"),
+            series(&node, "pullgate_start_lookups_total{kind=\"image\"}")
+        ),
+        (0.0, 0.0),
+        "the pod and the image were known before the start"
+    );
+    let starts: Vec<Value> = node
+        .audit()
+        .into_iter()
+        .filter(|r| r["method"] == "CreateContainer")
+        .collect();
+    assert!(
+        starts.len() == 1
+            && starts[0]["decision"] == "allow"
+            && starts[0]["pod_name"] == "learned"
+            && starts[0]["digest"] == node.fx.busybox.digest.as_str(),
+        "the start was allowed and audited: {starts:?}"
+    );
+    cri.remove_all_pods().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

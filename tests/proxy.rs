@@ -171,12 +171,12 @@ async fn unary_runtime_and_image_calls_equal_direct() {
     );
     // A method the fake does not implement: the upstream's own UNIMPLEMENTED comes through.
     let e = rv
-        .run_pod_sandbox(cri::RunPodSandboxRequest::default())
+        .stop_pod_sandbox(cri::StopPodSandboxRequest::default())
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unimplemented);
     assert!(
-        e.message().contains("fake: run_pod_sandbox"),
+        e.message().contains("fake: stop_pod_sandbox"),
         "{}",
         e.message()
     );

@@ -347,7 +347,7 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     /// Largest `PullImage` request message.
     pub max_pull_image_message: usize,
-    /// Largest `CreateContainer` request message.
+    /// Largest `CreateContainer` (and `RunPodSandbox`) request message.
     pub max_create_container_message: usize,
     /// Largest request message of the intercepted methods whose messages are always small
     /// (`ImageStatus`, `RemoveImage`, `ListImages`, `RemovePodSandbox`).

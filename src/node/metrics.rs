@@ -227,6 +227,8 @@ pub struct Metrics {
     connections_closed: [AtomicU64; 3],
     lockdown: LockdownMetrics,
     deprecated_starts: AtomicU64,
+    /// Lookups container starts made in containerd: [sandbox, image].
+    start_lookups: [AtomicU64; 2],
     /// Most recent first.
     lifecycle_starts: Mutex<VecDeque<LifecycleStart>>,
     /// The bundle sync's series (rendered once the sync runs).
@@ -435,6 +437,7 @@ impl Default for Metrics {
                 findings: Mutex::default(),
             },
             deprecated_starts: AtomicU64::new(0),
+            start_lookups: Default::default(),
             lifecycle_starts: Mutex::default(),
             sync: Arc::default(),
         }
@@ -515,6 +518,17 @@ impl Metrics {
     /// Recent starts of deprecated, soon-to-sunset and excepted images, most recent first.
     pub fn lifecycle_starts(&self) -> Vec<LifecycleStart> {
         lock(&self.lifecycle_starts).iter().cloned().collect()
+    }
+
+    /// A container start looked up its pod's sandbox (`image == false`) or an image in containerd.
+    pub fn start_lookup(&self, image: bool) {
+        self.start_lookups[usize::from(image)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn start_lookups(&self) -> [u64; 2] {
+        self.start_lookups
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed))
     }
 
     pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
@@ -676,6 +690,15 @@ impl Metrics {
             "pullgate_deprecated_starts_total {}",
             self.deprecated_starts.load(Ordering::Relaxed)
         );
+        o.push_str("# HELP pullgate_start_lookups_total Lookups container starts made in containerd because the pod or the image was not known yet (sandbox: PodSandboxStatus; image: ImageStatus and the Content.Read of its manifests).\n");
+        o.push_str("# TYPE pullgate_start_lookups_total counter\n");
+        for (kind, n) in ["sandbox", "image"].iter().zip(&self.start_lookups) {
+            let _ = writeln!(
+                o,
+                "pullgate_start_lookups_total{{kind=\"{kind}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         o.push_str("# HELP pullgate_bundle_installs_total Bundle install attempts, by result and reason.\n");
         o.push_str("# TYPE pullgate_bundle_installs_total counter\n");
         for ((result, reason), n) in lock(&self.installs).iter() {
@@ -917,6 +940,7 @@ mod tests {
         m.body_refused(BodyRefusal::Budget);
         m.body_bytes_reserved(5000);
         m.body_bytes_reserved(-904);
+        m.start_lookup(true);
         m.accept_error();
         m.connections_open(3);
         m.connections_open(-1);
@@ -950,6 +974,8 @@ mod tests {
             "pullgate_connections_closed_total{reason=\"idle_timeout\"} 0",
             "pullgate_exception_expiry_seconds 600",
             "pullgate_deprecated_starts_total 0",
+            "pullgate_start_lookups_total{kind=\"sandbox\"} 0",
+            "pullgate_start_lookups_total{kind=\"image\"} 1",
         ] {
             assert!(text.contains(want), "missing {want}\n{text}");
         }

@@ -55,6 +55,8 @@ pub struct Observed {
     pub sandbox_statuses: Mutex<Vec<String>>,
     /// Sandbox IDs `RemovePodSandbox` was called with, in order.
     pub sandbox_removals: Mutex<Vec<String>>,
+    /// Sandboxes `RunPodSandbox` created.
+    pub sandboxes_run: AtomicUsize,
     pub calls: AtomicUsize,
     /// The `:authority` of every request that reached the server (`None`: the request had none).
     pub authorities: Mutex<Vec<Option<String>>>,
@@ -295,11 +297,24 @@ impl RuntimeService for FakeCri {
         Ok(TResp::new(Box::pin(tokio_stream::StreamExt::map(s, Ok))))
     }
 
+    /// Records a sandbox with the request's config under a new 64-hex ID, as containerd does; a
+    /// request without metadata is refused (containerd: "sandbox config must include metadata").
     async fn run_pod_sandbox(
         &self,
-        _r: TReq<cri::RunPodSandboxRequest>,
+        r: TReq<cri::RunPodSandboxRequest>,
     ) -> Res<cri::RunPodSandboxResponse> {
-        Err(unimplemented("run_pod_sandbox"))
+        let config = r.into_inner().config.unwrap_or_default();
+        if config.metadata.is_none() {
+            return Err(Status::invalid_argument(
+                "sandbox config must include metadata",
+            ));
+        }
+        let n = self.observed.sandboxes_run.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{:064x}", 0x5a4d_b0c5_u128 << 64 | n as u128);
+        self.add_sandbox(&id, &config);
+        Ok(TResp::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
     }
     async fn stop_pod_sandbox(
         &self,
@@ -345,11 +360,29 @@ impl RuntimeService for FakeCri {
             ))),
         }
     }
+    /// Every sandbox in [`Observed::sandboxes`] (filters are not applied).
     async fn list_pod_sandbox(
         &self,
         _r: TReq<cri::ListPodSandboxRequest>,
     ) -> Res<cri::ListPodSandboxResponse> {
-        Err(unimplemented("list_pod_sandbox"))
+        self.observed.calls.fetch_add(1, Ordering::Relaxed);
+        let mut items: Vec<cri::PodSandbox> = self
+            .observed
+            .sandboxes
+            .lock()
+            .unwrap()
+            .values()
+            .map(|s| cri::PodSandbox {
+                id: s.id.clone(),
+                metadata: s.metadata.clone(),
+                state: s.state,
+                labels: s.labels.clone(),
+                annotations: s.annotations.clone(),
+                ..Default::default()
+            })
+            .collect();
+        items.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(TResp::new(cri::ListPodSandboxResponse { items }))
     }
     async fn create_container(
         &self,

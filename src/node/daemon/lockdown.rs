@@ -1,5 +1,5 @@
 //! The node's lockdown in the running daemon: the containerd event watcher as a task (when
-//! `lockdown.watch` is on), and the node check at start and after every reload, exported as
+//! `lockdown.watch` is on; approved images it sees arrive are proven for their first start), and the node check at start and after every reload, exported as
 //! `pullgate_lockdown_findings{check}` and shown by `/status`.
 
 use std::sync::Arc;
@@ -10,10 +10,22 @@ use super::listener::resolve_group;
 use super::node::Node;
 use crate::node::lockdown::{Watch, Watcher, check};
 
+/// Image arrivals waiting to be proven.
+const LEARN_QUEUE: usize = 256;
+
 /// Starts the watcher and the first node check (after the socket is bound: the check looks at it).
 pub fn start(node: &Arc<Node>) {
     let l = &node.config.lockdown;
     if l.watch {
+        // Approved images the watcher sees arrive are proven for their first start, one at a time;
+        // when this falls behind, the rest are left to their starts.
+        let (learn, mut arrived) = tokio::sync::mpsc::channel::<String>(LEARN_QUEUE);
+        let learner = node.clone();
+        tokio::spawn(async move {
+            while let Some(id) = arrived.recv().await {
+                learner.enforcer.learn_image(&id).await;
+            }
+        });
         let watcher = Watcher::new(Watch {
             socket: node.config.server.upstream.clone(),
             state: node.state.clone(),
@@ -22,6 +34,7 @@ pub fn start(node: &Arc<Node>) {
             audit: node.lockdown.audit.clone(),
             remove: l.remove_out_of_band,
             status: node.lockdown.watch.clone(),
+            learn: Some(learn),
         });
         tokio::spawn(watcher.run());
     }

@@ -481,15 +481,36 @@ impl Node {
         self.state.current().map(|b| b.version)
     }
 
-    /// Background work: the drop-directory poll, and the sandbox-image check whenever the bundle in
+    /// Learns the sandboxes and images containerd holds, so their first starts look nothing up
+    /// (see [`crate::node::enforce::Enforcer::learn_node`]); logged either way.
+    pub async fn learn_node(&self) {
+        let started = std::time::Instant::now();
+        match self.enforcer.learn_node().await {
+            Ok(l) => tracing::info!(
+                sandboxes = l.sandboxes,
+                images = l.images,
+                ms = started.elapsed().as_millis() as u64,
+                "learned the pod sandboxes and images containerd holds"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e.message,
+                code = ?e.code,
+                "cannot learn the pod sandboxes and images containerd holds; their first starts look them up"
+            ),
+        }
+    }
+
+    /// Background work: the drop-directory poll, the sandbox-image check whenever the bundle in
     /// force is not the one it last ran with (`checked`: it ran at start-up with the bundle in force
-    /// now). A bundle swapped in by any path (drop directory, reload, `pullgate bundle install`)
-    /// wakes the task at once.
+    /// now), and learning what containerd holds once it first answers. A bundle swapped in by any
+    /// path (drop directory, reload, `pullgate bundle install`) wakes the task at once.
     pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
         tokio::spawn(async move {
             // `Some(v)`: checked with the bundle in force then (`v` itself is `None` without one).
             let mut checked_with = checked.then(|| node.bundle_version());
+            // Whether what containerd holds was learned (once, as soon as it answers).
+            let mut learned = false;
             let mut tick = tokio::time::interval(node.config.policy.drop_poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -500,6 +521,11 @@ impl Node {
                 {
                     let node = node.clone();
                     let _ = tokio::task::spawn_blocking(move || node.poll_drop_dir()).await;
+                }
+                if !learned && node.upstream.connect().await.is_ok() {
+                    learned = true;
+                    let node = node.clone();
+                    tokio::spawn(async move { node.learn_node().await });
                 }
                 let version = node.bundle_version();
                 if checked_with != Some(version) && node.upstream.connect().await.is_ok() {

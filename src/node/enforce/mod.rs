@@ -16,6 +16,8 @@
 //!   containerd (names through the bundle, as `ImageStatus` does) and allowed only if one of its repo
 //!   digests is approved for that scope, however the image got there; the start is pinned to the
 //!   image IDs that were checked.
+//! - `RunPodSandbox`: forwarded unchanged; the sandbox containerd answers with is remembered with the
+//!   pod the request configured, so the pod's first start needs no sandbox lookup ([`learn`]).
 //! - `RemovePodSandbox`: forwarded; the sandbox is forgotten.
 //!
 //! Every decision is counted, logged, and written to the audit log before the call is answered; the
@@ -28,7 +30,10 @@
 //! - [`ledger`]: the pulls pullgate forwarded, for the lockdown watcher.
 //! - [`sandbox`]: the pod a container is created in, as containerd records it.
 //! - [`start`]: the container-start check.
+//! - [`learn`]: what starts would otherwise look up, learned ahead (new sandboxes, and what
+//!   containerd holds when pullgate starts).
 
+mod learn;
 pub mod ledger;
 pub mod lookup;
 pub mod names;
@@ -46,6 +51,8 @@ use bytes::Bytes;
 use k8s_cri::v1 as cri;
 use prost::Message;
 use time::OffsetDateTime;
+
+pub use learn::Learned;
 
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
@@ -314,7 +321,7 @@ pub struct Enforcer {
     /// Repo digests proven to describe image IDs (by pulls and by starts).
     proofs: Arc<start::ContentProofs>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
-    sandboxes: sandbox::SandboxCache,
+    sandboxes: Arc<sandbox::SandboxCache>,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
     pub pulls: Arc<ledger::PullLedger>,
     /// Decision records for watchers (admin API `WatchDecisions`).
@@ -339,7 +346,7 @@ impl Enforcer {
             auth: ArcSwapOption::empty(),
             allowed_starts: start::StartCache::default(),
             proofs: Arc::default(),
-            sandboxes: sandbox::SandboxCache::default(),
+            sandboxes: Arc::default(),
             pulls: Arc::default(),
             decisions: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
         })
@@ -366,6 +373,7 @@ impl Enforcer {
                 methods::REMOVE_IMAGE,
                 methods::LIST_IMAGES,
                 methods::CREATE_CONTAINER,
+                methods::RUN_POD_SANDBOX,
                 methods::REMOVE_POD_SANDBOX,
             ],
             &h,
@@ -664,6 +672,7 @@ impl Handler for Enforcer {
                 methods::REMOVE_IMAGE => self.remove_image(call.message),
                 methods::LIST_IMAGES => self.list_images(),
                 methods::CREATE_CONTAINER => self.create_container(call.message).await,
+                methods::RUN_POD_SANDBOX => self.run_pod_sandbox(call.message),
                 methods::REMOVE_POD_SANDBOX => self.remove_pod_sandbox(call.message),
                 _ => Verdict::Forward,
             }

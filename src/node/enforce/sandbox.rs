@@ -28,7 +28,7 @@ use k8s_cri::v1 as cri;
 use crate::policy::PodContext;
 
 /// Most sandboxes remembered (a node runs a few hundred pods at most).
-const MAX_SANDBOXES: usize = 4096;
+pub(super) const MAX_SANDBOXES: usize = 4096;
 
 /// Pod contexts of sandboxes containerd confirmed, by sandbox ID. Sandbox IDs are random and never
 /// reused, and containerd never changes a sandbox's metadata or labels, so an entry stays true until

@@ -105,7 +105,7 @@ impl StartCache {
 }
 
 /// Most images whose content proofs are remembered.
-const PROOFS_MAX: usize = 4096;
+pub(super) const PROOFS_MAX: usize = 4096;
 /// Most proven repo digests remembered per image.
 const PROOFS_PER_IMAGE: usize = 8;
 
@@ -131,7 +131,10 @@ impl ContentProofs {
         }
         let mut proofs = self.lock();
         if proofs.len() >= PROOFS_MAX && !proofs.contains_key(id) {
-            proofs.clear();
+            // Make room by forgetting one image: its next start is looked up (and proven) again.
+            if let Some(old) = proofs.keys().next().cloned() {
+                proofs.remove(&old);
+            }
         }
         let known = proofs.entry(id.to_string()).or_default();
         if !known.iter().any(|k| k == repo_digest) && known.len() < PROOFS_PER_IMAGE {
@@ -143,7 +146,7 @@ impl ContentProofs {
         self.lock().get(id).cloned()
     }
 
-    fn knows(&self, id: &str) -> bool {
+    pub(super) fn knows(&self, id: &str) -> bool {
         self.lock().contains_key(id)
     }
 }
@@ -291,6 +294,7 @@ impl Enforcer {
         if id.is_empty() {
             return Err(SandboxProblem::Missing);
         }
+        self.metrics.start_lookup(false);
         match lookup::pod_sandbox_status(&self.upstream, id).await {
             // containerd resolves unique ID prefixes; a prefix is never cached (nor accepted).
             Ok(Some(status)) if status.id != id => Err(SandboxProblem::Abbreviated(status.id)),
@@ -440,6 +444,7 @@ impl Enforcer {
                 ),
             )
         };
+        self.metrics.start_lookup(true);
         let Some(img) = lookup::image_status(&self.upstream, &t.lookup)
             .await
             .map_err(unavailable)?
@@ -605,6 +610,29 @@ fn pin(msg: &[u8], pins: &[(Option<usize>, String)]) -> Result<Vec<u8>, wire::Wi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proofs_are_bounded_and_a_full_store_forgets_one_image_at_a_time() {
+        let proofs = ContentProofs::default();
+        let id = |i: usize| format!("sha256:{i:064x}");
+        let rd = |i: usize| format!("registry.corp/app@sha256:{i:064x}");
+        for i in 0..PROOFS_MAX + 10 {
+            proofs.add(&id(i), &rd(i));
+        }
+        assert_eq!(proofs.lock().len(), PROOFS_MAX);
+        let last = PROOFS_MAX + 9;
+        assert_eq!(proofs.get(&id(last)), Some(vec![rd(last)]));
+        // More proofs of a known image never make room, and each image keeps at most a few.
+        for j in 0..PROOFS_PER_IMAGE + 2 {
+            proofs.add(&id(last), &rd(100_000 + j));
+        }
+        assert_eq!(proofs.lock().len(), PROOFS_MAX);
+        assert_eq!(proofs.get(&id(last)).unwrap().len(), PROOFS_PER_IMAGE);
+        // Not an image ID, or not a repo digest: nothing is kept.
+        proofs.add("busybox:1.36", &rd(1));
+        proofs.add(&id(1), "registry.corp/app:1.0");
+        assert!(!proofs.knows("busybox:1.36"));
+    }
 
     fn mount(path: &str, image: &str) -> cri::Mount {
         cri::Mount {

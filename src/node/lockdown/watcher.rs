@@ -17,6 +17,9 @@
 //! A name re-pointed at other content is classified again; content whose last name is deleted is
 //! forgotten, so it is a new arrival, reported again, if it comes back.
 //!
+//! Approved content CRI's plugin takes in (its image-ID name appears in CRI's namespace) is handed to
+//! the enforcer through [`Watch::learn`], to be proven from content before its first start.
+//!
 //! An image that is not approved and was not a pull pullgate forwarded in warn mode (already
 //! audited as a `warn` decision) gets an `out_of_band_image` audit record, a count in
 //! `pullgate_out_of_band_total{kind="image"}` and a warning in the log as soon as its event
@@ -167,6 +170,9 @@ pub struct Watch {
     /// `lockdown.remove_out_of_band`.
     pub remove: bool,
     pub status: Arc<WatchStatus>,
+    /// Where the IDs of approved images that arrive in CRI's namespace go, to be proven from content
+    /// before their first container start (full or absent: left to the start).
+    pub learn: Option<tokio::sync::mpsc::Sender<String>>,
 }
 
 /// The watcher: construct with [`Watcher::new`], then [`Watcher::run`] it as a task.
@@ -760,6 +766,13 @@ impl Watcher {
         );
         if let Some(previous) = previous {
             self.forget_if_unnamed(ns, &previous);
+        }
+        // CRI's ID alias names an image CRI knows: approved content is proven for its first start
+        // now, whichever way it came (the start would prove it the same way).
+        if alias && approval.is_ok() && !self.removed.contains(&target_key) {
+            if let Some(learn) = &self.w.learn {
+                let _ = learn.try_send(name.to_string());
+            }
         }
         // A pull pullgate forwarded in warn mode was audited as a `warn` decision already.
         let warned_pull = forwarded.as_ref().is_some_and(|p| !p.allowed);

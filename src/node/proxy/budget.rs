@@ -27,7 +27,7 @@ use crate::node::metrics::Metrics;
 pub struct BodyLimits {
     /// Largest `PullImage` message.
     pub pull_image: usize,
-    /// Largest `CreateContainer` message.
+    /// Largest `CreateContainer` message, and largest `RunPodSandbox` message.
     pub create_container: usize,
     /// Largest message of the methods whose messages are always small: `ImageStatus`,
     /// `RemoveImage`, `ListImages`, `RemovePodSandbox`.
@@ -58,15 +58,16 @@ impl BodyLimits {
     /// 4 MiB leaves more than twice that. `CreateContainer` carries the container config (env,
     /// mounts, args, labels, annotations) and the pod's sandbox config, all bounded by the pod
     /// object (under etcd's 1.5 MiB) plus what kubelet adds (mounts, devices, the log path): 4 MiB
-    /// by default, so that the 64 MiB budget holds sixteen at once rather than four. Every other
-    /// intercepted method keeps kubelet's 16 MiB.
+    /// by default, so that the 64 MiB budget holds sixteen at once rather than four.
+    /// `RunPodSandbox` carries the pod's sandbox config alone, which `CreateContainer` carries too,
+    /// so it shares that cap. Every other intercepted method keeps kubelet's 16 MiB.
     pub fn cap(&self, method: &str) -> (usize, Option<&'static str>) {
         match methods::canonical(method) {
             methods::PULL_IMAGE => (
                 self.pull_image,
                 Some("server.limits.max_pull_image_message"),
             ),
-            methods::CREATE_CONTAINER => (
+            methods::CREATE_CONTAINER | methods::RUN_POD_SANDBOX => (
                 self.create_container,
                 Some("server.limits.max_create_container_message"),
             ),

@@ -29,12 +29,13 @@ pub mod methods {
     pub const REMOVE_IMAGE: &str = "/runtime.v1.ImageService/RemoveImage";
     pub const LIST_IMAGES: &str = "/runtime.v1.ImageService/ListImages";
     pub const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
+    pub const RUN_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/RunPodSandbox";
     pub const REMOVE_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/RemovePodSandbox";
 
     /// The same methods in the older `runtime.v1alpha2` API, which containerd 1.6 and 1.7 still
     /// serve. Their messages carry the image and pod in the same fields, so they are enforced alike;
     /// left unintercepted they would be a way around every check.
-    pub const V1ALPHA2: [(&str, &str); 6] = [
+    pub const V1ALPHA2: [(&str, &str); 7] = [
         ("/runtime.v1alpha2.ImageService/PullImage", PULL_IMAGE),
         ("/runtime.v1alpha2.ImageService/ImageStatus", IMAGE_STATUS),
         ("/runtime.v1alpha2.ImageService/RemoveImage", REMOVE_IMAGE),
@@ -42,6 +43,10 @@ pub mod methods {
         (
             "/runtime.v1alpha2.RuntimeService/CreateContainer",
             CREATE_CONTAINER,
+        ),
+        (
+            "/runtime.v1alpha2.RuntimeService/RunPodSandbox",
+            RUN_POD_SANDBOX,
         ),
         (
             "/runtime.v1alpha2.RuntimeService/RemovePodSandbox",

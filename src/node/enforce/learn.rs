@@ -1,0 +1,134 @@
+//! What container starts would otherwise ask containerd, learned before a start needs it.
+//!
+//! A start is decided for the pod containerd recorded (its sandbox) and from repo digests proven by
+//! content. Looking either up during the start costs a round trip to containerd each, in sequence
+//! with kubelet's call. Two ways take them off that path:
+//!
+//! - **Sandboxes created through pullgate.** `RunPodSandbox` is read on its way to containerd and
+//!   its answer on the way back: containerd records the sandbox's metadata and labels exactly as the
+//!   request's `config` carries them, under the ID it answers with, so the pair is the record
+//!   `PodSandboxStatus` would return. It is remembered only from a successful answer naming a
+//!   sandbox; the request and the answer themselves pass unchanged. This is kubelet's path for every
+//!   new pod.
+//! - **What containerd holds when pullgate starts** ([`Enforcer::learn_node`]): every sandbox
+//!   `ListPodSandbox` lists (containerd's record, as `PodSandboxStatus` gives it), and, for every
+//!   image `ListImages` lists, the repo digests its content proves (`Content.Read`, exactly as a
+//!   start would prove them). Calls are made one at a time, so kubelet's own calls share containerd
+//!   with at most one of them. At most half the proof store is filled this way (pulls and starts
+//!   keep the rest); images past that are left to their first start.
+//! - **Images that arrive later** ([`Enforcer::learn_image`]): the lockdown watcher sees every image
+//!   containerd's CRI plugin comes to know (its image-ID name) and hands the approved ones here, to
+//!   be proven the same way — so an image pre-pulled on containerd's own socket, or imported, starts
+//!   without a lookup too, once its arrival has been handled.
+//!
+//! What is learned is what a start would look up, from the same source, and stays true as long as
+//! a start's lookup would: sandbox records never change until removal (a sandbox removed meanwhile
+//! leaves an entry containerd itself refuses a start in), and content proofs never change. A start
+//! of anything not learned is looked up as before.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use k8s_cri::v1 as cri;
+use prost::Message;
+
+use super::{Enforcer, lookup, names, sandbox, start};
+use crate::node::proxy::grpc::Status;
+use crate::node::proxy::intercept::{ResponseEdit, Verdict, methods};
+
+/// What [`Enforcer::learn_node`] learned.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Learned {
+    /// Sandboxes whose pods were remembered.
+    pub sandboxes: usize,
+    /// Images with at least one repo digest proven by content.
+    pub images: usize,
+}
+
+impl Enforcer {
+    /// `RunPodSandbox`: forwarded unchanged; a successful answer's sandbox is remembered with the pod
+    /// the request configured.
+    pub(super) fn run_pod_sandbox(&self, msg: &bytes::Bytes) -> Verdict {
+        let req = match cri::RunPodSandboxRequest::decode(&msg[..]) {
+            Ok(r) => r,
+            Err(e) => return super::undecodable(methods::RUN_POD_SANDBOX, e),
+        };
+        let pod = Arc::new(sandbox::claimed_pod(req.config.as_ref()));
+        let sandboxes = self.sandboxes.clone();
+        let response: ResponseEdit = Box::new(move |resp| {
+            if let Ok(r) = cri::RunPodSandboxResponse::decode(resp) {
+                if !r.pod_sandbox_id.is_empty() {
+                    sandboxes.insert(&r.pod_sandbox_id, pod);
+                }
+            }
+            None
+        });
+        Verdict::Rewrite {
+            request: None,
+            response,
+        }
+    }
+
+    /// Proves image `id` (an image ID CRI knows) from content, as its first start would; nothing
+    /// happens when it is proven already, is not an image ID, or containerd does not answer.
+    pub async fn learn_image(&self, id: &str) {
+        if !names::is_image_id(id) || self.proofs.knows(id) {
+            return;
+        }
+        let Ok(Some(img)) = lookup::image_status(&self.upstream, id).await else {
+            return;
+        };
+        if img.id != id {
+            return;
+        }
+        if let Ok(proven) =
+            lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await
+        {
+            for rd in &proven {
+                self.proofs.add(&img.id, rd);
+            }
+            tracing::debug!(image_id = %img.id, repo_digests = ?proven, "proved an arrived image ahead of its first start");
+        }
+    }
+
+    /// Learns the sandboxes containerd holds and proves the images it holds, as a start would.
+    /// Stops at the first call containerd fails (a start then looks up what was not learned).
+    pub async fn learn_node(&self) -> Result<Learned, Status> {
+        let mut learned = Learned::default();
+        let pods: cri::ListPodSandboxResponse = lookup::unary(
+            &self.upstream,
+            "/runtime.v1.RuntimeService/ListPodSandbox",
+            &cri::ListPodSandboxRequest { filter: None },
+        )
+        .await?;
+        for p in pods.items.iter().take(sandbox::MAX_SANDBOXES) {
+            if !p.id.is_empty() && self.sandboxes.get(&p.id).is_none() {
+                self.sandboxes
+                    .insert(&p.id, Arc::new(sandbox::listed_pod(p)));
+                learned.sandboxes += 1;
+            }
+        }
+        let images: cri::ListImagesResponse = lookup::unary(
+            &self.upstream,
+            "/runtime.v1.ImageService/ListImages",
+            &cri::ListImagesRequest { filter: None },
+        )
+        .await?;
+        let mut seen = HashSet::new();
+        for img in images.images {
+            if seen.len() >= start::PROOFS_MAX / 2 {
+                break;
+            }
+            if img.repo_digests.is_empty() || !seen.insert(img.id.clone()) {
+                continue;
+            }
+            let proven =
+                lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await?;
+            for rd in &proven {
+                self.proofs.add(&img.id, rd);
+            }
+            learned.images += usize::from(!proven.is_empty());
+        }
+        Ok(learned)
+    }
+}
