@@ -979,8 +979,8 @@ async fn cached_starts_are_per_scope_and_end_with_the_bundle() {
 
 /// kubelet creates every pod's sandbox through pullgate: the sandbox containerd answers with is
 /// remembered with the pod the request configured, so the pod's first start asks containerd nothing
-/// about it, and a claim that contradicts it is still refused. A refused `RunPodSandbox` teaches
-/// nothing.
+/// about it, and a claim that contradicts it is still refused. containerd's refusal of a
+/// `RunPodSandbox` reaches the caller as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_created_through_pullgate_starts_without_a_sandbox_lookup() {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
@@ -991,7 +991,14 @@ async fn a_pod_created_through_pullgate_starts_without_a_sandbox_lookup() {
         .run_pod_sandbox(cri::RunPodSandboxRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "containerd's own answer");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::InvalidArgument,
+            "sandbox config must include metadata"
+        ),
+        "containerd's own answer"
+    );
     let checkout = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
             config: Some(pod_config("checkout", &[("app", "web")])),

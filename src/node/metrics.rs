@@ -525,12 +525,6 @@ impl Metrics {
         self.start_lookups[usize::from(image)].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn start_lookups(&self) -> [u64; 2] {
-        self.start_lookups
-            .each_ref()
-            .map(|n| n.load(Ordering::Relaxed))
-    }
-
     pub fn bundle_install(&self, result: &'static str, reason: &'static str) {
         *lock(&self.installs).entry((result, reason)).or_default() += 1;
     }
@@ -690,7 +684,7 @@ impl Metrics {
             "pullgate_deprecated_starts_total {}",
             self.deprecated_starts.load(Ordering::Relaxed)
         );
-        o.push_str("# HELP pullgate_start_lookups_total Lookups container starts made in containerd because the pod or the image was not known yet (sandbox: PodSandboxStatus; image: ImageStatus and the Content.Read of its manifests).\n");
+        o.push_str("# HELP pullgate_start_lookups_total Lookups container starts made in containerd (sandbox: PodSandboxStatus, for a pod not known yet; image: ImageStatus and the Content.Read of its manifests, per image of a start that no cached decision or content proof allowed).\n");
         o.push_str("# TYPE pullgate_start_lookups_total counter\n");
         for (kind, n) in ["sandbox", "image"].iter().zip(&self.start_lookups) {
             let _ = writeln!(

@@ -49,12 +49,7 @@ pub struct Container {
 
 /// Reads the node's pods, containers and images from containerd.
 pub async fn inventory(upstream: &Arc<Upstream>) -> Result<Vec<Container>, Status> {
-    let pods: cri::ListPodSandboxResponse = lookup::unary(
-        upstream,
-        "/runtime.v1.RuntimeService/ListPodSandbox",
-        &cri::ListPodSandboxRequest { filter: None },
-    )
-    .await?;
+    let pods = lookup::pod_sandboxes(upstream).await?;
     let containers: cri::ListContainersResponse = lookup::unary(
         upstream,
         "/runtime.v1.RuntimeService/ListContainers",
@@ -62,7 +57,6 @@ pub async fn inventory(upstream: &Arc<Upstream>) -> Result<Vec<Container>, Statu
     )
     .await?;
     let pods: HashMap<String, PodContext> = pods
-        .items
         .into_iter()
         .map(|p| (p.id.clone(), sandbox::listed_pod(&p)))
         .collect();
@@ -83,7 +77,7 @@ pub async fn inventory(upstream: &Arc<Upstream>) -> Result<Vec<Container>, Statu
             let Some(id) = pending.next() else { break };
             let upstream = upstream.clone();
             tasks.spawn(async move {
-                let proven = proven_digests(&upstream, &id).await;
+                let proven = lookup::proven_digests(&upstream, &id).await;
                 (id, proven)
             });
         }
@@ -140,14 +134,6 @@ fn image_id_of(c: &cri::Container) -> String {
         .as_ref()
         .map(|i| i.image.clone())
         .unwrap_or_default()
-}
-
-/// The repo digests of image `id` that its content proves (none if containerd no longer has it).
-async fn proven_digests(upstream: &Upstream, id: &str) -> Result<Vec<String>, Status> {
-    match lookup::image_status(upstream, id).await? {
-        Some(img) => lookup::verified_repo_digests(upstream, &img.id, img.repo_digests).await,
-        None => Ok(Vec::new()),
-    }
 }
 
 /// How a container fares under the new bundle compared with the installed one.

@@ -483,20 +483,26 @@ impl Node {
 
     /// Learns the sandboxes and images containerd holds, so their first starts look nothing up
     /// (see [`crate::node::enforce::Enforcer::learn_node`]); logged either way.
-    pub async fn learn_node(&self) {
+    /// Whether the pass completed (otherwise call again later).
+    pub async fn learn_node(&self) -> bool {
         let started = std::time::Instant::now();
         match self.enforcer.learn_node().await {
-            Ok(l) => tracing::info!(
-                sandboxes = l.sandboxes,
-                images = l.images,
-                ms = started.elapsed().as_millis() as u64,
-                "learned the pod sandboxes and images containerd holds"
-            ),
-            Err(e) => tracing::warn!(
-                error = %e.message,
-                code = ?e.code,
-                "cannot learn the pod sandboxes and images containerd holds; their first starts look them up"
-            ),
+            Ok(l) => {
+                tracing::info!(
+                    sandboxes = l.sandboxes,
+                    images = l.images,
+                    ms = started.elapsed().as_millis() as u64,
+                    "learned the pod sandboxes and images containerd holds"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e.message,
+                    "cannot learn the pod sandboxes and images containerd holds yet (tried again later); until then their first starts look them up"
+                );
+                false
+            }
         }
     }
 
@@ -507,10 +513,19 @@ impl Node {
     pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
         tokio::spawn(async move {
+            // At boot containerd may answer before its CRI plugin is ready: tried again, a poll
+            // interval apart, until a pass completes.
+            for _ in 0..LEARN_TRIES {
+                if node.upstream.connect().await.is_ok() && node.learn_node().await {
+                    break;
+                }
+                tokio::time::sleep(node.config.policy.drop_poll).await;
+            }
+        });
+        let node = self.clone();
+        tokio::spawn(async move {
             // `Some(v)`: checked with the bundle in force then (`v` itself is `None` without one).
             let mut checked_with = checked.then(|| node.bundle_version());
-            // Whether what containerd holds was learned (once, as soon as it answers).
-            let mut learned = false;
             let mut tick = tokio::time::interval(node.config.policy.drop_poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -522,11 +537,6 @@ impl Node {
                     let node = node.clone();
                     let _ = tokio::task::spawn_blocking(move || node.poll_drop_dir()).await;
                 }
-                if !learned && node.upstream.connect().await.is_ok() {
-                    learned = true;
-                    let node = node.clone();
-                    tokio::spawn(async move { node.learn_node().await });
-                }
                 let version = node.bundle_version();
                 if checked_with != Some(version) && node.upstream.connect().await.is_ok() {
                     checked_with = Some(version);
@@ -536,6 +546,9 @@ impl Node {
         });
     }
 }
+
+/// Most passes at learning what containerd holds before giving up (a drop-directory poll apart).
+const LEARN_TRIES: u32 = 10;
 
 /// Moves a rejected dropped bundle aside as `NAME.rejected` (+ `.sig`) and writes `NAME.rejected.reason`.
 fn set_aside(path: &Path, sig: &Path, reason: &str) {

@@ -13,13 +13,14 @@
 //! - **What containerd holds when pullgate starts** ([`Enforcer::learn_node`]): every sandbox
 //!   `ListPodSandbox` lists (containerd's record, as `PodSandboxStatus` gives it), and, for every
 //!   image `ListImages` lists, the repo digests its content proves (`Content.Read`, exactly as a
-//!   start would prove them). Calls are made one at a time, so kubelet's own calls share containerd
-//!   with at most one of them. At most half the proof store is filled this way (pulls and starts
-//!   keep the rest); images past that are left to their first start.
+//!   start would prove them). Its calls are made one at a time, and at most 2,048 images are proven
+//!   this way; images past that are left to their first start. An image containerd fails to prove
+//!   (content missing, or too large to be a manifest) is skipped; containerd not answering ends the
+//!   pass, and the daemon runs it again later until one pass completes.
 //! - **Images that arrive later** ([`Enforcer::learn_image`]): the lockdown watcher sees every image
-//!   containerd's CRI plugin comes to know (its image-ID name) and hands the approved ones here, to
-//!   be proven the same way — so an image pre-pulled on containerd's own socket, or imported, starts
-//!   without a lookup too, once its arrival has been handled.
+//!   containerd's CRI plugin comes to know (its image-ID name) and hands the approved ones here, one
+//!   at a time, to be proven the same way — so an image pre-pulled on containerd's own socket, or
+//!   imported, starts without a lookup too, once its arrival has been handled.
 //!
 //! What is learned is what a start would look up, from the same source, and stays true as long as
 //! a start's lookup would: sandbox records never change until removal (a sandbox removed meanwhile
@@ -33,8 +34,11 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 
 use super::{Enforcer, lookup, names, sandbox, start};
-use crate::node::proxy::grpc::Status;
-use crate::node::proxy::intercept::{ResponseEdit, Verdict, methods};
+use crate::node::proxy::grpc::{Code, Status};
+use crate::node::proxy::intercept::{ResponseEdit, Verdict};
+
+/// Most images proven at start.
+const LEARN_IMAGES_MAX: usize = start::PROOFS_MAX / 2;
 
 /// What [`Enforcer::learn_node`] learned.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -49,17 +53,15 @@ impl Enforcer {
     /// `RunPodSandbox`: forwarded unchanged; a successful answer's sandbox is remembered with the pod
     /// the request configured.
     pub(super) fn run_pod_sandbox(&self, msg: &bytes::Bytes) -> Verdict {
-        let req = match cri::RunPodSandboxRequest::decode(&msg[..]) {
-            Ok(r) => r,
-            Err(e) => return super::undecodable(methods::RUN_POD_SANDBOX, e),
+        let Ok(req) = cri::RunPodSandboxRequest::decode(&msg[..]) else {
+            // Not a check point: containerd says what is wrong with it.
+            return Verdict::Forward;
         };
         let pod = Arc::new(sandbox::claimed_pod(req.config.as_ref()));
         let sandboxes = self.sandboxes.clone();
         let response: ResponseEdit = Box::new(move |resp| {
             if let Ok(r) = cri::RunPodSandboxResponse::decode(resp) {
-                if !r.pod_sandbox_id.is_empty() {
-                    sandboxes.insert(&r.pod_sandbox_id, pod);
-                }
+                sandboxes.learn(&r.pod_sandbox_id, pod);
             }
             None
         });
@@ -75,37 +77,29 @@ impl Enforcer {
         if !names::is_image_id(id) || self.proofs.knows(id) {
             return;
         }
-        let Ok(Some(img)) = lookup::image_status(&self.upstream, id).await else {
-            return;
-        };
-        if img.id != id {
-            return;
-        }
-        if let Ok(proven) =
-            lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await
-        {
+        if let Ok(proven) = lookup::proven_digests(&self.upstream, id).await {
             for rd in &proven {
-                self.proofs.add(&img.id, rd);
+                self.proofs.add(id, rd);
             }
-            tracing::debug!(image_id = %img.id, repo_digests = ?proven, "proved an arrived image ahead of its first start");
+            if !proven.is_empty() {
+                tracing::debug!(image_id = %id, repo_digests = ?proven, "proved an arrived image ahead of its first start");
+            }
         }
     }
 
     /// Learns the sandboxes containerd holds and proves the images it holds, as a start would.
-    /// Stops at the first call containerd fails (a start then looks up what was not learned).
+    /// An image containerd fails to prove is skipped; containerd not answering ends the pass
+    /// (`Err`: call again later — what was learned stays learned).
     pub async fn learn_node(&self) -> Result<Learned, Status> {
         let mut learned = Learned::default();
-        let pods: cri::ListPodSandboxResponse = lookup::unary(
-            &self.upstream,
-            "/runtime.v1.RuntimeService/ListPodSandbox",
-            &cri::ListPodSandboxRequest { filter: None },
-        )
-        .await?;
-        for p in pods.items.iter().take(sandbox::MAX_SANDBOXES) {
-            if !p.id.is_empty() && self.sandboxes.get(&p.id).is_none() {
-                self.sandboxes
-                    .insert(&p.id, Arc::new(sandbox::listed_pod(p)));
-                learned.sandboxes += 1;
+        let pods = lookup::pod_sandboxes(&self.upstream).await;
+        if let Ok(pods) = &pods {
+            for p in pods.iter().take(sandbox::MAX_SANDBOXES) {
+                if !p.id.is_empty() && self.sandboxes.get(&p.id).is_none() {
+                    self.sandboxes
+                        .insert(&p.id, Arc::new(sandbox::listed_pod(p)));
+                    learned.sandboxes += 1;
+                }
             }
         }
         let images: cri::ListImagesResponse = lookup::unary(
@@ -116,19 +110,25 @@ impl Enforcer {
         .await?;
         let mut seen = HashSet::new();
         for img in images.images {
-            if seen.len() >= start::PROOFS_MAX / 2 {
+            if seen.len() >= LEARN_IMAGES_MAX {
                 break;
             }
             if img.repo_digests.is_empty() || !seen.insert(img.id.clone()) {
                 continue;
             }
-            let proven =
-                lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await?;
-            for rd in &proven {
-                self.proofs.add(&img.id, rd);
+            match lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await {
+                Ok(proven) => {
+                    for rd in &proven {
+                        self.proofs.add(&img.id, rd);
+                    }
+                    learned.images += usize::from(!proven.is_empty());
+                }
+                Err(e) if e.code == Code::Unavailable => return Err(e),
+                Err(e) => {
+                    tracing::debug!(image_id = %img.id, error = %e.message, "not proven ahead; its first start looks it up");
+                }
             }
-            learned.images += usize::from(!proven.is_empty());
         }
-        Ok(learned)
+        pods.map(|_| learned)
     }
 }

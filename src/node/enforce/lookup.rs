@@ -1,6 +1,6 @@
 //! Calls pullgate makes to containerd itself, over the same upstream connection as the traffic it
 //! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `PodSandboxStatus` to
-//! learn which pod a container is created in, CRI `Status` to read containerd's CRI configuration (the
+//! learn which pod a container is created in (`ListPodSandbox`: every pod), CRI `Status` to read containerd's CRI configuration (the
 //! sandbox image), and containerd's native `Content.Read` to prove from content — not from names —
 //! which manifests an image really belongs to.
 
@@ -281,6 +281,28 @@ pub async fn verified_repo_digests(
         }
     }
     Ok(kept)
+}
+
+/// The repo digests of image `id` (an image ID) that its content proves: none if containerd no
+/// longer has it, or resolves `id` to another image.
+pub async fn proven_digests(upstream: &Upstream, id: &str) -> Result<Vec<String>, Status> {
+    match image_status(upstream, id).await? {
+        Some(img) if img.id == id => {
+            verified_repo_digests(upstream, &img.id, img.repo_digests).await
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// Every pod sandbox containerd holds (`ListPodSandbox`), as it recorded them.
+pub async fn pod_sandboxes(upstream: &Upstream) -> Result<Vec<cri::PodSandbox>, Status> {
+    let pods: cri::ListPodSandboxResponse = unary(
+        upstream,
+        "/runtime.v1.RuntimeService/ListPodSandbox",
+        &cri::ListPodSandboxRequest { filter: None },
+    )
+    .await?;
+    Ok(pods.items)
 }
 
 /// The image a reference or ID names in containerd: `None` if it is not there.

@@ -318,7 +318,7 @@ pub struct Enforcer {
     auth: ArcSwapOption<RegistryAuth>,
     /// Container starts already allowed, by (image ID, bundle version, pod scope).
     allowed_starts: start::StartCache,
-    /// Repo digests proven to describe image IDs (by pulls and by starts).
+    /// Repo digests proven to describe image IDs (by pulls, by starts, and ahead of starts).
     proofs: Arc<start::ContentProofs>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
     sandboxes: Arc<sandbox::SandboxCache>,
@@ -677,6 +677,15 @@ impl Handler for Enforcer {
                 _ => Verdict::Forward,
             }
         })
+    }
+}
+
+/// Makes room for one more key in a cache bounded to `max` entries, by forgetting one (any one).
+fn make_room<V>(map: &mut std::collections::HashMap<String, V>, max: usize) {
+    if map.len() >= max {
+        if let Some(old) = map.keys().next().cloned() {
+            map.remove(&old);
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! is a fact; the second is a claim anyone on the socket can make up. The scope a container start is
 //! decided for therefore comes from containerd's record of the sandbox (CRI `PodSandboxStatus`):
 //! namespace, name, uid and labels as they were when the sandbox was created, which containerd never
-//! changes. [`SandboxCache`] keeps them per sandbox ID (bounded; dropped on `RemovePodSandbox`), and
+//! changes. [`SandboxCache`] keeps them per sandbox ID (bounded; dropped on `RemovePodSandbox`) —
+//! also the ones pullgate knows ahead, from the `RunPodSandbox` calls it forwards and from
+//! `ListPodSandbox` when it starts (see `learn`) — and
 //! [`disagreement`] says where a claim contradicts the record.
 //!
 //! containerd's CRI plugin resolves a sandbox ID through a truncated-ID index: any unique prefix of a
@@ -45,14 +47,32 @@ impl SandboxCache {
 
     pub fn insert(&self, id: &str, pod: Arc<PodContext>) {
         let mut pods = self.lock();
-        if pods.len() >= MAX_SANDBOXES && !pods.contains_key(id) {
+        if !pods.contains_key(id) {
             // Sandboxes removed past pullgate (another client on containerd's own socket) are never
             // dropped by `remove`: make room by forgetting one; it is looked up again when needed.
-            if let Some(old) = pods.keys().next().cloned() {
-                pods.remove(&old);
-            }
+            super::make_room(&mut pods, MAX_SANDBOXES);
         }
         pods.insert(id.to_string(), pod);
+    }
+
+    /// Remembers sandbox `id` as created with `pod` (a `RunPodSandbox` answer). An empty ID is no
+    /// answer; an ID already known with another pod is forgotten instead, so that its next start
+    /// looks it up.
+    pub fn learn(&self, id: &str, pod: Arc<PodContext>) {
+        if id.is_empty() {
+            return;
+        }
+        let mut pods = self.lock();
+        match pods.get(id) {
+            Some(known) if **known != *pod => {
+                pods.remove(id);
+            }
+            Some(_) => {}
+            None => {
+                super::make_room(&mut pods, MAX_SANDBOXES);
+                pods.insert(id.to_string(), pod);
+            }
+        }
     }
 
     /// Forgets the sandbox `RemovePodSandbox` named: `id` itself, and every sandbox `id` is a
@@ -232,6 +252,19 @@ mod tests {
         cache.remove(&last);
         assert!(cache.get(&last).is_none());
         assert_eq!(cache.len(), MAX_SANDBOXES - 1);
+    }
+
+    #[test]
+    fn a_created_sandbox_is_learned_once_and_a_contradicting_answer_forgets_it() {
+        let cache = SandboxCache::default();
+        let checkout = Arc::new(recorded("checkout", &[]));
+        cache.learn("", checkout.clone());
+        assert!(cache.is_empty(), "an empty ID names no sandbox");
+        cache.learn("sb1", checkout.clone());
+        cache.learn("sb1", checkout.clone());
+        assert_eq!(cache.get("sb1").as_deref(), Some(&*checkout));
+        cache.learn("sb1", Arc::new(recorded("search", &[])));
+        assert!(cache.get("sb1").is_none(), "looked up at its next start");
     }
 
     #[test]

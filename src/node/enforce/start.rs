@@ -112,8 +112,9 @@ const PROOFS_PER_IMAGE: usize = 8;
 /// Repo digests proven to describe an image, by image ID. A proof is a fact about content, true for
 /// good and whatever bundle is in force: containerd answered the pull of `repo@D`, pinned by
 /// pullgate, with image ID `X` (so manifest `D`, or a manifest the index `D` lists, has config `X`),
-/// or a start read `D` from containerd's content store and found `X` in it
-/// ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs first, without
+/// or a start — or pullgate ahead of any start, for the images containerd held when it started and
+/// the approved ones that arrive later (see `learn`) — read `D` from containerd's content store and
+/// found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs first, without
 /// asking containerd for the image and its manifests again, and only an allow is taken: anything else
 /// is decided from what containerd holds, as without them.
 #[derive(Default)]
@@ -130,11 +131,9 @@ impl ContentProofs {
             return;
         }
         let mut proofs = self.lock();
-        if proofs.len() >= PROOFS_MAX && !proofs.contains_key(id) {
-            // Make room by forgetting one image: its next start is looked up (and proven) again.
-            if let Some(old) = proofs.keys().next().cloned() {
-                proofs.remove(&old);
-            }
+        if !proofs.contains_key(id) {
+            // Forgets one image when full: its next start is looked up (and proven) again.
+            super::make_room(&mut proofs, PROOFS_MAX);
         }
         let known = proofs.entry(id.to_string()).or_default();
         if !known.iter().any(|k| k == repo_digest) && known.len() < PROOFS_PER_IMAGE {

@@ -767,9 +767,14 @@ impl Watcher {
         if let Some(previous) = previous {
             self.forget_if_unnamed(ns, &previous);
         }
-        // CRI's ID alias names an image CRI knows: approved content is proven for its first start
-        // now, whichever way it came (the start would prove it the same way).
-        if alias && approval.is_ok() && !self.removed.contains(&target_key) {
+        // CRI's ID alias names an image CRI knows: approved content that arrives is proven for its
+        // first start now, whichever way it came (the start would prove it the same way). What was
+        // there at start the enforcer proves itself.
+        if alias
+            && detected != Detected::Startup
+            && approval.is_ok()
+            && !self.removed.contains(&target_key)
+        {
             if let Some(learn) = &self.w.learn {
                 let _ = learn.try_send(name.to_string());
             }

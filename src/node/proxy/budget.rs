@@ -277,6 +277,16 @@ mod tests {
             l.cap("/runtime.v1.RuntimeService/CreateContainer"),
             (4 << 20, Some("server.limits.max_create_container_message"))
         );
+        for m in [
+            "/runtime.v1.RuntimeService/RunPodSandbox",
+            "/runtime.v1alpha2.RuntimeService/RunPodSandbox",
+        ] {
+            assert_eq!(
+                l.cap(m),
+                (4 << 20, Some("server.limits.max_create_container_message")),
+                "{m}"
+            );
+        }
         assert_eq!(
             l.cap("/runtime.v1alpha2.RuntimeService/CreateContainer").0,
             4 << 20
