@@ -1,7 +1,8 @@
 //! The container-start check (`CreateContainer`).
 //!
 //! 1. **The pod.** Its scope comes from containerd's record of the sandbox the request names
-//!    (`pod_sandbox_id`, CRI `PodSandboxStatus`, cached per sandbox), never from the `sandbox_config`
+//!    (`pod_sandbox_id`, CRI `PodSandboxStatus`, cached per sandbox; most are known before their
+//!    first start, see `learn`), never from the `sandbox_config`
 //!    the caller sends along: a start in a sandbox containerd does not know is refused
 //!    (`sandbox_not_found`), and so is one that names its sandbox by an abbreviation containerd
 //!    would resolve (`sandbox_id_abbreviated`: only full IDs are cached, see [`sandbox`]); one whose
@@ -16,7 +17,8 @@
 //!    of a deployment): then the sandbox comes first, and the cached decision for its scope usually
 //!    makes the image lookups unnecessary.
 //!    An image already proven needs no lookup at all: containerd answered pullgate's pinned pull of
-//!    `repo@digest` with the image's ID, or an earlier start read the manifest ([`ContentProofs`]).
+//!    `repo@digest` with the image's ID, or an earlier start — or pullgate ahead of any start — read
+//!    the manifest ([`ContentProofs`]).
 //! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
 //!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
 //!    name that was never approved is told so (and an approved one is told to be pulled first).
