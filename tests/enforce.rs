@@ -1088,6 +1088,22 @@ async fn what_containerd_holds_at_start_is_learned_before_any_start() {
             ..Default::default()
         },
     );
+    // Names a blob too large to be a manifest (listed first): skipped, the pass goes on.
+    let blob = digest(0x99);
+    env.fake
+        .observed
+        .content
+        .lock()
+        .unwrap()
+        .insert(blob.clone(), vec![b' '; 5 << 20]);
+    env.fake.observed.images.lock().unwrap().insert(
+        digest(0xa1),
+        cri::Image {
+            id: digest(0xa1),
+            repo_digests: vec![pinned("nginx", &blob)],
+            ..Default::default()
+        },
+    );
     env.fake
         .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
     let learned = env.node.enforcer.learn_node().await.unwrap();
@@ -1117,6 +1133,24 @@ async fn what_containerd_holds_at_start_is_learned_before_any_start() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert_eq!(lookups().0, before.0 + 1, "the forged image was looked up");
+    // A second pass reads nothing it proved already.
+    let reads = env.fake.observed.content_namespaces.lock().unwrap().len();
+    let again = env.node.enforcer.learn_node().await.unwrap();
+    eprintln!(
+        "DEBUG {again:?} {:?}",
+        env.fake
+            .observed
+            .images
+            .lock()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        env.fake.observed.content_namespaces.lock().unwrap().len(),
+        reads + 2,
+        "only the two images that proved nothing are read again"
+    );
     env.stop().await;
 }
 

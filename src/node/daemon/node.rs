@@ -482,46 +482,48 @@ impl Node {
     }
 
     /// Learns the sandboxes and images containerd holds, so their first starts look nothing up
-    /// (see [`crate::node::enforce::Enforcer::learn_node`]); logged either way.
-    /// Whether the pass completed (otherwise call again later).
-    pub async fn learn_node(&self) -> bool {
-        let started = std::time::Instant::now();
-        match self.enforcer.learn_node().await {
-            Ok(l) => {
-                tracing::info!(
-                    sandboxes = l.sandboxes,
-                    images = l.images,
-                    ms = started.elapsed().as_millis() as u64,
-                    "learned the pod sandboxes and images containerd holds"
-                );
-                true
+    /// (see [`crate::node::enforce::Enforcer::learn_node`]): a pass as soon as containerd answers,
+    /// passes that fail tried again a drop-directory poll apart, at most [`LEARN_TRIES`] of them.
+    pub async fn learn_node(&self) {
+        let mut failed = 0;
+        loop {
+            if self.upstream.connect().await.is_ok() {
+                let started = std::time::Instant::now();
+                match self.enforcer.learn_node().await {
+                    Ok(l) => {
+                        tracing::info!(
+                            sandboxes = l.sandboxes,
+                            images = l.images,
+                            ms = started.elapsed().as_millis() as u64,
+                            "learned the pod sandboxes and images containerd holds"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        if failed == LEARN_TRIES {
+                            tracing::warn!(
+                                error = %e.message,
+                                tries = failed,
+                                "gave up learning the pod sandboxes and images containerd holds; their first starts look them up"
+                            );
+                            return;
+                        }
+                        tracing::debug!(error = %e.message, "cannot learn the pod sandboxes and images containerd holds yet; trying again");
+                    }
+                }
             }
-            Err(e) => {
-                tracing::warn!(
-                    error = %e.message,
-                    "cannot learn the pod sandboxes and images containerd holds yet (tried again later); until then their first starts look them up"
-                );
-                false
-            }
+            tokio::time::sleep(self.config.policy.drop_poll).await;
         }
     }
 
     /// Background work: the drop-directory poll, the sandbox-image check whenever the bundle in
     /// force is not the one it last ran with (`checked`: it ran at start-up with the bundle in force
-    /// now), and learning what containerd holds once it first answers. A bundle swapped in by any
+    /// now), and learning what containerd holds ([`Node::learn_node`]). A bundle swapped in by any
     /// path (drop directory, reload, `pullgate bundle install`) wakes the task at once.
     pub fn spawn_background(self: &Arc<Self>, checked: bool) {
         let node = self.clone();
-        tokio::spawn(async move {
-            // At boot containerd may answer before its CRI plugin is ready: tried again, a poll
-            // interval apart, until a pass completes.
-            for _ in 0..LEARN_TRIES {
-                if node.upstream.connect().await.is_ok() && node.learn_node().await {
-                    break;
-                }
-                tokio::time::sleep(node.config.policy.drop_poll).await;
-            }
-        });
+        tokio::spawn(async move { node.learn_node().await });
         let node = self.clone();
         tokio::spawn(async move {
             // `Some(v)`: checked with the bundle in force then (`v` itself is `None` without one).
@@ -547,7 +549,8 @@ impl Node {
     }
 }
 
-/// Most passes at learning what containerd holds before giving up (a drop-directory poll apart).
+/// Most failed passes at learning what containerd holds before giving up (a pass starts only once
+/// containerd answers; at boot its CRI plugin may not be ready yet).
 const LEARN_TRIES: u32 = 10;
 
 /// Moves a rejected dropped bundle aside as `NAME.rejected` (+ `.sig`) and writes `NAME.rejected.reason`.

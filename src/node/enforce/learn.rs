@@ -14,13 +14,15 @@
 //!   `ListPodSandbox` lists (containerd's record, as `PodSandboxStatus` gives it), and, for every
 //!   image `ListImages` lists, the repo digests its content proves (`Content.Read`, exactly as a
 //!   start would prove them). Its calls are made one at a time, and at most 2,048 images are proven
-//!   this way; images past that are left to their first start. An image containerd fails to prove
-//!   (content missing, or too large to be a manifest) is skipped; containerd not answering ends the
-//!   pass, and the daemon runs it again later until one pass completes.
+//!   this way; images past that are left to their first start. An image whose content proves
+//!   nothing, or that containerd fails to read, is skipped; a list that fails, or containerd gone,
+//!   fails the pass, and the daemon runs it again later (images already proven are not read again).
 //! - **Images that arrive later** ([`Enforcer::learn_image`]): the lockdown watcher sees every image
-//!   containerd's CRI plugin comes to know (its image-ID name) and hands the approved ones here, one
-//!   at a time, to be proven the same way — so an image pre-pulled on containerd's own socket, or
-//!   imported, starts without a lookup too, once its arrival has been handled.
+//!   containerd's CRI plugin comes to know (its image-ID name) after the watcher's own start-up scan
+//!   and hands the approved ones here, one at a time, to be proven the same way — so an image
+//!   pre-pulled on containerd's own socket, or imported, starts without a lookup too, once its
+//!   arrival has been handled. (One that arrives between the start-up pass's `ListImages` and the
+//!   watcher's scan is handed over by neither: its first start looks it up.)
 //!
 //! What is learned is what a start would look up, from the same source, and stays true as long as
 //! a start's lookup would: sandbox records never change until removal (a sandbox removed meanwhile
@@ -34,7 +36,7 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 
 use super::{Enforcer, lookup, names, sandbox, start};
-use crate::node::proxy::grpc::{Code, Status};
+use crate::node::proxy::grpc::Status;
 use crate::node::proxy::intercept::{ResponseEdit, Verdict};
 
 /// Most images proven at start.
@@ -88,18 +90,22 @@ impl Enforcer {
     }
 
     /// Learns the sandboxes containerd holds and proves the images it holds, as a start would.
-    /// An image containerd fails to prove is skipped; containerd not answering ends the pass
-    /// (`Err`: call again later — what was learned stays learned).
+    /// An image whose content proves nothing, or that containerd fails to read, is skipped; a list
+    /// that fails, or containerd gone, fails the pass (`Err`: call again later — what was learned
+    /// stays learned, and images already proven are not read again).
     pub async fn learn_node(&self) -> Result<Learned, Status> {
         let mut learned = Learned::default();
         let pods = lookup::pod_sandboxes(&self.upstream).await;
         if let Ok(pods) = &pods {
             for p in pods.iter().take(sandbox::MAX_SANDBOXES) {
-                if !p.id.is_empty() && self.sandboxes.get(&p.id).is_none() {
+                if p.id.is_empty() {
+                    continue;
+                }
+                if self.sandboxes.get(&p.id).is_none() {
                     self.sandboxes
                         .insert(&p.id, Arc::new(sandbox::listed_pod(p)));
-                    learned.sandboxes += 1;
                 }
+                learned.sandboxes += 1;
             }
         }
         let images: cri::ListImagesResponse = lookup::unary(
@@ -116,6 +122,11 @@ impl Enforcer {
             if img.repo_digests.is_empty() || !seen.insert(img.id.clone()) {
                 continue;
             }
+            if self.proofs.knows(&img.id) {
+                // Proven by an earlier pass, a pull or a start.
+                learned.images += 1;
+                continue;
+            }
             match lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await {
                 Ok(proven) => {
                     for rd in &proven {
@@ -123,8 +134,12 @@ impl Enforcer {
                     }
                     learned.images += usize::from(!proven.is_empty());
                 }
-                Err(e) if e.code == Code::Unavailable => return Err(e),
                 Err(e) => {
+                    // containerd gone: the pass ends (and is tried again); anything else is about
+                    // this image alone.
+                    if self.upstream.connect().await.is_err() {
+                        return Err(e);
+                    }
                     tracing::debug!(image_id = %img.id, error = %e.message, "not proven ahead; its first start looks it up");
                 }
             }

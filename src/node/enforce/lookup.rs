@@ -1,8 +1,8 @@
 //! Calls pullgate makes to containerd itself, over the same upstream connection as the traffic it
-//! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `PodSandboxStatus` to
-//! learn which pod a container is created in (`ListPodSandbox`: every pod), CRI `Status` to read containerd's CRI configuration (the
-//! sandbox image), and containerd's native `Content.Read` to prove from content — not from names —
-//! which manifests an image really belongs to.
+//! forwards: CRI `ImageStatus` to learn what image a container would run, CRI `PodSandboxStatus`
+//! (`ListPodSandbox`: every pod) to learn which pod a container is created in, CRI `Status` to read
+//! containerd's CRI configuration (the sandbox image), and containerd's native `Content.Read` to
+//! prove from content — not from names — which manifests an image really belongs to.
 
 use std::collections::HashMap;
 
@@ -283,11 +283,11 @@ pub async fn verified_repo_digests(
     Ok(kept)
 }
 
-/// The repo digests of image `id` (an image ID) that its content proves: none if containerd no
-/// longer has it, or resolves `id` to another image.
-pub async fn proven_digests(upstream: &Upstream, id: &str) -> Result<Vec<String>, Status> {
-    match image_status(upstream, id).await? {
-        Some(img) if img.id == id => {
+/// The repo digests that the content of the image `image` names (an image ID or a reference)
+/// proves: none if containerd does not have it, or resolves an image ID to another image.
+pub async fn proven_digests(upstream: &Upstream, image: &str) -> Result<Vec<String>, Status> {
+    match image_status(upstream, image).await? {
+        Some(img) if img.id == image || !super::names::is_image_id(image) => {
             verified_repo_digests(upstream, &img.id, img.repo_digests).await
         }
         _ => Ok(Vec::new()),

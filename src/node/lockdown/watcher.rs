@@ -17,8 +17,9 @@
 //! A name re-pointed at other content is classified again; content whose last name is deleted is
 //! forgotten, so it is a new arrival, reported again, if it comes back.
 //!
-//! Approved content CRI's plugin takes in (its image-ID name appears in CRI's namespace) is handed to
-//! the enforcer through [`Watch::learn`], to be proven from content before its first start.
+//! Approved content CRI's plugin takes in after the start-up scan (its image-ID name appears in CRI's
+//! namespace) is handed to the enforcer through [`Watch::learn`], to be proven from content before
+//! its first start; what was there at start the enforcer proves itself.
 //!
 //! An image that is not approved and was not a pull pullgate forwarded in warn mode (already
 //! audited as a `warn` decision) gets an `out_of_band_image` audit record, a count in
