@@ -1,6 +1,7 @@
 //! The node's lockdown in the running daemon: the containerd event watcher as a task (when
-//! `lockdown.watch` is on; approved images it sees arrive are proven for their first start), and the node check at start and after every reload, exported as
-//! `pullgate_lockdown_findings{check}` and shown by `/status`.
+//! `lockdown.watch` is on; approved images it sees arrive are proven for their first start), and
+//! the node check at start and after every reload, exported as `pullgate_lockdown_findings{check}`
+//! and shown by `/status`.
 
 use std::sync::Arc;
 

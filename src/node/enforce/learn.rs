@@ -8,8 +8,11 @@
 //!   its answer on the way back: containerd records the sandbox's metadata and labels exactly as the
 //!   request's `config` carries them, under the ID it answers with, so the pair is the record
 //!   `PodSandboxStatus` would return. It is remembered only from a successful answer naming a
-//!   sandbox; the request and the answer themselves pass unchanged. This is kubelet's path for every
-//!   new pod.
+//!   sandbox; the request and the answer themselves pass unchanged (a request pullgate cannot decode
+//!   is forwarded too, and teaches nothing). This is kubelet's path for every new pod. containerd
+//!   answers with a new ID every time (a sandbox name already taken is an error); should an answer
+//!   ever name a known sandbox with another pod, the sandbox is forgotten and looked up at its next
+//!   start.
 //! - **What containerd holds when pullgate starts** ([`Enforcer::learn_node`]): every sandbox
 //!   `ListPodSandbox` lists (containerd's record, as `PodSandboxStatus` gives it), and, for every
 //!   image `ListImages` lists, the repo digests its content proves (`Content.Read`, exactly as a

@@ -116,9 +116,9 @@ const PROOFS_PER_IMAGE: usize = 8;
 /// pullgate, with image ID `X` (so manifest `D`, or a manifest the index `D` lists, has config `X`),
 /// or a start — or pullgate ahead of any start, for the images containerd held when it started and
 /// the approved ones that arrive later (see `learn`) — read `D` from containerd's content store and
-/// found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs first, without
-/// asking containerd for the image and its manifests again, and only an allow is taken: anything else
-/// is decided from what containerd holds, as without them.
+/// found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs
+/// first, without asking containerd for the image and its manifests again, and only an allow is
+/// taken: anything else is decided from what containerd holds, as without them.
 #[derive(Default)]
 pub(super) struct ContentProofs(Mutex<HashMap<String, Vec<String>>>);
 
