@@ -1135,22 +1135,72 @@ async fn what_containerd_holds_at_start_is_learned_before_any_start() {
     assert_eq!(lookups().0, before.0 + 1, "the forged image was looked up");
     // A second pass reads nothing it proved already.
     let reads = env.fake.observed.content_namespaces.lock().unwrap().len();
-    let again = env.node.enforcer.learn_node().await.unwrap();
-    eprintln!(
-        "DEBUG {again:?} {:?}",
-        env.fake
-            .observed
-            .images
-            .lock()
-            .unwrap()
-            .keys()
-            .collect::<Vec<_>>()
-    );
+    env.node.enforcer.learn_node().await.unwrap();
     assert_eq!(
         env.fake.observed.content_namespaces.lock().unwrap().len(),
         reads + 2,
         "only the two images that proved nothing are read again"
     );
+    env.stop().await;
+}
+
+/// CRI's plugin names an arrived image by its ID before its image store holds it: the arrival is
+/// tried again until CRI knows it, and its first start then asks containerd nothing. One CRI never
+/// comes to know is tried a bounded number of times and left to its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_arrival_cri_does_not_know_yet_is_proven_once_it_does() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    env.fake
+        .observed
+        .only_known_images
+        .store(true, Ordering::Relaxed);
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    let (arrive, arrived) = mpsc::channel(4);
+    let learner = tokio::spawn(env.node.enforcer.clone().learn_arrivals(arrived));
+    let (late, never) = (digest(0xc4), digest(0xc5));
+    arrive.send(late.clone()).await.unwrap();
+    arrive.send(never.clone()).await.unwrap();
+    let asked = |id: &str| {
+        env.fake
+            .observed
+            .image_statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == id)
+            .count()
+    };
+    let waiting = std::time::Instant::now();
+    while asked(&late) < 2 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(5),
+            "an unknown arrival is tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let nginx = put_image(&env.fake, 0xc4, &[pinned("nginx", &digest(3))], &[]);
+    drop(arrive);
+    tokio::time::timeout(Duration::from_secs(20), learner)
+        .await
+        .expect("the learner ends once nothing waits")
+        .unwrap();
+    assert_eq!(
+        asked(&never),
+        pullgate::node::enforce::ARRIVAL_TRIES as usize,
+        "an arrival CRI never knows is tried a bounded number of times"
+    );
+    let before = env.fake.observed.image_statuses.lock().unwrap().len();
+    let mut rt = env.runtime().await;
+    rt.create_container(create_in("sb-checkout", &nginx, None))
+        .await
+        .unwrap();
+    assert_eq!(
+        env.fake.observed.image_statuses.lock().unwrap().len(),
+        before,
+        "the late arrival was proven ahead of its start"
+    );
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
     env.stop().await;
 }
 

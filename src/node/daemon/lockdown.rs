@@ -20,13 +20,8 @@ pub fn start(node: &Arc<Node>) {
     if l.watch {
         // Approved images the watcher sees arrive are proven for their first start, one at a time;
         // when this falls behind, the rest are left to their starts.
-        let (learn, mut arrived) = tokio::sync::mpsc::channel::<String>(LEARN_QUEUE);
-        let learner = node.clone();
-        tokio::spawn(async move {
-            while let Some(id) = arrived.recv().await {
-                learner.enforcer.learn_image(&id).await;
-            }
-        });
+        let (learn, arrived) = tokio::sync::mpsc::channel::<String>(LEARN_QUEUE);
+        tokio::spawn(node.enforcer.clone().learn_arrivals(arrived));
         let watcher = Watcher::new(Watch {
             socket: node.config.server.upstream.clone(),
             state: node.state.clone(),

@@ -22,9 +22,11 @@
 //!   fails the pass, and the daemon runs it again later (images already proven are not read again).
 //! - **Images that arrive later** ([`Enforcer::learn_image`]): the lockdown watcher sees every image
 //!   containerd's CRI plugin comes to know (its image-ID name) after the watcher's own start-up scan
-//!   and hands the approved ones here, one at a time, to be proven the same way — so an image
-//!   pre-pulled on containerd's own socket, or imported, starts without a lookup too, once its
-//!   arrival has been handled. (One that arrives between the start-up pass's `ListImages` and the
+//!   and hands the approved ones here ([`Enforcer::learn_arrivals`]), one at a time, to be proven
+//!   the same way — so an image pre-pulled on containerd's own socket, or imported, starts without
+//!   a lookup too, once its arrival has been handled. CRI's plugin names an image by its ID before
+//!   its own image store holds it, so an ID CRI does not know yet is tried again a few times, a
+//!   little later each time. (One that arrives between the start-up pass's `ListImages` and the
 //!   watcher's scan is handed over by neither: its first start looks it up.)
 //!
 //! What is learned is what a start would look up, from the same source, and stays true as long as
@@ -32,8 +34,13 @@
 //! leaves an entry containerd itself refuses a start in), and content proofs never change. A start
 //! of anything not learned is looked up as before.
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use k8s_cri::v1 as cri;
 use prost::Message;
@@ -44,6 +51,22 @@ use crate::node::proxy::intercept::{ResponseEdit, Verdict};
 
 /// Most images proven at start.
 const LEARN_IMAGES_MAX: usize = start::PROOFS_MAX / 2;
+
+/// Tries to prove an arrived image CRI does not know yet.
+pub const ARRIVAL_TRIES: u32 = 8;
+/// The wait before an arrived image CRI did not know is tried again the first time.
+pub const ARRIVAL_RETRY: Duration = Duration::from_millis(20);
+/// Most arrived images waiting to be tried again.
+pub const ARRIVALS_WAITING: usize = 256;
+
+/// What [`Enforcer::learn_image`] made of an arrived image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// Proven, or never to be proven here (proven already, proves nothing, containerd silent).
+    Settled,
+    /// CRI does not know the image ID yet: try again later.
+    NotYetKnown,
+}
 
 /// What [`Enforcer::learn_node`] learned.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -76,18 +99,66 @@ impl Enforcer {
         }
     }
 
-    /// Proves image `id` (an image ID CRI knows) from content, as its first start would; nothing
-    /// happens when it is proven already, is not an image ID, or containerd does not answer.
-    pub async fn learn_image(&self, id: &str) {
+    /// Proves image `id` (an image ID CRI knows) from content, as its first start would. Nothing
+    /// is proven when it is proven already, is not an image ID, proves nothing, or containerd does
+    /// not answer ([`Arrival::Settled`]); [`Arrival::NotYetKnown`] when CRI does not know the ID
+    /// (with its repo digests) yet.
+    pub async fn learn_image(&self, id: &str) -> Arrival {
         if !names::is_image_id(id) || self.proofs.knows(id) {
-            return;
+            return Arrival::Settled;
         }
-        if let Ok(proven) = lookup::proven_digests(&self.upstream, id).await {
+        let img = match lookup::image_status(&self.upstream, id).await {
+            Ok(Some(img)) if img.id == id && !img.repo_digests.is_empty() => img,
+            Ok(Some(img)) if img.id != id => return Arrival::Settled,
+            Ok(_) => return Arrival::NotYetKnown,
+            Err(_) => return Arrival::Settled,
+        };
+        if let Ok(proven) =
+            lookup::verified_repo_digests(&self.upstream, id, img.repo_digests).await
+        {
             for rd in &proven {
                 self.proofs.add(id, rd);
             }
             if !proven.is_empty() {
                 tracing::debug!(image_id = %id, repo_digests = ?proven, "proved an arrived image ahead of its first start");
+            }
+        }
+        Arrival::Settled
+    }
+
+    /// Proves the images `arrived` names ([`Enforcer::learn_image`]), one at a time, until the
+    /// sender is gone and nothing waits. CRI's plugin names an image by its ID before its image
+    /// store holds it, so one CRI does not know yet is tried again, [`ARRIVAL_TRIES`] times at
+    /// most, [`ARRIVAL_RETRY`] apart at first and twice as long each time; at most
+    /// [`ARRIVALS_WAITING`] wait at once, and one past that, or never known, is left to its first
+    /// start.
+    pub async fn learn_arrivals(self: Arc<Self>, mut arrived: mpsc::Receiver<String>) {
+        let mut waiting: BinaryHeap<Reverse<(Instant, u32, String)>> = BinaryHeap::new();
+        let mut open = true;
+        loop {
+            let due = waiting.peek().map(|Reverse((at, ..))| *at);
+            let (id, tries) = tokio::select! {
+                got = arrived.recv(), if open => match got {
+                    Some(id) => (id, 0),
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    let Some(Reverse((_, tries, id))) = waiting.pop() else { continue };
+                    (id, tries)
+                }
+                else => return,
+            };
+            if self.learn_image(&id).await == Arrival::NotYetKnown
+                && tries + 1 < ARRIVAL_TRIES
+                && waiting.len() < ARRIVALS_WAITING
+            {
+                let wait = ARRIVAL_RETRY * 2u32.pow(tries);
+                tracing::debug!(image_id = %id, ?wait, "CRI does not know an arrived image yet; trying again");
+                let at = Instant::now() + wait;
+                waiting.push(Reverse((at, tries + 1, id)));
             }
         }
     }

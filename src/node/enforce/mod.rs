@@ -52,7 +52,7 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 use time::OffsetDateTime;
 
-pub use learn::Learned;
+pub use learn::{ARRIVAL_TRIES, Arrival, Learned};
 
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
