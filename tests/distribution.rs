@@ -841,20 +841,25 @@ async fn the_daemon_syncs_from_the_registry_and_answers_its_admin_api() {
         .sign(&standard_bundle(&node.stack, &node.fx, 2), "bundle-v2");
     publish(&v2);
     node.wait_for_bundle(2);
-    let audit = node.audit();
-    assert!(
-        audit
+    // The bundle is in force before the audit record, the sync's status and its counter are
+    // written: each is waited for (a bound, not a timing).
+    let settle = Duration::from_secs(10);
+    support::process::wait_for("the audit record of the synced install", settle, || {
+        node.audit()
             .iter()
-            .any(|r| r["kind"] == "bundle_installed" && r["version"] == 2 && from_channel(r)),
-        "no audit record of the synced install: {audit:?}"
-    );
-    let s = node.status_json();
-    assert_eq!(s["sync"]["synced"]["version"], 2, "{s}");
-    let (_, metrics) = http_get(node.metrics_port, "/metrics");
-    assert!(
-        metrics.contains("pullgate_bundle_sync_rounds_total{result=\"installed\"} 1"),
-        "{metrics}"
-    );
+            .any(|r| r["kind"] == "bundle_installed" && r["version"] == 2 && from_channel(r))
+            .then_some(())
+    });
+    support::process::wait_for("the sync's status", settle, || {
+        let s = node.status_json();
+        (s["sync"]["synced"]["version"] == 2).then_some(())
+    });
+    support::process::wait_for("the sync's counter", settle, || {
+        let (_, metrics) = http_get(node.metrics_port, "/metrics");
+        metrics
+            .contains("pullgate_bundle_sync_rounds_total{result=\"installed\"} 1")
+            .then_some(())
+    });
     let text = cli_ok(["status".as_ref(), "--config".as_ref(), cfg.as_os_str()]);
     assert!(
         text.stdout

@@ -339,6 +339,12 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
     const ARRIVAL: Duration = Duration::from_secs(10);
     let node = Node::start_with("ld-learn", "enforce", lockdown_section);
     wait_watching(&node);
+    // The start-up pass is over: only the watcher's hand-over can prove what arrives now.
+    within("the start-up learning pass", ARRIVAL, || {
+        node.pullgate_log()
+            .contains("learned the pod sandboxes and images containerd holds")
+            .then_some(())
+    });
     let pinned = node.mirror_ref(&node.fx.busybox);
     ctr_ok(&node, &["images", "pull", "--plain-http", &pinned]);
     let mut direct = Cri::connect(&node.stack.containerd.socket).await;
@@ -444,8 +450,11 @@ async fn out_of_band_images_are_removed_unless_in_use_and_classified_at_start() 
         record_for(&node, "out_of_band_image", c)
     });
     assert_eq!(rc["action"], "kept_in_use", "{rc}");
-    let names = image_names(&node);
-    assert!(!names.iter().any(|n| n == b), "{names:?}");
+    // As above, CRI's plugin may re-create a name it was handling as it was removed.
+    let names = within(&format!("{b} gone from containerd"), WITHIN, || {
+        let names = image_names(&node);
+        (!names.iter().any(|n| n == b)).then_some(names)
+    });
     assert!(names.iter().any(|n| n == c), "{names:?}");
     assert!(names.contains(&pinned), "{names:?}");
     // The classification at start: the approved pull (by its private-registry name) is approved.
@@ -460,12 +469,11 @@ async fn out_of_band_images_are_removed_unless_in_use_and_classified_at_start() 
         Some(1.0),
         "only c: {m}"
     );
-    assert_eq!(
+    assert!(
         metric(
             &m,
             "pullgate_out_of_band_removals_total{result=\"removed\"}"
-        ),
-        Some(1.0),
+        ) >= Some(1.0),
         "{m}"
     );
     assert_eq!(

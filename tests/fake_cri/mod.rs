@@ -64,6 +64,8 @@ pub struct Observed {
     pub cancelled: AtomicBool,
     /// Set when a slow call ran to completion.
     pub completed: AtomicBool,
+    /// `ExecSync` calls that reached the fake.
+    pub execs_started: std::sync::atomic::AtomicUsize,
 }
 
 impl Observed {
@@ -264,6 +266,7 @@ impl RuntimeService for FakeCri {
     /// Sleeps `timeout` seconds (the request field), then answers; records cancellation.
     async fn exec_sync(&self, r: TReq<cri::ExecSyncRequest>) -> Res<cri::ExecSyncResponse> {
         let r = r.into_inner();
+        self.observed.execs_started.fetch_add(1, Ordering::SeqCst);
         let mut flag = DropFlag(self.observed.clone(), true);
         tokio::time::sleep(Duration::from_millis(r.timeout as u64)).await;
         flag.1 = false;

@@ -28,7 +28,8 @@ impl Pullgate {
     }
 
     /// Writes `BASE_CONFIG + extra_config` to `<tmp>/pullgate/config.toml`, starts pullgate and waits
-    /// until its socket accepts connections (panics with its log if it exits or times out).
+    /// until it is ready: its socket accepts connections and its pid file names it (panics with its
+    /// log if it exits or times out).
     pub fn start(tmp: &Path, upstream: &Path, extra_config: &str) -> Pullgate {
         let config = Self::configure(tmp, extra_config);
         Self::start_configured(tmp, &config, upstream)
@@ -90,7 +91,10 @@ impl Pullgate {
                     tail(&log, 40)
                 );
             }
-            if UnixStream::connect(&socket).is_ok() {
+            // Ready: the CRI socket accepts, and the pid file (written once every listener is
+            // bound and signals are handled) names this process.
+            let pid_file = std::fs::read_to_string(dir.join("pullgate.pid")).unwrap_or_default();
+            if UnixStream::connect(&socket).is_ok() && pid_file.trim() == proc.pid.to_string() {
                 break;
             }
             if Instant::now() > deadline {

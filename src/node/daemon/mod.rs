@@ -377,8 +377,6 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
     if let Err(e) = api::start(&node) {
         return fail(EXIT_FAILURE, &format!("admin.socket: {e}"));
     }
-    let pid_path = admin::pid_file(&config);
-    let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     let (tx, rx) = mpsc::channel(4);
     if let Err(e) = spawn_signal_handler(tx) {
         return fail(
@@ -386,6 +384,9 @@ async fn run_node(config: Config, config_path: std::path::PathBuf) -> ExitCode {
             &format!("cannot install signal handlers: {e}"),
         );
     }
+    // Last: once the pid file names this process, every listener is bound and signals are handled.
+    let pid_path = admin::pid_file(&config);
+    let _ = std::fs::write(&pid_path, format!("{}\n", std::process::id()));
     notify::notify("READY=1");
     server.run(rx).await;
     let _ = std::fs::remove_file(&pid_path);

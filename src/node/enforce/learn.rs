@@ -52,10 +52,12 @@ use crate::node::proxy::intercept::{ResponseEdit, Verdict};
 /// Most images proven at start.
 const LEARN_IMAGES_MAX: usize = start::PROOFS_MAX / 2;
 
-/// Tries to prove an arrived image CRI does not know yet.
-pub const ARRIVAL_TRIES: u32 = 8;
+/// Tries to prove an arrived image CRI does not know yet (about 6 s in all, see [`arrival_wait`]).
+pub const ARRIVAL_TRIES: u32 = 12;
 /// The wait before an arrived image CRI did not know is tried again the first time.
 pub const ARRIVAL_RETRY: Duration = Duration::from_millis(20);
+/// The longest wait between two tries of an arrived image.
+pub const ARRIVAL_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Most arrived images waiting to be tried again.
 pub const ARRIVALS_WAITING: usize = 256;
 
@@ -128,10 +130,9 @@ impl Enforcer {
 
     /// Proves the images `arrived` names ([`Enforcer::learn_image`]), one at a time, until the
     /// sender is gone and nothing waits. CRI's plugin names an image by its ID before its image
-    /// store holds it, so one CRI does not know yet is tried again, [`ARRIVAL_TRIES`] times at
-    /// most, [`ARRIVAL_RETRY`] apart at first and twice as long each time; at most
-    /// [`ARRIVALS_WAITING`] wait at once, and one past that, or never known, is left to its first
-    /// start.
+    /// store holds it, so one CRI does not know yet is tried again ([`ARRIVAL_TRIES`] tries in
+    /// all, [`arrival_wait`] apart); at most [`ARRIVALS_WAITING`] wait at once, and one past that,
+    /// or never known, is left to its first start.
     pub async fn learn_arrivals(self: Arc<Self>, mut arrived: mpsc::Receiver<String>) {
         let mut waiting: BinaryHeap<Reverse<(Instant, u32, String)>> = BinaryHeap::new();
         let mut open = true;
@@ -155,7 +156,7 @@ impl Enforcer {
                 && tries + 1 < ARRIVAL_TRIES
                 && waiting.len() < ARRIVALS_WAITING
             {
-                let wait = ARRIVAL_RETRY * 2u32.pow(tries);
+                let wait = arrival_wait(tries);
                 tracing::debug!(image_id = %id, ?wait, "CRI does not know an arrived image yet; trying again");
                 let at = Instant::now() + wait;
                 waiting.push(Reverse((at, tries + 1, id)));
@@ -220,4 +221,12 @@ impl Enforcer {
         }
         pods.map(|_| learned)
     }
+}
+
+/// The wait after try `tries` (from 0) of an arrived image CRI did not know: [`ARRIVAL_RETRY`],
+/// twice as long each time, at most [`ARRIVAL_RETRY_MAX`].
+pub fn arrival_wait(tries: u32) -> Duration {
+    ARRIVAL_RETRY
+        .saturating_mul(1u32.checked_shl(tries).unwrap_or(u32::MAX))
+        .min(ARRIVAL_RETRY_MAX)
 }
