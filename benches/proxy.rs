@@ -9,14 +9,15 @@
 //! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
 //! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
 //!
-//! The enforcement part measures `PullImage` and eight kinds of `CreateContainer`: a start whose pod
+//! The enforcement part measures `PullImage` and nine kinds of `CreateContainer`: a start whose pod
 //! sandbox and image decision are both known (the steady state), and starts that each meet something
 //! for the first time. pullgate learns the sandboxes and images containerd holds when it starts, and
 //! every sandbox created through it (`RunPodSandbox`, kubelet's path for every new pod; not timed), so
 //! the rows say where the pod and the image come from: created or pulled through pullgate, held by
 //! containerd before pullgate started, or arrived past pullgate since (the pod looked up with
-//! `PodSandboxStatus`, the image with `ImageStatus` + `Content.Read`). The benchmark waits until
-//! pullgate has learned what containerd held before it adds the rest.
+//! `PodSandboxStatus`; the image from the manifest its pod-spec name pins, `Content.Read`, as
+//! kubelet sends that name — or, without it, with `ImageStatus` + `Content.Read`). The benchmark
+//! waits until pullgate has learned what containerd held before it adds the rest.
 //!
 //! A raw HTTP/2 client (sequential `Version` calls) measures the two modes of pullgate's HTTP/2
 //! fix-up layer: with `localhost` as `:authority` header blocks are handed on as sent, with the socket
@@ -132,16 +133,19 @@ async fn pull(ch: &Channel, image: &str) {
 }
 
 async fn create(ch: &Channel, image: &str) {
-    create_in(ch, "sandbox", image).await;
+    create_in(ch, "sandbox", image, BENCH_USER_IMAGE).await;
 }
 
-async fn create_in(ch: &Channel, pod_sandbox_id: &str, image: &str) {
+/// A start as kubelet makes it: the image by ID, the pod spec's name as `user_specified_image`
+/// (empty: as kubelet before Kubernetes 1.28 and other clients send it).
+async fn create_in(ch: &Channel, pod_sandbox_id: &str, image: &str, user_image: &str) {
     runtime_client(ch.clone())
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod_sandbox_id.into(),
             config: Some(cri::ContainerConfig {
                 image: Some(cri::ImageSpec {
                     image: image.into(),
+                    user_specified_image: user_image.into(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -179,6 +183,8 @@ fn sandbox() -> cri::PodSandboxConfig {
 
 /// The measured image: entry 77,777 of the 100,000-image bundle.
 const BENCH_IMAGE: &str = "docker.io/library/app77777:1.0";
+/// How a pod spec names it.
+const BENCH_USER_IMAGE: &str = "app77777:1.0";
 const BENCH_IMAGE_ID: &str =
     "sha256:b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0";
 const IMAGES: usize = 100_000;
@@ -778,7 +784,7 @@ fn main() {
         images.insert(BENCH_IMAGE_ID.into(), img);
     }
     // Images containerd holds before pullgate starts (pre-pulled), never started: pullgate learns
-    // them at start. Images 0..4n arrive after that (see below).
+    // them at start. Images 0..4n and 5n..6n arrive after that (see below).
     let n = calls as usize;
     let new_image = |i: usize| {
         let id = format!("sha256:{:064x}", 0xc0ffee_u128 * 1_000_000 + i as u128);
@@ -843,7 +849,7 @@ fn main() {
     );
     // What arrives past pullgate after it started: images pre-pulled later, and pods created on
     // containerd's own socket.
-    for i in 0..4 * n {
+    for i in (0..4 * n).chain(5 * n..6 * n) {
         new_image(i);
     }
     for i in 0..2 * n {
@@ -902,55 +908,63 @@ fn main() {
             Run,
             Known(String),
         }
-        // (the pod, the image, the image's index when it is pulled through the build first (not timed))
-        type Start = (Pod, String, Option<usize>);
+        // (the pod, the image, the image's index when it is pulled through the build first (not
+        // timed), the pod spec's name of the image)
+        type Start = (Pod, String, Option<usize>, String);
         let known = |p: String| Pod::Known(p);
-        let once: [(&'static str, Vec<Start>); 7] = [
+        let user = |i: usize| format!("app{i}:1.0");
+        let once: [(&'static str, Vec<Start>); 8] = [
             // First, while the images pullgate learned at its start are all still remembered (at
             // most 4,096 proven images are remembered; the rows below prove 4 × BENCH_CALLS more).
             (
                 "CreateContainer (first start in a pod and of an image containerd held when pullgate started)",
                 (4 * n..5 * n)
-                    .map(|i| (known(format!("old-pod-{}", i - 4 * n)), id(i), None))
+                    .map(|i| (known(format!("old-pod-{}", i - 4 * n)), id(i), None, user(i)))
                     .collect(),
             ),
             (
-                "CreateContainer (image that arrived past pullgate: ImageStatus + Content.Read lookups)",
+                "CreateContainer (image that arrived past pullgate: lookups of the manifest its name pins, Content.Read)",
                 (0..n)
-                    .map(|i| (known("sandbox".into()), id(i), None))
+                    .map(|i| (known("sandbox".into()), id(i), None, user(i)))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (image that arrived past pullgate, no user_specified_image: ImageStatus + Content.Read lookups)",
+                (5 * n..6 * n)
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new()))
                     .collect(),
             ),
             (
                 "CreateContainer (first start in a new pod, image decision cached)",
                 (0..n)
-                    .map(|_| (Pod::Run, BENCH_IMAGE_ID.to_string(), None))
+                    .map(|_| (Pod::Run, BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string()))
                     .collect(),
             ),
             (
-                "CreateContainer (first start in a new pod, image that arrived past pullgate: two lookups)",
-                (n..2 * n).map(|i| (Pod::Run, id(i), None)).collect(),
+                "CreateContainer (first start in a new pod, image that arrived past pullgate: one lookup, Content.Read)",
+                (n..2 * n).map(|i| (Pod::Run, id(i), None, user(i))).collect(),
             ),
             (
                 "CreateContainer (first start in a new pod of an image pullgate just pulled)",
-                (2 * n..3 * n).map(|i| (Pod::Run, id(i), Some(i))).collect(),
+                (2 * n..3 * n).map(|i| (Pod::Run, id(i), Some(i), user(i))).collect(),
             ),
             (
                 "CreateContainer (first start in a pod created past pullgate, decision cached: PodSandboxStatus)",
                 (0..n)
-                    .map(|i| (known(format!("new-pod-{i}")), BENCH_IMAGE_ID.to_string(), None))
+                    .map(|i| (known(format!("new-pod-{i}")), BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string()))
                     .collect(),
             ),
             (
-                "CreateContainer (first start in a pod and of an image, both past pullgate: all three lookups)",
+                "CreateContainer (first start in a pod and of an image, both past pullgate: PodSandboxStatus alongside Content.Read lookups)",
                 (3 * n..4 * n)
-                    .map(|i| (known(format!("new-pod-{}", i - 2 * n)), id(i), None))
+                    .map(|i| (known(format!("new-pod-{}", i - 2 * n)), id(i), None, user(i)))
                     .collect(),
             ),
         ];
         // Every build sees each start for the first time (each has its own caches).
         for (label, starts) in once {
             let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, (pod, image, pulled)) in starts.iter().enumerate() {
+            for (i, (pod, image, pulled, user_image)) in starts.iter().enumerate() {
                 if let Some(app) = pulled {
                     let name = format!("docker.io/library/app{app}:1.0");
                     pull(&via, &name).await;
@@ -974,14 +988,14 @@ fn main() {
                     latencies(&null, Method::Version, 1, &mut rv).await;
                 }
                 let t = Instant::now();
-                create_in(&direct, &pod_v, image).await;
+                create_in(&direct, &pod_v, image, user_image).await;
                 d.push(t.elapsed());
                 let t = Instant::now();
-                create_in(&via, &pod_v, image).await;
+                create_in(&via, &pod_v, image, user_image).await;
                 v.push(t.elapsed());
                 if let Some(b) = &base {
                     let t = Instant::now();
-                    create_in(b, &pod_b, image).await;
+                    create_in(b, &pod_b, image, user_image).await;
                     bl.push(t.elapsed());
                 }
             }

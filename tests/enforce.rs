@@ -1145,6 +1145,92 @@ async fn what_containerd_holds_at_start_is_learned_before_any_start() {
     env.stop().await;
 }
 
+/// kubelet names a container's image by ID and sends the name the user wrote
+/// (`user_specified_image`): the manifest that name pins through the bundle is read first, and when
+/// it describes the image the start needs no `ImageStatus`. A hint that proves nothing, or nothing
+/// this pod may run, is followed by the full lookup — so a forged image is still denied, and an image
+/// allowed by its other repo digests still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_named_by_kubelet_is_proven_from_the_manifest_its_name_pins() {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    env.fake
+        .observed
+        .only_known_images
+        .store(true, Ordering::Relaxed);
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    env.fake
+        .add_sandbox("sb-search", &pod_config("search", &[]));
+    let nginx = put_image(&env.fake, 0xd1, &[pinned("nginx", &digest(3))], &[]);
+    // Claims nginx's approved repo digest by name; its content is another image.
+    let forged = digest(0xd2);
+    env.fake.observed.images.lock().unwrap().insert(
+        forged.clone(),
+        cri::Image {
+            id: forged.clone(),
+            repo_digests: vec![pinned("nginx", &digest(3))],
+            ..Default::default()
+        },
+    );
+    let busybox = put_image(&env.fake, 0xd4, &[pinned("busybox", &digest(1))], &[]);
+    let as_kubelet = |sandbox: &str, id: &str, user_image: &str| {
+        let mut req = create_in(sandbox, id, None);
+        if let Some(spec) = req.config.as_mut().and_then(|c| c.image.as_mut()) {
+            spec.user_specified_image = user_image.to_string();
+        }
+        req
+    };
+    let statuses = || env.fake.observed.image_statuses.lock().unwrap().len();
+    let reads = || env.fake.observed.content_namespaces.lock().unwrap().len();
+    let mut rt = env.runtime().await;
+
+    let (s0, r0) = (statuses(), reads());
+    rt.create_container(as_kubelet("sb-checkout", &nginx, "nginx:1.25"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (statuses(), reads()),
+        (s0, r0 + 1),
+        "proven by reading the manifest nginx:1.25 pins, and nothing else"
+    );
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+
+    let s0 = statuses();
+    let e = rt
+        .create_container(as_kubelet("sb-checkout", &forged, "nginx:1.25"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        statuses(),
+        s0 + 1,
+        "a hint that proves nothing is followed by the lookup"
+    );
+
+    // The same image in a pod whose scope does not approve nginx: the hint proves it, the decision
+    // denies, and the full lookup decides (and denies too).
+    let s0 = statuses();
+    let e = rt
+        .create_container(as_kubelet("sb-search", &nginx, "nginx:1.25"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        statuses(),
+        s0 + 1,
+        "a denial is decided from the full lookup"
+    );
+
+    // A name that pins another image: busybox is allowed by the repo digest containerd reports.
+    let s0 = statuses();
+    rt.create_container(as_kubelet("sb-checkout", &busybox, "nginx:1.25"))
+        .await
+        .unwrap();
+    assert_eq!(statuses(), s0 + 1);
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    env.stop().await;
+}
+
 /// CRI's plugin names an arrived image by its ID before its image store holds it: the arrival is
 /// tried again until CRI knows it, and its first start then asks containerd nothing. One CRI never
 /// comes to know is tried a bounded number of times and left to its start.

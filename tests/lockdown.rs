@@ -398,6 +398,75 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
     cri.remove_all_pods().await;
 }
 
+/// With the watcher off, an approved image that reaches containerd past pullgate is unknown at its
+/// first start. kubelet names it by ID along with the pod spec's name (`user_specified_image`); the
+/// manifest that name pins through the bundle is read from containerd's content store, and proves
+/// it without asking CRI for the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlearned_image_is_proven_from_the_name_kubelet_sends() {
+    if !e2e_enabled("an_unlearned_image_is_proven_from_the_name_kubelet_sends") {
+        return;
+    }
+    // A functional bound, not a timing one.
+    const BOUND: Duration = Duration::from_secs(10);
+    let node = Node::start_with("ld-hint", "enforce", |stack| {
+        format!(
+            "[lockdown]\nwatch = false\ncontainerd_config = \"{}\"\n",
+            stack.containerd.config.display()
+        )
+    });
+    within("the start-up learning pass", BOUND, || {
+        node.pullgate_log()
+            .contains("learned the pod sandboxes and images containerd holds")
+            .then_some(())
+    });
+    let pinned = node.mirror_ref(&node.fx.busybox);
+    ctr_ok(&node, &["images", "pull", "--plain-http", &pinned]);
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let asked = Instant::now();
+    let id = loop {
+        if let Some(img) = direct
+            .image_status(&pinned)
+            .await
+            .ok()
+            .and_then(|r| r.image)
+        {
+            break img.id;
+        }
+        assert!(asked.elapsed() < BOUND, "CRI never took {pinned} in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let cfg = host_pod_config("hinted", "default");
+    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+    must(
+        "CreateContainer",
+        cri.create_container_as_kubelet(&pod, &cfg, "c", &id, "busybox:1.36", &[])
+            .await,
+    );
+    assert!(
+        node.pullgate_log().lines().any(|l| l
+            .contains("proved a start's image from the manifest its name pins")
+            && l.contains(&id)
+            && l.contains(&pinned)),
+        "the start read the manifest busybox:1.36 pins"
+    );
+    assert_eq!(
+        series(&node, "pullgate_start_lookups_total{kind=\"image\"}"),
+        1.0
+    );
+    let starts: Vec<Value> = node
+        .audit()
+        .into_iter()
+        .filter(|r| r["method"] == "CreateContainer")
+        .collect();
+    assert!(
+        starts.len() == 1 && starts[0]["decision"] == "allow",
+        "the start was allowed and audited: {starts:?}"
+    );
+    cri.remove_all_pods().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_band_images_are_removed_unless_in_use_and_classified_at_start() {
     if !e2e_enabled("out_of_band_images_are_removed_unless_in_use_and_classified_at_start") {

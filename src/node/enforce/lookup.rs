@@ -256,6 +256,16 @@ async fn describes(
     Ok(verdict)
 }
 
+/// Whether containerd's content store holds manifest (or index) `digest` describing image
+/// `image_id` (see [`verified_repo_digests`] for why this proof cannot be forged).
+pub async fn content_describes(
+    upstream: &Upstream,
+    digest: &str,
+    image_id: &str,
+) -> Result<bool, Status> {
+    describes(upstream, digest, image_id, &mut HashMap::new()).await
+}
+
 /// Keeps the repo digests that provably belong to image `image_id`.
 ///
 /// CRI's repo digests come from image *names*, and anyone with access to containerd can give any

@@ -58,14 +58,21 @@ struct Target {
     shown: String,
     /// The image volume's index in `ContainerConfig.mounts`; `None` for the container's own image.
     mount: Option<usize>,
+    /// When `image` is an image ID: the name the user wrote (`user_specified_image`, which kubelet
+    /// sends since Kubernetes 1.28). The pinned mirror reference it resolves to through the bundle
+    /// names the manifest that most likely describes the image, checked first by a lookup.
+    hint: Option<String>,
 }
 
 /// What containerd holds under a target's name.
+#[derive(Default)]
 struct Found {
     /// The image ID; `None` when containerd has no such image.
     id: Option<String>,
     /// Its repo digests that are proven from content.
     verified: Vec<String>,
+    /// Proven from the target's hint alone: other repo digests of the image were not looked at.
+    hinted: bool,
 }
 
 /// Allowed start decisions about image IDs, by (image ID, bundle version, pod scope). Only allows
@@ -212,7 +219,7 @@ impl Enforcer {
             .iter()
             .map(|t| self.cached_start(t, bundle.as_deref(), &pod, now))
             .collect();
-        let found = if cached.iter().all(Option::is_some) {
+        let mut found = if cached.iter().all(Option::is_some) {
             Vec::new()
         } else {
             let looked_up = match found {
@@ -230,13 +237,23 @@ impl Enforcer {
             let (d, id) = match cached {
                 Some(d) => (d, Some(t.image.clone())),
                 None => {
-                    let f = &found[i];
+                    let mut f = std::mem::take(&mut found[i]);
+                    let mut d = self.decide_start(t, &f, &pod, now);
+                    if f.hinted && d.verdict != PolicyVerdict::Allow {
+                        // The manifest the user's name pins does not allow this start; what
+                        // containerd knows of the image decides (its other repo digests may).
+                        f = match self.find_image_unhinted(t).await {
+                            Ok(f) => f,
+                            Err(status) => return Verdict::Respond(status),
+                        };
+                        d = self.decide_start(t, &f, &pod, now);
+                    }
                     if let Some(id) = &f.id {
                         for rd in &f.verified {
                             self.proofs.add(id, rd);
                         }
                     }
-                    let d = self.decide_start(t, f, &pod, now);
+                    let f = &f;
                     if d.verdict == PolicyVerdict::Allow {
                         self.cache_start(f.id.as_deref(), bundle.as_deref(), &pod, &d);
                     }
@@ -265,26 +282,31 @@ impl Enforcer {
 
     /// The container's image, then every image volume's.
     fn targets(&self, config: Option<&cri::ContainerConfig>) -> Vec<Target> {
-        let target = |image: &str, shown: String, mount| Target {
-            image: image.to_string(),
-            lookup: self
-                .resolve(image)
-                .map_or_else(|| image.to_string(), |r| r.pull_ref),
-            shown,
-            mount,
+        let target = |spec: &cri::ImageSpec, shown: String, mount| {
+            let image = spec.image.as_str();
+            let hint = (names::is_image_id(image) && !spec.user_specified_image.is_empty())
+                .then(|| spec.user_specified_image.clone());
+            Target {
+                image: image.to_string(),
+                lookup: self
+                    .resolve(image)
+                    .map_or_else(|| image.to_string(), |r| r.pull_ref),
+                shown,
+                mount,
+                hint,
+            }
         };
-        let spec = config.and_then(|c| c.image.as_ref());
-        let image = spec.map_or("", |s| s.image.as_str());
-        let shown = spec
-            .map(|s| s.user_specified_image.as_str())
+        let none = cri::ImageSpec::default();
+        let spec = config.and_then(|c| c.image.as_ref()).unwrap_or(&none);
+        let shown = Some(spec.user_specified_image.as_str())
             .filter(|s| !s.is_empty())
-            .unwrap_or(image)
+            .unwrap_or(&spec.image)
             .to_string();
-        let mut out = vec![target(image, shown, None)];
+        let mut out = vec![target(spec, shown, None)];
         for (i, mount) in config.iter().flat_map(|c| c.mounts.iter()).enumerate() {
             if let Some(img) = mount.image.as_ref().filter(|i| !i.image.is_empty()) {
                 let shown = format!("{} (image volume at {})", img.image, mount.container_path);
-                out.push(target(&img.image, shown, Some(i)));
+                out.push(target(img, shown, Some(i)));
             }
         }
         out
@@ -434,26 +456,46 @@ impl Enforcer {
         Ok(out)
     }
 
+    /// A target named by image ID with a hint is proven from the hint's manifest alone (one
+    /// `Content.Read`, two for an index) when that manifest describes it; otherwise, and for every
+    /// other target, it is looked up in full ([`Enforcer::find_image_unhinted`]).
     async fn find_image(&self, t: &Target) -> Result<Found, Status> {
-        let unavailable = |status: Status| {
-            tracing::warn!(image = ?t.lookup, error = %status.message, "cannot look the container's image up");
-            Status::new(
-                Code::Unavailable,
-                format!(
-                    "pullgate: cannot check image {} before starting the container: {}",
-                    t.shown, status.message
-                ),
-            )
-        };
+        let pinned = t
+            .hint
+            .as_deref()
+            .and_then(|h| self.resolve(h))
+            .map(|r| r.pull_ref);
+        if let Some((hint, digest)) = pinned
+            .as_ref()
+            .and_then(|h| Some((h, h.rsplit_once('@')?.1)))
+        {
+            self.metrics.start_lookup(true);
+            if lookup::content_describes(&self.upstream, digest, &t.image)
+                .await
+                .map_err(|status| unavailable(t, status))?
+            {
+                tracing::debug!(image_id = %t.image, repo_digest = %hint, "proved a start's image from the manifest its name pins");
+                return Ok(Found {
+                    id: Some(t.image.clone()),
+                    verified: vec![hint.clone()],
+                    hinted: true,
+                });
+            }
+            return self.find_image_unhinted(t).await;
+        }
         self.metrics.start_lookup(true);
+        self.find_image_unhinted(t).await
+    }
+
+    /// What containerd holds under the target's name (`ImageStatus`) and which of its repo digests
+    /// its content proves.
+    async fn find_image_unhinted(&self, t: &Target) -> Result<Found, Status> {
+        let unavailable = |status: Status| unavailable(t, status);
         let Some(img) = lookup::image_status(&self.upstream, &t.lookup)
             .await
             .map_err(unavailable)?
         else {
-            return Ok(Found {
-                id: None,
-                verified: Vec::new(),
-            });
+            return Ok(Found::default());
         };
         let verified = lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests)
             .await
@@ -461,6 +503,7 @@ impl Enforcer {
         Ok(Found {
             id: Some(img.id),
             verified,
+            hinted: false,
         })
     }
 
@@ -545,6 +588,18 @@ impl Enforcer {
         self.allowed_starts
             .insert(id, bundle.version, start_key(id, bundle, pod), d.clone());
     }
+}
+
+/// containerd failed a lookup of target `t`: the start is answered `UNAVAILABLE`.
+fn unavailable(t: &Target, status: Status) -> Status {
+    tracing::warn!(image = ?t.lookup, error = %status.message, "cannot look the container's image up");
+    Status::new(
+        Code::Unavailable,
+        format!(
+            "pullgate: cannot check image {} before starting the container: {}",
+            t.shown, status.message
+        ),
+    )
 }
 
 /// Runs `main` to completion while also driving `side`; returns `main`'s output, and `side`'s if it
