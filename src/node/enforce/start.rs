@@ -18,7 +18,10 @@
 //!    makes the image lookups unnecessary.
 //!    An image already proven needs no lookup at all: containerd answered pullgate's pinned pull of
 //!    `repo@digest` with the image's ID, or an earlier start — or pullgate ahead of any start — read
-//!    the manifest ([`ContentProofs`]).
+//!    the manifest ([`ContentProofs`]). One named by ID along with the pod spec's name
+//!    (`user_specified_image`, kubelet's way) is first proven from the manifest that name pins
+//!    through the bundle — one `Content.Read`, no `ImageStatus` — and looked up in full when that
+//!    proves nothing, or nothing this pod may run.
 //! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
 //!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
 //!    name that was never approved is told so (and an approved one is told to be pulled first).
