@@ -1228,6 +1228,36 @@ async fn a_start_named_by_kubelet_is_proven_from_the_manifest_its_name_pins() {
         .unwrap();
     assert_eq!(statuses(), s0 + 1);
     assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+
+    // The hint proves a repo digest this pod's scope does not approve (nginx, payments only), but
+    // the image is also busybox by a digest the organisation approves: the full lookup allows it.
+    let both = put_image(
+        &env.fake,
+        0xd5,
+        &[pinned("nginx", &digest(3)), pinned("busybox", &digest(2))],
+        &[],
+    );
+    let s0 = statuses();
+    rt.create_container(as_kubelet("sb-search", &both, "nginx:1.25"))
+        .await
+        .unwrap();
+    assert_eq!(statuses(), s0 + 1, "decided from the full lookup");
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+
+    // A hint whose manifest cannot be read (here: a blob too large to be one) is only a hint.
+    let other = put_image(&env.fake, 0xd6, &[pinned("busybox", &digest(2))], &[]);
+    env.fake
+        .observed
+        .content
+        .lock()
+        .unwrap()
+        .insert(digest(1), vec![b' '; 5 << 20]);
+    let s0 = statuses();
+    rt.create_container(as_kubelet("sb-checkout", &other, "busybox:1.36"))
+        .await
+        .unwrap();
+    assert_eq!(statuses(), s0 + 1, "looked up in full");
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
     env.stop().await;
 }
 

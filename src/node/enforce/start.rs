@@ -21,7 +21,8 @@
 //!    the manifest ([`ContentProofs`]). One named by ID along with the pod spec's name
 //!    (`user_specified_image`, kubelet's way) is first proven from the manifest that name pins
 //!    through the bundle — one `Content.Read`, no `ImageStatus` — and looked up in full when that
-//!    proves nothing, or nothing this pod may run.
+//!    read fails or proves nothing, or nothing this pod may run. Every image is decided before any
+//!    is recorded, so a lookup that fails leaves no audit record.
 //! 3. **The decision**, per image, for the recorded pod; allowed decisions about image IDs are
 //!    cached. An image name containerd does not hold is decided as a pull of that name would be, so a
 //!    name that was never approved is told so (and an approved one is told to be pulled first).
@@ -179,11 +180,11 @@ impl Enforcer {
             Ok(r) => r,
             Err(e) => return undecodable(methods::CREATE_CONTAINER, e),
         };
-        let targets = self.targets(req.config.as_ref());
-        let shown = &targets[0].shown;
-        let sandbox_id = req.pod_sandbox_id.as_str();
         let now = OffsetDateTime::now_utc();
         let bundle = self.state.usable(now).ok();
+        let targets = self.targets(req.config.as_ref(), bundle.is_some());
+        let shown = &targets[0].shown;
+        let sandbox_id = req.pod_sandbox_id.as_str();
 
         // The pod (unless already known), and meanwhile the images — unless all of them were allowed
         // for some pod already: then the cached decision for this pod's scope likely settles it.
@@ -235,9 +236,10 @@ impl Enforcer {
             }
         };
 
-        let mut pins = Vec::with_capacity(targets.len());
+        // Every image is decided before any is recorded: a lookup that fails leaves no record.
+        let mut decided = Vec::with_capacity(targets.len());
         for (i, (t, cached)) in targets.iter().zip(cached).enumerate() {
-            let (d, id) = match cached {
+            decided.push(match cached {
                 Some(d) => (d, Some(t.image.clone())),
                 None => {
                     let mut f = std::mem::take(&mut found[i]);
@@ -245,6 +247,7 @@ impl Enforcer {
                     if f.hinted && d.verdict != PolicyVerdict::Allow {
                         // The manifest the user's name pins does not allow this start; what
                         // containerd knows of the image decides (its other repo digests may).
+                        self.metrics.start_lookup(true);
                         f = match self.find_image_unhinted(t).await {
                             Ok(f) => f,
                             Err(status) => return Verdict::Respond(status),
@@ -256,13 +259,15 @@ impl Enforcer {
                             self.proofs.add(id, rd);
                         }
                     }
-                    let f = &f;
                     if d.verdict == PolicyVerdict::Allow {
                         self.cache_start(f.id.as_deref(), bundle.as_deref(), &pod, &d);
                     }
-                    (d, f.id.clone())
+                    (d, f.id)
                 }
-            };
+            });
+        }
+        let mut pins = Vec::with_capacity(targets.len());
+        for (t, (d, id)) in targets.iter().zip(decided) {
             self.record(METHOD, &d, &pod, None, started);
             if d.verdict == PolicyVerdict::Deny {
                 return Verdict::Respond(start_denial(&d, &t.shown));
@@ -283,12 +288,14 @@ impl Enforcer {
         }
     }
 
-    /// The container's image, then every image volume's.
-    fn targets(&self, config: Option<&cri::ContainerConfig>) -> Vec<Target> {
+    /// The container's image, then every image volume's; with hints only while the bundle is
+    /// usable (otherwise every start is denied, and a hint would only cost a read).
+    fn targets(&self, config: Option<&cri::ContainerConfig>, usable: bool) -> Vec<Target> {
         let target = |spec: &cri::ImageSpec, shown: String, mount| {
             let image = spec.image.as_str();
-            let hint = (names::is_image_id(image) && !spec.user_specified_image.is_empty())
-                .then(|| spec.user_specified_image.clone());
+            let hint =
+                (usable && names::is_image_id(image) && !spec.user_specified_image.is_empty())
+                    .then(|| spec.user_specified_image.clone());
             Target {
                 image: image.to_string(),
                 lookup: self
@@ -460,8 +467,9 @@ impl Enforcer {
     }
 
     /// A target named by image ID with a hint is proven from the hint's manifest alone (one
-    /// `Content.Read`, two for an index) when that manifest describes it; otherwise, and for every
-    /// other target, it is looked up in full ([`Enforcer::find_image_unhinted`]).
+    /// `Content.Read`, and one more per child read for an index) when that manifest describes it;
+    /// otherwise — also when that read fails — and for every other target, it is looked up in full
+    /// ([`Enforcer::find_image_unhinted`]).
     async fn find_image(&self, t: &Target) -> Result<Found, Status> {
         let pinned = t
             .hint
@@ -473,10 +481,15 @@ impl Enforcer {
             .and_then(|h| Some((h, h.rsplit_once('@')?.1)))
         {
             self.metrics.start_lookup(true);
-            if lookup::content_describes(&self.upstream, digest, &t.image)
-                .await
-                .map_err(|status| unavailable(t, status))?
-            {
+            let proven = match lookup::content_describes(&self.upstream, digest, &t.image).await {
+                Ok(proven) => proven,
+                Err(e) => {
+                    // The hint is optional: the full lookup decides (and reports containerd).
+                    tracing::debug!(image_id = %t.image, repo_digest = %hint, error = %e.message, "could not read the manifest a start's name pins");
+                    false
+                }
+            };
+            if proven {
                 tracing::debug!(image_id = %t.image, repo_digest = %hint, "proved a start's image from the manifest its name pins");
                 return Ok(Found {
                     id: Some(t.image.clone()),
