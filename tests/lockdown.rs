@@ -74,6 +74,33 @@ fn within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T
     }
 }
 
+/// Once pullgate's start-up learning pass is over, `ctr pull`s the busybox fixture's mirror copy on
+/// containerd's own socket and waits (at most `bound`) until CRI's plugin knows it: (the pinned
+/// reference, CRI's image ID).
+async fn pull_past_pullgate(node: &Node, bound: Duration) -> (String, String) {
+    within("the start-up learning pass", bound, || {
+        node.pullgate_log()
+            .contains("learned the pod sandboxes and images containerd holds")
+            .then_some(())
+    });
+    let pinned = node.mirror_ref(&node.fx.busybox);
+    ctr_ok(node, &["images", "pull", "--plain-http", &pinned]);
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let asked = Instant::now();
+    loop {
+        if let Some(img) = direct
+            .image_status(&pinned)
+            .await
+            .ok()
+            .and_then(|r| r.image)
+        {
+            return (pinned, img.id);
+        }
+        assert!(asked.elapsed() < bound, "CRI never took {pinned} in");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The lockdown records (`kind`) of the audit log.
 fn records(node: &Node, kind: &str) -> Vec<Value> {
     node.audit()
@@ -340,27 +367,7 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
     let node = Node::start_with("ld-learn", "enforce", lockdown_section);
     wait_watching(&node);
     // The start-up pass is over: only the watcher's hand-over can prove what arrives now.
-    within("the start-up learning pass", ARRIVAL, || {
-        node.pullgate_log()
-            .contains("learned the pod sandboxes and images containerd holds")
-            .then_some(())
-    });
-    let pinned = node.mirror_ref(&node.fx.busybox);
-    ctr_ok(&node, &["images", "pull", "--plain-http", &pinned]);
-    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
-    let asked = Instant::now();
-    let id = loop {
-        let found = direct
-            .image_status(&pinned)
-            .await
-            .ok()
-            .and_then(|r| r.image);
-        if let Some(img) = found {
-            break img.id;
-        }
-        assert!(asked.elapsed() < ARRIVAL, "CRI never took {pinned} in");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (_, id) = pull_past_pullgate(&node, ARRIVAL).await;
     within("the arrival proven", ARRIVAL, || {
         node.pullgate_log()
             .lines()
@@ -415,27 +422,7 @@ async fn an_unlearned_image_is_proven_from_the_name_kubelet_sends() {
             stack.containerd.config.display()
         )
     });
-    within("the start-up learning pass", BOUND, || {
-        node.pullgate_log()
-            .contains("learned the pod sandboxes and images containerd holds")
-            .then_some(())
-    });
-    let pinned = node.mirror_ref(&node.fx.busybox);
-    ctr_ok(&node, &["images", "pull", "--plain-http", &pinned]);
-    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
-    let asked = Instant::now();
-    let id = loop {
-        if let Some(img) = direct
-            .image_status(&pinned)
-            .await
-            .ok()
-            .and_then(|r| r.image)
-        {
-            break img.id;
-        }
-        assert!(asked.elapsed() < BOUND, "CRI never took {pinned} in");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (pinned, id) = pull_past_pullgate(&node, BOUND).await;
     let mut cri = Cri::connect(&node.pullgate_socket()).await;
     let cfg = host_pod_config("hinted", "default");
     let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
