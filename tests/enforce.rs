@@ -1152,13 +1152,7 @@ async fn what_containerd_holds_at_start_is_learned_before_any_start() {
 /// allowed by its other repo digests still starts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_named_by_kubelet_is_proven_from_the_manifest_its_name_pins() {
-    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    env.fake
-        .observed
-        .only_known_images
-        .store(true, Ordering::Relaxed);
-    env.fake
-        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    let env = env_knowing_only_its_images().await;
     env.fake
         .add_sandbox("sb-search", &pod_config("search", &[]));
     let nginx = put_image(&env.fake, 0xd1, &[pinned("nginx", &digest(3))], &[]);
@@ -1266,13 +1260,7 @@ async fn a_start_named_by_kubelet_is_proven_from_the_manifest_its_name_pins() {
 /// comes to know is tried a bounded number of times and left to its start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arrival_cri_does_not_know_yet_is_proven_once_it_does() {
-    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
-    env.fake
-        .observed
-        .only_known_images
-        .store(true, Ordering::Relaxed);
-    env.fake
-        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    let env = env_knowing_only_its_images().await;
     let (arrive, arrived) = mpsc::channel(4);
     let learner = tokio::spawn(env.node.enforcer.clone().learn_arrivals(arrived));
     let (late, never) = (digest(0xc4), digest(0xc5));
@@ -1319,6 +1307,18 @@ async fn an_arrival_cri_does_not_know_yet_is_proven_once_it_does() {
     );
     assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
     env.stop().await;
+}
+
+/// A node whose fake CRI knows only the images a test puts there, with pod sandbox `sb-checkout`.
+async fn env_knowing_only_its_images() -> Env {
+    let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;
+    env.fake
+        .observed
+        .only_known_images
+        .store(true, Ordering::Relaxed);
+    env.fake
+        .add_sandbox("sb-checkout", &pod_config("checkout", &[]));
+    env
 }
 
 /// An image in the fake store with a manifest in the content store for each repo digest that really

@@ -530,7 +530,7 @@ async fn at_the_connection_cap_the_oldest_idle_one_makes_room() {
         });
     }
     pg.wait_connections(4).await;
-    wait_execs(&fake, 4).await;
+    wait_execs(&fake.observed, 4).await;
     let mut refused = idle_connection(&pg.listen);
     let (types, closed) = frames_until_closed(&mut refused, Duration::from_secs(5));
     assert!(
@@ -919,21 +919,4 @@ async fn an_install_over_the_bundle_size_limit_is_refused_on_its_length() {
     let mut pg = pg;
     pg.stop();
     upstream.stop().await;
-}
-
-/// Waits (at most 10 s) until `n` `ExecSync` calls have reached the fake upstream.
-async fn wait_execs(fake: &FakeCri, n: usize) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fake
-        .observed
-        .execs_started
-        .load(std::sync::atomic::Ordering::SeqCst)
-        < n
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{n} ExecSync calls never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

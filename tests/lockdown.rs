@@ -101,6 +101,21 @@ async fn pull_past_pullgate(node: &Node, bound: Duration) -> (String, String) {
     }
 }
 
+/// Starts the busybox fixture (image `id`) as kubelet does — by ID, with `busybox:1.36` as the pod
+/// spec names it — in a new pod `pod_name` created through pullgate; returns the client, for the
+/// clean-up.
+async fn start_busybox_as_kubelet(node: &Node, pod_name: &str, id: &str) -> Cri {
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let cfg = host_pod_config(pod_name, "default");
+    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+    must(
+        "CreateContainer",
+        cri.create_container_as_kubelet(&pod, &cfg, "c", id, "busybox:1.36", &[])
+            .await,
+    );
+    cri
+}
+
 /// The lockdown records (`kind`) of the audit log.
 fn records(node: &Node, kind: &str) -> Vec<Value> {
     node.audit()
@@ -374,14 +389,7 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
             .any(|l| l.contains("proved an arrived image") && l.contains(&id))
             .then_some(())
     });
-    let mut cri = Cri::connect(&node.pullgate_socket()).await;
-    let cfg = host_pod_config("learned", "default");
-    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
-    must(
-        "CreateContainer",
-        cri.create_container_as_kubelet(&pod, &cfg, "c", &id, "busybox:1.36", &[])
-            .await,
-    );
+    let mut cri = start_busybox_as_kubelet(&node, "learned", &id).await;
     assert_eq!(
         (
             series(&node, "pullgate_start_lookups_total{kind=\"sandbox\"}"),
@@ -423,14 +431,7 @@ async fn an_unlearned_image_is_proven_from_the_name_kubelet_sends() {
         )
     });
     let (pinned, id) = pull_past_pullgate(&node, BOUND).await;
-    let mut cri = Cri::connect(&node.pullgate_socket()).await;
-    let cfg = host_pod_config("hinted", "default");
-    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
-    must(
-        "CreateContainer",
-        cri.create_container_as_kubelet(&pod, &cfg, "c", &id, "busybox:1.36", &[])
-            .await,
-    );
+    let mut cri = start_busybox_as_kubelet(&node, "hinted", &id).await;
     assert!(
         node.pullgate_log().lines().any(|l| l
             .contains("proved a start's image from the manifest its name pins")

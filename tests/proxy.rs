@@ -569,19 +569,7 @@ async fn graceful_shutdown_drains_in_flight_calls() {
         })
         .await
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while fake
-        .observed
-        .execs_started
-        .load(std::sync::atomic::Ordering::SeqCst)
-        < 1
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the call never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_execs(&fake.observed, 1).await;
     let started = std::time::Instant::now();
     let summary = pg.stop().await;
     let resp = slow

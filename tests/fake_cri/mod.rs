@@ -866,6 +866,18 @@ impl tower::Service<http::Request<tonic::body::Body>> for NativeContent {
 }
 
 /// Puts an image manifest with config `image_id` into the fake content store under `digest`.
+/// Waits (at most 10 s) until `n` `ExecSync` calls have reached the fake.
+pub async fn wait_execs(observed: &Observed, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while observed.execs_started.load(Ordering::SeqCst) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{n} ExecSync calls never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn put_manifest(observed: &Observed, digest: &str, image_id: &str) {
     let manifest = serde_json::json!({
         "schemaVersion": 2,

@@ -466,41 +466,39 @@ impl Enforcer {
         Ok(out)
     }
 
-    /// A target named by image ID with a hint is proven from the hint's manifest alone (one
-    /// `Content.Read`, and one more per child read for an index) when that manifest describes it;
-    /// otherwise — also when that read fails — and for every other target, it is looked up in full
-    /// ([`Enforcer::find_image_unhinted`]).
+    /// A target named by image ID with a hint is proven from the hint's manifest alone when that
+    /// manifest describes it ([`Enforcer::proven_by_hint`]); otherwise, and for every other
+    /// target, it is looked up in full ([`Enforcer::find_image_unhinted`]).
     async fn find_image(&self, t: &Target) -> Result<Found, Status> {
-        let pinned = t
-            .hint
-            .as_deref()
-            .and_then(|h| self.resolve(h))
-            .map(|r| r.pull_ref);
-        if let Some((hint, digest)) = pinned
-            .as_ref()
-            .and_then(|h| Some((h, h.rsplit_once('@')?.1)))
-        {
-            self.metrics.start_lookup(true);
-            let proven = match lookup::content_describes(&self.upstream, digest, &t.image).await {
-                Ok(proven) => proven,
-                Err(e) => {
-                    // The hint is optional: the full lookup decides (and reports containerd).
-                    tracing::debug!(image_id = %t.image, repo_digest = %hint, error = %e.message, "could not read the manifest a start's name pins");
-                    false
-                }
-            };
-            if proven {
-                tracing::debug!(image_id = %t.image, repo_digest = %hint, "proved a start's image from the manifest its name pins");
-                return Ok(Found {
-                    id: Some(t.image.clone()),
-                    verified: vec![hint.clone()],
-                    hinted: true,
-                });
-            }
-            return self.find_image_unhinted(t).await;
-        }
         self.metrics.start_lookup(true);
-        self.find_image_unhinted(t).await
+        match self.proven_by_hint(t).await {
+            Some(found) => Ok(found),
+            None => self.find_image_unhinted(t).await,
+        }
+    }
+
+    /// The target's image proven from the manifest its hint pins through the bundle (one
+    /// `Content.Read`, and one more per child read for an index); `None` when there is no such
+    /// hint, or the manifest does not describe the image or cannot be read (the hint is optional:
+    /// the full lookup decides, and reports containerd's failures).
+    async fn proven_by_hint(&self, t: &Target) -> Option<Found> {
+        let pinned = self.resolve(t.hint.as_deref()?)?.pull_ref;
+        let (_, digest) = pinned.rsplit_once('@')?;
+        match lookup::content_describes(&self.upstream, digest, &t.image).await {
+            Ok(true) => {
+                tracing::debug!(image_id = %t.image, repo_digest = %pinned, "proved a start's image from the manifest its name pins");
+                Some(Found {
+                    id: Some(t.image.clone()),
+                    verified: vec![pinned],
+                    hinted: true,
+                })
+            }
+            Ok(false) => None,
+            Err(e) => {
+                tracing::debug!(image_id = %t.image, repo_digest = %pinned, error = %e.message, "could not read the manifest a start's name pins");
+                None
+            }
+        }
     }
 
     /// What containerd holds under the target's name (`ImageStatus`) and which of its repo digests
