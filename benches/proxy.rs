@@ -8,6 +8,10 @@
 //! this benchmark binary re-executed as a process that copies bytes between the client's and the
 //! upstream's unix sockets and does nothing else (no HTTP/2, no routing). Its extra process hop costs
 //! the same socket wake-ups pullgate's does, so "pullgate over relay" isolates what pullgate itself adds.
+//! Beside it, in the passthrough rows, a *frame relay* ([`procs`]) reads HTTP/2 frames and decodes
+//! and re-encodes every header block with pullgate's HPACK decoder, passing everything else as it
+//! came: the floor of a proxy that must read each call's path without HTTP/2 server and client
+//! halves of its own.
 //!
 //! The enforcement part measures `PullImage` and nine kinds of `CreateContainer`: a start whose pod
 //! sandbox and image decision are both known (the steady state), and starts that each meet something
@@ -42,7 +46,9 @@ use std::time::{Duration, Instant};
 
 use fake_cri::*;
 use k8s_cri::v1 as cri;
-use procs::{Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_relay};
+use procs::{
+    Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_frame_relay, start_relay,
+};
 use pullgate::node::enforce::store::BundleStore;
 use pullgate::policy::{PrivateKey, SignatureFile};
 use tonic::transport::Channel;
@@ -563,6 +569,8 @@ fn main() {
 
     let (relay, relay_listen) = start_relay(dir.path(), &upstream_path);
     let relay_pid = relay.0.id();
+    let (frame_relay, frame_listen) = start_frame_relay(dir.path(), &upstream_path);
+    let frame_pid = frame_relay.0.id();
     let baseline = std::env::var_os("BENCH_BASELINE_BIN")
         .filter(|b| !b.is_empty())
         .map(|b| {
@@ -582,6 +590,7 @@ fn main() {
     let summary = rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
         let null = cri_channel(&relay_listen).await;
+        let frames = cri_channel(&frame_listen).await;
         let via = cri_channel(&listen).await;
         let base = match &baseline {
             Some((p, l)) => Some((p.0.id(), cri_channel(l).await)),
@@ -597,13 +606,14 @@ fn main() {
         for (label, m) in passthrough {
             // Warm up every path.
             let mut sink = Vec::new();
-            for ch in [&direct, &null, &via]
+            for ch in [&direct, &null, &frames, &via]
                 .into_iter()
                 .chain(base.as_ref().map(|(_, c)| c))
             {
                 latencies(ch, m, calls / 4, &mut sink).await;
             }
             let (mut d, mut r, mut v, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut f = Vec::new();
             let (mut relay_cpu, mut pg_cpu, mut base_cpu) =
                 (Duration::ZERO, Duration::ZERO, Duration::ZERO);
             for _ in 0..rounds {
@@ -611,6 +621,7 @@ fn main() {
                 let cpu0 = cpu_time(relay_pid);
                 latencies(&null, m, calls, &mut r).await;
                 relay_cpu += cpu_time(relay_pid) - cpu0;
+                latencies(&frames, m, calls, &mut f).await;
                 if let Some((pid, ch)) = &base {
                     let cpu0 = cpu_time(*pid);
                     latencies(ch, m, calls, &mut b).await;
@@ -630,6 +641,7 @@ fn main() {
             let (mut dt, mut rt_, mut vt) = (0.0, 0.0, 0.0);
             let (mut relay_calls, mut relay_cpu) = (0u64, Duration::ZERO);
             let (mut via_calls, mut via_cpu) = (0u64, Duration::ZERO);
+            let (mut frame_calls, mut frame_cpu) = (0u64, Duration::ZERO);
             let (mut bt, mut base_calls, mut base_tcpu) = (0.0, 0u64, Duration::ZERO);
             for _ in 0..throughput_rounds {
                 dt += throughput(&direct, m, 16, secs).await.0;
@@ -638,6 +650,10 @@ fn main() {
                 relay_cpu += cpu_time(relay_pid) - cpu0;
                 relay_calls += n;
                 rt_ += rate;
+                let cpu0 = cpu_time(frame_pid);
+                let (_, n) = throughput(&frames, m, 16, secs).await;
+                frame_cpu += cpu_time(frame_pid) - cpu0;
+                frame_calls += n;
                 if let Some((pid, ch)) = &base {
                     let cpu0 = cpu_time(*pid);
                     let (rate, n) = throughput(ch, m, 16, secs).await;
@@ -686,6 +702,14 @@ fn main() {
                 "  CPU per call: null relay {relay_seq_cpu:.1} µs sequential, {:.1} µs under load | pullgate {pg_seq_cpu:.1} µs sequential, {:.1} µs under load",
                 per_call(relay_cpu, relay_calls),
                 per_call(via_cpu, via_calls)
+            );
+            let f50 = pct(&mut f, 0.5);
+            println!(
+                "  frame relay (decodes and re-encodes every header block): median {f50:7.1} µs (added {:5.1}, {:.2}× the null relay's added); CPU per call under load {:.1} µs ({:.2}× the null relay's)",
+                f50 - seq.direct.0,
+                (f50 - seq.direct.0) / (seq.relay.0 - seq.direct.0).max(0.1),
+                per_call(frame_cpu, frame_calls),
+                per_call(frame_cpu, frame_calls) / per_call(relay_cpu, relay_calls).max(0.1)
             );
             let relay_added = *version_relay_added.get_or_insert(seq.relay.0 - seq.direct.0);
             if matches!(m, Method::Version) {
@@ -758,6 +782,7 @@ fn main() {
     });
     let (mut rows, cpu_under_load) = summary;
     drop(relay);
+    drop(frame_relay);
     drop(baseline);
     drop(pg);
     if real_upstream.is_some() {

@@ -1,8 +1,9 @@
-//! Processes the proxy benchmarks measure against: a real `pullgate serve`, and the null relay (the
+//! Processes the proxy benchmarks measure against: a real `pullgate serve`, the null relay (the
 //! benchmark binary re-executed as a process that only copies bytes between two unix sockets — the
-//! floor any proxy in a separate process pays). Each child is stopped and reaped when dropped, and
-//! reads its own CPU time and memory from /proc. Shared by the proxy and footprint benchmarks
-//! (`#[path]`-included).
+//! floor any proxy in a separate process pays), and the frame relay (the same, reading HTTP/2 frames
+//! and decoding every header block — the floor of a proxy that must read each call's path). Each
+//! child is stopped and reaped when dropped, and reads its own CPU time and memory from /proc. Shared
+//! by the proxy and footprint benchmarks (`#[path]`-included).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +12,8 @@ use std::time::{Duration, Instant};
 /// Environment variable that turns a benchmark binary into the null relay:
 /// `LISTEN_SOCKET:UPSTREAM_SOCKET`.
 const RELAY_ENV: &str = "PULLGATE_BENCH_RELAY";
+/// Set beside [`RELAY_ENV`]: the relay reads frames and decodes header blocks ([`frame_relay`]).
+const FRAMES_ENV: &str = "PULLGATE_BENCH_RELAY_FRAMES";
 
 /// A numeric benchmark setting from the environment, or `default`.
 pub fn setting(name: &str, default: u64) -> u64 {
@@ -127,13 +130,18 @@ fn run_relay(spec: &str) -> ! {
         .enable_io()
         .build()
         .unwrap();
+    let frames = std::env::var_os(FRAMES_ENV).is_some();
     runtime.block_on(async {
         let listener = tokio::net::UnixListener::bind(listen).expect("relay binds");
         while let Ok((mut down, _)) = listener.accept().await {
             let upstream = upstream.to_owned();
             tokio::spawn(async move {
                 if let Ok(mut up) = tokio::net::UnixStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    if frames {
+                        frame_relay::relay(down, up).await;
+                    } else {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
                 }
             });
         }
@@ -143,18 +151,200 @@ fn run_relay(spec: &str) -> ! {
 
 /// Starts the null relay in front of `upstream`, listening on `dir/null-relay.sock`.
 pub fn start_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
-    let listen = dir.join("null-relay.sock");
+    start_relay_process(dir, upstream, false)
+}
+
+/// Starts the frame relay in front of `upstream`, listening on `dir/frame-relay.sock`.
+#[allow(dead_code)]
+pub fn start_frame_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
+    start_relay_process(dir, upstream, true)
+}
+
+fn start_relay_process(dir: &Path, upstream: &Path, frames: bool) -> (Proc, PathBuf) {
+    let (name, what) = match frames {
+        false => ("null-relay.sock", "the null relay"),
+        true => ("frame-relay.sock", "the frame relay"),
+    };
+    let listen = dir.join(name);
     // A relay started before (and stopped) leaves its socket file behind.
     let _ = std::fs::remove_file(&listen);
-    let child = Proc(
-        Command::new(std::env::current_exe().unwrap())
-            .env(
-                RELAY_ENV,
-                format!("{}:{}", listen.display(), upstream.display()),
-            )
-            .spawn()
-            .expect("start the null relay"),
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.env(
+        RELAY_ENV,
+        format!("{}:{}", listen.display(), upstream.display()),
     );
-    wait_for_socket(&listen, "the null relay");
+    if frames {
+        command.env(FRAMES_ENV, "1");
+    }
+    let child = Proc(
+        command
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}")),
+    );
+    wait_for_socket(&listen, what);
     (child, listen)
+}
+
+/// The frame relay: what a proxy that reads every call's path pays at least, without pullgate's
+/// HTTP/2 server and client. One task per connection reads both sockets; every frame passes as it
+/// came — stream IDs, SETTINGS, PINGs, window updates, DATA — except header blocks (HEADERS and its
+/// CONTINUATIONs), which are decoded with pullgate's HPACK decoder (tracking the sender's table) and
+/// sent on re-encoded as literals without indexing, so the receiver's table is never used and what
+/// it decodes is exactly what the relay decoded. Header blocks are not flow-controlled, so the
+/// peers' windows stay true. A baseline, not a proxy: it routes nothing and trusts both peers (a
+/// block it cannot decode ends the connection).
+mod frame_relay {
+    use pullgate::node::proxy::h2fix::hpack::Decoder;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    const PREFACE_LEN: usize = 24;
+    const HEADER_LEN: usize = 9;
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    const PADDED: u8 = 0x8;
+    const PRIORITY: u8 = 0x20;
+    /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may advertise: re-encoded blocks are split at it.
+    const MAX_FRAME: usize = 16384;
+    /// The header list limit of pullgate's server.
+    const MAX_LIST: usize = 64 * 1024;
+
+    /// One direction: the sender's HPACK table and the header block being gathered.
+    struct Direction {
+        decoder: Decoder,
+        request: bool,
+        block: Vec<u8>,
+        /// Stream and END_STREAM flag of the HEADERS frame that opened `block`.
+        opened: Option<(u32, u8)>,
+        copy: Vec<u8>,
+    }
+
+    impl Direction {
+        fn new(request: bool) -> Self {
+            Direction {
+                decoder: Decoder::new(4096),
+                request,
+                block: Vec::new(),
+                opened: None,
+                copy: Vec::new(),
+            }
+        }
+
+        /// Moves every whole frame at the start of `input` to `out`; `Err` for a block that does
+        /// not decode or frames that break the header-block rules.
+        fn pump(&mut self, input: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), ()> {
+            let mut at = 0;
+            while input.len() - at >= HEADER_LEN {
+                let h = &input[at..at + HEADER_LEN];
+                let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                if input.len() - at < HEADER_LEN + len {
+                    break;
+                }
+                let (kind, flags) = (h[3], h[4]);
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                let payload = &input[at + HEADER_LEN..at + HEADER_LEN + len];
+                match (kind, self.opened) {
+                    (HEADERS, None) => {
+                        let mut fragment = payload;
+                        if flags & PADDED != 0 {
+                            let pad = *fragment.first().ok_or(())? as usize;
+                            fragment = fragment
+                                .get(1..fragment.len().checked_sub(pad).ok_or(())?)
+                                .ok_or(())?;
+                        }
+                        if flags & PRIORITY != 0 {
+                            fragment = fragment.get(5..).ok_or(())?;
+                        }
+                        self.block.clear();
+                        self.block.extend_from_slice(fragment);
+                        self.opened = Some((stream, flags & END_STREAM));
+                        if flags & END_HEADERS != 0 {
+                            self.finish(out)?;
+                        }
+                    }
+                    (CONTINUATION, Some((open, _))) if open == stream => {
+                        self.block.extend_from_slice(payload);
+                        if flags & END_HEADERS != 0 {
+                            self.finish(out)?;
+                        }
+                    }
+                    (HEADERS | CONTINUATION, _) | (_, Some(_)) => return Err(()),
+                    _ => out.extend_from_slice(&input[at..at + HEADER_LEN + len]),
+                }
+                at += HEADER_LEN + len;
+            }
+            input.drain(..at);
+            Ok(())
+        }
+
+        /// Decodes the gathered block and writes it re-encoded, in frames of at most [`MAX_FRAME`].
+        fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), ()> {
+            let (stream, end_stream) = self.opened.take().ok_or(())?;
+            self.copy.clear();
+            let inspection = self
+                .decoder
+                .decode(&self.block, self.request, MAX_LIST, false, &mut self.copy)
+                .map_err(|_| ())?;
+            if inspection.overflow {
+                return Err(());
+            }
+            let mut chunks = self.copy.chunks(MAX_FRAME).peekable();
+            let mut kind = HEADERS;
+            let mut flags = end_stream;
+            loop {
+                let chunk = chunks.next().unwrap_or(&[]);
+                if chunks.peek().is_none() {
+                    flags |= END_HEADERS;
+                }
+                out.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
+                out.extend_from_slice(&[kind, flags]);
+                out.extend_from_slice(&stream.to_be_bytes());
+                out.extend_from_slice(chunk);
+                if flags & END_HEADERS != 0 {
+                    return Ok(());
+                }
+                (kind, flags) = (CONTINUATION, 0);
+            }
+        }
+    }
+
+    /// Relays one connection until either side closes or breaks the rules.
+    pub async fn relay(mut down: UnixStream, mut up: UnixStream) {
+        let mut preface = [0u8; PREFACE_LEN];
+        if down.read_exact(&mut preface).await.is_err() || up.write_all(&preface).await.is_err() {
+            return;
+        }
+        let (mut down_rx, mut down_tx) = down.split();
+        let (mut up_rx, mut up_tx) = up.split();
+        let (mut requests, mut responses) = (Direction::new(true), Direction::new(false));
+        let (mut from_down, mut from_up) =
+            (Vec::with_capacity(1 << 16), Vec::with_capacity(1 << 16));
+        let mut out = Vec::with_capacity(1 << 16);
+        loop {
+            // `read_buf` reads into spare capacity only: keep room for a full read.
+            from_down.reserve(1 << 15);
+            from_up.reserve(1 << 15);
+            tokio::select! {
+                r = down_rx.read_buf(&mut from_down) => {
+                    if !matches!(r, Ok(1..)) || requests.pump(&mut from_down, &mut out).is_err() {
+                        return;
+                    }
+                    if up_tx.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+                r = up_rx.read_buf(&mut from_up) => {
+                    if !matches!(r, Ok(1..)) || responses.pump(&mut from_up, &mut out).is_err() {
+                        return;
+                    }
+                    if down_tx.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            out.clear();
+        }
+    }
 }

@@ -26,7 +26,8 @@
 //! every stream the server resets with an error code, named from what the layer decoded for that
 //! stream. Connection errors are reported when hyper's connection ends ([`Report::connection_ended`]).
 
-mod hpack;
+/// Public for the proxy benchmark's frame relay, which decodes with it.
+pub mod hpack;
 mod reader;
 mod watch;
 
