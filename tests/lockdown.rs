@@ -398,11 +398,7 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
         (0.0, 0.0),
         "the pod and the image were known before the start"
     );
-    let starts: Vec<Value> = node
-        .audit()
-        .into_iter()
-        .filter(|r| r["method"] == "CreateContainer")
-        .collect();
+    let starts = audited_starts(&node);
     assert!(
         starts.len() == 1
             && starts[0]["decision"] == "allow"
@@ -411,6 +407,14 @@ async fn an_approved_image_that_arrives_past_pullgate_starts_without_a_lookup() 
         "the start was allowed and audited: {starts:?}"
     );
     cri.remove_all_pods().await;
+}
+
+/// The audit records of container starts.
+fn audited_starts(node: &Node) -> Vec<Value> {
+    node.audit()
+        .into_iter()
+        .filter(|r| r["method"] == "CreateContainer")
+        .collect()
 }
 
 /// With the watcher off, an approved image that reaches containerd past pullgate is unknown at its
@@ -443,11 +447,7 @@ async fn an_unlearned_image_is_proven_from_the_name_kubelet_sends() {
         series(&node, "pullgate_start_lookups_total{kind=\"image\"}"),
         1.0
     );
-    let starts: Vec<Value> = node
-        .audit()
-        .into_iter()
-        .filter(|r| r["method"] == "CreateContainer")
-        .collect();
+    let starts = audited_starts(&node);
     assert!(
         starts.len() == 1 && starts[0]["decision"] == "allow",
         "the start was allowed and audited: {starts:?}"

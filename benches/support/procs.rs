@@ -194,22 +194,14 @@ fn start_relay_process(dir: &Path, upstream: &Path, frames: bool) -> (Proc, Path
 /// peers' windows stay true. A baseline, not a proxy: it routes nothing and trusts both peers (a
 /// block it cannot decode ends the connection).
 mod frame_relay {
+    use pullgate::node::proxy::h2fix::LIMITS;
     use pullgate::node::proxy::h2fix::hpack::Decoder;
+    use pullgate::node::proxy::h2fix::reader::{
+        CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEADER as HEADER_LEN, HEADERS, PADDED,
+        PREFACE_LEN, PRIORITY, put_frames,
+    };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
-
-    const PREFACE_LEN: usize = 24;
-    const HEADER_LEN: usize = 9;
-    const HEADERS: u8 = 0x1;
-    const CONTINUATION: u8 = 0x9;
-    const END_STREAM: u8 = 0x1;
-    const END_HEADERS: u8 = 0x4;
-    const PADDED: u8 = 0x8;
-    const PRIORITY: u8 = 0x20;
-    /// The smallest SETTINGS_MAX_FRAME_SIZE a peer may advertise: re-encoded blocks are split at it.
-    const MAX_FRAME: usize = 16384;
-    /// The header list limit of pullgate's server.
-    const MAX_LIST: usize = 64 * 1024;
 
     /// One direction: the sender's HPACK table and the header block being gathered.
     struct Direction {
@@ -217,14 +209,14 @@ mod frame_relay {
         request: bool,
         block: Vec<u8>,
         /// Stream and END_STREAM flag of the HEADERS frame that opened `block`.
-        opened: Option<(u32, u8)>,
+        opened: Option<(u32, bool)>,
         copy: Vec<u8>,
     }
 
     impl Direction {
         fn new(request: bool) -> Self {
             Direction {
-                decoder: Decoder::new(4096),
+                decoder: Decoder::new(LIMITS.header_table_size),
                 request,
                 block: Vec::new(),
                 opened: None,
@@ -259,7 +251,7 @@ mod frame_relay {
                         }
                         self.block.clear();
                         self.block.extend_from_slice(fragment);
-                        self.opened = Some((stream, flags & END_STREAM));
+                        self.opened = Some((stream, flags & END_STREAM != 0));
                         if flags & END_HEADERS != 0 {
                             self.finish(out)?;
                         }
@@ -279,34 +271,25 @@ mod frame_relay {
             Ok(())
         }
 
-        /// Decodes the gathered block and writes it re-encoded, in frames of at most [`MAX_FRAME`].
+        /// Decodes the gathered block and writes it re-encoded, split into frames every peer takes.
         fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), ()> {
             let (stream, end_stream) = self.opened.take().ok_or(())?;
             self.copy.clear();
             let inspection = self
                 .decoder
-                .decode(&self.block, self.request, MAX_LIST, false, &mut self.copy)
+                .decode(
+                    &self.block,
+                    self.request,
+                    LIMITS.max_header_list_size,
+                    false,
+                    &mut self.copy,
+                )
                 .map_err(|_| ())?;
             if inspection.overflow {
                 return Err(());
             }
-            let mut chunks = self.copy.chunks(MAX_FRAME).peekable();
-            let mut kind = HEADERS;
-            let mut flags = end_stream;
-            loop {
-                let chunk = chunks.next().unwrap_or(&[]);
-                if chunks.peek().is_none() {
-                    flags |= END_HEADERS;
-                }
-                out.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
-                out.extend_from_slice(&[kind, flags]);
-                out.extend_from_slice(&stream.to_be_bytes());
-                out.extend_from_slice(chunk);
-                if flags & END_HEADERS != 0 {
-                    return Ok(());
-                }
-                (kind, flags) = (CONTINUATION, 0);
-            }
+            put_frames(out, stream, end_stream, None, &self.copy);
+            Ok(())
         }
     }
 

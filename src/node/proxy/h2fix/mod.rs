@@ -26,9 +26,9 @@
 //! every stream the server resets with an error code, named from what the layer decoded for that
 //! stream. Connection errors are reported when hyper's connection ends ([`Report::connection_ended`]).
 
-/// Public for the proxy benchmark's frame relay, which decodes with it.
+// Public for the proxy benchmark's frame relay, which decodes and re-frames header blocks with them.
 pub mod hpack;
-mod reader;
+pub mod reader;
 mod watch;
 
 #[cfg(test)]
