@@ -8,10 +8,11 @@
 //!
 //! Design:
 //! - Per kubelet connection, one task and one upstream connection to containerd.
-//! - Every header block is decoded and re-encoded as literals in both directions, so neither
-//!   receiver's HPACK table is used and containerd decodes exactly what pullgate routed on.
+//! - Every header block is decoded and re-encoded as literals in both directions ([`blocks`]), so
+//!   neither receiver's HPACK table is used and containerd decodes exactly what pullgate routed on.
 //! - Stream IDs pass unchanged; refused streams are answered by pullgate and never opened upstream.
 //! - Intercepted calls are answered by pullgate on kubelet's stream; flow control stays the peers'
 //!   own except for the corrections in [`flow`].
 
+pub mod blocks;
 pub mod flow;
