@@ -6,15 +6,9 @@
 //! receiver decodes exactly the fields pullgate decoded and routed on.
 
 use crate::node::proxy::h2fix::hpack::{Decoder, Inspection};
-
-pub const HEADERS: u8 = 0x1;
-pub const CONTINUATION: u8 = 0x9;
-pub const END_STREAM: u8 = 0x1;
-pub const END_HEADERS: u8 = 0x4;
-pub const PADDED: u8 = 0x8;
-pub const PRIORITY: u8 = 0x20;
-/// Every peer accepts frames this large (RFC 9113 §4.2): re-encoded blocks are split at it.
-pub const MIN_MAX_FRAME_SIZE: usize = 16_384;
+use crate::node::proxy::h2fix::reader::{
+    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PADDED, PRIORITY, put_frames,
+};
 
 /// Why a frame breaks the header-block rules (each a connection error, RFC 9113 §6.2, §6.10).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -139,7 +133,7 @@ impl Blocks {
             .map_err(|e| BlockError::Decode(e.to_string()))?;
         let path = path_of(&self.copy);
         let mut frames = Vec::with_capacity(self.copy.len() + 9);
-        put_block(&mut frames, stream, end_stream, &self.copy);
+        put_frames(&mut frames, stream, end_stream, None, &self.copy);
         Ok(Some(Block {
             stream,
             end_stream,
@@ -147,26 +141,6 @@ impl Blocks {
             path,
             inspection,
         }))
-    }
-}
-
-/// Appends `block` as a HEADERS frame and as many CONTINUATION frames as it needs.
-pub fn put_block(out: &mut Vec<u8>, stream: u32, end_stream: bool, block: &[u8]) {
-    let mut chunks = block.chunks(MIN_MAX_FRAME_SIZE).peekable();
-    let (mut kind, mut flags) = (HEADERS, if end_stream { END_STREAM } else { 0 });
-    loop {
-        let chunk = chunks.next().unwrap_or(&[]);
-        if chunks.peek().is_none() {
-            flags |= END_HEADERS;
-        }
-        out.extend_from_slice(&(chunk.len() as u32).to_be_bytes()[1..]);
-        out.extend_from_slice(&[kind, flags]);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(chunk);
-        if flags & END_HEADERS != 0 {
-            return;
-        }
-        (kind, flags) = (CONTINUATION, 0);
     }
 }
 
@@ -305,22 +279,6 @@ mod tests {
             blocks().frame(HEADERS, END_HEADERS, 1, &[0xff, 0x7f]),
             Err(BlockError::Decode(_))
         ));
-    }
-
-    #[test]
-    fn large_blocks_are_split_into_continuations() {
-        let mut out = Vec::new();
-        let block = vec![0u8; MIN_MAX_FRAME_SIZE + 10];
-        put_block(&mut out, 7, false, &block);
-        assert_eq!(&out[..3], &(MIN_MAX_FRAME_SIZE as u32).to_be_bytes()[1..]);
-        assert_eq!((out[3], out[4]), (HEADERS, 0));
-        let second = 9 + MIN_MAX_FRAME_SIZE;
-        assert_eq!(&out[second..second + 3], &[0, 0, 10]);
-        assert_eq!(
-            (out[second + 3], out[second + 4]),
-            (CONTINUATION, END_HEADERS)
-        );
-        assert_eq!(out.len(), 2 * 9 + block.len());
     }
 
     #[test]
