@@ -606,15 +606,34 @@ impl Drop for SlowUpstream {
 
 impl SlowUpstream {
     fn serve(path: &Path, how: Slowness) -> SlowUpstream {
-        use std::sync::atomic::Ordering;
         let listener = tokio::net::UnixListener::bind(path).unwrap();
         let bytes: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let release = Arc::new(tokio::sync::Notify::new());
         let (counted, released) = (bytes.clone(), release.clone());
+        // Every connection is served, as a runtime does (pullgate opens one per client connection
+        // besides the one its intercepted calls share).
         let task = tokio::spawn(async move {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let (counted, released) = (counted.clone(), released.clone());
+                conns.spawn(Self::connection(stream, how, counted, released));
+            }
+        });
+        SlowUpstream {
+            bytes,
+            release,
+            task,
+        }
+    }
+
+    async fn connection(
+        stream: tokio::net::UnixStream,
+        how: Slowness,
+        counted: Arc<std::sync::atomic::AtomicUsize>,
+        released: Arc<tokio::sync::Notify>,
+    ) {
+        use std::sync::atomic::Ordering;
+        {
             let mut conn = h2::server::handshake(stream).await.expect("handshake");
             let mut held = Vec::new();
             while let Some(Ok((req, mut respond))) = conn.accept().await {
@@ -674,11 +693,6 @@ impl SlowUpstream {
                     }
                 }
             }
-        });
-        SlowUpstream {
-            bytes,
-            release,
-            task,
         }
     }
 

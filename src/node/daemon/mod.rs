@@ -121,7 +121,7 @@ impl Server {
             limits,
             reload,
         } = self;
-        let builder = Arc::new(conn::server_builder(&limits));
+        let session_limits = crate::node::proxy::relay::SessionLimits::from_config(&limits);
         let metrics = proxy.metrics().clone();
         let registry = Registry::new(&limits, metrics.clone());
         let log_limiter = LogLimiter::new(LOG_INTERVAL);
@@ -134,7 +134,7 @@ impl Server {
                 accepted = socket.listener.accept() => match accepted {
                     Ok((stream, _)) => match registry.admit() {
                         Ok(tracked) => {
-                            conns.spawn(conn::serve(proxy.clone(), builder.clone(), stream, tracked, stop_rx.clone()));
+                            conns.spawn(conn::serve(proxy.clone(), session_limits.clone(), stream, tracked, stop_rx.clone()));
                         }
                         Err(refused) => {
                             metrics.connection_closed(ConnClose::Refused);

@@ -99,6 +99,16 @@ impl CallRecord {
         self.method
     }
 
+    /// Records the status `code` (a `grpc-status` value) once.
+    pub fn finish_code(&mut self, code: &[u8]) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let code = std::str::from_utf8(code).ok().and_then(|s| s.parse().ok());
+        self.metrics.call(self.method, code.or(Some(2)));
+    }
+
     /// Records the status found in `headers` (response headers of a trailers-only answer, or
     /// trailers); returns whether one was there.
     pub fn finish_from(&mut self, headers: &HeaderMap) -> bool {

@@ -189,10 +189,10 @@ pub fn refuse(stream: UnixStream, reason: &str) {
 /// GOAWAY is disconnected [`CLOSE_GRACE`] later unless a call is still open.
 pub async fn serve(
     proxy: Arc<Proxy>,
-    builder: Arc<http2::Builder<TokioExecutor>>,
+    limits: super::relay::SessionLimits,
     stream: UnixStream,
     tracked: Conn,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     // A connection evicted while it has not even sent the preface goes at once.
     let preface = tokio::select! {
@@ -224,66 +224,7 @@ pub async fn serve(
         }
         Preface::Closed => return,
     }
-    let refusals = proxy.refusals().clone();
-    let (stream, fixes) = H2Fix::new(stream, h2fix::LIMITS, refusals.clone());
-    let state = tracked.state().clone();
-    let service = service_fn(move |req| {
-        // Counted from here until the response body ends or is dropped.
-        let guard = state.open_stream();
-        let proxy = proxy.clone();
-        // Boxed: hyper hands each call's future to a task of its own, and the future (a few KiB:
-        // every path a call can take) was copied about seven times on the way into the task and
-        // back out of it; a box is allocated once and only its pointer moves.
-        Box::pin(async move {
-            let resp = proxy.handle(req).await?;
-            Ok::<_, std::convert::Infallible>(resp.map(|b| Tracked::new(b, guard)))
-        })
-    });
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let mut draining = *shutdown.borrow();
-    // When pullgate started closing this connection (GOAWAY sent).
-    let mut closing: Option<tokio::time::Instant> = None;
-    if draining {
-        conn.as_mut().graceful_shutdown();
-        closing = Some(tokio::time::Instant::now());
-    }
-    loop {
-        let idle_deadline = tracked.idle_deadline().filter(|_| closing.is_none());
-        let busy = tracked.state().open_streams() > 0;
-        let far = tokio::time::Instant::now() + Duration::from_secs(86400);
-        tokio::select! {
-            res = conn.as_mut() => return fixes.connection_ended(res, &refusals),
-            changed = shutdown.changed(), if !draining => {
-                if changed.is_err() || *shutdown.borrow() {
-                    draining = true;
-                    conn.as_mut().graceful_shutdown();
-                    closing.get_or_insert_with(tokio::time::Instant::now);
-                }
-            }
-            _ = tracked.close_requested(), if closing.is_none() => {
-                conn.as_mut().graceful_shutdown();
-                closing = Some(tokio::time::Instant::now());
-            }
-            _ = tokio::time::sleep_until(idle_deadline.unwrap_or(far)), if idle_deadline.is_some() => {
-                // Re-checked: a call may have opened and ended since the deadline was computed.
-                if tracked.idle_deadline().is_some_and(|d| d <= tokio::time::Instant::now()) && tracked.close_idle() {
-                    tracing::debug!(idle_timeout = ?tracked.idle_timeout(), "closing an idle client connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = Some(tokio::time::Instant::now());
-                }
-            }
-            _ = tracked.became_idle(), if busy && closing.is_none() => {}
-            _ = tokio::time::sleep_until(closing.map_or(far, |t| t + CLOSE_GRACE)), if closing.is_some() => {
-                if tracked.state().open_streams() == 0 {
-                    // The client did not finish the GOAWAY exchange and has nothing open: drop it.
-                    return;
-                }
-                // A call is still open: it finishes first (the drain bounds it on stop).
-                closing = Some(tokio::time::Instant::now());
-            }
-        }
-    }
+    super::relay::serve(proxy, limits, stream, tracked, shutdown).await;
 }
 
 #[cfg(test)]

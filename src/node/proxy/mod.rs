@@ -88,6 +88,18 @@ pub fn well_formed_method(path: &str) -> bool {
     ident(service, true) && ident(method, false)
 }
 
+/// Where a call goes, decided on its path alone ([`Proxy::route`]).
+pub enum Route<'a> {
+    /// Not a gRPC method path: answered `UNIMPLEMENTED` by pullgate.
+    Malformed,
+    /// Outside the forwarding reach: answered `PERMISSION_DENIED` by pullgate.
+    Outside,
+    /// Read, decided on and answered or forwarded by pullgate.
+    Intercept(&'a Arc<dyn Handler>),
+    /// Forwarded to containerd as it came.
+    Forward,
+}
+
 /// The proxy: one per daemon, shared by every connection.
 pub struct Proxy {
     upstream: Arc<Upstream>,
@@ -151,50 +163,79 @@ impl Proxy {
         &self.refusals
     }
 
+    /// Where a call on `path` goes: pullgate decides on the path alone.
+    pub fn route(&self, path: &str) -> Route<'_> {
+        if !well_formed_method(path) {
+            return Route::Malformed;
+        }
+        if let Some(handler) = self.intercepts.get(path) {
+            return Route::Intercept(handler);
+        }
+        match self.reach.allows(path) {
+            true => Route::Forward,
+            false => Route::Outside,
+        }
+    }
+
+    /// pullgate's own answer to a call it does not serve ([`Route::Malformed`] or
+    /// [`Route::Outside`]), counted and logged; `path` is shown as sent, bounded.
+    pub fn refuse(&self, route: &Route<'_>, path: &str) -> Status {
+        match route {
+            Route::Malformed => {
+                let shown: String = path.chars().take(200).collect();
+                self.refusals.refuse(
+                    Refusal::BadMethodPath,
+                    format_args!(
+                        "answered UNIMPLEMENTED to a call on {shown:?}, not a gRPC method path"
+                    ),
+                );
+                Status::new(
+                    Code::Unimplemented,
+                    format!(
+                        "pullgate: {shown:?} is not a gRPC method path (/package.Service/Method)"
+                    ),
+                )
+            }
+            _ => {
+                tracing::warn!(path, "refused a call outside the CRI API");
+                Status::new(
+                    Code::PermissionDenied,
+                    format!(
+                        "pullgate: {path} is not part of the CRI API; this socket serves only runtime.v1 \
+                         (containerd's own API can import and run images past every check). Use containerd's \
+                         socket directly, or set server.forward_non_cri = true to forward it"
+                    ),
+                )
+            }
+        }
+    }
+
+    /// A new record for a call on `path`, counted once its status is known.
+    pub fn record(&self, path: &str) -> CallRecord {
+        CallRecord::new(self.metrics.clone(), metrics::method_index(path))
+    }
+
     /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let path = req.uri().path();
-        let method = metrics::method_index(path);
-        let mut record = CallRecord::new(self.metrics.clone(), method);
-        if !well_formed_method(path) {
-            let shown: String = path.chars().take(200).collect();
-            self.refusals.refuse(
-                Refusal::BadMethodPath,
-                format_args!(
-                    "answered UNIMPLEMENTED to a call on {shown:?}, not a gRPC method path"
-                ),
-            );
-            let status = Status::new(
-                Code::Unimplemented,
-                format!("pullgate: {path:?} is not a gRPC method path (/package.Service/Method)"),
-            );
-            return Ok(answer(status, &mut record));
+        let mut record = self.record(path);
+        let route = self.route(path);
+        match route {
+            Route::Intercept(handler) => Ok(self.intercepted(handler.as_ref(), req, record).await),
+            Route::Malformed | Route::Outside => Ok(answer(self.refuse(&route, path), &mut record)),
+            Route::Forward => {
+                let (parts, body) = req.into_parts();
+                Ok(self
+                    .forward(
+                        Request::from_parts(parts, RequestBody::Stream(body)),
+                        record,
+                    )
+                    .await)
+            }
         }
-        if let Some(handler) = self.intercepts.get(path) {
-            return Ok(self.intercepted(handler.as_ref(), req, record).await);
-        }
-        if !self.reach.allows(path) {
-            tracing::warn!(path, "refused a call outside the CRI API");
-            let status = Status::new(
-                Code::PermissionDenied,
-                format!(
-                    "pullgate: {path} is not part of the CRI API; this socket serves only runtime.v1 \
-                     (containerd's own API can import and run images past every check). Use containerd's \
-                     socket directly, or set server.forward_non_cri = true to forward it"
-                ),
-            );
-            return Ok(answer(status, &mut record));
-        }
-        let (parts, body) = req.into_parts();
-        Ok(self
-            .forward(
-                Request::from_parts(parts, RequestBody::Stream(body)),
-                record,
-            )
-            .await)
     }
 
     /// Sends a request to containerd, timing it; the response streams back with `record` attached.
@@ -234,12 +275,18 @@ impl Proxy {
         }
     }
 
-    async fn intercepted(
+    /// An intercepted call: its one request message read (within the body limits), decided on by
+    /// `handler`, then answered, forwarded, or forwarded rewritten.
+    pub async fn intercepted<B>(
         &self,
         handler: &dyn Handler,
-        req: Request<Incoming>,
+        req: Request<B>,
         mut record: CallRecord,
-    ) -> Response<ResponseBody> {
+    ) -> Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let (parts, body) = req.into_parts();
         let method = parts.uri.path();
         // Held until the body has been handed to containerd's connection (it travels with the
@@ -371,11 +418,15 @@ impl Proxy {
     /// announced length reserved in the body budget before the rest is read, all within the read
     /// timeout. A body too short to hold a prefix comes back without a reservation (and is refused
     /// by [`grpc::single_message`]).
-    async fn read_body(
+    async fn read_body<B>(
         &self,
-        mut body: Incoming,
+        mut body: B,
         method: &str,
-    ) -> Result<(Bytes, Option<Reservation>), BodyError> {
+    ) -> Result<(Bytes, Option<Reservation>), BodyError>
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
         let timeout = self.body_limits.read_timeout;
         let mut deadline = tokio::time::Instant::now() + timeout;
         let mut acc = Accumulated::default();
@@ -454,11 +505,15 @@ impl Proxy {
 /// The next non-empty DATA frame of a request body (`None` at its end); request trailers are
 /// skipped (they carry nothing pullgate forwards for unary calls). `Err(None)`: `deadline` passed;
 /// `Err(Some(status))`: the stream broke.
-async fn next_data(
-    body: &mut Incoming,
+async fn next_data<B>(
+    body: &mut B,
     deadline: tokio::time::Instant,
     method: &str,
-) -> Result<Option<Bytes>, Option<Status>> {
+) -> Result<Option<Bytes>, Option<Status>>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(frame)) => frame,

@@ -8,6 +8,7 @@ use crate::node::proxy::refusal::Refusal;
 
 /// The HTTP/2 frame header length.
 pub const FRAME_HEADER: usize = 9;
+pub const DATA_FRAME: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
 pub const RST_STREAM: u8 = 0x3;
 pub const CONTINUATION: u8 = 0x9;

@@ -5,7 +5,7 @@
 //! to be kept in step across the relay, pullgate may drop or answer any stream itself, and the
 //! receiver decodes exactly the fields pullgate decoded and routed on.
 
-use crate::node::proxy::h2fix::hpack::{Decoder, Inspection};
+use crate::node::proxy::h2fix::hpack::{Decoder, Inspection, REPLACEMENT_AUTHORITY, put_literal};
 use crate::node::proxy::h2fix::reader::{
     CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PADDED, PRIORITY, put_frames,
 };
@@ -48,6 +48,8 @@ pub struct Blocks {
     open: Option<(u32, bool)>,
     block: Vec<u8>,
     copy: Vec<u8>,
+    /// The highest stream a client block opened: a block on a higher one is a request's headers.
+    last_opened: u32,
 }
 
 impl Blocks {
@@ -63,12 +65,23 @@ impl Blocks {
             open: None,
             block: Vec::new(),
             copy: Vec::new(),
+            last_opened: 0,
         }
     }
 
     /// Whether a header block is open: until it ends, no other frame may come.
     pub fn is_open(&self) -> bool {
         self.open.is_some()
+    }
+
+    /// The stream whose header block is open.
+    pub fn open_stream(&self) -> Option<u32> {
+        self.open.map(|(s, _)| s)
+    }
+
+    /// The last complete block, re-encoded as literals without indexing (see [`fields`]).
+    pub fn literals(&self) -> &[u8] {
+        &self.copy
     }
 
     /// Checks that a frame of `kind` may come now (one not handled by [`Blocks::frame`]).
@@ -120,19 +133,24 @@ impl Blocks {
             return Ok(None);
         }
         let (stream, end_stream) = self.open.take().expect("a block is open");
+        let opens = self.request && stream > self.last_opened;
+        if opens {
+            self.last_opened = stream;
+        }
         self.copy.clear();
         let inspection = self
             .decoder
-            .decode(
-                &self.block,
-                self.request,
-                self.max_list,
-                false,
-                &mut self.copy,
-            )
+            .decode(&self.block, opens, self.max_list, false, &mut self.copy)
             .map_err(|e| BlockError::Decode(e.to_string()))?;
         let path = path_of(&self.copy);
         let mut frames = Vec::with_capacity(self.copy.len() + 9);
+        if opens && !fields(&self.copy).any(|(n, _)| n == b":authority") {
+            // A request without `:authority` leaves with one, as every gRPC client sends it.
+            let mut with = Vec::with_capacity(self.copy.len() + 24);
+            put_literal(&mut with, b":authority", REPLACEMENT_AUTHORITY);
+            with.extend_from_slice(&self.copy);
+            self.copy = with;
+        }
         put_frames(&mut frames, stream, end_stream, None, &self.copy);
         Ok(Some(Block {
             stream,
@@ -144,26 +162,31 @@ impl Blocks {
     }
 }
 
-/// The `:path` of a block re-encoded as literals without indexing (as the decoder writes them:
-/// literal names, no Huffman coding).
+/// The `:path` of a block re-encoded as literals without indexing.
 fn path_of(literals: &[u8]) -> Option<Vec<u8>> {
+    fields(literals).find_map(|(n, v)| (n == b":path").then(|| v.to_vec()))
+}
+
+/// The fields (name, value) of a block re-encoded as literals without indexing, as the decoder
+/// writes them: literal names, no Huffman coding.
+pub fn fields(literals: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     let mut pos = 0;
-    let string = |pos: &mut usize| -> Option<(usize, usize)> {
-        let len = int7(literals, pos)?;
-        let start = *pos;
-        *pos = pos.checked_add(len).filter(|&e| e <= literals.len())?;
-        Some((start, *pos))
-    };
-    while pos < literals.len() {
+    std::iter::from_fn(move || {
+        let string = |pos: &mut usize| -> Option<&[u8]> {
+            let len = int7(literals, pos)?;
+            let start = *pos;
+            *pos = pos.checked_add(len).filter(|&e| e <= literals.len())?;
+            Some(&literals[start..*pos])
+        };
+        if pos >= literals.len() {
+            return None;
+        }
         // Each field: 0x00, name, value.
         pos += 1;
         let name = string(&mut pos)?;
         let value = string(&mut pos)?;
-        if &literals[name.0..name.1] == b":path" {
-            return Some(literals[value.0..value.1].to_vec());
-        }
-    }
-    None
+        Some((name, value))
+    })
 }
 
 /// An HPACK integer with a 7-bit prefix (RFC 7541 §5.1), as `put_int` writes it.

@@ -16,3 +16,7 @@
 
 pub mod blocks;
 pub mod flow;
+pub mod local;
+pub mod session;
+
+pub use session::{SessionLimits, serve};

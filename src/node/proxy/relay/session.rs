@@ -1,0 +1,1453 @@
+//! One kubelet connection relayed at the frame level to its own connection to containerd.
+//!
+//! One task owns both sockets. Frames are read in batches from either side, looked at, and written
+//! on in one write per batch:
+//! - Header blocks are decoded and re-encoded as literals ([`super::blocks`]); a request's block
+//!   decides its stream's route ([`Proxy::route`]). Forwarded streams keep their IDs upstream;
+//!   every other stream is answered by pullgate on kubelet's connection and never opened upstream
+//!   ([`super::local`] for intercepted calls, a trailers-only answer for refused ones).
+//! - SETTINGS pass both ways with three values capped: the header table sizes (pullgate decodes
+//!   with a 4 KiB table) and, towards kubelet, the concurrent streams and header list size
+//!   pullgate allows. Everything else passes as it came; flow control is the peers' own except
+//!   for the corrections of [`super::flow`].
+//! - pullgate keeps the connection itself: keepalive pings to a silent client, idle closing,
+//!   eviction and shutdown with GOAWAY, and closing when containerd's connection ends (calls in
+//!   flight end `UNAVAILABLE`, the client reconnects).
+//!
+//! Backpressure: a side is not read while the bytes waiting to be written to the other side are
+//! over [`HIGH_WATER`], so a peer that does not read holds back the one that writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::blocks::{Block, BlockError, Blocks};
+use super::flow::{ConnFlow, FlowError, Outgoing, StreamWindow};
+use super::local::{self, Event, Local};
+use crate::node::config::Limits;
+use crate::node::proxy::body::CallRecord;
+use crate::node::proxy::grpc::Status;
+use crate::node::proxy::h2fix::LIMITS;
+use crate::node::proxy::h2fix::hpack::put_literal;
+use crate::node::proxy::h2fix::reader::{
+    CONTINUATION, END_STREAM, FRAME_HEADER, HEADERS, MIN_MAX_FRAME_SIZE, PADDED, PREFACE_LEN,
+    RST_STREAM, put_frames,
+};
+use crate::node::proxy::refusal::Refusal;
+use crate::node::proxy::track::{Conn, StreamGuard};
+use crate::node::proxy::upstream::UpstreamError;
+use crate::node::proxy::{Proxy, Route};
+
+const DATA: u8 = 0x0;
+const PRIORITY_FRAME: u8 = 0x2;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const ACK: u8 = 0x1;
+
+const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
+
+const NO_ERROR: u32 = 0x0;
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+
+/// Bytes waiting for one side past which the other side is not read.
+const HIGH_WATER: usize = 1 << 20;
+/// The largest frame pullgate reads from either side (the largest SETTINGS_MAX_FRAME_SIZE).
+const MAX_FRAME: usize = (1 << 24) - 1;
+/// The largest header block containerd may send (its trailers carry error details).
+const MAX_RESPONSE_BLOCK: usize = 1 << 20;
+/// The payload of pullgate's own keepalive PING, told apart from kubelet's on the ACK.
+const KEEPALIVE_OPAQUE: [u8; 8] = *b"pullgate";
+/// The payload of the PING that follows the first GOAWAY when pullgate closes a connection.
+const CLOSING_OPAQUE: [u8; 8] = *b"pg-close";
+/// The largest stream ID: the first GOAWAY of a graceful close names it (RFC 9113 §6.8).
+const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// After pullgate starts closing a connection itself, how long the client has to go once no call
+/// is open.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A connection error: what kubelet is told in GOAWAY, and the refusal it counts as.
+struct Fatal {
+    code: u32,
+    reason: Option<Refusal>,
+    what: String,
+}
+
+impl Fatal {
+    fn protocol(reason: Refusal, what: impl Into<String>) -> Self {
+        Fatal {
+            code: PROTOCOL_ERROR,
+            reason: Some(reason),
+            what: what.into(),
+        }
+    }
+}
+
+impl From<BlockError> for Fatal {
+    fn from(e: BlockError) -> Self {
+        Fatal::protocol(Refusal::BadHeaderBlock, e.to_string())
+    }
+}
+
+impl From<FlowError> for Fatal {
+    fn from(e: FlowError) -> Self {
+        Fatal {
+            code: FLOW_CONTROL_ERROR,
+            reason: None,
+            what: e.to_string(),
+        }
+    }
+}
+
+/// A stream relayed to containerd.
+struct Forwarded {
+    _guard: StreamGuard,
+    record: CallRecord,
+    started: Instant,
+    client_done: bool,
+    server_done: bool,
+    /// containerd has sent the response's first header block.
+    answered: bool,
+}
+
+/// A stream pullgate answers itself.
+struct Answered {
+    _guard: StreamGuard,
+    local: Local,
+    window: StreamWindow,
+    client_done: bool,
+    /// Request data handed to the call that it has not read yet.
+    unconsumed: u32,
+}
+
+enum Stream {
+    Forwarded(Forwarded),
+    Answered(Answered),
+}
+
+/// The reading half of one side's socket and what was read but not yet taken.
+struct Rx {
+    read: OwnedReadHalf,
+    input: BytesMut,
+}
+
+/// The writing half of one side's socket and what waits to be written.
+struct Tx {
+    write: OwnedWriteHalf,
+    out: Vec<u8>,
+    written: usize,
+}
+
+fn split(stream: UnixStream) -> (Rx, Tx) {
+    let (read, write) = stream.into_split();
+    let rx = Rx {
+        read,
+        input: BytesMut::with_capacity(32 * 1024),
+    };
+    let tx = Tx {
+        write,
+        out: Vec::with_capacity(32 * 1024),
+        written: 0,
+    };
+    (rx, tx)
+}
+
+impl Tx {
+    fn pending(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            if self.out.capacity() > 4 * 1024 * 1024 {
+                self.out = Vec::with_capacity(32 * 1024);
+            }
+        }
+    }
+}
+
+/// The next whole frame at the start of `input`, split off it.
+fn next_frame(input: &mut BytesMut, max: usize) -> Result<Option<Bytes>, usize> {
+    if input.len() < FRAME_HEADER {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([0, input[0], input[1], input[2]]) as usize;
+    if len > max {
+        return Err(len);
+    }
+    if input.len() < FRAME_HEADER + len {
+        input.reserve(FRAME_HEADER + len - input.len());
+        return Ok(None);
+    }
+    Ok(Some(input.split_to(FRAME_HEADER + len).freeze()))
+}
+
+fn head(frame: &[u8]) -> (u8, u8, u32) {
+    let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
+    (frame[3], frame[4], stream)
+}
+
+fn put_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
+    out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+}
+
+fn rst_frame(out: &mut Vec<u8>, stream: u32, code: u32) {
+    put_head(out, 4, RST_STREAM, 0, stream);
+    out.extend_from_slice(&code.to_be_bytes());
+}
+
+fn window_update(out: &mut Vec<u8>, stream: u32, n: u32) {
+    if n > 0 {
+        put_head(out, 4, WINDOW_UPDATE, 0, stream);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+}
+
+fn goaway_frame(out: &mut Vec<u8>, last: u32, code: u32, debug: &[u8]) {
+    put_head(out, 8 + debug.len(), GOAWAY, 0, 0);
+    out.extend_from_slice(&last.to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(debug);
+}
+
+/// The payload of a DATA frame without its padding, and the whole payload length.
+fn data_payload(frame: &Bytes, flags: u8) -> Option<(Bytes, u32)> {
+    let payload = frame.slice(FRAME_HEADER..);
+    let total = payload.len() as u32;
+    if flags & PADDED == 0 {
+        return Some((payload, total));
+    }
+    let pad = *payload.first()? as usize;
+    let end = payload.len().checked_sub(pad)?;
+    (end >= 1).then(|| (payload.slice(1..end), total))
+}
+
+/// The value of the first field named `name` in a block re-encoded as literals.
+pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
+}
+
+/// containerd's header blocks: its table is pullgate's decoder's, which starts afresh with
+/// every connection to containerd.
+fn response_blocks() -> Blocks {
+    Blocks::new(
+        false,
+        LIMITS.header_table_size,
+        MAX_RESPONSE_BLOCK,
+        4 * MAX_RESPONSE_BLOCK,
+    )
+}
+
+/// What kubelet told containerd in SETTINGS that pullgate needs for its own answers.
+struct KubeSettings {
+    initial_window: u32,
+    max_frame: usize,
+}
+
+/// The connection's limits, from `[server.limits]`.
+#[derive(Clone)]
+pub struct SessionLimits {
+    pub max_streams: u32,
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+}
+
+impl SessionLimits {
+    pub fn from_config(limits: &Limits) -> Self {
+        SessionLimits {
+            max_streams: limits.max_streams_per_connection,
+            keepalive_interval: limits.keepalive_interval,
+            keepalive_timeout: limits.keepalive_timeout,
+        }
+    }
+}
+
+struct Session {
+    proxy: Arc<Proxy>,
+    tracked: Conn,
+    limits: SessionLimits,
+    kube_rx: Rx,
+    kube: Tx,
+    up_rx: Option<Rx>,
+    up: Option<Tx>,
+    /// Why containerd cannot be reached, while it cannot.
+    up_error: Option<String>,
+    requests: Blocks,
+    responses: Blocks,
+    /// containerd → kubelet: containerd's frames and pullgate's answers, within kubelet's window.
+    resp_flow: ConnFlow,
+    resp_ready: Vec<Outgoing>,
+    /// kubelet → containerd: kubelet's frames for forwarded streams, within containerd's window.
+    req_flow: ConnFlow,
+    req_ready: Vec<Outgoing>,
+    /// kubelet's SETTINGS as containerd was told them (latest value per setting), replayed to a
+    /// new containerd connection.
+    kube_settings_sent: Vec<(u16, u32)>,
+    /// SETTINGS pullgate replayed to a new containerd connection whose ACK is still due (kubelet
+    /// did not send them, so it must not see their ACK).
+    replayed_unacked: usize,
+    /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
+    /// streams are done.
+    up_draining: bool,
+    streams: HashMap<u32, Stream>,
+    last_stream: u32,
+    kube_settings: KubeSettings,
+
+    /// SETTINGS pullgate sent kubelet itself (without containerd) whose ACK is still due.
+    own_settings_unacked: usize,
+    events_tx: mpsc::UnboundedSender<Event>,
+    /// Closing: since when, and once the client has seen the first GOAWAY, the last stream taken.
+    closing: Option<Closing>,
+    last_read: Instant,
+    ping_sent: Option<Instant>,
+}
+
+/// Serves one kubelet connection whose preface has been checked (not consumed) until either side
+/// ends it, `shutdown` turns true, or pullgate closes it (idle, evicted).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    limits: SessionLimits,
+    kube: UnixStream,
+    tracked: Conn,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let (kube_rx, kube) = split(kube);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let now = Instant::now();
+    let mut s = Session {
+        requests: Blocks::new(
+            true,
+            LIMITS.header_table_size,
+            LIMITS.max_header_list_size,
+            LIMITS.max_header_list_size,
+        ),
+        responses: response_blocks(),
+        proxy,
+        tracked,
+        limits,
+        kube_rx,
+        kube,
+        up_rx: None,
+        up: None,
+        up_error: None,
+        resp_flow: ConnFlow::default(),
+        resp_ready: Vec::new(),
+        req_flow: ConnFlow::default(),
+        req_ready: Vec::new(),
+        kube_settings_sent: Vec::new(),
+        replayed_unacked: 0,
+        up_draining: false,
+        streams: HashMap::new(),
+        last_stream: 0,
+        kube_settings: KubeSettings {
+            initial_window: 65_535,
+            max_frame: MIN_MAX_FRAME_SIZE,
+        },
+        own_settings_unacked: 0,
+        events_tx,
+        closing: None,
+        last_read: now,
+        ping_sent: None,
+    };
+    s.own_settings();
+    let mut preface_left = PREFACE_LEN;
+    if *shutdown.borrow() {
+        s.start_closing();
+    }
+    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    let timer = tokio::time::sleep_until(far);
+    tokio::pin!(timer);
+    let mut wake = far;
+    let mut draining = *shutdown.borrow();
+    loop {
+        let next = s.next_wake().unwrap_or(far);
+        if next != wake {
+            wake = next;
+            timer.as_mut().reset(wake);
+        }
+        let kube_room = s.up.as_ref().map_or(0, Tx::pending) < HIGH_WATER;
+        let up_room = s.kube.pending() < HIGH_WATER;
+        s.kube_rx.input.reserve(16 * 1024);
+        if let Some(up) = &mut s.up_rx {
+            up.input.reserve(16 * 1024);
+        }
+        let up_readable = s.up_rx.is_some();
+        let up_pending = s.up.as_ref().is_some_and(|u| u.pending() > 0);
+        let step = tokio::select! {
+            biased;
+            n = s.kube.write.write(&s.kube.out[s.kube.written..]), if s.kube.pending() > 0 => match n {
+                Ok(n) => { s.kube.wrote(n); Step::Nothing }
+                Err(_) => Step::End,
+            },
+            n = write_up(&mut s.up), if up_pending => match n {
+                Ok(n) => { if let Some(u) = &mut s.up { u.wrote(n) }; Step::Nothing }
+                Err(e) => Step::UpGone(e.to_string()),
+            },
+            // containerd first: what it says (an answer, GOAWAY, its end) decides what becomes of
+            // kubelet's next frames.
+            n = read_up(&mut s.up_rx), if up_room && up_readable => match n {
+                Ok(0) => Step::UpGone("containerd closed the connection".into()),
+                Err(e) => Step::UpGone(e.to_string()),
+                Ok(_) => Step::UpRead,
+            },
+            n = s.kube_rx.read.read_buf(&mut s.kube_rx.input), if kube_room => match n {
+                Ok(0) | Err(_) => Step::End,
+                Ok(_) => Step::KubeRead,
+            },
+            ev = events.recv() => match ev {
+                Some(ev) => Step::Event(ev),
+                None => Step::Nothing,
+            },
+            changed = shutdown.changed(), if !draining => {
+                if changed.is_err() || *shutdown.borrow() {
+                    draining = true;
+                    s.start_closing();
+                }
+                Step::Nothing
+            }
+            _ = s.tracked.close_requested(), if s.closing.is_none() => {
+                s.start_closing();
+                Step::Nothing
+            }
+            _ = &mut timer => Step::Timer,
+        };
+        let result = match step {
+            Step::Nothing => Ok(()),
+            Step::End => break,
+            Step::KubeRead => {
+                s.last_read = Instant::now();
+                s.ping_sent = None;
+                if preface_left > 0 {
+                    let n = preface_left.min(s.kube_rx.input.len());
+                    s.kube_rx.input.advance(n);
+                    preface_left -= n;
+                }
+                s.kube_frames()
+            }
+            Step::UpRead => s.up_frames(),
+            Step::UpGone(why) => {
+                s.upstream_gone(why);
+                Ok(())
+            }
+            Step::Event(ev) => {
+                s.event(ev);
+                while let Ok(ev) = events.try_recv() {
+                    s.event(ev);
+                }
+                Ok(())
+            }
+            Step::Timer => {
+                wake = far;
+                match s.timer() {
+                    true => break,
+                    false => Ok(()),
+                }
+            }
+        };
+        if let Err(fatal) = result {
+            s.fail(fatal).await;
+            break;
+        }
+        s.drop_drained_upstream();
+        s.flush_ready();
+        if s.finished() {
+            s.close_gracefully().await;
+            break;
+        }
+    }
+    for stream in s.streams.values() {
+        if let Stream::Answered(a) = stream {
+            a.local.abort();
+        }
+    }
+}
+
+/// A graceful close (RFC 9113 §6.8): GOAWAY naming the largest stream ID and a PING, then, once
+/// the PING comes back (the client has seen the GOAWAY and opens no more streams), GOAWAY naming
+/// the last stream taken. Streams that crossed the first GOAWAY are still served.
+#[derive(Clone, Copy)]
+struct Closing {
+    since: Instant,
+    last: Option<u32>,
+}
+
+enum Step {
+    Nothing,
+    End,
+    KubeRead,
+    UpRead,
+    UpGone(String),
+    Event(Event),
+    Timer,
+}
+
+async fn write_up(up: &mut Option<Tx>) -> std::io::Result<usize> {
+    match up {
+        Some(u) => u.write.write(&u.out[u.written..]).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn read_up(up: &mut Option<Rx>) -> std::io::Result<usize> {
+    match up {
+        Some(u) => u.read.read_buf(&mut u.input).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    /// pullgate's own SETTINGS, the first frame kubelet gets: the limits pullgate keeps itself.
+    /// containerd's come once a call opens a connection to it ([`Session::up_settings`]).
+    fn own_settings(&mut self) {
+        let entries = [
+            (SETTINGS_MAX_CONCURRENT_STREAMS, self.limits.max_streams),
+            (
+                SETTINGS_MAX_HEADER_LIST_SIZE,
+                LIMITS.max_header_list_size as u32,
+            ),
+        ];
+        put_head(self.kube_ctl(), 6 * entries.len(), SETTINGS, 0, 0);
+        for (id, value) in entries {
+            self.kube_ctl().extend_from_slice(&id.to_be_bytes());
+            self.kube_ctl().extend_from_slice(&value.to_be_bytes());
+        }
+        self.own_settings_unacked += 1;
+    }
+
+    /// Every whole frame kubelet sent.
+    fn kube_frames(&mut self) -> Result<(), Fatal> {
+        loop {
+            let frame = match next_frame(&mut self.kube_rx.input, MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(len) => {
+                    return Err(Fatal {
+                        code: FRAME_SIZE_ERROR,
+                        reason: Some(Refusal::ConnectionError),
+                        what: format!("a frame of {len} bytes"),
+                    });
+                }
+            };
+            self.kube_frame(frame)?;
+        }
+    }
+
+    fn kube_frame(&mut self, frame: Bytes) -> Result<(), Fatal> {
+        let (kind, flags, stream) = head(&frame);
+        if self.requests.is_open() && kind != CONTINUATION {
+            return Err(Fatal::protocol(
+                Refusal::BadHeaderBlock,
+                format!(
+                    "a frame of type {kind} inside the header block of stream {} (only CONTINUATION may follow)",
+                    self.requests.open_stream().unwrap_or(0)
+                ),
+            ));
+        }
+        match kind {
+            HEADERS | CONTINUATION => {
+                if let Some(block) =
+                    self.requests
+                        .frame(kind, flags, stream, &frame[FRAME_HEADER..])?
+                {
+                    self.request_block(block)?;
+                }
+            }
+            DATA => self.kube_data(frame, flags, stream)?,
+            WINDOW_UPDATE => {
+                let inc = frame
+                    .get(FRAME_HEADER..FRAME_HEADER + 4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
+                    .ok_or_else(|| {
+                        Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE")
+                    })?;
+                if stream == 0 {
+                    let pass = self.resp_flow.receiver_update(inc, &mut self.resp_ready)?;
+                    if let Some(out) = self.up_ctl() {
+                        window_update(out, 0, pass);
+                    }
+                } else {
+                    match self.streams.get_mut(&stream) {
+                        Some(Stream::Forwarded(_)) => self.to_up(frame, 0)?,
+                        Some(Stream::Answered(a)) => {
+                            a.window.grow(inc)?;
+                            self.pump(stream);
+                        }
+                        None => {}
+                    }
+                }
+            }
+            SETTINGS => {
+                if flags & ACK != 0 {
+                    if self.own_settings_unacked > 0 {
+                        self.own_settings_unacked -= 1;
+                    } else {
+                        self.to_up(frame, 0)?;
+                    }
+                    return Ok(());
+                }
+                let mut frame = frame.to_vec();
+                self.kube_settings(&mut frame)?;
+                match self.up.is_some() {
+                    true => self.to_up(Bytes::from(frame), 0)?,
+                    false => put_head(self.kube_ctl(), 0, SETTINGS, ACK, 0),
+                }
+            }
+            PING => {
+                if flags & ACK != 0 {
+                    if frame[FRAME_HEADER..] == KEEPALIVE_OPAQUE {
+                        return Ok(());
+                    }
+                    if frame[FRAME_HEADER..] == CLOSING_OPAQUE {
+                        self.final_goaway();
+                        return Ok(());
+                    }
+                    self.to_up(frame, 0)?;
+                } else if self.up.is_some() {
+                    self.to_up(frame, 0)?;
+                } else {
+                    put_head(self.kube_ctl(), 8, PING, ACK, 0);
+                    self.kube_ctl().extend_from_slice(&frame[FRAME_HEADER..]);
+                }
+            }
+            RST_STREAM => match self.streams.remove(&stream) {
+                Some(Stream::Forwarded(_)) => self.to_up(frame, 0)?,
+                Some(Stream::Answered(a)) => self.answered_gone(a),
+                None => {}
+            },
+            GOAWAY => {
+                self.to_up(frame, 0)?;
+                self.start_closing();
+            }
+            PRIORITY_FRAME => {}
+            PUSH_PROMISE => {
+                return Err(Fatal::protocol(
+                    Refusal::ConnectionError,
+                    "a PUSH_PROMISE from a client",
+                ));
+            }
+            // Unknown frame types are ignored (RFC 9113 §4.1).
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A frame for containerd, in order behind any DATA waiting for containerd's window; `len`
+    /// counts a DATA frame's payload (0 for anything else).
+    fn to_up(&mut self, frame: Bytes, len: u32) -> Result<(), Fatal> {
+        if self.up.is_some() {
+            self.req_flow.relayed(frame, len, &mut self.req_ready)?;
+        }
+        Ok(())
+    }
+
+    /// kubelet's SETTINGS: the values pullgate's own answers follow are noted, the header table
+    /// size containerd may use towards pullgate's decoder is capped.
+    fn kube_settings(&mut self, frame: &mut [u8]) -> Result<(), Fatal> {
+        let payload = &mut frame[FRAME_HEADER..];
+        if payload.len() % 6 != 0 {
+            return Err(Fatal {
+                code: FRAME_SIZE_ERROR,
+                reason: Some(Refusal::ConnectionError),
+                what: "a SETTINGS frame whose length is not a multiple of 6".into(),
+            });
+        }
+        for entry in payload.chunks_exact_mut(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            let mut value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            if id == SETTINGS_HEADER_TABLE_SIZE && value as usize > LIMITS.header_table_size {
+                value = LIMITS.header_table_size as u32;
+                entry[2..].copy_from_slice(&value.to_be_bytes());
+            }
+            match self.kube_settings_sent.iter_mut().find(|(i, _)| *i == id) {
+                Some(e) => e.1 = value,
+                None => self.kube_settings_sent.push((id, value)),
+            }
+            match id {
+                SETTINGS_INITIAL_WINDOW_SIZE => {
+                    if i64::from(value) > super::flow::MAX_WINDOW {
+                        return Err(FlowError::WindowOverflow.into());
+                    }
+                    let old = self.kube_settings.initial_window;
+                    self.kube_settings.initial_window = value;
+                    for stream in self.streams.values_mut() {
+                        if let Stream::Answered(a) = stream {
+                            a.window.resize(old, value);
+                        }
+                    }
+                }
+                SETTINGS_MAX_FRAME_SIZE => {
+                    self.kube_settings.max_frame =
+                        (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
+                }
+                _ => {}
+            }
+        }
+        let answered: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s, Stream::Answered(_)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in answered {
+            self.pump(id);
+        }
+        Ok(())
+    }
+
+    /// containerd's SETTINGS: the header table size, concurrent streams and header list size
+    /// capped to pullgate's (kubelet keeps pullgate's for those containerd does not send).
+    fn up_settings(&mut self, frame: &[u8]) -> Result<Vec<u8>, Fatal> {
+        let payload = &frame[FRAME_HEADER..];
+        if payload.len() % 6 != 0 {
+            return Err(Fatal {
+                code: FRAME_SIZE_ERROR,
+                reason: None,
+                what: "containerd sent a SETTINGS frame whose length is not a multiple of 6".into(),
+            });
+        }
+        let max_list = LIMITS.max_header_list_size as u32;
+        let mut out = Vec::with_capacity(payload.len() + 12);
+        for entry in payload.chunks_exact(6) {
+            let id = u16::from_be_bytes([entry[0], entry[1]]);
+            let mut value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
+            match id {
+                SETTINGS_HEADER_TABLE_SIZE => value = value.min(LIMITS.header_table_size as u32),
+                SETTINGS_MAX_CONCURRENT_STREAMS => value = value.min(self.limits.max_streams),
+                SETTINGS_MAX_HEADER_LIST_SIZE => value = value.min(max_list),
+                _ => {}
+            }
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&value.to_be_bytes());
+        }
+        let mut f = Vec::with_capacity(FRAME_HEADER + out.len());
+        put_head(&mut f, out.len(), SETTINGS, 0, 0);
+        f.extend_from_slice(&out);
+        Ok(f)
+    }
+
+    /// A complete header block from kubelet: a new stream's request, or a stream's trailers.
+    fn request_block(&mut self, block: Block) -> Result<(), Fatal> {
+        let stream = block.stream;
+        if stream <= self.last_stream {
+            // Trailers of an open stream.
+            match self.streams.get_mut(&stream) {
+                Some(Stream::Forwarded(f)) => {
+                    f.client_done |= block.end_stream;
+                    self.to_up_block(block)?;
+                    self.maybe_close(stream);
+                }
+                Some(Stream::Answered(a)) => {
+                    a.client_done |= block.end_stream;
+                    if block.end_stream {
+                        a.local.end_body();
+                    }
+                    self.maybe_close(stream);
+                }
+                None => {}
+            }
+            return Ok(());
+        }
+        if stream % 2 == 0 {
+            return Err(Fatal::protocol(
+                Refusal::ConnectionError,
+                format!("a request on the even stream {stream}"),
+            ));
+        }
+        self.last_stream = stream;
+        let insp = block.inspection;
+        if let Some(fault) = insp.fault {
+            return self.refuse_block(stream, fault);
+        }
+        if let Some(Closing {
+            last: Some(last), ..
+        }) = self.closing
+        {
+            if stream > last {
+                rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+                return Ok(());
+            }
+        }
+        if self.streams.len() >= self.limits.max_streams as usize {
+            self.proxy.refusals().refuse(
+                Refusal::StreamRefused,
+                format_args!(
+                    "refused stream {stream}: {} calls are open on the connection (server.limits.max_streams_per_connection)",
+                    self.streams.len()
+                ),
+            );
+            rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+            return Ok(());
+        }
+        let path = block.path.clone().unwrap_or_default();
+        let path = std::str::from_utf8(&path).unwrap_or("");
+        let proxy = self.proxy.clone();
+        let route = proxy.route(path);
+        let guard = self.tracked.state().open_stream();
+        match route {
+            Route::Forward if self.upstream_ready() => {
+                let end_stream = block.end_stream;
+                self.to_up_block(block)?;
+                self.streams.insert(
+                    stream,
+                    Stream::Forwarded(Forwarded {
+                        _guard: guard,
+                        record: proxy.record(path),
+                        started: Instant::now(),
+                        client_done: end_stream,
+                        server_done: false,
+                        answered: false,
+                    }),
+                );
+            }
+            Route::Forward => {
+                let why = self.up_error.clone().unwrap_or_default();
+                let status = Status::new(
+                    crate::node::proxy::grpc::Code::Unavailable,
+                    format!("pullgate: {why}"),
+                );
+                let mut record = proxy.record(path);
+                record.finish_code(status.code.as_str().as_bytes());
+                self.answer_status(stream, &status, !block.end_stream);
+                drop(guard);
+            }
+            Route::Malformed | Route::Outside => {
+                let status = proxy.refuse(&route, path);
+                let mut record = proxy.record(path);
+                record.finish_code(status.code.as_str().as_bytes());
+                self.answer_status(stream, &status, !block.end_stream);
+                drop(guard);
+            }
+            Route::Intercept(handler) => {
+                let local = local::spawn(
+                    proxy.clone(),
+                    handler.clone(),
+                    stream,
+                    self.requests.literals(),
+                    path,
+                    block.end_stream,
+                    self.events_tx.clone(),
+                );
+                match local {
+                    Ok(local) => {
+                        self.streams.insert(
+                            stream,
+                            Stream::Answered(Answered {
+                                _guard: guard,
+                                local,
+                                window: StreamWindow::new(self.kube_settings.initial_window),
+                                client_done: block.end_stream,
+                                unconsumed: 0,
+                            }),
+                        );
+                    }
+                    Err(fault) => {
+                        drop(guard);
+                        return self.refuse_block(stream, fault);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A request block the HTTP/2 rules refuse: the stream is reset, or for a header field with
+    /// bytes HTTP/2 does not allow, the connection is closed (as `h2` does).
+    fn refuse_block(&mut self, stream: u32, fault: Refusal) -> Result<(), Fatal> {
+        let what = format!("a request on stream {stream}");
+        match fault {
+            Refusal::InvalidHeader | Refusal::BadHeaderBlock => Err(Fatal::protocol(
+                fault,
+                format!("{what} with a header field HTTP/2 does not allow"),
+            )),
+            Refusal::HeaderListTooLarge => {
+                self.proxy.refusals().refuse(
+                    fault,
+                    format_args!(
+                        "reset {what}: its header list is over the {}-byte limit",
+                        LIMITS.max_header_list_size
+                    ),
+                );
+                rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+                Ok(())
+            }
+            _ => {
+                self.proxy.refusals().refuse(
+                    fault,
+                    format_args!("reset {what} with PROTOCOL_ERROR ({fault})"),
+                );
+                rst_frame(self.kube_ctl(), stream, PROTOCOL_ERROR);
+                Ok(())
+            }
+        }
+    }
+
+    fn to_up_block(&mut self, block: Block) -> Result<(), Fatal> {
+        self.to_up(Bytes::from(block.frames), 0)
+    }
+
+    /// A trailers-only answer from pullgate; `reset` when the client may still be sending.
+    fn answer_status(&mut self, stream: u32, status: &Status, reset: bool) {
+        let mut block = Vec::with_capacity(64 + status.message.len());
+        put_literal(&mut block, b":status", b"200");
+        put_literal(&mut block, b"content-type", b"application/grpc");
+        let mut trailers = http::HeaderMap::new();
+        status.insert_into(&mut trailers);
+        for (name, value) in &trailers {
+            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let mut frames = Vec::with_capacity(block.len() + 2 * FRAME_HEADER + 4);
+        put_frames(&mut frames, stream, true, None, &block);
+        if reset {
+            rst_frame(&mut frames, stream, NO_ERROR);
+        }
+        self.resp_flow.own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+    }
+
+    fn kube_data(&mut self, frame: Bytes, flags: u8, stream: u32) -> Result<(), Fatal> {
+        let end = flags & END_STREAM != 0;
+        let Some((data, total)) = data_payload(&frame, flags) else {
+            return Err(Fatal::protocol(
+                Refusal::ConnectionError,
+                format!("a DATA frame on stream {stream} with more padding than payload"),
+            ));
+        };
+        match self.streams.get_mut(&stream) {
+            Some(Stream::Forwarded(f)) => {
+                f.client_done |= end;
+                self.to_up(frame, total)?;
+                if end {
+                    self.maybe_close(stream);
+                }
+            }
+            Some(Stream::Answered(a)) => {
+                // Padding is given back at once, the data once the handler has read it (or at once
+                // if the call no longer reads).
+                let padding = total - data.len() as u32;
+                let (conn, own) = match a.client_done {
+                    true => (total, 0),
+                    false => {
+                        a.client_done = end;
+                        a.unconsumed += data.len() as u32;
+                        a.local.body(data);
+                        if end {
+                            a.local.end_body();
+                        }
+                        (padding, padding)
+                    }
+                };
+                window_update(self.kube_ctl(), 0, conn);
+                window_update(self.kube_ctl(), stream, own);
+            }
+            // A stream already closed (reset, answered): its data is given back and dropped.
+            None => window_update(self.kube_ctl(), 0, total),
+        }
+        Ok(())
+    }
+
+    /// Every whole frame containerd sent.
+    fn up_frames(&mut self) -> Result<(), Fatal> {
+        loop {
+            let Some(up) = &mut self.up_rx else {
+                return Ok(());
+            };
+            let frame = match next_frame(&mut up.input, MAX_FRAME) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(len) => {
+                    self.upstream_gone(format!("containerd sent a frame of {len} bytes"));
+                    return Ok(());
+                }
+            };
+            if let Err(e) = self.up_frame(frame) {
+                self.upstream_gone(format!("containerd broke the protocol: {}", e.what));
+                return Ok(());
+            }
+        }
+    }
+
+    fn up_frame(&mut self, frame: Bytes) -> Result<(), Fatal> {
+        let (kind, flags, stream) = head(&frame);
+        if self.responses.is_open() && kind != CONTINUATION {
+            return Err(BlockError::Interleaved(kind).into());
+        }
+        match kind {
+            DATA => {
+                let len = (frame.len() - FRAME_HEADER) as u32;
+                if flags & END_STREAM != 0 {
+                    if let Some(Stream::Forwarded(f)) = self.streams.get_mut(&stream) {
+                        f.server_done = true;
+                    }
+                    self.resp_flow.relayed(frame, len, &mut self.resp_ready)?;
+                    self.maybe_close(stream);
+                } else {
+                    self.resp_flow.relayed(frame, len, &mut self.resp_ready)?;
+                }
+            }
+            HEADERS | CONTINUATION => {
+                if let Some(block) =
+                    self.responses
+                        .frame(kind, flags, stream, &frame[FRAME_HEADER..])?
+                {
+                    self.response_block(block)?;
+                }
+            }
+            SETTINGS if flags & ACK != 0 && self.replayed_unacked > 0 => {
+                self.replayed_unacked -= 1;
+            }
+            WINDOW_UPDATE if stream == 0 => {
+                let inc = frame
+                    .get(FRAME_HEADER..FRAME_HEADER + 4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
+                    .ok_or_else(|| Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE"))?;
+                let pass = self.req_flow.receiver_update(inc, &mut self.req_ready)?;
+                window_update(self.kube_ctl(), 0, pass);
+            }
+            SETTINGS if flags & ACK == 0 => {
+                let f = self.up_settings(&frame)?;
+                self.resp_ready.push(Outgoing {
+                    frame: Bytes::from(f),
+                    len: 0,
+                    own: false,
+                });
+            }
+            GOAWAY => {
+                // containerd takes no new streams on this connection. Streams it did not take end
+                // UNAVAILABLE (they were not processed; the client may retry); the others finish,
+                // then the connection is dropped and the next call opens a new one.
+                let last = frame.get(FRAME_HEADER..FRAME_HEADER + 4).map_or(0, |b| {
+                    u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
+                });
+                let unprocessed: Vec<u32> = self
+                    .streams
+                    .iter()
+                    .filter(|(id, s)| **id > last && matches!(s, Stream::Forwarded(_)))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in unprocessed {
+                    self.end_forwarded(id, "containerd is going away and did not take the call");
+                }
+                self.up_draining = true;
+                self.up_error = Some(format!(
+                    "the upstream runtime at {} is closing its connection (GOAWAY); retry",
+                    self.proxy.upstream().name()
+                ));
+            }
+            PUSH_PROMISE => {
+                return Err(Fatal::protocol(Refusal::ConnectionError, "a PUSH_PROMISE"));
+            }
+            RST_STREAM => {
+                self.streams.remove(&stream);
+                self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+            }
+            _ => self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?,
+        }
+        Ok(())
+    }
+
+    fn response_block(&mut self, block: Block) -> Result<(), Fatal> {
+        let stream = block.stream;
+        if let Some(Stream::Forwarded(f)) = self.streams.get_mut(&stream) {
+            if !f.answered {
+                f.answered = true;
+                self.proxy
+                    .metrics()
+                    .upstream_latency(f.record.method(), f.started.elapsed());
+            }
+            if let Some(code) = field(self.responses.literals(), b"grpc-status") {
+                f.record.finish_code(code);
+            }
+            f.server_done |= block.end_stream;
+        }
+        let end = block.end_stream;
+        self.resp_flow
+            .relayed(Bytes::from(block.frames), 0, &mut self.resp_ready)?;
+        if end {
+            self.maybe_close(stream);
+        }
+        Ok(())
+    }
+
+    /// A forwarded stream containerd will not finish: ended `UNAVAILABLE` (or reset if its
+    /// response has begun... with trailers, which may follow data) and reset upstream.
+    fn end_forwarded(&mut self, stream: u32, why: &str) {
+        let Some(Stream::Forwarded(mut f)) = self.streams.remove(&stream) else {
+            return;
+        };
+        let status = Status::new(
+            crate::node::proxy::grpc::Code::Unavailable,
+            format!(
+                "pullgate: the connection to the upstream runtime at {} broke during the call: {why}",
+                self.proxy.upstream().name()
+            ),
+        );
+        f.record.finish_code(status.code.as_str().as_bytes());
+        if let Some(out) = self.up_ctl() {
+            rst_frame(out, stream, CANCEL);
+        }
+        let mut block = Vec::with_capacity(64 + status.message.len());
+        if !f.answered {
+            put_literal(&mut block, b":status", b"200");
+            put_literal(&mut block, b"content-type", b"application/grpc");
+        }
+        let mut trailers = http::HeaderMap::new();
+        status.insert_into(&mut trailers);
+        for (name, value) in &trailers {
+            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let mut frames = Vec::new();
+        put_frames(&mut frames, stream, true, None, &block);
+        if !f.client_done {
+            rst_frame(&mut frames, stream, NO_ERROR);
+        }
+        self.resp_flow.own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+    }
+
+    /// containerd's connection ended: calls on it end `UNAVAILABLE`; kubelet's connection stays,
+    /// and its next forwarded call opens a new one ([`Session::upstream_ready`]).
+    fn upstream_gone(&mut self, why: String) {
+        tracing::debug!(reason = %why, "the connection to containerd ended");
+        let open: Vec<u32> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(s, Stream::Forwarded(_)))
+            .map(|(id, _)| *id)
+            .collect();
+        self.up = None;
+        self.up_rx = None;
+        for id in open {
+            self.end_forwarded(id, &why);
+        }
+        self.req_flow.clear();
+        self.req_ready.clear();
+        self.up_draining = false;
+        self.replayed_unacked = 0;
+        self.responses = response_blocks();
+        self.up_error = Some(format!(
+            "the connection to the upstream runtime at {} ended: {why}",
+            self.proxy.upstream().name()
+        ));
+    }
+
+    /// Whether a forwarded call can go to containerd now: over the open connection, or a new one
+    /// opened in place of one that ended (replaying kubelet's SETTINGS and settling both
+    /// connection windows, [`ConnFlow::new_receiver`], [`ConnFlow::new_sender`]).
+    fn upstream_ready(&mut self) -> bool {
+        if self.up_draining {
+            return false;
+        }
+        if self.up.is_some() {
+            return true;
+        }
+        let path = self.proxy.upstream().path();
+        // A unix-socket connect completes or fails at once (it waits only on a full backlog).
+        let stream = std::os::unix::net::UnixStream::connect(path)
+            .and_then(|s| s.set_nonblocking(true).map(|()| s))
+            .and_then(UnixStream::from_std);
+        let stream = match stream {
+            Ok(s) => s,
+            Err(source) => {
+                let e = UpstreamError::Connect {
+                    path: path.to_path_buf(),
+                    source,
+                };
+                self.up_error = Some(e.to_string());
+                return false;
+            }
+        };
+        let (rx, mut tx) = split(stream);
+        tx.out.extend_from_slice(crate::node::proxy::conn::PREFACE);
+        put_head(&mut tx.out, 6 * self.kube_settings_sent.len(), SETTINGS, 0, 0);
+        for (id, value) in &self.kube_settings_sent {
+            tx.out.extend_from_slice(&id.to_be_bytes());
+            tx.out.extend_from_slice(&value.to_be_bytes());
+        }
+        self.replayed_unacked = 1;
+        let to_kube = self.req_flow.new_receiver(super::flow::INITIAL_WINDOW);
+        window_update(self.kube_ctl(), 0, to_kube);
+        let to_up = self.resp_flow.new_sender(super::flow::INITIAL_WINDOW);
+        window_update(&mut tx.out, 0, to_up);
+        tracing::debug!("opened a new connection to containerd for a client connection");
+        self.up = Some(tx);
+        self.up_rx = Some(rx);
+        self.up_error = None;
+        true
+    }
+
+    /// Drops containerd's connection once it has said GOAWAY and its last stream is done.
+    fn drop_drained_upstream(&mut self) {
+        if self.up_draining
+            && !self
+                .streams
+                .values()
+                .any(|s| matches!(s, Stream::Forwarded(_)))
+        {
+            self.upstream_gone("containerd closed the connection (GOAWAY)".into());
+        }
+    }
+
+    /// What a local task reported for its stream.
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Consumed { stream, n } => {
+                // Read after the call ended: already given back by `answered_gone`.
+                let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
+                    return;
+                };
+                a.unconsumed -= n;
+                let own = if a.client_done { 0 } else { n };
+                window_update(self.kube_ctl(), 0, n);
+                window_update(self.kube_ctl(), stream, own);
+            }
+            Event::Out { stream, out } => {
+                if let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) {
+                    a.local.push(out);
+                    self.pump(stream);
+                }
+            }
+        }
+    }
+
+    /// Sends what a local stream's answer has ready, as far as kubelet's windows allow.
+    fn pump(&mut self, stream: u32) {
+        let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
+            return;
+        };
+        let max_frame = self.kube_settings.max_frame;
+        let done = a
+            .local
+            .drain(stream, &mut a.window, max_frame, |frame, len| {
+                self.resp_flow.own_data(frame, len, &mut self.resp_ready);
+            });
+        if done {
+            let client_done = a.client_done;
+            if !client_done {
+                let mut f = Vec::new();
+                rst_frame(&mut f, stream, NO_ERROR);
+                self.resp_flow.own_data(Bytes::from(f), 0, &mut self.resp_ready);
+            }
+            if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
+                self.answered_gone(a);
+            }
+        }
+    }
+
+    /// A call pullgate answered is over: its task stops, and request data it never read is given
+    /// back to kubelet's connection window.
+    fn answered_gone(&mut self, a: Answered) {
+        a.local.abort();
+        window_update(self.kube_ctl(), 0, a.unconsumed);
+    }
+
+    /// Removes a forwarded stream both sides have finished.
+    fn maybe_close(&mut self, stream: u32) {
+        let done = match self.streams.get(&stream) {
+            Some(Stream::Forwarded(f)) => f.client_done && f.server_done,
+            _ => false,
+        };
+        if done {
+            self.streams.remove(&stream);
+        }
+    }
+
+    /// Moves frames released by flow control to their side's output.
+    fn flush_ready(&mut self) {
+        self.flush_kube();
+        self.flush_up();
+    }
+
+    /// kubelet's output, for a frame of pullgate's own: after every frame released before it.
+    fn kube_ctl(&mut self) -> &mut Vec<u8> {
+        self.flush_kube();
+        &mut self.kube.out
+    }
+
+    /// containerd's output (if connected), for a frame of pullgate's own: after every frame
+    /// released before it.
+    fn up_ctl(&mut self) -> Option<&mut Vec<u8>> {
+        self.flush_up();
+        self.up.as_mut().map(|u| &mut u.out)
+    }
+
+    fn flush_kube(&mut self) {
+        for out in self.resp_ready.drain(..) {
+            self.kube.out.extend_from_slice(&out.frame);
+        }
+    }
+
+    /// An empty DATA frame that only ends a stream, right behind that stream's DATA frame in the
+    /// same batch, becomes the END_STREAM flag of that frame: containerd gets a request in one
+    /// frame.
+    fn flush_up(&mut self) {
+        let Some(up) = &mut self.up else {
+            self.req_ready.clear();
+            return;
+        };
+        let mut last_data: Option<(u32, usize)> = None;
+        for out in self.req_ready.drain(..) {
+            let (kind, flags, stream) = head(&out.frame);
+            if kind == DATA {
+                if out.len == 0 && flags == END_STREAM {
+                    if let Some((_, at)) = last_data.filter(|(s, _)| *s == stream) {
+                        up.out[at + 4] |= END_STREAM;
+                        last_data = None;
+                        continue;
+                    }
+                }
+                last_data = (flags & END_STREAM == 0).then_some((stream, up.out.len()));
+            } else {
+                last_data = None;
+            }
+            up.out.extend_from_slice(&out.frame);
+        }
+    }
+
+    /// Starts closing gracefully (see [`Closing`]).
+    fn start_closing(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        self.closing = Some(Closing {
+            since: Instant::now(),
+            last: None,
+        });
+        goaway_frame(self.kube_ctl(), MAX_STREAM_ID, NO_ERROR, b"");
+        put_head(self.kube_ctl(), 8, PING, 0, 0);
+        self.kube_ctl().extend_from_slice(&CLOSING_OPAQUE);
+    }
+
+    /// The client has seen the first GOAWAY (or had its time): the last stream is final.
+    fn final_goaway(&mut self) {
+        let last = self.last_stream;
+        if let Some(c @ Closing { last: None, .. }) = &mut self.closing {
+            c.last = Some(last);
+            goaway_frame(self.kube_ctl(), last, NO_ERROR, b"");
+        }
+    }
+
+    /// Whether the connection is done: closed to new streams with no call open.
+    fn finished(&self) -> bool {
+        matches!(self.closing, Some(Closing { last: Some(_), .. })) && self.streams.is_empty()
+    }
+
+    /// The next moment a timer has something to check.
+    fn next_wake(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(interval) = self.limits.keepalive_interval {
+            match self.ping_sent {
+                Some(sent) => at(sent + self.limits.keepalive_timeout),
+                None => at(self.last_read + interval),
+            }
+        }
+        if self.closing.is_none() && self.streams.is_empty() {
+            if let Some(d) = self.tracked.idle_deadline() {
+                at(d);
+            }
+        }
+        if let Some(Closing { since, last: None }) = self.closing {
+            at(since + CLOSE_GRACE);
+        }
+        next
+    }
+
+    /// A timer fired: keepalive, idle closing. Returns whether the connection is to be dropped.
+    fn timer(&mut self) -> bool {
+        let now = Instant::now();
+        if let Some(interval) = self.limits.keepalive_interval {
+            match self.ping_sent {
+                Some(sent) if now >= sent + self.limits.keepalive_timeout => {
+                    tracing::debug!(
+                        "closing a client connection that stopped answering keepalive pings"
+                    );
+                    return true;
+                }
+                None if now >= self.last_read + interval => {
+                    self.ping_sent = Some(now);
+                    put_head(self.kube_ctl(), 8, PING, 0, 0);
+                    self.kube_ctl().extend_from_slice(&KEEPALIVE_OPAQUE);
+                }
+                _ => {}
+            }
+        }
+        if let Some(Closing { since, last: None }) = self.closing {
+            if now >= since + CLOSE_GRACE {
+                self.final_goaway();
+            }
+        }
+        if self.closing.is_none()
+            && self.streams.is_empty()
+            && self.tracked.idle_deadline().is_some_and(|d| d <= now)
+            && self.tracked.close_idle()
+        {
+            tracing::debug!(idle_timeout = ?self.tracked.idle_timeout(), "closing an idle client connection");
+            self.start_closing();
+        }
+        false
+    }
+
+    /// Ends the connection for a protocol error of kubelet's: GOAWAY with the code and why.
+    async fn fail(&mut self, fatal: Fatal) {
+        match fatal.reason {
+            Some(reason) => self.proxy.refusals().refuse(
+                reason,
+                format_args!("closed a client connection with GOAWAY: {}", fatal.what),
+            ),
+            None => tracing::debug!(error = %fatal.what, "closing a client connection"),
+        }
+        self.flush_ready();
+        let mut out = Vec::new();
+        goaway_frame(
+            &mut out,
+            self.last_stream,
+            fatal.code,
+            format!("pullgate: {}", fatal.what).as_bytes(),
+        );
+        self.kube.out.extend_from_slice(&out);
+        self.close_gracefully().await;
+    }
+
+    /// Writes what is left for kubelet, closes the write side, and waits (bounded) for kubelet to
+    /// close, so closing never discards input it has not read.
+    async fn close_gracefully(&mut self) {
+        let write = async {
+            let _ = self
+                .kube
+                .write
+                .write_all(&self.kube.out[self.kube.written..])
+                .await;
+            let _ = self.kube.write.shutdown().await;
+            let mut sink = [0u8; 4096];
+            let mut budget: usize = 1 << 20;
+            while let Ok(n @ 1..) = self.kube_rx.read.read(&mut sink).await {
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_GRACE, write).await;
+    }
+}
