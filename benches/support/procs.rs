@@ -194,33 +194,23 @@ fn start_relay_process(dir: &Path, upstream: &Path, frames: bool) -> (Proc, Path
 /// peers' windows stay true. A baseline, not a proxy: it routes nothing and trusts both peers (a
 /// block it cannot decode ends the connection).
 mod frame_relay {
-    use pullgate::node::proxy::h2fix::LIMITS;
-    use pullgate::node::proxy::h2fix::hpack::Decoder;
-    use pullgate::node::proxy::h2fix::reader::{
-        CONTINUATION, END_HEADERS, END_STREAM, FRAME_HEADER as HEADER_LEN, HEADERS, PADDED,
-        PREFACE_LEN, PRIORITY, put_frames,
-    };
+    use pullgate::node::proxy::relay::blocks::{Blocks, MAX_HEADER_LIST, TABLE_SIZE};
+    use pullgate::node::proxy::relay::frame::{CONTINUATION, FRAME_HEADER as HEADER_LEN, HEADERS};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::UnixStream;
 
-    /// One direction: the sender's HPACK table and the header block being gathered.
+    const PREFACE_LEN: usize = 24;
+
+    /// One direction: the sender's header blocks ([`Blocks`]: gathered, decoded with the sender's
+    /// table, re-encoded as literals).
     struct Direction {
-        decoder: Decoder,
-        request: bool,
-        block: Vec<u8>,
-        /// Stream and END_STREAM flag of the HEADERS frame that opened `block`.
-        opened: Option<(u32, bool)>,
-        copy: Vec<u8>,
+        blocks: Blocks,
     }
 
     impl Direction {
         fn new(request: bool) -> Self {
             Direction {
-                decoder: Decoder::new(LIMITS.header_table_size),
-                request,
-                block: Vec::new(),
-                opened: None,
-                copy: Vec::new(),
+                blocks: Blocks::new(request, TABLE_SIZE, MAX_HEADER_LIST, MAX_HEADER_LIST),
             }
         }
 
@@ -237,58 +227,20 @@ mod frame_relay {
                 let (kind, flags) = (h[3], h[4]);
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
                 let payload = &input[at + HEADER_LEN..at + HEADER_LEN + len];
-                match (kind, self.opened) {
-                    (HEADERS, None) => {
-                        let mut fragment = payload;
-                        if flags & PADDED != 0 {
-                            let pad = *fragment.first().ok_or(())? as usize;
-                            fragment = fragment
-                                .get(1..fragment.len().checked_sub(pad).ok_or(())?)
-                                .ok_or(())?;
-                        }
-                        if flags & PRIORITY != 0 {
-                            fragment = fragment.get(5..).ok_or(())?;
-                        }
-                        self.block.clear();
-                        self.block.extend_from_slice(fragment);
-                        self.opened = Some((stream, flags & END_STREAM != 0));
-                        if flags & END_HEADERS != 0 {
-                            self.finish(out)?;
-                        }
+                if kind == HEADERS || kind == CONTINUATION {
+                    let block = self.blocks.frame(kind, flags, stream, payload);
+                    match block.map_err(|_| ())? {
+                        Some(b) if b.inspection.overflow => return Err(()),
+                        Some(b) => out.extend_from_slice(&b.frames),
+                        None => {}
                     }
-                    (CONTINUATION, Some((open, _))) if open == stream => {
-                        self.block.extend_from_slice(payload);
-                        if flags & END_HEADERS != 0 {
-                            self.finish(out)?;
-                        }
-                    }
-                    (HEADERS | CONTINUATION, _) | (_, Some(_)) => return Err(()),
-                    _ => out.extend_from_slice(&input[at..at + HEADER_LEN + len]),
+                } else {
+                    self.blocks.allow(kind).map_err(|_| ())?;
+                    out.extend_from_slice(&input[at..at + HEADER_LEN + len]);
                 }
                 at += HEADER_LEN + len;
             }
             input.drain(..at);
-            Ok(())
-        }
-
-        /// Decodes the gathered block and writes it re-encoded, split into frames every peer takes.
-        fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), ()> {
-            let (stream, end_stream) = self.opened.take().ok_or(())?;
-            self.copy.clear();
-            let inspection = self
-                .decoder
-                .decode(
-                    &self.block,
-                    self.request,
-                    LIMITS.max_header_list_size,
-                    false,
-                    &mut self.copy,
-                )
-                .map_err(|_| ())?;
-            if inspection.overflow {
-                return Err(());
-            }
-            put_frames(out, stream, end_stream, None, &self.copy);
             Ok(())
         }
     }

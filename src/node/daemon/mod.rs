@@ -202,10 +202,12 @@ impl Server {
     }
 }
 
-/// Warns when the open-file limit cannot hold `max_connections` client sockets (plus those still
-/// closing, and the daemon's own files), after raising the soft limit to the hard one.
+/// Warns when the open-file limit cannot hold `max_connections` client sockets and their
+/// connections to containerd (plus those still closing, and the daemon's own files), after raising
+/// the soft limit to the hard one.
 fn check_fd_limit(max_connections: usize) {
-    let needed = (max_connections + Registry::reserve_for(max_connections) + 64) as u64;
+    // Each client connection that has made a call also holds one to containerd.
+    let needed = (2 * (max_connections + Registry::reserve_for(max_connections)) + 64) as u64;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -1,10 +1,10 @@
-//! The two body types on the forwarding path.
+//! The bodies of intercepted calls, and the record every call is counted with.
 //!
-//! [`RequestBody`] goes to containerd: the caller's own stream, untouched, or one message pullgate
-//! read (and perhaps rewrote). [`ResponseBody`] goes back to kubelet: containerd's stream, untouched,
-//! or nothing (a trailers-only answer pullgate made). If containerd's stream breaks mid-call, the
-//! response ends with `UNAVAILABLE` trailers instead of a bare stream reset, so the client gets a
-//! status it understands.
+//! [`RequestBody`] goes to containerd: the one message pullgate read (and perhaps rewrote).
+//! [`ResponseBody`] comes back for kubelet: containerd's stream, an edited message, or nothing (a
+//! trailers-only answer pullgate made). If containerd's stream breaks mid-call, the response ends
+//! with `UNAVAILABLE` trailers instead of a bare stream reset, so the client gets a status it
+//! understands.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,21 +13,17 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
 use super::budget::Reservation;
 use super::grpc::{Code, Status};
 use super::upstream::UpstreamBody;
 use crate::node::metrics::Metrics;
 
-/// A request body on its way to containerd.
+/// A request body on its way to containerd: a complete body pullgate holds (data frames already
+/// framed for gRPC), sent as one DATA frame as far as the upstream's flow-control window allows.
+/// The bytes it was read into stay reserved in the body budget until the body is dropped, which
+/// the forwarding path does as soon as the last byte was handed to the connection.
 pub enum RequestBody {
-    /// The client's body, frame by frame.
-    Stream(Incoming),
-    /// A complete body pullgate holds (data frames already framed for gRPC), sent as one DATA frame
-    /// as far as the upstream's flow-control window allows. The bytes it was read into stay
-    /// reserved in the body budget until the body is dropped, which the forwarding path does as
-    /// soon as the last byte was handed to the connection.
     Full {
         data: Option<Bytes>,
         reservation: Option<Reservation>,
@@ -46,15 +42,15 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::convert::Infallible;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let _ = cx;
         match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Full { data, .. } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -62,7 +58,6 @@ impl Body for RequestBody {
     #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream(b) => b.is_end_stream(),
             RequestBody::Full { data, .. } => data.is_none(),
         }
     }
@@ -70,7 +65,6 @@ impl Body for RequestBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Stream(b) => b.size_hint(),
             // Deliberately inexact: an exact hint makes hyper add a content-length header the
             // client never sent.
             RequestBody::Full { .. } => SizeHint::default(),

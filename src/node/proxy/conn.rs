@@ -1,29 +1,22 @@
-//! One kubelet connection: check that it speaks HTTP/2, serve it, and close it gracefully.
+//! One kubelet connection: check that it speaks HTTP/2, then serve it ([`super::relay`]).
 //!
-//! The first bytes are peeked (not consumed) before hyper sees them. A client that sends an HTTP/1
-//! request gets a plain `505` answer explaining what the socket speaks; any other bytes get an HTTP/2
-//! `GOAWAY(PROTOCOL_ERROR)` with a reason. Neither reaches the HTTP/2 server, and neither affects any
-//! other connection; both are counted and logged as protocol refusals.
-//!
-//! An HTTP/2 connection is served by hyper through the [`super::h2fix`] layer, which lets every
-//! `:authority` through and reports what the server refuses.
+//! The first bytes are peeked (not consumed) before the relay sees them. A client that sends an
+//! HTTP/1 request gets a plain `505` answer explaining what the socket speaks; any other bytes get
+//! an HTTP/2 `GOAWAY(PROTOCOL_ERROR)` with a reason. Neither reaches the relay, and neither affects
+//! any other connection; both are counted and logged as protocol refusals.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http2;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::Proxy;
-use super::h2fix::{self, H2Fix};
 use super::refusal::Refusal;
-use super::track::{Conn, Tracked};
-use crate::node::config::Limits;
+use super::relay::{self, SessionLimits};
+use super::track::Conn;
 
 /// The HTTP/2 client connection preface every gRPC client sends first.
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -109,20 +102,13 @@ such as kubelet or crictl; HTTP/1 requests are not served.\n";
 
 /// A GOAWAY frame (last stream 0, PROTOCOL_ERROR) whose debug data says why.
 fn goaway(reason: &[u8]) -> Vec<u8> {
-    goaway_with(1, reason)
+    goaway_with(relay::frame::PROTOCOL_ERROR, reason)
 }
 
 /// A GOAWAY frame (last stream 0) with an error code and debug data.
 fn goaway_with(code: u32, reason: &[u8]) -> Vec<u8> {
-    let len = 8 + reason.len();
-    let mut f = Vec::with_capacity(9 + len);
-    f.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
-    f.push(0x7); // GOAWAY
-    f.push(0); // flags
-    f.extend_from_slice(&0u32.to_be_bytes()); // stream 0
-    f.extend_from_slice(&0u32.to_be_bytes()); // last stream id
-    f.extend_from_slice(&code.to_be_bytes());
-    f.extend_from_slice(reason);
+    let mut f = Vec::with_capacity(17 + reason.len());
+    relay::frame::put_goaway(&mut f, 0, code, reason);
     f
 }
 
@@ -148,36 +134,13 @@ async fn answer_and_close(mut stream: UnixStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
 }
 
-/// How much request data one call may send before pullgate reads it (HTTP/2 stream window).
-/// pullgate reads request bodies as they come, so this only matters while a call waits (for room in
-/// the body budget, or for containerd to take a forwarded body); with the connection window it
-/// bounds what one connection can make pullgate hold that way.
-pub const CLIENT_STREAM_WINDOW: u32 = 512 * 1024;
-/// The same for all calls of one connection together: four stalled calls' worth, so a few calls
-/// that wait never block the connection's other calls.
-pub const CLIENT_CONNECTION_WINDOW: u32 = 4 * CLIENT_STREAM_WINDOW;
-/// After pullgate starts closing a connection itself (idle, evicted, stopping), how long the client
-/// has to acknowledge the GOAWAY; past it, a connection with no open call is dropped.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
-
-/// Builds the HTTP/2 server settings shared by every kubelet connection.
-pub fn server_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
-    let mut b = http2::Builder::new(TokioExecutor::new());
-    b.initial_stream_window_size(CLIENT_STREAM_WINDOW)
-        .initial_connection_window_size(CLIENT_CONNECTION_WINDOW)
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .max_header_list_size(super::h2fix::LIMITS.max_header_list_size as u32)
-        .keep_alive_interval(limits.keepalive_interval)
-        .keep_alive_timeout(limits.keepalive_timeout)
-        .timer(TokioTimer::new())
-        .auto_date_header(false);
-    b
-}
-
 /// Refuses a connection pullgate will not serve: a GOAWAY saying why, written if the socket takes
 /// it at once, then closed (it holds no file descriptor for longer).
 pub fn refuse(stream: UnixStream, reason: &str) {
-    let frame = goaway_with(0xb, format!("pullgate: {reason}").as_bytes()); // ENHANCE_YOUR_CALM
+    let frame = goaway_with(
+        relay::frame::ENHANCE_YOUR_CALM,
+        format!("pullgate: {reason}").as_bytes(),
+    );
     let _ = stream.try_write(&frame);
 }
 
@@ -185,11 +148,10 @@ pub fn refuse(stream: UnixStream, reason: &str) {
 /// it sends GOAWAY and lets in-flight calls finish (the caller bounds how long).
 ///
 /// pullgate closes the connection itself, the same graceful way, when it has had no open call for
-/// the idle timeout or when the registry evicts it to make room; a client that does not take the
-/// GOAWAY is disconnected [`CLOSE_GRACE`] later unless a call is still open.
+/// the idle timeout or when the registry evicts it to make room ([`relay::serve`]).
 pub async fn serve(
     proxy: Arc<Proxy>,
-    limits: super::relay::SessionLimits,
+    limits: SessionLimits,
     stream: UnixStream,
     tracked: Conn,
     shutdown: watch::Receiver<bool>,
@@ -224,7 +186,7 @@ pub async fn serve(
         }
         Preface::Closed => return,
     }
-    super::relay::serve(proxy, limits, stream, tracked, shutdown).await;
+    relay::serve(proxy, limits, stream, tracked, shutdown).await;
 }
 
 #[cfg(test)]

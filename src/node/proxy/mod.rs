@@ -1,18 +1,18 @@
-//! The CRI forwarding path: kubelet → pullgate (HTTP/2 server) → containerd (HTTP/2 client).
+//! The CRI forwarding path: kubelet → pullgate → containerd, relayed at the HTTP/2 frame level.
 //!
-//! Every request is routed on its path alone. Paths in the [`InterceptTable`] have their single
-//! request message read and handed to a [`Handler`]; every other path — known CRI methods, newer
-//! ones, anything — is forwarded as it came: headers, body frames, trailers and status, without
-//! decoding, in both directions, streaming as long as either side wants.
+//! Every call is routed on its path alone ([`Proxy::route`]). Paths in the [`InterceptTable`] have
+//! their single request message read and handed to a [`Handler`], and pullgate answers them
+//! (forwarding, rewriting or refusing); every other CRI path — known methods, newer ones — is
+//! relayed as it came: headers (re-encoded), body frames, trailers and status, in both directions,
+//! streaming as long as either side wants. Anything else is refused.
 //!
+//! - [`relay`]: one kubelet connection relayed to its own connection to containerd, frame by frame.
+//! - [`conn`]: accepting a kubelet connection: the preface check before the relay.
 //! - [`grpc`]: status codes, trailers-only answers, message framing.
-//! - [`body`]: the request/response body types on the path.
-//! - [`upstream`]: the lazily (re)connected HTTP/2 client for containerd's socket.
+//! - [`body`]: the bodies of intercepted calls on their way to containerd and back.
+//! - [`upstream`]: the lazily (re)connected HTTP/2 client that intercepted calls share.
 //! - [`intercept`]: the intercept table and the handler interface.
 //! - [`budget`]: bounds on intercepted request bodies (per-method caps, global byte budget, timeout).
-//! - [`conn`]: accepting a kubelet connection: preface check, HTTP/2 server, graceful shutdown.
-//! - [`h2fix`]: the HTTP/2 layer in front of hyper that lets every `:authority` through and sees the
-//!   server's stream resets.
 //! - [`refusal`]: refusals at the protocol level, counted and logged (rate limited).
 //! - [`track`]: open connections and their streams: idle closing, the connection cap.
 
@@ -20,21 +20,18 @@ pub mod body;
 pub mod budget;
 pub mod conn;
 pub mod grpc;
-pub mod h2fix;
 pub mod intercept;
 pub mod refusal;
 pub mod relay;
 pub mod track;
 pub mod upstream;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http::{Request, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use crate::node::config::Limits;
 use crate::node::metrics::{self, BodyRefusal, Metrics};
@@ -213,29 +210,6 @@ impl Proxy {
     /// A new record for a call on `path`, counted once its status is known.
     pub fn record(&self, path: &str) -> CallRecord {
         CallRecord::new(self.metrics.clone(), metrics::method_index(path))
-    }
-
-    /// Handles one call. Never fails: every problem becomes a gRPC status for the client.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, Infallible> {
-        let path = req.uri().path();
-        let mut record = self.record(path);
-        let route = self.route(path);
-        match route {
-            Route::Intercept(handler) => Ok(self.intercepted(handler.as_ref(), req, record).await),
-            Route::Malformed | Route::Outside => Ok(answer(self.refuse(&route, path), &mut record)),
-            Route::Forward => {
-                let (parts, body) = req.into_parts();
-                Ok(self
-                    .forward(
-                        Request::from_parts(parts, RequestBody::Stream(body)),
-                        record,
-                    )
-                    .await)
-            }
-        }
     }
 
     /// Sends a request to containerd, timing it; the response streams back with `record` attached.

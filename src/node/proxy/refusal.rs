@@ -1,7 +1,7 @@
-//! Refusals at the protocol level: requests and connections answered before any CRI handling,
-//! by pullgate ([`super::conn`], [`super::Proxy::handle`]) or by its HTTP/2 layer ([`super::h2fix`]
-//! and the `h2` server under hyper). Each is counted in `pullgate_protocol_refusals_total{reason}`
-//! and logged at warn, at most one line per reason every [`LOG_EVERY`], with the number held back.
+//! Refusals at the protocol level: requests and connections answered before any CRI handling
+//! ([`super::conn`], [`super::Proxy::refuse`], [`super::relay`]). Each is counted in
+//! `pullgate_protocol_refusals_total{reason}` and logged at warn, at most one line per reason every
+//! [`LOG_EVERY`], with the number held back.
 
 use std::fmt;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //!
 //! Every accepted connection is admitted by the [`Registry`] (or refused) and gets a [`Conn`]
 //! handle that leaves the registry when dropped. Every call on it holds a [`StreamGuard`] from the
-//! moment its request arrives until its response body ends or is dropped ([`Tracked`]), so a
+//! moment its request arrives until both sides have ended it or it is reset, so a
 //! connection with no guard alive has no open call: it is *idle*, since the moment its last call
 //! ended.
 //!
@@ -13,13 +13,10 @@
 //! connection is idle, or too many are still closing, is the newcomer refused.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -119,49 +116,6 @@ impl Drop for StreamGuard {
         if c.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
             c.idle.notify_one();
         }
-    }
-}
-
-/// A response body that keeps its call counted as open until it ends or is dropped.
-pub struct Tracked<B> {
-    body: B,
-    guard: Option<StreamGuard>,
-}
-
-impl<B> Tracked<B> {
-    pub fn new(body: B, guard: StreamGuard) -> Self {
-        Tracked {
-            body,
-            guard: Some(guard),
-        }
-    }
-}
-
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    #[inline]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        let me = self.get_mut();
-        let polled = Pin::new(&mut me.body).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            me.guard = None;
-        }
-        polled
-    }
-
-    #[inline]
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    #[inline]
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 

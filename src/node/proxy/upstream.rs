@@ -68,12 +68,6 @@ pub enum UpstreamError {
         #[source]
         source: h2::Error,
     },
-    #[error("reading the request to forward to {} failed: {source}", path.display())]
-    Request {
-        path: PathBuf,
-        #[source]
-        source: hyper::Error,
-    },
 }
 
 impl UpstreamError {
@@ -184,12 +178,7 @@ impl Upstream {
         // followed by an empty DATA frame that only carries END_STREAM. Take what is buffered now so
         // it leaves in the same write as the headers, with END_STREAM on it, and no task is needed
         // to pump the rest.
-        let ready = ready_frames(&mut body)
-            .await
-            .map_err(|source| UpstreamError::Request {
-                path: self.path.clone(),
-                source,
-            })?;
+        let ready = ready_frames(&mut body).await;
 
         // A ready handle; if the cached connection turns out dead, reconnect and try once more
         // (the request has not left yet). Failing to connect at all is not retried.
@@ -339,7 +328,7 @@ const READY_FRAMES: usize = 4;
 
 /// Takes the request frames that can be had without waiting. Empty DATA frames are dropped: they
 /// carry nothing but (at most) END_STREAM, which `ended` records and the last frame sent carries.
-async fn ready_frames(body: &mut RequestBody) -> Result<ReadyFrames, hyper::Error> {
+async fn ready_frames(body: &mut RequestBody) -> ReadyFrames {
     let mut frames = Vec::new();
     let mut ended = body.is_end_stream();
     while !ended && frames.len() < READY_FRAMES {
@@ -354,12 +343,12 @@ async fn ready_frames(body: &mut RequestBody) -> Result<ReadyFrames, hyper::Erro
                 // Trailers end a body whatever the stream state says.
                 ended = is_trailers || body.is_end_stream();
             }
-            Poll::Ready(Some(Err(e))) => return Err(e),
+            Poll::Ready(Some(Err(e))) => match e {},
             Poll::Ready(None) => ended = true,
             Poll::Pending => break,
         }
     }
-    Ok(ReadyFrames { frames, ended })
+    ReadyFrames { frames, ended }
 }
 
 /// Request data sent with the headers without waiting for flow-control capacity: `h2` assigns a
@@ -462,7 +451,7 @@ async fn pump(
                     ended = frame.is_trailers() || body.is_end_stream();
                     frames.push_back(frame);
                 }
-                Some(Err(_)) => return stream.send_reset(h2::Reason::CANCEL),
+                Some(Err(e)) => match e {},
                 None => {
                     ended = true;
                     frames.push_back(Frame::data(Bytes::new()));

@@ -5,10 +5,22 @@
 //! to be kept in step across the relay, pullgate may drop or answer any stream itself, and the
 //! receiver decodes exactly the fields pullgate decoded and routed on.
 
-use crate::node::proxy::h2fix::hpack::{Decoder, Inspection, REPLACEMENT_AUTHORITY, put_literal};
-use crate::node::proxy::h2fix::reader::{
-    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PADDED, PRIORITY, put_frames,
+use super::frame::{
+    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, MIN_MAX_FRAME_SIZE, PADDED, PRIORITY,
+    put_frames,
 };
+use super::hpack::{Decoder, Inspection, REPLACEMENT_AUTHORITY, put_literal};
+
+/// The HPACK table size pullgate decodes with in both directions: the default 4096 bytes (its
+/// SETTINGS, and the SETTINGS it passes on, never allow more).
+pub const TABLE_SIZE: usize = 4096;
+/// The largest header list pullgate takes from a client (SETTINGS_MAX_HEADER_LIST_SIZE).
+///
+/// Why 64 KiB: a CRI request's headers are a few hundred bytes (pseudo-headers, content-type, te,
+/// user-agent, grpc-timeout, perhaps a trace header), and gRPC C-core servers refuse metadata over
+/// 8 KiB by default (`GRPC_ARG_MAX_METADATA_SIZE`), so clients do not rely on more. The limit
+/// bounds what one header block costs pullgate to hold and decode.
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
 
 /// Why a frame breaks the header-block rules (each a connection error, RFC 9113 §6.2, §6.10).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +33,8 @@ pub enum BlockError {
     BadPadding,
     #[error("a header block larger than {0} bytes")]
     TooLarge(usize),
+    #[error("more than {0} CONTINUATION frames in one header block")]
+    TooManyContinuations(usize),
     #[error("a header block that does not decode: {0}")]
     Decode(String),
 }
@@ -46,6 +60,7 @@ pub struct Blocks {
     max_block: usize,
     max_list: usize,
     open: Option<(u32, bool)>,
+    continuations: usize,
     block: Vec<u8>,
     copy: Vec<u8>,
     /// The highest stream a client block opened: a block on a higher one is a request's headers.
@@ -63,6 +78,7 @@ impl Blocks {
             max_block,
             max_list,
             open: None,
+            continuations: 0,
             block: Vec::new(),
             copy: Vec::new(),
             last_opened: 0,
@@ -118,10 +134,22 @@ impl Blocks {
                     f = f.get(5..).ok_or(BlockError::BadPadding)?;
                 }
                 self.block.clear();
+                self.continuations = 0;
                 self.open = Some((stream, flags & END_STREAM != 0));
                 f
             }
-            (CONTINUATION, Some((open, _))) if open == stream => payload,
+            (CONTINUATION, Some((open, _))) if open == stream => {
+                // Empty CONTINUATION frames cost work but no bytes: their number is bounded too,
+                // by what one block of the largest size needs in minimum-size frames, plus a
+                // quarter.
+                let frames = (self.max_block / MIN_MAX_FRAME_SIZE).max(1);
+                let limit = (frames + frames / 4).max(5);
+                self.continuations += 1;
+                if self.continuations > limit {
+                    return Err(BlockError::TooManyContinuations(limit));
+                }
+                payload
+            }
             (CONTINUATION, _) => return Err(BlockError::StrayContinuation),
             (other, _) => return Err(BlockError::Interleaved(other)),
         };
@@ -140,7 +168,7 @@ impl Blocks {
         self.copy.clear();
         let inspection = self
             .decoder
-            .decode(&self.block, opens, self.max_list, false, &mut self.copy)
+            .decode(&self.block, opens, self.max_list, &mut self.copy)
             .map_err(|e| BlockError::Decode(e.to_string()))?;
         let path = path_of(&self.copy);
         let mut frames = Vec::with_capacity(self.copy.len() + 9);
@@ -151,7 +179,7 @@ impl Blocks {
             with.extend_from_slice(&self.copy);
             self.copy = with;
         }
-        put_frames(&mut frames, stream, end_stream, None, &self.copy);
+        put_frames(&mut frames, stream, end_stream, &self.copy);
         Ok(Some(Block {
             stream,
             end_stream,
@@ -302,6 +330,41 @@ mod tests {
             blocks().frame(HEADERS, END_HEADERS, 1, &[0xff, 0x7f]),
             Err(BlockError::Decode(_))
         ));
+        // A flood of empty CONTINUATION frames ends at the bound (64 KiB blocks: 5 frames).
+        let mut bl = blocks();
+        bl.frame(HEADERS, 0, 1, &[0x83]).unwrap();
+        for _ in 0..5 {
+            assert_eq!(bl.frame(CONTINUATION, 0, 1, &[]), Ok(None));
+        }
+        assert_eq!(
+            bl.frame(CONTINUATION, 0, 1, &[]),
+            Err(BlockError::TooManyContinuations(5))
+        );
+    }
+
+    #[test]
+    fn a_request_without_authority_leaves_with_one_and_trailers_get_none() {
+        let mut bl = blocks();
+        let block = bl
+            .frame(HEADERS, END_HEADERS, 1, &request_block("/a.B/C"))
+            .unwrap()
+            .unwrap();
+        let literals: Vec<_> = fields(bl.literals()).map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(literals[0], b":authority");
+        assert_eq!(
+            fields(bl.literals()).next().map(|(_, v)| v),
+            Some(REPLACEMENT_AUTHORITY)
+        );
+        assert!(block.frames.len() > 9 + bl.literals().len() - 1);
+        // Trailers on the same stream (a regular field only): as sent.
+        let mut trailer = vec![0x00, 3];
+        trailer.extend_from_slice(b"x-t");
+        trailer.extend_from_slice(&[1, b'1']);
+        bl.frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailer)
+            .unwrap()
+            .unwrap();
+        let names: Vec<_> = fields(bl.literals()).map(|(n, _)| n.to_vec()).collect();
+        assert_eq!(names, [b"x-t".to_vec()]);
     }
 
     #[test]

@@ -22,9 +22,9 @@ use tokio::task::AbortHandle;
 
 use super::blocks::fields;
 use super::flow::StreamWindow;
+use super::frame::{FRAME_HEADER, put_data, put_frames};
+use super::hpack::put_literal;
 use crate::node::proxy::Proxy;
-use crate::node::proxy::h2fix::hpack::put_literal;
-use crate::node::proxy::h2fix::reader::{DATA_FRAME, END_STREAM, FRAME_HEADER, put_frames};
 use crate::node::proxy::intercept::Handler;
 use crate::node::proxy::refusal::Refusal;
 
@@ -98,10 +98,7 @@ impl Local {
                     }
                     let chunk = data.split_to(n);
                     let mut f = Vec::with_capacity(FRAME_HEADER + n);
-                    f.extend_from_slice(&(n as u32).to_be_bytes()[1..]);
-                    f.extend_from_slice(&[DATA_FRAME, 0]);
-                    f.extend_from_slice(&stream.to_be_bytes());
-                    f.extend_from_slice(&chunk);
+                    put_data(&mut f, stream, false, &chunk);
                     emit(Bytes::from(f), n as u32);
                     if !data.is_empty() {
                         continue;
@@ -113,8 +110,7 @@ impl Local {
                 }
                 Out::End => {
                     let mut f = Vec::with_capacity(FRAME_HEADER);
-                    f.extend_from_slice(&[0, 0, 0, DATA_FRAME, END_STREAM]);
-                    f.extend_from_slice(&stream.to_be_bytes());
+                    put_data(&mut f, stream, true, &[]);
                     emit(Bytes::from(f), 0);
                     return true;
                 }
@@ -212,11 +208,11 @@ pub fn spawn(
         put_headers(&mut block, &parts.headers);
         let mut frames = Vec::with_capacity(block.len() + FRAME_HEADER);
         if body.is_end_stream() {
-            put_frames(&mut frames, stream, true, None, &block);
+            put_frames(&mut frames, stream, true, &block);
             send(Out::Last(Bytes::from(frames)));
             return;
         }
-        put_frames(&mut frames, stream, false, None, &block);
+        put_frames(&mut frames, stream, false, &block);
         if !send(Out::Head(Bytes::from(frames))) {
             return;
         }
@@ -235,7 +231,7 @@ pub fn spawn(
                 let mut block = Vec::with_capacity(128);
                 put_headers(&mut block, &trailers);
                 let mut frames = Vec::with_capacity(block.len() + FRAME_HEADER);
-                put_frames(&mut frames, stream, true, None, &block);
+                put_frames(&mut frames, stream, true, &block);
                 send(Out::Last(Bytes::from(frames)));
                 return;
             }

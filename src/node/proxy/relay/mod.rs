@@ -16,6 +16,8 @@
 
 pub mod blocks;
 pub mod flow;
+pub mod frame;
+pub mod hpack;
 pub mod local;
 pub mod session;
 

@@ -28,57 +28,27 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::blocks::{Block, BlockError, Blocks};
+use super::blocks::{Block, BlockError, Blocks, MAX_HEADER_LIST, TABLE_SIZE};
 use super::flow::{ConnFlow, FlowError, Outgoing, StreamWindow};
+use super::frame::*;
+use super::hpack::put_literal;
 use super::local::{self, Event, Local};
 use crate::node::config::Limits;
 use crate::node::proxy::body::CallRecord;
 use crate::node::proxy::grpc::Status;
-use crate::node::proxy::h2fix::LIMITS;
-use crate::node::proxy::h2fix::hpack::put_literal;
-use crate::node::proxy::h2fix::reader::{
-    CONTINUATION, END_STREAM, FRAME_HEADER, HEADERS, MIN_MAX_FRAME_SIZE, PADDED, PREFACE_LEN,
-    RST_STREAM, put_frames,
-};
 use crate::node::proxy::refusal::Refusal;
 use crate::node::proxy::track::{Conn, StreamGuard};
 use crate::node::proxy::upstream::UpstreamError;
 use crate::node::proxy::{Proxy, Route};
 
-const DATA: u8 = 0x0;
-const PRIORITY_FRAME: u8 = 0x2;
-const SETTINGS: u8 = 0x4;
-const PUSH_PROMISE: u8 = 0x5;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const WINDOW_UPDATE: u8 = 0x8;
-const ACK: u8 = 0x1;
-
-const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
-const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
-const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
-const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
-const SETTINGS_MAX_HEADER_LIST_SIZE: u16 = 0x6;
-
-const NO_ERROR: u32 = 0x0;
-const PROTOCOL_ERROR: u32 = 0x1;
-const FLOW_CONTROL_ERROR: u32 = 0x3;
-const FRAME_SIZE_ERROR: u32 = 0x6;
-const REFUSED_STREAM: u32 = 0x7;
-const CANCEL: u32 = 0x8;
-
 /// Bytes waiting for one side past which the other side is not read.
 const HIGH_WATER: usize = 1 << 20;
-/// The largest frame pullgate reads from either side (the largest SETTINGS_MAX_FRAME_SIZE).
-const MAX_FRAME: usize = (1 << 24) - 1;
 /// The largest header block containerd may send (its trailers carry error details).
 const MAX_RESPONSE_BLOCK: usize = 1 << 20;
 /// The payload of pullgate's own keepalive PING, told apart from kubelet's on the ACK.
 const KEEPALIVE_OPAQUE: [u8; 8] = *b"pullgate";
 /// The payload of the PING that follows the first GOAWAY when pullgate closes a connection.
 const CLOSING_OPAQUE: [u8; 8] = *b"pg-close";
-/// The largest stream ID: the first GOAWAY of a graceful close names it (RFC 9113 §6.8).
-const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 /// After pullgate starts closing a connection itself, how long the client has to go once no call
 /// is open.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -186,65 +156,6 @@ impl Tx {
     }
 }
 
-/// The next whole frame at the start of `input`, split off it.
-fn next_frame(input: &mut BytesMut, max: usize) -> Result<Option<Bytes>, usize> {
-    if input.len() < FRAME_HEADER {
-        return Ok(None);
-    }
-    let len = u32::from_be_bytes([0, input[0], input[1], input[2]]) as usize;
-    if len > max {
-        return Err(len);
-    }
-    if input.len() < FRAME_HEADER + len {
-        input.reserve(FRAME_HEADER + len - input.len());
-        return Ok(None);
-    }
-    Ok(Some(input.split_to(FRAME_HEADER + len).freeze()))
-}
-
-fn head(frame: &[u8]) -> (u8, u8, u32) {
-    let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
-    (frame[3], frame[4], stream)
-}
-
-fn put_head(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
-    out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
-    out.push(kind);
-    out.push(flags);
-    out.extend_from_slice(&stream.to_be_bytes());
-}
-
-fn rst_frame(out: &mut Vec<u8>, stream: u32, code: u32) {
-    put_head(out, 4, RST_STREAM, 0, stream);
-    out.extend_from_slice(&code.to_be_bytes());
-}
-
-fn window_update(out: &mut Vec<u8>, stream: u32, n: u32) {
-    if n > 0 {
-        put_head(out, 4, WINDOW_UPDATE, 0, stream);
-        out.extend_from_slice(&n.to_be_bytes());
-    }
-}
-
-fn goaway_frame(out: &mut Vec<u8>, last: u32, code: u32, debug: &[u8]) {
-    put_head(out, 8 + debug.len(), GOAWAY, 0, 0);
-    out.extend_from_slice(&last.to_be_bytes());
-    out.extend_from_slice(&code.to_be_bytes());
-    out.extend_from_slice(debug);
-}
-
-/// The payload of a DATA frame without its padding, and the whole payload length.
-fn data_payload(frame: &Bytes, flags: u8) -> Option<(Bytes, u32)> {
-    let payload = frame.slice(FRAME_HEADER..);
-    let total = payload.len() as u32;
-    if flags & PADDED == 0 {
-        return Some((payload, total));
-    }
-    let pad = *payload.first()? as usize;
-    let end = payload.len().checked_sub(pad)?;
-    (end >= 1).then(|| (payload.slice(1..end), total))
-}
-
 /// The value of the first field named `name` in a block re-encoded as literals.
 pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
@@ -255,7 +166,7 @@ pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
 fn response_blocks() -> Blocks {
     Blocks::new(
         false,
-        LIMITS.header_table_size,
+        TABLE_SIZE,
         MAX_RESPONSE_BLOCK,
         4 * MAX_RESPONSE_BLOCK,
     )
@@ -338,12 +249,7 @@ pub async fn serve(
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut s = Session {
-        requests: Blocks::new(
-            true,
-            LIMITS.header_table_size,
-            LIMITS.max_header_list_size,
-            LIMITS.max_header_list_size,
-        ),
+        requests: Blocks::new(true, TABLE_SIZE, MAX_HEADER_LIST, MAX_HEADER_LIST),
         responses: response_blocks(),
         proxy,
         tracked,
@@ -373,7 +279,7 @@ pub async fn serve(
         ping_sent: None,
     };
     s.own_settings();
-    let mut preface_left = PREFACE_LEN;
+    let mut preface_left = crate::node::proxy::conn::PREFACE.len();
     if *shutdown.borrow() {
         s.start_closing();
     }
@@ -524,16 +430,9 @@ impl Session {
     fn own_settings(&mut self) {
         let entries = [
             (SETTINGS_MAX_CONCURRENT_STREAMS, self.limits.max_streams),
-            (
-                SETTINGS_MAX_HEADER_LIST_SIZE,
-                LIMITS.max_header_list_size as u32,
-            ),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
         ];
-        put_head(self.kube_ctl(), 6 * entries.len(), SETTINGS, 0, 0);
-        for (id, value) in entries {
-            self.kube_ctl().extend_from_slice(&id.to_be_bytes());
-            self.kube_ctl().extend_from_slice(&value.to_be_bytes());
-        }
+        put_settings(self.kube_ctl(), &entries);
         self.own_settings_unacked += 1;
     }
 
@@ -586,11 +485,11 @@ impl Session {
                 if stream == 0 {
                     let pass = self.resp_flow.receiver_update(inc, &mut self.resp_ready)?;
                     if let Some(out) = self.up_ctl() {
-                        window_update(out, 0, pass);
+                        put_window_update(out, 0, pass);
                     }
                 } else {
                     match self.streams.get_mut(&stream) {
-                        Some(Stream::Forwarded(_)) => self.to_up(frame, 0)?,
+                        Some(Stream::Forwarded(_)) => self.send_up(frame, 0)?,
                         Some(Stream::Answered(a)) => {
                             a.window.grow(inc)?;
                             self.pump(stream);
@@ -604,14 +503,14 @@ impl Session {
                     if self.own_settings_unacked > 0 {
                         self.own_settings_unacked -= 1;
                     } else {
-                        self.to_up(frame, 0)?;
+                        self.send_up(frame, 0)?;
                     }
                     return Ok(());
                 }
                 let mut frame = frame.to_vec();
                 self.kube_settings(&mut frame)?;
                 match self.up.is_some() {
-                    true => self.to_up(Bytes::from(frame), 0)?,
+                    true => self.send_up(Bytes::from(frame), 0)?,
                     false => put_head(self.kube_ctl(), 0, SETTINGS, ACK, 0),
                 }
             }
@@ -624,21 +523,21 @@ impl Session {
                         self.final_goaway();
                         return Ok(());
                     }
-                    self.to_up(frame, 0)?;
+                    self.send_up(frame, 0)?;
                 } else if self.up.is_some() {
-                    self.to_up(frame, 0)?;
+                    self.send_up(frame, 0)?;
                 } else {
                     put_head(self.kube_ctl(), 8, PING, ACK, 0);
                     self.kube_ctl().extend_from_slice(&frame[FRAME_HEADER..]);
                 }
             }
             RST_STREAM => match self.streams.remove(&stream) {
-                Some(Stream::Forwarded(_)) => self.to_up(frame, 0)?,
+                Some(Stream::Forwarded(_)) => self.send_up(frame, 0)?,
                 Some(Stream::Answered(a)) => self.answered_gone(a),
                 None => {}
             },
             GOAWAY => {
-                self.to_up(frame, 0)?;
+                self.send_up(frame, 0)?;
                 self.start_closing();
             }
             PRIORITY_FRAME => {}
@@ -656,7 +555,7 @@ impl Session {
 
     /// A frame for containerd, in order behind any DATA waiting for containerd's window; `len`
     /// counts a DATA frame's payload (0 for anything else).
-    fn to_up(&mut self, frame: Bytes, len: u32) -> Result<(), Fatal> {
+    fn send_up(&mut self, frame: Bytes, len: u32) -> Result<(), Fatal> {
         if self.up.is_some() {
             self.req_flow.relayed(frame, len, &mut self.req_ready)?;
         }
@@ -677,8 +576,8 @@ impl Session {
         for entry in payload.chunks_exact_mut(6) {
             let id = u16::from_be_bytes([entry[0], entry[1]]);
             let mut value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
-            if id == SETTINGS_HEADER_TABLE_SIZE && value as usize > LIMITS.header_table_size {
-                value = LIMITS.header_table_size as u32;
+            if id == SETTINGS_HEADER_TABLE_SIZE && value as usize > TABLE_SIZE {
+                value = TABLE_SIZE as u32;
                 entry[2..].copy_from_slice(&value.to_be_bytes());
             }
             match self.kube_settings_sent.iter_mut().find(|(i, _)| *i == id) {
@@ -728,13 +627,13 @@ impl Session {
                 what: "containerd sent a SETTINGS frame whose length is not a multiple of 6".into(),
             });
         }
-        let max_list = LIMITS.max_header_list_size as u32;
+        let max_list = MAX_HEADER_LIST as u32;
         let mut out = Vec::with_capacity(payload.len() + 12);
         for entry in payload.chunks_exact(6) {
             let id = u16::from_be_bytes([entry[0], entry[1]]);
             let mut value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
             match id {
-                SETTINGS_HEADER_TABLE_SIZE => value = value.min(LIMITS.header_table_size as u32),
+                SETTINGS_HEADER_TABLE_SIZE => value = value.min(TABLE_SIZE as u32),
                 SETTINGS_MAX_CONCURRENT_STREAMS => value = value.min(self.limits.max_streams),
                 SETTINGS_MAX_HEADER_LIST_SIZE => value = value.min(max_list),
                 _ => {}
@@ -756,7 +655,7 @@ impl Session {
             match self.streams.get_mut(&stream) {
                 Some(Stream::Forwarded(f)) => {
                     f.client_done |= block.end_stream;
-                    self.to_up_block(block)?;
+                    self.send_block_up(block)?;
                     self.maybe_close(stream);
                 }
                 Some(Stream::Answered(a)) => {
@@ -786,7 +685,7 @@ impl Session {
         }) = self.closing
         {
             if stream > last {
-                rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+                put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
                 return Ok(());
             }
         }
@@ -798,7 +697,7 @@ impl Session {
                     self.streams.len()
                 ),
             );
-            rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+            put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
             return Ok(());
         }
         let path = block.path.clone().unwrap_or_default();
@@ -809,7 +708,7 @@ impl Session {
         match route {
             Route::Forward if self.upstream_ready() => {
                 let end_stream = block.end_stream;
-                self.to_up_block(block)?;
+                self.send_block_up(block)?;
                 self.streams.insert(
                     stream,
                     Stream::Forwarded(Forwarded {
@@ -887,10 +786,10 @@ impl Session {
                     fault,
                     format_args!(
                         "reset {what}: its header list is over the {}-byte limit",
-                        LIMITS.max_header_list_size
+                        MAX_HEADER_LIST
                     ),
                 );
-                rst_frame(self.kube_ctl(), stream, REFUSED_STREAM);
+                put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
                 Ok(())
             }
             _ => {
@@ -898,14 +797,14 @@ impl Session {
                     fault,
                     format_args!("reset {what} with PROTOCOL_ERROR ({fault})"),
                 );
-                rst_frame(self.kube_ctl(), stream, PROTOCOL_ERROR);
+                put_rst(self.kube_ctl(), stream, PROTOCOL_ERROR);
                 Ok(())
             }
         }
     }
 
-    fn to_up_block(&mut self, block: Block) -> Result<(), Fatal> {
-        self.to_up(Bytes::from(block.frames), 0)
+    fn send_block_up(&mut self, block: Block) -> Result<(), Fatal> {
+        self.send_up(Bytes::from(block.frames), 0)
     }
 
     /// A trailers-only answer from pullgate; `reset` when the client may still be sending.
@@ -919,11 +818,12 @@ impl Session {
             put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
         }
         let mut frames = Vec::with_capacity(block.len() + 2 * FRAME_HEADER + 4);
-        put_frames(&mut frames, stream, true, None, &block);
+        put_frames(&mut frames, stream, true, &block);
         if reset {
-            rst_frame(&mut frames, stream, NO_ERROR);
+            put_rst(&mut frames, stream, NO_ERROR);
         }
-        self.resp_flow.own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+        self.resp_flow
+            .own_data(Bytes::from(frames), 0, &mut self.resp_ready);
     }
 
     fn kube_data(&mut self, frame: Bytes, flags: u8, stream: u32) -> Result<(), Fatal> {
@@ -937,7 +837,7 @@ impl Session {
         match self.streams.get_mut(&stream) {
             Some(Stream::Forwarded(f)) => {
                 f.client_done |= end;
-                self.to_up(frame, total)?;
+                self.send_up(frame, total)?;
                 if end {
                     self.maybe_close(stream);
                 }
@@ -958,11 +858,11 @@ impl Session {
                         (padding, padding)
                     }
                 };
-                window_update(self.kube_ctl(), 0, conn);
-                window_update(self.kube_ctl(), stream, own);
+                put_window_update(self.kube_ctl(), 0, conn);
+                put_window_update(self.kube_ctl(), stream, own);
             }
             // A stream already closed (reset, answered): its data is given back and dropped.
-            None => window_update(self.kube_ctl(), 0, total),
+            None => put_window_update(self.kube_ctl(), 0, total),
         }
         Ok(())
     }
@@ -1021,9 +921,11 @@ impl Session {
                 let inc = frame
                     .get(FRAME_HEADER..FRAME_HEADER + 4)
                     .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
-                    .ok_or_else(|| Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE"))?;
+                    .ok_or_else(|| {
+                        Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE")
+                    })?;
                 let pass = self.req_flow.receiver_update(inc, &mut self.req_ready)?;
-                window_update(self.kube_ctl(), 0, pass);
+                put_window_update(self.kube_ctl(), 0, pass);
             }
             SETTINGS if flags & ACK == 0 => {
                 let f = self.up_settings(&frame)?;
@@ -1105,7 +1007,7 @@ impl Session {
         );
         f.record.finish_code(status.code.as_str().as_bytes());
         if let Some(out) = self.up_ctl() {
-            rst_frame(out, stream, CANCEL);
+            put_rst(out, stream, CANCEL);
         }
         let mut block = Vec::with_capacity(64 + status.message.len());
         if !f.answered {
@@ -1118,11 +1020,12 @@ impl Session {
             put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
         }
         let mut frames = Vec::new();
-        put_frames(&mut frames, stream, true, None, &block);
+        put_frames(&mut frames, stream, true, &block);
         if !f.client_done {
-            rst_frame(&mut frames, stream, NO_ERROR);
+            put_rst(&mut frames, stream, NO_ERROR);
         }
-        self.resp_flow.own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+        self.resp_flow
+            .own_data(Bytes::from(frames), 0, &mut self.resp_ready);
     }
 
     /// containerd's connection ended: calls on it end `UNAVAILABLE`; kubelet's connection stays,
@@ -1179,16 +1082,12 @@ impl Session {
         };
         let (rx, mut tx) = split(stream);
         tx.out.extend_from_slice(crate::node::proxy::conn::PREFACE);
-        put_head(&mut tx.out, 6 * self.kube_settings_sent.len(), SETTINGS, 0, 0);
-        for (id, value) in &self.kube_settings_sent {
-            tx.out.extend_from_slice(&id.to_be_bytes());
-            tx.out.extend_from_slice(&value.to_be_bytes());
-        }
+        put_settings(&mut tx.out, &self.kube_settings_sent);
         self.replayed_unacked = 1;
         let to_kube = self.req_flow.new_receiver(super::flow::INITIAL_WINDOW);
-        window_update(self.kube_ctl(), 0, to_kube);
+        put_window_update(self.kube_ctl(), 0, to_kube);
         let to_up = self.resp_flow.new_sender(super::flow::INITIAL_WINDOW);
-        window_update(&mut tx.out, 0, to_up);
+        put_window_update(&mut tx.out, 0, to_up);
         tracing::debug!("opened a new connection to containerd for a client connection");
         self.up = Some(tx);
         self.up_rx = Some(rx);
@@ -1218,8 +1117,8 @@ impl Session {
                 };
                 a.unconsumed -= n;
                 let own = if a.client_done { 0 } else { n };
-                window_update(self.kube_ctl(), 0, n);
-                window_update(self.kube_ctl(), stream, own);
+                put_window_update(self.kube_ctl(), 0, n);
+                put_window_update(self.kube_ctl(), stream, own);
             }
             Event::Out { stream, out } => {
                 if let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) {
@@ -1245,8 +1144,9 @@ impl Session {
             let client_done = a.client_done;
             if !client_done {
                 let mut f = Vec::new();
-                rst_frame(&mut f, stream, NO_ERROR);
-                self.resp_flow.own_data(Bytes::from(f), 0, &mut self.resp_ready);
+                put_rst(&mut f, stream, NO_ERROR);
+                self.resp_flow
+                    .own_data(Bytes::from(f), 0, &mut self.resp_ready);
             }
             if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
                 self.answered_gone(a);
@@ -1258,7 +1158,7 @@ impl Session {
     /// back to kubelet's connection window.
     fn answered_gone(&mut self, a: Answered) {
         a.local.abort();
-        window_update(self.kube_ctl(), 0, a.unconsumed);
+        put_window_update(self.kube_ctl(), 0, a.unconsumed);
     }
 
     /// Removes a forwarded stream both sides have finished.
@@ -1333,7 +1233,7 @@ impl Session {
             since: Instant::now(),
             last: None,
         });
-        goaway_frame(self.kube_ctl(), MAX_STREAM_ID, NO_ERROR, b"");
+        put_goaway(self.kube_ctl(), MAX_STREAM_ID, NO_ERROR, b"");
         put_head(self.kube_ctl(), 8, PING, 0, 0);
         self.kube_ctl().extend_from_slice(&CLOSING_OPAQUE);
     }
@@ -1343,7 +1243,7 @@ impl Session {
         let last = self.last_stream;
         if let Some(c @ Closing { last: None, .. }) = &mut self.closing {
             c.last = Some(last);
-            goaway_frame(self.kube_ctl(), last, NO_ERROR, b"");
+            put_goaway(self.kube_ctl(), last, NO_ERROR, b"");
         }
     }
 
@@ -1419,7 +1319,7 @@ impl Session {
         }
         self.flush_ready();
         let mut out = Vec::new();
-        goaway_frame(
+        put_goaway(
             &mut out,
             self.last_stream,
             fatal.code,

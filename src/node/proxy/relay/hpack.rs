@@ -1,13 +1,17 @@
-//! Header blocks: decoding with the client's HPACK table (RFC 7541), looking at what `h2` will
-//! refuse, and re-encoding without the dynamic table.
+//! HPACK (RFC 7541): decoding a peer's header blocks with its dynamic table, checking each field
+//! against HTTP/2's rules, and re-encoding as literals without the dynamic table.
 //!
 //! The decoder is pullgate's own (static and dynamic tables, integers, strings; Huffman strings are
-//! decoded by `httlib-huffman`), checked against RFC 7541 Appendix C and, in the layer's tests,
-//! against an independent implementation. It is as strict as `h2`'s on what changes the table: size
-//! updates only at the start of a block and never above the advertised table size. While a block is
-//! decoded it is also written out again as literals without indexing into a scratch buffer, with
-//! every `:authority` that `h2` would refuse replaced by `localhost`: decoding advances the table, so
-//! a block cannot be decoded twice, and the copy is what the connection needs once it re-encodes.
+//! decoded by `httlib-huffman`), checked against RFC 7541 Appendix C and against an independent
+//! implementation (`loona-hpack`, in the tests). It is strict on what changes the table: size
+//! updates only at the start of a block and never above the advertised table size. While a block
+//! is decoded it is written out again as literals without indexing into a buffer, with every
+//! `:authority` that is not a valid URI authority replaced by `localhost`: that copy is what the
+//! receiver gets, so it decodes exactly the fields pullgate decoded.
+//!
+//! The field rules (RFC 9113 §8.2–8.3: lower-case token names, values without CR/LF/NUL, the
+//! pseudo-headers a request needs, no connection-specific headers) are checked as strictly as the
+//! `h2` crate checks them, so every client is held to what any HTTP/2 server would accept.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -16,25 +20,22 @@ use http::uri::Authority;
 
 use crate::node::proxy::refusal::Refusal;
 
-/// The `:authority` sent in place of one that `h2` refuses.
+/// The `:authority` sent in place of one that is not a valid URI authority.
 pub const REPLACEMENT_AUTHORITY: &[u8] = b"localhost";
 
-/// What one decoded header block holds, as far as the layer cares.
+/// What one decoded header block holds, as far as routing and refusing it go.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Inspection {
-    /// Some `:authority` does not parse as an `http::uri::Authority`: `h2` would reset the stream.
+    /// Some `:authority` does not parse as an `http::uri::Authority` (it was replaced).
     pub bad_authority: bool,
-    /// Why `h2` will refuse this block, if the layer can tell (to name the reason of its reset or
-    /// GOAWAY); the first problem seen.
+    /// Why the block breaks HTTP/2's field rules, if it does (the reason pullgate refuses it
+    /// with); the first problem seen.
     pub fault: Option<Refusal>,
     /// The decoded header list size (RFC 9113 §6.5.2: names + values + 32 per field).
     pub list_size: usize,
     /// The list was larger than the limit: the re-encoded copy is incomplete and must not be used,
     /// and `list_size` counts only up to the field that crossed the limit.
     pub overflow: bool,
-    /// The re-encoded copy holds every field (a lazy decode stops copying once it cannot be
-    /// needed).
-    pub copied: bool,
 }
 
 /// Why a header block cannot be decoded.
@@ -135,7 +136,7 @@ pub struct Decoder {
     accepted: Accepted,
 }
 
-/// The last `:path` and `:authority` values that `h2` was found to accept. A client sends the same
+/// The last `:path` and `:authority` values that were found valid. A client sends the same
 /// few over and over, and comparing bytes costs less than parsing them again (with an allocation
 /// each) on every request. Only ever holds non-empty values that passed the full check.
 #[derive(Default)]
@@ -209,10 +210,7 @@ impl Decoder {
 
     /// Decodes `block`, inspecting every field and appending its re-encoding (literals without
     /// indexing, authorities fixed) to `copy` while the list stays within `max_list`. `request` says
-    /// whether this block opens a stream (request headers) rather than carrying trailers. With
-    /// `lazy`, the copy stops at the first regular field if no `:authority` needed fixing by then
-    /// (pseudo-header fields come first, so the copy cannot be needed any more); whether it is
-    /// complete is in [`Inspection::copied`].
+    /// whether this block opens a stream (request headers) rather than carrying trailers.
     ///
     /// Once the list is over `max_list` the block is only walked to keep the table in step: no
     /// field is inspected or copied, and strings that do not enter the table are skipped without
@@ -223,18 +221,13 @@ impl Decoder {
         block: &[u8],
         request: bool,
         max_list: usize,
-        lazy: bool,
         copy: &mut Vec<u8>,
     ) -> Result<Inspection, DecodeError> {
         let mut fields = Fields {
             seen: Seen::default(),
-            insp: Inspection {
-                copied: true,
-                ..Inspection::default()
-            },
+            insp: Inspection::default(),
             request,
             max_list,
-            lazy,
             copy,
             accepted: std::mem::take(&mut self.accepted),
         };
@@ -304,7 +297,6 @@ struct Fields<'c> {
     insp: Inspection,
     request: bool,
     max_list: usize,
-    lazy: bool,
     copy: &'c mut Vec<u8>,
     accepted: Accepted,
 }
@@ -320,10 +312,6 @@ impl Fields<'_> {
             self.insp.overflow = true;
             return;
         }
-        let regular = !name.starts_with(b":");
-        if self.lazy && regular && !self.insp.bad_authority {
-            self.insp.copied = false;
-        }
         let replace = self.seen.field(
             name,
             value,
@@ -331,14 +319,12 @@ impl Fields<'_> {
             &mut self.insp,
             &mut self.accepted,
         );
-        if self.insp.copied {
-            let value = if replace {
-                REPLACEMENT_AUTHORITY
-            } else {
-                value
-            };
-            put_literal(self.copy, name, value);
-        }
+        let value = if replace {
+            REPLACEMENT_AUTHORITY
+        } else {
+            value
+        };
+        put_literal(self.copy, name, value);
     }
 }
 
@@ -389,7 +375,7 @@ fn skip_string(buf: &[u8], pos: &mut usize) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Pseudo-headers seen so far in one block, for spotting what `h2` refuses.
+/// Pseudo-headers seen so far in one block, for spotting what HTTP/2 does not allow.
 #[derive(Default)]
 struct Seen {
     regular: bool,
@@ -473,7 +459,7 @@ impl Seen {
         replace
     }
 
-    /// What a request block lacks that `h2` requires.
+    /// What a request block lacks that HTTP/2 requires.
     fn missing(&self) -> Option<Refusal> {
         match self.method {
             None => Some(Refusal::MissingPseudoHeader),
@@ -483,7 +469,7 @@ impl Seen {
     }
 }
 
-/// Whether `h2` accepts `name` as a header name: a non-empty token in lower case (RFC 9110 §5.6.2,
+/// Whether `name` is a valid header name: a non-empty token in lower case (RFC 9110 §5.6.2,
 /// RFC 9113 §8.2.1).
 fn valid_name(name: &[u8]) -> bool {
     // Every byte looked up in a table, without an early exit: names are short, and a loop
@@ -503,7 +489,7 @@ static NAME_BYTES: [bool; 256] = {
     t
 };
 
-/// Whether `h2` accepts `value` as a header value: visible bytes, spaces and tabs (no CR, LF, NUL
+/// Whether `value` is a valid header value: visible bytes, spaces and tabs (no CR, LF, NUL
 /// or other control bytes).
 fn valid_value(value: &[u8]) -> bool {
     // Without an early exit, so that the compiler checks many bytes at once.
@@ -566,8 +552,7 @@ mod tests {
         d.max = table_size;
         for (i, (encoded, want, table)) in blocks.iter().enumerate() {
             let mut copy = Vec::new();
-            d.decode(&hex(encoded), false, 1 << 20, false, &mut copy)
-                .unwrap();
+            d.decode(&hex(encoded), false, 1 << 20, &mut copy).unwrap();
             assert_eq!(literals(&copy), pairs(want), "block {}", i + 1);
             let got: Vec<(Vec<u8>, Vec<u8>)> = d.dynamic.iter().cloned().collect();
             assert_eq!(got, pairs(table), "table after block {}", i + 1);
@@ -741,17 +726,17 @@ mod tests {
         let mut over = Vec::new();
         put_size_update(&mut over, 4097);
         over.extend_from_slice(&[0x82]);
-        assert!(d.decode(&over, true, 1 << 20, false, &mut copy).is_err());
+        assert!(d.decode(&over, true, 1 << 20, &mut copy).is_err());
         let mut ok = Vec::new();
         put_size_update(&mut ok, 100);
         ok.extend_from_slice(&[0x82]);
         let mut d = Decoder::new(4096);
-        assert!(d.decode(&ok, false, 1 << 20, false, &mut copy).is_ok());
+        assert!(d.decode(&ok, false, 1 << 20, &mut copy).is_ok());
         assert_eq!(d.max, 100);
-        // Only at the start of a block, as `h2` requires.
+        // Only at the start of a block (RFC 7541 §4.2).
         let late = [0x82, 0x20];
         assert_eq!(
-            Decoder::new(4096).decode(&late, false, 1 << 20, false, &mut copy),
+            Decoder::new(4096).decode(&late, false, 1 << 20, &mut copy),
             Err(DecodeError::LateSizeUpdate)
         );
     }
@@ -769,15 +754,14 @@ mod tests {
             put_int(&mut block, 0, 7, value.len());
             block.extend_from_slice(value.as_bytes());
         }
-        d.decode(&block, false, 1 << 20, false, &mut Vec::new())
-            .unwrap();
+        d.decode(&block, false, 1 << 20, &mut Vec::new()).unwrap();
         assert!(d.dynamic.is_empty());
         assert_eq!(d.size, 0);
         assert_eq!(d.get(62), Err(DecodeError::Index(62)));
         assert_eq!(d.get(61).unwrap().0, b"www-authenticate");
     }
 
-    /// Decodes a block encoded by [`put_literal`] back, as `h2` would.
+    /// Decodes a block encoded by [`put_literal`] back, as a receiver would.
     fn literals(copy: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         loona_hpack::Decoder::new().decode(copy).unwrap()
     }
@@ -785,7 +769,7 @@ mod tests {
     #[test]
     fn copies_replace_bad_authorities_only() {
         let mut client = loona_hpack::Encoder::new();
-        let (mut d, mut lazy_d) = (Decoder::new(4096), Decoder::new(4096));
+        let mut d = Decoder::new(4096);
         for (authority, bad) in [
             (&b"localhost"[..], false),
             (b"/run/pullgate/pullgate.sock", true),
@@ -804,17 +788,7 @@ mod tests {
             ];
             let block = client.encode(fields.iter().copied());
             let mut copy = Vec::new();
-            let insp = d.decode(&block, true, 1 << 20, false, &mut copy).unwrap();
-            // A lazy decode (the layer's while it hands blocks on as sent) copies only when an
-            // authority is fixed, and then everything.
-            let mut lazy_copy = Vec::new();
-            let lazy = lazy_d
-                .decode(&block, true, 1 << 20, true, &mut lazy_copy)
-                .unwrap();
-            assert_eq!(lazy.copied, bad, "{authority:?}");
-            if bad {
-                assert_eq!(lazy_copy, copy);
-            }
+            let insp = d.decode(&block, true, 1 << 20, &mut copy).unwrap();
             assert_eq!(insp.bad_authority, bad, "{authority:?}");
             assert_eq!(insp.fault, None, "{authority:?}");
             let mut want: Vec<(Vec<u8>, Vec<u8>)> = fields
@@ -934,7 +908,7 @@ mod tests {
             let mut client = loona_hpack::Encoder::new();
             let block = client.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
             let insp = Decoder::new(4096)
-                .decode(&block, *request, 1 << 20, false, &mut Vec::new())
+                .decode(&block, *request, 1 << 20, &mut Vec::new())
                 .unwrap();
             assert_eq!(insp.fault, *want, "{fields:?}");
         }
@@ -952,8 +926,7 @@ mod tests {
                 (":path", path),
             ];
             let block = client.encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
-            d.decode(&block, true, 1 << 20, false, &mut Vec::new())
-                .unwrap()
+            d.decode(&block, true, 1 << 20, &mut Vec::new()).unwrap()
         };
         for _ in 0..2 {
             // First, while nothing is remembered yet.
@@ -988,7 +961,7 @@ mod tests {
         let block = client.encode(fields.iter().copied());
         let mut copy = Vec::new();
         let insp = Decoder::new(4096)
-            .decode(&block, true, 4000, false, &mut copy)
+            .decode(&block, true, 4000, &mut copy)
             .unwrap();
         assert!(insp.overflow);
         assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
@@ -1020,9 +993,7 @@ mod tests {
         block.push(b'z');
         let mut d = Decoder::new(4096);
         let mut copy = Vec::new();
-        let insp = d
-            .decode(&block, false, 64 * 1024, false, &mut copy)
-            .unwrap();
+        let insp = d.decode(&block, false, 64 * 1024, &mut copy).unwrap();
         assert!(insp.overflow);
         assert_eq!(insp.fault, Some(Refusal::HeaderListTooLarge));
         // Counting stopped at the field that crossed the limit.
