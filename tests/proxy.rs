@@ -553,6 +553,167 @@ async fn upstream_down_gives_unavailable_then_recovers() {
     up2.stop().await;
 }
 
+/// An echo runtime whose connections all end when it stops (a containerd restart). It stops reading
+/// a request past 8 MiB, so a larger call fills every window on the way.
+struct EchoRuntime {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoRuntime {
+    fn serve(path: &Path) -> EchoRuntime {
+        let _ = std::fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    let mut conn = h2::server::handshake(stream).await.expect("handshake");
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        tokio::spawn(async move {
+                            let mut body = req.into_body();
+                            let mut got = Vec::new();
+                            while let Some(Ok(d)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(d.len());
+                                got.extend_from_slice(&d);
+                                if got.len() > 8 << 20 {
+                                    // Larger calls are held unread, their windows left full.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/grpc")
+                                .body(())
+                                .unwrap();
+                            let Ok(mut send) = respond.send_response(resp, false) else {
+                                return;
+                            };
+                            let mut rest = Bytes::from(got);
+                            // Within the window the client gives, as a runtime does.
+                            while !rest.is_empty() {
+                                send.reserve_capacity(rest.len());
+                                let Some(Ok(n)) =
+                                    std::future::poll_fn(|cx| send.poll_capacity(cx)).await
+                                else {
+                                    return;
+                                };
+                                let _ = send.send_data(rest.split_to(n.min(rest.len())), false);
+                            }
+                            let mut t = HeaderMap::new();
+                            t.insert("grpc-status", "0".parse().unwrap());
+                            let _ = send.send_trailers(t);
+                        });
+                    }
+                });
+            }
+        });
+        EchoRuntime { task }
+    }
+
+    /// Stops accepting and ends every connection at once.
+    fn stop(self) {
+        self.task.abort();
+    }
+}
+
+/// One call on an open HTTP/2 client connection: the gRPC status and the body that came back.
+async fn echo_on(client: &h2::client::SendRequest<Bytes>, body: Bytes) -> (String, Bytes) {
+    let mut client = client
+        .clone()
+        .ready()
+        .await
+        .expect("the client connection is open");
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/ListContainers")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    let mut rest = body;
+    // Sending stops early if the call is answered (or reset) before its request is all sent.
+    while !rest.is_empty() {
+        send.reserve_capacity(rest.len());
+        let Some(Ok(n)) = std::future::poll_fn(|cx| send.poll_capacity(cx)).await else {
+            break;
+        };
+        if send
+            .send_data(rest.split_to(n.min(rest.len())), false)
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+    let resp = resp.await.expect("response");
+    let status_of = |h: &HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    if let Some(s) = status_of(resp.headers()) {
+        return (s, Bytes::new());
+    }
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d.expect("response data");
+        let _ = body.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    (status_of(&trailers).expect("grpc-status"), Bytes::from(got))
+}
+
+/// A client's connection outlives containerd restarts: its calls in between end UNAVAILABLE, and
+/// afterwards large messages pass both ways on the same connection (pullgate opens a new one to
+/// containerd and settles the flow-control windows the old one left behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_connection_outlives_containerd_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let pg = Pullgate::start(dir.path(), &path, Duration::from_secs(1));
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let big = || {
+        Bytes::from(
+            (0..(3 << 20) + 17)
+                .map(|i: u32| (i * 13 % 251) as u8)
+                .collect::<Vec<_>>(),
+        )
+    };
+    for round in 0..3 {
+        let runtime = EchoRuntime::serve(&path);
+        // Several large messages, so every window on the way is used up and given back.
+        for _ in 0..3 {
+            let (status, got) =
+                tokio::time::timeout(Duration::from_secs(20), echo_on(&client, big()))
+                    .await
+                    .expect("the echo ends: no window is left short");
+            assert_eq!(status, "0", "round {round}");
+            assert!(got == big(), "round {round}: the echo differs");
+        }
+        let (status, got) = echo_on(&client, Bytes::from_static(b"small")).await;
+        assert_eq!((status.as_str(), &got[..]), ("0", &b"small"[..]));
+        // containerd goes away in the middle of a large call it stopped reading: what was in flight
+        // is lost, and the windows on the way were full.
+        let cut = tokio::spawn({
+            let client = client.clone();
+            async move { echo_on(&client, Bytes::from(vec![1u8; 16 << 20])).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        runtime.stop();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), cut)
+            .await
+            .expect("the cut call ends")
+            .unwrap();
+        assert_eq!(status, "14", "round {round}: the cut call is UNAVAILABLE");
+        // containerd is gone: the call fails as unavailable, on the same connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (status, _) = echo_on(&client, Bytes::from_static(b"x")).await;
+        assert_eq!(
+            status, "14",
+            "round {round}: UNAVAILABLE while containerd is down"
+        );
+    }
+    assert!(!conn.is_finished(), "the client connection stayed open");
+    pg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight_calls() {
     let dir = tempfile::tempdir().unwrap();

@@ -161,6 +161,31 @@ pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
 }
 
+/// containerd's SETTINGS (`payload`) as kubelet gets them: the header table size, concurrent
+/// streams and header list size no larger than pullgate's; `None` for a malformed payload.
+fn capped_settings(payload: &[u8], max_streams: u32) -> Option<Vec<u8>> {
+    if payload.len() % 6 != 0 {
+        return None;
+    }
+    let entries: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|e| {
+            let id = u16::from_be_bytes([e[0], e[1]]);
+            let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+            let cap = match id {
+                SETTINGS_HEADER_TABLE_SIZE => TABLE_SIZE as u32,
+                SETTINGS_MAX_CONCURRENT_STREAMS => max_streams,
+                SETTINGS_MAX_HEADER_LIST_SIZE => MAX_HEADER_LIST as u32,
+                _ => u32::MAX,
+            };
+            (id, value.min(cap))
+        })
+        .collect();
+    let mut f = Vec::with_capacity(FRAME_HEADER + payload.len());
+    put_settings(&mut f, &entries);
+    Some(f)
+}
+
 /// containerd's header blocks: its table is pullgate's decoder's, which starts afresh with
 /// every connection to containerd.
 fn response_blocks() -> Blocks {
@@ -619,32 +644,11 @@ impl Session {
     /// containerd's SETTINGS: the header table size, concurrent streams and header list size
     /// capped to pullgate's (kubelet keeps pullgate's for those containerd does not send).
     fn up_settings(&mut self, frame: &[u8]) -> Result<Vec<u8>, Fatal> {
-        let payload = &frame[FRAME_HEADER..];
-        if payload.len() % 6 != 0 {
-            return Err(Fatal {
-                code: FRAME_SIZE_ERROR,
-                reason: None,
-                what: "containerd sent a SETTINGS frame whose length is not a multiple of 6".into(),
-            });
-        }
-        let max_list = MAX_HEADER_LIST as u32;
-        let mut out = Vec::with_capacity(payload.len() + 12);
-        for entry in payload.chunks_exact(6) {
-            let id = u16::from_be_bytes([entry[0], entry[1]]);
-            let mut value = u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]);
-            match id {
-                SETTINGS_HEADER_TABLE_SIZE => value = value.min(TABLE_SIZE as u32),
-                SETTINGS_MAX_CONCURRENT_STREAMS => value = value.min(self.limits.max_streams),
-                SETTINGS_MAX_HEADER_LIST_SIZE => value = value.min(max_list),
-                _ => {}
-            }
-            out.extend_from_slice(&id.to_be_bytes());
-            out.extend_from_slice(&value.to_be_bytes());
-        }
-        let mut f = Vec::with_capacity(FRAME_HEADER + out.len());
-        put_head(&mut f, out.len(), SETTINGS, 0, 0);
-        f.extend_from_slice(&out);
-        Ok(f)
+        capped_settings(&frame[FRAME_HEADER..], self.limits.max_streams).ok_or_else(|| Fatal {
+            code: FRAME_SIZE_ERROR,
+            reason: None,
+            what: "containerd sent a SETTINGS frame whose length is not a multiple of 6".into(),
+        })
     }
 
     /// A complete header block from kubelet: a new stream's request, or a stream's trailers.
@@ -1349,5 +1353,53 @@ impl Session {
             }
         };
         let _ = tokio::time::timeout(CLOSE_GRACE, write).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerds_settings_reach_kubelet_within_pullgates_limits() {
+        let mut payload = Vec::new();
+        for (id, value) in [
+            (SETTINGS_HEADER_TABLE_SIZE, 65_536),
+            (SETTINGS_MAX_CONCURRENT_STREAMS, 1000),
+            (SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20),
+            (SETTINGS_MAX_HEADER_LIST_SIZE, 16 << 20),
+            (SETTINGS_MAX_FRAME_SIZE, 1 << 20),
+        ] {
+            payload.extend_from_slice(&u16::to_be_bytes(id));
+            payload.extend_from_slice(&u32::to_be_bytes(value));
+        }
+        let f = capped_settings(&payload, 256).unwrap();
+        assert_eq!(head(&f), (SETTINGS, 0, 0));
+        let got: Vec<(u16, u32)> = f[FRAME_HEADER..]
+            .chunks_exact(6)
+            .map(|e| {
+                (
+                    u16::from_be_bytes([e[0], e[1]]),
+                    u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (SETTINGS_HEADER_TABLE_SIZE, 4096),
+                (SETTINGS_MAX_CONCURRENT_STREAMS, 256),
+                (SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20),
+                (SETTINGS_MAX_HEADER_LIST_SIZE, 64 * 1024),
+                (SETTINGS_MAX_FRAME_SIZE, 1 << 20),
+            ]
+        );
+        // Smaller values pass as they are; a payload that is not whole entries is refused.
+        let small = [0, 3, 0, 0, 0, 10];
+        assert_eq!(
+            &capped_settings(&small, 256).unwrap()[FRAME_HEADER..],
+            &small
+        );
+        assert_eq!(capped_settings(&[0, 3, 0], 256), None);
     }
 }
