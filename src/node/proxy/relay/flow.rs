@@ -62,6 +62,8 @@ pub struct ConnFlow {
     queue: VecDeque<Outgoing>,
     /// DATA bytes in `queue`.
     queued: i64,
+    /// Bytes of every frame in `queue`, DATA or not (what waiting costs in memory).
+    queued_bytes: usize,
 }
 
 impl Default for ConnFlow {
@@ -71,6 +73,7 @@ impl Default for ConnFlow {
             debt: 0,
             queue: VecDeque::new(),
             queued: 0,
+            queued_bytes: 0,
         }
     }
 }
@@ -137,6 +140,7 @@ impl ConnFlow {
         self.debt -= self.queued;
         self.queue.clear();
         self.queued = 0;
+        self.queued_bytes = 0;
     }
 
     /// A new receiver with `real` bytes of room, the sender unchanged. Returns the room to give
@@ -180,8 +184,14 @@ impl ConnFlow {
         self.queued
     }
 
+    /// Bytes of every frame waiting, DATA or not.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
     fn push(&mut self, out: Outgoing, ready: &mut Vec<Outgoing>) {
         self.queued += i64::from(out.len);
+        self.queued_bytes += out.frame.len();
         self.queue.push_back(out);
         self.release(ready);
     }
@@ -195,6 +205,7 @@ impl ConnFlow {
             }
             self.real -= len;
             self.queued -= len;
+            self.queued_bytes -= next.frame.len();
             if next.own {
                 self.debt += len;
             }

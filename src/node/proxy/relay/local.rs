@@ -46,6 +46,32 @@ pub enum Event {
     Consumed { stream: u32, n: u32 },
     /// The next part of the answer.
     Out { stream: u32, out: Out },
+    /// The call's task ended without a complete answer.
+    Failed { stream: u32 },
+}
+
+/// Reports [`Event::Failed`] when dropped before [`Done::done`]: a task that panics still ends its
+/// stream. (An aborted task's stream is already gone.)
+struct Done {
+    events: mpsc::UnboundedSender<Event>,
+    stream: u32,
+    done: bool,
+}
+
+impl Done {
+    fn done(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.events.send(Event::Failed {
+                stream: self.stream,
+            });
+        }
+    }
 }
 
 /// The connection's side of one local call.
@@ -199,7 +225,32 @@ pub fn spawn(
     let req = builder.body(body).map_err(|_| Refusal::BadPseudoHeader)?;
     let path = path.to_owned();
     let task = tokio::spawn(async move {
-        let record = proxy.record(&path);
+        let mut guard = Done {
+            events: events.clone(),
+            stream,
+            done: false,
+        };
+        answer(proxy, handler, req, &path, stream, &events).await;
+        guard.done();
+    });
+    Ok(Local {
+        body: (!end_stream).then_some(tx),
+        task: task.abort_handle(),
+        pending: VecDeque::new(),
+    })
+}
+
+/// Runs an intercepted call and hands its answer to the connection, part by part.
+async fn answer(
+    proxy: Arc<Proxy>,
+    handler: Arc<dyn Handler>,
+    req: Request<ChannelBody>,
+    path: &str,
+    stream: u32,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    {
+        let record = proxy.record(path);
         let resp = proxy.intercepted(handler.as_ref(), req, record).await;
         let send = |out| events.send(Event::Out { stream, out }).is_ok();
         let (parts, mut body) = resp.into_parts();
@@ -237,12 +288,7 @@ pub fn spawn(
             }
         }
         send(Out::End);
-    });
-    Ok(Local {
-        body: (!end_stream).then_some(tx),
-        task: task.abort_handle(),
-        pending: VecDeque::new(),
-    })
+    }
 }
 
 fn put_headers(block: &mut Vec<u8>, headers: &HeaderMap) {

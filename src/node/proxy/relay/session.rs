@@ -17,7 +17,7 @@
 //! Backpressure: a side is not read while the bytes waiting to be written to the other side are
 //! over [`HIGH_WATER`], so a peer that does not read holds back the one that writes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,8 @@ use crate::node::proxy::{Proxy, Route};
 const HIGH_WATER: usize = 1 << 20;
 /// The largest header block containerd may send (its trailers carry error details).
 const MAX_RESPONSE_BLOCK: usize = 1 << 20;
+/// PINGs that may wait for their answer, each way; a client that sends more is refused.
+const MAX_PINGS_IN_FLIGHT: usize = 64;
 /// The payload of pullgate's own keepalive PING, told apart from kubelet's on the ACK.
 const KEEPALIVE_OPAQUE: [u8; 8] = *b"pullgate";
 /// The payload of the PING that follows the first GOAWAY when pullgate closes a connection.
@@ -65,6 +67,24 @@ impl Fatal {
         Fatal {
             code: PROTOCOL_ERROR,
             reason: Some(reason),
+            what: what.into(),
+        }
+    }
+}
+
+impl Fatal {
+    fn frame_size(what: &str) -> Self {
+        Fatal {
+            code: FRAME_SIZE_ERROR,
+            reason: Some(Refusal::ConnectionError),
+            what: what.into(),
+        }
+    }
+
+    fn calm(what: &str) -> Self {
+        Fatal {
+            code: ENHANCE_YOUR_CALM,
+            reason: Some(Refusal::ConnectionError),
             what: what.into(),
         }
     }
@@ -103,8 +123,10 @@ struct Answered {
     local: Local,
     window: StreamWindow,
     client_done: bool,
-    /// Request data handed to the call that it has not read yet.
-    unconsumed: u32,
+    /// The room kubelet has to send request data on the stream: containerd's initial stream
+    /// window as kubelet knows it (pullgate answers in its place), plus what pullgate gave back as
+    /// the call read, less what kubelet sent.
+    recv_window: i64,
 }
 
 enum Stream {
@@ -159,6 +181,53 @@ impl Tx {
 /// The value of the first field named `name` in a block re-encoded as literals.
 pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
+}
+
+/// Connects to a unix socket without waiting: a connect to a listening unix socket completes or
+/// fails at once, except when its backlog is full, which is reported as an error (`EAGAIN`)
+/// rather than waited out on the connection's task.
+fn connect_now(path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: zeroed sockaddr_un is a valid value; the path is copied within its bounds below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2); the descriptor is owned right away.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // SAFETY: connect(2) with a valid descriptor and an address of the given length.
+    let r = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::os::unix::net::UnixStream::from(fd))
 }
 
 /// containerd's SETTINGS (`payload`) as kubelet gets them: the header table size, concurrent
@@ -241,10 +310,24 @@ struct Session {
     req_ready: Vec<Outgoing>,
     /// kubelet's SETTINGS as containerd was told them (latest value per setting), replayed to a
     /// new containerd connection.
-    kube_settings_sent: Vec<(u16, u32)>,
-    /// SETTINGS pullgate replayed to a new containerd connection whose ACK is still due (kubelet
-    /// did not send them, so it must not see their ACK).
-    replayed_unacked: usize,
+    kube_settings_sent: [Option<u32>; 9],
+    /// The SETTINGS frames sent to containerd whose ACK is due, in order: `true` for kubelet's
+    /// (the ACK goes to kubelet), `false` for pullgate's replay to a new connection.
+    settings_to_up: VecDeque<bool>,
+    /// The SETTINGS frames sent to kubelet whose ACK is due, in order: whose they are (`None`:
+    /// pullgate's own; `Some(generation)`: that containerd connection's).
+    settings_to_kube: VecDeque<Option<u64>>,
+    /// kubelet's PINGs sent to containerd, not yet answered.
+    pings_to_up: VecDeque<[u8; 8]>,
+    /// containerd's PINGs sent to kubelet, not yet answered.
+    pings_to_kube: VecDeque<[u8; 8]>,
+    /// Counts the connections to containerd this client connection has had.
+    generation: u64,
+    /// The largest frame kubelet may send: 16 KiB until containerd allows more.
+    kube_max_frame_in: usize,
+    /// containerd's SETTINGS_INITIAL_WINDOW_SIZE as kubelet knows it: the receive window pullgate
+    /// grants a stream it answers itself.
+    up_initial_window: u32,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -252,8 +335,6 @@ struct Session {
     last_stream: u32,
     kube_settings: KubeSettings,
 
-    /// SETTINGS pullgate sent kubelet itself (without containerd) whose ACK is still due.
-    own_settings_unacked: usize,
     events_tx: mpsc::UnboundedSender<Event>,
     /// Closing: since when, and once the client has seen the first GOAWAY, the last stream taken.
     closing: Option<Closing>,
@@ -288,8 +369,14 @@ pub async fn serve(
         resp_ready: Vec::new(),
         req_flow: ConnFlow::default(),
         req_ready: Vec::new(),
-        kube_settings_sent: Vec::new(),
-        replayed_unacked: 0,
+        kube_settings_sent: [None; 9],
+        settings_to_up: VecDeque::new(),
+        settings_to_kube: VecDeque::new(),
+        pings_to_up: VecDeque::new(),
+        pings_to_kube: VecDeque::new(),
+        generation: 0,
+        kube_max_frame_in: MIN_MAX_FRAME_SIZE,
+        up_initial_window: 65_535,
         up_draining: false,
         streams: HashMap::new(),
         last_stream: 0,
@@ -297,7 +384,6 @@ pub async fn serve(
             initial_window: 65_535,
             max_frame: MIN_MAX_FRAME_SIZE,
         },
-        own_settings_unacked: 0,
         events_tx,
         closing: None,
         last_read: now,
@@ -319,7 +405,16 @@ pub async fn serve(
             wake = next;
             timer.as_mut().reset(wake);
         }
-        let kube_room = s.up.as_ref().map_or(0, Tx::pending) < HIGH_WATER;
+        // kubelet is read while what it makes pullgate send either way has room: a client that
+        // does not read what it asks for holds back only itself.
+        let kube_room = s.up.as_ref().map_or(0, Tx::pending) + s.req_flow.queued_bytes()
+            < HIGH_WATER
+            && s.kube.pending() + s.resp_flow.queued_bytes() < HIGH_WATER;
+        if !kube_room {
+            // Not reading is pullgate's choice: the keepalive clock does not run meanwhile.
+            s.last_read = Instant::now();
+            s.ping_sent = None;
+        }
         let up_room = s.kube.pending() < HIGH_WATER;
         s.kube_rx.input.reserve(16 * 1024);
         if let Some(up) = &mut s.up_rx {
@@ -458,13 +553,13 @@ impl Session {
             (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
         ];
         put_settings(self.kube_ctl(), &entries);
-        self.own_settings_unacked += 1;
+        self.settings_to_kube.push_back(None);
     }
 
     /// Every whole frame kubelet sent.
     fn kube_frames(&mut self) -> Result<(), Fatal> {
         loop {
-            let frame = match next_frame(&mut self.kube_rx.input, MAX_FRAME) {
+            let frame = match next_frame(&mut self.kube_rx.input, self.kube_max_frame_in) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(len) => {
@@ -491,6 +586,12 @@ impl Session {
             ));
         }
         match kind {
+            HEADERS if stream == 0 => {
+                return Err(Fatal::protocol(
+                    Refusal::BadHeaderBlock,
+                    "a HEADERS frame on stream 0",
+                ));
+            }
             HEADERS | CONTINUATION => {
                 if let Some(block) =
                     self.requests
@@ -499,14 +600,24 @@ impl Session {
                     self.request_block(block)?;
                 }
             }
+            DATA if stream == 0 || stream > self.last_stream => {
+                return Err(Fatal::protocol(
+                    Refusal::ConnectionError,
+                    format!("a DATA frame on stream {stream}, which is not open"),
+                ));
+            }
             DATA => self.kube_data(frame, flags, stream)?,
             WINDOW_UPDATE => {
-                let inc = frame
-                    .get(FRAME_HEADER..FRAME_HEADER + 4)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
-                    .ok_or_else(|| {
-                        Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE")
-                    })?;
+                let payload = &frame[FRAME_HEADER..];
+                let inc = u31(payload)
+                    .filter(|_| payload.len() == 4)
+                    .ok_or_else(|| Fatal::frame_size("a WINDOW_UPDATE frame not 4 bytes long"))?;
+                if inc == 0 {
+                    return Err(Fatal::protocol(
+                        Refusal::ConnectionError,
+                        "a WINDOW_UPDATE of 0 bytes",
+                    ));
+                }
                 if stream == 0 {
                     let pass = self.resp_flow.receiver_update(inc, &mut self.resp_ready)?;
                     if let Some(out) = self.up_ctl() {
@@ -523,38 +634,73 @@ impl Session {
                     }
                 }
             }
-            SETTINGS => {
-                if flags & ACK != 0 {
-                    if self.own_settings_unacked > 0 {
-                        self.own_settings_unacked -= 1;
-                    } else {
-                        self.send_up(frame, 0)?;
-                    }
-                    return Ok(());
+            SETTINGS if stream != 0 => {
+                return Err(Fatal::protocol(
+                    Refusal::ConnectionError,
+                    format!("a SETTINGS frame on stream {stream}"),
+                ));
+            }
+            SETTINGS if flags & ACK != 0 => {
+                if frame.len() != FRAME_HEADER {
+                    return Err(Fatal::frame_size(
+                        "a SETTINGS acknowledgement with a payload",
+                    ));
                 }
+                // Whose SETTINGS kubelet acknowledges, in the order they were sent to it: pullgate's
+                // own and a gone containerd's acknowledgements end here.
+                match self.settings_to_kube.pop_front() {
+                    Some(Some(generation)) if generation == self.generation => {
+                        self.send_up(frame, 0)?
+                    }
+                    _ => {}
+                }
+            }
+            SETTINGS => {
                 let mut frame = frame.to_vec();
                 self.kube_settings(&mut frame)?;
                 match self.up.is_some() {
-                    true => self.send_up(Bytes::from(frame), 0)?,
+                    true => {
+                        self.settings_to_up.push_back(true);
+                        self.send_up(Bytes::from(frame), 0)?
+                    }
                     false => put_head(self.kube_ctl(), 0, SETTINGS, ACK, 0),
                 }
             }
-            PING => {
-                if flags & ACK != 0 {
-                    if frame[FRAME_HEADER..] == KEEPALIVE_OPAQUE {
-                        return Ok(());
+            PING if stream != 0 || frame.len() != FRAME_HEADER + 8 => {
+                return Err(Fatal::frame_size(
+                    "a PING frame not on stream 0 with 8 bytes",
+                ));
+            }
+            PING if flags & ACK != 0 => {
+                let opaque: [u8; 8] = frame[FRAME_HEADER..].try_into().expect("8 bytes");
+                match opaque {
+                    KEEPALIVE_OPAQUE => {}
+                    CLOSING_OPAQUE => self.final_goaway(),
+                    // An answer to containerd's PING, if this containerd sent it.
+                    _ => {
+                        if let Some(i) = self.pings_to_kube.iter().position(|o| *o == opaque) {
+                            self.pings_to_kube.remove(i);
+                            self.send_up(frame, 0)?;
+                        }
                     }
-                    if frame[FRAME_HEADER..] == CLOSING_OPAQUE {
-                        self.final_goaway();
-                        return Ok(());
-                    }
-                    self.send_up(frame, 0)?;
-                } else if self.up.is_some() {
-                    self.send_up(frame, 0)?;
-                } else {
-                    put_head(self.kube_ctl(), 8, PING, ACK, 0);
-                    self.kube_ctl().extend_from_slice(&frame[FRAME_HEADER..]);
                 }
+            }
+            PING if self.up.is_some() => {
+                if self.pings_to_up.len() >= MAX_PINGS_IN_FLIGHT {
+                    return Err(Fatal::calm("too many PINGs waiting for an answer"));
+                }
+                self.pings_to_up
+                    .push_back(frame[FRAME_HEADER..].try_into().expect("8 bytes"));
+                self.send_up(frame, 0)?;
+            }
+            PING => {
+                put_head(self.kube_ctl(), 8, PING, ACK, 0);
+                self.kube_ctl().extend_from_slice(&frame[FRAME_HEADER..]);
+            }
+            RST_STREAM if stream == 0 || frame.len() != FRAME_HEADER + 4 => {
+                return Err(Fatal::frame_size(
+                    "a RST_STREAM frame not on a stream with 4 bytes",
+                ));
             }
             RST_STREAM => match self.streams.remove(&stream) {
                 Some(Stream::Forwarded(_)) => self.send_up(frame, 0)?,
@@ -605,9 +751,22 @@ impl Session {
                 value = TABLE_SIZE as u32;
                 entry[2..].copy_from_slice(&value.to_be_bytes());
             }
-            match self.kube_settings_sent.iter_mut().find(|(i, _)| *i == id) {
-                Some(e) => e.1 = value,
-                None => self.kube_settings_sent.push((id, value)),
+            let bad = match id {
+                SETTINGS_ENABLE_PUSH => value > 1,
+                SETTINGS_MAX_FRAME_SIZE => {
+                    !(MIN_MAX_FRAME_SIZE..=MAX_FRAME).contains(&(value as usize))
+                }
+                _ => false,
+            };
+            if bad {
+                return Err(Fatal::protocol(
+                    Refusal::ConnectionError,
+                    format!("SETTINGS {id:#x} = {value}, outside what HTTP/2 allows"),
+                ));
+            }
+            // Known settings are replayed to a new containerd connection.
+            if let Some(slot) = self.kube_settings_sent.get_mut(usize::from(id)) {
+                *slot = Some(value);
             }
             match id {
                 SETTINGS_INITIAL_WINDOW_SIZE => {
@@ -622,10 +781,7 @@ impl Session {
                         }
                     }
                 }
-                SETTINGS_MAX_FRAME_SIZE => {
-                    self.kube_settings.max_frame =
-                        (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
-                }
+                SETTINGS_MAX_FRAME_SIZE => self.kube_settings.max_frame = value as usize,
                 _ => {}
             }
         }
@@ -762,7 +918,7 @@ impl Session {
                                 local,
                                 window: StreamWindow::new(self.kube_settings.initial_window),
                                 client_done: block.end_stream,
-                                unconsumed: 0,
+                                recv_window: i64::from(self.up_initial_window),
                             }),
                         );
                     }
@@ -847,23 +1003,32 @@ impl Session {
                 }
             }
             Some(Stream::Answered(a)) => {
-                // Padding is given back at once, the data once the handler has read it (or at once
-                // if the call no longer reads).
+                // The connection's room is given back at once (a call that does not read holds
+                // back only itself); the stream's as the call reads, padding at once.
+                a.recv_window -= i64::from(total);
+                let over = a.recv_window < 0;
                 let padding = total - data.len() as u32;
-                let (conn, own) = match a.client_done {
-                    true => (total, 0),
-                    false => {
+                let own = match (over, a.client_done) {
+                    (false, false) => {
                         a.client_done = end;
-                        a.unconsumed += data.len() as u32;
                         a.local.body(data);
                         if end {
                             a.local.end_body();
                         }
-                        (padding, padding)
+                        a.recv_window += i64::from(padding);
+                        padding
                     }
+                    _ => 0,
                 };
-                put_window_update(self.kube_ctl(), 0, conn);
+                put_window_update(self.kube_ctl(), 0, total);
                 put_window_update(self.kube_ctl(), stream, own);
+                if over {
+                    // More than the stream's window: a stream error (RFC 9113 §6.9.1).
+                    put_rst(self.kube_ctl(), stream, FLOW_CONTROL_ERROR);
+                    if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
+                        self.answered_gone(a);
+                    }
+                }
             }
             // A stream already closed (reset, answered): its data is given back and dropped.
             None => put_window_update(self.kube_ctl(), 0, total),
@@ -897,6 +1062,12 @@ impl Session {
         if self.responses.is_open() && kind != CONTINUATION {
             return Err(BlockError::Interleaved(kind).into());
         }
+        if matches!(self.streams.get(&stream), Some(Stream::Answered(_))) {
+            return Err(Fatal::protocol(
+                Refusal::ConnectionError,
+                format!("a frame of type {kind} on stream {stream}, which containerd never saw"),
+            ));
+        }
         match kind {
             DATA => {
                 let len = (frame.len() - FRAME_HEADER) as u32;
@@ -918,26 +1089,64 @@ impl Session {
                     self.response_block(block)?;
                 }
             }
-            SETTINGS if flags & ACK != 0 && self.replayed_unacked > 0 => {
-                self.replayed_unacked -= 1;
+            SETTINGS if flags & ACK != 0 => {
+                // kubelet's SETTINGS are acknowledged to kubelet; pullgate's replay is not.
+                if self.settings_to_up.pop_front() == Some(true) {
+                    self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+                }
             }
             WINDOW_UPDATE if stream == 0 => {
-                let inc = frame
-                    .get(FRAME_HEADER..FRAME_HEADER + 4)
-                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff)
-                    .ok_or_else(|| {
-                        Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE")
-                    })?;
+                let inc = u31(&frame[FRAME_HEADER..]).ok_or_else(|| {
+                    Fatal::protocol(Refusal::ConnectionError, "a short WINDOW_UPDATE")
+                })?;
                 let pass = self.req_flow.receiver_update(inc, &mut self.req_ready)?;
                 put_window_update(self.kube_ctl(), 0, pass);
             }
-            SETTINGS if flags & ACK == 0 => {
+            SETTINGS => {
                 let f = self.up_settings(&frame)?;
+                self.settings_to_kube.push_back(Some(self.generation));
+                for e in f[FRAME_HEADER..].chunks_exact(6) {
+                    let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+                    match u16::from_be_bytes([e[0], e[1]]) {
+                        SETTINGS_MAX_FRAME_SIZE => {
+                            let v = (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
+                            self.kube_max_frame_in = self.kube_max_frame_in.max(v);
+                        }
+                        SETTINGS_INITIAL_WINDOW_SIZE => {
+                            let delta = i64::from(value) - i64::from(self.up_initial_window);
+                            self.up_initial_window = value;
+                            for s in self.streams.values_mut() {
+                                if let Stream::Answered(a) = s {
+                                    a.recv_window += delta;
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
                 self.resp_ready.push(Outgoing {
                     frame: Bytes::from(f),
                     len: 0,
                     own: false,
                 });
+            }
+            PING if frame.len() != FRAME_HEADER + 8 => {
+                return Err(Fatal::frame_size("a PING frame without 8 bytes"));
+            }
+            PING if flags & ACK != 0 => {
+                let opaque: [u8; 8] = frame[FRAME_HEADER..].try_into().expect("8 bytes");
+                if let Some(i) = self.pings_to_up.iter().position(|o| *o == opaque) {
+                    self.pings_to_up.remove(i);
+                    self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+                }
+            }
+            PING => {
+                if self.pings_to_kube.len() >= MAX_PINGS_IN_FLIGHT {
+                    self.pings_to_kube.pop_front();
+                }
+                self.pings_to_kube
+                    .push_back(frame[FRAME_HEADER..].try_into().expect("8 bytes"));
+                self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
             }
             GOAWAY => {
                 // containerd takes no new streams on this connection. Streams it did not take end
@@ -965,7 +1174,9 @@ impl Session {
                 return Err(Fatal::protocol(Refusal::ConnectionError, "a PUSH_PROMISE"));
             }
             RST_STREAM => {
-                self.streams.remove(&stream);
+                if let Some(Stream::Forwarded(f)) = self.streams.remove(&stream) {
+                    drop(f);
+                }
                 self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
             }
             _ => self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?,
@@ -1010,8 +1221,19 @@ impl Session {
             ),
         );
         f.record.finish_code(status.code.as_str().as_bytes());
-        if let Some(out) = self.up_ctl() {
-            put_rst(out, stream, CANCEL);
+        if self.up.is_some() {
+            // Behind anything of the stream's still waiting for containerd's window.
+            let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
+            put_rst(&mut rst, stream, CANCEL);
+            let _ = self.send_up(Bytes::from(rst), 0);
+        }
+        if f.server_done {
+            // containerd's answer is complete: only kubelet's sending is cut short.
+            let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
+            put_rst(&mut rst, stream, NO_ERROR);
+            self.resp_flow
+                .own_data(Bytes::from(rst), 0, &mut self.resp_ready);
+            return;
         }
         let mut block = Vec::with_capacity(64 + status.message.len());
         if !f.answered {
@@ -1050,7 +1272,18 @@ impl Session {
         self.req_flow.clear();
         self.req_ready.clear();
         self.up_draining = false;
-        self.replayed_unacked = 0;
+        // What kubelet waits for from the containerd that is gone: pullgate answers it (kubelet's
+        // settings are replayed to the next connection).
+        for kubelets in std::mem::take(&mut self.settings_to_up) {
+            if kubelets {
+                put_head(self.kube_ctl(), 0, SETTINGS, ACK, 0);
+            }
+        }
+        for opaque in std::mem::take(&mut self.pings_to_up) {
+            put_head(self.kube_ctl(), 8, PING, ACK, 0);
+            self.kube_ctl().extend_from_slice(&opaque);
+        }
+        self.pings_to_kube.clear();
         self.responses = response_blocks();
         self.up_error = Some(format!(
             "the connection to the upstream runtime at {} ended: {why}",
@@ -1069,10 +1302,7 @@ impl Session {
             return true;
         }
         let path = self.proxy.upstream().path();
-        // A unix-socket connect completes or fails at once (it waits only on a full backlog).
-        let stream = std::os::unix::net::UnixStream::connect(path)
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .and_then(UnixStream::from_std);
+        let stream = connect_now(path).and_then(UnixStream::from_std);
         let stream = match stream {
             Ok(s) => s,
             Err(source) => {
@@ -1086,8 +1316,13 @@ impl Session {
         };
         let (rx, mut tx) = split(stream);
         tx.out.extend_from_slice(crate::node::proxy::conn::PREFACE);
-        put_settings(&mut tx.out, &self.kube_settings_sent);
-        self.replayed_unacked = 1;
+        let replay: Vec<(u16, u32)> = (0u16..)
+            .zip(self.kube_settings_sent)
+            .filter_map(|(id, v)| Some((id, v?)))
+            .collect();
+        put_settings(&mut tx.out, &replay);
+        self.settings_to_up.push_back(false);
+        self.generation += 1;
         let to_kube = self.req_flow.new_receiver(super::flow::INITIAL_WINDOW);
         put_window_update(self.kube_ctl(), 0, to_kube);
         let to_up = self.resp_flow.new_sender(super::flow::INITIAL_WINDOW);
@@ -1115,14 +1350,21 @@ impl Session {
     fn event(&mut self, ev: Event) {
         match ev {
             Event::Consumed { stream, n } => {
-                // Read after the call ended: already given back by `answered_gone`.
+                // The stream's room back, while kubelet may still send on it.
                 let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
                     return;
                 };
-                a.unconsumed -= n;
-                let own = if a.client_done { 0 } else { n };
-                put_window_update(self.kube_ctl(), 0, n);
-                put_window_update(self.kube_ctl(), stream, own);
+                if !a.client_done {
+                    a.recv_window += i64::from(n);
+                    put_window_update(self.kube_ctl(), stream, n);
+                }
+            }
+            Event::Failed { stream } => {
+                // The call's task ended without a complete answer (it panicked).
+                if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
+                    put_rst(self.kube_ctl(), stream, INTERNAL_ERROR);
+                    self.answered_gone(a);
+                }
             }
             Event::Out { stream, out } => {
                 if let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) {
@@ -1158,11 +1400,9 @@ impl Session {
         }
     }
 
-    /// A call pullgate answered is over: its task stops, and request data it never read is given
-    /// back to kubelet's connection window.
+    /// A call pullgate answered is over: its task stops.
     fn answered_gone(&mut self, a: Answered) {
         a.local.abort();
-        put_window_update(self.kube_ctl(), 0, a.unconsumed);
     }
 
     /// Removes a forwarded stream both sides have finished.
@@ -1253,7 +1493,10 @@ impl Session {
 
     /// Whether the connection is done: closed to new streams with no call open.
     fn finished(&self) -> bool {
-        matches!(self.closing, Some(Closing { last: Some(_), .. })) && self.streams.is_empty()
+        matches!(self.closing, Some(Closing { last: Some(_), .. }))
+            && self.streams.is_empty()
+            && self.resp_flow.queued_bytes() == 0
+            && self.resp_ready.is_empty()
     }
 
     /// The next moment a timer has something to check.
