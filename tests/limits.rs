@@ -934,3 +934,63 @@ async fn an_install_over_the_bundle_size_limit_is_refused_on_its_length() {
     pg.stop();
     upstream.stop().await;
 }
+
+/// A client that keeps asking (PINGs, each answered by pullgate) and never reads the answers is
+/// held back: pullgate stops reading it once the answers waiting for it pass a bound, so its
+/// writes stall instead of filling pullgate's memory; other clients are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_held_back() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (fake, _events) = FakeCri::new();
+    let upstream = fake.serve(&tmp.path().join("cri.sock"));
+    let pg = Pullgate::start(tmp.path(), &upstream.path, "");
+    let pid = pg.pid();
+    let rss_before = proc_status_kib(pid, "VmRSS:");
+
+    let mut s = tokio::net::UnixStream::connect(&pg.socket).await.unwrap();
+    s.write_all(PREFACE).await.unwrap();
+    s.write_all(&EMPTY_SETTINGS).await.unwrap();
+    let mut ping = vec![0, 0, 8, 6, 0, 0, 0, 0, 0];
+    ping.extend_from_slice(b"floodgte");
+    let batch: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 4096)
+        .collect();
+    let mut sent = 0usize;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let stalled = loop {
+        if tokio::time::Instant::now() > deadline || sent > (256 << 20) {
+            break false;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), s.write_all(&batch)).await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(e)) => panic!("pullgate closed the flooding connection: {e}"),
+            Err(_) => break true,
+        }
+    };
+    assert!(
+        stalled,
+        "{sent} bytes of PINGs sent without reading an answer"
+    );
+    assert!(
+        sent < (16 << 20),
+        "{sent} bytes of PINGs taken before holding back"
+    );
+    version_within(&pg.socket, Duration::from_secs(2)).await;
+    let rss = proc_status_kib(pid, "VmRSS:");
+    assert!(
+        rss < rss_before + 32 * 1024,
+        "resident memory grew from {rss_before} KiB to {rss} KiB"
+    );
+    support::loud(&format!(
+        "PING flood without reading: held back after {:.1} MiB; RSS {:.1} → {:.1} MiB",
+        sent as f64 / (1 << 20) as f64,
+        rss_before as f64 / 1024.0,
+        rss as f64 / 1024.0
+    ));
+    drop(s);
+    upstream.stop().await;
+}
