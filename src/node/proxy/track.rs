@@ -94,6 +94,11 @@ impl ConnState {
         Some(self.epoch + Duration::from_millis(ms))
     }
 
+    /// Resolves when the registry evicted this connection.
+    pub async fn evicted(&self) {
+        self.evict.notified().await
+    }
+
     pub fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }

@@ -349,7 +349,7 @@ pub async fn serve(
     limits: SessionLimits,
     kube: UnixStream,
     tracked: Conn,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let (kube_rx, kube) = split(kube);
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -391,14 +391,18 @@ pub async fn serve(
     };
     s.own_settings();
     let mut preface_left = crate::node::proxy::conn::PREFACE.len();
-    if *shutdown.borrow() {
-        s.start_closing();
-    }
     let far = Instant::now() + Duration::from_secs(86400 * 365);
     let timer = tokio::time::sleep_until(far);
     tokio::pin!(timer);
     let mut wake = far;
-    let mut draining = *shutdown.borrow();
+    // Made once, not on every turn of the loop: each resolves at most once that matters.
+    let stopping = stopping(shutdown);
+    tokio::pin!(stopping);
+    let mut draining = false;
+    let conn_state = s.tracked.state().clone();
+    let evicted = conn_state.evicted();
+    tokio::pin!(evicted);
+    let mut evicted_seen = false;
     loop {
         let next = s.next_wake().unwrap_or(far);
         if next != wake {
@@ -447,14 +451,13 @@ pub async fn serve(
                 Some(ev) => Step::Event(ev),
                 None => Step::Nothing,
             },
-            changed = shutdown.changed(), if !draining => {
-                if changed.is_err() || *shutdown.borrow() {
-                    draining = true;
-                    s.start_closing();
-                }
+            () = &mut stopping, if !draining => {
+                draining = true;
+                s.start_closing();
                 Step::Nothing
             }
-            _ = s.tracked.close_requested(), if s.closing.is_none() => {
+            () = &mut evicted, if !evicted_seen => {
+                evicted_seen = true;
                 s.start_closing();
                 Step::Nothing
             }
@@ -528,6 +531,15 @@ enum Step {
     UpGone(String),
     Event(Event),
     Timer,
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+async fn stopping(mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn write_up(up: &mut Option<Tx>) -> std::io::Result<usize> {
@@ -808,7 +820,7 @@ impl Session {
     }
 
     /// A complete header block from kubelet: a new stream's request, or a stream's trailers.
-    fn request_block(&mut self, block: Block) -> Result<(), Fatal> {
+    fn request_block(&mut self, mut block: Block) -> Result<(), Fatal> {
         let stream = block.stream;
         if stream <= self.last_stream {
             // Trailers of an open stream.
@@ -860,7 +872,7 @@ impl Session {
             put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
             return Ok(());
         }
-        let path = block.path.clone().unwrap_or_default();
+        let path = block.path.take().unwrap_or_default();
         let path = std::str::from_utf8(&path).unwrap_or("");
         let proxy = self.proxy.clone();
         let route = proxy.route(path);
