@@ -832,12 +832,7 @@ impl Session {
                 _ => {}
             }
         }
-        let answered: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| matches!(s, Stream::Answered(_)))
-            .map(|(id, _)| *id)
-            .collect();
+        let answered = self.stream_ids(|_, s| matches!(s, Stream::Answered(_)));
         for id in answered {
             self.pump(id);
         }
@@ -1016,9 +1011,18 @@ impl Session {
 
     /// A trailers-only answer from pullgate; `reset` when the client may still be sending.
     fn answer_status(&mut self, stream: u32, status: &Status, reset: bool) {
+        self.end_with_status(stream, status, true, reset);
+    }
+
+    /// Ends `stream` towards kubelet with `status` in a header block with END_STREAM: a
+    /// trailers-only answer (`head`: with `:status` and `content-type`) or trailers; `reset` when
+    /// kubelet may still be sending (RST_STREAM(NO_ERROR) tells it to stop).
+    fn end_with_status(&mut self, stream: u32, status: &Status, head: bool, reset: bool) {
         let mut block = Vec::with_capacity(64 + status.message.len());
-        put_literal(&mut block, b":status", b"200");
-        put_literal(&mut block, b"content-type", b"application/grpc");
+        if head {
+            put_literal(&mut block, b":status", b"200");
+            put_literal(&mut block, b"content-type", b"application/grpc");
+        }
         let mut trailers = http::HeaderMap::new();
         status.insert_into(&mut trailers);
         for (name, value) in &trailers {
@@ -1031,6 +1035,15 @@ impl Session {
         }
         self.resp_flow
             .own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+    }
+
+    /// The IDs of the streams `pick` chooses.
+    fn stream_ids(&self, pick: impl Fn(u32, &Stream) -> bool) -> Vec<u32> {
+        self.streams
+            .iter()
+            .filter(|(id, s)| pick(**id, s))
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     fn kube_data(&mut self, frame: Bytes, flags: u8, stream: u32) -> Result<(), Fatal> {
@@ -1202,12 +1215,8 @@ impl Session {
                 let last = frame.get(FRAME_HEADER..FRAME_HEADER + 4).map_or(0, |b| {
                     u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff
                 });
-                let unprocessed: Vec<u32> = self
-                    .streams
-                    .iter()
-                    .filter(|(id, s)| **id > last && matches!(s, Stream::Forwarded(_)))
-                    .map(|(id, _)| *id)
-                    .collect();
+                let unprocessed =
+                    self.stream_ids(|id, s| id > last && matches!(s, Stream::Forwarded(_)));
                 for id in unprocessed {
                     self.end_forwarded(id, "containerd is going away and did not take the call");
                 }
@@ -1282,35 +1291,14 @@ impl Session {
                 .own_data(Bytes::from(rst), 0, &mut self.resp_ready);
             return;
         }
-        let mut block = Vec::with_capacity(64 + status.message.len());
-        if !f.answered {
-            put_literal(&mut block, b":status", b"200");
-            put_literal(&mut block, b"content-type", b"application/grpc");
-        }
-        let mut trailers = http::HeaderMap::new();
-        status.insert_into(&mut trailers);
-        for (name, value) in &trailers {
-            put_literal(&mut block, name.as_str().as_bytes(), value.as_bytes());
-        }
-        let mut frames = Vec::new();
-        put_frames(&mut frames, stream, true, &block);
-        if !f.client_done {
-            put_rst(&mut frames, stream, NO_ERROR);
-        }
-        self.resp_flow
-            .own_data(Bytes::from(frames), 0, &mut self.resp_ready);
+        self.end_with_status(stream, &status, !f.answered, !f.client_done);
     }
 
     /// containerd's connection ended: calls on it end `UNAVAILABLE`; kubelet's connection stays,
     /// and its next forwarded call opens a new one ([`Session::upstream_ready`]).
     fn upstream_gone(&mut self, why: String) {
         tracing::debug!(reason = %why, "the connection to containerd ended");
-        let open: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| matches!(s, Stream::Forwarded(_)))
-            .map(|(id, _)| *id)
-            .collect();
+        let open = self.stream_ids(|_, s| matches!(s, Stream::Forwarded(_)));
         self.up = None;
         self.up_rx = None;
         for id in open {
