@@ -218,6 +218,36 @@ pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
 }
 
+/// Adds to a SETTINGS frame (`f`, for kubelet) the values it leaves at their defaults that a
+/// client may hold differently from an earlier connection to containerd.
+fn with_defaults(f: &mut Vec<u8>, max_streams: u32) {
+    let ids: Vec<u16> = f[FRAME_HEADER..]
+        .chunks_exact(6)
+        .map(|e| u16::from_be_bytes([e[0], e[1]]))
+        .collect();
+    let mut entries: Vec<(u16, u32)> = f[FRAME_HEADER..]
+        .chunks_exact(6)
+        .map(|e| {
+            (
+                u16::from_be_bytes([e[0], e[1]]),
+                u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+            )
+        })
+        .collect();
+    for (id, value) in [
+        (SETTINGS_INITIAL_WINDOW_SIZE, 65_535),
+        (SETTINGS_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE as u32),
+        (SETTINGS_MAX_CONCURRENT_STREAMS, max_streams),
+        (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST as u32),
+    ] {
+        if !ids.contains(&id) {
+            entries.push((id, value));
+        }
+    }
+    f.clear();
+    put_settings(f, &entries);
+}
+
 /// Connects to a unix socket without waiting: a connect to a listening unix socket completes or
 /// fails at once, except when its backlog is full, which is reported as an error (`EAGAIN`)
 /// rather than waited out on the connection's task.
@@ -358,6 +388,8 @@ struct Session {
     pings_to_kube: VecDeque<[u8; 8]>,
     /// Counts the connections to containerd this client connection has had.
     generation: u64,
+    /// The connection to containerd whose first SETTINGS kubelet has been sent.
+    up_settings_generation: u64,
     /// The largest frame kubelet may send: 16 KiB until containerd allows more.
     kube_max_frame_in: usize,
     /// containerd's SETTINGS_INITIAL_WINDOW_SIZE as kubelet knows it: the receive window pullgate
@@ -410,6 +442,7 @@ pub async fn serve(
         pings_to_up: VecDeque::new(),
         pings_to_kube: VecDeque::new(),
         generation: 0,
+        up_settings_generation: 0,
         kube_max_frame_in: MIN_MAX_FRAME_SIZE,
         up_initial_window: 65_535,
         up_draining: false,
@@ -446,9 +479,11 @@ pub async fn serve(
         }
         // kubelet is read while what it makes pullgate send either way has room: a client that
         // does not read what it asks for holds back only itself.
+        // (What waits for kubelet's window is bounded apart: kubelet must be read for the
+        // WINDOW_UPDATEs that release it, see `request_block`.)
         let kube_room = s.up.as_ref().map_or(0, Tx::pending) + s.req_flow.queued_bytes()
             < HIGH_WATER
-            && s.kube.pending() + s.resp_flow.queued_bytes() < HIGH_WATER;
+            && s.kube.pending() < HIGH_WATER;
         if !kube_room {
             // Not reading is pullgate's choice: the keepalive clock does not run meanwhile.
             s.last_read = Instant::now();
@@ -891,6 +926,18 @@ impl Session {
                 return Ok(());
             }
         }
+        if self.resp_flow.queued_bytes() >= HIGH_WATER {
+            // Answers already wait for kubelet's window: no new call until it takes them.
+            self.proxy.refusals().refuse(
+                Refusal::StreamRefused,
+                format_args!(
+                    "refused stream {stream}: {} bytes of answers wait for the client's flow-control window",
+                    self.resp_flow.queued_bytes()
+                ),
+            );
+            put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
+            return Ok(());
+        }
         if self.streams.len() >= self.limits.max_streams as usize {
             self.proxy.refusals().refuse(
                 Refusal::StreamRefused,
@@ -1084,7 +1131,7 @@ impl Session {
                 put_window_update(self.kube_ctl(), stream, own);
                 if over {
                     // More than the stream's window: a stream error (RFC 9113 §6.9.1).
-                    put_rst(self.kube_ctl(), stream, FLOW_CONTROL_ERROR);
+                    self.reset_answered(stream, FLOW_CONTROL_ERROR);
                     if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
                         self.answered_gone(a);
                     }
@@ -1152,7 +1199,7 @@ impl Session {
             SETTINGS if flags & ACK != 0 => {
                 // kubelet's SETTINGS are acknowledged to kubelet; pullgate's replay is not.
                 if self.settings_to_up.pop_front() == Some(true) {
-                    self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+                    self.send_kube_now(frame);
                 }
             }
             WINDOW_UPDATE if stream == 0 => {
@@ -1163,7 +1210,14 @@ impl Session {
                 put_window_update(self.kube_ctl(), 0, pass);
             }
             SETTINGS => {
-                let f = self.up_settings(&frame)?;
+                let mut f = self.up_settings(&frame)?;
+                if self.up_settings_generation != self.generation {
+                    // A new containerd's first SETTINGS name only what differs from HTTP/2's
+                    // defaults, and kubelet still holds what the old one said: the defaults are
+                    // said as well.
+                    self.up_settings_generation = self.generation;
+                    with_defaults(&mut f, self.limits.max_streams);
+                }
                 self.settings_to_kube.push_back(Some(self.generation));
                 for e in f[FRAME_HEADER..].chunks_exact(6) {
                     let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
@@ -1172,7 +1226,9 @@ impl Session {
                             let v = (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
                             self.kube_max_frame_in = self.kube_max_frame_in.max(v);
                         }
-                        SETTINGS_INITIAL_WINDOW_SIZE => {
+                        SETTINGS_INITIAL_WINDOW_SIZE if value > self.up_initial_window => {
+                            // Windows pullgate grants only grow: kubelet may still send by the
+                            // larger one until it has seen a smaller one (RFC 9113 §6.9.2).
                             let delta = i64::from(value) - i64::from(self.up_initial_window);
                             self.up_initial_window = value;
                             for s in self.streams.values_mut() {
@@ -1197,7 +1253,7 @@ impl Session {
                 let opaque: [u8; 8] = frame[FRAME_HEADER..].try_into().expect("8 bytes");
                 if let Some(i) = self.pings_to_up.iter().position(|o| *o == opaque) {
                     self.pings_to_up.remove(i);
-                    self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+                    self.send_kube_now(frame);
                 }
             }
             PING => {
@@ -1206,7 +1262,7 @@ impl Session {
                 }
                 self.pings_to_kube
                     .push_back(frame[FRAME_HEADER..].try_into().expect("8 bytes"));
-                self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
+                self.send_kube_now(frame);
             }
             GOAWAY => {
                 // containerd takes no new streams on this connection. Streams it did not take end
@@ -1235,6 +1291,7 @@ impl Session {
                 }
                 self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?;
             }
+            _ if stream == 0 => self.send_kube_now(frame),
             _ => self.resp_flow.relayed(frame, 0, &mut self.resp_ready)?,
         }
         Ok(())
@@ -1397,7 +1454,7 @@ impl Session {
             Event::Failed { stream } => {
                 // The call's task ended without a complete answer (it panicked).
                 if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
-                    put_rst(self.kube_ctl(), stream, INTERNAL_ERROR);
+                    self.reset_answered(stream, INTERNAL_ERROR);
                     self.answered_gone(a);
                 }
             }
@@ -1433,6 +1490,24 @@ impl Session {
                 self.answered_gone(a);
             }
         }
+    }
+
+    /// Resets a stream pullgate answers, behind whatever of its answer already waits.
+    fn reset_answered(&mut self, stream: u32, code: u32) {
+        let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
+        put_rst(&mut rst, stream, code);
+        self.resp_flow
+            .own_data(Bytes::from(rst), 0, &mut self.resp_ready);
+    }
+
+    /// containerd's frame for kubelet that belongs to no stream (SETTINGS and PING
+    /// acknowledgements, PINGs, connection WINDOW_UPDATEs): it need not wait behind streams' data.
+    fn send_kube_now(&mut self, frame: Bytes) {
+        self.resp_ready.push(Outgoing {
+            frame,
+            len: 0,
+            own: false,
+        });
     }
 
     /// A call pullgate answered is over: its task stops.
@@ -1679,5 +1754,33 @@ mod tests {
             &small
         );
         assert_eq!(capped_settings(&[0, 3, 0], 256), None);
+    }
+
+    #[test]
+    fn a_new_containerds_settings_restore_what_it_leaves_at_the_defaults() {
+        // A fresh containerd names only its frame size; kubelet may still hold a larger initial
+        // window from the containerd before it.
+        let mut f = Vec::new();
+        put_settings(&mut f, &[(SETTINGS_MAX_FRAME_SIZE, 1 << 20)]);
+        with_defaults(&mut f, 256);
+        let got: Vec<(u16, u32)> = f[FRAME_HEADER..]
+            .chunks_exact(6)
+            .map(|e| {
+                (
+                    u16::from_be_bytes([e[0], e[1]]),
+                    u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (SETTINGS_MAX_FRAME_SIZE, 1 << 20),
+                (SETTINGS_INITIAL_WINDOW_SIZE, 65_535),
+                (SETTINGS_MAX_CONCURRENT_STREAMS, 256),
+                (SETTINGS_MAX_HEADER_LIST_SIZE, 64 * 1024),
+            ]
+        );
+        assert_eq!(head(&f), (SETTINGS, 0, 0));
     }
 }
