@@ -714,6 +714,68 @@ async fn a_client_connection_outlives_containerd_restarts() {
     pg.stop().await;
 }
 
+/// A client that lets a large answer wait (its connection window is small, its stream window
+/// large) is still read: its PINGs are answered while megabytes of the answer wait for its window,
+/// and the answer arrives whole once it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it() {
+    const LIMIT: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("echo.sock");
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, mut conn) = h2::client::Builder::new()
+        .initial_window_size(16 << 20)
+        .initial_connection_window_size(65_535)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    let mut ping = conn.ping_pong().expect("ping handle");
+    tokio::spawn(conn);
+    // CreateContainer is intercepted (answered by pullgate on the client's stream): 3 MiB each way.
+    let msg = frame(
+        &cri::CreateContainerRequest {
+            pod_sandbox_id: "x".repeat(3 << 20),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let mut client = client.ready().await.unwrap();
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/CreateContainer")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    let mut rest = msg.clone();
+    while !rest.is_empty() {
+        send.reserve_capacity(rest.len());
+        let n = std::future::poll_fn(|cx| send.poll_capacity(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        send.send_data(rest.split_to(n.min(rest.len())), false)
+            .unwrap();
+    }
+    send.send_data(Bytes::new(), true).unwrap();
+    let resp = tokio::time::timeout(LIMIT, resp).await.unwrap().unwrap();
+    // The answer now waits for the client's connection window, which it does not give.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(2), ping.ping(h2::Ping::opaque()))
+        .await
+        .expect("the client's PING is answered while the answer waits")
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = tokio::time::timeout(LIMIT, body.data()).await.unwrap() {
+        let d = d.unwrap();
+        let _ = body.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    assert!(got == msg, "the answer arrives whole");
+    pg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight_calls() {
     let dir = tempfile::tempdir().unwrap();
