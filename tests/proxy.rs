@@ -776,6 +776,63 @@ async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it(
     pg.stop().await;
 }
 
+/// On shutdown, a connection whose calls are over but whose client does not take the rest of an
+/// answer (it gives no connection window) is dropped a grace period after the final GOAWAY, not
+/// held for the whole drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_connection_whose_client_takes_no_answers_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("echo.sock");
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(20));
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(16 << 20)
+        .initial_connection_window_size(65_535)
+        .handshake::<_, Bytes>(stream)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let msg = frame(
+        &cri::CreateContainerRequest {
+            pod_sandbox_id: "x".repeat(1 << 20),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let mut client = client.ready().await.unwrap();
+    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/CreateContainer")
+        .body(())
+        .unwrap();
+    *req.headers_mut() = grpc_headers();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    let mut rest = msg;
+    while !rest.is_empty() {
+        send.reserve_capacity(rest.len());
+        let n = std::future::poll_fn(|cx| send.poll_capacity(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        send.send_data(rest.split_to(n.min(rest.len())), false)
+            .unwrap();
+    }
+    send.send_data(Bytes::new(), true).unwrap();
+    let _resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .unwrap()
+        .unwrap();
+    // The answer's body waits for window the client never gives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let summary = pg.stop().await;
+    assert_eq!(summary.aborted_connections, 0, "dropped, not aborted");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "held for {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight_calls() {
     let dir = tempfile::tempdir().unwrap();

@@ -481,11 +481,13 @@ pub async fn serve(
         // does not read what it asks for holds back only itself.
         // (What waits for kubelet's window is bounded apart: kubelet must be read for the
         // WINDOW_UPDATEs that release it, see `request_block`.)
-        let kube_room = s.up.as_ref().map_or(0, Tx::pending) + s.req_flow.queued_bytes()
-            < HIGH_WATER
-            && s.kube.pending() < HIGH_WATER;
-        if !kube_room {
-            // Not reading is pullgate's choice: the keepalive clock does not run meanwhile.
+        let up_full =
+            s.up.as_ref().map_or(0, Tx::pending) + s.req_flow.queued_bytes() >= HIGH_WATER;
+        let kube_room = !up_full && s.kube.pending() < HIGH_WATER;
+        if up_full {
+            // Not reading kubelet while containerd is slow is pullgate's choice: the keepalive
+            // clock does not run meanwhile. (A client that does not read its own socket is not
+            // excused: its keepalive PING goes unanswered.)
             s.last_read = Instant::now();
             s.ping_sent = None;
         }
@@ -591,6 +593,8 @@ pub async fn serve(
 struct Closing {
     since: Instant,
     last: Option<u32>,
+    /// When the final GOAWAY was sent.
+    last_at: Option<Instant>,
 }
 
 enum Step {
@@ -1586,6 +1590,7 @@ impl Session {
         self.closing = Some(Closing {
             since: Instant::now(),
             last: None,
+            last_at: None,
         });
         put_goaway(self.kube_ctl(), MAX_STREAM_ID, NO_ERROR, b"");
         put_head(self.kube_ctl(), 8, PING, 0, 0);
@@ -1597,6 +1602,7 @@ impl Session {
         let last = self.last_stream;
         if let Some(c @ Closing { last: None, .. }) = &mut self.closing {
             c.last = Some(last);
+            c.last_at = Some(Instant::now());
             put_goaway(self.kube_ctl(), last, NO_ERROR, b"");
         }
     }
@@ -1624,8 +1630,14 @@ impl Session {
                 at(d);
             }
         }
-        if let Some(Closing { since, last: None }) = self.closing {
-            at(since + CLOSE_GRACE);
+        match self.closing {
+            Some(Closing {
+                since, last: None, ..
+            }) => at(since + CLOSE_GRACE),
+            Some(Closing {
+                last_at: Some(t), ..
+            }) if self.streams.is_empty() => at(t + CLOSE_GRACE),
+            _ => {}
         }
         next
     }
@@ -1649,10 +1661,20 @@ impl Session {
                 _ => {}
             }
         }
-        if let Some(Closing { since, last: None }) = self.closing {
-            if now >= since + CLOSE_GRACE {
-                self.final_goaway();
+        match self.closing {
+            Some(Closing {
+                since, last: None, ..
+            }) if now >= since + CLOSE_GRACE => self.final_goaway(),
+            Some(Closing {
+                last_at: Some(t), ..
+            }) if self.streams.is_empty() && now >= t + CLOSE_GRACE => {
+                // Every call is over, but answers still wait for a client that does not take them.
+                tracing::debug!(
+                    "dropping a closing client connection that does not read its answers"
+                );
+                return true;
             }
+            _ => {}
         }
         if self.closing.is_none()
             && self.streams.is_empty()
