@@ -714,29 +714,32 @@ async fn a_client_connection_outlives_containerd_restarts() {
     pg.stop().await;
 }
 
-/// A client that lets a large answer wait (its connection window is small, its stream window
-/// large) is still read: its PINGs are answered while megabytes of the answer wait for its window,
-/// and the answer arrives whole once it reads.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it() {
-    const LIMIT: Duration = Duration::from_secs(10);
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("echo.sock");
-    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
-    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
-    let stream = UnixStream::connect(&pg.listen).await.unwrap();
-    let (client, mut conn) = h2::client::Builder::new()
+/// A client with a large stream window and a small connection window: an answer it does not read
+/// waits in pullgate for its connection window.
+async fn hoarding_client(
+    listen: &Path,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<UnixStream, Bytes>,
+) {
+    let stream = UnixStream::connect(listen).await.unwrap();
+    h2::client::Builder::new()
         .initial_window_size(16 << 20)
         .initial_connection_window_size(65_535)
         .handshake::<_, Bytes>(stream)
         .await
-        .unwrap();
-    let mut ping = conn.ping_pong().expect("ping handle");
-    tokio::spawn(conn);
-    // CreateContainer is intercepted (answered by pullgate on the client's stream): 3 MiB each way.
+        .unwrap()
+}
+
+/// Sends a `CreateContainer` (intercepted: answered by pullgate on the client's stream) whose
+/// message is about `len` bytes; returns the framed message and the response to come.
+async fn send_create_container(
+    client: h2::client::SendRequest<Bytes>,
+    len: usize,
+) -> (Bytes, h2::client::ResponseFuture) {
     let msg = frame(
         &cri::CreateContainerRequest {
-            pod_sandbox_id: "x".repeat(3 << 20),
+            pod_sandbox_id: "x".repeat(len),
             ..Default::default()
         }
         .encode_to_vec(),
@@ -758,6 +761,24 @@ async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it(
             .unwrap();
     }
     send.send_data(Bytes::new(), true).unwrap();
+    (msg, resp)
+}
+
+/// A client that lets a large answer wait (its connection window is small, its stream window
+/// large) is still read: its PINGs are answered while megabytes of the answer wait for its window,
+/// and the answer arrives whole once it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it() {
+    const LIMIT: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("echo.sock");
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
+    let (client, mut conn) = hoarding_client(&pg.listen).await;
+    let mut ping = conn.ping_pong().expect("ping handle");
+    tokio::spawn(conn);
+    // CreateContainer is intercepted (answered by pullgate on the client's stream): 3 MiB each way.
+    let (msg, resp) = send_create_container(client, 3 << 20).await;
     let resp = tokio::time::timeout(LIMIT, resp).await.unwrap().unwrap();
     // The answer now waits for the client's connection window, which it does not give.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -785,38 +806,9 @@ async fn a_closing_connection_whose_client_takes_no_answers_is_dropped() {
     let p = dir.path().join("echo.sock");
     let _raw = RawUpstream::serve(&p, Script::grpc_echo());
     let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(20));
-    let stream = UnixStream::connect(&pg.listen).await.unwrap();
-    let (client, conn) = h2::client::Builder::new()
-        .initial_window_size(16 << 20)
-        .initial_connection_window_size(65_535)
-        .handshake::<_, Bytes>(stream)
-        .await
-        .unwrap();
+    let (client, conn) = hoarding_client(&pg.listen).await;
     tokio::spawn(conn);
-    let msg = frame(
-        &cri::CreateContainerRequest {
-            pod_sandbox_id: "x".repeat(1 << 20),
-            ..Default::default()
-        }
-        .encode_to_vec(),
-    );
-    let mut client = client.ready().await.unwrap();
-    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/CreateContainer")
-        .body(())
-        .unwrap();
-    *req.headers_mut() = grpc_headers();
-    let (resp, mut send) = client.send_request(req, false).unwrap();
-    let mut rest = msg;
-    while !rest.is_empty() {
-        send.reserve_capacity(rest.len());
-        let n = std::future::poll_fn(|cx| send.poll_capacity(cx))
-            .await
-            .unwrap()
-            .unwrap();
-        send.send_data(rest.split_to(n.min(rest.len())), false)
-            .unwrap();
-    }
-    send.send_data(Bytes::new(), true).unwrap();
+    let (_, resp) = send_create_container(client, 1 << 20).await;
     let _resp = tokio::time::timeout(Duration::from_secs(10), resp)
         .await
         .unwrap()

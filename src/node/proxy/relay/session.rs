@@ -218,14 +218,9 @@ pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
     super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
 }
 
-/// Adds to a SETTINGS frame (`f`, for kubelet) the values it leaves at their defaults that a
-/// client may hold differently from an earlier connection to containerd.
-fn with_defaults(f: &mut Vec<u8>, max_streams: u32) {
-    let ids: Vec<u16> = f[FRAME_HEADER..]
-        .chunks_exact(6)
-        .map(|e| u16::from_be_bytes([e[0], e[1]]))
-        .collect();
-    let mut entries: Vec<(u16, u32)> = f[FRAME_HEADER..]
+/// The (identifier, value) entries of a SETTINGS payload (whole entries only).
+fn settings_entries(payload: &[u8]) -> Vec<(u16, u32)> {
+    payload
         .chunks_exact(6)
         .map(|e| {
             (
@@ -233,7 +228,14 @@ fn with_defaults(f: &mut Vec<u8>, max_streams: u32) {
                 u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Adds to a SETTINGS frame (`f`, for kubelet) the values it leaves at their defaults that a
+/// client may hold differently from an earlier connection to containerd.
+fn with_defaults(f: &mut Vec<u8>, max_streams: u32) {
+    let mut entries = settings_entries(&f[FRAME_HEADER..]);
+    let ids: Vec<u16> = entries.iter().map(|(id, _)| *id).collect();
     for (id, value) in [
         (SETTINGS_INITIAL_WINDOW_SIZE, 65_535),
         (SETTINGS_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE as u32),
@@ -301,11 +303,9 @@ fn capped_settings(payload: &[u8], max_streams: u32) -> Option<Vec<u8>> {
     if payload.len() % 6 != 0 {
         return None;
     }
-    let entries: Vec<(u16, u32)> = payload
-        .chunks_exact(6)
-        .map(|e| {
-            let id = u16::from_be_bytes([e[0], e[1]]);
-            let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+    let entries: Vec<(u16, u32)> = settings_entries(payload)
+        .into_iter()
+        .map(|(id, value)| {
             let cap = match id {
                 SETTINGS_HEADER_TABLE_SIZE => TABLE_SIZE as u32,
                 SETTINGS_MAX_CONCURRENT_STREAMS => max_streams,
@@ -930,25 +930,24 @@ impl Session {
                 return Ok(());
             }
         }
-        if self.resp_flow.queued_bytes() >= HIGH_WATER {
-            // Answers already wait for kubelet's window: no new call until it takes them.
+        // Answers already waiting for kubelet's window: no new call until it takes them.
+        let busy = if self.resp_flow.queued_bytes() >= HIGH_WATER {
+            Some(format!(
+                "{} bytes of answers wait for the client's flow-control window",
+                self.resp_flow.queued_bytes()
+            ))
+        } else if self.streams.len() >= self.limits.max_streams as usize {
+            Some(format!(
+                "{} calls are open on the connection (server.limits.max_streams_per_connection)",
+                self.streams.len()
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = busy {
             self.proxy.refusals().refuse(
                 Refusal::StreamRefused,
-                format_args!(
-                    "refused stream {stream}: {} bytes of answers wait for the client's flow-control window",
-                    self.resp_flow.queued_bytes()
-                ),
-            );
-            put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
-            return Ok(());
-        }
-        if self.streams.len() >= self.limits.max_streams as usize {
-            self.proxy.refusals().refuse(
-                Refusal::StreamRefused,
-                format_args!(
-                    "refused stream {stream}: {} calls are open on the connection (server.limits.max_streams_per_connection)",
-                    self.streams.len()
-                ),
+                format_args!("refused stream {stream}: {why}"),
             );
             put_rst(self.kube_ctl(), stream, REFUSED_STREAM);
             return Ok(());
@@ -1750,15 +1749,7 @@ mod tests {
         }
         let f = capped_settings(&payload, 256).unwrap();
         assert_eq!(head(&f), (SETTINGS, 0, 0));
-        let got: Vec<(u16, u32)> = f[FRAME_HEADER..]
-            .chunks_exact(6)
-            .map(|e| {
-                (
-                    u16::from_be_bytes([e[0], e[1]]),
-                    u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
-                )
-            })
-            .collect();
+        let got = settings_entries(&f[FRAME_HEADER..]);
         assert_eq!(
             got,
             [
@@ -1785,15 +1776,7 @@ mod tests {
         let mut f = Vec::new();
         put_settings(&mut f, &[(SETTINGS_MAX_FRAME_SIZE, 1 << 20)]);
         with_defaults(&mut f, 256);
-        let got: Vec<(u16, u32)> = f[FRAME_HEADER..]
-            .chunks_exact(6)
-            .map(|e| {
-                (
-                    u16::from_be_bytes([e[0], e[1]]),
-                    u32::from_be_bytes([e[2], e[3], e[4], e[5]]),
-                )
-            })
-            .collect();
+        let got = settings_entries(&f[FRAME_HEADER..]);
         assert_eq!(
             got,
             [
