@@ -60,7 +60,8 @@ pub struct ConnFlow {
     debt: i64,
     /// Frames for the receiver waiting for room, in order.
     queue: VecDeque<Outgoing>,
-    /// DATA bytes in `queue`.
+    /// DATA bytes of the sender's frames in `queue` (pullgate's own are not counted: the sender's
+    /// idea of the window does not know them).
     queued: i64,
     /// Bytes of every frame in `queue`, DATA or not (what waiting costs in memory).
     queued_bytes: usize,
@@ -137,6 +138,7 @@ impl ConnFlow {
     /// Forgets the frames waiting for a receiver that is gone, keeping the sender's idea of the
     /// window (the bytes it sent are lost with the receiver, not given back).
     pub fn clear(&mut self) {
+        // Only the sender's frames are lost; pullgate's own were never counted against it.
         self.debt -= self.queued;
         self.queue.clear();
         self.queued = 0;
@@ -190,7 +192,9 @@ impl ConnFlow {
     }
 
     fn push(&mut self, out: Outgoing, ready: &mut Vec<Outgoing>) {
-        self.queued += i64::from(out.len);
+        if !out.own {
+            self.queued += i64::from(out.len);
+        }
         self.queued_bytes += out.frame.len();
         self.queue.push_back(out);
         self.release(ready);
@@ -204,10 +208,11 @@ impl ConnFlow {
                 return;
             }
             self.real -= len;
-            self.queued -= len;
             self.queued_bytes -= next.frame.len();
             if next.own {
                 self.debt += len;
+            } else {
+                self.queued -= len;
             }
             ready.extend(self.queue.pop_front());
         }
@@ -325,6 +330,25 @@ mod tests {
         assert_eq!(tags(&mut ready), [2]);
         assert_eq!(f.debt(), 10);
         assert_eq!(f.window(), 0);
+    }
+
+    #[test]
+    fn pullgates_own_waiting_answers_do_not_shrink_what_the_sender_may_send() {
+        let mut f = ConnFlow::default();
+        let mut ready = Vec::new();
+        // kubelet's window is full of pullgate's own answer, more of which waits.
+        f.own_data(frame(1), 65_535, &mut ready);
+        f.own_data(frame(2), 1_000, &mut ready);
+        assert_eq!(tags(&mut ready), [1]);
+        // containerd knows nothing of them: it may still send its whole window, which waits too.
+        f.relayed(frame(3), 65_535, &mut ready).unwrap();
+        assert!(ready.is_empty());
+        // kubelet's updates release the waiting frames in order; containerd gets what is not debt.
+        assert_eq!(
+            f.receiver_update(200_000, &mut ready).unwrap(),
+            200_000 - 65_535
+        );
+        assert_eq!(tags(&mut ready), [2, 3]);
     }
 
     #[test]
