@@ -58,8 +58,6 @@ pub struct ConnState {
     closing: AtomicBool,
     /// Woken when the registry evicts it.
     evict: Notify,
-    /// Woken when its last open call ends.
-    idle: Notify,
 }
 
 impl ConnState {
@@ -71,7 +69,6 @@ impl ConnState {
             idle_since_ms: AtomicU64::new(millis(epoch, now)),
             closing: AtomicBool::new(false),
             evict: Notify::new(),
-            idle: Notify::new(),
         }
     }
 
@@ -118,9 +115,7 @@ impl Drop for StreamGuard {
         // stale stamp.
         c.idle_since_ms
             .store(millis(c.epoch, Instant::now()), Ordering::Release);
-        if c.open_streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            c.idle.notify_one();
-        }
+        c.open_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -270,12 +265,7 @@ impl Conn {
 
     /// Resolves when the registry evicted this connection.
     pub async fn close_requested(&self) {
-        self.state.evict.notified().await
-    }
-
-    /// Resolves when the last open call ends (possibly at once, spuriously: callers re-check).
-    pub async fn became_idle(&self) {
-        self.state.idle.notified().await
+        self.state.evicted().await
     }
 
     /// When the idle timeout closes this connection if no call opens before; `None` while a call
@@ -339,10 +329,6 @@ mod tests {
             c.idle_deadline(),
             Some(opened + Duration::from_secs(5) + Limits::default().idle_timeout)
         );
-        // The end of the last call wakes whoever waits for idleness.
-        tokio::time::timeout(Duration::from_millis(1), c.became_idle())
-            .await
-            .expect("notified");
     }
 
     #[tokio::test(start_paused = true)]

@@ -172,7 +172,7 @@ impl Blocks {
             .map_err(|e| BlockError::Decode(e.to_string()))?;
         let path = path_of(&self.copy);
         let mut frames = Vec::with_capacity(self.copy.len() + 9);
-        if opens && !fields(&self.copy).any(|(n, _)| n == b":authority") {
+        if opens && field(&self.copy, b":authority").is_none() {
             // A request without `:authority` leaves with one, as every gRPC client sends it.
             let mut with = Vec::with_capacity(self.copy.len() + 24);
             put_literal(&mut with, b":authority", REPLACEMENT_AUTHORITY);
@@ -192,7 +192,12 @@ impl Blocks {
 
 /// The `:path` of a block re-encoded as literals without indexing.
 fn path_of(literals: &[u8]) -> Option<Vec<u8>> {
-    fields(literals).find_map(|(n, v)| (n == b":path").then(|| v.to_vec()))
+    field(literals, b":path").map(<[u8]>::to_vec)
+}
+
+/// The value of the first field named `name` in a block re-encoded as literals.
+pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
+    fields(literals).find_map(|(n, v)| (n == name).then_some(v))
 }
 
 /// The fields (name, value) of a block re-encoded as literals without indexing, as the decoder

@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use super::blocks::fields;
+use super::blocks::{field, fields};
 use super::flow::StreamWindow;
 use super::frame::{FRAME_HEADER, put_data, put_frames};
 use super::hpack::put_literal;
@@ -180,7 +180,7 @@ impl Body for ChannelBody {
 /// fields become headers; a field `http` cannot hold is the client's fault.
 fn request(literals: &[u8], path: &str) -> Result<http::request::Builder, Refusal> {
     // The authority goes on as the client sent it (one that does not parse was already replaced).
-    let authority = fields(literals).find_map(|(n, v)| (n == b":authority").then_some(v));
+    let authority = field(literals, b":authority");
     let uri = authority
         .and_then(|a| {
             http::Uri::builder()

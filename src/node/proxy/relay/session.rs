@@ -28,7 +28,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::blocks::{Block, BlockError, Blocks, MAX_HEADER_LIST, TABLE_SIZE};
+use super::blocks::{Block, BlockError, Blocks, MAX_HEADER_LIST, TABLE_SIZE, field};
 use super::flow::{ConnFlow, FlowError, Outgoing, StreamWindow};
 use super::frame::*;
 use super::hpack::put_literal;
@@ -211,11 +211,6 @@ impl Tx {
             }
         }
     }
-}
-
-/// The value of the first field named `name` in a block re-encoded as literals.
-pub fn field<'a>(literals: &'a [u8], name: &[u8]) -> Option<&'a [u8]> {
-    super::blocks::fields(literals).find_map(|(n, v)| (n == name).then_some(v))
 }
 
 /// The (identifier, value) entries of a SETTINGS payload (whole entries only).
