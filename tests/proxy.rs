@@ -14,7 +14,9 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 use pullgate::node::config::Config;
 use pullgate::node::daemon::{Control, RunSummary, Server};
-use pullgate::node::proxy::InterceptTable;
+use pullgate::node::proxy::grpc::{Code, Status};
+use pullgate::node::proxy::intercept::{BoxFuture, Call, methods};
+use pullgate::node::proxy::{Handler, InterceptTable, Verdict};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
@@ -27,11 +29,20 @@ struct Pullgate {
 
 impl Pullgate {
     fn start(dir: &Path, upstream: &Path, grace: Duration) -> Pullgate {
+        Pullgate::start_with(dir, upstream, grace, InterceptTable::logging())
+    }
+
+    fn start_with(
+        dir: &Path,
+        upstream: &Path,
+        grace: Duration,
+        intercepts: InterceptTable,
+    ) -> Pullgate {
         let mut cfg = Config::default().server;
         cfg.listen = dir.join("pullgate.sock");
         cfg.upstream = upstream.to_path_buf();
         cfg.drain_grace = grace;
-        let server = Server::bind(&cfg, InterceptTable::logging()).expect("bind pullgate");
+        let server = Server::bind(&cfg, intercepts).expect("bind pullgate");
         let (control, rx) = mpsc::channel(4);
         let task = tokio::spawn(server.run(rx));
         Pullgate {
@@ -617,12 +628,22 @@ impl EchoRuntime {
 
 /// One call on an open HTTP/2 client connection: the gRPC status and the body that came back.
 async fn echo_on(client: &h2::client::SendRequest<Bytes>, body: Bytes) -> (String, Bytes) {
-    let mut client = client
-        .clone()
-        .ready()
-        .await
-        .expect("the client connection is open");
-    let mut req = http::Request::post("http://localhost/runtime.v1.RuntimeService/ListContainers")
+    call_on(
+        client.clone(),
+        "/runtime.v1.RuntimeService/ListContainers",
+        body,
+    )
+    .await
+}
+
+/// One call on `path` with `body` on the client's connection: its status and answer.
+async fn call_on(
+    client: h2::client::SendRequest<Bytes>,
+    path: &str,
+    body: Bytes,
+) -> (String, Bytes) {
+    let mut client = client.ready().await.expect("the client connection is open");
+    let mut req = http::Request::post(format!("http://localhost{path}"))
         .body(())
         .unwrap();
     *req.headers_mut() = grpc_headers();
@@ -714,6 +735,126 @@ async fn a_client_connection_outlives_containerd_restarts() {
     pg.stop().await;
 }
 
+/// Forwards `CreateContainer` and edits its answer, which pullgate then holds whole and sends as
+/// its own: the edit keeps the message as containerd sent it.
+struct KeepAnswer;
+
+impl Handler for KeepAnswer {
+    fn handle<'a>(&'a self, _call: Call<'a>) -> BoxFuture<'a, Verdict> {
+        Box::pin(async {
+            Verdict::Rewrite {
+                request: None,
+                response: Box::new(|m: &[u8]| Some(m.to_vec())),
+            }
+        })
+    }
+}
+
+/// pullgate in front of `upstream` with `CreateContainer`'s answers held and sent by pullgate.
+fn start_holding_answers(dir: &Path, upstream: &Path, grace: Duration) -> Pullgate {
+    let mut table = InterceptTable::empty();
+    table.insert(methods::CREATE_CONTAINER, std::sync::Arc::new(KeepAnswer));
+    Pullgate::start_with(dir, upstream, grace, table)
+}
+
+/// Holds each `CreateContainer` until a permit is given, then forwards it — or answers it itself
+/// when its sandbox ID is "deny".
+struct Held {
+    arrived: std::sync::atomic::AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Handler for Held {
+    fn handle<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Verdict> {
+        Box::pin(async move {
+            self.arrived.fetch_add(1, Ordering::SeqCst);
+            let _permit = self.gate.acquire().await.unwrap();
+            let req = cri::CreateContainerRequest::decode(call.message.as_ref()).unwrap();
+            match req.pod_sandbox_id.as_str() {
+                "deny" => Verdict::Respond(Status::new(Code::PermissionDenied, "denied")),
+                _ => Verdict::Forward,
+            }
+        })
+    }
+}
+
+/// Calls decided after later calls went to containerd still reach it: stream IDs must rise on
+/// containerd's connection, so a call still being decided is opened there before a later one
+/// goes, and cancelled there when pullgate answers it itself. containerd's connection survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_decided_after_later_calls_keep_containerds_stream_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let raw = RawUpstream::serve(&path, Script::grpc_echo());
+    let held = std::sync::Arc::new(Held {
+        arrived: Default::default(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let mut table = InterceptTable::empty();
+    table.insert(methods::CREATE_CONTAINER, held.clone());
+    let pg = Pullgate::start_with(dir.path(), &path, Duration::from_secs(1), table);
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let create = |id: &str| {
+        frame(
+            &cri::CreateContainerRequest {
+                pod_sandbox_id: id.into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    };
+    for (round, id) in ["keep", "deny"].into_iter().enumerate() {
+        let first = tokio::spawn(call_on(
+            client.clone(),
+            methods::CREATE_CONTAINER,
+            create(id),
+        ));
+        let waiting = std::time::Instant::now();
+        while held.arrived.load(Ordering::SeqCst) <= round {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(10),
+                "the call reaches its handler"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A later call goes to containerd while the first is being decided.
+        let (status, body) = echo_on(&client, Bytes::from_static(b"later")).await;
+        assert_eq!((status.as_str(), &body[..]), ("0", &b"later"[..]), "{id}");
+        held.gate.add_permits(1);
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), first)
+            .await
+            .expect("the held call ends")
+            .unwrap();
+        match id {
+            "keep" => assert_eq!((status.as_str(), body), ("0", create(id))),
+            _ => assert_eq!(status, "7", "answered by pullgate"),
+        }
+    }
+    let (status, _) = echo_on(&client, Bytes::from_static(b"last")).await;
+    assert_eq!(status, "0", "containerd's connection is still good");
+    assert!(!conn.is_finished());
+    // containerd got the requests in the order they were sent on, the denied one never whole.
+    let bodies: Vec<Bytes> = raw
+        .recorded
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.body.clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            Bytes::from_static(b"later"),
+            create("keep"),
+            Bytes::from_static(b"later"),
+            Bytes::from_static(b"last"),
+        ]
+    );
+    pg.stop().await;
+}
+
 /// A client with a large stream window and a small connection window: an answer it does not read
 /// waits in pullgate for its connection window.
 async fn hoarding_client(
@@ -731,7 +872,7 @@ async fn hoarding_client(
         .unwrap()
 }
 
-/// Sends a `CreateContainer` (intercepted: answered by pullgate on the client's stream) whose
+/// Sends a `CreateContainer` (intercepted) whose
 /// message is about `len` bytes; returns the framed message and the response to come.
 async fn send_create_container(
     client: h2::client::SendRequest<Bytes>,
@@ -773,11 +914,11 @@ async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it(
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("echo.sock");
     let _raw = RawUpstream::serve(&p, Script::grpc_echo());
-    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
+    let pg = start_holding_answers(dir.path(), &p, Duration::from_secs(1));
     let (client, mut conn) = hoarding_client(&pg.listen).await;
     let mut ping = conn.ping_pong().expect("ping handle");
     tokio::spawn(conn);
-    // CreateContainer is intercepted (answered by pullgate on the client's stream): 3 MiB each way.
+    // CreateContainer's answer is held and sent by pullgate: 3 MiB each way.
     let (msg, resp) = send_create_container(client, 3 << 20).await;
     let resp = tokio::time::timeout(LIMIT, resp).await.unwrap().unwrap();
     // The answer now waits for the client's connection window, which it does not give.
@@ -798,14 +939,14 @@ async fn answers_waiting_for_the_clients_window_do_not_stop_pullgate_reading_it(
 }
 
 /// On shutdown, a connection whose calls are over but whose client does not take the rest of an
-/// answer (it gives no connection window) is dropped a grace period after the final GOAWAY, not
-/// held for the whole drain.
+/// answer pullgate holds (it gives no connection window) is dropped a grace period after the final
+/// GOAWAY, not held for the whole drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_connection_whose_client_takes_no_answers_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("echo.sock");
     let _raw = RawUpstream::serve(&p, Script::grpc_echo());
-    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(20));
+    let pg = start_holding_answers(dir.path(), &p, Duration::from_secs(20));
     let (client, conn) = hoarding_client(&pg.listen).await;
     tokio::spawn(conn);
     let (_, resp) = send_create_container(client, 1 << 20).await;

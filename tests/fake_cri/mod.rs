@@ -688,7 +688,15 @@ impl RawUpstream {
                             let (mut data, mut trailers, mut data_frames) =
                                 (Vec::new(), None, Vec::new());
                             while let Some(frame) = body.frame().await {
-                                match frame.expect("read request").into_data() {
+                                let Ok(frame) = frame else {
+                                    // The client gave the request up (reset): nothing to record.
+                                    let none: Vec<Result<Frame<Bytes>, std::convert::Infallible>> =
+                                        Vec::new();
+                                    return Ok(Response::new(StreamBody::new(tokio_stream::iter(
+                                        none,
+                                    ))));
+                                };
+                                match frame.into_data() {
                                     Ok(d) => {
                                         data_frames.push(d.len());
                                         data.extend_from_slice(&d);

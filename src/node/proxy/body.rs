@@ -1,10 +1,7 @@
-//! The bodies of intercepted calls, and the record every call is counted with.
+//! The body of pullgate's own calls to containerd, and the record every call is counted with.
 //!
-//! [`RequestBody`] goes to containerd: the one message pullgate read (and perhaps rewrote).
-//! [`ResponseBody`] comes back for kubelet: containerd's stream, an edited message, or nothing (a
-//! trailers-only answer pullgate made). If containerd's stream breaks mid-call, the response ends
-//! with `UNAVAILABLE` trailers instead of a bare stream reset, so the client gets a status it
-//! understands.
+//! [`RequestBody`] is the one message of a call pullgate makes itself over [`super::Upstream`]
+//! (its image and pod lookups).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,8 +12,6 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use super::budget::Reservation;
-use super::grpc::{Code, Status};
-use super::upstream::UpstreamBody;
 use crate::node::metrics::Metrics;
 
 /// A request body on its way to containerd: a complete body pullgate holds (data frames already
@@ -122,111 +117,6 @@ impl Drop for CallRecord {
     fn drop(&mut self) {
         if !self.done {
             self.metrics.call(self.method, None);
-        }
-    }
-}
-
-/// A response body on its way back to the client.
-#[derive(Default)]
-pub enum ResponseBody {
-    /// containerd's response stream. The `Arc<str>` names the upstream socket for the error trailers.
-    Upstream {
-        body: UpstreamBody,
-        upstream: Arc<str>,
-        done: bool,
-        record: Option<CallRecord>,
-    },
-    /// A response pullgate holds whole (an edited unary response): data, then trailers.
-    Buffered {
-        data: Option<Bytes>,
-        trailers: Option<HeaderMap>,
-    },
-    /// No body: the status travels in the response headers (trailers-only).
-    #[default]
-    Empty,
-}
-
-impl ResponseBody {
-    pub fn upstream(body: UpstreamBody, upstream: Arc<str>, record: Option<CallRecord>) -> Self {
-        ResponseBody::Upstream {
-            body,
-            upstream,
-            done: false,
-            record,
-        }
-    }
-}
-
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    #[inline]
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        match self.get_mut() {
-            ResponseBody::Empty => Poll::Ready(None),
-            ResponseBody::Buffered { data, trailers } => Poll::Ready(match data.take() {
-                Some(d) => Some(Ok(Frame::data(d))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
-            }),
-            ResponseBody::Upstream {
-                body,
-                upstream,
-                done,
-                record,
-            } => {
-                if *done {
-                    return Poll::Ready(None);
-                }
-                match Pin::new(body).poll_frame(cx) {
-                    Poll::Ready(Some(Err(e))) => {
-                        // containerd went away mid-stream: finish the call with a status instead of
-                        // resetting the stream, so the client sees UNAVAILABLE and retries.
-                        *done = true;
-                        tracing::warn!(upstream = %upstream, error = %e, "upstream stream broke mid-call");
-                        let mut trailers = HeaderMap::new();
-                        Status::new(
-                            Code::Unavailable,
-                            format!(
-                                "pullgate: the connection to the upstream runtime at {upstream} broke during the call: {e}"
-                            ),
-                        )
-                        .insert_into(&mut trailers);
-                        if let Some(r) = record.as_mut() {
-                            r.finish_from(&trailers);
-                        }
-                        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-                    }
-                    Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(r), Some(t)) = (record.as_mut(), frame.trailers_ref()) {
-                            r.finish_from(t);
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    other => other,
-                }
-            }
-        }
-    }
-
-    #[inline]
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ResponseBody::Empty => true,
-            ResponseBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseBody::Upstream { body, done, .. } => *done || body.is_end_stream(),
-        }
-    }
-
-    #[inline]
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            // Inexact for the same reason: no content-length on trailers-only answers.
-            ResponseBody::Empty | ResponseBody::Buffered { .. } => SizeHint::default(),
-            ResponseBody::Upstream { body, .. } => body.size_hint(),
         }
     }
 }

@@ -16,7 +16,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::HeaderMap;
 use k8s_cri::v1 as cri;
 use prost::Message;
 
@@ -67,8 +66,6 @@ pub mod methods {
 pub struct Call<'a> {
     /// The gRPC method path, e.g. `/runtime.v1.ImageService/PullImage`.
     pub method: &'a str,
-    /// The request headers as the client sent them.
-    pub headers: &'a HeaderMap,
     /// The request message: protobuf bytes without the 5-byte gRPC prefix.
     pub message: &'a Bytes,
 }
@@ -253,13 +250,11 @@ mod tests {
     use super::*;
 
     fn call_with(method: &'static str, message: Bytes) -> Verdict {
-        let headers = HeaderMap::new();
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         rt.block_on(ImageLogger.handle(Call {
             method,
-            headers: &headers,
             message: &message,
         }))
     }

@@ -1,16 +1,16 @@
 //! The CRI forwarding path: kubelet → pullgate → containerd, relayed at the HTTP/2 frame level.
 //!
 //! Every call is routed on its path alone ([`Proxy::route`]). Paths in the [`InterceptTable`] have
-//! their single request message read and handed to a [`Handler`], and pullgate answers them
-//! (forwarding, rewriting or refusing); every other CRI path — known methods, newer ones — is
+//! their single request message read and handed to a [`Handler`] ([`Proxy::decide`]): pullgate
+//! answers them, or forwards them, perhaps rewritten; every other CRI path — known methods, newer ones — is
 //! relayed as it came: headers (re-encoded), body frames, trailers and status, in both directions,
 //! streaming as long as either side wants. Anything else is refused.
 //!
 //! - [`relay`]: one kubelet connection relayed to its own connection to containerd, frame by frame.
 //! - [`conn`]: accepting a kubelet connection: the preface check before the relay.
 //! - [`grpc`]: status codes, trailers-only answers, message framing.
-//! - [`body`]: the bodies of intercepted calls on their way to containerd and back.
-//! - [`upstream`]: the lazily (re)connected HTTP/2 client that intercepted calls share.
+//! - [`body`]: the body of pullgate's own calls to containerd; the record every call is counted with.
+//! - [`upstream`]: the lazily (re)connected HTTP/2 client of pullgate's own calls to containerd.
 //! - [`intercept`]: the intercept table and the handler interface.
 //! - [`budget`]: bounds on intercepted request bodies (per-method caps, global byte budget, timeout).
 //! - [`refusal`]: refusals at the protocol level, counted and logged (rate limited).
@@ -27,18 +27,16 @@ pub mod track;
 pub mod upstream;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::{Request, Response};
 use http_body_util::BodyExt;
 
 use crate::node::config::Limits;
 use crate::node::metrics::{self, BodyRefusal, Metrics};
 
-pub use body::{CallRecord, RequestBody, ResponseBody};
+pub use body::{CallRecord, RequestBody};
 use budget::{BodyBudget, BodyLimits, Reservation};
-use grpc::{Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
+use grpc::{Code, FRAME_HEADER_LEN, Status};
 pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
 use refusal::{Refusal, Refusals};
 pub use upstream::{Upstream, UpstreamBody, UpstreamError};
@@ -212,57 +210,28 @@ impl Proxy {
         CallRecord::new(self.metrics.clone(), metrics::method_index(path))
     }
 
-    /// Sends a request to containerd, timing it; the response streams back with `record` attached.
-    async fn forward(
-        &self,
-        req: Request<RequestBody>,
-        mut record: CallRecord,
-    ) -> Response<ResponseBody> {
-        match self.send_timed(req, record.method()).await {
-            Ok(resp) => {
-                if record.finish_from(resp.headers()) {
-                    // Trailers-only: the status is already counted.
-                    return resp
-                        .map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
-                }
-                resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), Some(record)))
-            }
-            Err(e) => answer(e, &mut record),
-        }
-    }
-
-    async fn send_timed(
-        &self,
-        req: Request<RequestBody>,
-        method: usize,
-    ) -> Result<Response<UpstreamBody>, Status> {
-        let started = Instant::now();
-        match self.upstream.send(req).await {
-            Ok(resp) => {
-                self.metrics.upstream_latency(method, started.elapsed());
-                Ok(resp)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot forward call");
-                Err(e.status())
-            }
-        }
-    }
-
-    /// An intercepted call: its one request message read (within the body limits), decided on by
-    /// `handler`, then answered, forwarded, or forwarded rewritten.
-    pub async fn intercepted<B>(
+    /// Decides an intercepted call on `method`: its one request message read from `body` (within
+    /// the body limits) and handed to `handler`. The call is then answered by pullgate
+    /// ([`Decided::Respond`], counted here) or forwarded, perhaps rewritten and with its answer to
+    /// edit ([`Decided::Forward`]).
+    pub async fn decide<B>(
         &self,
         handler: &dyn Handler,
-        req: Request<B>,
+        method: &str,
+        body: B,
         mut record: CallRecord,
-    ) -> Response<ResponseBody>
+    ) -> Decided
     where
         B: http_body::Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
-        let (parts, body) = req.into_parts();
-        let method = parts.uri.path();
+        let respond = |status: Status, record: &mut CallRecord, accept_identity| {
+            record.finish_code(status.code.as_str().as_bytes());
+            Decided::Respond {
+                status,
+                accept_identity,
+            }
+        };
         // Held until the body has been handed to containerd's connection (it travels with the
         // forwarded body): the bytes it counts live in `raw` and in what is forwarded from it.
         let (raw, reservation) = match self.read_body(body, method).await {
@@ -272,27 +241,20 @@ impl Proxy {
                     self.metrics.body_refused(reason);
                 }
                 tracing::info!(method, message = %status.message, "refused a request body");
-                return answer(status, &mut record);
+                return respond(status, &mut record, false);
             }
         };
         let message = match grpc::single_message(&raw) {
             Ok(m) => m,
             Err(e) => {
                 tracing::info!(method, error = %e, "rejected malformed request");
-                let mut resp = answer(e.status(method), &mut record);
-                if e == grpc::FrameError::Compressed {
-                    resp.headers_mut().insert(
-                        "grpc-accept-encoding",
-                        http::HeaderValue::from_static("identity"),
-                    );
-                }
-                return resp;
+                let identity = e == grpc::FrameError::Compressed;
+                return respond(e.status(method), &mut record, identity);
             }
         };
         let verdict = handler
             .handle(Call {
                 method,
-                headers: &parts.headers,
                 message: &message,
             })
             .await;
@@ -302,85 +264,39 @@ impl Proxy {
             Verdict::Rewrite { request, response } => {
                 (request.map_or(raw, |r| grpc::frame(&r)), Some(response))
             }
-            Verdict::Respond(status) => return answer(status, &mut record),
+            Verdict::Respond(status) => return respond(status, &mut record, false),
         };
-        let body = RequestBody::Full {
-            data: Some(body),
-            reservation,
-        };
-        let req = Request::from_parts(parts, body);
-        match edit {
-            None => self.forward(req, record).await,
-            Some(edit) => self.forward_edited(req, edit, record).await,
-        }
-    }
-
-    /// Forwards a unary call and edits its one response message; anything that is not a plain
-    /// successful unary response passes through unedited.
-    async fn forward_edited(
-        &self,
-        req: Request<RequestBody>,
-        edit: ResponseEdit,
-        mut record: CallRecord,
-    ) -> Response<ResponseBody> {
-        let resp = match self.send_timed(req, record.method()).await {
-            Ok(r) => r,
-            Err(e) => return answer(e, &mut record),
-        };
-        if resp.status() != http::StatusCode::OK || record.finish_from(resp.headers()) {
-            return resp.map(|b| ResponseBody::upstream(b, self.upstream.name().clone(), None));
-        }
-        let (parts, body) = resp.into_parts();
-        let collected = match http_body_util::Limited::new(
+        Decided::Forward(Forward {
             body,
-            MAX_MESSAGE_SIZE + FRAME_HEADER_LEN,
-        )
-        .collect()
-        .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                let status = Status::new(
-                    Code::Unavailable,
-                    format!(
-                        "pullgate: reading the response from the upstream runtime at {} failed: {e}",
-                        self.upstream.name()
-                    ),
-                );
-                return answer(status, &mut record);
-            }
-        };
-        let trailers = collected.trailers().cloned();
-        let data = collected.to_bytes();
-        if let Some(t) = &trailers {
-            record.finish_from(t);
-        }
-        let ok = trailers
-            .as_ref()
-            .and_then(|t| t.get("grpc-status"))
-            .is_some_and(|v| v == "0");
-        let data = match grpc::single_message(&data) {
-            Ok(msg) if ok => match edit(&msg) {
-                Some(new) => grpc::frame(&new),
-                None => data,
-            },
-            _ => data,
-        };
-        Response::from_parts(
-            parts,
-            ResponseBody::Buffered {
-                data: (!data.is_empty()).then_some(data),
-                trailers,
-            },
-        )
+            reservation,
+            edit,
+            record,
+        })
     }
 }
 
-/// A trailers-only answer from pullgate itself, counted with its status.
-fn answer(status: Status, record: &mut CallRecord) -> Response<ResponseBody> {
-    let resp: Response<ResponseBody> = status.to_response();
-    record.finish_from(resp.headers());
-    resp
+/// What becomes of an intercepted call ([`Proxy::decide`]).
+pub enum Decided {
+    /// pullgate answers with this status (trailers-only); `accept_identity`: the answer says
+    /// `grpc-accept-encoding: identity` (the request was compressed).
+    Respond {
+        status: Status,
+        accept_identity: bool,
+    },
+    /// The call goes to containerd with this request body.
+    Forward(Forward),
+}
+
+/// An intercepted call on its way to containerd.
+pub struct Forward {
+    /// The request body: the one message, framed for gRPC.
+    pub body: Bytes,
+    /// The body's bytes in the body budget, held until they are handed to containerd.
+    pub reservation: Option<Reservation>,
+    /// The edit for the one response message, if the answer is to be rewritten.
+    pub edit: Option<ResponseEdit>,
+    /// The call's record, counted with containerd's status.
+    pub record: CallRecord,
 }
 
 /// Why reading a request body failed: the status for the client, and the limit that refused it.

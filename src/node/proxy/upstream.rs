@@ -1,13 +1,13 @@
-//! The containerd side of the proxy: one shared HTTP/2 connection over containerd's unix socket,
-//! opened lazily on the first call and opened again when containerd restarts.
+//! pullgate's own calls to containerd (the enforcer's image and pod lookups, readiness checks):
+//! one shared HTTP/2 connection over containerd's unix socket, opened lazily on the first call and
+//! opened again when containerd restarts. Clients' calls never take it: the relay carries them on
+//! each client connection's own connection to containerd.
 //!
 //! It speaks HTTP/2 with the `h2` crate directly rather than through hyper's client: a CRI request is
 //! one small message, and `h2` lets pullgate queue its HEADERS and DATA frames together so they leave
 //! in one write — containerd is woken once per call, not twice — without a dispatch task per request.
 //!
-//! A request that arrived without `:authority` leaves with `http://localhost`; any other authority
-//! is forwarded as the client sent it (the fix-up layer in front of the server has already replaced
-//! those `h2` cannot parse with `localhost`).
+//! A request without `:authority` leaves with `http://localhost`.
 //!
 //! Request data goes to containerd no faster than its flow-control window allows: beyond the first
 //! 64 KiB, which leave with the headers, a frame is taken from the client's body only once the

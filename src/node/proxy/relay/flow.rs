@@ -8,7 +8,9 @@
 //!   containerd, which therefore never gives that room back. pullgate gives it back itself: a
 //!   connection WINDOW_UPDATE to kubelet for every such byte (no state needed here).
 //! - DATA pullgate sends kubelet for its own answers uses room in kubelet's window that containerd
-//!   does not know about. kubelet's later WINDOW_UPDATEs give that room back; they are kept from
+//!   does not know about (and the request data pullgate sends containerd for an intercepted call
+//!   it forwards, room in containerd's window that kubelet does not know about: the same
+//!   correction in the other direction). kubelet's later WINDOW_UPDATEs give that room back; they are kept from
 //!   containerd until the debt is repaid ([`ConnFlow::receiver_update`]). Until then containerd
 //!   may believe kubelet has more room than it has, so its DATA waits in a queue while kubelet's
 //!   real window is short of it ([`ConnFlow::relayed`]); what waits is bounded by the debt, since
@@ -18,8 +20,9 @@
 //!   ([`ConnFlow::new_receiver`], [`ConnFlow::new_sender`]). The difference becomes debt the same
 //!   way, or is made up at once with a WINDOW_UPDATE to the peer who believes too little.
 //!
-//! Stream-level windows need no correction: a stream is either relayed (the peers' own windows) or
-//! answered by pullgate (kubelet's window for it is pullgate's business alone, see [`StreamWindow`]).
+//! Stream-level windows need no correction: a stream's windows are either the peers' own (relayed)
+//! or pullgate's business alone — kubelet's for an answer pullgate sends ([`StreamWindow`]),
+//! containerd's for a request pullgate sends (kept by the session).
 
 use std::collections::VecDeque;
 

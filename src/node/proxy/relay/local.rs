@@ -1,32 +1,33 @@
-//! Calls pullgate answers itself on a relayed connection: intercepted calls, handled by
-//! [`Proxy::intercepted`] on a task of their own.
+//! Intercepted calls on a relayed connection: each is decided by [`Proxy::decide`] and answered
+//! by the connection.
 //!
-//! The connection's task hands the call's request body to its task as it arrives
-//! ([`Local::body`]); the body reports every chunk the handler reads ([`Event::Consumed`]), so the
-//! connection gives kubelet that room back only then, and a call that is not read holds back its
-//! sender. The task encodes its answer — response headers, data, trailers — and hands it to the
-//! connection's task ([`Event::Out`]), which sends it as kubelet's windows allow ([`Local::drain`]).
+//! A call is started once the connection has read what it can of it ([`Local::start`]). If its
+//! request is complete by then — the common case: a CRI request's HEADERS and DATA arrive
+//! together — it is decided right there, on the connection's task, unless the decision has to wait
+//! (a lookup in containerd): then it finishes on a task of its own. A request still arriving is
+//! decided on a task of its own from the start, fed its body as it comes ([`Local::body`]); the
+//! body reports every chunk the handler reads ([`Event::Consumed`]), so the connection gives
+//! kubelet that room back only then, and a call that is not read holds back its sender. A task
+//! ends by handing the decision to the connection ([`Event::Decided`]): a status pullgate answers
+//! with, or the request to send containerd. An answer pullgate edits is queued here part by part
+//! ([`Local::answer`]) and sent as kubelet's windows allow ([`Local::drain`]).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Request};
 use http_body::{Body, Frame};
-use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use super::blocks::{field, fields};
 use super::flow::StreamWindow;
-use super::frame::{FRAME_HEADER, put_data, put_frames};
-use super::hpack::put_literal;
-use crate::node::proxy::Proxy;
+use super::frame::{FRAME_HEADER, put_data};
 use crate::node::proxy::intercept::Handler;
-use crate::node::proxy::refusal::Refusal;
+use crate::node::proxy::{Decided, Proxy};
 
 /// Part of a local answer, in the order it goes to kubelet.
 pub enum Out {
@@ -44,9 +45,9 @@ pub enum Out {
 pub enum Event {
     /// The handler read `n` bytes of the request body: room to give back to kubelet.
     Consumed { stream: u32, n: u32 },
-    /// The next part of the answer.
-    Out { stream: u32, out: Out },
-    /// The call's task ended without a complete answer.
+    /// What becomes of the call.
+    Decided { stream: u32, decided: Decided },
+    /// The call's task ended without a decision (it panicked).
     Failed { stream: u32 },
 }
 
@@ -76,31 +77,149 @@ impl Drop for Done {
 
 /// The connection's side of one local call.
 pub struct Local {
-    body: Option<mpsc::UnboundedSender<Bytes>>,
-    task: AbortHandle,
+    state: State,
     pending: VecDeque<Out>,
 }
 
+enum State {
+    /// Not started: the request body so far, until the connection has read what it can.
+    Waiting(Box<Waiting>),
+    /// Being decided on a task of its own, fed the request body while it lasts.
+    Running {
+        body: Option<mpsc::UnboundedSender<Bytes>>,
+        task: AbortHandle,
+    },
+    /// Decided, or an answer pullgate sends.
+    Over,
+}
+
+struct Waiting {
+    proxy: Arc<Proxy>,
+    handler: Arc<dyn Handler>,
+    path: Box<str>,
+    chunks: VecDeque<Bytes>,
+    ended: bool,
+}
+
 impl Local {
+    /// An intercepted call on `path` whose request body is to come (`ended`: it has none).
+    pub fn new(proxy: Arc<Proxy>, handler: Arc<dyn Handler>, path: &str, ended: bool) -> Self {
+        Local {
+            state: State::Waiting(Box::new(Waiting {
+                proxy,
+                handler,
+                path: path.into(),
+                chunks: VecDeque::new(),
+                ended,
+            })),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// A complete answer pullgate sends in containerd's place (an edited one), part by part.
+    pub fn answer(parts: impl IntoIterator<Item = Out>) -> Self {
+        Local {
+            state: State::Over,
+            pending: parts.into_iter().collect(),
+        }
+    }
+
     /// The next chunk of the request body.
     pub fn body(&mut self, data: Bytes) {
-        if let Some(tx) = &self.body {
-            let _ = tx.send(data);
+        match &mut self.state {
+            State::Waiting(w) => w.chunks.push_back(data),
+            State::Running { body: Some(tx), .. } => {
+                let _ = tx.send(data);
+            }
+            _ => {}
         }
     }
 
     /// The request body is complete.
     pub fn end_body(&mut self) {
-        self.body = None;
+        match &mut self.state {
+            State::Waiting(w) => w.ended = true,
+            State::Running { body, .. } => *body = None,
+            State::Over => {}
+        }
+    }
+
+    /// Whether the call waits to be started.
+    pub fn waiting(&self) -> bool {
+        matches!(self.state, State::Waiting(_))
+    }
+
+    /// Starts deciding the call on `stream`: the decision, if it could be made at once; otherwise
+    /// it comes as [`Event::Decided`] (or [`Event::Failed`]) on `events`.
+    pub fn start(&mut self, stream: u32, events: &mpsc::UnboundedSender<Event>) -> Option<Decided> {
+        let State::Waiting(w) = std::mem::replace(&mut self.state, State::Over) else {
+            return None;
+        };
+        let Waiting {
+            proxy,
+            handler,
+            path,
+            chunks,
+            ended,
+        } = *w;
+        let record = proxy.record(&path);
+        let (body, feed) = match ended {
+            true => (CallBody::Ready(chunks), None),
+            false => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                for chunk in chunks {
+                    let _ = tx.send(chunk);
+                }
+                let body = ChannelBody {
+                    rx,
+                    events: events.clone(),
+                    stream,
+                };
+                (CallBody::Fed(body), Some(tx))
+            }
+        };
+        let mut decide =
+            Box::pin(async move { proxy.decide(handler.as_ref(), &path, body, record).await });
+        if ended {
+            // Polled once here: a decision that needs nothing it must wait for is made without a
+            // task. One that does wait finishes on a task, whose first poll registers its waker
+            // (a future may be polled with another waker each time).
+            let mut cx = Context::from_waker(Waker::noop());
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decide.as_mut().poll(&mut cx)
+            }));
+            match polled {
+                Ok(Poll::Ready(decided)) => return Some(decided),
+                Ok(Poll::Pending) => {}
+                Err(_) => {
+                    let _ = events.send(Event::Failed { stream });
+                    return None;
+                }
+            }
+        }
+        let events = events.clone();
+        let task = tokio::spawn(async move {
+            let mut guard = Done {
+                events: events.clone(),
+                stream,
+                done: false,
+            };
+            let decided = decide.await;
+            guard.done();
+            let _ = events.send(Event::Decided { stream, decided });
+        });
+        self.state = State::Running {
+            body: feed,
+            task: task.abort_handle(),
+        };
+        None
     }
 
     /// The call is over for the client (reset, connection gone): its task stops.
     pub fn abort(&self) {
-        self.task.abort();
-    }
-
-    pub fn push(&mut self, out: Out) {
-        self.pending.push_back(out);
+        if let State::Running { task, .. } = &self.state {
+            task.abort();
+        }
     }
 
     /// Hands `emit` what may go now (frame, flow-controlled length); returns whether the answer
@@ -147,6 +266,33 @@ impl Local {
     }
 }
 
+/// The request body of an intercepted call.
+enum CallBody {
+    /// Complete when the call started.
+    Ready(VecDeque<Bytes>),
+    /// Still arriving.
+    Fed(ChannelBody),
+}
+
+impl Body for CallBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            CallBody::Ready(chunks) => Poll::Ready(chunks.pop_front().map(|d| Ok(Frame::data(d)))),
+            CallBody::Fed(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, CallBody::Ready(chunks) if chunks.is_empty())
+    }
+}
+
 /// A request body fed by the connection's task.
 struct ChannelBody {
     rx: mpsc::UnboundedReceiver<Bytes>,
@@ -173,126 +319,5 @@ impl Body for ChannelBody {
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
-    }
-}
-
-/// The request of an intercepted call from its decoded header block (literals): its regular
-/// fields become headers; a field `http` cannot hold is the client's fault.
-fn request(literals: &[u8], path: &str) -> Result<http::request::Builder, Refusal> {
-    // The authority goes on as the client sent it (one that does not parse was already replaced).
-    let authority = field(literals, b":authority");
-    let uri = authority
-        .and_then(|a| {
-            http::Uri::builder()
-                .scheme("http")
-                .authority(a)
-                .path_and_query(path)
-                .build()
-                .ok()
-        })
-        .map_or_else(|| http::Uri::try_from(path), Ok)
-        .map_err(|_| Refusal::BadPseudoHeader)?;
-    let mut b = Request::builder().method(http::Method::POST).uri(uri);
-    let headers = b.headers_mut().expect("a fresh builder");
-    for (name, value) in fields(literals) {
-        if name.first() == Some(&b':') {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(|_| Refusal::InvalidHeader)?;
-        let value = HeaderValue::from_bytes(value).map_err(|_| Refusal::InvalidHeader)?;
-        headers.append(name, value);
-    }
-    Ok(b)
-}
-
-/// Starts answering an intercepted call on `stream`.
-pub fn spawn(
-    proxy: Arc<Proxy>,
-    handler: Arc<dyn Handler>,
-    stream: u32,
-    literals: &[u8],
-    path: &str,
-    end_stream: bool,
-    events: mpsc::UnboundedSender<Event>,
-) -> Result<Local, Refusal> {
-    let builder = request(literals, path)?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let body = ChannelBody {
-        rx,
-        events: events.clone(),
-        stream,
-    };
-    let req = builder.body(body).map_err(|_| Refusal::BadPseudoHeader)?;
-    let path = path.to_owned();
-    let task = tokio::spawn(async move {
-        let mut guard = Done {
-            events: events.clone(),
-            stream,
-            done: false,
-        };
-        answer(proxy, handler, req, &path, stream, &events).await;
-        guard.done();
-    });
-    Ok(Local {
-        body: (!end_stream).then_some(tx),
-        task: task.abort_handle(),
-        pending: VecDeque::new(),
-    })
-}
-
-/// Runs an intercepted call and hands its answer to the connection, part by part.
-async fn answer(
-    proxy: Arc<Proxy>,
-    handler: Arc<dyn Handler>,
-    req: Request<ChannelBody>,
-    path: &str,
-    stream: u32,
-    events: &mpsc::UnboundedSender<Event>,
-) {
-    {
-        let record = proxy.record(path);
-        let resp = proxy.intercepted(handler.as_ref(), req, record).await;
-        let send = |out| events.send(Event::Out { stream, out }).is_ok();
-        let (parts, mut body) = resp.into_parts();
-        let mut block = Vec::with_capacity(256);
-        put_literal(&mut block, b":status", parts.status.as_str().as_bytes());
-        put_headers(&mut block, &parts.headers);
-        let mut frames = Vec::with_capacity(block.len() + FRAME_HEADER);
-        if body.is_end_stream() {
-            put_frames(&mut frames, stream, true, &block);
-            send(Out::Last(Bytes::from(frames)));
-            return;
-        }
-        put_frames(&mut frames, stream, false, &block);
-        if !send(Out::Head(Bytes::from(frames))) {
-            return;
-        }
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { break };
-            let frame = match frame.into_data() {
-                Ok(data) => {
-                    if !send(Out::Data(data)) {
-                        return;
-                    }
-                    continue;
-                }
-                Err(frame) => frame,
-            };
-            if let Ok(trailers) = frame.into_trailers() {
-                let mut block = Vec::with_capacity(128);
-                put_headers(&mut block, &trailers);
-                let mut frames = Vec::with_capacity(block.len() + FRAME_HEADER);
-                put_frames(&mut frames, stream, true, &block);
-                send(Out::Last(Bytes::from(frames)));
-                return;
-            }
-        }
-        send(Out::End);
-    }
-}
-
-fn put_headers(block: &mut Vec<u8>, headers: &HeaderMap) {
-    for (name, value) in headers {
-        put_literal(block, name.as_str().as_bytes(), value.as_bytes());
     }
 }

@@ -4,8 +4,11 @@
 //! on in one write per batch:
 //! - Header blocks are decoded and re-encoded as literals ([`super::blocks`]); a request's block
 //!   decides its stream's route ([`Proxy::route`]). Forwarded streams keep their IDs upstream;
-//!   every other stream is answered by pullgate on kubelet's connection and never opened upstream
-//!   ([`super::local`] for intercepted calls, a trailers-only answer for refused ones).
+//!   refused ones are answered by pullgate (trailers-only) and never opened upstream. Intercepted
+//!   calls are decided on a task of their own ([`super::local`]): answered by pullgate, or sent to
+//!   containerd by the relay with pullgate's request ([`Fed`]), their answer relayed or, if it is
+//!   edited, gathered and sent as pullgate's own ([`Gather`]). A call being decided is opened
+//!   upstream early when a later stream goes first ([`UpSide`]): stream IDs must rise there.
 //! - SETTINGS pass both ways with three values capped: the header table sizes (pullgate decodes
 //!   with a 4 KiB table) and, towards kubelet, the concurrent streams and header list size
 //!   pullgate allows. Everything else passes as it came; flow control is the peers' own except
@@ -28,18 +31,19 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::blocks::{Block, BlockError, Blocks, MAX_HEADER_LIST, TABLE_SIZE, field};
+use super::blocks::{Block, BlockError, Blocks, MAX_HEADER_LIST, TABLE_SIZE, field, fields};
 use super::flow::{ConnFlow, FlowError, Outgoing, StreamWindow};
 use super::frame::*;
 use super::hpack::put_literal;
-use super::local::{self, Event, Local};
+use super::local::{Event, Local, Out};
 use crate::node::config::Limits;
 use crate::node::proxy::body::CallRecord;
-use crate::node::proxy::grpc::Status;
+use crate::node::proxy::budget::Reservation;
+use crate::node::proxy::grpc::{self, Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, Status};
 use crate::node::proxy::refusal::Refusal;
 use crate::node::proxy::track::{Conn, StreamGuard};
 use crate::node::proxy::upstream::UpstreamError;
-use crate::node::proxy::{Proxy, Route};
+use crate::node::proxy::{Decided, Forward, Proxy, ResponseEdit, Route};
 
 /// Bytes waiting for one side past which the other side is not read.
 const HIGH_WATER: usize = 1 << 20;
@@ -115,9 +119,64 @@ struct Forwarded {
     server_done: bool,
     /// containerd has sent the response's first header block.
     answered: bool,
+    /// An intercepted call pullgate forwarded: the request is pullgate's, not kubelet's.
+    fed: Option<Box<Fed>>,
 }
 
-/// A stream pullgate answers itself.
+/// The request of an intercepted call pullgate forwards: its data goes to containerd within
+/// containerd's window for the stream, whose WINDOW_UPDATEs are therefore pullgate's, not
+/// kubelet's.
+struct Fed {
+    /// Request data not sent yet.
+    data: Bytes,
+    /// The END_STREAM of the request has been sent.
+    sent: bool,
+    /// containerd's room for the stream's request data.
+    window: i64,
+    /// The request's bytes in the body budget, held until they are handed to the connection.
+    reservation: Option<Reservation>,
+    /// containerd's answer, gathered while it is to be edited.
+    edit: Option<Gather>,
+}
+
+/// containerd's answer to a call whose response message pullgate edits: held back from kubelet
+/// until it is complete (containerd gets its windows back as it sends), then edited and sent as
+/// pullgate's own answer.
+struct Gather {
+    edit: ResponseEdit,
+    /// The response headers, once containerd sent a `200` that is not trailers-only.
+    head: Option<Vec<u8>>,
+    data: BytesMut,
+    /// kubelet's window for the stream: pullgate sends the answer.
+    kube_window: StreamWindow,
+    /// kubelet's WINDOW_UPDATEs for the stream, owed to containerd if its answer passes after all.
+    kube_updates: u64,
+}
+
+/// Where a stream pullgate answers (or is deciding) stands on containerd's connection.
+enum UpSide {
+    /// Not opened there; its request block opens it if the call is forwarded.
+    Pending(Opening),
+    /// Opened (without data) on the connection of this generation, because a later stream went
+    /// first and stream IDs must rise (RFC 9113 §5.1.1).
+    Opened(u64),
+    /// containerd is done with it.
+    Done,
+}
+
+/// Whose a stream is that containerd sends a frame on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Relayed: the frame is kubelet's.
+    Relayed,
+    /// pullgate answers it (containerd has seen its request block only): the frame is dropped.
+    Answered,
+    /// pullgate sent its request: containerd's WINDOW_UPDATEs are pullgate's, and so is its
+    /// answer while `gathering`.
+    Fed { gathering: bool },
+}
+
+/// A stream pullgate answers itself, or is still deciding.
 struct Answered {
     _guard: StreamGuard,
     local: Local,
@@ -127,6 +186,7 @@ struct Answered {
     /// window as kubelet knows it (pullgate answers in its place), plus what pullgate gave back as
     /// the call read, less what kubelet sent.
     recv_window: i64,
+    up: UpSide,
 }
 
 enum Stream {
@@ -315,6 +375,46 @@ fn capped_settings(payload: &[u8], max_streams: u32) -> Option<Vec<u8>> {
     Some(f)
 }
 
+/// The request block of an intercepted call, kept to open its stream on containerd's connection
+/// if the call goes there: without END_STREAM (pullgate sends the body).
+struct Opening {
+    /// The block's frames.
+    frames: Vec<u8>,
+    /// The block's fields, kept if it has a `content-length`: that must be said anew for the body
+    /// pullgate sends (which it may have rewritten).
+    literals: Option<Vec<u8>>,
+}
+
+impl Opening {
+    fn new(mut frames: Vec<u8>, literals: &[u8]) -> Self {
+        frames[4] &= !END_STREAM;
+        let literals = field(literals, b"content-length").map(|_| literals.to_vec());
+        Opening { frames, literals }
+    }
+
+    /// The block for a body of `len` bytes (`None`: not known yet, no `content-length` is sent).
+    fn block(self, len: Option<usize>) -> Bytes {
+        let Some(literals) = self.literals else {
+            return Bytes::from(self.frames);
+        };
+        let (_, _, stream) = head(&self.frames);
+        let mut kept = Vec::with_capacity(literals.len());
+        for (name, value) in fields(&literals) {
+            match name {
+                b"content-length" => {
+                    if let Some(len) = len {
+                        put_literal(&mut kept, name, len.to_string().as_bytes());
+                    }
+                }
+                _ => put_literal(&mut kept, name, value),
+            }
+        }
+        let mut out = Vec::with_capacity(kept.len() + 2 * FRAME_HEADER);
+        put_frames(&mut out, stream, false, &kept);
+        Bytes::from(out)
+    }
+}
+
 /// containerd's header blocks: its table is pullgate's decoder's, which starts afresh with
 /// every connection to containerd.
 fn response_blocks() -> Blocks {
@@ -324,6 +424,14 @@ fn response_blocks() -> Blocks {
         MAX_RESPONSE_BLOCK,
         4 * MAX_RESPONSE_BLOCK,
     )
+}
+
+/// A containerd connection's SETTINGS frame on its way to kubelet.
+#[derive(Clone, Copy)]
+struct UpSettings {
+    generation: u64,
+    /// The SETTINGS_INITIAL_WINDOW_SIZE it raises containerd's to.
+    raised_window: Option<u32>,
 }
 
 /// What kubelet told containerd in SETTINGS that pullgate needs for its own answers.
@@ -375,8 +483,9 @@ struct Session {
     /// (the ACK goes to kubelet), `false` for pullgate's replay to a new connection.
     settings_to_up: VecDeque<bool>,
     /// The SETTINGS frames sent to kubelet whose ACK is due, in order: whose they are (`None`:
-    /// pullgate's own; `Some(generation)`: that containerd connection's).
-    settings_to_kube: VecDeque<Option<u64>>,
+    /// pullgate's own; `Some`: that containerd connection's, with the larger initial stream
+    /// window it names, which containerd may enforce only once the ACK reaches it).
+    settings_to_kube: VecDeque<Option<UpSettings>>,
     /// kubelet's PINGs sent to containerd, not yet answered.
     pings_to_up: VecDeque<[u8; 8]>,
     /// containerd's PINGs sent to kubelet, not yet answered.
@@ -390,6 +499,15 @@ struct Session {
     /// containerd's SETTINGS_INITIAL_WINDOW_SIZE as kubelet knows it: the receive window pullgate
     /// grants a stream it answers itself.
     up_initial_window: u32,
+    /// containerd's SETTINGS_INITIAL_WINDOW_SIZE as containerd enforces it: the room of a stream
+    /// whose request pullgate sends.
+    up_send_initial: u32,
+    /// Intercepted streams still being decided and not opened on containerd's connection, in
+    /// order: a forwarded stream above them opens them first.
+    pending_open: Vec<u32>,
+    /// Intercepted streams opened in the batch of kubelet's frames being read, to start once it
+    /// is read.
+    unstarted: Vec<u32>,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -440,6 +558,9 @@ pub async fn serve(
         up_settings_generation: 0,
         kube_max_frame_in: MIN_MAX_FRAME_SIZE,
         up_initial_window: 65_535,
+        up_send_initial: 65_535,
+        pending_open: Vec::new(),
+        unstarted: Vec::new(),
         up_draining: false,
         streams: HashMap::default(),
         last_stream: 0,
@@ -541,7 +662,7 @@ pub async fn serve(
                     s.kube_rx.input.advance(n);
                     preface_left -= n;
                 }
-                s.kube_frames()
+                s.kube_frames().and_then(|()| s.start_calls())
             }
             Step::UpRead => s.up_frames(),
             Step::UpGone(why) => {
@@ -549,11 +670,14 @@ pub async fn serve(
                 Ok(())
             }
             Step::Event(ev) => {
-                s.event(ev);
-                while let Ok(ev) = events.try_recv() {
-                    s.event(ev);
+                let mut result = s.event(ev);
+                while result.is_ok() {
+                    match events.try_recv() {
+                        Ok(ev) => result = s.event(ev),
+                        Err(_) => break,
+                    }
                 }
-                Ok(())
+                result
             }
             Step::Timer => {
                 wake = far;
@@ -706,6 +830,13 @@ impl Session {
                     }
                 } else {
                     match self.streams.get_mut(&stream) {
+                        Some(Stream::Forwarded(Forwarded { fed: Some(fed), .. }))
+                            if fed.edit.is_some() =>
+                        {
+                            let g = fed.edit.as_mut().expect("checked");
+                            g.kube_window.grow(inc)?;
+                            g.kube_updates += u64::from(inc);
+                        }
                         Some(Stream::Forwarded(_)) => self.send_up(frame, 0)?,
                         Some(Stream::Answered(a)) => {
                             a.window.grow(inc)?;
@@ -730,8 +861,11 @@ impl Session {
                 // Whose SETTINGS kubelet acknowledges, in the order they were sent to it: pullgate's
                 // own and a gone containerd's acknowledgements end here.
                 match self.settings_to_kube.pop_front() {
-                    Some(Some(generation)) if generation == self.generation => {
-                        self.send_up(frame, 0)?
+                    Some(Some(up)) if up.generation == self.generation => {
+                        self.send_up(frame, 0)?;
+                        if let Some(window) = up.raised_window {
+                            self.up_send_initial_is(window)?;
+                        }
                     }
                     _ => {}
                 }
@@ -785,7 +919,7 @@ impl Session {
             }
             RST_STREAM => match self.streams.remove(&stream) {
                 Some(Stream::Forwarded(_)) => self.send_up(frame, 0)?,
-                Some(Stream::Answered(a)) => self.answered_gone(a),
+                Some(Stream::Answered(a)) => self.answered_gone(stream, a),
                 None => {}
             },
             GOAWAY => {
@@ -889,6 +1023,8 @@ impl Session {
         if stream <= self.last_stream {
             // Trailers of an open stream.
             match self.streams.get_mut(&stream) {
+                // pullgate sent the request of a call it forwarded: it ended there.
+                Some(Stream::Forwarded(f)) if f.fed.is_some() => {}
                 Some(Stream::Forwarded(f)) => {
                     f.client_done |= block.end_stream;
                     self.send_block_up(block)?;
@@ -955,6 +1091,7 @@ impl Session {
         match route {
             Route::Forward if self.upstream_ready() => {
                 let end_stream = block.end_stream;
+                self.open_pending_below(stream)?;
                 self.send_block_up(block)?;
                 self.streams.insert(
                     stream,
@@ -965,6 +1102,7 @@ impl Session {
                         client_done: end_stream,
                         server_done: false,
                         answered: false,
+                        fed: None,
                     }),
                 );
             }
@@ -987,33 +1125,25 @@ impl Session {
                 drop(guard);
             }
             Route::Intercept(handler) => {
-                let local = local::spawn(
-                    proxy.clone(),
-                    handler.clone(),
+                // Started once this batch of kubelet's frames is read (`start_calls`), with as
+                // much of its request as came with it.
+                let local = Local::new(proxy.clone(), handler.clone(), path, block.end_stream);
+                self.unstarted.push(stream);
+                // The request block opens the stream on containerd's connection if the call is
+                // forwarded; its data will be pullgate's.
+                let opening = Opening::new(block.frames, self.requests.literals());
+                self.pending_open.push(stream);
+                self.streams.insert(
                     stream,
-                    self.requests.literals(),
-                    path,
-                    block.end_stream,
-                    self.events_tx.clone(),
+                    Stream::Answered(Answered {
+                        _guard: guard,
+                        local,
+                        window: StreamWindow::new(self.kube_settings.initial_window),
+                        client_done: block.end_stream,
+                        recv_window: i64::from(self.up_initial_window),
+                        up: UpSide::Pending(opening),
+                    }),
                 );
-                match local {
-                    Ok(local) => {
-                        self.streams.insert(
-                            stream,
-                            Stream::Answered(Answered {
-                                _guard: guard,
-                                local,
-                                window: StreamWindow::new(self.kube_settings.initial_window),
-                                client_done: block.end_stream,
-                                recv_window: i64::from(self.up_initial_window),
-                            }),
-                        );
-                    }
-                    Err(fault) => {
-                        drop(guard);
-                        return self.refuse_block(stream, fault);
-                    }
-                }
             }
         }
         Ok(())
@@ -1056,17 +1186,28 @@ impl Session {
 
     /// A trailers-only answer from pullgate; `reset` when the client may still be sending.
     fn answer_status(&mut self, stream: u32, status: &Status, reset: bool) {
-        self.end_with_status(stream, status, true, reset);
+        self.end_with_status(stream, status, true, reset, false);
     }
 
     /// Ends `stream` towards kubelet with `status` in a header block with END_STREAM: a
     /// trailers-only answer (`head`: with `:status` and `content-type`) or trailers; `reset` when
-    /// kubelet may still be sending (RST_STREAM(NO_ERROR) tells it to stop).
-    fn end_with_status(&mut self, stream: u32, status: &Status, head: bool, reset: bool) {
-        let mut block = Vec::with_capacity(64 + status.message.len());
+    /// kubelet may still be sending (RST_STREAM(NO_ERROR) tells it to stop); `identity`: the
+    /// answer says pullgate takes only uncompressed messages.
+    fn end_with_status(
+        &mut self,
+        stream: u32,
+        status: &Status,
+        head: bool,
+        reset: bool,
+        identity: bool,
+    ) {
+        let mut block = Vec::with_capacity(96 + status.message.len());
         if head {
             put_literal(&mut block, b":status", b"200");
             put_literal(&mut block, b"content-type", b"application/grpc");
+        }
+        if identity {
+            put_literal(&mut block, b"grpc-accept-encoding", b"identity");
         }
         let mut trailers = http::HeaderMap::new();
         status.insert_into(&mut trailers);
@@ -1100,7 +1241,7 @@ impl Session {
             ));
         };
         match self.streams.get_mut(&stream) {
-            Some(Stream::Forwarded(f)) => {
+            Some(Stream::Forwarded(f)) if f.fed.is_none() => {
                 f.client_done |= end;
                 self.send_up(frame, total)?;
                 if end {
@@ -1131,12 +1272,13 @@ impl Session {
                     // More than the stream's window: a stream error (RFC 9113 §6.9.1).
                     self.reset_answered(stream, FLOW_CONTROL_ERROR);
                     if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
-                        self.answered_gone(a);
+                        self.answered_gone(stream, a);
                     }
                 }
             }
-            // A stream already closed (reset, answered): its data is given back and dropped.
-            None => put_window_update(self.kube_ctl(), 0, total),
+            // A stream already closed (reset, answered, or its request sent by pullgate): its data
+            // is given back and dropped.
+            Some(Stream::Forwarded(_)) | None => put_window_update(self.kube_ctl(), 0, total),
         }
         Ok(())
     }
@@ -1167,13 +1309,57 @@ impl Session {
         if self.responses.is_open() && kind != CONTINUATION {
             return Err(BlockError::Interleaved(kind).into());
         }
-        if matches!(self.streams.get(&stream), Some(Stream::Answered(_))) {
-            return Err(Fatal::protocol(
-                Refusal::ConnectionError,
-                format!("a frame of type {kind} on stream {stream}, which containerd never saw"),
-            ));
-        }
+        let owner = match self.streams.get(&stream) {
+            Some(Stream::Answered(Answered {
+                up: UpSide::Pending(_),
+                ..
+            })) => {
+                return Err(Fatal::protocol(
+                    Refusal::ConnectionError,
+                    format!(
+                        "a frame of type {kind} on stream {stream}, which containerd never saw"
+                    ),
+                ));
+            }
+            Some(Stream::Answered(_)) => Owner::Answered,
+            Some(Stream::Forwarded(Forwarded { fed: Some(fed), .. })) => Owner::Fed {
+                gathering: fed.edit.as_ref().is_some_and(|g| g.head.is_some()),
+            },
+            _ => Owner::Relayed,
+        };
         match kind {
+            DATA if owner == (Owner::Fed { gathering: true }) => {
+                self.gather_data(stream, frame, flags)?
+            }
+            DATA if owner == Owner::Answered => {
+                // Not kubelet's to see: containerd gets its room back.
+                let len = (frame.len() - FRAME_HEADER) as u32;
+                if let Some(out) = self.up_ctl() {
+                    put_window_update(out, 0, len);
+                }
+            }
+            WINDOW_UPDATE if stream != 0 && owner != Owner::Relayed => {
+                // containerd's room for request data pullgate sends (or has not sent yet).
+                let inc = u31(&frame[FRAME_HEADER..]).filter(|_| frame.len() == FRAME_HEADER + 4);
+                let inc =
+                    inc.ok_or_else(|| Fatal::frame_size("a WINDOW_UPDATE not 4 bytes long"))?;
+                if let Some(Stream::Forwarded(Forwarded { fed: Some(fed), .. })) =
+                    self.streams.get_mut(&stream)
+                {
+                    if fed.window + i64::from(inc) > super::flow::MAX_WINDOW {
+                        return Err(FlowError::WindowOverflow.into());
+                    }
+                    fed.window += i64::from(inc);
+                    self.feed(stream);
+                }
+            }
+            RST_STREAM | PRIORITY_FRAME if owner == Owner::Answered => {
+                if let (RST_STREAM, Some(Stream::Answered(a))) =
+                    (kind, self.streams.get_mut(&stream))
+                {
+                    a.up = UpSide::Done;
+                }
+            }
             DATA => {
                 let len = (frame.len() - FRAME_HEADER) as u32;
                 if flags & END_STREAM != 0 {
@@ -1209,6 +1395,7 @@ impl Session {
             }
             SETTINGS => {
                 let mut f = self.up_settings(&frame)?;
+                let mut raised_window = None;
                 if self.up_settings_generation != self.generation {
                     // A new containerd's first SETTINGS name only what differs from HTTP/2's
                     // defaults, and kubelet still holds what the old one said: the defaults are
@@ -1216,9 +1403,16 @@ impl Session {
                     self.up_settings_generation = self.generation;
                     with_defaults(&mut f, self.limits.max_streams);
                 }
-                self.settings_to_kube.push_back(Some(self.generation));
                 for e in f[FRAME_HEADER..].chunks_exact(6) {
                     let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+                    if u16::from_be_bytes([e[0], e[1]]) == SETTINGS_INITIAL_WINDOW_SIZE {
+                        // A smaller window binds pullgate's own sending at once, a larger one
+                        // once kubelet's ACK has gone to containerd.
+                        match value > self.up_send_initial {
+                            true => raised_window = Some(value),
+                            false => self.up_send_initial_is(value)?,
+                        }
+                    }
                     match u16::from_be_bytes([e[0], e[1]]) {
                         SETTINGS_MAX_FRAME_SIZE => {
                             let v = (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
@@ -1238,6 +1432,10 @@ impl Session {
                         _ => {}
                     }
                 }
+                self.settings_to_kube.push_back(Some(UpSettings {
+                    generation: self.generation,
+                    raised_window,
+                }));
                 self.resp_ready.push(Outgoing {
                     frame: Bytes::from(f),
                     len: 0,
@@ -1274,6 +1472,20 @@ impl Session {
                 for id in unprocessed {
                     self.end_forwarded(id, "containerd is going away and did not take the call");
                 }
+                for s in self.streams.iter_mut().filter(|(id, _)| **id > last) {
+                    if let (
+                        _,
+                        Stream::Answered(
+                            a @ Answered {
+                                up: UpSide::Opened(_),
+                                ..
+                            },
+                        ),
+                    ) = s
+                    {
+                        a.up = UpSide::Done;
+                    }
+                }
                 self.up_draining = true;
                 self.up_error = Some(format!(
                     "the upstream runtime at {} is closing its connection (GOAWAY); retry",
@@ -1297,17 +1509,54 @@ impl Session {
 
     fn response_block(&mut self, block: Block) -> Result<(), Fatal> {
         let stream = block.stream;
-        if let Some(Stream::Forwarded(f)) = self.streams.get_mut(&stream) {
-            if !f.answered {
-                f.answered = true;
-                self.proxy
-                    .metrics()
-                    .upstream_latency(f.record.method(), f.started.elapsed());
+        match self.streams.get_mut(&stream) {
+            Some(Stream::Answered(a)) => {
+                // containerd's answer to a request it never got (its deadline passed, say).
+                if block.end_stream {
+                    a.up = UpSide::Done;
+                }
+                return Ok(());
             }
-            if let Some(code) = field(self.responses.literals(), b"grpc-status") {
-                f.record.finish_code(code);
+            Some(Stream::Forwarded(f)) => {
+                let first = !f.answered;
+                if first {
+                    f.answered = true;
+                    self.proxy
+                        .metrics()
+                        .upstream_latency(f.record.method(), f.started.elapsed());
+                }
+                let literals = self.responses.literals();
+                if let Some(code) = field(literals, b"grpc-status") {
+                    f.record.finish_code(code);
+                }
+                f.server_done |= block.end_stream;
+                if let Some(g) = f.fed.as_mut().and_then(|fed| fed.edit.as_mut()) {
+                    if first && !block.end_stream && field(literals, b":status") == Some(b"200") {
+                        g.head = Some(block.frames);
+                        return Ok(());
+                    }
+                    if g.head.is_some() {
+                        let ok = field(literals, b"grpc-status") == Some(b"0");
+                        match block.end_stream {
+                            true => self.finish_edit(stream, Some(block.frames), ok),
+                            false => {
+                                self.edit_failed(stream, "its answer has a second header block")
+                            }
+                        }
+                        return Ok(());
+                    }
+                    // Not an answer to edit (trailers-only, or not `200`): it passes as it came,
+                    // with the room kubelet gave for it meanwhile.
+                    let owed = g.kube_updates.min(super::flow::MAX_WINDOW as u64) as u32;
+                    if let Some(fed) = f.fed.as_mut() {
+                        fed.edit = None;
+                    }
+                    if let Some(out) = self.up_ctl() {
+                        put_window_update(out, stream, owed);
+                    }
+                }
             }
-            f.server_done |= block.end_stream;
+            None => {}
         }
         let end = block.end_stream;
         self.resp_flow
@@ -1346,7 +1595,13 @@ impl Session {
                 .own_data(Bytes::from(rst), 0, &mut self.resp_ready);
             return;
         }
-        self.end_with_status(stream, &status, !f.answered, !f.client_done);
+        // An answer pullgate holds to edit has not reached kubelet yet.
+        let held = f
+            .fed
+            .as_ref()
+            .and_then(|fed| fed.edit.as_ref())
+            .is_some_and(|g| g.head.is_some());
+        self.end_with_status(stream, &status, !f.answered || held, !f.client_done, false);
     }
 
     /// containerd's connection ended: calls on it end `UNAVAILABLE`; kubelet's connection stays,
@@ -1413,6 +1668,7 @@ impl Session {
         put_settings(&mut tx.out, &replay);
         self.settings_to_up.push_back(false);
         self.generation += 1;
+        self.up_send_initial = 65_535;
         let to_kube = self.req_flow.new_receiver(super::flow::INITIAL_WINDOW);
         put_window_update(self.kube_ctl(), 0, to_kube);
         let to_up = self.resp_flow.new_sender(super::flow::INITIAL_WINDOW);
@@ -1437,12 +1693,12 @@ impl Session {
     }
 
     /// What a local task reported for its stream.
-    fn event(&mut self, ev: Event) {
+    fn event(&mut self, ev: Event) -> Result<(), Fatal> {
         match ev {
             Event::Consumed { stream, n } => {
                 // The stream's room back, while kubelet may still send on it.
                 let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
-                    return;
+                    return Ok(());
                 };
                 if !a.client_done {
                     a.recv_window += i64::from(n);
@@ -1453,15 +1709,42 @@ impl Session {
                 // The call's task ended without a complete answer (it panicked).
                 if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
                     self.reset_answered(stream, INTERNAL_ERROR);
-                    self.answered_gone(a);
+                    self.answered_gone(stream, a);
                 }
             }
-            Event::Out { stream, out } => {
-                if let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) {
-                    a.local.push(out);
-                    self.pump(stream);
-                }
+            Event::Decided { stream, decided } => self.decided(stream, decided)?,
+        }
+        Ok(())
+    }
+
+    /// Starts the intercepted calls opened in the batch of kubelet's frames just read; those
+    /// decided at once are answered or forwarded right away.
+    fn start_calls(&mut self) -> Result<(), Fatal> {
+        while let Some(stream) = self.unstarted.pop() {
+            let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
+                continue;
+            };
+            if let Some(decided) = a.local.start(stream, &self.events_tx) {
+                self.decided(stream, decided)?;
             }
+        }
+        Ok(())
+    }
+
+    /// What becomes of an intercepted call.
+    fn decided(&mut self, stream: u32, decided: Decided) -> Result<(), Fatal> {
+        match decided {
+            Decided::Respond {
+                status,
+                accept_identity,
+            } => {
+                if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
+                    self.end_with_status(stream, &status, true, !a.client_done, accept_identity);
+                    self.answered_gone(stream, a);
+                }
+                Ok(())
+            }
+            Decided::Forward(fwd) => self.forward_decided(stream, fwd),
         }
     }
 
@@ -1485,7 +1768,7 @@ impl Session {
                     .own_data(Bytes::from(f), 0, &mut self.resp_ready);
             }
             if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
-                self.answered_gone(a);
+                self.answered_gone(stream, a);
             }
         }
     }
@@ -1508,9 +1791,280 @@ impl Session {
         });
     }
 
-    /// A call pullgate answered is over: its task stops.
-    fn answered_gone(&mut self, a: Answered) {
+    /// A call pullgate answered is over: its task stops, and containerd, if the stream was
+    /// opened there, hears that it is cancelled.
+    fn answered_gone(&mut self, stream: u32, a: Answered) {
         a.local.abort();
+        match a.up {
+            UpSide::Pending(_) => self.pending_open.retain(|&id| id != stream),
+            UpSide::Opened(generation) if generation == self.generation => {
+                let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
+                put_rst(&mut rst, stream, CANCEL);
+                let _ = self.send_up(Bytes::from(rst), 0);
+            }
+            _ => {}
+        }
+    }
+
+    /// Opens on containerd's connection, in order, every intercepted stream below `stream` that is
+    /// still being decided, so that stream IDs rise there as they must (RFC 9113 §5.1.1).
+    fn open_pending_below(&mut self, stream: u32) -> Result<(), Fatal> {
+        let n = self.pending_open.partition_point(|&id| id < stream);
+        for i in 0..n {
+            let id = self.pending_open[i];
+            let Some(Stream::Answered(a)) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let opened = UpSide::Opened(self.generation);
+            if let UpSide::Pending(opening) = std::mem::replace(&mut a.up, opened) {
+                self.send_up(opening.block(None), 0)?;
+            }
+        }
+        self.pending_open.drain(..n);
+        Ok(())
+    }
+
+    /// An intercepted call pullgate forwards: its stream opened on containerd's connection (if it
+    /// is not yet), its request sent as pullgate's own data, its answer relayed or gathered for
+    /// the edit. While containerd cannot be reached the call ends `UNAVAILABLE`.
+    fn forward_decided(&mut self, stream: u32, fwd: Forward) -> Result<(), Fatal> {
+        let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
+            return Ok(());
+        };
+        let unavailable = match a.up {
+            UpSide::Pending(_) => None,
+            UpSide::Opened(generation) if generation == self.generation && self.up.is_some() => {
+                None
+            }
+            UpSide::Opened(_) => Some("the connection to it ended during the call".to_owned()),
+            UpSide::Done => Some("it ended the call before pullgate forwarded it".to_owned()),
+        };
+        let pending = matches!(a.up, UpSide::Pending(_));
+        let unavailable = match unavailable {
+            None if pending && !self.upstream_ready() => {
+                Some(self.up_error.clone().unwrap_or_default())
+            }
+            other => other,
+        };
+        let Forward {
+            body,
+            reservation,
+            edit,
+            mut record,
+        } = fwd;
+        if let Some(why) = unavailable {
+            let Some(Stream::Answered(a)) = self.streams.remove(&stream) else {
+                return Ok(());
+            };
+            let status = Status::new(
+                Code::Unavailable,
+                format!(
+                    "pullgate: cannot forward the call to the upstream runtime at {}: {why}",
+                    self.proxy.upstream().name()
+                ),
+            );
+            record.finish_code(status.code.as_str().as_bytes());
+            self.end_with_status(stream, &status, true, !a.client_done, false);
+            self.answered_gone(stream, a);
+            return Ok(());
+        }
+        self.open_pending_below(stream)?;
+        let Some(Stream::Answered(a)) = self.streams.remove(&stream) else {
+            return Ok(());
+        };
+        let Answered {
+            _guard,
+            local,
+            window,
+            up,
+            ..
+        } = a;
+        local.abort();
+        if let UpSide::Pending(opening) = up {
+            self.pending_open.retain(|&id| id != stream);
+            self.send_up(opening.block(Some(body.len())), 0)?;
+        }
+        let edit = edit.map(|edit| Gather {
+            edit,
+            head: None,
+            data: BytesMut::new(),
+            kube_window: window,
+            kube_updates: 0,
+        });
+        self.streams.insert(
+            stream,
+            Stream::Forwarded(Forwarded {
+                _guard,
+                record,
+                started: Instant::now(),
+                client_done: true,
+                server_done: false,
+                answered: false,
+                fed: Some(Box::new(Fed {
+                    data: body,
+                    sent: false,
+                    window: i64::from(self.up_send_initial),
+                    reservation,
+                    edit,
+                })),
+            }),
+        );
+        self.feed(stream);
+        Ok(())
+    }
+
+    /// Sends the request data pullgate has for `stream` as far as containerd's stream window
+    /// allows (the connection's window is [`ConnFlow`]'s), in frames of the size every peer takes.
+    fn feed(&mut self, stream: u32) {
+        let Some(Stream::Forwarded(Forwarded { fed: Some(fed), .. })) =
+            self.streams.get_mut(&stream)
+        else {
+            return;
+        };
+        while !fed.sent {
+            let n = fed
+                .data
+                .len()
+                .min(MIN_MAX_FRAME_SIZE)
+                .min(fed.window.max(0) as usize);
+            if n == 0 && !fed.data.is_empty() {
+                return;
+            }
+            let chunk = fed.data.split_to(n);
+            fed.window -= n as i64;
+            fed.sent = fed.data.is_empty();
+            let mut frame = Vec::with_capacity(FRAME_HEADER + n);
+            put_data(&mut frame, stream, fed.sent, &chunk);
+            self.req_flow
+                .own_data(Bytes::from(frame), n as u32, &mut self.req_ready);
+        }
+        // Every byte is the connection's now.
+        fed.reservation = None;
+    }
+
+    /// containerd's initial stream window, as it enforces it, is now `window`: the streams whose
+    /// request pullgate sends move by the difference (RFC 9113 §6.9.2).
+    fn up_send_initial_is(&mut self, window: u32) -> Result<(), Fatal> {
+        let delta = i64::from(window) - i64::from(self.up_send_initial);
+        self.up_send_initial = window;
+        if delta == 0 {
+            return Ok(());
+        }
+        let fed =
+            self.stream_ids(|_, s| matches!(s, Stream::Forwarded(Forwarded { fed: Some(_), .. })));
+        for id in fed {
+            if let Some(Stream::Forwarded(Forwarded { fed: Some(f), .. })) =
+                self.streams.get_mut(&id)
+            {
+                if f.window + delta > super::flow::MAX_WINDOW {
+                    return Err(FlowError::WindowOverflow.into());
+                }
+                f.window += delta;
+            }
+            self.feed(id);
+        }
+        Ok(())
+    }
+
+    /// A DATA frame of containerd's answer that pullgate edits: gathered, and containerd given
+    /// its room back; the answer is sent on once complete.
+    fn gather_data(&mut self, stream: u32, frame: Bytes, flags: u8) -> Result<(), Fatal> {
+        let Some((payload, total)) = data_payload(&frame, flags) else {
+            return Err(Fatal::protocol(
+                Refusal::ConnectionError,
+                format!("a DATA frame on stream {stream} with more padding than payload"),
+            ));
+        };
+        let end = flags & END_STREAM != 0;
+        let Some(Stream::Forwarded(Forwarded {
+            fed: Some(fed),
+            server_done,
+            ..
+        })) = self.streams.get_mut(&stream)
+        else {
+            return Ok(());
+        };
+        *server_done |= end;
+        let Some(g) = fed.edit.as_mut() else {
+            return Ok(());
+        };
+        g.data.extend_from_slice(&payload);
+        let over = g.data.len() > MAX_MESSAGE_SIZE + FRAME_HEADER_LEN;
+        if let Some(out) = self.up_ctl() {
+            put_window_update(out, 0, total);
+            if !end && !over {
+                put_window_update(out, stream, total);
+            }
+        }
+        if over {
+            self.edit_failed(stream, "its answer is over the 16 MiB message limit");
+        } else if end {
+            self.finish_edit(stream, None, false);
+        }
+        Ok(())
+    }
+
+    /// containerd's complete answer to a call pullgate edits: the message edited (if the call
+    /// succeeded) and the answer sent as pullgate's own, within kubelet's windows.
+    fn finish_edit(&mut self, stream: u32, trailers: Option<Vec<u8>>, ok: bool) {
+        let Some(Stream::Forwarded(f)) = self.streams.remove(&stream) else {
+            return;
+        };
+        let Forwarded { _guard, fed, .. } = f;
+        let Some(Gather {
+            edit,
+            head,
+            data,
+            kube_window,
+            ..
+        }) = fed.and_then(|fed| fed.edit)
+        else {
+            return;
+        };
+        let data = data.freeze();
+        let data = match grpc::single_message(&data) {
+            Ok(msg) if ok => edit(&msg).map_or(data, |new| grpc::frame(&new)),
+            _ => data,
+        };
+        let mut parts = vec![Out::Head(Bytes::from(head.unwrap_or_default()))];
+        if !data.is_empty() {
+            parts.push(Out::Data(data));
+        }
+        parts.push(trailers.map_or(Out::End, |t| Out::Last(Bytes::from(t))));
+        self.streams.insert(
+            stream,
+            Stream::Answered(Answered {
+                _guard,
+                local: Local::answer(parts),
+                window: kube_window,
+                client_done: true,
+                recv_window: 0,
+                up: UpSide::Done,
+            }),
+        );
+        self.pump(stream);
+    }
+
+    /// An answer pullgate was to edit that it cannot: the call ends `UNAVAILABLE` and containerd
+    /// hears it is cancelled.
+    fn edit_failed(&mut self, stream: u32, why: &str) {
+        let Some(Stream::Forwarded(mut f)) = self.streams.remove(&stream) else {
+            return;
+        };
+        let status = Status::new(
+            Code::Unavailable,
+            format!(
+                "pullgate: the upstream runtime at {} answered the call in a way pullgate cannot read: {why}",
+                self.proxy.upstream().name()
+            ),
+        );
+        f.record.finish_code(status.code.as_str().as_bytes());
+        if !f.server_done {
+            let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
+            put_rst(&mut rst, stream, CANCEL);
+            let _ = self.send_up(Bytes::from(rst), 0);
+        }
+        self.end_with_status(stream, &status, true, false, false);
     }
 
     /// Removes a forwarded stream both sides have finished.
