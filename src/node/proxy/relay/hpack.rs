@@ -1,8 +1,8 @@
 //! HPACK (RFC 7541): decoding a peer's header blocks with its dynamic table, checking each field
 //! against HTTP/2's rules, and re-encoding as literals without the dynamic table.
 //!
-//! The decoder is pullgate's own (static and dynamic tables, integers, strings; Huffman strings are
-//! decoded by `httlib-huffman`), checked against RFC 7541 Appendix C and against an independent
+//! The decoder is pullgate's own (static and dynamic tables, integers, strings, Huffman-coded
+//! strings with [`super::huffman`]), checked against RFC 7541 Appendix C and against an independent
 //! implementation (`loona-hpack`, in the tests). It is strict on what changes the table: size
 //! updates only at the start of a block and never above the advertised table size. While a block
 //! is decoded it is written out again as literals without indexing into a buffer, with every
@@ -359,9 +359,8 @@ fn string<'b>(buf: &'b [u8], pos: &mut usize) -> Result<Cow<'b, [u8]>, DecodeErr
     if !huffman {
         return Ok(Cow::Borrowed(raw));
     }
-    let mut out = Vec::with_capacity(len * 8 / 5 + 1);
-    httlib_huffman::decode(raw, &mut out, httlib_huffman::DecoderSpeed::FiveBits)
-        .map_err(|_| DecodeError::Huffman)?;
+    let mut out = Vec::new();
+    super::huffman::decode(raw, &mut out).map_err(|_| DecodeError::Huffman)?;
     Ok(Cow::Owned(out))
 }
 

@@ -3,11 +3,12 @@
 //!
 //! - Per kubelet connection, one task ([`session`]) owns both sockets; frames are read in batches
 //!   and written one write per batch per side.
-//! - Every header block is decoded ([`hpack`]) and re-encoded as literals in both directions
-//!   ([`blocks`]), so neither receiver's HPACK table is used and containerd decodes exactly what
-//!   pullgate routed on.
+//! - Every header block is decoded ([`hpack`], its Huffman strings with [`huffman`]) and
+//!   re-encoded as literals in both directions ([`blocks`]), so neither receiver's HPACK table is
+//!   used and containerd decodes exactly what pullgate routed on.
 //! - Stream IDs pass unchanged; refused streams are answered by pullgate and never opened upstream;
-//!   intercepted calls run on tasks of their own and are answered on kubelet's stream ([`local`]).
+//!   intercepted calls are decided ([`local`]) and then answered by pullgate or forwarded by the
+//!   session with pullgate's request.
 //! - Flow control stays the peers' own except for the corrections in [`flow`].
 //! - [`frame`]: the frame constants and the frames pullgate writes itself.
 //!
@@ -19,6 +20,7 @@ pub mod blocks;
 pub mod flow;
 pub mod frame;
 pub mod hpack;
+pub mod huffman;
 pub mod local;
 pub mod session;
 
