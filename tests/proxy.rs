@@ -855,6 +855,36 @@ async fn calls_decided_after_later_calls_keep_containerds_stream_order() {
     pg.stop().await;
 }
 
+/// Answers pullgate gathers to edit use containerd's connection window without kubelet seeing
+/// them: pullgate gives that room back itself (with kubelet's WINDOW_UPDATEs, or on its own once
+/// enough is owed), so many of them on one connection, together far over the 64 KiB window
+/// containerd starts with, all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edited_answers_give_containerd_its_window_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("echo.sock");
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+    let pg = start_holding_answers(dir.path(), &p, Duration::from_secs(1));
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    for i in 0..64 {
+        let msg = frame(
+            &cri::CreateContainerRequest {
+                pod_sandbox_id: format!("{i:08}").repeat(1024),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let call = call_on(client.clone(), methods::CREATE_CONTAINER, msg.clone());
+        let (status, body) = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap_or_else(|_| panic!("call {i} is answered"));
+        assert_eq!((status.as_str(), body), ("0", msg), "call {i}");
+    }
+    pg.stop().await;
+}
+
 /// A client with a large stream window and a small connection window: an answer it does not read
 /// waits in pullgate for its connection window.
 async fn hoarding_client(

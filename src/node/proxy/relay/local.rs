@@ -1,11 +1,11 @@
 //! Intercepted calls on a relayed connection: each is decided by [`Proxy::decide`] and answered
 //! by the connection.
 //!
-//! A call is started once the connection has read what it can of it ([`Local::start`]). If its
-//! request is complete by then — the common case: a CRI request's HEADERS and DATA arrive
-//! together — it is decided right there, on the connection's task, unless the decision has to wait
-//! (a lookup in containerd): then it finishes on a task of its own. A request still arriving is
-//! decided on a task of its own from the start, fed its body as it comes ([`Local::body`]); the
+//! The connection holds a call's request until it is complete, briefly ([`Local::start`]). A
+//! complete request — the common case: a CRI request's DATA follows its HEADERS at once — is
+//! decided right there, on the connection's task, unless the decision has to wait (a lookup in
+//! containerd): then it finishes on a task of its own. A request still arriving after that (a
+//! slow or large one) is decided on a task of its own, fed its body as it comes ([`Local::body`]); the
 //! body reports every chunk the handler reads ([`Event::Consumed`]), so the connection gives
 //! kubelet that room back only then, and a call that is not read holds back its sender. A task
 //! ends by handing the decision to the connection ([`Event::Decided`]): a status pullgate answers
@@ -98,6 +98,8 @@ struct Waiting {
     handler: Arc<dyn Handler>,
     path: Box<str>,
     chunks: VecDeque<Bytes>,
+    /// Bytes in `chunks`.
+    buffered: usize,
     ended: bool,
 }
 
@@ -110,6 +112,7 @@ impl Local {
                 handler,
                 path: path.into(),
                 chunks: VecDeque::new(),
+                buffered: 0,
                 ended,
             })),
             pending: VecDeque::new(),
@@ -127,7 +130,10 @@ impl Local {
     /// The next chunk of the request body.
     pub fn body(&mut self, data: Bytes) {
         match &mut self.state {
-            State::Waiting(w) => w.chunks.push_back(data),
+            State::Waiting(w) => {
+                w.buffered += data.len();
+                w.chunks.push_back(data);
+            }
             State::Running { body: Some(tx), .. } => {
                 let _ = tx.send(data);
             }
@@ -149,6 +155,19 @@ impl Local {
         matches!(self.state, State::Waiting(_))
     }
 
+    /// Whether the call waits to be started with its whole request here.
+    pub fn request_complete(&self) -> bool {
+        matches!(&self.state, State::Waiting(w) if w.ended)
+    }
+
+    /// The request bytes of a call waiting to be started.
+    pub fn buffered(&self) -> usize {
+        match &self.state {
+            State::Waiting(w) => w.buffered,
+            _ => 0,
+        }
+    }
+
     /// Starts deciding the call on `stream`: the decision, if it could be made at once; otherwise
     /// it comes as [`Event::Decided`] (or [`Event::Failed`]) on `events`.
     pub fn start(&mut self, stream: u32, events: &mpsc::UnboundedSender<Event>) -> Option<Decided> {
@@ -161,6 +180,7 @@ impl Local {
             path,
             chunks,
             ended,
+            ..
         } = *w;
         let record = proxy.record(&path);
         let (body, feed) = match ended {

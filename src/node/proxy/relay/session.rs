@@ -55,6 +55,15 @@ const MAX_PINGS_IN_FLIGHT: usize = 64;
 const KEEPALIVE_OPAQUE: [u8; 8] = *b"pullgate";
 /// The payload of the PING that follows the first GOAWAY when pullgate closes a connection.
 const CLOSING_OPAQUE: [u8; 8] = *b"pg-close";
+/// How long an intercepted call waits for the rest of its request before it starts on a task of
+/// its own (a request normally arrives whole with its headers, or right after them).
+const START_WAIT: Duration = Duration::from_millis(2);
+/// Request bytes past which an intercepted call starts without waiting for the rest: it reads
+/// the rest as it comes, giving kubelet its window back.
+const START_BYTES: usize = 32 * 1024;
+/// The bytes pullgate owes containerd's connection window past which it gives them back at once:
+/// half of the smallest window HTTP/2 allows, so containerd never waits for them.
+const OWED_FLUSH: u32 = 32 * 1024;
 /// After pullgate starts closing a connection itself, how long the client has to go once no call
 /// is open.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -151,6 +160,8 @@ struct Gather {
     kube_window: StreamWindow,
     /// kubelet's WINDOW_UPDATEs for the stream, owed to containerd if its answer passes after all.
     kube_updates: u64,
+    /// Bytes of the answer not yet given back to containerd on the stream.
+    unreturned: u32,
 }
 
 /// Where a stream pullgate answers (or is deciding) stands on containerd's connection.
@@ -505,9 +516,15 @@ struct Session {
     /// Intercepted streams still being decided and not opened on containerd's connection, in
     /// order: a forwarded stream above them opens them first.
     pending_open: Vec<u32>,
-    /// Intercepted streams opened in the batch of kubelet's frames being read, to start once it
-    /// is read.
-    unstarted: Vec<u32>,
+    /// Intercepted streams whose call has not started, with when they opened: a call starts
+    /// once its request is complete (decided at once, on this task), or has [`START_BYTES`]
+    /// waiting, or has waited [`START_WAIT`] (then decided on a task of its own, fed the rest).
+    waiting: Vec<(u32, Instant)>,
+    /// Bytes of containerd's DATA that pullgate took itself (answers it edits, answers to calls it
+    /// answered itself) and has not given back on the connection yet: given with kubelet's next
+    /// WINDOW_UPDATE, or at once past [`OWED_FLUSH`]. Each WINDOW_UPDATE of its own would cost
+    /// containerd a wake-up.
+    up_owed: u32,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -560,7 +577,8 @@ pub async fn serve(
         up_initial_window: 65_535,
         up_send_initial: 65_535,
         pending_open: Vec::new(),
-        unstarted: Vec::new(),
+        waiting: Vec::new(),
+        up_owed: 0,
         up_draining: false,
         streams: HashMap::default(),
         last_stream: 0,
@@ -683,7 +701,7 @@ pub async fn serve(
                 wake = far;
                 match s.timer() {
                     true => break,
-                    false => Ok(()),
+                    false => s.start_calls(),
                 }
             }
         };
@@ -825,6 +843,11 @@ impl Session {
                 }
                 if stream == 0 {
                     let pass = self.resp_flow.receiver_update(inc, &mut self.resp_ready)?;
+                    // What pullgate owes containerd rides along.
+                    let room = (super::flow::MAX_WINDOW as u32).saturating_sub(pass);
+                    let owed = self.up_owed.min(room);
+                    self.up_owed -= owed;
+                    let pass = pass + owed;
                     if let Some(out) = self.up_ctl() {
                         put_window_update(out, 0, pass);
                     }
@@ -1125,10 +1148,9 @@ impl Session {
                 drop(guard);
             }
             Route::Intercept(handler) => {
-                // Started once this batch of kubelet's frames is read (`start_calls`), with as
-                // much of its request as came with it.
+                // Started once its request is here (`start_calls`).
                 let local = Local::new(proxy.clone(), handler.clone(), path, block.end_stream);
-                self.unstarted.push(stream);
+                self.waiting.push((stream, Instant::now()));
                 // The request block opens the stream on containerd's connection if the call is
                 // forwarded; its data will be pullgate's.
                 let opening = Opening::new(block.frames, self.requests.literals());
@@ -1333,10 +1355,7 @@ impl Session {
             }
             DATA if owner == Owner::Answered => {
                 // Not kubelet's to see: containerd gets its room back.
-                let len = (frame.len() - FRAME_HEADER) as u32;
-                if let Some(out) = self.up_ctl() {
-                    put_window_update(out, 0, len);
-                }
+                self.give_back_up((frame.len() - FRAME_HEADER) as u32);
             }
             WINDOW_UPDATE if stream != 0 && owner != Owner::Relayed => {
                 // containerd's room for request data pullgate sends (or has not sent yet).
@@ -1611,6 +1630,7 @@ impl Session {
         let open = self.stream_ids(|_, s| matches!(s, Stream::Forwarded(_)));
         self.up = None;
         self.up_rx = None;
+        self.up_owed = 0;
         for id in open {
             self.end_forwarded(id, &why);
         }
@@ -1717,10 +1737,27 @@ impl Session {
         Ok(())
     }
 
-    /// Starts the intercepted calls opened in the batch of kubelet's frames just read; those
-    /// decided at once are answered or forwarded right away.
+    /// Starts the waiting intercepted calls that are due (see [`Session::waiting`]); those decided
+    /// at once are answered or forwarded right away.
     fn start_calls(&mut self) -> Result<(), Fatal> {
-        while let Some(stream) = self.unstarted.pop() {
+        if self.waiting.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        self.waiting.retain(|&(stream, since)| {
+            let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
+                return false;
+            };
+            let start = a.local.request_complete()
+                || a.local.buffered() >= START_BYTES
+                || now >= since + START_WAIT;
+            if start {
+                due.push(stream);
+            }
+            !start && a.local.waiting()
+        });
+        for stream in due {
             let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) else {
                 continue;
             };
@@ -1803,6 +1840,18 @@ impl Session {
                 let _ = self.send_up(Bytes::from(rst), 0);
             }
             _ => {}
+        }
+    }
+
+    /// Gives containerd back `n` bytes of its connection window that it spent on DATA pullgate
+    /// took itself: later, with kubelet's next WINDOW_UPDATE, unless [`OWED_FLUSH`] is reached.
+    fn give_back_up(&mut self, n: u32) {
+        self.up_owed = self.up_owed.saturating_add(n);
+        if self.up_owed >= OWED_FLUSH {
+            let owed = std::mem::take(&mut self.up_owed);
+            if let Some(out) = self.up_ctl() {
+                put_window_update(out, 0, owed);
+            }
         }
     }
 
@@ -1890,6 +1939,7 @@ impl Session {
             data: BytesMut::new(),
             kube_window: window,
             kube_updates: 0,
+            unreturned: 0,
         });
         self.streams.insert(
             stream,
@@ -1990,11 +2040,17 @@ impl Session {
         };
         g.data.extend_from_slice(&payload);
         let over = g.data.len() > MAX_MESSAGE_SIZE + FRAME_HEADER_LEN;
+        // The stream's room goes back once half of kubelet's initial window is used: most
+        // answers end well before.
+        g.unreturned += total;
+        let stream_back =
+            match !end && !over && g.unreturned >= self.kube_settings.initial_window / 2 {
+                true => std::mem::take(&mut g.unreturned),
+                false => 0,
+            };
+        self.give_back_up(total);
         if let Some(out) = self.up_ctl() {
-            put_window_update(out, 0, total);
-            if !end && !over {
-                put_window_update(out, stream, total);
-            }
+            put_window_update(out, stream, stream_back);
         }
         if over {
             self.edit_failed(stream, "its answer is over the 16 MiB message limit");
@@ -2167,6 +2223,9 @@ impl Session {
     fn next_wake(&self) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if let Some(since) = self.waiting.iter().map(|(_, since)| *since).min() {
+            at(since + START_WAIT);
+        }
         if let Some(interval) = self.limits.keepalive_interval {
             match self.ping_sent {
                 Some(sent) => at(sent + self.limits.keepalive_timeout),
