@@ -178,7 +178,9 @@ impl AuditLog {
     }
 
     fn append(&self, rec: &impl Serialize) -> io::Result<()> {
-        let mut line = serde_json::to_vec(rec).map_err(io::Error::other)?;
+        // A decision's line is a few hundred bytes: one allocation, not one per doubling.
+        let mut line = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut line, rec).map_err(io::Error::other)?;
         line.push(b'\n');
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if inner.size > 0 && inner.size + line.len() as u64 > self.max_bytes {

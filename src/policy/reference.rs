@@ -385,12 +385,12 @@ fn parse_inner(input: &str) -> Result<Reference, ReferenceErrorKind> {
     {
         return Err(K::LooksLikeImageId);
     }
-    let (name_tag, digest) = match input.split_once('@') {
-        Some((n, d)) => (n, Some(Digest::parse(d)?)),
+    let (name_tag, digest) = match input.as_bytes().iter().position(|&b| b == b'@') {
+        Some(at) => (&input[..at], Some(Digest::parse(&input[at + 1..])?)),
         None => (input, None),
     };
-    let last_slash = name_tag.rfind('/');
-    let (name, tag) = match name_tag.rfind(':') {
+    let last_slash = name_tag.as_bytes().iter().rposition(|&b| b == b'/');
+    let (name, tag) = match name_tag.as_bytes().iter().rposition(|&b| b == b':') {
         Some(colon) if last_slash.is_none_or(|s| colon > s) => {
             (&name_tag[..colon], Some(&name_tag[colon + 1..]))
         }
@@ -399,14 +399,16 @@ fn parse_inner(input: &str) -> Result<Reference, ReferenceErrorKind> {
     if let Some(t) = tag {
         validate_tag(t)?;
     }
-    // Split the registry off the way ParseNormalizedNamed does.
-    let (domain, remainder) = match name.split_once('/') {
-        Some((first, rest))
-            if first.contains(['.', ':'])
-                || first == "localhost"
-                || first.bytes().any(|b| b.is_ascii_uppercase()) =>
+    // Split the registry off the way ParseNormalizedNamed does. (Byte scans: this runs several
+    // times on every decided call.)
+    let (domain, remainder) = match name.as_bytes().iter().position(|&b| b == b'/') {
+        Some(slash)
+            if name.as_bytes()[..slash]
+                .iter()
+                .any(|&b| b == b'.' || b == b':' || b.is_ascii_uppercase())
+                || &name[..slash] == "localhost" =>
         {
-            (first, rest)
+            (&name[..slash], &name[slash + 1..])
         }
         _ => (DEFAULT_DOMAIN, name),
     };
@@ -501,8 +503,7 @@ fn validate_domain(domain: &str) -> Result<(), ReferenceErrorKind> {
         if host.is_empty() {
             return err("the host name is empty");
         }
-        for component in host.split('.') {
-            let b = component.as_bytes();
+        for b in host.as_bytes().split(|&c| c == b'.') {
             if b.is_empty() {
                 return err("a host name label is empty (two dots, or a leading or trailing dot)");
             }
@@ -521,11 +522,14 @@ fn validate_domain(domain: &str) -> Result<(), ReferenceErrorKind> {
 }
 
 fn validate_path(path: &str) -> Result<(), ReferenceErrorKind> {
-    for component in path.split('/') {
-        validate_component(component).map_err(|why| ReferenceErrorKind::PathComponent {
-            component: truncate(component),
+    let mut start = 0;
+    for component in path.as_bytes().split(|&b| b == b'/') {
+        let end = start + component.len();
+        validate_component(&path[start..end]).map_err(|why| ReferenceErrorKind::PathComponent {
+            component: truncate(&path[start..end]),
             why,
         })?;
+        start = end + 1;
     }
     Ok(())
 }
