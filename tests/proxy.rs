@@ -855,6 +855,167 @@ async fn calls_decided_after_later_calls_keep_containerds_stream_order() {
     pg.stop().await;
 }
 
+/// Denies every `CreateContainer` at once.
+struct DenyAll;
+
+impl Handler for DenyAll {
+    fn handle<'a>(&'a self, _call: Call<'a>) -> BoxFuture<'a, Verdict> {
+        Box::pin(async { Verdict::Respond(Status::new(Code::PermissionDenied, "denied")) })
+    }
+}
+
+/// A call pullgate answers itself never reaches containerd, not even its headers, when a
+/// forwarded call follows it in the same write: its complete request is decided before the later
+/// call goes (which would otherwise have to open it upstream first, stream IDs must rise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_call_pipelined_with_a_forwarded_one_never_reaches_containerd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let raw = RawUpstream::serve(&path, Script::grpc_echo());
+    let mut table = InterceptTable::empty();
+    table.insert(methods::CREATE_CONTAINER, std::sync::Arc::new(DenyAll));
+    let pg = Pullgate::start_with(dir.path(), &path, Duration::from_secs(1), table);
+    let stream = UnixStream::connect(&pg.listen).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    // Warm up: containerd's connection is open and settled.
+    assert_eq!(echo_on(&client, Bytes::from_static(b"warm")).await.0, "0");
+    let heads = raw.heads.load(Ordering::SeqCst);
+    for round in 0..20 {
+        // Both requests are queued before the connection task writes: they leave together.
+        let mut c = client.clone().ready().await.unwrap();
+        let mut req = http::Request::post(format!("http://localhost{}", methods::CREATE_CONTAINER))
+            .body(())
+            .unwrap();
+        *req.headers_mut() = grpc_headers();
+        let (denied, mut send) = c.send_request(req, false).unwrap();
+        send.send_data(frame(b""), true).unwrap();
+        let mut c = c.ready().await.unwrap();
+        let mut req =
+            http::Request::post("http://localhost/runtime.v1.RuntimeService/ListContainers")
+                .body(())
+                .unwrap();
+        *req.headers_mut() = grpc_headers();
+        let (forwarded, mut send) = c.send_request(req, false).unwrap();
+        send.send_data(Bytes::from_static(b"later"), true).unwrap();
+        let denied = tokio::time::timeout(Duration::from_secs(10), denied)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(denied.headers()["grpc-status"], "7", "round {round}");
+        let forwarded = tokio::time::timeout(Duration::from_secs(10), forwarded)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(forwarded.status(), 200);
+    }
+    assert_eq!(
+        raw.heads.load(Ordering::SeqCst) - heads,
+        20,
+        "containerd saw the forwarded calls only"
+    );
+    pg.stop().await;
+}
+
+/// A raw HTTP/2 client whose initial stream window is 0: it opens each stream's window with a
+/// WINDOW_UPDATE after sending its request, as RFC 9113 allows. Prints `status length` per call.
+const PY_ZERO_WINDOW: &str = r#"
+import socket, sys
+import h2.config, h2.connection, h2.events, h2.settings
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+s.sendall(c.data_to_send())
+body = bytes.fromhex(sys.argv[3])
+for _ in range(int(sys.argv[4])):
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "localhost"),
+                         (":path", sys.argv[2]), ("content-type", "application/grpc"),
+                         ("te", "trailers")])
+    c.send_data(sid, body, end_stream=True)
+    c.increment_flow_control_window(1 << 20, stream_id=sid)
+    s.sendall(c.data_to_send())
+    status, got, done = None, b"", False
+    while not done:
+        data = s.recv(65536)
+        if not data:
+            sys.exit("connection closed")
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                got += ev.data
+                c.acknowledge_received_data(ev.flow_controlled_length, sid)
+            elif isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)) and ev.stream_id == sid:
+                status = dict(ev.headers).get(b"grpc-status", status)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                done = True
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                sys.exit("stream reset")
+        s.sendall(c.data_to_send())
+    print(status.decode(), len(got), flush=True)
+"#;
+
+/// Intercepted calls pullgate forwards, relayed or edited, reach a client that gives each
+/// stream's window only after sending its request (initial window 0): the room it gave while the
+/// call was decided is passed on to containerd, and an answer pullgate gathers has a window of its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
+    let python = "/usr/bin/python3";
+    let ok = std::process::Command::new(python)
+        .args(["-c", "import h2"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "the raw HTTP/2 client is missing: {python} cannot import h2; install the Debian package \
+         python3-h2 (scripts/install-deps.sh does)"
+    );
+    let msg = frame(
+        &cri::CreateContainerRequest {
+            pod_sandbox_id: "x".repeat(100),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    for holding in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("echo.sock");
+        let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+        let pg = match holding {
+            // Forwarded and relayed (the logging table forwards CreateContainer unchanged).
+            false => Pullgate::start(dir.path(), &p, Duration::from_secs(1)),
+            // Forwarded and its answer gathered and edited.
+            true => start_holding_answers(dir.path(), &p, Duration::from_secs(1)),
+        };
+        let listen = pg.listen.clone();
+        let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(python)
+                .args(["-c", PY_ZERO_WINDOW])
+                .arg(&listen)
+                .arg(methods::CREATE_CONTAINER)
+                .arg(hex)
+                .arg("3")
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "holding {holding}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = format!("0 {}\n", msg.len()).repeat(3);
+        assert_eq!(stdout, want, "holding {holding}");
+        pg.stop().await;
+    }
+}
+
 /// Answers pullgate gathers to edit use containerd's connection window without kubelet seeing
 /// them: pullgate gives that room back itself (with kubelet's WINDOW_UPDATEs, or on its own once
 /// enough is owed), so many of them on one connection, together far over the 64 KiB window

@@ -657,6 +657,8 @@ impl Script {
 /// A bare HTTP/2 upstream that records requests byte for byte.
 pub struct RawUpstream {
     pub recorded: Arc<Mutex<Vec<Recorded>>>,
+    /// Requests whose headers arrived, complete or not.
+    pub heads: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -671,18 +673,22 @@ impl RawUpstream {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path).unwrap();
         let recorded: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let heads: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let rec = recorded.clone();
+        let seen = heads.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let rec = rec.clone();
+                let seen = seen.clone();
                 let script = script.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let rec = rec.clone();
                         let script = script.clone();
+                        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         async move {
                             let (parts, mut body) = req.into_parts();
                             let (mut data, mut trailers, mut data_frames) =
@@ -734,7 +740,11 @@ impl RawUpstream {
                 });
             }
         });
-        RawUpstream { recorded, task }
+        RawUpstream {
+            recorded,
+            heads,
+            task,
+        }
     }
 }
 

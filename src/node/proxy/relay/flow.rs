@@ -240,6 +240,11 @@ impl StreamWindow {
         n as usize
     }
 
+    /// The room left (below zero after kubelet shrank its initial window).
+    pub fn available(&self) -> i64 {
+        self.0
+    }
+
     /// A WINDOW_UPDATE for the stream.
     pub fn grow(&mut self, increment: u32) -> Result<(), FlowError> {
         if self.0 + i64::from(increment) > MAX_WINDOW {

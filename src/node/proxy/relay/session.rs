@@ -55,6 +55,10 @@ const MAX_PINGS_IN_FLIGHT: usize = 64;
 const KEEPALIVE_OPAQUE: [u8; 8] = *b"pullgate";
 /// The payload of the PING that follows the first GOAWAY when pullgate closes a connection.
 const CLOSING_OPAQUE: [u8; 8] = *b"pg-close";
+/// Streams pullgate remembers having cut off from containerd's answer (see `Owner::Gone`).
+const MAX_CUT_OFF: usize = 64;
+/// The stream window an answer pullgate gathers has at least, whatever kubelet's.
+const GATHER_WINDOW: u32 = 65_535;
 /// How long an intercepted call waits for the rest of its request before it starts on a task of
 /// its own (a request normally arrives whole with its headers, or right after them).
 const START_WAIT: Duration = Duration::from_millis(2);
@@ -160,6 +164,9 @@ struct Gather {
     kube_window: StreamWindow,
     /// kubelet's WINDOW_UPDATEs for the stream, owed to containerd if its answer passes after all.
     kube_updates: u64,
+    /// What pullgate granted containerd on the stream beyond kubelet's initial window, to
+    /// gather the answer whatever kubelet's window.
+    extra: u32,
     /// Bytes of the answer not yet given back to containerd on the stream.
     unreturned: u32,
 }
@@ -185,6 +192,9 @@ enum Owner {
     /// pullgate sent its request: containerd's WINDOW_UPDATEs are pullgate's, and so is its
     /// answer while `gathering`.
     Fed { gathering: bool },
+    /// pullgate ended it towards kubelet while containerd was still answering (and was told to
+    /// stop): what containerd still sends on it is dropped.
+    Gone,
 }
 
 /// A stream pullgate answers itself, or is still deciding.
@@ -437,6 +447,13 @@ fn response_blocks() -> Blocks {
     )
 }
 
+/// Frames for containerd held back until the end of a batch of kubelet's frames (see
+/// [`Session::release_deferred`]).
+struct Deferred {
+    /// Each frame, its flow-controlled length, and the forwarded stream it opens, if it does.
+    frames: Vec<(Bytes, u32, Option<u32>)>,
+}
+
 /// A containerd connection's SETTINGS frame on its way to kubelet.
 #[derive(Clone, Copy)]
 struct UpSettings {
@@ -520,6 +537,12 @@ struct Session {
     /// once its request is complete (decided at once, on this task), or has [`START_BYTES`]
     /// waiting, or has waited [`START_WAIT`] (then decided on a task of its own, fed the rest).
     waiting: Vec<(u32, Instant)>,
+    /// Frames for containerd held back in this batch of kubelet's frames.
+    deferred: Option<Deferred>,
+    /// Streams pullgate ended towards kubelet while containerd was still answering (see
+    /// [`Owner::Gone`]), until containerd ends them too; the oldest are forgotten past
+    /// [`MAX_CUT_OFF`].
+    cut_off: VecDeque<u32>,
     /// Bytes of containerd's DATA that pullgate took itself (answers it edits, answers to calls it
     /// answered itself) and has not given back on the connection yet: given with kubelet's next
     /// WINDOW_UPDATE, or at once past [`OWED_FLUSH`]. Each WINDOW_UPDATE of its own would cost
@@ -579,6 +602,8 @@ pub async fn serve(
         pending_open: Vec::new(),
         waiting: Vec::new(),
         up_owed: 0,
+        cut_off: VecDeque::new(),
+        deferred: None,
         up_draining: false,
         streams: HashMap::default(),
         last_stream: 0,
@@ -680,7 +705,9 @@ pub async fn serve(
                     s.kube_rx.input.advance(n);
                     preface_left -= n;
                 }
-                s.kube_frames().and_then(|()| s.start_calls())
+                s.kube_frames()
+                    .and_then(|()| s.release_deferred())
+                    .and_then(|()| s.start_calls())
             }
             Step::UpRead => s.up_frames(),
             Step::UpGone(why) => {
@@ -965,8 +992,29 @@ impl Session {
     /// A frame for containerd, in order behind any DATA waiting for containerd's window; `len`
     /// counts a DATA frame's payload (0 for anything else).
     fn send_up(&mut self, frame: Bytes, len: u32) -> Result<(), Fatal> {
+        if let Some(d) = &mut self.deferred {
+            d.frames.push((frame, len, None));
+            return Ok(());
+        }
         if self.up.is_some() {
             self.req_flow.relayed(frame, len, &mut self.req_ready)?;
+        }
+        Ok(())
+    }
+
+    /// The end of a batch of kubelet's frames: the held frames go, in order; before each that
+    /// opens a forwarded stream, the calls below it are started (those complete are decided now)
+    /// and the rest of them opened upstream.
+    fn release_deferred(&mut self) -> Result<(), Fatal> {
+        let Some(d) = self.deferred.take() else {
+            return Ok(());
+        };
+        for (frame, len, opens) in d.frames {
+            if let Some(stream) = opens {
+                self.start_complete_below(stream)?;
+                self.open_pending_below(stream)?;
+            }
+            self.send_up(frame, len)?;
         }
         Ok(())
     }
@@ -1014,8 +1062,14 @@ impl Session {
                     let old = self.kube_settings.initial_window;
                     self.kube_settings.initial_window = value;
                     for stream in self.streams.values_mut() {
-                        if let Stream::Answered(a) = stream {
-                            a.window.resize(old, value);
+                        match stream {
+                            Stream::Answered(a) => a.window.resize(old, value),
+                            Stream::Forwarded(Forwarded { fed: Some(fed), .. }) => {
+                                if let Some(g) = fed.edit.as_mut() {
+                                    g.kube_window.resize(old, value);
+                                }
+                            }
+                            Stream::Forwarded(_) => {}
                         }
                     }
                 }
@@ -1114,8 +1168,28 @@ impl Session {
         match route {
             Route::Forward if self.upstream_ready() => {
                 let end_stream = block.end_stream;
-                self.open_pending_below(stream)?;
-                self.send_block_up(block)?;
+                if self.deferred.is_none() {
+                    self.start_complete_below(stream)?;
+                }
+                // A call below still waiting for its request may be complete by the end of this
+                // batch (clients often send both calls' headers before either's data): this
+                // stream's frames wait for the batch's end rather than open that call upstream
+                // without its request now.
+                let waiting_below = self.pending_open.first().is_some_and(|&id| id < stream)
+                    && self.waiting.iter().any(|&(id, _)| id < stream);
+                let opening = (Bytes::from(block.frames), 0, Some(stream));
+                match (&mut self.deferred, waiting_below) {
+                    (Some(d), _) => d.frames.push(opening),
+                    (None, true) => {
+                        self.deferred = Some(Deferred {
+                            frames: vec![opening],
+                        })
+                    }
+                    (None, false) => {
+                        self.open_pending_below(stream)?;
+                        self.send_up(opening.0, 0)?;
+                    }
+                }
                 self.streams.insert(
                     stream,
                     Stream::Forwarded(Forwarded {
@@ -1347,15 +1421,24 @@ impl Session {
             Some(Stream::Forwarded(Forwarded { fed: Some(fed), .. })) => Owner::Fed {
                 gathering: fed.edit.as_ref().is_some_and(|g| g.head.is_some()),
             },
+            None if stream != 0 && self.cut_off.contains(&stream) => Owner::Gone,
             _ => Owner::Relayed,
         };
         match kind {
             DATA if owner == (Owner::Fed { gathering: true }) => {
                 self.gather_data(stream, frame, flags)?
             }
-            DATA if owner == Owner::Answered => {
+            DATA if matches!(owner, Owner::Answered | Owner::Gone) => {
                 // Not kubelet's to see: containerd gets its room back.
                 self.give_back_up((frame.len() - FRAME_HEADER) as u32);
+                if owner == Owner::Gone && flags & END_STREAM != 0 {
+                    self.cut_off.retain(|&id| id != stream);
+                }
+            }
+            RST_STREAM | WINDOW_UPDATE | PRIORITY_FRAME if owner == Owner::Gone => {
+                if kind == RST_STREAM {
+                    self.cut_off.retain(|&id| id != stream);
+                }
             }
             WINDOW_UPDATE if stream != 0 && owner != Owner::Relayed => {
                 // containerd's room for request data pullgate sends (or has not sent yet).
@@ -1429,7 +1512,16 @@ impl Session {
                         // once kubelet's ACK has gone to containerd.
                         match value > self.up_send_initial {
                             true => raised_window = Some(value),
-                            false => self.up_send_initial_is(value)?,
+                            false => {
+                                // Binding now; a raise still waiting for its ACK must not undo it.
+                                let generation = self.generation;
+                                for up in self.settings_to_kube.iter_mut().flatten() {
+                                    if up.generation == generation {
+                                        up.raised_window = up.raised_window.map(|w| w.min(value));
+                                    }
+                                }
+                                self.up_send_initial_is(value)?
+                            }
                         }
                     }
                     match u16::from_be_bytes([e[0], e[1]]) {
@@ -1529,6 +1621,12 @@ impl Session {
     fn response_block(&mut self, block: Block) -> Result<(), Fatal> {
         let stream = block.stream;
         match self.streams.get_mut(&stream) {
+            None if self.cut_off.contains(&stream) => {
+                if block.end_stream {
+                    self.cut_off.retain(|&id| id != stream);
+                }
+                return Ok(());
+            }
             Some(Stream::Answered(a)) => {
                 // containerd's answer to a request it never got (its deadline passed, say).
                 if block.end_stream {
@@ -1566,7 +1664,8 @@ impl Session {
                     }
                     // Not an answer to edit (trailers-only, or not `200`): it passes as it came,
                     // with the room kubelet gave for it meanwhile.
-                    let owed = g.kube_updates.min(super::flow::MAX_WINDOW as u64) as u32;
+                    let owed = g.kube_updates.saturating_sub(u64::from(g.extra));
+                    let owed = owed.min(super::flow::MAX_WINDOW as u64) as u32;
                     if let Some(fed) = f.fed.as_mut() {
                         fed.edit = None;
                     }
@@ -1631,6 +1730,7 @@ impl Session {
         self.up = None;
         self.up_rx = None;
         self.up_owed = 0;
+        self.cut_off.clear();
         for id in open {
             self.end_forwarded(id, &why);
         }
@@ -1740,6 +1840,25 @@ impl Session {
     /// Starts the waiting intercepted calls that are due (see [`Session::waiting`]); those decided
     /// at once are answered or forwarded right away.
     fn start_calls(&mut self) -> Result<(), Fatal> {
+        self.start_waiting(|_, a, since, now| {
+            a.local.request_complete()
+                || a.local.buffered() >= START_BYTES
+                || now >= since + START_WAIT
+        })
+    }
+
+    /// Starts the waiting calls below `stream` whose request is complete, before `stream` goes
+    /// to containerd: decided now, they need not be opened there without their request.
+    fn start_complete_below(&mut self, stream: u32) -> Result<(), Fatal> {
+        self.start_waiting(|id, a, _, _| id < stream && a.local.request_complete())
+    }
+
+    /// Starts the waiting calls `due_now` picks (given the stream, its call, since when it
+    /// waits, and now).
+    fn start_waiting(
+        &mut self,
+        due_now: impl Fn(u32, &Answered, Instant, Instant) -> bool,
+    ) -> Result<(), Fatal> {
         if self.waiting.is_empty() {
             return Ok(());
         }
@@ -1749,9 +1868,7 @@ impl Session {
             let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
                 return false;
             };
-            let start = a.local.request_complete()
-                || a.local.buffered() >= START_BYTES
-                || now >= since + START_WAIT;
+            let start = due_now(stream, a, since, now);
             if start {
                 due.push(stream);
             }
@@ -1933,14 +2050,32 @@ impl Session {
             self.pending_open.retain(|&id| id != stream);
             self.send_up(opening.block(Some(body.len())), 0)?;
         }
-        let edit = edit.map(|edit| Gather {
-            edit,
-            head: None,
-            data: BytesMut::new(),
-            kube_window: window,
-            kube_updates: 0,
-            unreturned: 0,
-        });
+        // containerd's window for the answer: kubelet's initial window, which containerd knows,
+        // plus what kubelet gave on the stream while the call was decided (not yet passed on);
+        // an answer pullgate gathers gets at least GATHER_WINDOW, pullgate reads it regardless.
+        let kube_initial = self.kube_settings.initial_window;
+        let given = (window.available() - i64::from(kube_initial)).max(0) as u64;
+        let (edit, grant) = match edit {
+            Some(edit) => {
+                let extra = GATHER_WINDOW.saturating_sub(kube_initial);
+                let gather = Gather {
+                    edit,
+                    head: None,
+                    data: BytesMut::new(),
+                    kube_window: window,
+                    kube_updates: given,
+                    extra,
+                    unreturned: 0,
+                };
+                (Some(gather), extra)
+            }
+            None => (None, given.min(super::flow::MAX_WINDOW as u64) as u32),
+        };
+        if grant > 0 {
+            let mut f = Vec::with_capacity(FRAME_HEADER + 4);
+            put_window_update(&mut f, stream, grant);
+            self.send_up(Bytes::from(f), 0)?;
+        }
         self.streams.insert(
             stream,
             Stream::Forwarded(Forwarded {
@@ -2043,11 +2178,11 @@ impl Session {
         // The stream's room goes back once half of kubelet's initial window is used: most
         // answers end well before.
         g.unreturned += total;
-        let stream_back =
-            match !end && !over && g.unreturned >= self.kube_settings.initial_window / 2 {
-                true => std::mem::take(&mut g.unreturned),
-                false => 0,
-            };
+        let window = self.kube_settings.initial_window.saturating_add(g.extra);
+        let stream_back = match !end && !over && g.unreturned >= window / 2 {
+            true => std::mem::take(&mut g.unreturned),
+            false => 0,
+        };
         self.give_back_up(total);
         if let Some(out) = self.up_ctl() {
             put_window_update(out, stream, stream_back);
@@ -2078,9 +2213,24 @@ impl Session {
             return;
         };
         let data = data.freeze();
-        let data = match grpc::single_message(&data) {
-            Ok(msg) if ok => edit(&msg).map_or(data, |new| grpc::frame(&new)),
-            _ => data,
+        let edited = match grpc::single_message(&data) {
+            // The edit runs on the connection's task: a panic in it ends this call, not the
+            // connection (and not unedited: the answer is refused).
+            Ok(msg) if ok => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| edit(&msg)))
+                .map(|new| new.map(|new| grpc::frame(&new))),
+            _ => Ok(None),
+        };
+        let data = match edited {
+            Ok(new) => new.unwrap_or(data),
+            Err(_) => {
+                let status = Status::new(
+                    Code::Internal,
+                    "pullgate: editing the upstream runtime's answer failed; see pullgate's log",
+                );
+                tracing::error!("editing an answer panicked");
+                self.end_with_status(stream, &status, true, false, false);
+                return;
+            }
         };
         let mut parts = vec![Out::Head(Bytes::from(head.unwrap_or_default()))];
         if !data.is_empty() {
@@ -2119,6 +2269,10 @@ impl Session {
             let mut rst = Vec::with_capacity(FRAME_HEADER + 4);
             put_rst(&mut rst, stream, CANCEL);
             let _ = self.send_up(Bytes::from(rst), 0);
+            if self.cut_off.len() >= MAX_CUT_OFF {
+                self.cut_off.pop_front();
+            }
+            self.cut_off.push_back(stream);
         }
         self.end_with_status(stream, &status, true, false, false);
     }
