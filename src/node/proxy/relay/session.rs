@@ -1455,13 +1455,12 @@ impl Session {
                     self.feed(stream);
                 }
             }
-            RST_STREAM | PRIORITY_FRAME if owner == Owner::Answered => {
-                if let (RST_STREAM, Some(Stream::Answered(a))) =
-                    (kind, self.streams.get_mut(&stream))
-                {
+            RST_STREAM if owner == Owner::Answered => {
+                if let Some(Stream::Answered(a)) = self.streams.get_mut(&stream) {
                     a.up = UpSide::Done;
                 }
             }
+            PRIORITY_FRAME if owner == Owner::Answered => {}
             DATA => {
                 let len = (frame.len() - FRAME_HEADER) as u32;
                 if flags & END_STREAM != 0 {
@@ -1505,26 +1504,23 @@ impl Session {
                     self.up_settings_generation = self.generation;
                     with_defaults(&mut f, self.limits.max_streams);
                 }
-                for e in f[FRAME_HEADER..].chunks_exact(6) {
-                    let value = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
-                    if u16::from_be_bytes([e[0], e[1]]) == SETTINGS_INITIAL_WINDOW_SIZE {
-                        // A smaller window binds pullgate's own sending at once, a larger one
-                        // once kubelet's ACK has gone to containerd.
-                        match value > self.up_send_initial {
-                            true => raised_window = Some(value),
-                            false => {
-                                // Binding now; a raise still waiting for its ACK must not undo it.
-                                let generation = self.generation;
-                                for up in self.settings_to_kube.iter_mut().flatten() {
-                                    if up.generation == generation {
-                                        up.raised_window = up.raised_window.map(|w| w.min(value));
-                                    }
-                                }
-                                self.up_send_initial_is(value)?
+                for (id, value) in settings_entries(&f[FRAME_HEADER..]) {
+                    if id == SETTINGS_INITIAL_WINDOW_SIZE && value > self.up_send_initial {
+                        // A larger window binds pullgate's own sending once kubelet's ACK has
+                        // gone to containerd.
+                        raised_window = Some(value);
+                    } else if id == SETTINGS_INITIAL_WINDOW_SIZE {
+                        // A smaller one binds at once; a raise still waiting for its ACK must
+                        // not undo it.
+                        let generation = self.generation;
+                        for up in self.settings_to_kube.iter_mut().flatten() {
+                            if up.generation == generation {
+                                up.raised_window = up.raised_window.map(|w| w.min(value));
                             }
                         }
+                        self.up_send_initial_is(value)?;
                     }
-                    match u16::from_be_bytes([e[0], e[1]]) {
+                    match id {
                         SETTINGS_MAX_FRAME_SIZE => {
                             let v = (value as usize).clamp(MIN_MAX_FRAME_SIZE, MAX_FRAME);
                             self.kube_max_frame_in = self.kube_max_frame_in.max(v);
@@ -1583,18 +1579,11 @@ impl Session {
                 for id in unprocessed {
                     self.end_forwarded(id, "containerd is going away and did not take the call");
                 }
-                for s in self.streams.iter_mut().filter(|(id, _)| **id > last) {
-                    if let (
-                        _,
-                        Stream::Answered(
-                            a @ Answered {
-                                up: UpSide::Opened(_),
-                                ..
-                            },
-                        ),
-                    ) = s
-                    {
-                        a.up = UpSide::Done;
+                for (_, s) in self.streams.iter_mut().filter(|(id, _)| **id > last) {
+                    if let Stream::Answered(a) = s {
+                        if matches!(a.up, UpSide::Opened(_)) {
+                            a.up = UpSide::Done;
+                        }
                     }
                 }
                 self.up_draining = true;
@@ -1892,13 +1881,18 @@ impl Session {
                 status,
                 accept_identity,
             } => {
-                if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
-                    self.end_with_status(stream, &status, true, !a.client_done, accept_identity);
-                    self.answered_gone(stream, a);
-                }
+                self.answer_call(stream, &status, accept_identity);
                 Ok(())
             }
             Decided::Forward(fwd) => self.forward_decided(stream, fwd),
+        }
+    }
+
+    /// Ends an intercepted call with pullgate's own trailers-only answer.
+    fn answer_call(&mut self, stream: u32, status: &Status, identity: bool) {
+        if let Some(Stream::Answered(a)) = self.streams.remove(&stream) {
+            self.end_with_status(stream, status, true, !a.client_done, identity);
+            self.answered_gone(stream, a);
         }
     }
 
@@ -1997,20 +1991,23 @@ impl Session {
         let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
             return Ok(());
         };
-        let unavailable = match a.up {
-            UpSide::Pending(_) => None,
+        let (pending, gone) = match a.up {
+            UpSide::Pending(_) => (true, None),
             UpSide::Opened(generation) if generation == self.generation && self.up.is_some() => {
-                None
+                (false, None)
             }
-            UpSide::Opened(_) => Some("the connection to it ended during the call".to_owned()),
-            UpSide::Done => Some("it ended the call before pullgate forwarded it".to_owned()),
+            UpSide::Opened(_) => (false, Some("the connection to it ended during the call")),
+            UpSide::Done => (
+                false,
+                Some("it ended the call before pullgate forwarded it"),
+            ),
         };
-        let pending = matches!(a.up, UpSide::Pending(_));
-        let unavailable = match unavailable {
+        let why = match gone {
+            Some(why) => Some(why.to_owned()),
             None if pending && !self.upstream_ready() => {
                 Some(self.up_error.clone().unwrap_or_default())
             }
-            other => other,
+            None => None,
         };
         let Forward {
             body,
@@ -2018,10 +2015,7 @@ impl Session {
             edit,
             mut record,
         } = fwd;
-        if let Some(why) = unavailable {
-            let Some(Stream::Answered(a)) = self.streams.remove(&stream) else {
-                return Ok(());
-            };
+        if let Some(why) = why {
             let status = Status::new(
                 Code::Unavailable,
                 format!(
@@ -2030,8 +2024,7 @@ impl Session {
                 ),
             );
             record.finish_code(status.code.as_str().as_bytes());
-            self.end_with_status(stream, &status, true, !a.client_done, false);
-            self.answered_gone(stream, a);
+            self.answer_call(stream, &status, false);
             return Ok(());
         }
         self.open_pending_below(stream)?;
