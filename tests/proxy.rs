@@ -1016,6 +1016,101 @@ async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
     }
 }
 
+/// A raw HTTP/2 client that makes two calls, one after the other, and prints for the second what
+/// reached it in order: `W <n>` for a connection WINDOW_UPDATE, `H` for the answer's headers, `E`
+/// when the stream ended (events that arrive with the end are printed too).
+const PY_WINDOW_ORDER: &str = r#"
+import socket, sys
+import h2.config, h2.connection, h2.events
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+c = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+c.initiate_connection()
+s.sendall(c.data_to_send())
+body = bytes.fromhex(sys.argv[3])
+for call in range(2):
+    sid = c.get_next_available_stream_id()
+    c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", "localhost"),
+                         (":path", sys.argv[2]), ("content-type", "application/grpc"),
+                         ("te", "trailers")])
+    c.send_data(sid, body, end_stream=True)
+    s.sendall(c.data_to_send())
+    seen, done = [], False
+    while not done:
+        data = s.recv(65536)
+        if not data:
+            sys.exit("connection closed")
+        for ev in c.receive_data(data):
+            if isinstance(ev, h2.events.WindowUpdated) and ev.stream_id == 0:
+                seen.append("W %d" % ev.delta)
+            elif isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
+                seen.append("H")
+            elif isinstance(ev, h2.events.DataReceived) and ev.stream_id == sid:
+                c.acknowledge_received_data(ev.flow_controlled_length, sid)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id == sid:
+                seen.append("E")
+                done = True
+            elif isinstance(ev, h2.events.StreamReset) and ev.stream_id == sid:
+                sys.exit("stream reset")
+        s.sendall(c.data_to_send())
+print(" ".join(seen), flush=True)
+"#;
+
+/// The connection window a call's request spent while pullgate decided it comes back to kubelet
+/// with the call's answer, in the same write, not in a frame of its own ahead of the request's
+/// way to containerd (which would cost kubelet a wake-up and pullgate a write on every call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decided_calls_window_comes_back_with_its_answer() {
+    let python = "/usr/bin/python3";
+    let msg = frame(
+        &cri::CreateContainerRequest {
+            pod_sandbox_id: "x".repeat(100),
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("echo.sock");
+    let _raw = RawUpstream::serve(&p, Script::grpc_echo());
+    // The logging table decides CreateContainer and forwards it unchanged.
+    let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
+    let listen = pg.listen.clone();
+    let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .args(["-c", PY_WINDOW_ORDER])
+            .arg(&listen)
+            .arg(methods::CREATE_CONTAINER)
+            .arg(hex)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {} (needs the Debian package python3-h2)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The answer's frames and the WINDOW_UPDATE leave in one write: after the headers, before or
+    // after the end of the stream.
+    let seen: Vec<&str> = stdout.trim().split(' ').collect();
+    assert_eq!(
+        seen.first(),
+        Some(&"H"),
+        "nothing ahead of the answer: {stdout}"
+    );
+    let given: Vec<&str> = seen
+        .windows(2)
+        .filter(|w| w[0] == "W")
+        .map(|w| w[1])
+        .collect();
+    assert_eq!(given, [msg.len().to_string()], "all of it, once: {stdout}");
+    pg.stop().await;
+}
+
 /// Answers pullgate gathers to edit use containerd's connection window without kubelet seeing
 /// them: pullgate gives that room back itself (with kubelet's WINDOW_UPDATEs, or on its own once
 /// enough is owed), so many of them on one connection, together far over the 64 KiB window

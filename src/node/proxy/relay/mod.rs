@@ -23,5 +23,6 @@ pub mod hpack;
 pub mod huffman;
 pub mod local;
 pub mod session;
+pub mod socket;
 
 pub use session::{SessionLimits, serve};

@@ -25,9 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -36,6 +34,7 @@ use super::flow::{ConnFlow, FlowError, Outgoing, StreamWindow};
 use super::frame::*;
 use super::hpack::put_literal;
 use super::local::{Event, Local, Out};
+use super::socket::{Rx, Tx, split};
 use crate::node::config::Limits;
 use crate::node::proxy::body::CallRecord;
 use crate::node::proxy::budget::Reservation;
@@ -68,6 +67,10 @@ const START_BYTES: usize = 32 * 1024;
 /// The bytes pullgate owes containerd's connection window past which it gives them back at once:
 /// half of the smallest window HTTP/2 allows, so containerd never waits for them.
 const OWED_FLUSH: u32 = 32 * 1024;
+/// The bytes pullgate owes kubelet's connection window (request DATA it took itself) past which
+/// it gives them back at once rather than with its next write to kubelet: a quarter of the
+/// smallest window, so that with what containerd holds back too kubelet never waits for them.
+const KUBE_OWED_FLUSH: u32 = 16 * 1024;
 /// After pullgate starts closing a connection itself, how long the client has to go once no call
 /// is open.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -247,50 +250,6 @@ impl std::hash::Hasher for StreamIdHasher {
 
     fn write_u32(&mut self, n: u32) {
         self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-/// The reading half of one side's socket and what was read but not yet taken.
-struct Rx {
-    read: OwnedReadHalf,
-    input: BytesMut,
-}
-
-/// The writing half of one side's socket and what waits to be written.
-struct Tx {
-    write: OwnedWriteHalf,
-    out: Vec<u8>,
-    written: usize,
-}
-
-fn split(stream: UnixStream) -> (Rx, Tx) {
-    let (read, write) = stream.into_split();
-    let rx = Rx {
-        read,
-        input: BytesMut::with_capacity(32 * 1024),
-    };
-    let tx = Tx {
-        write,
-        out: Vec::with_capacity(32 * 1024),
-        written: 0,
-    };
-    (rx, tx)
-}
-
-impl Tx {
-    fn pending(&self) -> usize {
-        self.out.len() - self.written
-    }
-
-    fn wrote(&mut self, n: usize) {
-        self.written += n;
-        if self.written == self.out.len() {
-            self.out.clear();
-            self.written = 0;
-            if self.out.capacity() > 4 * 1024 * 1024 {
-                self.out = Vec::with_capacity(32 * 1024);
-            }
-        }
     }
 }
 
@@ -548,6 +507,11 @@ struct Session {
     /// WINDOW_UPDATE, or at once past [`OWED_FLUSH`]. Each WINDOW_UPDATE of its own would cost
     /// containerd a wake-up.
     up_owed: u32,
+    /// Bytes of kubelet's connection window pullgate took (request DATA of calls it decides) and
+    /// has not given back yet: given with the next frames pullgate writes to kubelet anyway (the
+    /// call's answer, usually), or at once past [`KUBE_OWED_FLUSH`]. A WINDOW_UPDATE of its own
+    /// would cost kubelet a wake-up, and pullgate a write, ahead of the call's request.
+    kube_owed: u32,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -571,7 +535,11 @@ pub async fn serve(
     tracked: Conn,
     shutdown: watch::Receiver<bool>,
 ) {
-    let (kube_rx, kube) = split(kube);
+    let split = kube.into_std().and_then(split);
+    let Ok((kube_rx, kube)) = split else {
+        tracing::warn!("cannot register a client connection with the event loop");
+        return;
+    };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let now = Instant::now();
     let mut s = Session {
@@ -602,6 +570,7 @@ pub async fn serve(
         pending_open: Vec::new(),
         waiting: Vec::new(),
         up_owed: 0,
+        kube_owed: 0,
         cut_off: VecDeque::new(),
         deferred: None,
         up_draining: false,
@@ -659,12 +628,12 @@ pub async fn serve(
         let up_pending = s.up.as_ref().is_some_and(|u| u.pending() > 0);
         let step = tokio::select! {
             biased;
-            n = s.kube.write.write(&s.kube.out[s.kube.written..]), if s.kube.pending() > 0 => match n {
-                Ok(n) => { s.kube.wrote(n); Step::Nothing }
+            n = s.kube.write(), if s.kube.pending() > 0 => match n {
+                Ok(_) => Step::Nothing,
                 Err(_) => Step::End,
             },
             n = write_up(&mut s.up), if up_pending => match n {
-                Ok(n) => { if let Some(u) = &mut s.up { u.wrote(n) }; Step::Nothing }
+                Ok(_) => Step::Nothing,
                 Err(e) => Step::UpGone(e.to_string()),
             },
             // containerd first: what it says (an answer, GOAWAY, its end) decides what becomes of
@@ -674,7 +643,7 @@ pub async fn serve(
                 Err(e) => Step::UpGone(e.to_string()),
                 Ok(_) => Step::UpRead,
             },
-            n = s.kube_rx.read.read_buf(&mut s.kube_rx.input), if kube_room => match n {
+            n = s.kube_rx.read(), if kube_room => match n {
                 Ok(0) | Err(_) => Step::End,
                 Ok(_) => Step::KubeRead,
             },
@@ -782,14 +751,14 @@ async fn stopping(mut shutdown: watch::Receiver<bool>) {
 
 async fn write_up(up: &mut Option<Tx>) -> std::io::Result<usize> {
     match up {
-        Some(u) => u.write.write(&u.out[u.written..]).await,
+        Some(u) => u.write().await,
         None => std::future::pending().await,
     }
 }
 
 async fn read_up(up: &mut Option<Rx>) -> std::io::Result<usize> {
     match up {
-        Some(u) => u.read.read_buf(&mut u.input).await,
+        Some(u) => u.read().await,
         None => std::future::pending().await,
     }
 }
@@ -1362,7 +1331,7 @@ impl Session {
                     }
                     _ => 0,
                 };
-                put_window_update(self.kube_ctl(), 0, total);
+                self.give_back_kube(total);
                 put_window_update(self.kube_ctl(), stream, own);
                 if over {
                     // More than the stream's window: a stream error (RFC 9113 §6.9.1).
@@ -1374,7 +1343,7 @@ impl Session {
             }
             // A stream already closed (reset, answered, or its request sent by pullgate): its data
             // is given back and dropped.
-            Some(Stream::Forwarded(_)) | None => put_window_update(self.kube_ctl(), 0, total),
+            Some(Stream::Forwarded(_)) | None => self.give_back_kube(total),
         }
         Ok(())
     }
@@ -1756,8 +1725,8 @@ impl Session {
             return true;
         }
         let path = self.proxy.upstream().path();
-        let stream = connect_now(path).and_then(UnixStream::from_std);
-        let stream = match stream {
+        let stream = connect_now(path).and_then(split);
+        let (rx, mut tx) = match stream {
             Ok(s) => s,
             Err(source) => {
                 let e = UpstreamError::Connect {
@@ -1768,7 +1737,6 @@ impl Session {
                 return false;
             }
         };
-        let (rx, mut tx) = split(stream);
         tx.out.extend_from_slice(crate::node::proxy::conn::PREFACE);
         let replay: Vec<(u16, u32)> = (0u16..)
             .zip(self.kube_settings_sent)
@@ -1963,6 +1931,16 @@ impl Session {
             if let Some(out) = self.up_ctl() {
                 put_window_update(out, 0, owed);
             }
+        }
+    }
+
+    /// Gives kubelet back `n` bytes of its connection window that pullgate took: with the next
+    /// frames written to kubelet, unless [`KUBE_OWED_FLUSH`] is reached.
+    fn give_back_kube(&mut self, n: u32) {
+        self.kube_owed = self.kube_owed.saturating_add(n);
+        if self.kube_owed >= KUBE_OWED_FLUSH {
+            let owed = std::mem::take(&mut self.kube_owed);
+            put_window_update(self.kube_ctl(), 0, owed);
         }
     }
 
@@ -2284,6 +2262,10 @@ impl Session {
     /// Moves frames released by flow control to their side's output.
     fn flush_ready(&mut self) {
         self.flush_kube();
+        if self.kube_owed > 0 && self.kube.pending() > 0 {
+            let owed = std::mem::take(&mut self.kube_owed);
+            put_window_update(&mut self.kube.out, 0, owed);
+        }
         self.flush_up();
     }
 
@@ -2466,18 +2448,15 @@ impl Session {
     /// close, so closing never discards input it has not read.
     async fn close_gracefully(&mut self) {
         let write = async {
-            let _ = self
-                .kube
-                .write
-                .write_all(&self.kube.out[self.kube.written..])
-                .await;
-            let _ = self.kube.write.shutdown().await;
-            let mut sink = [0u8; 4096];
+            let _ = self.kube.write_all().await;
+            let _ = self.kube.shutdown();
             let mut budget: usize = 1 << 20;
-            while let Ok(n @ 1..) = self.kube_rx.read.read(&mut sink).await {
-                budget = budget.saturating_sub(n);
-                if budget == 0 {
-                    break;
+            loop {
+                self.kube_rx.input.clear();
+                self.kube_rx.input.reserve(4096);
+                match self.kube_rx.read().await {
+                    Ok(n @ 1..) if n < budget => budget -= n,
+                    _ => break,
                 }
             }
         };

@@ -1,0 +1,217 @@
+//! A relayed connection's unix socket, as the session reads and writes it.
+//!
+//! The socket is registered with the event loop for readability only. Writes go straight to the
+//! socket; only a write that finds the socket's buffer full registers (a duplicate of) the socket
+//! for writability, until what waited is written.
+//!
+//! Why not a `tokio::net::UnixStream`: it registers every socket for both, edge-triggered, and a
+//! unix socket signals "writable" to its writer each time the peer reads. A relay writes a
+//! request to containerd and sleeps; containerd reading it woke pullgate once for nothing before
+//! its answer woke it again, and the same on kubelet's side: about four wake-ups per relayed call
+//! where two do the work.
+
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// The reading half of one side's socket and what was read but not yet taken.
+pub struct Rx {
+    sock: Arc<AsyncFd<UnixStream>>,
+    pub input: BytesMut,
+}
+
+/// The writing half of one side's socket and what waits to be written.
+pub struct Tx {
+    sock: Arc<AsyncFd<UnixStream>>,
+    /// Registered for writability while a write found the socket full.
+    blocked: Option<AsyncFd<UnixStream>>,
+    pub out: Vec<u8>,
+    pub written: usize,
+}
+
+/// Registers `stream` (non-blocking) with the runtime for readability and splits it.
+pub fn split(stream: UnixStream) -> io::Result<(Rx, Tx)> {
+    stream.set_nonblocking(true)?;
+    let sock = Arc::new(register(stream, Interest::READABLE)?);
+    let rx = Rx {
+        sock: sock.clone(),
+        input: BytesMut::with_capacity(32 * 1024),
+    };
+    let tx = Tx {
+        sock,
+        blocked: None,
+        out: Vec::with_capacity(32 * 1024),
+        written: 0,
+    };
+    Ok((rx, tx))
+}
+
+fn register(stream: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
+    // SAFETY: a `UnixStream` owns its descriptor: open, and the same one, for as long as it lives.
+    Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
+}
+
+impl Rx {
+    /// Reads what the socket has into [`Rx::input`] (into its spare capacity: reserve first);
+    /// `Ok(0)` at the end of the stream.
+    pub async fn read(&mut self) -> io::Result<usize> {
+        loop {
+            let mut ready = self.sock.readable().await?;
+            let spare = self.input.spare_capacity_mut();
+            let room = spare.len();
+            // SAFETY: read(2) writes at most `room` bytes into the spare capacity it is given.
+            let n = unsafe {
+                libc::read(
+                    self.sock.get_ref().as_raw_fd(),
+                    spare.as_mut_ptr().cast(),
+                    room,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::WouldBlock => {
+                        ready.clear_ready();
+                        continue;
+                    }
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(e),
+                }
+            }
+            let n = n as usize;
+            // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
+            unsafe { self.input.set_len(self.input.len() + n) };
+            // A short read emptied the socket: the next data is a new edge. (As tokio does.)
+            if n > 0 && n < room {
+                ready.clear_ready();
+            }
+            return Ok(n);
+        }
+    }
+}
+
+impl Tx {
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Writes as much of what waits as the socket takes, waiting only while it takes nothing.
+    pub async fn write(&mut self) -> io::Result<usize> {
+        loop {
+            match self.try_write() {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+            let blocked = match &mut self.blocked {
+                Some(b) => b,
+                None => self.blocked.insert(register(
+                    self.sock.get_ref().try_clone()?,
+                    Interest::WRITABLE,
+                )?),
+            };
+            blocked.writable().await?.clear_ready();
+        }
+    }
+
+    /// One non-blocking write of what waits (`MSG_NOSIGNAL`: a closed peer is an error, not a
+    /// signal).
+    fn try_write(&mut self) -> io::Result<usize> {
+        let rest = &self.out[self.written..];
+        loop {
+            // SAFETY: send(2) reads at most `rest.len()` bytes of `rest`.
+            let n = unsafe {
+                libc::send(
+                    self.sock.get_ref().as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                let n = n as usize;
+                self.wrote(n);
+                return Ok(n);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            // Nothing waits: the writability registration would only wake the loop for nothing.
+            self.blocked = None;
+            if self.out.capacity() > 4 * 1024 * 1024 {
+                self.out = Vec::with_capacity(32 * 1024);
+            }
+        }
+    }
+
+    /// Writes everything that waits.
+    pub async fn write_all(&mut self) -> io::Result<()> {
+        while self.pending() > 0 {
+            if self.write().await? == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the write side (the peer reads the end of the stream).
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.sock.get_ref().shutdown(Shutdown::Write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_socket_is_waited_out_and_everything_arrives() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut rx, _keep) = split(b).unwrap();
+        let (_a_rx, mut tx) = split(a).unwrap();
+        // Far more than a unix socket buffers: the writer must wait for the reader.
+        let sent: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        tx.out.extend_from_slice(&sent);
+        let writer = async {
+            tx.write_all().await.unwrap();
+            assert!(tx.blocked.is_none(), "registration dropped once drained");
+            tx.shutdown().unwrap();
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            loop {
+                rx.input.reserve(64 * 1024);
+                match rx.read().await.unwrap() {
+                    0 => break got,
+                    _ => got.extend_from_slice(&rx.input.split()),
+                }
+            }
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes arrive in order, none lost");
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_closed_peer_is_an_error() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let (_rx, mut tx) = split(a).unwrap();
+        tx.out.extend_from_slice(b"hello");
+        assert!(tx.write().await.is_err());
+    }
+}
