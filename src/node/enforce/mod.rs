@@ -59,7 +59,9 @@ use crate::node::config::NodeMode;
 use crate::node::metrics::{BundleGauge, Metrics};
 use crate::node::proxy::Upstream;
 use crate::node::proxy::grpc::{Code, Status};
-use crate::node::proxy::intercept::{BoxFuture, Call, Handler, InterceptTable, Verdict, methods};
+use crate::node::proxy::intercept::{
+    Afterwards, BoxFuture, Call, Handler, InterceptTable, Verdict, methods,
+};
 use crate::node::wire;
 use crate::policy::{
     self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
@@ -388,6 +390,7 @@ impl Enforcer {
         pod: &PodContext,
         pulled: Option<&str>,
         started: Instant,
+        after: &mut Afterwards,
     ) {
         self.metrics.lifecycle_start(method, d);
         self.write_record(
@@ -409,11 +412,13 @@ impl Enforcer {
             pod,
             pulled,
             started,
+            Some(after),
         );
     }
 
     /// Counts, logs and audits one outcome. A real denial is logged at least as loudly as a
-    /// warn-mode one.
+    /// warn-mode one. The audit line is written now, or with `after` ([`Afterwards`]: once the
+    /// call's request is on its way to containerd, before its answer).
     fn write_record(
         &self,
         method: &str,
@@ -421,6 +426,7 @@ impl Enforcer {
         pod: &PodContext,
         pulled: Option<&str>,
         started: Instant,
+        after: Option<&mut Afterwards>,
     ) {
         self.metrics.decision(o.verdict.as_str(), o.reason);
         let latency_us = started.elapsed().as_micros() as u64;
@@ -465,19 +471,27 @@ impl Enforcer {
             bundle_version: o.bundle_version,
             latency_us,
         };
-        if let Some(audit) = &self.audit {
-            if let Err(e) = audit.record(&rec) {
-                self.metrics.audit_error();
-                tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
-            }
-        }
+        let rec = Arc::new(rec);
         if watched {
             // No watcher left in between is fine: nobody to tell.
-            let _ = self.decisions.send(Arc::new(rec));
+            let _ = self.decisions.send(rec.clone());
+        }
+        if let Some(audit) = &self.audit {
+            let (audit, metrics) = (audit.clone(), self.metrics.clone());
+            let write = move || {
+                if let Err(e) = audit.record(&rec) {
+                    metrics.audit_error();
+                    tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
+                }
+            };
+            match after {
+                Some(after) => after.push(write),
+                None => write(),
+            }
         }
     }
 
-    fn pull(&self, msg: &Bytes) -> Verdict {
+    fn pull(&self, msg: &Bytes, after: &mut Afterwards) -> Verdict {
         let started = Instant::now();
         let req = match cri::PullImageRequest::decode(&msg[..]) {
             Ok(r) => r,
@@ -507,7 +521,7 @@ impl Enforcer {
                 }
             }
         };
-        self.record("PullImage", &d, &pod, pulled, started);
+        self.record("PullImage", &d, &pod, pulled, started, after);
         let Some(p) = pulled else {
             return verdict;
         };
@@ -667,11 +681,13 @@ impl Handler for Enforcer {
     fn handle<'a>(&'a self, call: Call<'a>) -> BoxFuture<'a, Verdict> {
         Box::pin(async move {
             match methods::canonical(call.method) {
-                methods::PULL_IMAGE => self.pull(call.message),
+                methods::PULL_IMAGE => self.pull(call.message, call.afterwards),
                 methods::IMAGE_STATUS => self.image_status(call.message),
                 methods::REMOVE_IMAGE => self.remove_image(call.message),
                 methods::LIST_IMAGES => self.list_images(),
-                methods::CREATE_CONTAINER => self.create_container(call.message).await,
+                methods::CREATE_CONTAINER => {
+                    self.create_container(call.message, call.afterwards).await
+                }
                 methods::RUN_POD_SANDBOX => self.run_pod_sandbox(call.message),
                 methods::REMOVE_POD_SANDBOX => self.remove_pod_sandbox(call.message),
                 _ => Verdict::Forward,

@@ -44,7 +44,7 @@ use time::OffsetDateTime;
 use super::{Enforcer, Outcome, denial, field, lookup, names, sandbox, undecodable};
 use crate::node::config::NodeMode;
 use crate::node::proxy::grpc::{Code, Status};
-use crate::node::proxy::intercept::{Verdict, methods};
+use crate::node::proxy::intercept::{Afterwards, Verdict, methods};
 use crate::node::wire;
 use crate::policy::{Decision, ImageRequest, PodContext, Verdict as PolicyVerdict, VerifiedBundle};
 
@@ -174,7 +174,7 @@ enum SandboxProblem {
 }
 
 impl Enforcer {
-    pub(super) async fn create_container(&self, msg: &Bytes) -> Verdict {
+    pub(super) async fn create_container(&self, msg: &Bytes, after: &mut Afterwards) -> Verdict {
         let started = Instant::now();
         let req = match cri::CreateContainerRequest::decode(&msg[..]) {
             Ok(r) => r,
@@ -268,7 +268,7 @@ impl Enforcer {
         }
         let mut pins = Vec::with_capacity(targets.len());
         for (t, (d, id)) in targets.iter().zip(decided) {
-            self.record(METHOD, &d, &pod, None, started);
+            self.record(METHOD, &d, &pod, None, started, after);
             if d.verdict == PolicyVerdict::Deny {
                 return Verdict::Respond(start_denial(&d, &t.shown));
             }
@@ -453,6 +453,7 @@ impl Enforcer {
             pod,
             None,
             started,
+            None,
         );
     }
 

@@ -68,6 +68,45 @@ pub struct Call<'a> {
     pub method: &'a str,
     /// The request message: protobuf bytes without the 5-byte gRPC prefix.
     pub message: &'a Bytes,
+    /// Work the handler leaves for once its verdict is carried out.
+    pub afterwards: &'a mut Afterwards,
+}
+
+/// Work a handler leaves for once its verdict is carried out, done in order: right after a
+/// forwarded call's request is handed to containerd's socket, while containerd works on it, or
+/// right before pullgate's own answer — and in every case before the call's answer reaches the
+/// client. The enforcer writes a decision's audit line so: off the call's path, still before its
+/// answer. Work not run by then runs when this is dropped.
+#[derive(Default)]
+pub struct Afterwards(Vec<Box<dyn FnOnce() + Send>>);
+
+impl Afterwards {
+    pub fn push(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.0.push(Box::new(work));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Does the work, in the order it was left.
+    pub fn run(self) {}
+}
+
+/// Work left is never lost: what was not run on purpose runs when it is dropped (a call whose
+/// connection ended while it was decided, say).
+impl Drop for Afterwards {
+    fn drop(&mut self) {
+        for work in self.0.drain(..) {
+            work();
+        }
+    }
+}
+
+impl std::fmt::Debug for Afterwards {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Afterwards({} left)", self.0.len())
+    }
 }
 
 /// Edits the single response message of a forwarded unary call (unframed protobuf bytes in;
@@ -249,11 +288,35 @@ impl Handler for ImageLogger {
 mod tests {
     use super::*;
 
+    #[test]
+    fn work_left_for_afterwards_runs_once_in_order_even_if_only_dropped() {
+        let done = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let left = |n| {
+            let mut a = Afterwards::default();
+            for i in 0..3 {
+                let done = done.clone();
+                a.push(move || done.lock().unwrap().push((n, i)));
+            }
+            a
+        };
+        left(1).run();
+        drop(left(2));
+        let mut taken = left(3);
+        // What the relay does with a forwarded call's work: taken out, the rest dropped empty.
+        let moved = std::mem::take(&mut taken);
+        drop(taken);
+        assert_eq!(done.lock().unwrap().len(), 6);
+        moved.run();
+        let want: Vec<(i32, i32)> = (1..=3).flat_map(|n| (0..3).map(move |i| (n, i))).collect();
+        assert_eq!(*done.lock().unwrap(), want);
+    }
+
     fn call_with(method: &'static str, message: Bytes) -> Verdict {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         rt.block_on(ImageLogger.handle(Call {
+            afterwards: &mut Afterwards::default(),
             method,
             message: &message,
         }))

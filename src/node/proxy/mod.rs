@@ -37,7 +37,7 @@ use crate::node::metrics::{self, BodyRefusal, Metrics};
 pub use body::{CallRecord, RequestBody};
 use budget::{BodyBudget, BodyLimits, Reservation};
 use grpc::{Code, FRAME_HEADER_LEN, Status};
-pub use intercept::{Call, Handler, InterceptTable, ResponseEdit, Verdict};
+pub use intercept::{Afterwards, Call, Handler, InterceptTable, ResponseEdit, Verdict};
 use refusal::{Refusal, Refusals};
 pub use upstream::{Upstream, UpstreamBody, UpstreamError};
 
@@ -252,10 +252,12 @@ impl Proxy {
                 return respond(e.status(method), &mut record, identity);
             }
         };
+        let mut afterwards = Afterwards::default();
         let verdict = handler
             .handle(Call {
                 method,
                 message: &message,
+                afterwards: &mut afterwards,
             })
             .await;
         let (body, edit) = match verdict {
@@ -264,13 +266,18 @@ impl Proxy {
             Verdict::Rewrite { request, response } => {
                 (request.map_or(raw, |r| grpc::frame(&r)), Some(response))
             }
-            Verdict::Respond(status) => return respond(status, &mut record, false),
+            Verdict::Respond(status) => {
+                // pullgate's answer goes out once this returns.
+                afterwards.run();
+                return respond(status, &mut record, false);
+            }
         };
         Decided::Forward(Forward {
             body,
             reservation,
             edit,
             record,
+            afterwards,
         })
     }
 }
@@ -297,6 +304,8 @@ pub struct Forward {
     pub edit: Option<ResponseEdit>,
     /// The call's record, counted with containerd's status.
     pub record: CallRecord,
+    /// The handler's work for once the request is handed to containerd ([`Afterwards`]).
+    pub afterwards: Afterwards,
 }
 
 /// Why reading a request body failed: the status for the client, and the limit that refused it.

@@ -42,7 +42,7 @@ use crate::node::proxy::grpc::{self, Code, FRAME_HEADER_LEN, MAX_MESSAGE_SIZE, S
 use crate::node::proxy::refusal::Refusal;
 use crate::node::proxy::track::{Conn, StreamGuard};
 use crate::node::proxy::upstream::UpstreamError;
-use crate::node::proxy::{Decided, Forward, Proxy, ResponseEdit, Route};
+use crate::node::proxy::{Afterwards, Decided, Forward, Proxy, ResponseEdit, Route};
 
 /// Bytes waiting for one side past which the other side is not read.
 const HIGH_WATER: usize = 1 << 20;
@@ -512,6 +512,9 @@ struct Session {
     /// call's answer, usually), or at once past [`KUBE_OWED_FLUSH`]. A WINDOW_UPDATE of its own
     /// would cost kubelet a wake-up, and pullgate a write, ahead of the call's request.
     kube_owed: u32,
+    /// The handlers' work for once the requests of the calls decided this turn are handed to
+    /// containerd ([`Afterwards`]): done at the end of the turn, before anything more is read.
+    afterwards: Vec<Afterwards>,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -571,6 +574,7 @@ pub async fn serve(
         waiting: Vec::new(),
         up_owed: 0,
         kube_owed: 0,
+        afterwards: Vec::new(),
         cut_off: VecDeque::new(),
         deferred: None,
         up_draining: false,
@@ -701,6 +705,9 @@ pub async fn serve(
                 }
             }
         };
+        if !s.afterwards.is_empty() {
+            s.run_afterwards();
+        }
         if let Err(fatal) = result {
             s.fail(fatal).await;
             break;
@@ -1965,7 +1972,9 @@ impl Session {
     /// An intercepted call pullgate forwards: its stream opened on containerd's connection (if it
     /// is not yet), its request sent as pullgate's own data, its answer relayed or gathered for
     /// the edit. While containerd cannot be reached the call ends `UNAVAILABLE`.
-    fn forward_decided(&mut self, stream: u32, fwd: Forward) -> Result<(), Fatal> {
+    fn forward_decided(&mut self, stream: u32, mut fwd: Forward) -> Result<(), Fatal> {
+        // Done at the end of this turn, once the request is handed to containerd's socket.
+        self.afterwards.push(std::mem::take(&mut fwd.afterwards));
         let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
             return Ok(());
         };
@@ -1992,6 +2001,7 @@ impl Session {
             reservation,
             edit,
             mut record,
+            ..
         } = fwd;
         if let Some(why) = why {
             let status = Status::new(
@@ -2260,6 +2270,20 @@ impl Session {
     }
 
     /// Moves frames released by flow control to their side's output.
+    /// Hands the requests decided this turn to containerd's socket (one write, if it takes them),
+    /// then does what their handlers left for afterwards while containerd works on them. Their
+    /// answers cannot have been read yet: this task reads them.
+    fn run_afterwards(&mut self) {
+        self.flush_up();
+        if let Some(up) = self.up.as_mut().filter(|u| u.pending() > 0) {
+            // What the socket does not take now, the loop writes as usual; an error it sees again.
+            let _ = up.try_write();
+        }
+        for work in self.afterwards.drain(..) {
+            work.run();
+        }
+    }
+
     fn flush_ready(&mut self) {
         self.flush_kube();
         if self.kube_owed > 0 && self.kube.pending() > 0 {

@@ -121,7 +121,7 @@ impl Tx {
 
     /// One non-blocking write of what waits (`MSG_NOSIGNAL`: a closed peer is an error, not a
     /// signal).
-    fn try_write(&mut self) -> io::Result<usize> {
+    pub fn try_write(&mut self) -> io::Result<usize> {
         let rest = &self.out[self.written..];
         loop {
             // SAFETY: send(2) reads at most `rest.len()` bytes of `rest`.
