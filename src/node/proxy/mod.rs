@@ -23,6 +23,7 @@ pub mod grpc;
 pub mod intercept;
 pub mod refusal;
 pub mod relay;
+pub mod socket;
 pub mod track;
 pub mod upstream;
 

@@ -37,6 +37,7 @@ use tokio::net::UnixStream;
 
 use super::body::RequestBody;
 use super::grpc::{Code, Status};
+use super::socket::Stream;
 
 /// HTTP/2 flow-control windows: large enough that a 16 MiB message is not throttled by
 /// WINDOW_UPDATE round trips.
@@ -265,13 +266,16 @@ impl Upstream {
     }
 
     async fn handshake(&self) -> Result<Conn, UpstreamError> {
-        let stream =
-            UnixStream::connect(&self.path)
-                .await
-                .map_err(|source| UpstreamError::Connect {
-                    path: self.path.clone(),
-                    source,
-                })?;
+        // Read and written like the relay's sockets (`super::socket`): containerd reading a
+        // request does not wake pullgate.
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .and_then(UnixStream::into_std)
+            .and_then(Stream::new)
+            .map_err(|source| UpstreamError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
         let handshake = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

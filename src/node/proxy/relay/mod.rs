@@ -1,8 +1,9 @@
 //! The CRI relay: each kubelet connection relayed to a connection to containerd of its own, at the
 //! HTTP/2 frame level.
 //!
-//! - Per kubelet connection, one task ([`session`]) owns both sockets; frames are read in batches
-//!   and written one write per batch per side.
+//! - Per kubelet connection, one task ([`session`]) owns both sockets (registered for readability
+//!   only: [`crate::node::proxy::socket`]); frames are read in batches and written one write per
+//!   batch per side.
 //! - Every header block is decoded ([`hpack`], its Huffman strings with [`huffman`]) and
 //!   re-encoded as literals in both directions ([`blocks`]), so neither receiver's HPACK table is
 //!   used and containerd decodes exactly what pullgate routed on.
@@ -23,6 +24,5 @@ pub mod hpack;
 pub mod huffman;
 pub mod local;
 pub mod session;
-pub mod socket;
 
 pub use session::{SessionLimits, serve};

@@ -1,8 +1,9 @@
-//! A relayed connection's unix socket, as the session reads and writes it.
+//! pullgate's unix sockets to kubelet and containerd, registered with the event loop for
+//! readability only: the relay's halves ([`Rx`], [`Tx`]) and a stream for the `h2` client of
+//! pullgate's own lookups ([`Stream`]).
 //!
-//! The socket is registered with the event loop for readability only. Writes go straight to the
-//! socket; only a write that finds the socket's buffer full registers (a duplicate of) the socket
-//! for writability, until what waited is written.
+//! Writes go straight to the socket; only a write that finds the socket's buffer full registers
+//! (a duplicate of) the socket for writability, until what waited is written.
 //!
 //! Why not a `tokio::net::UnixStream`: it registers every socket for both, edge-triggered, and a
 //! unix socket signals "writable" to its writer each time the peer reads. A relay writes a
@@ -12,13 +13,15 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// The reading half of one side's socket and what was read but not yet taken.
 pub struct Rx {
@@ -52,6 +55,37 @@ pub fn split(stream: UnixStream) -> io::Result<(Rx, Tx)> {
     Ok((rx, tx))
 }
 
+/// One read(2) into `buf`, retried if interrupted.
+fn read_into(fd: RawFd, buf: &mut [std::mem::MaybeUninit<u8>]) -> io::Result<usize> {
+    loop {
+        // SAFETY: read(2) writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One send(2) of `data`, retried if interrupted (`MSG_NOSIGNAL`: a closed peer is an error, not
+/// a signal).
+fn send(fd: RawFd, data: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: send(2) reads at most `data.len()` bytes of `data`.
+        let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 fn register(stream: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
     // SAFETY: a `UnixStream` owns its descriptor: open, and the same one, for as long as it lives.
     Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
@@ -65,26 +99,13 @@ impl Rx {
             let mut ready = self.sock.readable().await?;
             let spare = self.input.spare_capacity_mut();
             let room = spare.len();
-            // SAFETY: read(2) writes at most `room` bytes into the spare capacity it is given.
-            let n = unsafe {
-                libc::read(
-                    self.sock.get_ref().as_raw_fd(),
-                    spare.as_mut_ptr().cast(),
-                    room,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::WouldBlock => {
-                        ready.clear_ready();
-                        continue;
-                    }
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(e),
+            let n = match read_into(self.sock.get_ref().as_raw_fd(), spare) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    continue;
                 }
-            }
-            let n = n as usize;
+                r => r?,
+            };
             // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
             unsafe { self.input.set_len(self.input.len() + n) };
             // A short read emptied the socket: the next data is a new edge. (As tokio does.)
@@ -119,30 +140,11 @@ impl Tx {
         }
     }
 
-    /// One non-blocking write of what waits (`MSG_NOSIGNAL`: a closed peer is an error, not a
-    /// signal).
+    /// One non-blocking write of what waits.
     pub fn try_write(&mut self) -> io::Result<usize> {
-        let rest = &self.out[self.written..];
-        loop {
-            // SAFETY: send(2) reads at most `rest.len()` bytes of `rest`.
-            let n = unsafe {
-                libc::send(
-                    self.sock.get_ref().as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                self.wrote(n);
-                return Ok(n);
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
+        let n = send(self.sock.get_ref().as_raw_fd(), &self.out[self.written..])?;
+        self.wrote(n);
+        Ok(n)
     }
 
     fn wrote(&mut self, n: usize) {
@@ -171,6 +173,88 @@ impl Tx {
     /// Ends the write side (the peer reads the end of the stream).
     pub fn shutdown(&self) -> io::Result<()> {
         self.sock.get_ref().shutdown(Shutdown::Write)
+    }
+}
+
+/// A unix stream for an `h2` connection (pullgate's own calls to containerd), read and written
+/// like the relay's sockets.
+pub struct Stream {
+    sock: AsyncFd<UnixStream>,
+    /// Registered for writability while a write found the socket full.
+    blocked: Option<AsyncFd<UnixStream>>,
+}
+
+impl Stream {
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        Ok(Stream {
+            sock: register(stream, Interest::READABLE)?,
+            blocked: None,
+        })
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut ready = ready!(self.sock.poll_read_ready(cx))?;
+            // SAFETY: only initialised bytes are marked filled (`assume_init` with what read(2)
+            // wrote), and nothing is de-initialised.
+            let spare = unsafe { buf.unfilled_mut() };
+            let room = spare.len();
+            match read_into(self.sock.get_ref().as_raw_fd(), spare) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(n) => {
+                    // SAFETY: read(2) initialised the first `n` unfilled bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    if n > 0 && n < room {
+                        ready.clear_ready();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        loop {
+            match send(this.sock.get_ref().as_raw_fd(), data) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => {
+                    this.blocked = None;
+                    return Poll::Ready(r);
+                }
+            }
+            let blocked = match &mut this.blocked {
+                Some(b) => b,
+                None => this.blocked.insert(register(
+                    this.sock.get_ref().try_clone()?,
+                    Interest::WRITABLE,
+                )?),
+            };
+            ready!(blocked.poll_write_ready(cx))?.clear_ready();
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.sock.get_ref().shutdown(Shutdown::Write))
     }
 }
 
@@ -203,6 +287,27 @@ mod tests {
         };
         let ((), got) = tokio::join!(writer, reader);
         assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "bytes arrive in order, none lost");
+    }
+
+    #[tokio::test]
+    async fn a_stream_carries_more_than_a_socket_buffers_both_ways() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut a, mut b) = (Stream::new(a).unwrap(), Stream::new(b).unwrap());
+        let sent: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+        let writer = async {
+            a.write_all(&sent).await.unwrap();
+            assert!(a.blocked.is_none(), "registration dropped once written");
+            a.shutdown().await.unwrap();
+            a
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        };
+        let (_a, got) = tokio::join!(writer, reader);
         assert!(got == sent, "bytes arrive in order, none lost");
     }
 
