@@ -5,7 +5,8 @@
 //!   a signed 100,000-image bundle installed, a few seconds after it started listening.
 //! - CPU at kubelet's rate of calls, as a share of one core, beside the CPU a *null relay* (this binary
 //!   re-executed as a process that only copies bytes between two unix sockets: the floor any proxy in a
-//!   separate process pays) uses for the same calls, and the ratio.
+//!   separate process pays) uses for the same calls, and the ratio; and how often each was woken
+//!   per call (each wake-up of an idle process costs a vCPU's way out of halt).
 //!
 //! The load is kubelet's pod lifecycle event generator (PLEG) relisting a node of 100 pods (one
 //! container each) once a second: `ListPodSandbox` and `ListContainers` (all 100 of each in the
@@ -40,7 +41,7 @@ use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_cri::v1 as cri;
-use procs::{Proc, pullgate_bin, relay_if_asked, serve, setting, start_relay};
+use procs::{Proc, pullgate_bin, relay_if_asked, serve, setting, start_relay, wakeups};
 
 const PODS: usize = 100;
 const IMAGES: usize = 100_000;
@@ -306,10 +307,12 @@ async fn relist(ch: &tonic::transport::Channel) {
 }
 
 /// Relists once a second for `secs` seconds through `socket`; returns the CPU `process` used
-/// meanwhile as a share of one core, and the wall time of the slowest relist.
-async fn relist_load(socket: &Path, process: &Proc, secs: u64) -> (f64, Duration) {
+/// meanwhile as a share of one core, the wall time of the slowest relist, and the times `process`
+/// was woken per call.
+async fn relist_load(socket: &Path, process: &Proc, secs: u64) -> (f64, Duration, f64) {
     let ch = fake_cri::cri_channel(socket).await;
     relist(&ch).await; // connection and caches warm
+    let wakes = wakeups(process.pid());
     let (cpu, start) = (process.cpu(), Instant::now());
     let mut slowest = Duration::ZERO;
     for i in 0..secs {
@@ -319,7 +322,8 @@ async fn relist_load(socket: &Path, process: &Proc, secs: u64) -> (f64, Duration
         tokio::time::sleep_until((start + Duration::from_secs(i + 1)).into()).await;
     }
     let share = (process.cpu() - cpu).as_secs_f64() / start.elapsed().as_secs_f64();
-    (share, slowest)
+    let per_call = (wakeups(process.pid()) - wakes) as f64 / (secs * (2 + 2 * PODS as u64)) as f64;
+    (share, slowest, per_call)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -385,13 +389,17 @@ fn main() {
     // CPU at kubelet's rate: pullgate (the one holding the big bundle) and the relay alternate.
     let (relay_proc, relay_socket) = start_relay(dir, &upstream);
     let (mut ours, mut floor, mut slow_ours, mut slow_floor) = (vec![], vec![], vec![], vec![]);
+    let (mut wakes_ours, mut wakes_floor) = (vec![], vec![]);
     for _ in 0..rounds {
-        let (share, slowest) = runtime.block_on(relist_load(&loaded_socket, &loaded, secs));
+        let (share, slowest, wakes) = runtime.block_on(relist_load(&loaded_socket, &loaded, secs));
         ours.push(share);
         slow_ours.push(slowest.as_secs_f64() * 1e3);
-        let (share, slowest) = runtime.block_on(relist_load(&relay_socket, &relay_proc, secs));
+        wakes_ours.push(wakes);
+        let (share, slowest, wakes) =
+            runtime.block_on(relist_load(&relay_socket, &relay_proc, secs));
         floor.push(share);
         slow_floor.push(slowest.as_secs_f64() * 1e3);
+        wakes_floor.push(wakes);
     }
     let calls = 2 + 2 * PODS;
     let (ours, floor) = (median(&mut ours), median(&mut floor));
@@ -406,6 +414,11 @@ fn main() {
         "slowest relist ({calls} calls one after another): pullgate {:.1} ms, null relay {:.1} ms (median over rounds)",
         median(&mut slow_ours),
         median(&mut slow_floor)
+    );
+    println!(
+        "wake-ups per call at that rate: pullgate {:.2}, null relay {:.2} (median over rounds)",
+        median(&mut wakes_ours),
+        median(&mut wakes_floor)
     );
     println!(
         "RSS of pullgate serve after the load: {:.1} MiB",

@@ -48,6 +48,7 @@ use fake_cri::*;
 use k8s_cri::v1 as cri;
 use procs::{
     Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_frame_relay, start_relay,
+    wakeups,
 };
 use pullgate::node::enforce::store::BundleStore;
 use pullgate::policy::{PrivateKey, SignatureFile};
@@ -616,11 +617,14 @@ fn main() {
             let mut f = Vec::new();
             let (mut relay_cpu, mut pg_cpu, mut base_cpu) =
                 (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+            let (mut relay_wakes, mut pg_wakes) = (0, 0);
             for _ in 0..rounds {
                 latencies(&direct, m, calls, &mut d).await;
                 let cpu0 = cpu_time(relay_pid);
+                let wakes0 = wakeups(relay_pid);
                 latencies(&null, m, calls, &mut r).await;
                 relay_cpu += cpu_time(relay_pid) - cpu0;
+                relay_wakes += wakeups(relay_pid) - wakes0;
                 latencies(&frames, m, calls, &mut f).await;
                 if let Some((pid, ch)) = &base {
                     let cpu0 = cpu_time(*pid);
@@ -628,8 +632,10 @@ fn main() {
                     base_cpu += cpu_time(*pid) - cpu0;
                 }
                 let cpu0 = cpu_time(pg_pid);
+                let wakes0 = wakeups(pg_pid);
                 latencies(&via, m, calls, &mut v).await;
                 pg_cpu += cpu_time(pg_pid) - cpu0;
+                pg_wakes += wakeups(pg_pid) - wakes0;
             }
             let per_call = |cpu: Duration, n: u64| cpu.as_secs_f64() * 1e6 / n.max(1) as f64;
             let seq = Latency::of(&mut d, &mut r, &mut v);
@@ -702,6 +708,12 @@ fn main() {
                 "  CPU per call: null relay {relay_seq_cpu:.1} µs sequential, {:.1} µs under load | pullgate {pg_seq_cpu:.1} µs sequential, {:.1} µs under load",
                 per_call(relay_cpu, relay_calls),
                 per_call(via_cpu, via_calls)
+            );
+            // Each sleep is a wake-up: with a fast upstream, each costs a vCPU's way out of halt.
+            println!(
+                "  wake-ups per sequential call: null relay {:.2} | pullgate {:.2}",
+                relay_wakes as f64 / (calls * rounds) as f64,
+                pg_wakes as f64 / (calls * rounds) as f64
             );
             let f50 = pct(&mut f, 0.5);
             println!(

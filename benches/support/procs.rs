@@ -74,6 +74,17 @@ pub fn cpu_time(pid: u32) -> Duration {
     Duration::from_micros(ticks * 1_000_000 / hz)
 }
 
+/// Times a process has gone to sleep waiting (voluntary context switches, from /proc/PID/status):
+/// each is a wake-up later.
+pub fn wakeups(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits for a socket to appear: up to two minutes (a debug build verifies a 100,000-image bundle
 /// slowly on a loaded machine).
 pub fn wait_for_socket(path: &Path, what: &str) {
