@@ -471,23 +471,25 @@ impl Enforcer {
             bundle_version: o.bundle_version,
             latency_us,
         };
-        let rec = Arc::new(rec);
-        if watched {
-            // No watcher left in between is fine: nobody to tell.
-            let _ = self.decisions.send(rec.clone());
-        }
-        if let Some(audit) = &self.audit {
-            let (audit, metrics) = (audit.clone(), self.metrics.clone());
-            let write = move || {
+        // Watchers hear of a decision as the audit log gets it: after its line is written.
+        let audit = self.audit.clone();
+        let metrics = self.metrics.clone();
+        let watchers = watched.then(|| self.decisions.clone());
+        let write = move || {
+            if let Some(audit) = &audit {
                 if let Err(e) = audit.record(&rec) {
                     metrics.audit_error();
                     tracing::error!(path = %audit.path().display(), error = %e, "cannot write the audit log");
                 }
-            };
-            match after {
-                Some(after) => after.push(write),
-                None => write(),
             }
+            if let Some(watchers) = watchers {
+                // No watcher left in between is fine: nobody to tell.
+                let _ = watchers.send(Arc::new(rec));
+            }
+        };
+        match after {
+            Some(after) => after.push(write),
+            None => write(),
         }
     }
 

@@ -706,7 +706,8 @@ pub async fn serve(
             }
         };
         if !s.afterwards.is_empty() {
-            s.run_afterwards();
+            // A failing connection sends containerd nothing more: it is about to be dropped.
+            s.run_afterwards(result.is_ok());
         }
         if let Err(fatal) = result {
             s.fail(fatal).await;
@@ -2269,21 +2270,25 @@ impl Session {
         }
     }
 
-    /// Moves frames released by flow control to their side's output.
-    /// Hands the requests decided this turn to containerd's socket (one write, if it takes them),
-    /// then does what their handlers left for afterwards while containerd works on them. Their
-    /// answers cannot have been read yet: this task reads them.
-    fn run_afterwards(&mut self) {
-        self.flush_up();
-        if let Some(up) = self.up.as_mut().filter(|u| u.pending() > 0) {
-            // What the socket does not take now, the loop writes as usual; an error it sees again.
-            let _ = up.try_write();
+    /// Hands the requests decided this turn to containerd's socket (one write, if it takes them)
+    /// unless the connection is failing (`send`), then does what their handlers left for
+    /// afterwards while containerd works on them. Their answers cannot have been read yet: this
+    /// task reads them.
+    fn run_afterwards(&mut self, send: bool) {
+        if send {
+            self.flush_up();
+            if let Some(up) = self.up.as_mut().filter(|u| u.pending() > 0) {
+                // What the socket does not take now, the loop writes as usual; an error it sees
+                // again.
+                let _ = up.try_write();
+            }
         }
         for work in self.afterwards.drain(..) {
             work.run();
         }
     }
 
+    /// Moves frames released by flow control to their side's output.
     fn flush_ready(&mut self) {
         self.flush_kube();
         if self.kube_owed > 0 && self.kube.pending() > 0 {
