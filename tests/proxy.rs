@@ -957,12 +957,9 @@ for _ in range(int(sys.argv[4])):
     print(status.decode(), len(got), flush=True)
 "#;
 
-/// Intercepted calls pullgate forwards, relayed or edited, reach a client that gives each
-/// stream's window only after sending its request (initial window 0): the room it gave while the
-/// call was decided is passed on to containerd, and an answer pullgate gathers has a window of its
-/// own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
+/// Runs a raw HTTP/2 client written with python3-h2 (`SCRIPT LISTEN CreateContainer HEX ARGS…`,
+/// the message as hex) against `listen`; what it printed, once it succeeded.
+async fn raw_h2_client(script: &'static str, listen: &Path, msg: &[u8], args: &[&str]) -> String {
     let python = "/usr/bin/python3";
     let ok = std::process::Command::new(python)
         .args(["-c", "import h2"])
@@ -973,6 +970,31 @@ async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
         "the raw HTTP/2 client is missing: {python} cannot import h2; install the Debian package \
          python3-h2 (scripts/install-deps.sh does)"
     );
+    let mut command = std::process::Command::new(python);
+    command
+        .args(["-c", script])
+        .arg(listen)
+        .arg(methods::CREATE_CONTAINER)
+        .arg(msg.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .args(args);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Intercepted calls pullgate forwards, relayed or edited, reach a client that gives each
+/// stream's window only after sending its request (initial window 0): the room it gave while the
+/// call was decided is passed on to containerd, and an answer pullgate gathers has a window of its
+/// own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
     let msg = frame(
         &cri::CreateContainerRequest {
             pod_sandbox_id: "x".repeat(100),
@@ -990,26 +1012,7 @@ async fn intercepted_calls_reach_a_client_that_opens_stream_windows_itself() {
             // Forwarded and its answer gathered and edited.
             true => start_holding_answers(dir.path(), &p, Duration::from_secs(1)),
         };
-        let listen = pg.listen.clone();
-        let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(python)
-                .args(["-c", PY_ZERO_WINDOW])
-                .arg(&listen)
-                .arg(methods::CREATE_CONTAINER)
-                .arg(hex)
-                .arg("3")
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "holding {holding}: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = raw_h2_client(PY_ZERO_WINDOW, &pg.listen, &msg, &["3"]).await;
         let want = format!("0 {}\n", msg.len()).repeat(3);
         assert_eq!(stdout, want, "holding {holding}");
         pg.stop().await;
@@ -1062,7 +1065,6 @@ print(" ".join(seen), flush=True)
 /// way to containerd (which would cost kubelet a wake-up and pullgate a write on every call).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decided_calls_window_comes_back_with_its_answer() {
-    let python = "/usr/bin/python3";
     let msg = frame(
         &cri::CreateContainerRequest {
             pod_sandbox_id: "x".repeat(100),
@@ -1075,25 +1077,7 @@ async fn a_decided_calls_window_comes_back_with_its_answer() {
     let _raw = RawUpstream::serve(&p, Script::grpc_echo());
     // The logging table decides CreateContainer and forwards it unchanged.
     let pg = Pullgate::start(dir.path(), &p, Duration::from_secs(1));
-    let listen = pg.listen.clone();
-    let hex: String = msg.iter().map(|b| format!("{b:02x}")).collect();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .args(["-c", PY_WINDOW_ORDER])
-            .arg(&listen)
-            .arg(methods::CREATE_CONTAINER)
-            .arg(hex)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {} (needs the Debian package python3-h2)",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = raw_h2_client(PY_WINDOW_ORDER, &pg.listen, &msg, &[]).await;
     // The answer's frames and the WINDOW_UPDATE leave in one write: after the headers, before or
     // after the end of the stream.
     let seen: Vec<&str> = stdout.trim().split(' ').collect();
