@@ -89,6 +89,11 @@ impl Afterwards {
         self.0.is_empty()
     }
 
+    /// Takes `other`'s work, to be done after this one's.
+    pub fn append(&mut self, mut other: Afterwards) {
+        self.0.append(&mut other.0);
+    }
+
     /// Does the work, in the order it was left.
     pub fn run(self) {}
 }

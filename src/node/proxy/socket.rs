@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 /// The reading half of one side's socket and what was read but not yet taken.
@@ -91,28 +91,51 @@ fn register(stream: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixSt
     Ok(unsafe { AsyncFd::register_with_interest(stream, interest) }?)
 }
 
+/// One read into `spare` from a socket reported readable; `None` if it had nothing after all
+/// (readiness cleared: wait for the next edge). A short read empties the socket, so readiness is
+/// cleared then too, as tokio does.
+fn read_ready(
+    ready: &mut AsyncFdReadyGuard<'_, UnixStream>,
+    spare: &mut [std::mem::MaybeUninit<u8>],
+) -> Option<io::Result<usize>> {
+    let room = spare.len();
+    match read_into(ready.get_inner().as_raw_fd(), spare) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            ready.clear_ready();
+            None
+        }
+        Ok(n) if n > 0 && n < room => {
+            ready.clear_ready();
+            Some(Ok(n))
+        }
+        r => Some(r),
+    }
+}
+
+/// The writability registration of `sock` (a duplicate of it), made on the first write that found
+/// it full.
+fn blocked_on<'a>(
+    blocked: &'a mut Option<AsyncFd<UnixStream>>,
+    sock: &UnixStream,
+) -> io::Result<&'a AsyncFd<UnixStream>> {
+    match blocked {
+        Some(b) => Ok(b),
+        None => Ok(blocked.insert(register(sock.try_clone()?, Interest::WRITABLE)?)),
+    }
+}
+
 impl Rx {
     /// Reads what the socket has into [`Rx::input`] (into its spare capacity: reserve first);
     /// `Ok(0)` at the end of the stream.
     pub async fn read(&mut self) -> io::Result<usize> {
         loop {
             let mut ready = self.sock.readable().await?;
-            let spare = self.input.spare_capacity_mut();
-            let room = spare.len();
-            let n = match read_into(self.sock.get_ref().as_raw_fd(), spare) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready.clear_ready();
-                    continue;
-                }
-                r => r?,
-            };
-            // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
-            unsafe { self.input.set_len(self.input.len() + n) };
-            // A short read emptied the socket: the next data is a new edge. (As tokio does.)
-            if n > 0 && n < room {
-                ready.clear_ready();
+            if let Some(r) = read_ready(&mut ready, self.input.spare_capacity_mut()) {
+                let n = r?;
+                // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
+                unsafe { self.input.set_len(self.input.len() + n) };
+                return Ok(n);
             }
-            return Ok(n);
         }
     }
 }
@@ -129,13 +152,7 @@ impl Tx {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return r,
             }
-            let blocked = match &mut self.blocked {
-                Some(b) => b,
-                None => self.blocked.insert(register(
-                    self.sock.get_ref().try_clone()?,
-                    Interest::WRITABLE,
-                )?),
-            };
+            let blocked = blocked_on(&mut self.blocked, self.sock.get_ref())?;
             blocked.writable().await?.clear_ready();
         }
     }
@@ -204,20 +221,12 @@ impl AsyncRead for Stream {
             let mut ready = ready!(self.sock.poll_read_ready(cx))?;
             // SAFETY: only initialised bytes are marked filled (`assume_init` with what read(2)
             // wrote), and nothing is de-initialised.
-            let spare = unsafe { buf.unfilled_mut() };
-            let room = spare.len();
-            match read_into(self.sock.get_ref().as_raw_fd(), spare) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-                Err(e) => return Poll::Ready(Err(e)),
-                Ok(n) => {
-                    // SAFETY: read(2) initialised the first `n` unfilled bytes.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
-                    if n > 0 && n < room {
-                        ready.clear_ready();
-                    }
-                    return Poll::Ready(Ok(()));
-                }
+            if let Some(r) = read_ready(&mut ready, unsafe { buf.unfilled_mut() }) {
+                let n = r?;
+                // SAFETY: read(2) initialised the first `n` unfilled bytes.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
             }
         }
     }
@@ -238,13 +247,7 @@ impl AsyncWrite for Stream {
                     return Poll::Ready(r);
                 }
             }
-            let blocked = match &mut this.blocked {
-                Some(b) => b,
-                None => this.blocked.insert(register(
-                    this.sock.get_ref().try_clone()?,
-                    Interest::WRITABLE,
-                )?),
-            };
+            let blocked = blocked_on(&mut this.blocked, this.sock.get_ref())?;
             ready!(blocked.poll_write_ready(cx))?.clear_ready();
         }
     }

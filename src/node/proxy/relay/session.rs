@@ -514,7 +514,7 @@ struct Session {
     kube_owed: u32,
     /// The handlers' work for once the requests of the calls decided this turn are handed to
     /// containerd ([`Afterwards`]): done at the end of the turn, before anything more is read.
-    afterwards: Vec<Afterwards>,
+    afterwards: Afterwards,
     /// containerd sent GOAWAY: no new stream goes to this connection, which is dropped once its
     /// streams are done.
     up_draining: bool,
@@ -574,7 +574,7 @@ pub async fn serve(
         waiting: Vec::new(),
         up_owed: 0,
         kube_owed: 0,
-        afterwards: Vec::new(),
+        afterwards: Afterwards::default(),
         cut_off: VecDeque::new(),
         deferred: None,
         up_draining: false,
@@ -1975,7 +1975,7 @@ impl Session {
     /// the edit. While containerd cannot be reached the call ends `UNAVAILABLE`.
     fn forward_decided(&mut self, stream: u32, mut fwd: Forward) -> Result<(), Fatal> {
         // Done at the end of this turn, once the request is handed to containerd's socket.
-        self.afterwards.push(std::mem::take(&mut fwd.afterwards));
+        self.afterwards.append(std::mem::take(&mut fwd.afterwards));
         let Some(Stream::Answered(a)) = self.streams.get(&stream) else {
             return Ok(());
         };
@@ -2283,9 +2283,7 @@ impl Session {
                 let _ = up.try_write();
             }
         }
-        for work in self.afterwards.drain(..) {
-            work.run();
-        }
+        std::mem::take(&mut self.afterwards).run();
     }
 
     /// Moves frames released by flow control to their side's output.
