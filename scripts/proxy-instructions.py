@@ -6,12 +6,22 @@ percent from run to run, so a change worth a few percent cannot be seen there. T
 user-space instructions per call hardly moves (about 1% between runs of the same build) and shows
 where they go: `callgrind_annotate --inclusive=yes <out>`.
 
-Usage: /usr/bin/python3 scripts/proxy-instructions.py PULLGATE_BIN [version|status] [CALLS] [OUT]
+Usage: /usr/bin/python3 scripts/proxy-instructions.py PULLGATE_BIN [CALL] [CALLS] [OUT]
+
+CALL is one of:
+  version        `Version`, forwarded (no bundle installed);
+  status         `ImageStatus`, intercepted and forwarded unchanged (no bundle installed);
+  status-bundle  `ImageStatus` of an approved image's public name with a signed 100,000-image
+                 bundle installed: the name resolved to its pinned mirror, the answer's names shown
+                 as the public ones;
+  pull           `PullImage` of that name with the bundle: decided, rewritten, audited;
+  create         `CreateContainer` of that image, by ID with the name as `user_specified_image`, in a
+                 pod created through pullgate, after pulling it through pullgate: no lookup, the
+                 decision cached, audited.
 
 Runs a minimal gRPC upstream (Python grpcio, canned answers) on a unix socket, PULLGATE_BIN serve
-in front of it under `valgrind --tool=callgrind` (no bundle: `Version` is forwarded, `ImageStatus`
-intercepted and forwarded), makes 200 warm-up calls, zeroes the counters, makes CALLS sequential
-calls (default 1000) and prints instructions per call. OUT (default: a temporary directory)
+in front of it under `valgrind --tool=callgrind`, makes 200 warm-up calls, zeroes the counters,
+makes CALLS sequential calls (default 1000) and prints instructions per call. OUT (default: a temporary directory)
 receives the callgrind profile. Needs valgrind and the Debian python3-grpcio (hence /usr/bin/python3).
 """
 
@@ -28,19 +38,87 @@ try:
 except ImportError:
     sys.exit("proxy-instructions: needs python3-grpcio; run with /usr/bin/python3, not a pyenv python")
 
+
+def field(number, value):
+    """One length-delimited protobuf field (wire type 2)."""
+    if isinstance(value, str):
+        value = value.encode()
+    key, size, out = number << 3 | 2, len(value), bytearray()
+    for n in (key, size):
+        while n >= 0x80:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+    return bytes(out) + value
+
+
+IMAGES = 100_000
+# The measured image: one entry of the bundle, as a pod spec names it, and where it is mirrored.
+APP = 77_777
+PUBLIC = f"docker.io/library/app{APP}:1.0"
+
+
+def app_digest(i):
+    return f"sha256:{i * 0x9E3779B97F4A7C15 + 1:064x}"
+
+
+MIRRORED = f"registry.corp/approved/library/app{APP}@{app_digest(APP)}"
+IMAGE_ID = "sha256:" + "b0" * 32
+POD = field(1, field(1, "bench") + field(3, "default") + field(2, "u"))  # PodSandboxConfig.metadata
+
+PULL = ("/runtime.v1.ImageService/PullImage", field(1, field(1, PUBLIC)) + field(3, POD))
+# RunPodSandboxRequest{config}
+RUN_POD = ("/runtime.v1.RuntimeService/RunPodSandbox", field(1, POD))
+SANDBOX_ID = "pod-1"
+
+# call: (method path, request, needs the bundle, calls made once before the warm-up)
 CALLS = {
-    "version": ("/runtime.v1.RuntimeService/Version", b"\n\x020.1"),
-    # ImageStatusRequest{image: {image: "busybox"}}
-    "status": ("/runtime.v1.ImageService/ImageStatus", b"\n\t\n\x07busybox"),
+    "version": ("/runtime.v1.RuntimeService/Version", field(1, "0.1"), False, []),
+    "status": ("/runtime.v1.ImageService/ImageStatus", field(1, field(1, "busybox")), False, []),
+    "status-bundle": ("/runtime.v1.ImageService/ImageStatus", field(1, field(1, PUBLIC)), True, []),
+    # PullImageRequest{image, sandbox_config (field 3)}
+    "pull": (*PULL, True, []),
+    # CreateContainerRequest{pod_sandbox_id, config: {image: {image: the ID, user_specified_image
+    # (field 18)}}, sandbox_config}: the pod created and the image pulled through pullgate first,
+    # so the start needs no lookup; its decision is cached after the first call.
+    "create": (
+        "/runtime.v1.RuntimeService/CreateContainer",
+        field(1, SANDBOX_ID) + field(2, field(2, field(1, IMAGE_ID) + field(18, PUBLIC))) + field(3, POD),
+        True,
+        [PULL, RUN_POD],
+    ),
 }
 ANSWERS = {
-    ("runtime.v1.RuntimeService", "Version"): b'\n\x020.1\x12\x08fake-cri\x1a\x051.0.0"\x02v1',
-    ("runtime.v1.ImageService", "ImageStatus"): b"",
+    ("runtime.v1.RuntimeService", "Version"): field(1, "0.1") + field(2, "fake-cri") + field(3, "1.0.0") + field(4, "v1"),
+    # ImageStatusResponse{image: {id, repo_digests: [the mirrored name]}}
+    ("runtime.v1.ImageService", "ImageStatus"): field(1, field(1, IMAGE_ID) + field(3, MIRRORED)),
+    ("runtime.v1.ImageService", "PullImage"): field(1, IMAGE_ID),
+    ("runtime.v1.RuntimeService", "RunPodSandbox"): field(1, SANDBOX_ID),
+    ("runtime.v1.RuntimeService", "CreateContainer"): field(1, "container-1"),
 }
+
+
+def bundle_json():
+    """A 100,000-image bundle mirroring docker.io into registry.corp/approved, as the proxy benchmark's."""
+    now = time.time()
+    stamp = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    head = (
+        f'{{"format":1,"version":1,"issued_at":"{stamp(now - 3600)}","expires_at":"{stamp(now + 30 * 86400)}",'
+        '"issuer":"bench","private_registry":"registry.corp","mirrors":[{"source":"docker.io","target":"approved"}],'
+        '"governance":{"organization":"corp","application_label":"app","mode":"enforce","programs":[]},'
+        '"first_party":[],"images":['
+    )
+    images = ",".join(
+        f'{{"source":"docker.io/library/app{i}","tags":{{"1.0":"{app_digest(i)}"}},"scope":"corp",'
+        f'"provenance":{{"license":"MIT","scans":[{{"scanner":"trivy","version":"0.58.1","report":"{app_digest(i + IMAGES)}",'
+        '"worst_severity":"low"}],"approved_by":"bench@corp","approved_at":"2026-01-01T00:00:00Z"}}'
+        for i in range(IMAGES)
+    )
+    return head + images + "]}"
 
 
 def usage(why):
-    sys.exit(f"proxy-instructions: {why}\nusage: {sys.argv[0]} PULLGATE_BIN [version|status] [CALLS] [OUT]")
+    sys.exit(f"proxy-instructions: {why}\nusage: {sys.argv[0]} PULLGATE_BIN [CALL] [CALLS] [OUT]")
 
 
 def main():
@@ -77,6 +155,16 @@ def main():
             f'[policy]\nstate_dir = "{work}/state"\ntrust = "{work}/trust.toml"\n'
             f'[metrics]\nlisten = "off"\n[admin]\nsocket = "{work}/admin.sock"\n'
         )
+    path, body, needs_bundle, setup = CALLS[method]
+    if needs_bundle:
+        bundle = os.path.join(work, "bundle.json")
+        with open(bundle, "w") as f:
+            f.write(bundle_json())
+        for step in (["bundle", "sign", "--key", os.path.join(work, "k.key"), bundle],
+                     ["bundle", "install", "--config", config, bundle]):
+            done = subprocess.run([binary, *step], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                sys.exit(f"proxy-instructions: pullgate {' '.join(step[:2])} failed: {done.stderr.strip()}")
 
     ident = lambda b: b  # noqa: E731
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -102,8 +190,9 @@ def main():
             time.sleep(0.1)
         # `localhost`, as grpc-go sends from Kubernetes 1.30 on: no header block is re-encoded.
         channel = grpc.insecure_channel("unix:" + listen, options=[("grpc.default_authority", "localhost")])
-        path, body = CALLS[method]
         call = channel.unary_unary(path, request_serializer=ident, response_deserializer=ident)
+        for setup_path, setup_body in setup:
+            channel.unary_unary(setup_path, request_serializer=ident, response_deserializer=ident)(setup_body, timeout=30)
         for _ in range(200):
             call(body, timeout=30)
         subprocess.run(["callgrind_control", "-z", str(pg.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

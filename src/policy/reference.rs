@@ -183,7 +183,11 @@ impl fmt::Display for Digest {
         }
         // The buffer holds only ASCII hex digits.
         let hex = std::str::from_utf8(&buf[..bytes.len() * 2]).map_err(|_| fmt::Error)?;
-        write!(f, "{}:{}", self.algorithm(), hex)
+        // Plain writes: a digest is formatted on every decided call, and `write!` costs more than
+        // the hex conversion.
+        f.write_str(self.algorithm())?;
+        f.write_str(":")?;
+        f.write_str(hex)
     }
 }
 
@@ -348,10 +352,12 @@ impl fmt::Display for Reference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)?;
         if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
+            f.write_str(":")?;
+            f.write_str(t)?;
         }
         if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
+            f.write_str("@")?;
+            fmt::Display::fmt(d, f)?;
         }
         Ok(())
     }
@@ -399,24 +405,7 @@ fn parse_inner(input: &str) -> Result<Reference, ReferenceErrorKind> {
     if let Some(t) = tag {
         validate_tag(t)?;
     }
-    // Split the registry off the way ParseNormalizedNamed does. (Byte scans: this runs several
-    // times on every decided call.)
-    let (domain, remainder) = match name.as_bytes().iter().position(|&b| b == b'/') {
-        Some(slash)
-            if name.as_bytes()[..slash]
-                .iter()
-                .any(|&b| b == b'.' || b == b':' || b.is_ascii_uppercase())
-                || &name[..slash] == "localhost" =>
-        {
-            (&name[..slash], &name[slash + 1..])
-        }
-        _ => (DEFAULT_DOMAIN, name),
-    };
-    let domain = if domain == LEGACY_DEFAULT_DOMAIN {
-        DEFAULT_DOMAIN
-    } else {
-        domain
-    };
+    let (domain, remainder) = split_domain(name);
     validate_domain(domain)?;
     validate_path(remainder)?;
     let library = domain == DEFAULT_DOMAIN && !remainder.contains('/');
@@ -441,6 +430,34 @@ fn parse_inner(input: &str) -> Result<Reference, ReferenceErrorKind> {
         tag,
         digest,
     })
+}
+
+/// Splits the registry off a name the way ParseNormalizedNamed does: `(registry, the rest)`, the
+/// registry normalised (`docker.io` when none is named, `index.docker.io` becomes `docker.io`).
+/// Byte scans: this runs several times on every decided call.
+fn split_domain(name: &str) -> (&str, &str) {
+    let (domain, remainder) = match name.as_bytes().iter().position(|&b| b == b'/') {
+        Some(slash)
+            if name.as_bytes()[..slash]
+                .iter()
+                .any(|&b| b == b'.' || b == b':' || b.is_ascii_uppercase())
+                || &name[..slash] == "localhost" =>
+        {
+            (&name[..slash], &name[slash + 1..])
+        }
+        _ => (DEFAULT_DOMAIN, name),
+    };
+    if domain == LEGACY_DEFAULT_DOMAIN {
+        (DEFAULT_DOMAIN, remainder)
+    } else {
+        (domain, remainder)
+    }
+}
+
+/// The registry a reference names, as [`Reference::domain`] gives it for a valid reference, without
+/// parsing the rest (a tag or digest holds no `/`).
+pub fn domain_of(reference: &str) -> &str {
+    split_domain(reference).0
 }
 
 /// True when `tag` is a valid tag.
@@ -734,6 +751,8 @@ mod tests {
         assert!(cases.len() >= 40);
         for (input, want) in &cases {
             ok(input, want);
+            let r = Reference::parse(input).unwrap();
+            assert_eq!(domain_of(input), r.domain(), "domain_of({input:?})");
         }
     }
 

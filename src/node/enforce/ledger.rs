@@ -46,8 +46,48 @@ pub struct ForwardedPull {
 /// The forwarded pulls of the last [`PULL_MEMORY`].
 #[derive(Debug, Default)]
 pub struct PullLedger {
-    pulls: Mutex<VecDeque<ForwardedPull>>,
+    pulls: Mutex<VecDeque<Note>>,
     next_id: std::sync::atomic::AtomicU64,
+}
+
+/// One forwarded pull as noted. Noting costs the pull nothing but a copy of its reference: the
+/// names it is compared by are worked out when the watcher first asks about it.
+#[derive(Debug)]
+struct Note {
+    id: u64,
+    /// The reference as the pull named it.
+    reference: String,
+    names: Option<Names>,
+    /// For a pull by tag: the first target stored under its name (see [`ForwardedPull::digest`]).
+    bound: Option<String>,
+    allowed: bool,
+    at: Instant,
+}
+
+/// The names a pull is recognised by.
+#[derive(Debug)]
+struct Names {
+    /// The reference, normalised (the reference as given when it does not parse).
+    reference: String,
+    /// Its repository (empty when the reference does not parse).
+    repository: String,
+    /// The digest it is pinned to.
+    digest: Option<String>,
+}
+
+impl Names {
+    fn of(raw: &str) -> Names {
+        let parsed = Reference::parse(raw).ok();
+        Names {
+            reference: parsed
+                .as_ref()
+                .map_or_else(|| raw.to_string(), |r| r.to_string()),
+            repository: parsed
+                .as_ref()
+                .map_or_else(String::new, |r| r.name().to_string()),
+            digest: parsed.and_then(|r| r.digest().map(|d| d.to_string())),
+        }
+    }
 }
 
 /// `sha256:<64 hex>`: the name CRI gives every image it pulls (its config digest, the image ID).
@@ -61,16 +101,11 @@ impl PullLedger {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let parsed = Reference::parse(reference).ok();
-        let entry = ForwardedPull {
+        let note = Note {
             id,
-            reference: parsed
-                .as_ref()
-                .map_or_else(|| reference.to_string(), |r| r.to_string()),
-            repository: parsed
-                .as_ref()
-                .map_or_else(String::new, |r| format!("{}/{}", r.domain(), r.path())),
-            digest: parsed.and_then(|r| r.digest().map(|d| d.to_string())),
+            reference: reference.to_string(),
+            names: None,
+            bound: None,
             allowed,
             at: Instant::now(),
         };
@@ -78,7 +113,7 @@ impl PullLedger {
         while pulls.len() >= MAX_ENTRIES {
             pulls.pop_front();
         }
-        pulls.push_back(entry);
+        pulls.push_back(note);
         id
     }
 
@@ -108,7 +143,7 @@ impl PullLedger {
         let normalized = parsed.as_ref().map(|r| r.to_string());
         let repo_digest = parsed.as_ref().and_then(|r| {
             let d = r.digest()?.to_string();
-            (d == target).then(|| format!("{}/{}", r.domain(), r.path()))
+            (d == target).then(|| r.name().to_string())
         });
         let mut pulls = self.pulls.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -118,18 +153,35 @@ impl PullLedger {
         {
             pulls.pop_front();
         }
-        let same_name = |p: &ForwardedPull| {
-            !alias && (normalized.as_deref() == Some(&p.reference) || p.reference == name)
-        };
-        let found = pulls.iter_mut().rev().find(|p| match p.digest.as_deref() {
-            Some(d) => {
-                d == target
-                    && (alias || same_name(p) || repo_digest.as_deref() == Some(&p.repository))
+        for p in pulls.iter_mut().rev() {
+            let names = p.names.get_or_insert_with(|| Names::of(&p.reference));
+            // The content this pull stands for, if known yet.
+            let digest = names.digest.as_ref().or(p.bound.as_ref());
+            let same_name = !alias
+                && (normalized.as_deref() == Some(&names.reference) || names.reference == name);
+            let explains = match digest {
+                Some(d) => {
+                    d == target
+                        && (alias || same_name || repo_digest.as_deref() == Some(&names.repository))
+                }
+                None => same_name,
+            };
+            if !explains {
+                continue;
             }
-            None => same_name(p),
-        })?;
-        found.digest.get_or_insert_with(|| target.to_string());
-        Some(found.clone())
+            if digest.is_none() {
+                p.bound = Some(target.to_string());
+            }
+            return Some(ForwardedPull {
+                id: p.id,
+                reference: names.reference.clone(),
+                repository: names.repository.clone(),
+                digest: Some(target.to_string()),
+                allowed: p.allowed,
+                at: p.at,
+            });
+        }
+        None
     }
 }
 

@@ -65,7 +65,7 @@ use crate::node::proxy::intercept::{
 use crate::node::wire;
 use crate::policy::{
     self, Decision, ImageRequest, PodContext, ReasonCode, Reference, Verdict as PolicyVerdict,
-    VerifiedBundle,
+    VerifiedBundle, reference,
 };
 
 /// The bundle in force and how the node applies it. Swapped atomically; readers never lock.
@@ -322,6 +322,8 @@ pub struct Enforcer {
     allowed_starts: start::StartCache,
     /// Repo digests proven to describe image IDs (by pulls, by starts, and ahead of starts).
     proofs: Arc<start::ContentProofs>,
+    /// Names resolved and shown under the bundle in force.
+    names: Arc<names::Memo>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
     sandboxes: Arc<sandbox::SandboxCache>,
     /// Every pull forwarded to containerd, so images that arrive past pullgate stand out.
@@ -348,6 +350,7 @@ impl Enforcer {
             auth: ArcSwapOption::empty(),
             allowed_starts: start::StartCache::default(),
             proofs: Arc::default(),
+            names: Arc::default(),
             sandboxes: Arc::default(),
             pulls: Arc::default(),
             decisions: tokio::sync::broadcast::channel(WATCH_BUFFER).0,
@@ -565,8 +568,8 @@ impl Enforcer {
             return Ok(Verdict::Forward);
         }
         let mut out = wire::set_string(msg, field::IMAGE_IMAGE, target.as_bytes())?;
-        let registry = |r: &str| Reference::parse(r).ok().map(|r| r.domain().to_string());
-        if registry(image) != registry(target) {
+        // Both parse: `image` was allowed, `target` is what the decision pulls.
+        if reference::domain_of(image) != reference::domain_of(target) {
             if has_auth {
                 out = wire::remove_field(&out, &[field::AUTH])?;
             }
@@ -586,6 +589,7 @@ impl Enforcer {
             return Verdict::Forward;
         };
         let image = req.image.as_ref().map_or("", |i| i.image.as_str());
+        let memo = self.names.clone();
         let request = self.resolve(image).and_then(|r| {
             wire::set_string(msg, field::IMAGE_IMAGE, r.pull_ref.as_bytes())
                 .ok()
@@ -593,7 +597,7 @@ impl Enforcer {
         });
         Verdict::Rewrite {
             request,
-            response: Box::new(move |resp| show_source_names(resp, &bundle)),
+            response: Box::new(move |resp| show_source_names(resp, &bundle, &memo)),
         }
     }
 
@@ -614,9 +618,10 @@ impl Enforcer {
         let Some(bundle) = self.state.current() else {
             return Verdict::Forward;
         };
+        let memo = self.names.clone();
         Verdict::Rewrite {
             request: None,
-            response: Box::new(move |resp| show_source_names(resp, &bundle)),
+            response: Box::new(move |resp| show_source_names(resp, &bundle, &memo)),
         }
     }
 
@@ -636,7 +641,7 @@ impl Enforcer {
             return None;
         }
         let bundle = self.state.current()?;
-        names::resolve(image, &bundle)
+        self.names.resolve(image, &bundle)
     }
 
     /// Checks containerd's sandbox (pause) image: it must be an approved image in the private
@@ -739,45 +744,52 @@ struct Outcome<'a> {
 }
 
 /// Shows each `Image` of a response (field 1 of both `ImageStatusResponse` and `ListImagesResponse`)
-/// with the names [`names::shown_names`] gives it. Wire-level: `repo_tags` and `repo_digests` are
-/// written anew after the other fields, every other byte of the response is kept. `None` when no
-/// name changes.
-fn show_source_names(resp: &[u8], bundle: &VerifiedBundle) -> Option<Vec<u8>> {
+/// with the names [`names::shown_names`] gives it, remembered in `memo`. Wire-level: `repo_tags`
+/// and `repo_digests` are written anew after the other fields, every other byte of the response is
+/// kept. `None` when no name changes.
+fn show_source_names(
+    resp: &[u8],
+    bundle: &Arc<VerifiedBundle>,
+    memo: &names::Memo,
+) -> Option<Vec<u8>> {
     let mut changed = false;
     let out = wire::map_repeated(resp, field::IMAGES, |image| {
-        let utf8 = |v: Vec<&[u8]>| -> Option<Vec<String>> {
-            v.into_iter()
-                .map(|b| std::str::from_utf8(b).ok().map(str::to_string))
-                .collect()
-        };
-        // A name that is not UTF-8 is not something the bundle names: leave such an image alone.
-        let (Some(tags), Some(digests)) = (
-            utf8(wire::repeated_strings(image, field::REPO_TAGS)?),
-            utf8(wire::repeated_strings(image, field::REPO_DIGESTS)?),
-        ) else {
-            return Ok(None);
-        };
-        let (new_tags, new_digests) = names::shown_names(
-            tags.iter().map(String::as_str),
-            digests.iter().map(String::as_str),
-            bundle,
-        );
-        if new_tags == tags && new_digests == digests {
-            return Ok(None);
-        }
-        let mut e = wire::remove_field(image, &[field::REPO_TAGS])?;
-        e = wire::remove_field(&e, &[field::REPO_DIGESTS])?;
-        for t in &new_tags {
-            wire::append_bytes(&mut e, field::REPO_TAGS, t.as_bytes());
-        }
-        for d in &new_digests {
-            wire::append_bytes(&mut e, field::REPO_DIGESTS, d.as_bytes());
-        }
-        changed = true;
-        Ok(Some(e))
+        let shown = memo.shown(image, bundle, || show_image(image, bundle));
+        changed |= shown.is_some();
+        Ok(shown)
     })
     .ok()?;
     changed.then_some(out)
+}
+
+/// One `Image` message with the names [`names::shown_names`] gives it; `None` when no name changes
+/// (or the message is malformed: left as it is).
+fn show_image(image: &[u8], bundle: &VerifiedBundle) -> Option<Vec<u8>> {
+    let utf8 = |v: Vec<&[u8]>| -> Option<Vec<String>> {
+        v.into_iter()
+            .map(|b| std::str::from_utf8(b).ok().map(str::to_string))
+            .collect()
+    };
+    // A name that is not UTF-8 is not something the bundle names: leave such an image alone.
+    let tags = utf8(wire::repeated_strings(image, field::REPO_TAGS).ok()?)?;
+    let digests = utf8(wire::repeated_strings(image, field::REPO_DIGESTS).ok()?)?;
+    let (new_tags, new_digests) = names::shown_names(
+        tags.iter().map(String::as_str),
+        digests.iter().map(String::as_str),
+        bundle,
+    );
+    if new_tags == tags && new_digests == digests {
+        return None;
+    }
+    let mut e = wire::remove_field(image, &[field::REPO_TAGS]).ok()?;
+    e = wire::remove_field(&e, &[field::REPO_DIGESTS]).ok()?;
+    for t in &new_tags {
+        wire::append_bytes(&mut e, field::REPO_TAGS, t.as_bytes());
+    }
+    for d in &new_digests {
+        wire::append_bytes(&mut e, field::REPO_DIGESTS, d.as_bytes());
+    }
+    Some(e)
 }
 
 #[cfg(test)]
@@ -832,7 +844,8 @@ mod tests {
 
     #[test]
     fn responses_show_source_names_and_keep_every_other_byte() {
-        let b = example_bundle();
+        let b = Arc::new(example_bundle());
+        let memo = names::Memo::default();
         let d1 = format!("sha256:{}", "01".repeat(32));
         let image = cri::Image {
             id: "sha256:x".into(),
@@ -849,7 +862,7 @@ mod tests {
         }
         .encode_to_vec();
         resp.extend_from_slice(&[0xa2, 0x06, 0x01, b'z']); // unknown field 100
-        let out = show_source_names(&resp, &b).unwrap();
+        let out = show_source_names(&resp, &b, &memo).unwrap();
         let decoded = cri::ListImagesResponse::decode(out.as_slice()).unwrap();
         for img in &decoded.images {
             assert_eq!(
@@ -867,7 +880,7 @@ mod tests {
         }
         assert!(out.ends_with(&[0xa2, 0x06, 0x01, b'z']));
         // Applied twice, nothing changes: the names shown are a fixed point.
-        assert!(show_source_names(&out, &b).is_none());
+        assert!(show_source_names(&out, &b, &memo).is_none());
         let plain = cri::ImageStatusResponse {
             image: Some(cri::Image {
                 id: "sha256:y".into(),
@@ -877,6 +890,9 @@ mod tests {
             info: Default::default(),
         }
         .encode_to_vec();
-        assert!(show_source_names(&plain, &b).is_none(), "nothing to show");
+        assert!(
+            show_source_names(&plain, &b, &memo).is_none(),
+            "nothing to show"
+        );
     }
 }

@@ -25,8 +25,89 @@
 //! as it would had containerd pulled the source names itself, and every name shown resolves back to
 //! the same image. Tags follow the bundle, not the history of pulls: all tags bound to the digest are
 //! shown, and a tag the bundle has moved to another digest is no longer shown for this one.
+//!
+//! # Remembered per bundle
+//!
+//! kubelet asks `ImageStatus` about the same few names again and again, and every `ListImages` shows
+//! the same images. Both mappings are pure functions of what they are given and the bundle, so
+//! [`Memo`] remembers their results under the bundle in force and forgets them all as soon as it is
+//! asked under another bundle: a remembered result is never stale.
 
-use crate::policy::{Bundle, Digest, Exception, ImageEntry, Reference};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use crate::policy::{Bundle, Digest, Exception, ImageEntry, Reference, VerifiedBundle};
+
+/// Most results [`Memo`] remembers of each kind (it starts afresh when full).
+pub const MEMO_MAX: usize = 4096;
+/// Longest input [`Memo`] remembers a result for (longer ones are worked out every time).
+const MEMO_KEY_MAX: usize = 16 * 1024;
+
+/// Results of [`resolve`] and of showing an image's names, remembered under one bundle (see the
+/// module documentation).
+#[derive(Default)]
+pub struct Memo(Mutex<MemoInner>);
+
+#[derive(Default)]
+struct MemoInner {
+    /// The bundle the results are for. Weak, so a replaced bundle is not kept in memory; while it
+    /// exists, no other bundle can be allocated at its address, so comparing addresses is exact.
+    bundle: Weak<VerifiedBundle>,
+    resolved: HashMap<String, Option<Resolved>>,
+    shown: HashMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl Memo {
+    /// The results remembered under `bundle` (none, the first time it is asked about).
+    fn under(&self, bundle: &Arc<VerifiedBundle>) -> MutexGuard<'_, MemoInner> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !std::ptr::eq(m.bundle.as_ptr(), Arc::as_ptr(bundle)) {
+            *m = MemoInner {
+                bundle: Arc::downgrade(bundle),
+                ..MemoInner::default()
+            };
+        }
+        m
+    }
+
+    /// [`resolve`], remembered.
+    pub fn resolve(&self, image: &str, bundle: &Arc<VerifiedBundle>) -> Option<Resolved> {
+        if let Some(r) = self.under(bundle).resolved.get(image) {
+            return r.clone();
+        }
+        let r = resolve(image, bundle);
+        if image.len() <= MEMO_KEY_MAX {
+            let mut m = self.under(bundle);
+            if m.resolved.len() >= MEMO_MAX {
+                m.resolved.clear();
+            }
+            m.resolved.insert(image.to_string(), r.clone());
+        }
+        r
+    }
+
+    /// How the `Image` message `image` is shown (`None`: unchanged), as `show` works it out from
+    /// `image` and `bundle` alone; remembered.
+    pub fn shown(
+        &self,
+        image: &[u8],
+        bundle: &Arc<VerifiedBundle>,
+        show: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Option<Vec<u8>> {
+        if let Some(s) = self.under(bundle).shown.get(image) {
+            return s.clone();
+        }
+        let s = show();
+        if image.len() <= MEMO_KEY_MAX {
+            let mut m = self.under(bundle);
+            if m.shown.len() >= MEMO_MAX {
+                m.shown.clear();
+            }
+            m.shown.insert(image.to_vec(), s.clone());
+        }
+        s
+    }
+}
 
 /// Whether `image` is an image ID (`sha256:<64 hex>` or bare 64 hex) rather than a reference.
 pub fn is_image_id(image: &str) -> bool {
@@ -301,5 +382,55 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn the_memo_answers_as_worked_out_and_forgets_with_the_bundle() {
+        use crate::policy::testutil::{EXAMPLE, example_bundle, example_now, sign, trust_2_of_3};
+        use std::cell::Cell;
+        let old = Arc::new(example_bundle());
+        // The same bundle but for nginx's tag 1.25, now called 1.27.
+        let moved = EXAMPLE.replace("\"1.25\":", "\"1.27\":");
+        let new = Arc::new(
+            crate::policy::verify_bundle(
+                moved.as_bytes(),
+                &sign(moved.as_bytes(), &[1, 2]),
+                &trust_2_of_3(),
+                None,
+                example_now(),
+            )
+            .unwrap(),
+        );
+        let memo = Memo::default();
+        for _ in 0..2 {
+            let r = memo.resolve("nginx:1.25", &old);
+            assert!(r.is_some());
+            assert_eq!(r, resolve("nginx:1.25", &old));
+        }
+        assert_eq!(memo.resolve("nginx:1.25", &new), None, "1.25 is gone");
+        assert!(memo.resolve("nginx:1.27", &new).is_some());
+        assert!(memo.resolve("nginx:1.25", &old).is_some(), "back again");
+
+        let works = &Cell::new(0);
+        let show = |out: &'static [u8]| {
+            move || {
+                works.set(works.get() + 1);
+                Some(out.to_vec())
+            }
+        };
+        assert_eq!(memo.shown(b"image", &new, show(b"a")), Some(b"a".to_vec()));
+        assert_eq!(memo.shown(b"image", &new, show(b"b")), Some(b"a".to_vec()));
+        assert_eq!(works.get(), 1, "remembered");
+        assert_eq!(memo.shown(b"image", &old, show(b"c")), Some(b"c".to_vec()));
+        assert_eq!(works.get(), 2, "worked out again under another bundle");
+        // Bounded.
+        for i in 0..MEMO_MAX + 1 {
+            memo.shown(format!("image {i}").as_bytes(), &old, || None);
+        }
+        assert!(memo.0.lock().unwrap().shown.len() <= MEMO_MAX);
+        let long = vec![b'x'; MEMO_KEY_MAX + 1];
+        memo.shown(&long, &old, show(b"d"));
+        memo.shown(&long, &old, show(b"d"));
+        assert_eq!(works.get(), 4, "too long to remember");
     }
 }
