@@ -38,10 +38,13 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::policy::{Bundle, Digest, Exception, ImageEntry, Reference, VerifiedBundle};
 
-/// Most results [`Memo`] remembers of each kind (it starts afresh when full).
-pub const MEMO_MAX: usize = 4096;
-/// Longest input [`Memo`] remembers a result for (longer ones are worked out every time).
-const MEMO_KEY_MAX: usize = 16 * 1024;
+/// Most results [`Memo`] remembers of each kind (it starts afresh when full): more than the images
+/// and names a node uses.
+pub const MEMO_MAX: usize = 1024;
+/// Longest input [`Memo`] remembers a result for (longer ones are worked out every time). An image
+/// reference is at most 1 KiB and containerd's `Image` messages are a few hundred bytes; with
+/// [`MEMO_MAX`] this bounds what is remembered to a few MiB whatever a client asks.
+const MEMO_KEY_MAX: usize = 2048;
 
 /// Results of [`resolve`] and of showing an image's names, remembered under one bundle (see the
 /// module documentation).
