@@ -110,19 +110,10 @@ async fn one_call(ch: &Channel, m: Method) {
                 .expect("Version");
         }
         Method::ImageStatus => {
-            image_client(ch.clone())
-                .image_status(cri::ImageStatusRequest {
-                    image: Some(cri::ImageSpec {
-                        image: "docker.io/library/busybox:1.36".into(),
-                        ..Default::default()
-                    }),
-                    verbose: false,
-                })
-                .await
-                .expect("ImageStatus");
+            image_status(ch, "docker.io/library/busybox:1.36").await;
         }
         Method::ApprovedImageStatus => {
-            approved_image_status(ch).await;
+            image_status(ch, BENCH_USER_IMAGE).await;
         }
         Method::PullImage => pull(ch, BENCH_IMAGE).await,
         Method::CreateContainer => {
@@ -131,12 +122,12 @@ async fn one_call(ch: &Channel, m: Method) {
     }
 }
 
-/// `ImageStatus` of the approved image by the name a pod spec gives it.
-async fn approved_image_status(ch: &Channel) -> Option<cri::Image> {
+/// `ImageStatus` of `image`: the image found, if any.
+async fn image_status(ch: &Channel, image: &str) -> Option<cri::Image> {
     image_client(ch.clone())
         .image_status(cri::ImageStatusRequest {
             image: Some(cri::ImageSpec {
-                image: BENCH_USER_IMAGE.into(),
+                image: image.into(),
                 ..Default::default()
             }),
             verbose: false,
@@ -937,7 +928,7 @@ fn main() {
         };
         // Through pullgate, the approved name finds the image pulled under its pinned mirror name,
         // shown by its public names.
-        let shown = approved_image_status(&via)
+        let shown = image_status(&via, BENCH_USER_IMAGE)
             .await
             .expect("the approved image is found through pullgate");
         assert_eq!(shown.id, BENCH_IMAGE_ID);
