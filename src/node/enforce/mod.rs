@@ -514,7 +514,8 @@ impl Enforcer {
             PolicyVerdict::Warn => (Verdict::Forward, Some(image)),
             PolicyVerdict::Allow => {
                 let target = d.pull_ref.as_deref().unwrap_or(image);
-                match self.rewrite_pull(msg, image, target, req.auth.is_some()) {
+                let image_domain = d.normalized.as_deref().map(reference::domain_of);
+                match self.rewrite_pull(msg, image, image_domain, target, req.auth.is_some()) {
                     Ok(v) => (v, Some(target)),
                     Err(e) => (
                         Verdict::Respond(Status::new(
@@ -557,10 +558,13 @@ impl Enforcer {
     }
 
     /// Points the pull at `target`, and keeps credentials with the registry they were meant for.
+    /// `image_domain`: the registry `image` names, `None` when it does not parse (then credentials
+    /// are never passed on).
     fn rewrite_pull(
         &self,
         msg: &Bytes,
         image: &str,
+        image_domain: Option<&str>,
         target: &str,
         has_auth: bool,
     ) -> Result<Verdict, wire::WireError> {
@@ -568,8 +572,8 @@ impl Enforcer {
             return Ok(Verdict::Forward);
         }
         let mut out = wire::set_string(msg, field::IMAGE_IMAGE, target.as_bytes())?;
-        // Both parse: `image` was allowed, `target` is what the decision pulls.
-        if reference::domain_of(image) != reference::domain_of(target) {
+        // `target` is what the decision pulls: a valid reference.
+        if image_domain != Some(reference::domain_of(target)) {
             if has_auth {
                 out = wire::remove_field(&out, &[field::AUTH])?;
             }
