@@ -33,7 +33,9 @@
 //! [`Memo`] remembers their results under the bundle in force and forgets them all as soon as it is
 //! asked under another bundle: a remembered result is never stale.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::policy::{Bundle, Digest, Exception, ImageEntry, Reference, VerifiedBundle};
@@ -75,18 +77,12 @@ impl Memo {
 
     /// [`resolve`], remembered.
     pub fn resolve(&self, image: &str, bundle: &Arc<VerifiedBundle>) -> Option<Resolved> {
-        if let Some(r) = self.under(bundle).resolved.get(image) {
-            return r.clone();
-        }
-        let r = resolve(image, bundle);
-        if image.len() <= MEMO_KEY_MAX {
-            let mut m = self.under(bundle);
-            if m.resolved.len() >= MEMO_MAX {
-                m.resolved.clear();
-            }
-            m.resolved.insert(image.to_string(), r.clone());
-        }
-        r
+        self.remembered(
+            bundle,
+            |m| &mut m.resolved,
+            image,
+            || resolve(image, bundle),
+        )
     }
 
     /// How the `Image` message `image` is shown (`None`: unchanged), as `show` works it out from
@@ -97,18 +93,36 @@ impl Memo {
         bundle: &Arc<VerifiedBundle>,
         show: impl FnOnce() -> Option<Vec<u8>>,
     ) -> Option<Vec<u8>> {
-        if let Some(s) = self.under(bundle).shown.get(image) {
-            return s.clone();
+        self.remembered(bundle, |m| &mut m.shown, image, show)
+    }
+
+    /// What `work` gives for `key` under `bundle`: remembered in `map`, or worked out (without the
+    /// lock held) and remembered when `key` is short enough.
+    fn remembered<K, Q, V>(
+        &self,
+        bundle: &Arc<VerifiedBundle>,
+        map: fn(&mut MemoInner) -> &mut HashMap<K, V>,
+        key: &Q,
+        work: impl FnOnce() -> V,
+    ) -> V
+    where
+        K: Borrow<Q> + Hash + Eq,
+        Q: ?Sized + Hash + Eq + AsRef<[u8]> + ToOwned<Owned = K>,
+        V: Clone,
+    {
+        if let Some(v) = map(&mut self.under(bundle)).get(key) {
+            return v.clone();
         }
-        let s = show();
-        if image.len() <= MEMO_KEY_MAX {
+        let v = work();
+        if key.as_ref().len() <= MEMO_KEY_MAX {
             let mut m = self.under(bundle);
-            if m.shown.len() >= MEMO_MAX {
-                m.shown.clear();
+            let map = map(&mut m);
+            if map.len() >= MEMO_MAX {
+                map.clear();
             }
-            m.shown.insert(image.to_vec(), s.clone());
+            map.insert(key.to_owned(), v.clone());
         }
-        s
+        v
     }
 }
 
