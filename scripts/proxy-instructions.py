@@ -21,8 +21,8 @@ CALL is one of:
 
 Runs a minimal gRPC upstream (Python grpcio, canned answers) on a unix socket, PULLGATE_BIN serve
 in front of it under `valgrind --tool=callgrind`, makes 200 warm-up calls, zeroes the counters,
-makes CALLS sequential calls (default 1000) and prints instructions per call. OUT (default: a temporary directory)
-receives the callgrind profile. Needs valgrind and the Debian python3-grpcio (hence /usr/bin/python3).
+makes CALLS sequential calls (default 1000) and prints instructions per call. The callgrind profile
+is written to OUT.1 when OUT is given; the run's temporary directory is removed either way. Needs valgrind and the Debian python3-grpcio (hence /usr/bin/python3).
 """
 
 import os
@@ -140,8 +140,16 @@ def main():
         if shutil.which(tool) is None:
             usage(f"{tool} is not installed (Debian package valgrind)")
 
+    # Everything but the profile named by OUT (the bundle alone is tens of MiB) goes with the run.
     work = tempfile.mkdtemp(prefix="pullgate-instr-")
-    out = sys.argv[4] if len(sys.argv) > 4 else os.path.join(work, "callgrind.out")
+    try:
+        measure(binary, method, calls, work, os.path.abspath(sys.argv[4]) if len(sys.argv) > 4 else None)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(binary, method, calls, work, keep):
+    out = keep or os.path.join(work, "callgrind.out")
     upstream, listen = os.path.join(work, "up.sock"), os.path.join(work, "pg.sock")
     subprocess.run([binary, "keygen", "--out", os.path.join(work, "k")], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(work, "k.pub")) as f:
@@ -186,7 +194,9 @@ def main():
         deadline = time.time() + 60
         while not os.path.exists(listen):
             if pg.poll() is not None or time.time() > deadline:
-                sys.exit(f"proxy-instructions: pullgate did not start; see {log.name}")
+                log.flush()
+                with open(log.name) as f:
+                    sys.exit(f"proxy-instructions: pullgate did not start; valgrind printed:\n{f.read()[-4000:]}")
             time.sleep(0.1)
         # `localhost`, as grpc-go sends from Kubernetes 1.30 on: no header block is re-encoded.
         channel = grpc.insecure_channel("unix:" + listen, options=[("grpc.default_authority", "localhost")])
@@ -206,7 +216,8 @@ def main():
     # The dump requested above is the first part written after the zeroing: OUT.1.
     with open(out + ".1") as f:
         total = next(int(line.split()[1]) for line in f if line.startswith("summary:"))
-    print(f"{method}: {total / calls:,.0f} instructions per call ({calls} calls; profile {out}.1)")
+    kept = f"; profile {out}.1" if keep else "; name OUT to keep the profile"
+    print(f"{method}: {total / calls:,.0f} instructions per call ({calls} calls{kept})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,21 @@ if [[ "${1:-}" == "--" ]]; then
   extra=("$@")
 fi
 
+# One run from a clean clone gains nothing from incremental compilation, whose caches would take more
+# disk than the rest of the debug build together. Set CARGO_INCREMENTAL=1 to keep them.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# A clean build of everything this script runs takes about NEED_MIB of disk under target/. Say so up
+# front when the disk has less: a full disk otherwise shows up only as a failed link, minutes in.
+need_mib=4096
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+free_mib=$(df -Pm "$target_dir" | awk 'NR == 2 { print $4 }')
+if [[ "$free_mib" =~ ^[0-9]+$ ]] && (( free_mib < need_mib )); then
+  echo "warning: $free_mib MiB free under $target_dir; a clean build of the test suite takes about $need_mib MiB." >&2
+  echo "warning: free some disk (an old target/ directory, say) if the build fails with 'No space left on device'." >&2
+fi
+
 step "install system dependencies (scripts/install-deps.sh)"
 ./scripts/install-deps.sh
 
