@@ -910,6 +910,37 @@ fn main() {
     for i in (0..4 * n).chain(5 * n..6 * n) {
         new_image(i);
     }
+    // Multi-platform images as most public ones are: the repo digest names an index of eight
+    // platforms, the node's listed last and the only one containerd holds (it pulls no other).
+    for i in 6 * n..7 * n {
+        new_image(i);
+        let manifest = format!("sha256:{:064x}", 0xface_u128 * 1_000_000 + i as u128);
+        let content = fake.observed.content.lock().unwrap().remove(&app_digest(i));
+        fake.observed.content.lock().unwrap().insert(
+            manifest.clone(),
+            content.expect("new_image put the manifest"),
+        );
+        let mut children: Vec<_> = [
+            "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le", "loong64",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(k, arch)| {
+            (
+                format!(
+                    "sha256:{:064x}",
+                    0xabba_u128 * 1_000_000_000 + (i * 8 + k) as u128
+                ),
+                Some(("linux", *arch)),
+            )
+        })
+        .collect();
+        children.push((
+            manifest,
+            Some(("linux", pullgate::node::enforce::lookup::NODE_ARCH)),
+        ));
+        put_index(&fake.observed, &app_digest(i), &children);
+    }
     for i in 0..2 * n {
         fake.add_sandbox(&format!("new-pod-{i}"), &sandbox());
     }
@@ -988,7 +1019,7 @@ fn main() {
         type Start = (Pod, String, Option<usize>, String);
         let known = |p: String| Pod::Known(p);
         let user = |i: usize| format!("app{i}:1.0");
-        let once: [(&'static str, Vec<Start>); 8] = [
+        let once: [(&'static str, Vec<Start>); 9] = [
             // First, while the images pullgate learned at its start are all still remembered (at
             // most 4,096 proven images are remembered; the rows below prove 4 × BENCH_CALLS more).
             (
@@ -1006,6 +1037,12 @@ fn main() {
             (
                 "CreateContainer (image that arrived past pullgate, no user_specified_image: ImageStatus + Content.Read lookups)",
                 (5 * n..6 * n)
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new()))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (image that arrived past pullgate as an index of 8 platforms, the node's last, no user_specified_image: lookups)",
+                (6 * n..7 * n)
                     .map(|i| (known("sandbox".into()), id(i), None, String::new()))
                     .collect(),
             ),

@@ -1576,3 +1576,91 @@ async fn native_containerd_api_is_refused_on_pullgates_socket() {
     );
     assert!(st.image.is_none(), "the image reached containerd: {st:?}");
 }
+
+/// Scenario 10: a multi-platform image (an OCI index listing another platform first) pulled on
+/// containerd's own socket, past pullgate, starts through pullgate by image ID alone: the repo digest
+/// CRI reports names the index, and the start is proven from the child manifest containerd pulled
+/// for the node — the other platform's manifest is not in its content store at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s10_multi_platform_image_pulled_past_pullgate_starts() {
+    use pullgate::node::enforce::lookup::NODE_ARCH;
+    use support::images::{make_index, push_index};
+    use support::node::{Approval, ORG};
+
+    if !e2e_enabled("s10_multi_platform_image_pulled_past_pullgate_starts") {
+        return;
+    }
+    let t0 = Instant::now();
+    let node = Node::start("s10-index", "enforce");
+    let images = &node.stack.images;
+    let (ours_marker, theirs_marker) = ("multi: the node platform", "multi: another platform");
+    let ours = images.build_image(ours_marker);
+    let theirs = images.build_image(theirs_marker);
+    let other_arch = if NODE_ARCH == "s390x" {
+        "ppc64le"
+    } else {
+        "s390x"
+    };
+    make_index(
+        images,
+        &[(&theirs, "linux", other_arch), (&ours, "linux", NODE_ARCH)],
+        "multi",
+    );
+    let (ours_digest, theirs_digest) = (images.layout_digest(&ours), images.layout_digest(&theirs));
+    let digest = push_index(
+        images,
+        "multi",
+        &node.stack.private,
+        "approved/library/multi:1.0",
+    );
+    let mut v2 = standard_bundle(&node.stack, &node.fx, 2);
+    v2.images.push(Approval::tag(
+        "docker.io/library/multi",
+        "1.0",
+        &digest,
+        ORG,
+    ));
+    let out = node.install(&node.keys.sign(&v2, "bundle-v2"));
+    assert!(out.success(), "install v2: {out}");
+    node.wait_for_bundle(2);
+
+    // Pulled on containerd's socket by the pinned mirror name; containerd fetched the index and the
+    // node's manifest only.
+    let mut direct = Cri::connect(&node.stack.containerd.socket).await;
+    let pinned = format!("{}/approved/library/multi@{digest}", node.private());
+    let id = must("direct PullImage", direct.pull(&pinned, "default").await);
+    let content = node.stack.containerd.ctr(&["content", "ls", "-q"]);
+    assert!(
+        content.contains(&digest) && content.contains(&ours_digest),
+        "containerd holds the index and the node's manifest: {content}"
+    );
+    assert!(
+        !content.contains(&theirs_digest),
+        "containerd pulled the other platform's manifest too: {content}"
+    );
+
+    // Started through pullgate by ID alone: looked up, proven from the index's child, allowed.
+    let mut cri = Cri::connect(&node.pullgate_socket()).await;
+    let cfg = host_pod_config("s10-pod", "default");
+    let pod = must("RunPodSandbox", cri.run_pod(&cfg).await);
+    let c = must(
+        "CreateContainer by image ID",
+        cri.create_container(&pod, &cfg, "multi", &id, &strs(&grep_marker(ours_marker)))
+            .await,
+    );
+    let code = must(
+        "run container",
+        cri.start_and_wait(&c, Duration::from_secs(60)).await,
+    );
+    assert_eq!(
+        code, 0,
+        "the container did not run the node's platform image"
+    );
+    let recs = node.audit_for("CreateContainer", &id);
+    assert!(
+        recs.iter().any(|r| r["decision"] == "allow"),
+        "no allow audit record for the start of {id}: {recs:?}"
+    );
+    cri.remove_all_pods().await;
+    loud(&format!("s10: {:?}", t0.elapsed()));
+}

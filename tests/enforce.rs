@@ -1255,6 +1255,85 @@ async fn a_start_named_by_kubelet_is_proven_from_the_manifest_its_name_pins() {
     env.stop().await;
 }
 
+/// A repo digest that names an index is proven by the child manifest whose config is the image.
+/// containerd pulls only the node's platform of an index, so that child is read first, and a start
+/// of a multi-platform image reads two manifests however many platforms the index lists. An index
+/// that marks no child as the node's is proven from whichever child describes the image (read a
+/// few at a time); one with no such child proves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_is_proven_by_the_nodes_platform_first() {
+    use pullgate::node::enforce::lookup::NODE_ARCH;
+
+    let env = env_knowing_only_its_images().await;
+    let other_arch = if NODE_ARCH == "s390x" {
+        "ppc64le"
+    } else {
+        "s390x"
+    };
+    let observed = &env.fake.observed;
+    // Manifests for other platforms: absent, as containerd leaves them; an attestation present.
+    let absent: Vec<String> = (0x60..0x66).map(digest).collect();
+    put_manifest(observed, &digest(0x70), &digest(0x71));
+    put_manifest(observed, &digest(0x72), &digest(0xe1));
+    let mut children: Vec<_> = absent
+        .iter()
+        .map(|d| (d.clone(), Some(("linux", other_arch))))
+        .collect();
+    children.push((digest(0x70), Some(("unknown", "unknown"))));
+    children.push((digest(0x72), Some(("linux", NODE_ARCH))));
+    put_index(observed, &digest(1), &children);
+    let image = |id: u8, rd: &str| {
+        let img = cri::Image {
+            id: digest(id),
+            repo_digests: vec![pinned("busybox", rd)],
+            ..Default::default()
+        };
+        observed.images.lock().unwrap().insert(digest(id), img);
+        digest(id)
+    };
+    let multi = image(0xe1, &digest(1));
+    let reads = || observed.content_namespaces.lock().unwrap().len();
+    let mut rt = env.runtime().await;
+
+    let r0 = reads();
+    rt.create_container(create_in("sb-checkout", &multi, None))
+        .await
+        .unwrap();
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    assert_eq!(
+        reads(),
+        r0 + 2,
+        "the index and the node's own child manifest"
+    );
+
+    // No child marked as the node's: the one that describes the image, listed among absent ones.
+    let unmarked: Vec<_> = absent[..3]
+        .iter()
+        .cloned()
+        .chain([digest(0x70), digest(0x73)])
+        .chain(absent[3..].iter().cloned())
+        .map(|d| (d, None))
+        .collect();
+    put_index(observed, &digest(2), &unmarked);
+    put_manifest(observed, &digest(0x73), &digest(0xe2));
+    let unmarked_image = image(0xe2, &digest(2));
+    let r0 = reads();
+    rt.create_container(create_in("sb-checkout", &unmarked_image, None))
+        .await
+        .unwrap();
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    assert!(reads() > r0 + 1, "its children were read");
+
+    // An index none of whose children is the image proves nothing: the start is denied.
+    let forged = image(0xe3, &digest(1));
+    let e = rt
+        .create_container(create_in("sb-checkout", &forged, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    env.stop().await;
+}
+
 /// CRI's plugin names an arrived image by its ID before its image store holds it: the arrival is
 /// tried again until CRI knows it, and its first start then asks containerd nothing. One CRI never
 /// comes to know is tried a bounded number of times and left to its start.

@@ -883,7 +883,6 @@ impl tower::Service<http::Request<tonic::body::Body>> for NativeContent {
     }
 }
 
-/// Puts an image manifest with config `image_id` into the fake content store under `digest`.
 /// Waits (at most 10 s) until `n` `ExecSync` calls have reached the fake.
 pub async fn wait_execs(observed: &Observed, n: usize) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -896,6 +895,36 @@ pub async fn wait_execs(observed: &Observed, n: usize) {
     }
 }
 
+/// Puts an OCI index into the fake content store under `digest`, listing `children` (a child's
+/// digest, and its platform's `os` and `architecture` when it has one) in that order.
+pub fn put_index(observed: &Observed, digest: &str, children: &[(String, Option<(&str, &str)>)]) {
+    let manifests: Vec<_> = children
+        .iter()
+        .map(|(child, platform)| {
+            let mut m = serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": child,
+                "size": 1,
+            });
+            if let Some((os, arch)) = platform {
+                m["platform"] = serde_json::json!({"os": os, "architecture": arch});
+            }
+            m
+        })
+        .collect();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    observed
+        .content
+        .lock()
+        .unwrap()
+        .insert(digest.to_string(), index.to_string().into_bytes());
+}
+
+/// Puts an image manifest with config `image_id` into the fake content store under `digest`.
 pub fn put_manifest(observed: &Observed, digest: &str, image_id: &str) {
     let manifest = serde_json::json!({
         "schemaVersion": 2,

@@ -186,15 +186,31 @@ pub async fn read_content(upstream: &Upstream, digest: &str) -> Result<Option<Ve
     Ok(Some(data))
 }
 
+/// Child manifests of an index read at once, once the node's own platform has proven nothing.
+const INDEX_READS_AT_ONCE: usize = 8;
+
+/// The node's architecture as OCI platforms name it (`GOARCH`): the platform containerd pulls an
+/// index's image for.
+pub const NODE_ARCH: &str = match std::env::consts::ARCH.as_bytes() {
+    b"x86_64" => "amd64",
+    b"aarch64" => "arm64",
+    b"x86" => "386",
+    b"powerpc64" => "ppc64le",
+    b"loongarch64" => "loong64",
+    _ => std::env::consts::ARCH,
+};
+
 /// What a manifest or index says about itself.
 enum Manifest {
     /// An image manifest and the digest of its config (the image ID).
     Image {
         config: String,
     },
-    /// An index (manifest list) and the digests of its child manifests.
+    /// An index (manifest list): the digests of its child manifests, those for the node's platform
+    /// (`linux` on [`NODE_ARCH`]) first, and how many those are.
     Index {
         children: Vec<String>,
+        ours: usize,
     },
     Other,
 }
@@ -208,16 +224,78 @@ fn parse_manifest(bytes: &[u8]) -> Manifest {
             config: config.to_string(),
         };
     }
-    match v["manifests"].as_array() {
-        Some(list) => Manifest::Index {
-            children: list
-                .iter()
-                .filter_map(|m| m["digest"].as_str().map(str::to_string))
-                .take(MAX_INDEX_CHILDREN)
-                .collect(),
-        },
-        None => Manifest::Other,
+    let Some(list) = v["manifests"].as_array() else {
+        return Manifest::Other;
+    };
+    let node_platform = |m: &serde_json::Value| {
+        m["platform"]["os"] == "linux" && m["platform"]["architecture"] == NODE_ARCH
+    };
+    let digest = |m: &serde_json::Value| m["digest"].as_str().map(str::to_string);
+    let mut children: Vec<String> = list
+        .iter()
+        .filter(|m| node_platform(m))
+        .filter_map(digest)
+        .take(MAX_INDEX_CHILDREN)
+        .collect();
+    let ours = children.len();
+    children.extend(
+        list.iter()
+            .filter(|m| !node_platform(m))
+            .filter_map(digest)
+            .take(MAX_INDEX_CHILDREN - ours),
+    );
+    Manifest::Index { children, ours }
+}
+
+/// Whether child manifest `child` of an index has `image_id` as its config (`false` when the
+/// content store does not hold it: containerd pulls only the node's platform of an index).
+async fn child_describes(upstream: &Upstream, child: &str, image_id: &str) -> Result<bool, Status> {
+    Ok(read_content(upstream, child).await?.is_some_and(
+        |bytes| matches!(parse_manifest(&bytes), Manifest::Image { config } if config == image_id),
+    ))
+}
+
+/// Whether one of an index's `children` describes `image_id`. The node's platform comes first, one
+/// read at a time: containerd pulled that child for this node, so one read usually settles it. The
+/// others (another platform, attestations) are then read [`INDEX_READS_AT_ONCE`] at a time, so an
+/// image pulled for another platform costs about one more round trip, not one per child. A child
+/// that describes the image proves it even when reading another failed; otherwise the first
+/// failure is the answer.
+async fn index_describes(
+    upstream: &Upstream,
+    children: &[String],
+    ours: usize,
+    image_id: &str,
+) -> Result<bool, Status> {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let (ours, others) = children.split_at(ours);
+    for child in ours {
+        if child_describes(upstream, child, image_id).await? {
+            return Ok(true);
+        }
     }
+    let mut waiting = others.iter();
+    let mut reads: FuturesUnordered<_> = waiting
+        .by_ref()
+        .take(INDEX_READS_AT_ONCE)
+        .map(|child| child_describes(upstream, child, image_id))
+        .collect();
+    let mut failed = None;
+    while let Some(read) = reads.next().await {
+        match read {
+            Ok(true) => return Ok(true),
+            Ok(false) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+        if let Some(child) = waiting.next() {
+            reads.push(child_describes(upstream, child, image_id));
+        }
+    }
+    failed.map_or(Ok(false), Err)
 }
 
 /// Whether content `digest` — an image manifest, or an index one of whose child manifests — has
@@ -235,19 +313,8 @@ async fn describes(
         None => false,
         Some(bytes) => match parse_manifest(&bytes) {
             Manifest::Image { config } => config == image_id,
-            Manifest::Index { children } => {
-                let mut found = false;
-                for child in children {
-                    let Some(bytes) = read_content(upstream, &child).await? else {
-                        continue;
-                    };
-                    if matches!(parse_manifest(&bytes), Manifest::Image { config } if config == image_id)
-                    {
-                        found = true;
-                        break;
-                    }
-                }
-                found
+            Manifest::Index { children, ours } => {
+                index_describes(upstream, &children, ours, image_id).await?
             }
             Manifest::Other => false,
         },
@@ -383,10 +450,59 @@ mod tests {
         assert!(matches!(parse_manifest(m), Manifest::Image { config } if config == "sha256:c0"));
         let i = br#"{"schemaVersion":2,"manifests":[{"digest":"sha256:a"},{"digest":"sha256:b"}]}"#;
         assert!(
-            matches!(parse_manifest(i), Manifest::Index { children } if children == ["sha256:a", "sha256:b"])
+            matches!(parse_manifest(i), Manifest::Index { children, ours: 0 } if children == ["sha256:a", "sha256:b"])
         );
         assert!(matches!(parse_manifest(b"not json"), Manifest::Other));
         assert!(matches!(parse_manifest(b"{}"), Manifest::Other));
+    }
+
+    #[test]
+    fn an_index_lists_the_nodes_platform_first() {
+        let other = if NODE_ARCH == "s390x" {
+            "amd64"
+        } else {
+            "s390x"
+        };
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"digest": "sha256:other", "platform": {"os": "linux", "architecture": other}},
+            {"digest": "sha256:attestation", "platform": {"os": "unknown", "architecture": "unknown"}},
+            {"digest": "sha256:windows", "platform": {"os": "windows", "architecture": NODE_ARCH}},
+            {"digest": "sha256:ours", "platform": {"os": "linux", "architecture": NODE_ARCH, "variant": "v8"}},
+            {"digest": "sha256:bare"},
+        ]});
+        let Manifest::Index { children, ours } = parse_manifest(index.to_string().as_bytes())
+        else {
+            panic!("an index");
+        };
+        assert_eq!(ours, 1);
+        assert_eq!(
+            children,
+            [
+                "sha256:ours",
+                "sha256:other",
+                "sha256:attestation",
+                "sha256:windows",
+                "sha256:bare"
+            ]
+        );
+        // At most MAX_INDEX_CHILDREN, the node's platform kept however late it is listed.
+        let mut many: Vec<_> = (0..100)
+            .map(|i| serde_json::json!({"digest": format!("sha256:{i}"), "platform": {"os": "linux", "architecture": other}}))
+            .collect();
+        many.push(serde_json::json!({"digest": "sha256:ours", "platform": {"os": "linux", "architecture": NODE_ARCH}}));
+        let index = serde_json::json!({"manifests": many});
+        let Manifest::Index { children, ours } = parse_manifest(index.to_string().as_bytes())
+        else {
+            panic!("an index");
+        };
+        assert_eq!(
+            (children.len(), ours, children[0].as_str()),
+            (MAX_INDEX_CHILDREN, 1, "sha256:ours")
+        );
+        assert!(
+            !matches!(NODE_ARCH, "x86_64" | "aarch64"),
+            "GOARCH names, not Rust's"
+        );
     }
 
     #[test]

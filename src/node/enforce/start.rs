@@ -479,9 +479,9 @@ impl Enforcer {
     }
 
     /// The target's image proven from the manifest its hint pins through the bundle (one
-    /// `Content.Read`, and one more per child read for an index); `None` when there is no such
-    /// hint, or the manifest does not describe the image or cannot be read (the hint is optional:
-    /// the full lookup decides, and reports containerd's failures).
+    /// `Content.Read`, and usually one more for an index: its child for the node's platform);
+    /// `None` when there is no such hint, or the manifest does not describe the image or cannot be
+    /// read (the hint is optional: the full lookup decides, and reports containerd's failures).
     async fn proven_by_hint(&self, t: &Target) -> Option<Found> {
         let pinned = self.resolve(t.hint.as_deref()?)?.pull_ref;
         let (_, digest) = pinned.rsplit_once('@')?;
