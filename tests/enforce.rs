@@ -1282,15 +1282,7 @@ async fn an_index_is_proven_by_the_nodes_platform_first() {
     children.push((digest(0x70), Some(("unknown", "unknown"))));
     children.push((digest(0x72), Some(("linux", NODE_ARCH))));
     put_index(observed, &digest(1), &children);
-    let image = |id: u8, rd: &str| {
-        let img = cri::Image {
-            id: digest(id),
-            repo_digests: vec![pinned("busybox", rd)],
-            ..Default::default()
-        };
-        observed.images.lock().unwrap().insert(digest(id), img);
-        digest(id)
-    };
+    let image = |id: u8, index: &str| put_indexed_image(&env.fake, id, index);
     let multi = image(0xe1, &digest(1));
     let reads = || observed.content_namespaces.lock().unwrap().len();
     let mut rt = env.runtime().await;
@@ -1332,6 +1324,146 @@ async fn an_index_is_proven_by_the_nodes_platform_first() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     env.stop().await;
+}
+
+/// Children of an index that marks none as the node's are read a few at a time, never more than
+/// eight at once. A read containerd fails starts no more: a child already being read that describes
+/// the image still proves it; otherwise the start is answered `UNAVAILABLE` — neither allowed nor
+/// denied — as when the node's own child cannot be read. No read asks for more than one byte past
+/// the largest manifest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_reads_are_bounded_and_a_failed_one_fails_closed() {
+    use pullgate::node::enforce::lookup::NODE_ARCH;
+
+    let env = env_knowing_only_its_images().await;
+    let observed = &env.fake.observed;
+    let reads = || observed.content_namespaces.lock().unwrap().len();
+    let unmarked =
+        |digests: &[String]| -> Vec<_> { digests.iter().map(|d| (d.clone(), None)).collect() };
+    let mut rt = env.runtime().await;
+
+    // Twelve children, none marked as the node's; the image's own manifest is listed last.
+    let mut children: Vec<String> = (0x80..0x8b).map(digest).collect();
+    children.push(digest(0x8f));
+    put_manifest(observed, &digest(0x8f), &digest(0xe4));
+    put_index(observed, &digest(1), &unmarked(&children));
+    let image = put_indexed_image(&env.fake, 0xe4, &digest(1));
+    // Every read that does not fail takes 100 ms from here on; a failing one fails at once.
+    *observed.content_delay.lock().unwrap() = Some(Duration::from_millis(100));
+    let r0 = reads();
+    rt.create_container(create_in("sb-checkout", &image, None))
+        .await
+        .unwrap();
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    assert_eq!(reads(), r0 + 13, "the index and each of its children");
+    let most = observed.content_most_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (2..=8).contains(&most),
+        "children are read a few at a time, at most eight at once: {most} at once"
+    );
+
+    // A read that fails while the image's own manifest is still being read: proven all the same.
+    let failing = digest(0x90);
+    observed
+        .content_failing
+        .lock()
+        .unwrap()
+        .insert(failing.clone());
+    put_manifest(observed, &digest(0x91), &digest(0xe5));
+    put_index(
+        observed,
+        &digest(2),
+        &unmarked(&[failing.clone(), digest(0x91)]),
+    );
+    let image = put_indexed_image(&env.fake, 0xe5, &digest(2));
+    rt.create_container(create_in("sb-checkout", &image, None))
+        .await
+        .unwrap();
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+
+    // A read that fails and no child that describes the image: UNAVAILABLE, nothing audited, and
+    // no child read after the failure (eight were being read; four more wait).
+    let mut children = vec![failing.clone()];
+    children.extend((0xa0..0xab).map(digest));
+    put_index(observed, &digest(1), &unmarked(&children));
+    let image = put_indexed_image(&env.fake, 0xe6, &digest(1));
+    let audited = env.audit_lines().len();
+    let r0 = reads();
+    let e = rt
+        .create_container(create_in("sb-checkout", &image, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(env.audit_lines().len(), audited);
+    assert_eq!(
+        reads(),
+        r0 + 1 + 8,
+        "the index and the first eight children"
+    );
+    *observed.content_delay.lock().unwrap() = None;
+
+    // The node's own child cannot be read: UNAVAILABLE, and no other child is read.
+    let other_arch = if NODE_ARCH == "s390x" {
+        "ppc64le"
+    } else {
+        "s390x"
+    };
+    put_manifest(observed, &digest(0x93), &digest(0xe7));
+    put_index(
+        observed,
+        &digest(2),
+        &[
+            (digest(0x93), Some(("linux", other_arch))),
+            (failing.clone(), Some(("linux", NODE_ARCH))),
+        ],
+    );
+    let image = put_indexed_image(&env.fake, 0xe7, &digest(2));
+    let r0 = reads();
+    let e = rt
+        .create_container(create_in("sb-checkout", &image, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert_eq!(reads(), r0 + 2, "the index and the node's child");
+
+    // A child far larger than a manifest: read no further than one byte past the largest one.
+    observed
+        .content
+        .lock()
+        .unwrap()
+        .insert(digest(0x94), vec![b' '; 8 << 20]);
+    put_index(
+        observed,
+        &digest(1),
+        &[(digest(0x94), Some(("linux", NODE_ARCH)))],
+    );
+    let image = put_indexed_image(&env.fake, 0xe8, &digest(1));
+    let sent = observed.content_bytes_sent.load(Ordering::SeqCst);
+    let e = rt
+        .create_container(create_in("sb-checkout", &image, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let read = observed.content_bytes_sent.load(Ordering::SeqCst) - sent;
+    let index_len = observed.content.lock().unwrap()[&digest(1)].len();
+    assert_eq!(
+        read,
+        index_len + (4 << 20) + 1,
+        "the index, and 4 MiB + 1 of the blob"
+    );
+    env.stop().await;
+}
+
+/// An image known by its ID whose one repo digest is the approved busybox mirror name pinned to
+/// `index` (an index in the fake content store). Returns the ID.
+fn put_indexed_image(fake: &FakeCri, id: u8, index: &str) -> String {
+    let img = cri::Image {
+        id: digest(id),
+        repo_digests: vec![pinned("busybox", index)],
+        ..Default::default()
+    };
+    fake.observed.images.lock().unwrap().insert(digest(id), img);
+    digest(id)
 }
 
 /// CRI's plugin names an arrived image by its ID before its image store holds it: the arrival is

@@ -48,6 +48,15 @@ pub struct Observed {
     pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Namespaces `Content.Read` was asked in.
     pub content_namespaces: Mutex<Vec<String>>,
+    /// Digests whose `Content.Read` fails with `UNAVAILABLE`, as a containerd in trouble answers.
+    pub content_failing: Mutex<std::collections::HashSet<String>>,
+    /// How long each `Content.Read` that does not fail takes before it answers (none by default).
+    pub content_delay: Mutex<Option<Duration>>,
+    /// `Content.Read` calls being answered right now, and the most there have been at once.
+    pub content_in_flight: AtomicUsize,
+    pub content_most_in_flight: AtomicUsize,
+    /// Bytes of content `Content.Read` has sent in all.
+    pub content_bytes_sent: AtomicUsize,
     /// Pod sandboxes the fake knows (as `PodSandboxStatus` reports them), by ID. Like containerd's,
     /// the fake resolves a unique ID prefix to its sandbox ([`Observed::sandbox`]).
     pub sandboxes: Mutex<std::collections::HashMap<String, cri::PodSandboxStatus>>,
@@ -836,10 +845,33 @@ impl tonic::server::ServerStreamingService<containerd_client::services::v1::Read
                 .unwrap_or("")
                 .to_string();
             observed.content_namespaces.lock().unwrap().push(ns);
-            let digest = req.into_inner().digest;
+            let req = req.into_inner();
+            let digest = req.digest;
+            // A failing read fails at once, before the delay.
+            if observed.content_failing.lock().unwrap().contains(&digest) {
+                return Err(Status::unavailable(format!(
+                    "content digest {digest}: failing"
+                )));
+            }
+            let now = observed.content_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            observed
+                .content_most_in_flight
+                .fetch_max(now, Ordering::SeqCst);
+            let delay = *observed.content_delay.lock().unwrap();
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            observed.content_in_flight.fetch_sub(1, Ordering::SeqCst);
             let data = observed.content.lock().unwrap().get(&digest).cloned();
-            let data = data
+            let mut data = data
                 .ok_or_else(|| Status::not_found(format!("content digest {digest}: not found")))?;
+            // As containerd: `size` bytes, or to the end of the blob when it is shorter or 0.
+            if req.size > 0 {
+                data.truncate(req.size as usize);
+            }
+            observed
+                .content_bytes_sent
+                .fetch_add(data.len(), Ordering::SeqCst);
             // Two chunks, as containerd streams large content.
             let mid = data.len() / 2;
             let chunks = vec![

@@ -155,15 +155,18 @@ fn messages(body: &Bytes) -> Result<Vec<Bytes>, grpc::FrameError> {
     Ok(out)
 }
 
-/// The bytes of content `digest` from containerd's content store (which verifies digests on
-/// write, so these are the bytes that hash to `digest`); `None` if the store does not have it.
+/// The bytes of manifest or index `digest` from containerd's content store (which verifies
+/// digests on write, so these are the bytes that hash to `digest`); `None` if the store does not
+/// have it. At most one byte more than a manifest can be is asked for, so content that is not a
+/// manifest (a layer an index names, say) costs no more than that to find out.
 pub async fn read_content(upstream: &Upstream, digest: &str) -> Result<Option<Vec<u8>>, Status> {
     use containerd_client::services::v1::{ReadContentRequest, ReadContentResponse};
     let path = "/containerd.services.content.v1.Content/Read";
     let req = ReadContentRequest {
         digest: digest.to_string(),
         offset: 0,
-        size: 0,
+        // containerd reads `size` bytes, or to the end of the blob when it is shorter.
+        size: MAX_MANIFEST as i64 + 1,
     };
     let body = match call_raw(upstream, path, &req, Some(CRI_NAMESPACE)).await {
         Ok(b) => b,
@@ -190,14 +193,19 @@ pub async fn read_content(upstream: &Upstream, digest: &str) -> Result<Option<Ve
 const INDEX_READS_AT_ONCE: usize = 8;
 
 /// The node's architecture as OCI platforms name it (`GOARCH`): the platform containerd pulls an
-/// index's image for.
-pub const NODE_ARCH: &str = match std::env::consts::ARCH.as_bytes() {
-    b"x86_64" => "amd64",
-    b"aarch64" => "arm64",
-    b"x86" => "386",
-    b"powerpc64" => "ppc64le",
-    b"loongarch64" => "loong64",
-    _ => std::env::consts::ARCH,
+/// index's image for (pullgate runs on the node, built for its architecture).
+pub const NODE_ARCH: &str = {
+    let little = cfg!(target_endian = "little");
+    match std::env::consts::ARCH.as_bytes() {
+        b"x86_64" => "amd64",
+        b"aarch64" => "arm64",
+        b"x86" => "386",
+        b"powerpc64" if little => "ppc64le",
+        b"mips64" if little => "mips64le",
+        b"mips" if little => "mipsle",
+        b"loongarch64" => "loong64",
+        _ => std::env::consts::ARCH,
+    }
 };
 
 /// What a manifest or index says about itself.
@@ -207,7 +215,8 @@ enum Manifest {
         config: String,
     },
     /// An index (manifest list): the digests of its child manifests, those for the node's platform
-    /// (`linux` on [`NODE_ARCH`]) first, and how many those are.
+    /// (`linux` on [`NODE_ARCH`]) first, and how many those are; none that the index itself says is
+    /// larger than a manifest can be.
     Index {
         children: Vec<String>,
         ours: usize,
@@ -231,16 +240,20 @@ fn parse_manifest(bytes: &[u8]) -> Manifest {
         m["platform"]["os"] == "linux" && m["platform"]["architecture"] == NODE_ARCH
     };
     let digest = |m: &serde_json::Value| m["digest"].as_str().map(str::to_string);
+    let list = list.iter().filter(|m| {
+        m["size"]
+            .as_u64()
+            .is_none_or(|size| size <= MAX_MANIFEST as u64)
+    });
     let mut children: Vec<String> = list
-        .iter()
+        .clone()
         .filter(|m| node_platform(m))
         .filter_map(digest)
         .take(MAX_INDEX_CHILDREN)
         .collect();
     let ours = children.len();
     children.extend(
-        list.iter()
-            .filter(|m| !node_platform(m))
+        list.filter(|m| !node_platform(m))
             .filter_map(digest)
             .take(MAX_INDEX_CHILDREN - ours),
     );
@@ -258,9 +271,9 @@ async fn child_describes(upstream: &Upstream, child: &str, image_id: &str) -> Re
 /// Whether one of an index's `children` describes `image_id`. The node's platform comes first, one
 /// read at a time: containerd pulled that child for this node, so one read usually settles it. The
 /// others (another platform, attestations) are then read [`INDEX_READS_AT_ONCE`] at a time, so an
-/// image pulled for another platform costs about one more round trip, not one per child. A child
-/// that describes the image proves it even when reading another failed; otherwise the first
-/// failure is the answer.
+/// image pulled for another platform costs about one more round trip, not one per child. A read
+/// that fails starts no more: a child already being read that describes the image still proves it
+/// (a proof stands on its own content), otherwise that failure is the answer.
 async fn index_describes(
     upstream: &Upstream,
     children: &[String],
@@ -291,7 +304,9 @@ async fn index_describes(
                 failed.get_or_insert(e);
             }
         }
-        if let Some(child) = waiting.next() {
+        if failed.is_none()
+            && let Some(child) = waiting.next()
+        {
             reads.push(child_describes(upstream, child, image_id));
         }
     }
@@ -503,6 +518,15 @@ mod tests {
             !matches!(NODE_ARCH, "x86_64" | "aarch64"),
             "GOARCH names, not Rust's"
         );
+        // A child the index says is larger than a manifest can be is never read.
+        let index = serde_json::json!({"manifests": [
+            {"digest": "sha256:layer", "size": MAX_MANIFEST + 1, "platform": {"os": "linux", "architecture": NODE_ARCH}},
+            {"digest": "sha256:small", "size": 500},
+        ]});
+        assert!(matches!(
+            parse_manifest(index.to_string().as_bytes()),
+            Manifest::Index { children, ours: 0 } if children == ["sha256:small"]
+        ));
     }
 
     #[test]
