@@ -1389,11 +1389,7 @@ async fn index_reads_are_bounded_and_a_failed_one_fails_closed() {
     let image = put_indexed_image(&env.fake, 0xe6, &digest(1));
     let audited = env.audit_lines().len();
     let r0 = reads();
-    let e = rt
-        .create_container(create_in("sb-checkout", &image, None))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    unavailable_start(&mut rt, &image).await;
     assert_eq!(env.audit_lines().len(), audited);
     assert_eq!(
         reads(),
@@ -1419,11 +1415,7 @@ async fn index_reads_are_bounded_and_a_failed_one_fails_closed() {
     );
     let image = put_indexed_image(&env.fake, 0xe7, &digest(2));
     let r0 = reads();
-    let e = rt
-        .create_container(create_in("sb-checkout", &image, None))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    unavailable_start(&mut rt, &image).await;
     assert_eq!(reads(), r0 + 2, "the index and the node's child");
 
     // A child far larger than a manifest: read no further than one byte past the largest one.
@@ -1439,11 +1431,7 @@ async fn index_reads_are_bounded_and_a_failed_one_fails_closed() {
     );
     let image = put_indexed_image(&env.fake, 0xe8, &digest(1));
     let sent = observed.content_bytes_sent.load(Ordering::SeqCst);
-    let e = rt
-        .create_container(create_in("sb-checkout", &image, None))
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    unavailable_start(&mut rt, &image).await;
     let read = observed.content_bytes_sent.load(Ordering::SeqCst) - sent;
     let index_len = observed.content.lock().unwrap()[&digest(1)].len();
     assert_eq!(
@@ -1452,6 +1440,18 @@ async fn index_reads_are_bounded_and_a_failed_one_fails_closed() {
         "the index, and 4 MiB + 1 of the blob"
     );
     env.stop().await;
+}
+
+/// A start of `image` in the checkout pod, answered `UNAVAILABLE`.
+async fn unavailable_start(
+    rt: &mut cri::runtime_service_client::RuntimeServiceClient<tonic::transport::Channel>,
+    image: &str,
+) {
+    let e = rt
+        .create_container(create_in("sb-checkout", image, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 }
 
 /// An image known by its ID whose one repo digest is the approved busybox mirror name pinned to
