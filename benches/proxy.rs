@@ -915,11 +915,13 @@ fn main() {
     for i in 6 * n..7 * n {
         new_image(i);
         let manifest = format!("sha256:{:064x}", 0xface_u128 * 1_000_000 + i as u128);
-        let content = fake.observed.content.lock().unwrap().remove(&app_digest(i));
-        fake.observed.content.lock().unwrap().insert(
-            manifest.clone(),
-            content.expect("new_image put the manifest"),
-        );
+        {
+            let mut content = fake.observed.content.lock().unwrap();
+            let bytes = content
+                .remove(&app_digest(i))
+                .expect("new_image put the manifest");
+            content.insert(manifest.clone(), bytes);
+        }
         let mut children: Vec<_> = [
             "arm", "386", "ppc64le", "s390x", "riscv64", "mips64le", "loong64",
         ]

@@ -22,7 +22,8 @@ CALL is one of:
 Runs a minimal gRPC upstream (Python grpcio, canned answers) on a unix socket, PULLGATE_BIN serve
 in front of it under `valgrind --tool=callgrind`, makes 200 warm-up calls, zeroes the counters,
 makes CALLS sequential calls (default 1000) and prints instructions per call. The callgrind profile
-is written to OUT.1 when OUT is given; the run's temporary directory is removed either way. Needs valgrind and the Debian python3-grpcio (hence /usr/bin/python3).
+is written to OUT.1 when OUT is given; the run's temporary directory is removed either way. Needs
+valgrind and the Debian python3-grpcio (hence /usr/bin/python3).
 """
 
 import os

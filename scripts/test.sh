@@ -23,7 +23,7 @@ fi
 # disk than the rest of the debug build together. Set CARGO_INCREMENTAL=1 to keep them.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-# A clean build of everything this script runs takes about NEED_MIB of disk under target/. Say so up
+# A clean build of everything this script runs takes about need_mib MiB of disk under target/. Say so up
 # front when the disk has less: a full disk otherwise shows up only as a failed link, minutes in.
 need_mib=4096
 target_dir="${CARGO_TARGET_DIR:-target}"
