@@ -21,7 +21,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use k8s_cri::v1::Image;
@@ -79,16 +78,6 @@ fn publish(node: &Node, repo: &str, tags: &[&str], user: Option<&str>) -> String
         &format!("approved/{repo}"),
     );
     digest
-}
-
-/// `GET /metrics` of the node's pullgate.
-fn metrics(node: &Node) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port)).expect("metrics");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// Runs `cmd` in a running container; returns its stdout, trimmed.
@@ -480,7 +469,7 @@ async fn the_pod_scope_is_the_sandboxs_and_the_sandbox_image_follows_the_bundle(
     // The sandbox image is checked again after every bundle install.
     let approved = |node: &Node| {
         let s = node.status_json();
-        let m = metrics(node);
+        let m = node.metrics();
         (
             s["sandbox_image_problem"].as_str().map(str::to_string),
             m.contains("pullgate_sandbox_image_approved 1"),

@@ -1591,9 +1591,20 @@ async fn s10_multi_platform_image_pulled_past_pullgate_starts() {
         return;
     }
     let t0 = Instant::now();
-    let node = Node::start("s10-index", "enforce");
+    // Without the lockdown watcher, which would prove images pulled past pullgate as they
+    // arrive: what is checked here is how a start, and kubelet's ImageStatus before one, prove them.
+    let node = Node::start_with("s10-index", "enforce", |_| {
+        "[lockdown]\nwatch = false\n".into()
+    });
     let images = &node.stack.images;
     let (ours_marker, theirs_marker) = ("multi: the node platform", "multi: another platform");
+    // Pushed to the private registry only: containerd will hold it past pullgate.
+    let solo_marker = "ahead: asked about before its start";
+    let solo_digest = images.push_image(
+        &node.stack.private,
+        "approved/library/solo:1.0",
+        solo_marker,
+    );
     let ours = images.build_image(ours_marker);
     let theirs = images.build_image(theirs_marker);
     let other_arch = if NODE_ARCH == "s390x" {
@@ -1618,6 +1629,12 @@ async fn s10_multi_platform_image_pulled_past_pullgate_starts() {
         "docker.io/library/multi",
         "1.0",
         &digest,
+        ORG,
+    ));
+    v2.images.push(Approval::tag(
+        "docker.io/library/solo",
+        "1.0",
+        &solo_digest,
         ORG,
     ));
     let out = node.install(&node.keys.sign(&v2, "bundle-v2"));
@@ -1660,6 +1677,56 @@ async fn s10_multi_platform_image_pulled_past_pullgate_starts() {
     assert!(
         recs.iter().any(|r| r["decision"] == "allow"),
         "no allow audit record for the start of {id}: {recs:?}"
+    );
+
+    // Another image pulled past pullgate, then started as kubelet starts it: ImageStatus of the
+    // pod spec's name through pullgate, then the start by the ID it answered. pullgate read the
+    // manifest the name pins while containerd answered, so the start looks nothing up.
+    let solo_pinned = format!("{}/approved/library/solo@{solo_digest}", node.private());
+    let solo_id = must(
+        "direct PullImage",
+        direct.pull(&solo_pinned, "default").await,
+    );
+    let image_lookups = r#"pullgate_start_lookups_total{kind="image"}"#;
+    let before = node
+        .metric(image_lookups)
+        .expect("the image lookup counter");
+    let status = must(
+        "ImageStatus through pullgate",
+        cri.image_status("solo:1.0").await,
+    );
+    assert_eq!(status.image.map(|i| i.id), Some(solo_id.clone()));
+    let c = must(
+        "CreateContainer as kubelet",
+        cri.create_container_as_kubelet(
+            &pod,
+            &cfg,
+            "solo",
+            &solo_id,
+            "solo:1.0",
+            &strs(&grep_marker(&format!(
+                "{solo_marker} approved/library/solo:1.0"
+            ))),
+        )
+        .await,
+    );
+    assert_eq!(
+        must(
+            "run container",
+            cri.start_and_wait(&c, Duration::from_secs(60)).await
+        ),
+        0,
+        "the container did not run the image"
+    );
+    assert_eq!(
+        node.metric(image_lookups),
+        Some(before),
+        "the start looked its image up: it was not proven while kubelet asked about it"
+    );
+    let recs = node.audit_for("CreateContainer", "solo:1.0");
+    assert!(
+        recs.iter().any(|r| r["decision"] == "allow"),
+        "no allow audit record for the start of solo:1.0: {recs:?}"
     );
     cri.remove_all_pods().await;
     loud(&format!("s10: {:?}", t0.elapsed()));

@@ -1520,6 +1520,308 @@ async fn an_arrival_cri_does_not_know_yet_is_proven_once_it_does() {
     env.stop().await;
 }
 
+/// How many image lookups container starts made in containerd (the operator's metric).
+fn image_lookups(env: &Env) -> u64 {
+    let text = env.node.metrics_text(0);
+    text.lines()
+        .find_map(|l| l.strip_prefix("pullgate_start_lookups_total{kind=\"image\"} "))
+        .unwrap_or_else(|| panic!("no image lookup counter in {text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits (at most 5 s) until the fake upstream has been asked for `n` content reads in all.
+async fn reads_reach(env: &Env, n: usize) {
+    let waiting = std::time::Instant::now();
+    while env.fake.observed.content_namespaces.lock().unwrap().len() < n {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(5),
+            "expected {n} content reads"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A start as kubelet makes it: the image by ID, with the pod spec's name (empty: as kubelet before
+/// Kubernetes 1.28 sends it).
+fn kubelet_start(id: &str, user_image: &str) -> cri::CreateContainerRequest {
+    let mut req = create_in("sb-checkout", id, None);
+    if let Some(spec) = req.config.as_mut().and_then(|c| c.image.as_mut()) {
+        spec.user_specified_image = user_image.to_string();
+    }
+    req
+}
+
+fn status_of(image: &str) -> cri::ImageStatusRequest {
+    cri::ImageStatusRequest {
+        image: Some(cri::ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        verbose: false,
+    }
+}
+
+/// kubelet asks `ImageStatus` of a container's image before it starts it: an image that arrived
+/// past pullgate is proven meanwhile — the manifest the approved name pins is read while
+/// containerd answers — and its start asks containerd nothing. A start that arrives while that
+/// proof runs waits for it and reads nothing itself. An image proven already is not read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_kubelet_asks_about_is_proven_before_its_start() {
+    let env = env_knowing_only_its_images().await;
+    // Known by the mirror reference the approved name resolves to, as after a pull of it.
+    let nginx_rd = [pinned("nginx", &digest(3))];
+    let nginx = put_image(&env.fake, 0xe1, &nginx_rd, &nginx_rd);
+    let busybox_rd = [pinned("busybox", &digest(1))];
+    let busybox = put_image(&env.fake, 0xe2, &busybox_rd, &busybox_rd);
+    let statuses = || env.fake.observed.image_statuses.lock().unwrap().len();
+    let reads = || env.fake.observed.content_namespaces.lock().unwrap().len();
+    let (mut images, mut rt) = (env.images().await, env.runtime().await);
+
+    let (s0, r0, l0) = (statuses(), reads(), image_lookups(&env));
+    let shown = images
+        .image_status(status_of("nginx:1.25"))
+        .await
+        .unwrap()
+        .into_inner()
+        .image
+        .expect("containerd holds it");
+    assert_eq!(shown.id, nginx);
+    reads_reach(&env, r0 + 1).await;
+    rt.create_container(kubelet_start(&nginx, "nginx:1.25"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (statuses(), reads(), image_lookups(&env)),
+        (s0 + 1, r0 + 1, l0),
+        "kubelet's ImageStatus, the one read that proved the image, and no lookup by the start"
+    );
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    images.image_status(status_of("nginx:1.25")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reads(), r0 + 1, "a proven image is not read again");
+
+    // containerd slow to answer: the manifest was read while it did.
+    *env.fake.observed.image_status_delay.lock().unwrap() = Some(Duration::from_millis(400));
+    let tools_rd = [pinned("busybox", &digest(2))];
+    let tools = put_image(&env.fake, 0xe5, &tools_rd, &tools_rd);
+    let (r0, asked) = (reads(), std::time::Instant::now());
+    images
+        .image_status(status_of(&format!("busybox@{}", digest(2))))
+        .await
+        .unwrap();
+    let read_at = env
+        .fake
+        .observed
+        .content_read_at
+        .lock()
+        .unwrap()
+        .get(r0)
+        .copied();
+    let read_at = read_at.expect("the manifest was read before containerd answered");
+    assert!(
+        read_at < asked + Duration::from_millis(300),
+        "read {:?} after the ImageStatus was asked, while containerd answered",
+        read_at - asked
+    );
+    *env.fake.observed.image_status_delay.lock().unwrap() = None;
+    rt.create_container(kubelet_start(&tools, ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reads(), image_lookups(&env)),
+        (r0 + 1, l0),
+        "that read proved it"
+    );
+
+    // The start right behind the ImageStatus, while the proof's read is still answering, and
+    // without the pod spec's name (nothing else to prove it from): it waits for that proof.
+    *env.fake.observed.content_delay.lock().unwrap() = Some(Duration::from_millis(300));
+    let (s0, r0) = (statuses(), reads());
+    images
+        .image_status(status_of("busybox:1.36"))
+        .await
+        .unwrap();
+    let waited = std::time::Instant::now();
+    rt.create_container(kubelet_start(&busybox, ""))
+        .await
+        .unwrap();
+    assert!(
+        waited.elapsed() >= Duration::from_millis(150),
+        "the start waited for the proof: {:?}",
+        waited.elapsed()
+    );
+    assert_eq!(
+        (statuses(), reads(), image_lookups(&env)),
+        (s0 + 1, r0 + 1, l0),
+        "one read in all, the proof's"
+    );
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+    env.stop().await;
+}
+
+/// Proofs made from `ImageStatus` answers are bounded: at most eight run at once (answers past
+/// that are left to their starts); an answer whose content proves nothing is not read again for
+/// the same names, and its start is decided from a full lookup; a proof containerd failed leaves
+/// nothing behind, so the start looks up and reports the failure, and the next answer tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_from_image_status_answers_are_bounded_and_never_decide_alone() {
+    let env = env_knowing_only_its_images().await;
+    let statuses = || env.fake.observed.image_statuses.lock().unwrap().len();
+    let reads = || env.fake.observed.content_namespaces.lock().unwrap().len();
+    let (mut images, mut rt) = (env.images().await, env.runtime().await);
+
+    // Claims busybox's approved bare digest; containerd holds no such manifest.
+    let forged = digest(0xe3);
+    let forged_rd = pinned("busybox", &digest(2));
+    env.fake.observed.images.lock().unwrap().insert(
+        forged_rd.clone(),
+        cri::Image {
+            id: forged.clone(),
+            repo_digests: vec![forged_rd.clone()],
+            ..Default::default()
+        },
+    );
+    let busybox_at_d2 = format!("docker.io/library/busybox@{}", digest(2));
+    let r0 = reads();
+    images
+        .image_status(status_of(&busybox_at_d2))
+        .await
+        .unwrap();
+    // Read while containerd answered, then for the answer.
+    reads_reach(&env, r0 + 2).await;
+    images
+        .image_status(status_of(&busybox_at_d2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        reads(),
+        r0 + 2,
+        "an answer that proved nothing is not read again"
+    );
+    let (s0, l0) = (statuses(), image_lookups(&env));
+    let e = rt
+        .create_container(kubelet_start(&forged, &busybox_at_d2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert_eq!(
+        (statuses(), image_lookups(&env)),
+        (s0 + 1, l0 + 1),
+        "decided from the start's own lookup"
+    );
+
+    // A proof whose read fails.
+    let flaky = put_image(&env.fake, 0xe4, &[pinned("busybox", &digest(1))], &[]);
+    env.fake
+        .observed
+        .content_failing
+        .lock()
+        .unwrap()
+        .insert(digest(1));
+    let r0 = reads();
+    images.image_status(status_of(&flaky)).await.unwrap();
+    reads_reach(&env, r0 + 1).await;
+    let l0 = image_lookups(&env);
+    unavailable_start(&mut rt, &flaky).await;
+    assert_eq!(image_lookups(&env), l0 + 1, "the start looked it up");
+    env.fake.observed.content_failing.lock().unwrap().clear();
+    let r0 = reads();
+    images.image_status(status_of(&flaky)).await.unwrap();
+    reads_reach(&env, r0 + 1).await;
+    rt.create_container(kubelet_start(&flaky, ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (reads(), image_lookups(&env)),
+        (r0 + 1, l0 + 1),
+        "proven by the next answer's proof"
+    );
+
+    // Twelve answers in a row while containerd is slow: eight proofs run, the rest are left.
+    *env.fake.observed.content_delay.lock().unwrap() = Some(Duration::from_secs(1));
+    let ids: Vec<String> = (0..12u8)
+        .map(|i| {
+            put_image(
+                &env.fake,
+                0x40 + i,
+                &[format!("{PRIVATE}/other/app{i}@{}", digest(0x60 + i))],
+                &[],
+            )
+        })
+        .collect();
+    env.fake
+        .observed
+        .content_most_in_flight
+        .store(0, Ordering::SeqCst);
+    let r0 = reads();
+    for id in &ids {
+        images.image_status(status_of(id)).await.unwrap();
+    }
+    reads_reach(&env, r0 + 8).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(reads(), r0 + 8, "eight proofs, no more");
+    assert_eq!(
+        env.fake
+            .observed
+            .content_most_in_flight
+            .load(Ordering::SeqCst),
+        8
+    );
+    // Once they ended, the next answers start proofs again.
+    let waiting = std::time::Instant::now();
+    while env.fake.observed.content_in_flight.load(Ordering::SeqCst) > 0 {
+        assert!(waiting.elapsed() < Duration::from_secs(5), "the reads end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    images.image_status(status_of(&ids[11])).await.unwrap();
+    reads_reach(&env, r0 + 9).await;
+    env.stop().await;
+}
+
+/// A proof made ahead covers only what the answer listed: a start in a pod that proof does not
+/// allow is decided from a full lookup, which may find more. And a start waits for a proof only so
+/// long: one that takes longer ends, and the start looks its image up itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_made_ahead_never_denies_alone_nor_holds_a_start_long() {
+    let env = env_knowing_only_its_images().await;
+    env.fake
+        .add_sandbox("sb-search", &pod_config("search", &[]));
+    let (mut images, mut rt) = (env.images().await, env.runtime().await);
+    let reads = || env.fake.observed.content_namespaces.lock().unwrap().len();
+
+    // nginx is for the payments program only; the search pod may run it only as busybox.
+    let nginx_rd = [pinned("nginx", &digest(3))];
+    let id = put_image(&env.fake, 0xe6, &nginx_rd, &nginx_rd);
+    *env.fake.observed.content_delay.lock().unwrap() = Some(Duration::from_millis(300));
+    images.image_status(status_of("nginx:1.25")).await.unwrap();
+    // containerd names the image busybox too, after the answer.
+    let both = [nginx_rd[0].clone(), pinned("busybox", &digest(2))];
+    put_image(&env.fake, 0xe6, &both, &nginx_rd);
+    let mut start = kubelet_start(&id, "nginx:1.25");
+    start.pod_sandbox_id = "sb-search".into();
+    let l0 = image_lookups(&env);
+    rt.create_container(start).await.unwrap();
+    assert_eq!(image_lookups(&env), l0 + 1, "decided from the full lookup");
+    assert_eq!(env.audit_lines().pop().unwrap()["decision"], "allow");
+
+    // A proof slower than its bound: the start waits for it that long, then looks up itself.
+    *env.fake.observed.content_delay.lock().unwrap() =
+        Some(pullgate::node::enforce::AHEAD_TIMEOUT + Duration::from_millis(500));
+    let slow = put_image(&env.fake, 0xe7, &[pinned("busybox", &digest(1))], &[]);
+    let (r0, l0) = (reads(), image_lookups(&env));
+    images.image_status(status_of(&slow)).await.unwrap();
+    rt.create_container(kubelet_start(&slow, "")).await.unwrap();
+    assert_eq!(
+        (reads(), image_lookups(&env)),
+        (r0 + 2, l0 + 1),
+        "the proof's read, and the start's own"
+    );
+    env.stop().await;
+}
+
 /// A node whose fake CRI knows only the images a test puts there, with pod sandbox `sb-checkout`.
 async fn env_knowing_only_its_images() -> Env {
     let env = Env::start(true, NodeMode::Enforce, |_, _| {}).await;

@@ -42,12 +42,16 @@ pub struct Observed {
     pub images: Mutex<std::collections::HashMap<String, cri::Image>>,
     /// When set, `ImageStatus` finds only [`Observed::images`] (no canned images for other names).
     pub only_known_images: AtomicBool,
+    /// How long each `ImageStatus` takes before it answers (none by default).
+    pub image_status_delay: Mutex<Option<Duration>>,
     /// The sandbox image `Status(verbose)` reports.
     pub sandbox_image: Mutex<String>,
     /// containerd's content store (native API, namespace `k8s.io`): digest → bytes.
     pub content: Mutex<std::collections::HashMap<String, Vec<u8>>>,
     /// Namespaces `Content.Read` was asked in.
     pub content_namespaces: Mutex<Vec<String>>,
+    /// When each `Content.Read` arrived, in order.
+    pub content_read_at: Mutex<Vec<std::time::Instant>>,
     /// Digests whose `Content.Read` fails with `UNAVAILABLE`, as a containerd in trouble answers.
     pub content_failing: Mutex<std::collections::HashSet<String>>,
     /// How long each `Content.Read` that does not fail takes before it answers (none by default).
@@ -541,6 +545,10 @@ impl ImageService for FakeCri {
             .lock()
             .unwrap()
             .push(name.clone());
+        let delay = *self.observed.image_status_delay.lock().unwrap();
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         if let Some(img) = self.observed.images.lock().unwrap().get(&name).cloned() {
             return Ok(TResp::new(cri::ImageStatusResponse {
                 image: Some(img),
@@ -845,6 +853,11 @@ impl tonic::server::ServerStreamingService<containerd_client::services::v1::Read
                 .unwrap_or("")
                 .to_string();
             observed.content_namespaces.lock().unwrap().push(ns);
+            observed
+                .content_read_at
+                .lock()
+                .unwrap()
+                .push(std::time::Instant::now());
             let req = req.into_inner();
             let digest = req.digest;
             // A failing read fails at once, before the delay.

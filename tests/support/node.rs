@@ -305,6 +305,26 @@ impl Node {
         self.stack.pullgate_socket()
     }
 
+    /// `GET /metrics` of the node's pullgate (headers included).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// The value of metric `series` (name and labels as rendered), if the node reports it.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
     /// `127.0.0.1:PORT` of the private registry.
     pub fn private(&self) -> String {
         self.stack.private.host()

@@ -348,6 +348,31 @@ pub async fn content_describes(
     describes(upstream, digest, image_id, &mut HashMap::new()).await
 }
 
+/// The image IDs content `digest` describes, read before the image it should describe is known:
+/// the config of an image manifest, or of an index's children for the node's platform (the
+/// children containerd pulls); none when containerd does not hold `digest`. The image then proven
+/// is one of these, exactly as [`content_describes`] would find it.
+pub async fn configs_described(upstream: &Upstream, digest: &str) -> Result<Vec<String>, Status> {
+    let Some(bytes) = read_content(upstream, digest).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(match parse_manifest(&bytes) {
+        Manifest::Image { config } => vec![config],
+        Manifest::Index { children, ours } => {
+            let mut configs = Vec::with_capacity(ours);
+            for child in &children[..ours] {
+                if let Some(bytes) = read_content(upstream, child).await?
+                    && let Manifest::Image { config } = parse_manifest(&bytes)
+                {
+                    configs.push(config);
+                }
+            }
+            configs
+        }
+        Manifest::Other => Vec::new(),
+    })
+}
+
 /// Keeps the repo digests that provably belong to image `image_id`.
 ///
 /// CRI's repo digests come from image *names*, and anyone with access to containerd can give any

@@ -30,8 +30,8 @@
 //! - [`ledger`]: the pulls pullgate forwarded, for the lockdown watcher.
 //! - [`sandbox`]: the pod a container is created in, as containerd records it.
 //! - [`start`]: the container-start check.
-//! - [`learn`]: what starts would otherwise look up, learned ahead (new sandboxes, and what
-//!   containerd holds when pullgate starts).
+//! - [`learn`]: what starts would otherwise look up, learned ahead (new sandboxes, what
+//!   containerd holds when pullgate starts, and the images `ImageStatus` answers name).
 
 mod learn;
 pub mod ledger;
@@ -52,7 +52,7 @@ use k8s_cri::v1 as cri;
 use prost::Message;
 use time::OffsetDateTime;
 
-pub use learn::{ARRIVAL_TRIES, Arrival, Learned};
+pub use learn::{AHEAD_TIMEOUT, ARRIVAL_TRIES, Arrival, Learned};
 
 use crate::node::audit::{AuditLog, AuditRecord};
 use crate::node::config::NodeMode;
@@ -322,6 +322,8 @@ pub struct Enforcer {
     allowed_starts: start::StartCache,
     /// Repo digests proven to describe image IDs (by pulls, by starts, and ahead of starts).
     proofs: Arc<start::ContentProofs>,
+    /// Proofs of the images `ImageStatus` answers name, made ahead of their starts.
+    ahead: Arc<learn::Ahead>,
     /// Names resolved and shown under the bundle in force.
     names: Arc<names::Memo>,
     /// Pods of the sandboxes containerd confirmed, by sandbox ID.
@@ -342,14 +344,16 @@ impl Enforcer {
         metrics: Arc<Metrics>,
         audit: Option<Arc<AuditLog>>,
     ) -> Arc<Self> {
+        let proofs: Arc<start::ContentProofs> = Arc::default();
         Arc::new(Enforcer {
+            ahead: Arc::new(learn::Ahead::new(upstream.clone(), proofs.clone())),
             state,
             upstream,
             metrics,
             audit,
             auth: ArcSwapOption::empty(),
             allowed_starts: start::StartCache::default(),
-            proofs: Arc::default(),
+            proofs,
             names: Arc::default(),
             sandboxes: Arc::default(),
             pulls: Arc::default(),
@@ -594,14 +598,24 @@ impl Enforcer {
         };
         let image = req.image.as_ref().map_or("", |i| i.image.as_str());
         let memo = self.names.clone();
-        let request = self.resolve(image).and_then(|r| {
+        let ahead = self.ahead.clone();
+        let resolved = self.resolve(image);
+        // kubelet starts what it asks about next: its proof starts now, reading the manifest the
+        // name pins while containerd answers, and learns the image from the answer.
+        let question = resolved
+            .as_ref()
+            .map_or(learn::Question::Open, |r| ahead.asked(&r.pull_ref));
+        let request = resolved.and_then(|r| {
             wire::set_string(msg, field::IMAGE_IMAGE, r.pull_ref.as_bytes())
                 .ok()
                 .map(Bytes::from)
         });
         Verdict::Rewrite {
             request,
-            response: Box::new(move |resp| show_source_names(resp, &bundle, &memo)),
+            response: Box::new(move |resp| {
+                ahead.answered(resp, question);
+                show_source_names(resp, &bundle, &memo)
+            }),
         }
     }
 

@@ -18,7 +18,9 @@
 //!    makes the image lookups unnecessary.
 //!    An image already proven needs no lookup at all: containerd answered pullgate's pinned pull of
 //!    `repo@digest` with the image's ID, or an earlier start — or pullgate ahead of any start — read
-//!    the manifest ([`ContentProofs`]). One named by ID along with the pod spec's name
+//!    the manifest ([`ContentProofs`]). kubelet asks `ImageStatus` of an image before it starts
+//!    it, and pullgate proves the image meanwhile: a start that arrives while that proof runs
+//!    waits for it ([`super::learn::Ahead`]). One named by ID along with the pod spec's name
 //!    (`user_specified_image`, kubelet's way) is first proven from the manifest that name pins
 //!    through the bundle — one `Content.Read`, no `ImageStatus` — and looked up in full when that
 //!    read fails or proves nothing, or nothing this pod may run. Every image is decided before any
@@ -75,8 +77,9 @@ struct Found {
     id: Option<String>,
     /// Its repo digests that are proven from content.
     verified: Vec<String>,
-    /// Proven from the target's hint alone: other repo digests of the image were not looked at.
-    hinted: bool,
+    /// Proven from part of what containerd holds (the manifest the target's hint pins, or a proof
+    /// made ahead of the start): a decision other than allow is made again from a full lookup.
+    partial: bool,
 }
 
 /// Allowed start decisions about image IDs, by (image ID, bundle version, pod scope). Only allows
@@ -125,16 +128,26 @@ const PROOFS_PER_IMAGE: usize = 8;
 /// Repo digests proven to describe an image, by image ID. A proof is a fact about content, true for
 /// good and whatever bundle is in force: containerd answered the pull of `repo@D`, pinned by
 /// pullgate, with image ID `X` (so manifest `D`, or a manifest the index `D` lists, has config `X`),
-/// or a start — or pullgate ahead of any start, for the images containerd held when it started and
-/// the approved ones that arrive later (see `learn`) — read `D` from containerd's content store and
-/// found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs
+/// or a start — or pullgate ahead of any start, for the images containerd held when it started,
+/// the approved ones that arrive later and those kubelet asks `ImageStatus` about (see `learn`) —
+/// read `D` from containerd's content store and found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs
 /// first, without asking containerd for the image and its manifests again, and only an allow is
 /// taken: anything else is decided from what containerd holds, as without them.
 #[derive(Default)]
-pub(super) struct ContentProofs(Mutex<HashMap<String, Vec<String>>>);
+pub(super) struct ContentProofs(Mutex<Proven>);
+
+#[derive(Default)]
+struct Proven {
+    /// The proven repo digests of each image, by image ID.
+    by_image: HashMap<String, Vec<String>>,
+    /// Every repo digest proven for some image, kept after the image is forgotten (and all of
+    /// them forgotten at once when the set outgrows `by_image`'s bound; a proof noted again puts
+    /// its repo digest back): only to spare a read of its manifest again.
+    repo_digests: HashSet<String>,
+}
 
 impl ContentProofs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Proven> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -143,23 +156,40 @@ impl ContentProofs {
         if !names::is_image_id(id) || !repo_digest.contains('@') {
             return;
         }
-        let mut proofs = self.lock();
-        if !proofs.contains_key(id) {
+        let mut guard = self.lock();
+        let proven = &mut *guard;
+        if !proven.by_image.contains_key(id) {
             // Forgets one image when full: its next start is looked up (and proven) again.
-            super::make_room(&mut proofs, PROOFS_MAX);
+            super::make_room(&mut proven.by_image, PROOFS_MAX);
         }
-        let known = proofs.entry(id.to_string()).or_default();
-        if !known.iter().any(|k| k == repo_digest) && known.len() < PROOFS_PER_IMAGE {
+        let known = proven.by_image.entry(id.to_string()).or_default();
+        if !known.iter().any(|k| k == repo_digest) {
+            if known.len() >= PROOFS_PER_IMAGE {
+                return;
+            }
             known.push(repo_digest.to_string());
+        }
+        // Also when the pair was known: the set may have been cleared since.
+        if !proven.repo_digests.contains(repo_digest) {
+            if proven.repo_digests.len() >= PROOFS_MAX * PROOFS_PER_IMAGE {
+                proven.repo_digests.clear();
+            }
+            proven.repo_digests.insert(repo_digest.to_string());
         }
     }
 
     fn get(&self, id: &str) -> Option<Vec<String>> {
-        self.lock().get(id).cloned()
+        self.lock().by_image.get(id).cloned()
     }
 
     pub(super) fn knows(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
+        self.lock().by_image.contains_key(id)
+    }
+
+    /// Whether `repo_digest` was proven to describe some image (the image may have been forgotten
+    /// since).
+    pub(super) fn proves(&self, repo_digest: &str) -> bool {
+        self.lock().repo_digests.contains(repo_digest)
     }
 }
 
@@ -244,9 +274,10 @@ impl Enforcer {
                 None => {
                     let mut f = std::mem::take(&mut found[i]);
                     let mut d = self.decide_start(t, &f, &pod, now);
-                    if f.hinted && d.verdict != PolicyVerdict::Allow {
-                        // The manifest the user's name pins does not allow this start; what
-                        // containerd knows of the image decides (its other repo digests may).
+                    if f.partial && d.verdict != PolicyVerdict::Allow {
+                        // What was proven from part of what containerd holds (the manifest the
+                        // user's name pins, or a proof made ahead) does not allow this start;
+                        // what containerd knows of the image decides (its other repo digests may).
                         self.metrics.start_lookup(true);
                         f = match self.find_image_unhinted(t).await {
                             Ok(f) => f,
@@ -467,10 +498,23 @@ impl Enforcer {
         Ok(out)
     }
 
-    /// A target named by image ID with a hint is proven from the hint's manifest alone when that
-    /// manifest describes it ([`Enforcer::proven_by_hint`]); otherwise, and for every other
-    /// target, it is looked up in full ([`Enforcer::find_image_unhinted`]).
+    /// A target whose proof kubelet's `ImageStatus` started is found from that proof when it
+    /// proved something ([`super::learn::Ahead`]). Otherwise a target named by image ID with a
+    /// hint is proven from the hint's manifest alone when that manifest describes it
+    /// ([`Enforcer::proven_by_hint`]); otherwise, and for every other target, it is looked up in
+    /// full ([`Enforcer::find_image_unhinted`]).
     async fn find_image(&self, t: &Target) -> Result<Found, Status> {
+        // A proof of the image that kubelet's `ImageStatus` started: its result, not a read of
+        // the same manifests beside it.
+        if self.ahead.settled(&t.image).await {
+            if let Some(verified) = self.proofs.get(&t.image) {
+                return Ok(Found {
+                    id: Some(t.image.clone()),
+                    verified,
+                    partial: true,
+                });
+            }
+        }
         self.metrics.start_lookup(true);
         match self.proven_by_hint(t).await {
             Some(found) => Ok(found),
@@ -491,7 +535,7 @@ impl Enforcer {
                 Some(Found {
                     id: Some(t.image.clone()),
                     verified: vec![pinned],
-                    hinted: true,
+                    partial: true,
                 })
             }
             Ok(false) => None,
@@ -518,7 +562,7 @@ impl Enforcer {
         Ok(Found {
             id: Some(img.id),
             verified,
-            hinted: false,
+            partial: false,
         })
     }
 
@@ -690,19 +734,25 @@ mod tests {
         for i in 0..PROOFS_MAX + 10 {
             proofs.add(&id(i), &rd(i));
         }
-        assert_eq!(proofs.lock().len(), PROOFS_MAX);
+        assert_eq!(proofs.lock().by_image.len(), PROOFS_MAX);
         let last = PROOFS_MAX + 9;
         assert_eq!(proofs.get(&id(last)), Some(vec![rd(last)]));
         // More proofs of a known image never make room, and each image keeps at most a few.
         for j in 0..PROOFS_PER_IMAGE + 2 {
             proofs.add(&id(last), &rd(100_000 + j));
         }
-        assert_eq!(proofs.lock().len(), PROOFS_MAX);
+        assert_eq!(proofs.lock().by_image.len(), PROOFS_MAX);
         assert_eq!(proofs.get(&id(last)).unwrap().len(), PROOFS_PER_IMAGE);
         // Not an image ID, or not a repo digest: nothing is kept.
         proofs.add("busybox:1.36", &rd(1));
         proofs.add(&id(1), "registry.corp/app:1.0");
         assert!(!proofs.knows("busybox:1.36"));
+        assert!(proofs.proves(&rd(last)) && !proofs.proves("registry.corp/app:1.0"));
+        // A proof noted again is proven again, after the set of repo digests was cleared.
+        proofs.lock().repo_digests.clear();
+        proofs.add(&id(last), &rd(last));
+        assert!(proofs.proves(&rd(last)));
+        assert!(proofs.lock().repo_digests.len() <= PROOFS_MAX * PROOFS_PER_IMAGE);
     }
 
     fn mount(path: &str, image: &str) -> cri::Mount {
