@@ -13,14 +13,16 @@
 //! came: the floor of a proxy that must read each call's path without HTTP/2 server and client
 //! halves of its own.
 //!
-//! The enforcement part measures `PullImage` and nine kinds of `CreateContainer`: a start whose pod
-//! sandbox and image decision are both known (the steady state), and starts that each meet something
-//! for the first time. pullgate learns the sandboxes and images containerd holds when it starts, and
+//! The enforcement part measures `PullImage` and thirteen kinds of `CreateContainer`: a start whose
+//! pod sandbox and image decision are both known (the steady state), and starts that each meet
+//! something for the first time. pullgate learns the sandboxes and images containerd holds when it starts, and
 //! every sandbox created through it (`RunPodSandbox`, kubelet's path for every new pod; not timed), so
 //! the rows say where the pod and the image come from: created or pulled through pullgate, held by
 //! containerd before pullgate started, or arrived past pullgate since (the pod looked up with
 //! `PodSandboxStatus`; the image from the manifest its pod-spec name pins, `Content.Read`, as
-//! kubelet sends that name — or, without it, with `ImageStatus` + `Content.Read`). The benchmark
+//! kubelet sends that name — or, without it, with `ImageStatus` + `Content.Read`). Three rows make
+//! the start in kubelet's order: its `ImageStatus` of the pod spec's name (not timed, printed
+//! apart) right before the start, whose answer pullgate proves the image from. The benchmark
 //! waits until pullgate has learned what containerd held before it adds the rest.
 //!
 //! A raw HTTP/2 client (sequential `Version` calls) measures the two modes of pullgate's HTTP/2
@@ -136,6 +138,15 @@ async fn image_status(ch: &Channel, image: &str) -> Option<cri::Image> {
         .expect("ImageStatus")
         .into_inner()
         .image
+}
+
+/// kubelet's `ImageStatus` of `name` before a start, timed into `out`; nothing without a name.
+async fn status_before(ch: &Channel, name: Option<&str>, out: &mut Vec<Duration>) {
+    if let Some(name) = name {
+        let t = Instant::now();
+        image_status(ch, name).await;
+        out.push(t.elapsed());
+    }
 }
 
 async fn pull(ch: &Channel, image: &str) {
@@ -891,14 +902,24 @@ fn main() {
         bytes as f64 / 1048576.0
     );
     // pullgate learns what containerd holds as soon as it answers: one Content.Read per image.
+    // A baseline build that learns them too must have finished before the rest arrives: an image
+    // it listed at its start would be proven ahead, and its first start cost no lookup (a build
+    // that learns nothing at start is waited for 10 s at most).
     let held = n + 1;
+    let reads = || fake.observed.content_namespaces.lock().unwrap().len();
     let waited = Instant::now();
-    while fake.observed.content_namespaces.lock().unwrap().len() < reads_before + held {
+    while reads() < reads_before + held {
         assert!(
             waited.elapsed() < Duration::from_secs(60),
             "pullgate did not learn the {held} images containerd held at its start"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if baseline.is_some() {
+        let waited = Instant::now();
+        while reads() < reads_before + 2 * held && waited.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     println!(
         "  pullgate had proven the {held} images containerd held at its start (and listed its {} pod sandboxes); waited {:.2} s more for it",
@@ -907,12 +928,12 @@ fn main() {
     );
     // What arrives past pullgate after it started: images pre-pulled later, and pods created on
     // containerd's own socket.
-    for i in (0..4 * n).chain(5 * n..6 * n) {
+    for i in (0..4 * n).chain(5 * n..6 * n).chain(7 * n..9 * n) {
         new_image(i);
     }
     // Multi-platform images as most public ones are: the repo digest names an index of eight
     // platforms, the node's listed last and the only one containerd holds (it pulls no other).
-    for i in 6 * n..7 * n {
+    for i in (6 * n..7 * n).chain(9 * n..10 * n) {
         new_image(i);
         let manifest = format!("sha256:{:064x}", 0xface_u128 * 1_000_000 + i as u128);
         {
@@ -990,12 +1011,17 @@ fn main() {
                 latencies(b, m, calls / 4, &mut sink).await;
             }
             let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..rounds {
+            for round in 0..rounds {
                 latencies(&direct, Method::Version, calls / 2, &mut dv).await;
                 latencies(&null, Method::Version, calls / 2, &mut rv).await;
                 latencies(&direct, m, calls, &mut d).await;
+                // The two builds take turns going first, so the order favours neither.
+                let first = round % 2 == 1;
+                if let Some(b) = base.as_ref().filter(|_| first) {
+                    latencies(b, m, calls, &mut bl).await;
+                }
                 latencies(&via, m, calls, &mut v).await;
-                if let Some(b) = &base {
+                if let Some(b) = base.as_ref().filter(|_| !first) {
                     latencies(b, m, calls, &mut bl).await;
                 }
             }
@@ -1017,68 +1043,91 @@ fn main() {
             Known(String),
         }
         // (the pod, the image, the image's index when it is pulled through the build first (not
-        // timed), the pod spec's name of the image)
-        type Start = (Pod, String, Option<usize>, String);
+        // timed), the pod spec's name of the image, the name kubelet's `ImageStatus` right before
+        // the start asks for (not timed))
+        type Start = (Pod, String, Option<usize>, String, Option<String>);
         let known = |p: String| Pod::Known(p);
         let user = |i: usize| format!("app{i}:1.0");
-        let once: [(&'static str, Vec<Start>); 9] = [
+        let once: [(&'static str, Vec<Start>); 12] = [
             // First, while the images pullgate learned at its start are all still remembered (at
             // most 4,096 proven images are remembered; the rows below prove 4 × BENCH_CALLS more).
             (
                 "CreateContainer (first start in a pod and of an image containerd held when pullgate started)",
                 (4 * n..5 * n)
-                    .map(|i| (known(format!("old-pod-{}", i - 4 * n)), id(i), None, user(i)))
+                    .map(|i| (known(format!("old-pod-{}", i - 4 * n)), id(i), None, user(i), None))
                     .collect(),
             ),
             (
                 "CreateContainer (image that arrived past pullgate: lookups of the manifest its name pins, Content.Read)",
                 (0..n)
-                    .map(|i| (known("sandbox".into()), id(i), None, user(i)))
+                    .map(|i| (known("sandbox".into()), id(i), None, user(i), None))
                     .collect(),
             ),
             (
                 "CreateContainer (image that arrived past pullgate, no user_specified_image: ImageStatus + Content.Read lookups)",
                 (5 * n..6 * n)
-                    .map(|i| (known("sandbox".into()), id(i), None, String::new()))
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new(), None))
                     .collect(),
             ),
             (
                 "CreateContainer (image that arrived past pullgate as an index of 8 platforms, the node's last, no user_specified_image: lookups)",
                 (6 * n..7 * n)
-                    .map(|i| (known("sandbox".into()), id(i), None, String::new()))
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new(), None))
                     .collect(),
             ),
             (
                 "CreateContainer (first start in a new pod, image decision cached)",
                 (0..n)
-                    .map(|_| (Pod::Run, BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string()))
+                    .map(|_| (Pod::Run, BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string(), None))
                     .collect(),
             ),
             (
                 "CreateContainer (first start in a new pod, image that arrived past pullgate: one lookup, Content.Read)",
-                (n..2 * n).map(|i| (Pod::Run, id(i), None, user(i))).collect(),
+                (n..2 * n).map(|i| (Pod::Run, id(i), None, user(i), None)).collect(),
             ),
             (
                 "CreateContainer (first start in a new pod of an image pullgate just pulled)",
-                (2 * n..3 * n).map(|i| (Pod::Run, id(i), Some(i), user(i))).collect(),
+                (2 * n..3 * n).map(|i| (Pod::Run, id(i), Some(i), user(i), None)).collect(),
             ),
             (
                 "CreateContainer (first start in a pod created past pullgate, decision cached: PodSandboxStatus)",
                 (0..n)
-                    .map(|i| (known(format!("new-pod-{i}")), BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string()))
+                    .map(|i| (known(format!("new-pod-{i}")), BENCH_IMAGE_ID.to_string(), None, BENCH_USER_IMAGE.to_string(), None))
                     .collect(),
             ),
             (
                 "CreateContainer (first start in a pod and of an image, both past pullgate: PodSandboxStatus alongside Content.Read lookups)",
                 (3 * n..4 * n)
-                    .map(|i| (known(format!("new-pod-{}", i - 2 * n)), id(i), None, user(i)))
+                    .map(|i| (known(format!("new-pod-{}", i - 2 * n)), id(i), None, user(i), None))
+                    .collect(),
+            ),
+            // kubelet's order: `ImageStatus` of the pod spec's name, then the start by the ID it
+            // gave, right behind it (kubelet itself does more in between).
+            (
+                "CreateContainer (kubelet's ImageStatus of its name right before, first start of an image that arrived past pullgate)",
+                (7 * n..8 * n)
+                    .map(|i| (known("sandbox".into()), id(i), None, user(i), Some(user(i))))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (kubelet's ImageStatus of its name right before, first start of an image that arrived past pullgate, no user_specified_image)",
+                (8 * n..9 * n)
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new(), Some(user(i))))
+                    .collect(),
+            ),
+            (
+                "CreateContainer (kubelet's ImageStatus of its name right before, first start of an image that arrived past pullgate as an index of 8 platforms, the node's last, no user_specified_image)",
+                (9 * n..10 * n)
+                    .map(|i| (known("sandbox".into()), id(i), None, String::new(), Some(user(i))))
                     .collect(),
             ),
         ];
         // Every build sees each start for the first time (each has its own caches).
         for (label, starts) in once {
             let (mut d, mut v, mut bl) = (Vec::new(), Vec::new(), Vec::new());
-            for (i, (pod, image, pulled, user_image)) in starts.iter().enumerate() {
+            // The ImageStatus before each start, when kubelet's order is measured.
+            let (mut sd, mut sv, mut sb) = (Vec::new(), Vec::new(), Vec::new());
+            for (i, (pod, image, pulled, user_image, asked)) in starts.iter().enumerate() {
                 if let Some(app) = pulled {
                     let name = format!("docker.io/library/app{app}:1.0");
                     pull(&via, &name).await;
@@ -1101,20 +1150,41 @@ fn main() {
                     latencies(&direct, Method::Version, 1, &mut dv).await;
                     latencies(&null, Method::Version, 1, &mut rv).await;
                 }
+                status_before(&direct, asked.as_deref(), &mut sd).await;
                 let t = Instant::now();
                 create_in(&direct, &pod_v, image, user_image).await;
                 d.push(t.elapsed());
+                // The two builds take turns going first, so the order favours neither.
+                let first = i % 2 == 1;
+                let baseline = async |sb: &mut Vec<Duration>, bl: &mut Vec<Duration>| {
+                    if let Some(b) = &base {
+                        status_before(b, asked.as_deref(), sb).await;
+                        let t = Instant::now();
+                        create_in(b, &pod_b, image, user_image).await;
+                        bl.push(t.elapsed());
+                    }
+                };
+                if first {
+                    baseline(&mut sb, &mut bl).await;
+                }
+                status_before(&via, asked.as_deref(), &mut sv).await;
                 let t = Instant::now();
                 create_in(&via, &pod_v, image, user_image).await;
                 v.push(t.elapsed());
-                if let Some(b) = &base {
-                    let t = Instant::now();
-                    create_in(b, &pod_b, image, user_image).await;
-                    bl.push(t.elapsed());
+                if !first {
+                    baseline(&mut sb, &mut bl).await;
                 }
             }
             measured.push((label, pct(&mut d, 0.5), pct(&mut v, 0.5)));
             print_added(label, &mut d, &mut v, Some(&mut bl));
+            if !sv.is_empty() {
+                print_added(
+                    "  the ImageStatus right before each of those starts (not in the summary)",
+                    &mut sd,
+                    &mut sv,
+                    Some(&mut sb),
+                );
+            }
         }
         let relay_added = pct(&mut rv, 0.5) - pct(&mut dv, 0.5);
         println!(
