@@ -273,9 +273,7 @@ impl Ahead {
         match lookup::verified_repo_digests(&self.upstream, &image.id, image.repo_digests).await {
             Ok(proven) if proven.is_empty() => remember(&mut self.lock().fruitless, key),
             Ok(proven) => {
-                for rd in &proven {
-                    self.proofs.add(&image.id, rd);
-                }
+                self.proofs.add_all(&image.id, &proven);
                 tracing::debug!(image_id = %image.id, repo_digests = ?proven, "proved an image kubelet asked about ahead of its start");
             }
             Err(e) => {
@@ -434,9 +432,7 @@ impl Enforcer {
         if let Ok(proven) =
             lookup::verified_repo_digests(&self.upstream, id, img.repo_digests).await
         {
-            for rd in &proven {
-                self.proofs.add(id, rd);
-            }
+            self.proofs.add_all(id, &proven);
             if !proven.is_empty() {
                 tracing::debug!(image_id = %id, repo_digests = ?proven, "proved an arrived image ahead of its first start");
             }
@@ -520,9 +516,7 @@ impl Enforcer {
             }
             match lookup::verified_repo_digests(&self.upstream, &img.id, img.repo_digests).await {
                 Ok(proven) => {
-                    for rd in &proven {
-                        self.proofs.add(&img.id, rd);
-                    }
+                    self.proofs.add_all(&img.id, &proven);
                     learned.images += usize::from(!proven.is_empty());
                 }
                 Err(e) => {

@@ -260,12 +260,22 @@ fn parse_manifest(bytes: &[u8]) -> Manifest {
     Manifest::Index { children, ours }
 }
 
-/// Whether child manifest `child` of an index has `image_id` as its config (`false` when the
-/// content store does not hold it: containerd pulls only the node's platform of an index).
+/// The config of child manifest `child` of an index; `None` when it is not an image manifest, or
+/// the content store does not hold it (containerd pulls only the node's platform of an index).
+async fn child_config(upstream: &Upstream, child: &str) -> Result<Option<String>, Status> {
+    Ok(read_content(upstream, child)
+        .await?
+        .and_then(|bytes| match parse_manifest(&bytes) {
+            Manifest::Image { config } => Some(config),
+            _ => None,
+        }))
+}
+
+/// Whether child manifest `child` of an index has `image_id` as its config ([`child_config`]).
 async fn child_describes(upstream: &Upstream, child: &str, image_id: &str) -> Result<bool, Status> {
-    Ok(read_content(upstream, child).await?.is_some_and(
-        |bytes| matches!(parse_manifest(&bytes), Manifest::Image { config } if config == image_id),
-    ))
+    Ok(child_config(upstream, child)
+        .await?
+        .is_some_and(|c| c == image_id))
 }
 
 /// Whether one of an index's `children` describes `image_id`. The node's platform comes first, one
@@ -361,11 +371,7 @@ pub async fn configs_described(upstream: &Upstream, digest: &str) -> Result<Vec<
         Manifest::Index { children, ours } => {
             let mut configs = Vec::with_capacity(ours);
             for child in &children[..ours] {
-                if let Some(bytes) = read_content(upstream, child).await?
-                    && let Manifest::Image { config } = parse_manifest(&bytes)
-                {
-                    configs.push(config);
-                }
+                configs.extend(child_config(upstream, child).await?);
             }
             configs
         }

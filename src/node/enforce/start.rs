@@ -130,9 +130,10 @@ const PROOFS_PER_IMAGE: usize = 8;
 /// pullgate, with image ID `X` (so manifest `D`, or a manifest the index `D` lists, has config `X`),
 /// or a start — or pullgate ahead of any start, for the images containerd held when it started,
 /// the approved ones that arrive later and those kubelet asks `ImageStatus` about (see `learn`) —
-/// read `D` from containerd's content store and found `X` in it ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs
-/// first, without asking containerd for the image and its manifests again, and only an allow is
-/// taken: anything else is decided from what containerd holds, as without them.
+/// read `D` from containerd's content store and found `X` in it
+/// ([`lookup::verified_repo_digests`]). A start of `X` is decided from its proofs first, without
+/// asking containerd for the image and its manifests again, and only an allow is taken: anything
+/// else is decided from what containerd holds, as without them.
 #[derive(Default)]
 pub(super) struct ContentProofs(Mutex<Proven>);
 
@@ -175,6 +176,13 @@ impl ContentProofs {
                 proven.repo_digests.clear();
             }
             proven.repo_digests.insert(repo_digest.to_string());
+        }
+    }
+
+    /// Notes each of `repo_digests` as proven to describe image `id` ([`ContentProofs::add`]).
+    pub(super) fn add_all(&self, id: &str, repo_digests: &[String]) {
+        for rd in repo_digests {
+            self.add(id, rd);
         }
     }
 
@@ -286,9 +294,7 @@ impl Enforcer {
                         d = self.decide_start(t, &f, &pod, now);
                     }
                     if let Some(id) = &f.id {
-                        for rd in &f.verified {
-                            self.proofs.add(id, rd);
-                        }
+                        self.proofs.add_all(id, &f.verified);
                     }
                     if d.verdict == PolicyVerdict::Allow {
                         self.cache_start(f.id.as_deref(), bundle.as_deref(), &pod, &d);
