@@ -36,6 +36,9 @@
 //! another build (e.g. an earlier commit) in the same conditions; `BENCH_BASELINE_BIN=/path/to/pullgate`
 //! runs that build too, in the same run, calls interleaved — as a fourth path in the passthrough part
 //! and beside this build in the enforcement part — and prints this build's figures against it.
+//! `BENCH_BUSY=1` keeps every CPU from halting for the whole run (one `SCHED_IDLE` spinning thread
+//! per CPU, which any other thread preempts at once): what a wake-up costs when no vCPU has to be
+//! woken through the hypervisor, as on a node busy with pods.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -49,8 +52,8 @@ use std::time::{Duration, Instant};
 use fake_cri::*;
 use k8s_cri::v1 as cri;
 use procs::{
-    Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_frame_relay, start_relay,
-    wakeups,
+    Busy, Proc, cpu_time, pullgate_bin, relay_if_asked, serve, setting, start_frame_relay,
+    start_relay, wakeups,
 };
 use pullgate::node::enforce::store::BundleStore;
 use pullgate::policy::{PrivateKey, SignatureFile};
@@ -576,6 +579,14 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    // BENCH_BUSY=1: every CPU kept from halting, as on a node busy with pods (see `Busy`).
+    let busy = (setting("BENCH_BUSY", 0) == 1).then(Busy::start);
+    if let Some(b) = &busy {
+        println!(
+            "BENCH_BUSY: {} SCHED_IDLE threads keep every CPU from halting",
+            b.threads()
+        );
+    }
     // The passthrough pullgate has a trust file but no bundle: nothing is decided, everything forwarded.
     write_trust(&dir.path().join("trust.toml"));
     let (pg, listen) = start_pullgate(dir.path(), &upstream_path, workers, "passthrough");

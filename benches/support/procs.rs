@@ -160,6 +160,55 @@ fn run_relay(spec: &str) -> ! {
     std::process::exit(0)
 }
 
+/// Threads that keep every CPU from going idle while they live, at the lowest priority there is
+/// (`SCHED_IDLE`): any other runnable thread takes the CPU from them at once, so they cost the
+/// measured processes nothing but a CPU that never halts. In a virtual machine a halted vCPU is
+/// woken by an interrupt through the hypervisor, tens of µs here; on a node busy with pods its
+/// CPUs seldom halt. Stopped when dropped.
+#[allow(dead_code)]
+pub struct Busy {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+#[allow(dead_code)]
+impl Busy {
+    /// One spinning thread per CPU this process may run on.
+    pub fn start() -> Busy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let param = libc::sched_param { sched_priority: 0 };
+                    // SAFETY: sets this thread's own policy; `param` is valid for the call.
+                    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+                    assert_eq!(set, 0, "SCHED_IDLE: {}", std::io::Error::last_os_error());
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, threads }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Starts the null relay in front of `upstream`, listening on `dir/null-relay.sock`.
 pub fn start_relay(dir: &Path, upstream: &Path) -> (Proc, PathBuf) {
     start_relay_process(dir, upstream, false)
