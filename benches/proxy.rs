@@ -38,7 +38,9 @@
 //! and beside this build in the enforcement part — and prints this build's figures against it.
 //! `BENCH_BUSY=1` keeps every CPU from halting for the whole run (one `SCHED_IDLE` spinning thread
 //! per CPU, which any other thread preempts at once): what a wake-up costs when no vCPU has to be
-//! woken through the hypervisor, as on a node busy with pods.
+//! woken through the hypervisor, as on a node busy with pods. `BENCH_PAIRED=N` measures forwarded
+//! `Version` alone, through every path in N alternating rounds of `BENCH_CALLS` calls, and prints
+//! medians of per-round differences with their standard errors ([`paired`]); nothing else runs.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -528,6 +530,67 @@ fn print_added(
     }
 }
 
+/// The median of `v` and its standard error (the standard deviation of `v` over √n).
+fn median_se(v: &[f64]) -> (f64, f64) {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len() as f64;
+    let median = sorted[sorted.len() / 2];
+    let mean = sorted.iter().sum::<f64>() / n;
+    let var = sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (median, (var / n).sqrt())
+}
+
+/// `BENCH_PAIRED`: sequential `Version` calls through every path in many short rounds, the paths'
+/// order reversed every other round, and each figure taken from per-round differences (every
+/// path's median against the same round's direct median, or against another path's): a noisy
+/// machine moves whole rounds, which a difference within one round cancels. Prints the median of
+/// those differences and its standard error, which one run's pooled medians cannot give.
+async fn paired(paths: &[(&str, &Channel)], rounds: u64, calls: u64) {
+    println!(
+        "paired Version: {rounds} rounds of {calls} sequential calls per path, order reversed every other round"
+    );
+    let mut medians: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let mut sink = Vec::new();
+    for (_, ch) in paths {
+        latencies(ch, Method::Version, calls / 4, &mut sink).await;
+    }
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let mut v = Vec::new();
+            latencies(paths[i].1, Method::Version, calls, &mut v).await;
+            medians[i].push(pct(&mut v, 0.5));
+        }
+    }
+    let diff = |a: usize, b: usize| -> Vec<f64> {
+        medians[a]
+            .iter()
+            .zip(&medians[b])
+            .map(|(x, y)| x - y)
+            .collect()
+    };
+    let (direct, _) = median_se(&medians[0]);
+    println!("  direct: median of round medians {direct:.1} µs");
+    let added: Vec<(f64, f64)> = (1..paths.len()).map(|i| median_se(&diff(i, 0))).collect();
+    for (i, (m, se)) in added.iter().enumerate() {
+        println!(
+            "  {:<12} adds {m:6.1} ± {se:4.1} µs ({:.2}× the null relay's)",
+            paths[i + 1].0,
+            m / added[0].0
+        );
+    }
+    for i in 2..paths.len() {
+        for j in 1..i {
+            let (m, se) = median_se(&diff(i, j));
+            println!("  {} − {}: {m:+6.1} ± {se:4.1} µs", paths[i].0, paths[j].0);
+        }
+    }
+}
+
 fn pct(v: &mut [Duration], p: f64) -> f64 {
     v.sort();
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
@@ -623,6 +686,22 @@ fn main() {
             )
         });
 
+    if let Some(rounds) = std::env::var_os("BENCH_PAIRED").map(|_| setting("BENCH_PAIRED", 20)) {
+        rt.block_on(async {
+            let mut chans = vec![
+                ("direct", cri_channel(&upstream_path).await),
+                ("null relay", cri_channel(&relay_listen).await),
+                ("frame relay", cri_channel(&frame_listen).await),
+                ("pullgate", cri_channel(&listen).await),
+            ];
+            if let Some((_, l)) = &baseline {
+                chans.push(("baseline", cri_channel(l).await));
+            }
+            let paths: Vec<(&str, &Channel)> = chans.iter().map(|(n, c)| (*n, c)).collect();
+            paired(&paths, rounds.max(2), calls).await;
+        });
+        return;
+    }
     let summary = rt.block_on(async {
         let direct = cri_channel(&upstream_path).await;
         let null = cri_channel(&relay_listen).await;
