@@ -36,11 +36,12 @@
 //! another build (e.g. an earlier commit) in the same conditions; `BENCH_BASELINE_BIN=/path/to/pullgate`
 //! runs that build too, in the same run, calls interleaved — as a fourth path in the passthrough part
 //! and beside this build in the enforcement part — and prints this build's figures against it.
-//! `BENCH_BUSY=1` keeps every CPU from halting for the whole run (one `SCHED_IDLE` spinning thread
-//! per CPU, which any other thread preempts at once): what a wake-up costs when no vCPU has to be
+//! `BENCH_BUSY=1` keeps every CPU from halting for the whole run (a spinning `SCHED_IDLE` thread
+//! pinned to each CPU, to which any other thread is preferred): what a wake-up costs when no vCPU has to be
 //! woken through the hypervisor, as on a node busy with pods. `BENCH_PAIRED=N` measures forwarded
-//! `Version` alone, through every path in N alternating rounds of `BENCH_CALLS` calls, and prints
-//! medians of per-round differences with their standard errors ([`paired`]); nothing else runs.
+//! `Version` alone, through every path in N (at least 2) alternating rounds of `BENCH_CALLS` calls,
+//! and prints medians of per-round differences with their standard errors ([`paired`]); nothing
+//! else runs.
 
 #[path = "../tests/fake_cri/mod.rs"]
 mod fake_cri;
@@ -530,22 +531,43 @@ fn print_added(
     }
 }
 
-/// The median of `v` and its standard error (the standard deviation of `v` over √n).
-fn median_se(v: &[f64]) -> (f64, f64) {
+/// The median of `v` (the mean of the two middle values when there are an even number).
+fn median(v: &[f64]) -> f64 {
     let mut sorted = v.to_vec();
     sorted.sort_by(f64::total_cmp);
-    let n = sorted.len() as f64;
-    let median = sorted[sorted.len() / 2];
-    let mean = sorted.iter().sum::<f64>() / n;
-    let var = sorted.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
-    (median, (var / n).sqrt())
+    let n = sorted.len();
+    match n % 2 {
+        1 => sorted[n / 2],
+        _ => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The median of `v` and its standard error, estimated by resampling `v` with replacement (the
+/// bootstrap; a fixed seed, so the same rounds give the same figure).
+fn median_se(v: &[f64]) -> (f64, f64) {
+    const RESAMPLES: usize = 2000;
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = |n: usize| {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let medians: Vec<f64> = (0..RESAMPLES)
+        .map(|_| median(&(0..v.len()).map(|_| v[next(v.len())]).collect::<Vec<_>>()))
+        .collect();
+    let mean = medians.iter().sum::<f64>() / RESAMPLES as f64;
+    let var = medians.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (RESAMPLES - 1) as f64;
+    (median(v), var.sqrt())
 }
 
 /// `BENCH_PAIRED`: sequential `Version` calls through every path in many short rounds, the paths'
 /// order reversed every other round, and each figure taken from per-round differences (every
 /// path's median against the same round's direct median, or against another path's): a noisy
 /// machine moves whole rounds, which a difference within one round cancels. Prints the median of
-/// those differences and its standard error, which one run's pooled medians cannot give.
+/// those differences and its standard error ([`median_se`]), which one run's pooled medians cannot
+/// give.
 async fn paired(paths: &[(&str, &Channel)], rounds: u64, calls: u64) {
     println!(
         "paired Version: {rounds} rounds of {calls} sequential calls per path, order reversed every other round"
@@ -573,8 +595,10 @@ async fn paired(paths: &[(&str, &Channel)], rounds: u64, calls: u64) {
             .map(|(x, y)| x - y)
             .collect()
     };
-    let (direct, _) = median_se(&medians[0]);
-    println!("  direct: median of round medians {direct:.1} µs");
+    println!(
+        "  direct: median of round medians {:.1} µs",
+        median(&medians[0])
+    );
     let added: Vec<(f64, f64)> = (1..paths.len()).map(|i| median_se(&diff(i, 0))).collect();
     for (i, (m, se)) in added.iter().enumerate() {
         println!(
@@ -646,7 +670,7 @@ fn main() {
     let busy = (setting("BENCH_BUSY", 0) == 1).then(Busy::start);
     if let Some(b) = &busy {
         println!(
-            "BENCH_BUSY: {} SCHED_IDLE threads keep every CPU from halting",
+            "BENCH_BUSY: {} SCHED_IDLE threads, one pinned to each CPU, keep every CPU from halting",
             b.threads()
         );
     }
@@ -662,9 +686,11 @@ fn main() {
             "fake CRI (in-process)"
         }
     );
-    println!(
-        "rounds = {rounds}, calls per round = {calls}, throughput rounds = {secs}s with 16 callers\n"
-    );
+    if setting("BENCH_PAIRED", 0) == 0 {
+        println!(
+            "rounds = {rounds}, calls per round = {calls}, throughput rounds = {secs}s with 16 callers\n"
+        );
+    }
 
     let (relay, relay_listen) = start_relay(dir.path(), &upstream_path);
     let relay_pid = relay.0.id();
@@ -686,7 +712,8 @@ fn main() {
             )
         });
 
-    if let Some(rounds) = std::env::var_os("BENCH_PAIRED").map(|_| setting("BENCH_PAIRED", 20)) {
+    let paired_rounds = setting("BENCH_PAIRED", 0);
+    if paired_rounds > 0 {
         rt.block_on(async {
             let mut chans = vec![
                 ("direct", cri_channel(&upstream_path).await),
@@ -698,7 +725,7 @@ fn main() {
                 chans.push(("baseline", cri_channel(l).await));
             }
             let paths: Vec<(&str, &Channel)> = chans.iter().map(|(n, c)| (*n, c)).collect();
-            paired(&paths, rounds.max(2), calls).await;
+            paired(&paths, paired_rounds.max(2), calls).await;
         });
         return;
     }

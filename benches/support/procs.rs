@@ -160,11 +160,12 @@ fn run_relay(spec: &str) -> ! {
     std::process::exit(0)
 }
 
-/// Threads that keep every CPU from going idle while they live, at the lowest priority there is
-/// (`SCHED_IDLE`): any other runnable thread takes the CPU from them at once, so they cost the
-/// measured processes nothing but a CPU that never halts. In a virtual machine a halted vCPU is
-/// woken by an interrupt through the hypervisor, tens of µs here; on a node busy with pods its
-/// CPUs seldom halt. Stopped when dropped.
+/// Threads that keep every CPU from going idle while they live, one pinned to each CPU this
+/// process may use, at the lowest priority there is (`SCHED_IDLE`): any other runnable thread is
+/// preferred to them, so the measured processes keep their CPU time and find a CPU that does not
+/// halt (a wake-up may still wait for the next scheduler tick now and then: compare medians, not
+/// tails). In a virtual machine a halted vCPU is woken by an interrupt through the hypervisor,
+/// tens of µs here; on a node busy with pods its CPUs seldom halt. Stopped when dropped.
 #[allow(dead_code)]
 pub struct Busy {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -173,26 +174,62 @@ pub struct Busy {
 
 #[allow(dead_code)]
 impl Busy {
-    /// One spinning thread per CPU this process may run on.
+    /// Starts the threads once each is pinned and `SCHED_IDLE`; panics naming the failure if one
+    /// could not be.
     pub fn start() -> Busy {
         use std::sync::atomic::{AtomicBool, Ordering};
+        // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity fills at most its size.
+        let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: `allowed` is a valid cpu_set_t of `size` bytes.
+        let got = unsafe { libc::sched_getaffinity(0, size, &mut allowed) };
+        assert_eq!(
+            got,
+            0,
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: `cpu` is below CPU_SETSIZE.
+            .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &allowed) })
+            .collect();
         let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = (0..n)
-            .map(|_| {
-                let stop = stop.clone();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let threads = cpus
+            .iter()
+            .map(|&cpu| {
+                let (stop, ready_tx) = (stop.clone(), ready_tx.clone());
                 std::thread::spawn(move || {
-                    let param = libc::sched_param { sched_priority: 0 };
-                    // SAFETY: sets this thread's own policy; `param` is valid for the call.
-                    let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-                    assert_eq!(set, 0, "SCHED_IDLE: {}", std::io::Error::last_os_error());
-                    while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: pins and sets the policy of this thread only, with valid arguments.
+                    let set = unsafe {
+                        let mut one: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(cpu, &mut one);
+                        let param = libc::sched_param { sched_priority: 0 };
+                        if libc::sched_setaffinity(0, size, &one) != 0 {
+                            Err(format!("pin to CPU {cpu}"))
+                        } else if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                            Err(format!("SCHED_IDLE on CPU {cpu}"))
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    let set =
+                        set.map_err(|what| format!("{what}: {}", std::io::Error::last_os_error()));
+                    let ok = set.is_ok();
+                    let _ = ready_tx.send(set);
+                    while ok && !stop.load(Ordering::Relaxed) {
                         std::hint::spin_loop();
                     }
                 })
             })
             .collect();
-        Busy { stop, threads }
+        let busy = Busy { stop, threads };
+        for _ in &cpus {
+            if let Err(e) = ready.recv().expect("a spinning thread reports") {
+                panic!("BENCH_BUSY: {e}");
+            }
+        }
+        busy
     }
 
     pub fn threads(&self) -> usize {
