@@ -686,7 +686,9 @@ fn main() {
             "fake CRI (in-process)"
         }
     );
-    if setting("BENCH_PAIRED", 0) == 0 {
+    // BENCH_PAIRED=N: forwarded `Version` alone, in N alternating rounds (see `paired`).
+    let paired_rounds = setting("BENCH_PAIRED", 0);
+    if paired_rounds == 0 {
         println!(
             "rounds = {rounds}, calls per round = {calls}, throughput rounds = {secs}s with 16 callers\n"
         );
@@ -712,7 +714,6 @@ fn main() {
             )
         });
 
-    let paired_rounds = setting("BENCH_PAIRED", 0);
     if paired_rounds > 0 {
         rt.block_on(async {
             let mut chans = vec![
